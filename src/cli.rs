@@ -1,0 +1,595 @@
+//! The operator's and auditor's commands: serve, check-config, grant, sessions, replay,
+//! export, keys.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use breakglass::config::Config;
+use breakglass::record::{asciicast, export};
+use breakglass::siem::{AccessEvent, Action, EventSink, JsonlFileSink};
+use breakglass::state::{NewGrant, SessionFilter, SqliteStore, Store};
+use breakglass::storage::RecordingStore;
+use breakglass::{clock, keys};
+use chrono::{DateTime, NaiveDate, Utc};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Break-glass access gateway: time-boxed, recorded SSH sessions.
+#[derive(Parser, Debug)]
+#[command(name = "breakglass", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, short, env = "BREAKGLASS_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file and check that what it names is usable.
+    CheckConfig {
+        file: PathBuf,
+        /// Only validate; do not touch files or the network.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Operator grants (bootstrap; requests and approvals come later).
+    Grant {
+        #[arg(long, short, env = "BREAKGLASS_CONFIG", global = true, default_value = "config/breakglass.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        cmd: GrantCmd,
+    },
+    /// The session index.
+    Sessions {
+        #[arg(long, short, env = "BREAKGLASS_CONFIG", global = true, default_value = "config/breakglass.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        cmd: SessionsCmd,
+    },
+    /// Play a recorded channel in this terminal.
+    Replay {
+        session: String,
+        #[arg(long, short, env = "BREAKGLASS_CONFIG", default_value = "config/breakglass.toml")]
+        config: PathBuf,
+        /// Channel number; default: the first with a pty.
+        #[arg(long)]
+        channel: Option<u32>,
+        /// Playback speed factor.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Cap pauses at this many seconds.
+        #[arg(long)]
+        idle_limit: Option<f64>,
+    },
+    /// Write a recorded channel as one asciicast v2 file.
+    Export {
+        session: String,
+        #[arg(long, short, env = "BREAKGLASS_CONFIG", default_value = "config/breakglass.toml")]
+        config: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long)]
+        channel: Option<u32>,
+    },
+    /// The gateway's public keys.
+    Keys {
+        #[arg(long, short, env = "BREAKGLASS_CONFIG", global = true, default_value = "config/breakglass.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GrantCmd {
+    /// Grant a person time-boxed access to a target.
+    Add {
+        #[arg(long)]
+        person: String,
+        #[arg(long)]
+        target: String,
+        /// How long, e.g. 30m or 2h (default: limits.default_grant_ttl).
+        #[arg(long = "for")]
+        duration: Option<String>,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        incident: String,
+    },
+    /// List grants.
+    List {
+        /// Include expired and revoked grants.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Revoke a grant; its live sessions end within a second.
+    Revoke {
+        id: String,
+        #[arg(long, default_value = "revoked by operator")]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SessionsCmd {
+    /// List sessions, newest first.
+    List {
+        #[arg(long)]
+        person: Option<String>,
+        #[arg(long)]
+        target: Option<String>,
+        /// RFC 3339 time, a date (YYYY-MM-DD) or an age like 2h or 7d.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCmd {
+    /// Print the host key (for known_hosts) and the user CA key (for TrustedUserCAKeys).
+    Show {
+        /// Print only the user CA public key line.
+        #[arg(long)]
+        ca: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve { config } => {
+            let cfg = Config::load(&config)?;
+            breakglass::server::run(cfg, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { file, offline } => check_config(&file, offline).await,
+        Command::Grant { config, cmd } => grant(&config, cmd).await,
+        Command::Sessions { config, cmd } => sessions(&config, cmd).await,
+        Command::Replay {
+            session,
+            config,
+            channel,
+            speed,
+            idle_limit,
+        } => replay(&config, &session, channel, speed, idle_limit).await,
+        Command::Export {
+            session,
+            config,
+            output,
+            channel,
+        } => export_cmd(&config, &session, &output, channel).await,
+        Command::Keys { config, cmd } => match cmd {
+            KeysCmd::Show { ca } => {
+                let cfg = Config::load(&config)?;
+                let k = keys::GatewayKeys::load_or_create(&cfg.data_dir)?;
+                if ca {
+                    println!("{}", keys::openssh_line(k.user_ca.public_key()));
+                } else {
+                    println!("# host key (clients pin it in known_hosts)");
+                    println!("{}", keys::openssh_line(k.host.public_key()));
+                    println!("# user CA (targets trust it with TrustedUserCAKeys)");
+                    println!("{}", keys::openssh_line(k.user_ca.public_key()));
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn check_config(file: &Path, offline: bool) -> Result<ExitCode> {
+    let cfg = match Config::load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("breakglass: {}: {e}", file.display());
+            return Ok(ExitCode::from(1));
+        }
+    };
+    println!(
+        "config {}: valid ({} people, {} targets)",
+        file.display(),
+        cfg.people.len(),
+        cfg.targets.len()
+    );
+    if offline {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut failed = false;
+    let mut check = |what: String, res: Result<String>| match res {
+        Ok(detail) => println!("  ok    {what}{detail}"),
+        Err(e) => {
+            failed = true;
+            println!("  FAIL  {what}: {e:#}");
+        }
+    };
+    check("files named by the config".into(), cfg.build().map(|_| String::new()).map_err(Into::into));
+    check(
+        format!("data dir {}", cfg.data_dir.display()),
+        writable(&cfg.data_dir).map(|_| String::new()),
+    );
+    check(
+        format!("recording store {}", cfg.storage_dir.display()),
+        writable(&cfg.storage_dir).map(|_| String::new()),
+    );
+    check(
+        format!("SIEM file {}", cfg.siem_file.display()),
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&cfg.siem_file)
+            .map(|_| String::new())
+            .with_context(|| "cannot append".to_string()),
+    );
+    check(
+        format!("state store {}", cfg.state_path().display()),
+        SqliteStore::open(&cfg.state_path()).map(|_| String::new()).map_err(Into::into),
+    );
+    let mut warnings = Vec::new();
+    for t in cfg.targets.values() {
+        let addr = t.address.clone();
+        let res = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(&addr)).await;
+        match res {
+            Ok(Ok(_)) => println!("  ok    target {} reachable at {addr}", t.name),
+            Ok(Err(e)) => warnings.push(format!("target {} ({addr}) is not reachable now: {e}", t.name)),
+            Err(_) => warnings.push(format!("target {} ({addr}) did not answer within 3s", t.name)),
+        }
+    }
+    for w in &warnings {
+        println!("  WARN  {w}");
+    }
+    if failed {
+        eprintln!("breakglass: {}: health checks failed", file.display());
+        return Ok(ExitCode::from(2));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| "cannot create".to_string())?;
+    let probe = dir.join(format!(".breakglass-probe-{}", uuid::Uuid::new_v4()));
+    std::fs::write(&probe, b"probe").with_context(|| "cannot write".to_string())?;
+    std::fs::remove_file(&probe).with_context(|| "cannot remove probe file".to_string())?;
+    Ok(())
+}
+
+fn open_state(cfg: &Config) -> Result<SqliteStore> {
+    Ok(SqliteStore::open(&cfg.state_path())?)
+}
+
+fn operator() -> String {
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("operator:{user}")
+}
+
+async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let store = open_state(&cfg)?;
+    let siem = JsonlFileSink::open(&cfg.siem_file)?;
+    match cmd {
+        GrantCmd::Add {
+            person,
+            target,
+            duration,
+            reason,
+            incident,
+        } => {
+            if !cfg.people.contains_key(&person) {
+                bail!("no person named `{person}` in {}", config.display());
+            }
+            if !cfg.targets.contains_key(&target) {
+                bail!("no target named `{target}` in {}", config.display());
+            }
+            if reason.trim().is_empty() || incident.trim().is_empty() {
+                bail!("--reason and --incident must not be empty");
+            }
+            let ttl = match duration {
+                Some(d) => humantime::parse_duration(&d).with_context(|| format!("--for `{d}` is not a duration like 30m"))?,
+                None => cfg.limits.default_grant_ttl,
+            };
+            if ttl.is_zero() || ttl > cfg.limits.max_grant_ttl {
+                bail!(
+                    "--for must be more than zero and at most {} (limits.max_grant_ttl)",
+                    humantime::format_duration(cfg.limits.max_grant_ttl)
+                );
+            }
+            let now = clock::now();
+            let g = store
+                .create_grant(NewGrant {
+                    person,
+                    target,
+                    reason,
+                    incident_id: incident,
+                    created_by: operator(),
+                    created_at: now,
+                    expires_at: now + chrono::Duration::from_std(ttl)?,
+                })
+                .await?;
+            let mut e = AccessEvent::new(Action::GrantCreated, &g.created_by);
+            e.person = Some(g.person.clone());
+            e.target = Some(g.target.clone());
+            e.grant_id = Some(g.id.clone());
+            e.correlation_id = Some(g.id.clone());
+            e.justification = Some(g.reason.clone());
+            e.incident_id = Some(g.incident_id.clone());
+            e.deadline = Some(clock::rfc3339(g.expires_at));
+            e.message = Some(format!("{} granted {} access to {}", g.created_by, g.person, g.target));
+            siem.emit(&e).await?;
+            println!("{}", g.id);
+            eprintln!(
+                "granted {} access to {} until {}",
+                g.person,
+                g.target,
+                clock::rfc3339(g.expires_at)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        GrantCmd::List { all, format } => {
+            let now = clock::now();
+            let grants = store.list_grants(if all { None } else { Some(now) }).await?;
+            let rows: Vec<Vec<String>> = grants
+                .iter()
+                .map(|g| {
+                    vec![
+                        g.id.clone(),
+                        g.person.clone(),
+                        g.target.clone(),
+                        format!("{:?}", g.state_at(now)).to_lowercase(),
+                        clock::rfc3339(g.expires_at),
+                        g.incident_id.clone(),
+                        g.reason.clone(),
+                    ]
+                })
+                .collect();
+            print_rows(
+                format,
+                &["id", "person", "target", "state", "expires_at", "incident_id", "reason"],
+                &rows,
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        GrantCmd::Revoke { id, reason } => {
+            let by = operator();
+            let g = store.revoke_grant(&id, &by, &reason, clock::now()).await?;
+            let mut e = AccessEvent::new(Action::GrantRevoked, &by);
+            e.person = Some(g.person.clone());
+            e.target = Some(g.target.clone());
+            e.grant_id = Some(g.id.clone());
+            e.correlation_id = Some(g.id.clone());
+            e.justification = Some(g.reason.clone());
+            e.incident_id = Some(g.incident_id.clone());
+            e.reason = Some(reason);
+            e.message = Some(format!("{by} revoked grant {} of {} on {}", g.id, g.person, g.target));
+            siem.emit(&e).await?;
+            println!("revoked {} ({} on {}); live sessions end within a second", g.id, g.person, g.target);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Parses `--since`/`--until`: RFC 3339, a date, or an age ("2h", "7d").
+fn parse_when(s: &str) -> Result<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        let t = d.and_hms_opt(0, 0, 0).ok_or_else(|| anyhow!("bad date `{s}`"))?;
+        return Ok(t.and_utc());
+    }
+    let age = humantime::parse_duration(s)
+        .map_err(|_| anyhow!("`{s}` is not an RFC 3339 time, a YYYY-MM-DD date or an age like 2h or 7d"))?;
+    Ok(clock::now() - chrono::Duration::from_std(age)?)
+}
+
+async fn sessions(config: &Path, cmd: SessionsCmd) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let store = open_state(&cfg)?;
+    match cmd {
+        SessionsCmd::List {
+            person,
+            target,
+            since,
+            until,
+            limit,
+            format,
+        } => {
+            let f = SessionFilter {
+                person,
+                target,
+                since: since.as_deref().map(parse_when).transpose()?,
+                until: until.as_deref().map(parse_when).transpose()?,
+                limit,
+            };
+            let rows = store.list_sessions(&f).await?;
+            if format == Format::Json {
+                let v: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "id": s.id, "protocol": s.protocol, "person": s.person, "target": s.target,
+                            "grant_id": s.grant_id, "client_addr": s.client_addr,
+                            "started_at": clock::rfc3339(s.started_at),
+                            "deadline": clock::rfc3339(s.deadline),
+                            "ended_at": s.ended_at.map(clock::rfc3339),
+                            "end_reason": s.end_reason, "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
+                            "recording": s.recording_prefix,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.clone(),
+                        s.protocol.clone(),
+                        s.person.clone(),
+                        s.target.clone(),
+                        clock::rfc3339(s.started_at),
+                        s.ended_at.map(clock::rfc3339).unwrap_or_else(|| "live".into()),
+                        s.end_reason.clone().unwrap_or_default(),
+                        s.bytes_in.to_string(),
+                        s.bytes_out.to_string(),
+                    ]
+                })
+                .collect();
+            print_rows(
+                format,
+                &["id", "protocol", "person", "target", "started_at", "ended_at", "end_reason", "bytes_in", "bytes_out"],
+                &table,
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn print_rows(format: Format, headers: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match format {
+        Format::Csv => {
+            writeln!(out, "{}", headers.join(","))?;
+            for r in rows {
+                writeln!(out, "{}", r.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","))?;
+            }
+        }
+        Format::Json => {
+            let v: Vec<serde_json::Map<String, serde_json::Value>> = rows
+                .iter()
+                .map(|r| {
+                    headers
+                        .iter()
+                        .zip(r)
+                        .map(|(h, v)| (h.to_string(), serde_json::Value::String(v.clone())))
+                        .collect()
+                })
+                .collect();
+            writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        }
+        Format::Table => {
+            let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+            for r in rows {
+                for (i, f) in r.iter().enumerate() {
+                    if let Some(w) = widths.get_mut(i) {
+                        *w = (*w).max(f.chars().count());
+                    }
+                }
+            }
+            let line = |fields: Vec<String>| -> String {
+                fields
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| format!("{f:<w$}", w = widths.get(i).copied().unwrap_or(0)))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+                    .trim_end()
+                    .to_string()
+            };
+            writeln!(out, "{}", line(headers.iter().map(|h| h.to_uppercase()).collect()))?;
+            for r in rows {
+                writeln!(out, "{}", line(r.clone()))?;
+            }
+            if rows.is_empty() {
+                writeln!(out, "(none)")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn load_recording(config: &Path, session: &str) -> Result<(String, export::Loaded)> {
+    let cfg = Config::load(config)?;
+    let store = open_state(&cfg)?;
+    let row = store
+        .find_session(session)
+        .await?
+        .ok_or_else(|| anyhow!("no session matches `{session}` (see `breakglass sessions list`)"))?;
+    let rec = RecordingStore::local(&cfg.storage_dir)?;
+    let loaded = export::load(&rec, &row.recording_prefix).await?;
+    Ok((row.id, loaded))
+}
+
+async fn replay(config: &Path, session: &str, channel: Option<u32>, speed: f64, idle: Option<f64>) -> Result<ExitCode> {
+    let (id, loaded) = load_recording(config, session).await?;
+    let (ch, data) = loaded.pick(channel)?;
+    let cast = export::to_asciicast(ch, data)?;
+    let (_, events) = asciicast::parse(&cast)?;
+    eprintln!("replaying session {id} channel {ch} at {speed}x (Ctrl-C to stop)");
+    let mut out = std::io::stdout().lock();
+    asciicast::replay(&events, &mut out, speed, idle, &mut |d| std::thread::sleep(d))?;
+    writeln!(out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn export_cmd(config: &Path, session: &str, output: &Path, channel: Option<u32>) -> Result<ExitCode> {
+    let (id, loaded) = load_recording(config, session).await?;
+    let (ch, data) = loaded.pick(channel)?;
+    let cast = export::to_asciicast(ch, data)?;
+    // Never overwrite: exports are evidence too.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(output)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", output.display()))?;
+    f.write_all(cast.as_bytes())?;
+    f.sync_all()?;
+    eprintln!(
+        "exported session {id} channel {ch} ({} chunks{}) to {}",
+        data.chunks,
+        if loaded.meta.is_none() { ", session not sealed" } else { "" },
+        output.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

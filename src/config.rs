@@ -1,0 +1,619 @@
+//! The gateway's TOML config: raw serde structs → pure `validate()` → [`Config`] → `build()`.
+//!
+//! `validate` does no I/O and yields a type that can only hold a valid config; files (key
+//! files, the data dir) are touched only by [`Config::build`] and the health checks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use russh::keys::PublicKey;
+use serde::Deserialize;
+
+/// A config problem, naming the key at fault and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config is not valid TOML: {0}")]
+    Parse(String),
+    #[error("config key `{key}`: {why}")]
+    Invalid { key: String, why: String },
+}
+
+fn invalid(key: impl Into<String>, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        why: why.into(),
+    }
+}
+
+// ---------------------------------------------------------------- raw (serde) layer
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_data_dir")]
+    data_dir: PathBuf,
+    listeners: RawListeners,
+    #[serde(default)]
+    people: Vec<RawPerson>,
+    #[serde(default)]
+    targets: Vec<RawTarget>,
+    #[serde(default)]
+    storage: RawStorage,
+    #[serde(default)]
+    siem: RawSiem,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListeners {
+    ssh: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPerson {
+    name: String,
+    #[serde(default)]
+    ssh_keys: Vec<String>,
+    #[serde(default)]
+    ssh_key_files: Vec<PathBuf>,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: String,
+    address: String,
+    host_key: Option<String>,
+    host_key_file: Option<PathBuf>,
+    login: String,
+    #[serde(default = "default_auth")]
+    auth: String,
+    key_file: Option<PathBuf>,
+}
+
+fn default_auth() -> String {
+    "certificate".to_string()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    #[serde(default)]
+    kind: Option<String>,
+    path: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSiem {
+    file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_session_ttl: Option<String>,
+    default_grant_ttl: Option<String>,
+    max_grant_ttl: Option<String>,
+    warn_before: Option<Vec<String>>,
+    max_connections: Option<usize>,
+    env_allow: Option<Vec<String>>,
+    recorder_stall_timeout: Option<String>,
+    flush_interval: Option<String>,
+    login_grace: Option<String>,
+}
+
+// ---------------------------------------------------------------- validated layer
+
+/// A validated gateway config. Only [`Config::from_toml`] makes one.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the SQLite state, the host key, the CA key and (by default) recordings live.
+    pub data_dir: PathBuf,
+    /// The address the SSH listener binds.
+    pub ssh_listen: SocketAddr,
+    /// Everyone who may be admitted, keyed by name.
+    pub people: BTreeMap<String, PersonConfig>,
+    /// Everything people may be admitted to, keyed by name (the SSH login name).
+    pub targets: BTreeMap<String, TargetConfig>,
+    /// Directory of the local-filesystem recording store.
+    pub storage_dir: PathBuf,
+    /// JSONL file the SIEM events are appended to.
+    pub siem_file: PathBuf,
+    /// Session and grant limits.
+    pub limits: Limits,
+}
+
+/// One person: their keys identify them.
+#[derive(Debug, Clone)]
+pub struct PersonConfig {
+    pub name: String,
+    /// Inline OpenSSH public keys (already parsed).
+    pub ssh_keys: Vec<PublicKey>,
+    /// Public key files read at build time.
+    pub ssh_key_files: Vec<PathBuf>,
+    pub roles: Vec<String>,
+}
+
+/// How the gateway proves itself to a target's sshd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAuth {
+    /// A per-session ed25519 user certificate signed by the gateway's CA, valid until the
+    /// session deadline; the target trusts the CA through `TrustedUserCAKeys`.
+    Certificate,
+    /// A private key held by the gateway for this target.
+    Key(PathBuf),
+}
+
+/// Where a target's pinned host key comes from.
+#[derive(Debug, Clone)]
+pub enum HostKeySource {
+    Inline(PublicKey),
+    File(PathBuf),
+}
+
+/// One break-glass target.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    pub name: String,
+    /// `host:port` of the target's sshd.
+    pub address: String,
+    pub host_key: HostKeySource,
+    /// The break-glass account on the target.
+    pub login: String,
+    pub auth: UpstreamAuth,
+}
+
+/// Session and grant limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Upper bound on any one session, whatever the grant says.
+    pub max_session_ttl: Duration,
+    /// Grant length when `grant add` has no `--for`.
+    pub default_grant_ttl: Duration,
+    /// Upper bound on any grant.
+    pub max_grant_ttl: Duration,
+    /// When to warn the user before the deadline, longest first.
+    pub warn_before: Vec<Duration>,
+    /// Concurrent SSH connections; more are refused at accept.
+    pub max_connections: usize,
+    /// Environment variables a client may pass (`*` suffix = prefix match).
+    pub env_allow: Vec<String>,
+    /// How long the relay waits for the recorder before ending the session (fail closed).
+    pub recorder_stall_timeout: Duration,
+    /// Recorder flush interval: no more than this much data is held unflushed.
+    pub flush_interval: Duration,
+    /// Time an unauthenticated connection may take to log in.
+    pub login_grace: Duration,
+}
+
+fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| invalid(key, format!("`{s}` is not a duration like 30m or 4h: {e}")))
+}
+
+/// Expands a leading `~/` to `$HOME/`.
+pub fn expand_home(p: &Path) -> PathBuf {
+    if let Ok(rest) = p.strip_prefix("~") {
+        if let Some(home) = std::env::var_os("HOME") {
+            return PathBuf::from(home).join(rest);
+        }
+    }
+    p.to_path_buf()
+}
+
+/// Names used as SSH login names and storage key parts: letters, digits, `.`, `_`, `-`.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
+}
+
+fn parse_pubkey(key: &str, s: &str) -> Result<PublicKey, ConfigError> {
+    PublicKey::from_openssh(s.trim())
+        .map_err(|e| invalid(key, format!("not a valid OpenSSH public key: {e}")))
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg = Config::from_toml(&text)?;
+        // Relative paths in the config are relative to the config file's directory's parent
+        // working directory: we keep them relative to the process working directory, which is
+        // what the README quickstart and systemd unit (WorkingDirectory=) use.
+        Ok(cfg)
+    }
+
+    /// Parses and validates config text. Pure: no I/O.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        validate(raw)
+    }
+
+    /// The SQLite state file.
+    pub fn state_path(&self) -> PathBuf {
+        self.data_dir.join("state.sqlite")
+    }
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let data_dir = expand_home(&raw.data_dir);
+    let ssh_listen: SocketAddr = raw.listeners.ssh.parse().map_err(|e| {
+        invalid(
+            "listeners.ssh",
+            format!("`{}` is not an address like 127.0.0.1:2222: {e}", raw.listeners.ssh),
+        )
+    })?;
+
+    let mut people = BTreeMap::new();
+    let mut seen_keys: BTreeMap<String, String> = BTreeMap::new();
+    for (i, p) in raw.people.into_iter().enumerate() {
+        let base = format!("people[{i}]");
+        if !valid_name(&p.name) {
+            return Err(invalid(
+                format!("{base}.name"),
+                format!("`{}` must be 1-64 letters, digits, '.', '_' or '-'", p.name),
+            ));
+        }
+        if p.ssh_keys.is_empty() && p.ssh_key_files.is_empty() {
+            return Err(invalid(
+                format!("{base}.ssh_keys"),
+                format!("person `{}` has no SSH key, so they could never log in", p.name),
+            ));
+        }
+        let mut keys = Vec::new();
+        for (j, k) in p.ssh_keys.iter().enumerate() {
+            let key = format!("{base}.ssh_keys[{j}]");
+            let pk = parse_pubkey(&key, k)?;
+            let fp = pk.fingerprint(Default::default()).to_string();
+            if let Some(other) = seen_keys.insert(fp.clone(), p.name.clone()) {
+                return Err(invalid(
+                    key,
+                    format!("key {fp} is already the key of `{other}`; a key must identify one person"),
+                ));
+            }
+            keys.push(pk);
+        }
+        let person = PersonConfig {
+            name: p.name.clone(),
+            ssh_keys: keys,
+            ssh_key_files: p.ssh_key_files.iter().map(|f| expand_home(f)).collect(),
+            roles: p.roles,
+        };
+        if people.insert(p.name.clone(), person).is_some() {
+            return Err(invalid(
+                format!("{base}.name"),
+                format!("`{}` appears twice", p.name),
+            ));
+        }
+    }
+
+    let mut targets = BTreeMap::new();
+    for (i, t) in raw.targets.into_iter().enumerate() {
+        let base = format!("targets[{i}]");
+        if !valid_name(&t.name) {
+            return Err(invalid(
+                format!("{base}.name"),
+                format!("`{}` must be 1-64 letters, digits, '.', '_' or '-'", t.name),
+            ));
+        }
+        if !t.address.contains(':') || t.address.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).is_none() {
+            return Err(invalid(
+                format!("{base}.address"),
+                format!("`{}` must be host:port", t.address),
+            ));
+        }
+        let host_key = match (t.host_key, t.host_key_file) {
+            (Some(k), None) => HostKeySource::Inline(parse_pubkey(&format!("{base}.host_key"), &k)?),
+            (None, Some(f)) => HostKeySource::File(expand_home(&f)),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    format!("{base}.host_key"),
+                    "set host_key or host_key_file, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    format!("{base}.host_key"),
+                    "the target's host key must be pinned (host_key or host_key_file)",
+                ))
+            }
+        };
+        if t.login.is_empty() {
+            return Err(invalid(format!("{base}.login"), "must name the break-glass account"));
+        }
+        let auth = match (t.auth.as_str(), t.key_file) {
+            ("certificate", None) => UpstreamAuth::Certificate,
+            ("certificate", Some(_)) => {
+                return Err(invalid(
+                    format!("{base}.key_file"),
+                    "only used with auth = \"key\"",
+                ))
+            }
+            ("key", Some(f)) => UpstreamAuth::Key(expand_home(&f)),
+            ("key", None) => {
+                return Err(invalid(
+                    format!("{base}.key_file"),
+                    "auth = \"key\" needs key_file, the private key the gateway holds",
+                ))
+            }
+            (other, _) => {
+                return Err(invalid(
+                    format!("{base}.auth"),
+                    format!("`{other}` is not one of \"certificate\", \"key\""),
+                ))
+            }
+        };
+        let target = TargetConfig {
+            name: t.name.clone(),
+            address: t.address,
+            host_key,
+            login: t.login,
+            auth,
+        };
+        if targets.insert(t.name.clone(), target).is_some() {
+            return Err(invalid(format!("{base}.name"), format!("`{}` appears twice", t.name)));
+        }
+    }
+
+    match raw.storage.kind.as_deref() {
+        None | Some("local") => {}
+        Some(other) => {
+            return Err(invalid(
+                "storage.kind",
+                format!("`{other}` is not supported yet; use \"local\""),
+            ))
+        }
+    }
+    let storage_dir = raw
+        .storage
+        .path
+        .map(|p| expand_home(&p))
+        .unwrap_or_else(|| data_dir.join("recordings"));
+    let siem_file = raw
+        .siem
+        .file
+        .map(|p| expand_home(&p))
+        .unwrap_or_else(|| data_dir.join("siem.jsonl"));
+
+    let l = raw.limits;
+    let dur = |key: &str, v: Option<String>, default: &str| -> Result<Duration, ConfigError> {
+        parse_duration(&format!("limits.{key}"), v.as_deref().unwrap_or(default))
+    };
+    let max_session_ttl = dur("max_session_ttl", l.max_session_ttl, "8h")?;
+    let default_grant_ttl = dur("default_grant_ttl", l.default_grant_ttl, "4h")?;
+    let max_grant_ttl = dur("max_grant_ttl", l.max_grant_ttl, "24h")?;
+    if max_session_ttl.is_zero() {
+        return Err(invalid("limits.max_session_ttl", "must be more than zero"));
+    }
+    if default_grant_ttl.is_zero() || default_grant_ttl > max_grant_ttl {
+        return Err(invalid(
+            "limits.default_grant_ttl",
+            "must be more than zero and at most limits.max_grant_ttl",
+        ));
+    }
+    let mut warn_before = Vec::new();
+    for (i, w) in l
+        .warn_before
+        .unwrap_or_else(|| vec!["5m".into(), "1m".into()])
+        .iter()
+        .enumerate()
+    {
+        warn_before.push(parse_duration(&format!("limits.warn_before[{i}]"), w)?);
+    }
+    warn_before.sort_by(|a, b| b.cmp(a));
+    warn_before.dedup();
+    let max_connections = l.max_connections.unwrap_or(512);
+    if max_connections == 0 {
+        return Err(invalid("limits.max_connections", "must be at least 1"));
+    }
+    let env_allow = l
+        .env_allow
+        .unwrap_or_else(|| vec!["LANG".into(), "LC_*".into(), "TZ".into()]);
+    let recorder_stall_timeout = dur("recorder_stall_timeout", l.recorder_stall_timeout, "5s")?;
+    let flush_interval = dur("flush_interval", l.flush_interval, "500ms")?;
+    if flush_interval.is_zero() || flush_interval > Duration::from_secs(1) {
+        return Err(invalid(
+            "limits.flush_interval",
+            "must be more than zero and at most 1s (a crash may lose at most this much)",
+        ));
+    }
+    let login_grace = dur("login_grace", l.login_grace, "30s")?;
+
+    let mut names = BTreeSet::new();
+    for t in targets.keys() {
+        names.insert(t.clone());
+    }
+
+    Ok(Config {
+        data_dir,
+        ssh_listen,
+        people,
+        targets,
+        storage_dir,
+        siem_file,
+        limits: Limits {
+            max_session_ttl,
+            default_grant_ttl,
+            max_grant_ttl,
+            warn_before,
+            max_connections,
+            env_allow,
+            recorder_stall_timeout,
+            flush_interval,
+            login_grace,
+        },
+    })
+}
+
+/// A person's keys after reading key files; used by the SSH listener to identify people.
+#[derive(Debug, Clone)]
+pub struct KeyIndex {
+    /// Fingerprint (SHA-256) → person name.
+    by_fingerprint: BTreeMap<String, String>,
+}
+
+impl KeyIndex {
+    /// The person a verified public key belongs to.
+    pub fn person_for(&self, key: &PublicKey) -> Option<&str> {
+        self.by_fingerprint
+            .get(&key.fingerprint(Default::default()).to_string())
+            .map(String::as_str)
+    }
+}
+
+/// Everything `build` loads from disk.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub keys: KeyIndex,
+    /// Target name → pinned host key.
+    pub host_keys: BTreeMap<String, PublicKey>,
+}
+
+impl Config {
+    /// Reads the files the config names (key files, pinned host key files). Errors name the
+    /// config key at fault.
+    pub fn build(&self) -> Result<Built, ConfigError> {
+        let mut by_fingerprint = BTreeMap::new();
+        for p in self.people.values() {
+            let mut all = p.ssh_keys.clone();
+            for (j, f) in p.ssh_key_files.iter().enumerate() {
+                let key = format!("people.{}.ssh_key_files[{j}]", p.name);
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| invalid(&key, format!("cannot read {}: {e}", f.display())))?;
+                for line in text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+                    all.push(parse_pubkey(&key, line)?);
+                }
+            }
+            for k in all {
+                let fp = k.fingerprint(Default::default()).to_string();
+                if let Some(other) = by_fingerprint.insert(fp.clone(), p.name.clone()) {
+                    if other != p.name {
+                        return Err(invalid(
+                            format!("people.{}", p.name),
+                            format!("key {fp} also belongs to `{other}`; a key must identify one person"),
+                        ));
+                    }
+                }
+            }
+        }
+        let mut host_keys = BTreeMap::new();
+        for t in self.targets.values() {
+            let key = format!("targets.{}.host_key_file", t.name);
+            let pk = match &t.host_key {
+                HostKeySource::Inline(k) => k.clone(),
+                HostKeySource::File(f) => {
+                    let text = std::fs::read_to_string(f)
+                        .map_err(|e| invalid(&key, format!("cannot read {}: {e}", f.display())))?;
+                    parse_pubkey(&key, &text)?
+                }
+            };
+            host_keys.insert(t.name.clone(), pk);
+            if let UpstreamAuth::Key(f) = &t.auth {
+                let key = format!("targets.{}.key_file", t.name);
+                russh::keys::PrivateKey::read_openssh_file(f)
+                    .map_err(|e| invalid(&key, format!("cannot load private key {}: {e}", f.display())))?;
+            }
+        }
+        Ok(Built {
+            keys: KeyIndex { by_fingerprint },
+            host_keys,
+        })
+    }
+
+    /// Whether a client-supplied environment variable may be passed upstream.
+    pub fn env_allowed(&self, name: &str) -> bool {
+        self.limits.env_allow.iter().any(|pat| match pat.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => pat == name,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGb7mZ1Bq0Ckq8xN3sKZ0x0pXqk8iJ9C1m3xNnXo9b7c alice";
+
+    fn base() -> String {
+        format!(
+            r#"
+data_dir = "/tmp/bg"
+[listeners]
+ssh = "127.0.0.1:2222"
+[[people]]
+name = "alice"
+ssh_keys = ["{KEY}"]
+[[targets]]
+name = "web-01"
+address = "127.0.0.1:22"
+host_key = "{KEY}"
+login = "root"
+"#
+        )
+    }
+
+    #[test]
+    fn valid_config_has_defaults() {
+        let c = Config::from_toml(&base()).expect("base config is valid");
+        assert_eq!(c.limits.default_grant_ttl, Duration::from_secs(4 * 3600));
+        assert_eq!(c.limits.warn_before, vec![Duration::from_secs(300), Duration::from_secs(60)]);
+        assert_eq!(c.targets["web-01"].auth, UpstreamAuth::Certificate);
+        assert_eq!(c.storage_dir, PathBuf::from("/tmp/bg/recordings"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("ssh = \"127.0.0.1:2222\"", "ssh = \"nope\"", "listeners.ssh"),
+            ("name = \"web-01\"", "name = \"web 01\"", "targets[0].name"),
+            ("address = \"127.0.0.1:22\"", "address = \"host\"", "targets[0].address"),
+            ("login = \"root\"", "login = \"root\"\nauth = \"magic\"", "targets[0].auth"),
+            ("login = \"root\"", "login = \"root\"\nauth = \"key\"", "targets[0].key_file"),
+            ("[[targets]]", "[limits]\nmax_session_ttl = \"soon\"\n[[targets]]", "limits.max_session_ttl"),
+            ("[[targets]]", "[limits]\nflush_interval = \"5s\"\n[[targets]]", "limits.flush_interval"),
+        ];
+        for (from, to, key) in cases {
+            let text = base().replacen(from, to, 1);
+            let err = Config::from_toml(&text).expect_err(key).to_string();
+            assert!(err.contains(key), "error `{err}` should name `{key}`");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = base().replace("login = \"root\"", "login = \"root\"\npassword = \"x\"");
+        let err = Config::from_toml(&text).expect_err("unknown key").to_string();
+        assert!(err.contains("password"), "{err}");
+    }
+
+    #[test]
+    fn env_allow_list_matches_prefixes() {
+        let c = Config::from_toml(&base()).expect("valid");
+        assert!(c.env_allowed("LANG"));
+        assert!(c.env_allowed("LC_ALL"));
+        assert!(!c.env_allowed("LD_PRELOAD"));
+    }
+}

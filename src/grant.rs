@@ -1,0 +1,177 @@
+//! Grant rules: whether a person may use a target now, and the session's one deadline.
+
+use chrono::{DateTime, Utc};
+
+use crate::state::{Grant, GrantState};
+
+/// Why a session was refused. The text is shown to the client and goes in the SIEM event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    UnknownKey { fingerprint: String },
+    UnknownTarget { target: String },
+    NoGrant { person: String, target: String },
+    Expired { grant_id: String, at: DateTime<Utc> },
+    Revoked { grant_id: String, at: DateTime<Utc> },
+    HostKeyMismatch { target: String, expected: String, got: String },
+    Upstream { target: String, why: String },
+    RecordingUnavailable { why: String },
+    Internal { why: String },
+}
+
+impl Denial {
+    /// A short machine-readable code for SIEM events.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Denial::UnknownKey { .. } => "unknown_key",
+            Denial::UnknownTarget { .. } => "unknown_target",
+            Denial::NoGrant { .. } => "no_grant",
+            Denial::Expired { .. } => "grant_expired",
+            Denial::Revoked { .. } => "grant_revoked",
+            Denial::HostKeyMismatch { .. } => "host_key_mismatch",
+            Denial::Upstream { .. } => "upstream_unreachable",
+            Denial::RecordingUnavailable { .. } => "recording_unavailable",
+            Denial::Internal { .. } => "internal_error",
+        }
+    }
+
+    /// Which side caused it.
+    pub fn side(&self) -> &'static str {
+        match self {
+            Denial::UnknownKey { .. }
+            | Denial::UnknownTarget { .. }
+            | Denial::NoGrant { .. }
+            | Denial::Expired { .. }
+            | Denial::Revoked { .. } => "client",
+            Denial::HostKeyMismatch { .. } | Denial::Upstream { .. } => "upstream",
+            Denial::RecordingUnavailable { .. } | Denial::Internal { .. } => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for Denial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ts = |t: &DateTime<Utc>| crate::clock::rfc3339(*t);
+        match self {
+            Denial::UnknownKey { fingerprint } => {
+                write!(f, "access denied: key {fingerprint} is not registered to any person")
+            }
+            Denial::UnknownTarget { target } => {
+                write!(f, "access denied: there is no target named `{target}`")
+            }
+            Denial::NoGrant { person, target } => write!(
+                f,
+                "access denied: {person} has no break-glass grant for {target}; ask for one first"
+            ),
+            Denial::Expired { grant_id, at } => write!(
+                f,
+                "access denied: your grant {grant_id} for this target expired at {}",
+                ts(at)
+            ),
+            Denial::Revoked { grant_id, at } => write!(
+                f,
+                "access denied: your grant {grant_id} for this target was revoked at {}",
+                ts(at)
+            ),
+            Denial::HostKeyMismatch { target, expected, got } => write!(
+                f,
+                "session refused: target {target} presented host key {got}, but {expected} is pinned; possible man-in-the-middle"
+            ),
+            Denial::Upstream { target, why } => {
+                write!(f, "session refused: cannot reach target {target}: {why}")
+            }
+            Denial::RecordingUnavailable { why } => write!(
+                f,
+                "session refused: the recording cannot be opened ({why}); break-glass sessions never run unrecorded"
+            ),
+            Denial::Internal { why } => write!(f, "session refused: gateway error: {why}"),
+        }
+    }
+}
+
+/// Decides admission from the grant the store found for (person, target).
+pub fn admit(
+    person: &str,
+    target: &str,
+    grant: Option<Grant>,
+    now: DateTime<Utc>,
+) -> Result<Grant, Denial> {
+    let Some(g) = grant else {
+        return Err(Denial::NoGrant {
+            person: person.to_string(),
+            target: target.to_string(),
+        });
+    };
+    match g.state_at(now) {
+        GrantState::Active => Ok(g),
+        GrantState::Expired => Err(Denial::Expired {
+            grant_id: g.id,
+            at: g.expires_at,
+        }),
+        GrantState::Revoked => Err(Denial::Revoked {
+            at: g.revoked_at.unwrap_or(now),
+            grant_id: g.id,
+        }),
+    }
+}
+
+/// The one absolute deadline of a session: min(grant expiry, start + max session TTL).
+/// Revocation later moves it to "now".
+pub fn deadline(grant: &Grant, started: DateTime<Utc>, max_ttl: std::time::Duration) -> DateTime<Utc> {
+    let cap = chrono::Duration::from_std(max_ttl)
+        .ok()
+        .and_then(|d| started.checked_add_signed(d))
+        .unwrap_or(grant.expires_at);
+    grant.expires_at.min(cap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration;
+
+    fn grant(now: DateTime<Utc>, mins: i64, revoked: bool) -> Grant {
+        Grant {
+            id: "g1".into(),
+            person: "alice".into(),
+            target: "web".into(),
+            reason: "r".into(),
+            incident_id: "INC-1".into(),
+            created_by: "op".into(),
+            created_at: now,
+            expires_at: now + Duration::minutes(mins),
+            revoked_at: revoked.then_some(now),
+            revoked_by: None,
+            revoke_reason: None,
+        }
+    }
+
+    #[test]
+    fn admission_table() {
+        let now = Utc::now();
+        let cases: Vec<(Option<Grant>, &str)> = vec![
+            (None, "no_grant"),
+            (Some(grant(now, 10, false)), "ok"),
+            (Some(grant(now, -1, false)), "grant_expired"),
+            (Some(grant(now, 0, false)), "grant_expired"),
+            (Some(grant(now, 10, true)), "grant_revoked"),
+        ];
+        for (g, want) in cases {
+            let got = match admit("alice", "web", g, now) {
+                Ok(_) => "ok",
+                Err(d) => d.code(),
+            };
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn deadline_is_the_earlier_of_grant_and_ttl() {
+        let now = Utc::now();
+        let g = grant(now, 30, false);
+        assert_eq!(deadline(&g, now, std::time::Duration::from_secs(3600)), g.expires_at);
+        assert_eq!(
+            deadline(&g, now, std::time::Duration::from_secs(60)),
+            now + Duration::seconds(60)
+        );
+    }
+}

@@ -1,0 +1,30 @@
+//! breakglass: a gateway for break-glass (emergency) access that records everything.
+//!
+//! Module map (see ARCHITECTURE.md for the invariants):
+//!
+//! - [`config`]: the TOML config, raw → validated → built; `check-config`.
+//! - [`state`]: the state store trait (grants, session index) and its SQLite implementation.
+//! - [`grant`]: grant rules: which grant admits a person to a target, and the session deadline.
+//! - [`keys`]: the gateway's own keys: SSH host key, upstream user CA, per-session certificates.
+//! - [`storage`]: the recording store (object_store, create-only puts); the only module that
+//!   talks to object_store, and the one place storage keys are made.
+//! - [`record`]: the recorder: asciicast v2 and raw channel streams, chunking, hash chain,
+//!   command extraction, file-transfer tracking, export and replay.
+//! - [`siem`]: audit events (separate from operational logs) and their sinks.
+//! - [`ssh`]: the SSH listener (russh server), the upstream client, and the per-channel relay.
+//! - [`server`]: `run(config, shutdown)`, the whole gateway as a library function.
+//! - [`shutdown`]: one cancellation token and task tracker with a documented drain order.
+//! - [`clock`]: the one wall-clock function.
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod config;
+pub mod grant;
+pub mod keys;
+pub mod record;
+pub mod server;
+pub mod shutdown;
+pub mod siem;
+pub mod ssh;
+pub mod state;
+pub mod storage;

@@ -1,0 +1,150 @@
+//! Reading recordings back: load a session's chunks from the store and turn any channel into
+//! one asciicast v2 document for `breakglass export` and `breakglass replay`.
+
+use std::collections::BTreeMap;
+
+use super::{asciicast, raw, SessionMeta, Stream};
+use crate::storage::{key, RecordingStore, StorageError};
+
+/// Why a recording could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("session metadata is not valid: {0}")]
+    BadMeta(String),
+    #[error("channel {0}: {1}")]
+    BadChannel(u32, String),
+    #[error("the recording has no channel {0}")]
+    NoChannel(u32),
+    #[error("the recording has no channels (the session opened none)")]
+    Empty,
+}
+
+/// How a channel was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Cast,
+    Raw,
+}
+
+/// One channel's stored bytes, chunks concatenated in order.
+#[derive(Debug, Clone)]
+pub struct ChannelData {
+    pub format: Format,
+    pub bytes: Vec<u8>,
+    pub chunks: usize,
+}
+
+/// A session's recording as found in the store.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// Absent when the gateway died before sealing the session.
+    pub meta: Option<SessionMeta>,
+    pub channels: BTreeMap<u32, ChannelData>,
+}
+
+/// Loads every chunk under a session prefix.
+pub async fn load(store: &RecordingStore, prefix: &str) -> Result<Loaded, ExportError> {
+    let meta = match store.get(&key::session_end(prefix)).await {
+        Ok(b) => Some(serde_json::from_slice::<SessionMeta>(&b).map_err(|e| ExportError::BadMeta(e.to_string()))?),
+        Err(StorageError::NotFound(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let mut channels: BTreeMap<u32, ChannelData> = BTreeMap::new();
+    for obj in store.list(prefix).await? {
+        let Some(rest) = obj.key.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
+            continue;
+        };
+        let Some((chdir, file)) = rest.split_once('/') else {
+            continue;
+        };
+        let Some(ch) = chdir.strip_prefix("ch").and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let format = if file.ends_with(".cast") {
+            Format::Cast
+        } else if file.ends_with(".raw") {
+            Format::Raw
+        } else {
+            continue;
+        };
+        let bytes = store.get(&obj.key).await?;
+        let entry = channels.entry(ch).or_insert(ChannelData {
+            format,
+            bytes: Vec::new(),
+            chunks: 0,
+        });
+        entry.bytes.extend_from_slice(&bytes);
+        entry.chunks += 1;
+    }
+    Ok(Loaded { meta, channels })
+}
+
+impl Loaded {
+    /// The requested channel, or by default the first with a pty, else the first.
+    pub fn pick(&self, requested: Option<u32>) -> Result<(u32, &ChannelData), ExportError> {
+        if let Some(ch) = requested {
+            return self.channels.get(&ch).map(|d| (ch, d)).ok_or(ExportError::NoChannel(ch));
+        }
+        self.channels
+            .iter()
+            .find(|(_, d)| d.format == Format::Cast)
+            .or_else(|| self.channels.iter().next())
+            .map(|(k, d)| (*k, d))
+            .ok_or(ExportError::Empty)
+    }
+}
+
+/// Turns one channel into an asciicast v2 document.
+pub fn to_asciicast(ch: u32, data: &ChannelData) -> Result<String, ExportError> {
+    match data.format {
+        Format::Cast => {
+            let text = String::from_utf8(data.bytes.clone())
+                .map_err(|e| ExportError::BadChannel(ch, format!("not UTF-8: {e}")))?;
+            // Validate before handing it out.
+            asciicast::parse(&text).map_err(|e| ExportError::BadChannel(ch, e.to_string()))?;
+            Ok(text)
+        }
+        Format::Raw => {
+            let d = raw::decode(&data.bytes).map_err(|e| ExportError::BadChannel(ch, e.to_string()))?;
+            let header = asciicast::Header {
+                width: 80,
+                height: 24,
+                timestamp: 0,
+                command: match &d.header.kind {
+                    super::ChannelKind::Exec { command } => Some(command.clone()),
+                    super::ChannelKind::Subsystem { name } => Some(format!("subsystem:{name}")),
+                    super::ChannelKind::Shell => None,
+                },
+                title: Some(format!("session {} channel {ch} (no pty)", d.header.session_id)),
+                env: BTreeMap::new(),
+                extra: Some(serde_json::json!({ "source_format": "breakglass-raw-v1", "channel": ch })),
+            };
+            let mut out = asciicast::encode_header(&header);
+            let mut o = asciicast::Utf8Carry::default();
+            let mut i = asciicast::Utf8Carry::default();
+            let mut last = 0.0;
+            for f in &d.frames {
+                let t = f.time_us as f64 / 1e6;
+                last = t;
+                let (kind, text) = match f.stream {
+                    Stream::In => (asciicast::EventKind::Input, i.push(&f.data)),
+                    Stream::Out | Stream::Err => (asciicast::EventKind::Output, o.push(&f.data)),
+                };
+                if !text.is_empty() {
+                    out.extend_from_slice(&asciicast::encode_event(t, kind, &text));
+                }
+            }
+            for (kind, rest) in [
+                (asciicast::EventKind::Output, o.finish()),
+                (asciicast::EventKind::Input, i.finish()),
+            ] {
+                if !rest.is_empty() {
+                    out.extend_from_slice(&asciicast::encode_event(last, kind, &rest));
+                }
+            }
+            String::from_utf8(out).map_err(|e| ExportError::BadChannel(ch, e.to_string()))
+        }
+    }
+}

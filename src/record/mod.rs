@@ -1,0 +1,743 @@
+//! The recorder: one task per session that turns relay taps into chunk objects in the
+//! recording store, chains their hashes, extracts commands and file transfers, and writes the
+//! session metadata when the session ends.
+//!
+//! Formats: a channel with a pty is recorded as asciicast v2 (`.cast` chunks whose
+//! concatenation is a valid .cast file); a channel without a pty (exec, scp, sftp) carries
+//! arbitrary binary data and is recorded exactly as framed raw bytes (`.raw` chunks, see
+//! [`raw`]); `breakglass export` turns both into asciicast v2.
+
+pub mod asciicast;
+pub mod commands;
+pub mod export;
+pub mod raw;
+pub mod transfer;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::storage::{key, RecordingStore, StorageError};
+
+/// Version of the session metadata format (`recordings-schema/session.schema.json`).
+pub const SESSION_SCHEMA_VERSION: u32 = 1;
+
+/// A chunk is flushed early once its buffer reaches this size, bounding memory per channel.
+const MAX_CHUNK_BYTES: usize = 4 << 20;
+
+/// Messages queued for the recorder. The queue is bounded; when it is full the relay waits
+/// (backpressure) up to `recorder_stall_timeout`, then the session ends (fail closed). Nothing
+/// is ever dropped.
+#[derive(Debug)]
+pub enum RecMsg {
+    /// A channel starts a shell, exec or subsystem. `pty` decides the format.
+    Start {
+        ch: u32,
+        kind: ChannelKind,
+        pty: Option<PtyInfo>,
+        env: BTreeMap<String, String>,
+        at: Instant,
+    },
+    Data {
+        ch: u32,
+        stream: Stream,
+        data: Bytes,
+        at: Instant,
+    },
+    Resize {
+        ch: u32,
+        cols: u32,
+        rows: u32,
+        at: Instant,
+    },
+    /// A marker: a deadline warning, a refusal, a signal.
+    Marker {
+        ch: Option<u32>,
+        label: String,
+        at: Instant,
+    },
+    Exit {
+        ch: u32,
+        status: Option<u32>,
+        signal: Option<String>,
+    },
+    Close {
+        ch: u32,
+    },
+    /// Flush everything, write the session metadata and report it.
+    Finish {
+        end: SessionEndInfo,
+        reply: oneshot::Sender<Result<SessionMeta, StorageError>>,
+    },
+}
+
+/// Which way the bytes went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Client → target (keystrokes, uploads).
+    In,
+    /// Target → client stdout.
+    Out,
+    /// Target → client stderr.
+    Err,
+}
+
+/// What a channel runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ChannelKind {
+    Shell,
+    Exec { command: String },
+    Subsystem { name: String },
+}
+
+/// The pty a client asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtyInfo {
+    pub term: String,
+    pub cols: u32,
+    pub rows: u32,
+}
+
+/// Fixed facts about a session, written into every recording header and the metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub session_id: String,
+    pub protocol: String,
+    pub person: String,
+    pub target: String,
+    pub login: String,
+    pub grant_id: String,
+    pub justification: String,
+    pub incident_id: String,
+    pub client_addr: String,
+    pub started_at: String,
+    pub deadline: String,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionEndInfo {
+    pub ended_at: String,
+    pub end_reason: String,
+    pub end_message: String,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// One stored object in chain order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectEntry {
+    pub key: String,
+    pub size: u64,
+    pub sha256: String,
+    /// Chain link after this object.
+    pub chain: String,
+}
+
+/// A file moved over scp or sftp.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferMeta {
+    pub protocol: String,
+    pub direction: String,
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+    pub complete: bool,
+}
+
+/// A command typed at a shell, as the line editor reconstructed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandMeta {
+    /// Seconds since the channel started.
+    pub time: f64,
+    pub text: String,
+    pub complete: bool,
+    /// True when completion or history keys were used, so the text may differ from what ran.
+    pub uncertain: bool,
+}
+
+/// Per-channel metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelMeta {
+    pub channel: u32,
+    pub kind: Option<ChannelKind>,
+    pub pty: Option<PtyInfo>,
+    /// `cast` or `raw`.
+    pub format: String,
+    pub env: BTreeMap<String, String>,
+    pub started_at: String,
+    pub exit_status: Option<u32>,
+    pub exit_signal: Option<String>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub commands: Vec<CommandMeta>,
+    pub transfers: Vec<TransferMeta>,
+    pub notes: Vec<String>,
+    pub chunks: u64,
+}
+
+/// The session metadata object (`session.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionMeta {
+    pub schema_version: u32,
+    pub session: SessionInfo,
+    pub end: SessionEndInfo,
+    pub channels: Vec<ChannelMeta>,
+    pub markers: Vec<String>,
+    /// Every object of the recording, in the order written.
+    pub objects: Vec<ObjectEntry>,
+    /// Algorithm of the chain: see `chain_link`.
+    pub chain_algorithm: String,
+    pub chain_head: String,
+}
+
+/// First link of a session's hash chain.
+pub fn chain_seed(session_id: &str) -> String {
+    hex::encode(Sha256::digest(format!("breakglass-chain-v1\n{session_id}")))
+}
+
+/// `link_n = SHA-256(link_{n-1} ‖ "\n" ‖ key_n ‖ "\n" ‖ sha256_hex(content_n))`, hex encoded.
+pub fn chain_link(prev: &str, key: &str, content_sha256: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(prev.as_bytes());
+    h.update(b"\n");
+    h.update(key.as_bytes());
+    h.update(b"\n");
+    h.update(content_sha256.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Why recording stopped, shared with the session so it can end (fail closed).
+#[derive(Clone, Default)]
+pub struct Failure {
+    pub token: CancellationToken,
+    reason: Arc<Mutex<Option<String>>>,
+}
+
+impl Failure {
+    /// Records the first failure and cancels the token.
+    pub fn fail(&self, why: String) {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some(why);
+        }
+        self.token.cancel();
+    }
+    pub fn reason(&self) -> Option<String> {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The relay's handle to the session recorder.
+#[derive(Clone)]
+pub struct Recorder {
+    tx: mpsc::Sender<RecMsg>,
+    stall: Duration,
+    pub failure: Failure,
+}
+
+impl Recorder {
+    /// Opens the recording: writes `session-start.json` (create-only) and starts the recorder
+    /// task. An error here means the session must be refused.
+    pub async fn open(
+        store: RecordingStore,
+        prefix: String,
+        info: SessionInfo,
+        flush_interval: Duration,
+        stall: Duration,
+    ) -> Result<Recorder, StorageError> {
+        let start = serde_json::to_vec_pretty(&serde_json::json!({
+            "schema_version": SESSION_SCHEMA_VERSION,
+            "session": &info,
+        }))
+        .map_err(|e| StorageError::Backend(e.to_string()))?;
+        let start_key = key::session_start(&prefix);
+        let sha = hex::encode(Sha256::digest(&start));
+        let size = start.len() as u64;
+        store.put_new(&start_key, Bytes::from(start)).await?;
+        let seed = chain_seed(&info.session_id);
+        let link = chain_link(&seed, &start_key, &sha);
+        let objects = vec![ObjectEntry {
+            key: start_key,
+            size,
+            sha256: sha,
+            chain: link.clone(),
+        }];
+        // 4096 messages of at most one SSH packet (32 KiB) each bounds the queue at 128 MiB in
+        // the worst case; in practice data messages are much smaller.
+        let (tx, rx) = mpsc::channel(4096);
+        let failure = Failure::default();
+        let task = RecorderTask {
+            store,
+            prefix,
+            info,
+            channels: BTreeMap::new(),
+            markers: Vec::new(),
+            objects,
+            head: link,
+            failure: failure.clone(),
+            session_start: Instant::now(),
+        };
+        tokio::spawn(task.run(rx, flush_interval));
+        Ok(Recorder { tx, stall, failure })
+    }
+
+    /// Queues a message, waiting at most the stall timeout. On timeout or a dead recorder the
+    /// session's failure token fires and an error is returned: the caller must stop relaying.
+    pub async fn send(&self, msg: RecMsg) -> Result<(), ()> {
+        if self.failure.token.is_cancelled() {
+            return Err(());
+        }
+        match self.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                match tokio::time::timeout(self.stall, self.tx.send(msg)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => {
+                        self.failure.fail("recorder stopped".into());
+                        Err(())
+                    }
+                    Err(_) => {
+                        self.failure.fail(format!(
+                            "recorder could not keep up for {:?}",
+                            self.stall
+                        ));
+                        Err(())
+                    }
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.failure.fail("recorder stopped".into());
+                Err(())
+            }
+        }
+    }
+
+    /// Flushes and seals the recording, returning its metadata.
+    pub async fn finish(&self, end: SessionEndInfo) -> Result<SessionMeta, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(RecMsg::Finish { end, reply })
+            .await
+            .map_err(|_| StorageError::Backend("recorder stopped before the session was sealed".into()))?;
+        rx.await
+            .map_err(|_| StorageError::Backend("recorder stopped before the session was sealed".into()))?
+    }
+}
+
+/// Per-channel recorder state.
+struct ChanRec {
+    meta: ChannelMeta,
+    start: Instant,
+    /// Encoded but not yet stored bytes.
+    buf: Vec<u8>,
+    seq: u64,
+    cast: Option<CastState>,
+    editor: Option<commands::LineEditor>,
+    sftp: Option<transfer::SftpTracker>,
+    scp: Option<transfer::ScpTracker>,
+    header_done: bool,
+    closed: bool,
+}
+
+struct CastState {
+    out: asciicast::Utf8Carry,
+    inp: asciicast::Utf8Carry,
+}
+
+struct RecorderTask {
+    store: RecordingStore,
+    prefix: String,
+    info: SessionInfo,
+    channels: BTreeMap<u32, ChanRec>,
+    markers: Vec<String>,
+    objects: Vec<ObjectEntry>,
+    head: String,
+    failure: Failure,
+    session_start: Instant,
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+impl RecorderTask {
+    async fn run(mut self, mut rx: mpsc::Receiver<RecMsg>, flush_interval: Duration) {
+        let mut tick = tokio::time::interval(flush_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = rx.recv() => {
+                    let Some(msg) = msg else {
+                        // Every sender is gone without a Finish: flush what we have so a crash
+                        // of the session task loses nothing already tapped.
+                        let _ = self.flush_all().await;
+                        return;
+                    };
+                    if let RecMsg::Finish { end, reply } = msg {
+                        let res = self.seal(end).await;
+                        let _ = reply.send(res);
+                        return;
+                    }
+                    self.handle(msg);
+                    if let Err(e) = self.flush_big().await {
+                        self.failure.fail(e.to_string());
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = self.flush_all().await {
+                        self.failure.fail(e.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    fn chan(&mut self, ch: u32, at: Instant) -> &mut ChanRec {
+        self.channels.entry(ch).or_insert_with(|| ChanRec {
+            meta: ChannelMeta {
+                channel: ch,
+                kind: None,
+                pty: None,
+                format: "raw".into(),
+                env: BTreeMap::new(),
+                started_at: crate::clock::rfc3339(crate::clock::now()),
+                exit_status: None,
+                exit_signal: None,
+                bytes_in: 0,
+                bytes_out: 0,
+                commands: Vec::new(),
+                transfers: Vec::new(),
+                notes: Vec::new(),
+                chunks: 0,
+            },
+            start: at,
+            buf: Vec::new(),
+            seq: 0,
+            cast: None,
+            editor: None,
+            sftp: None,
+            scp: None,
+            header_done: false,
+            closed: false,
+        })
+    }
+
+    fn handle(&mut self, msg: RecMsg) {
+        match msg {
+            RecMsg::Start {
+                ch,
+                kind,
+                pty,
+                env,
+                at,
+            } => {
+                let info = self.info.clone();
+                let c = self.chan(ch, at);
+                c.start = at;
+                c.meta.started_at = crate::clock::rfc3339(crate::clock::now());
+                c.meta.env = env.clone();
+                match &kind {
+                    ChannelKind::Subsystem { name } if name == "sftp" => {
+                        c.sftp = Some(transfer::SftpTracker::new());
+                    }
+                    ChannelKind::Exec { command } => {
+                        if let Some((dir, path)) = transfer::scp_direction(command) {
+                            c.scp = Some(transfer::ScpTracker::new(dir, path));
+                        }
+                    }
+                    _ => {}
+                }
+                if let Some(p) = &pty {
+                    c.meta.format = "cast".into();
+                    c.cast = Some(CastState {
+                        out: asciicast::Utf8Carry::default(),
+                        inp: asciicast::Utf8Carry::default(),
+                    });
+                    if matches!(kind, ChannelKind::Shell) {
+                        c.editor = Some(commands::LineEditor::new());
+                    }
+                    let header = asciicast::Header {
+                        // A client without a real terminal (ssh -tt < file) reports 0x0.
+                        width: if p.cols == 0 { 80 } else { p.cols },
+                        height: if p.rows == 0 { 24 } else { p.rows },
+                        timestamp: crate::clock::now().timestamp(),
+                        command: match &kind {
+                            ChannelKind::Exec { command } => Some(command.clone()),
+                            ChannelKind::Subsystem { name } => Some(format!("subsystem:{name}")),
+                            ChannelKind::Shell => None,
+                        },
+                        title: Some(format!(
+                            "{} on {} ({}) session {} channel {ch}",
+                            info.person, info.target, info.incident_id, info.session_id
+                        )),
+                        env: {
+                            let mut e = env.clone();
+                            e.insert("TERM".into(), p.term.clone());
+                            e
+                        },
+                        extra: Some(serde_json::json!({
+                            "session": info,
+                            "channel": ch,
+                            "kind": kind,
+                        })),
+                    };
+                    c.buf.extend_from_slice(&asciicast::encode_header(&header));
+                    c.header_done = true;
+                } else {
+                    c.buf.extend_from_slice(&raw::encode_header(&raw::RawHeader {
+                        session_id: info.session_id.clone(),
+                        channel: ch,
+                        kind: kind.clone(),
+                    }));
+                    c.header_done = true;
+                }
+                c.meta.kind = Some(kind);
+                c.meta.pty = pty;
+            }
+            RecMsg::Data {
+                ch,
+                stream,
+                data,
+                at,
+            } => {
+                let c = self.chan(ch, at);
+                let t = secs(at.saturating_duration_since(c.start));
+                if !c.header_done {
+                    // Data before shell/exec/subsystem is unusual but legal: record it raw.
+                    c.buf.extend_from_slice(&raw::encode_header(&raw::RawHeader {
+                        session_id: String::new(),
+                        channel: ch,
+                        kind: ChannelKind::Shell,
+                    }));
+                    c.header_done = true;
+                }
+                match stream {
+                    Stream::In => c.meta.bytes_in += data.len() as u64,
+                    Stream::Out | Stream::Err => c.meta.bytes_out += data.len() as u64,
+                }
+                if let Some(ed) = c.editor.as_mut().filter(|_| stream == Stream::In) {
+                    for cmd in ed.feed(&data) {
+                        c.meta.commands.push(CommandMeta {
+                            time: t,
+                            text: cmd.text,
+                            complete: cmd.complete,
+                            uncertain: cmd.uncertain,
+                        });
+                    }
+                }
+                if let Some(s) = c.sftp.as_mut() {
+                    let done = match stream {
+                        Stream::In => s.from_client(&data),
+                        Stream::Out => s.from_server(&data),
+                        Stream::Err => Vec::new(),
+                    };
+                    c.meta.transfers.extend(done.into_iter().map(transfer_meta));
+                }
+                if let Some(s) = c.scp.as_mut() {
+                    let done = match stream {
+                        Stream::In => s.from_client(&data),
+                        Stream::Out => s.from_server(&data),
+                        Stream::Err => Vec::new(),
+                    };
+                    c.meta.transfers.extend(done.into_iter().map(transfer_meta));
+                }
+                match c.cast.as_mut() {
+                    Some(cs) => {
+                        let (kind, text) = match stream {
+                            Stream::In => (asciicast::EventKind::Input, cs.inp.push(&data)),
+                            Stream::Out | Stream::Err => {
+                                (asciicast::EventKind::Output, cs.out.push(&data))
+                            }
+                        };
+                        if !text.is_empty() {
+                            c.buf.extend_from_slice(&asciicast::encode_event(t, kind, &text));
+                        }
+                    }
+                    None => {
+                        raw::encode_frame(&mut c.buf, stream, at.saturating_duration_since(c.start), &data);
+                    }
+                }
+            }
+            RecMsg::Resize { ch, cols, rows, at } => {
+                let c = self.chan(ch, at);
+                let t = secs(at.saturating_duration_since(c.start));
+                if let Some(p) = c.meta.pty.as_mut() {
+                    p.cols = cols;
+                    p.rows = rows;
+                }
+                if c.cast.is_some() {
+                    c.buf.extend_from_slice(&asciicast::encode_event(
+                        t,
+                        asciicast::EventKind::Resize,
+                        &format!("{cols}x{rows}"),
+                    ));
+                } else {
+                    c.meta.notes.push(format!("{t:.3}s resize {cols}x{rows}"));
+                }
+            }
+            RecMsg::Marker { ch, label, at } => {
+                let since = secs(at.saturating_duration_since(self.session_start));
+                self.markers.push(format!("{since:.3}s {label}"));
+                if let Some(ch) = ch {
+                    let c = self.chan(ch, at);
+                    let t = secs(at.saturating_duration_since(c.start));
+                    if c.cast.is_some() {
+                        c.buf.extend_from_slice(&asciicast::encode_event(
+                            t,
+                            asciicast::EventKind::Marker,
+                            &label,
+                        ));
+                    } else {
+                        c.meta.notes.push(format!("{t:.3}s {label}"));
+                    }
+                }
+            }
+            RecMsg::Exit { ch, status, signal } => {
+                let c = self.chan(ch, Instant::now());
+                if status.is_some() {
+                    c.meta.exit_status = status;
+                }
+                if signal.is_some() {
+                    c.meta.exit_signal = signal;
+                }
+            }
+            RecMsg::Close { ch } => {
+                let c = self.chan(ch, Instant::now());
+                close_channel(c);
+            }
+            RecMsg::Finish { .. } => {
+                // Handled by `run` before `handle` is called.
+            }
+        }
+    }
+
+    async fn flush_big(&mut self) -> Result<(), StorageError> {
+        let big: Vec<u32> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.buf.len() >= MAX_CHUNK_BYTES)
+            .map(|(k, _)| *k)
+            .collect();
+        for ch in big {
+            self.flush_channel(ch).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_all(&mut self) -> Result<(), StorageError> {
+        let chans: Vec<u32> = self.channels.keys().copied().collect();
+        for ch in chans {
+            self.flush_channel(ch).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_channel(&mut self, ch: u32) -> Result<(), StorageError> {
+        let Some(c) = self.channels.get_mut(&ch) else {
+            return Ok(());
+        };
+        if c.buf.is_empty() {
+            return Ok(());
+        }
+        let ext = if c.cast.is_some() { "cast" } else { "raw" };
+        let k = key::chunk(&self.prefix, ch, c.seq, ext);
+        let data = std::mem::take(&mut c.buf);
+        c.seq += 1;
+        c.meta.chunks = c.seq;
+        let sha = hex::encode(Sha256::digest(&data));
+        let size = data.len() as u64;
+        self.store.put_new(&k, Bytes::from(data)).await?;
+        self.head = chain_link(&self.head, &k, &sha);
+        self.objects.push(ObjectEntry {
+            key: k,
+            size,
+            sha256: sha,
+            chain: self.head.clone(),
+        });
+        Ok(())
+    }
+
+    async fn seal(&mut self, end: SessionEndInfo) -> Result<SessionMeta, StorageError> {
+        for c in self.channels.values_mut() {
+            close_channel(c);
+        }
+        self.flush_all().await?;
+        let meta = SessionMeta {
+            schema_version: SESSION_SCHEMA_VERSION,
+            session: self.info.clone(),
+            end,
+            channels: self.channels.values().map(|c| c.meta.clone()).collect(),
+            markers: self.markers.clone(),
+            objects: self.objects.clone(),
+            chain_algorithm: "sha256(prev \\n key \\n sha256hex(content)), seeded with sha256(\"breakglass-chain-v1\\n\" session_id)".into(),
+            chain_head: self.head.clone(),
+        };
+        let body = serde_json::to_vec_pretty(&meta).map_err(|e| StorageError::Backend(e.to_string()))?;
+        self.store.put_new(&key::session_end(&self.prefix), Bytes::from(body)).await?;
+        Ok(meta)
+    }
+}
+
+/// Flushes a channel's decoders and trackers into its buffer and metadata.
+fn close_channel(c: &mut ChanRec) {
+    if c.closed {
+        return;
+    }
+    c.closed = true;
+    let t = secs(Instant::now().saturating_duration_since(c.start));
+    if let Some(cs) = c.cast.as_mut() {
+        let rest = cs.out.finish();
+        if !rest.is_empty() {
+            c.buf.extend_from_slice(&asciicast::encode_event(t, asciicast::EventKind::Output, &rest));
+        }
+        let rest = cs.inp.finish();
+        if !rest.is_empty() {
+            c.buf.extend_from_slice(&asciicast::encode_event(t, asciicast::EventKind::Input, &rest));
+        }
+    }
+    if let Some(ed) = c.editor.as_mut() {
+        if let Some(cmd) = ed.finish() {
+            c.meta.commands.push(CommandMeta {
+                time: t,
+                text: cmd.text,
+                complete: cmd.complete,
+                uncertain: cmd.uncertain,
+            });
+        }
+    }
+    if let Some(s) = c.sftp.take() {
+        if let Some(n) = s.note() {
+            c.meta.notes.push(format!("sftp: {n}"));
+        }
+        c.meta.transfers.extend(s.finish().into_iter().map(transfer_meta));
+    }
+    if let Some(s) = c.scp.take() {
+        if let Some(n) = s.note() {
+            c.meta.notes.push(format!("scp: {n}"));
+        }
+        c.meta.transfers.extend(s.finish().into_iter().map(transfer_meta));
+    }
+}
+
+fn transfer_meta(t: transfer::Transfer) -> TransferMeta {
+    TransferMeta {
+        protocol: t.protocol.to_string(),
+        direction: match t.direction {
+            transfer::Direction::Upload => "upload".into(),
+            transfer::Direction::Download => "download".into(),
+        },
+        path: t.path,
+        size: t.size,
+        sha256: t.sha256,
+        complete: t.complete,
+    }
+}

@@ -1,0 +1,138 @@
+//! The gateway as a library function: [`run`] builds everything from a validated config,
+//! serves until `shutdown` resolves, then drains in order.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::{Built, Config};
+use crate::keys::GatewayKeys;
+use crate::shutdown::Shutdown;
+use crate::siem::{EventSink, JsonlFileSink};
+use crate::ssh::session::LiveSession;
+use crate::state::{SqliteStore, Store};
+use crate::storage::RecordingStore;
+
+/// Everything a connection needs, shared by all of them.
+pub struct Gateway {
+    pub config: Config,
+    pub built: Built,
+    pub keys: GatewayKeys,
+    pub store: Arc<dyn Store>,
+    pub recordings: RecordingStore,
+    pub siem: Arc<dyn EventSink>,
+    /// Live sessions by id, for revocation and shutdown.
+    pub live: Mutex<HashMap<String, Arc<LiveSession>>>,
+    pub shutdown: Shutdown,
+}
+
+/// A startup failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeyError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    #[error(transparent)]
+    Siem(#[from] crate::siem::SiemError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Where a started gateway listens.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub ssh: SocketAddr,
+}
+
+impl Gateway {
+    /// Builds the gateway's parts (I/O: keys, state file, stores).
+    pub fn build(config: Config) -> Result<Arc<Gateway>, StartError> {
+        let built = config.build()?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| crate::storage::StorageError::Backend(format!(
+            "create data dir {}: {e}",
+            config.data_dir.display()
+        )))?;
+        let keys = GatewayKeys::load_or_create(&config.data_dir)?;
+        let store = SqliteStore::open(&config.state_path())?;
+        let recordings = RecordingStore::local(&config.storage_dir)?;
+        let siem = JsonlFileSink::open(&config.siem_file)?;
+        Ok(Arc::new(Gateway {
+            config,
+            built,
+            keys,
+            store: Arc::new(store),
+            recordings,
+            siem: Arc::new(siem),
+            live: Mutex::new(HashMap::new()),
+            shutdown: Shutdown::new(),
+        }))
+    }
+
+    /// Snapshot of the live sessions.
+    pub fn live_sessions(&self) -> Vec<Arc<LiveSession>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Binds the listeners and returns their addresses plus the future that serves until
+/// `shutdown` resolves. Tests bind `127.0.0.1:0` and read the port from [`Bound`].
+pub async fn start(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(Bound, impl Future<Output = ()> + Send), StartError> {
+    let gw = Gateway::build(config)?;
+    let addr = gw.config.ssh_listen;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let ssh = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    crate::ssh::session::recover_unfinished(&gw).await;
+    let serve = async move {
+        let accept = tokio::spawn(crate::ssh::serve(listener, gw.clone()));
+        let watcher = tokio::spawn(crate::ssh::session::revocation_watcher(gw.clone()));
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, ending live sessions");
+        // Drain order: stop accepting → end sessions (each seals its recording and emits its
+        // end event) → wait for session tasks → exit. The SIEM file sink is synchronous, so
+        // every event is already durable.
+        gw.shutdown.token.cancel();
+        accept.abort();
+        for s in gw.live_sessions() {
+            s.kill(crate::ssh::session::EndReason::Shutdown);
+        }
+        gw.shutdown.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(30), gw.shutdown.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("sessions did not finish sealing within 30s");
+        }
+        watcher.abort();
+    };
+    Ok((Bound { ssh }, serve))
+}
+
+/// Runs the gateway until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+    let (bound, serve) = start(config, shutdown).await?;
+    tracing::info!(ssh = %bound.ssh, "breakglass listening");
+    serve.await;
+    Ok(())
+}

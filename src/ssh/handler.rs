@@ -1,0 +1,913 @@
+//! The per-connection russh server handler: identifies the person by key, admits them under a
+//! grant, opens the recording and the upstream, and relays every channel through the recorder.
+//!
+//! Every byte is handed to the recorder before it is forwarded; if the recorder refuses, the
+//! byte is not forwarded and the session ends (fail closed).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use russh::server::{self, Auth, ChannelOpenHandle, Msg, Session};
+use russh::{client, Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Pty, Sig};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::session::{self, ChanState, EndReason, LiveSession};
+use super::upstream;
+use crate::clock;
+use crate::grant::{self, Denial};
+use crate::keys::fingerprint;
+use crate::record::{ChannelKind, PtyInfo, RecMsg, Recorder, SessionInfo, Stream};
+use crate::server::Gateway;
+use crate::siem::{AccessEvent, Action};
+use crate::state::SessionRow;
+use crate::storage::key;
+
+/// A handler error; it ends this connection only.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Russh(#[from] russh::Error),
+}
+
+/// Replies the target owes us for requests we forwarded with want_reply, oldest first.
+type Pending = Arc<Mutex<VecDeque<oneshot::Sender<bool>>>>;
+
+/// How long we wait for the target to answer a channel request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A channel request forwarded upstream with want_reply.
+enum UpReq {
+    Pty {
+        term: String,
+        cols: u32,
+        rows: u32,
+        pw: u32,
+        ph: u32,
+        modes: Vec<(Pty, u32)>,
+    },
+    Shell,
+    Exec(Vec<u8>),
+    Subsystem(String),
+}
+
+/// One client channel and its upstream twin.
+struct Chan {
+    up: ChannelWriteHalf<client::Msg>,
+    pending: Pending,
+    rec_ch: u32,
+    pty: Option<PtyInfo>,
+    env: BTreeMap<String, String>,
+}
+
+/// Per-connection state.
+pub struct Handler {
+    gw: Arc<Gateway>,
+    peer: SocketAddr,
+    /// The established session, shared with the connection task so it can seal it.
+    slot: Arc<Mutex<Option<Arc<LiveSession>>>>,
+    authenticated: Arc<AtomicBool>,
+    person: Option<String>,
+    /// The SSH user name: the target.
+    target: String,
+    /// Fingerprint of a key offered that matches nobody.
+    unknown_key: Option<String>,
+    denial_reported: bool,
+    denial: Option<Denial>,
+    session: Option<Arc<LiveSession>>,
+    chans: HashMap<ChannelId, Chan>,
+    next_rec_ch: u32,
+}
+
+/// Runs one client connection to completion, then seals its session.
+pub async fn run_connection(
+    gw: Arc<Gateway>,
+    config: Arc<server::Config>,
+    socket: TcpStream,
+    peer: SocketAddr,
+) {
+    let slot = Arc::new(Mutex::new(None));
+    let authenticated = Arc::new(AtomicBool::new(false));
+    let handler = Handler {
+        gw: gw.clone(),
+        peer,
+        slot: slot.clone(),
+        authenticated: authenticated.clone(),
+        person: None,
+        target: String::new(),
+        unknown_key: None,
+        denial_reported: false,
+        denial: None,
+        session: None,
+        chans: HashMap::new(),
+        next_rec_ch: 0,
+    };
+    match server::run_stream(config, socket, handler).await {
+        Ok(running) => {
+            let handle = running.handle();
+            let grace = gw.config.limits.login_grace;
+            let authed = authenticated.clone();
+            let guard = tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                if !authed.load(Ordering::SeqCst) {
+                    let _ = handle
+                        .disconnect(
+                            russh::Disconnect::ByApplication,
+                            "login grace time exceeded".into(),
+                            "en".into(),
+                        )
+                        .await;
+                }
+            });
+            if let Err(e) = running.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            guard.abort();
+        }
+        Err(e) => tracing::debug!(%peer, error = %e, "ssh handshake failed"),
+    }
+    let live = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(s) = live {
+        session::finish(&gw, &s).await;
+    }
+}
+
+impl Handler {
+    fn denial_event(&self, d: &Denial, grant_id: Option<String>) -> AccessEvent {
+        let actor = self.person.clone().unwrap_or_else(|| "unknown".into());
+        let mut e = AccessEvent::new(Action::SessionDenied, &actor);
+        e.person = self.person.clone();
+        e.target = (!self.target.is_empty()).then(|| self.target.clone());
+        e.client_addr = Some(self.peer.to_string());
+        e.outcome = "failure".into();
+        e.reason = Some(d.code().into());
+        e.message = Some(d.to_string());
+        e.side = Some(d.side().into());
+        e.correlation_id = grant_id.clone();
+        e.grant_id = grant_id;
+        if let Denial::UnknownKey { fingerprint } = d {
+            e.key_fingerprint = Some(fingerprint.clone());
+        }
+        e
+    }
+
+    async fn report_denial(&mut self, d: Denial, grant_id: Option<String>) {
+        tracing::info!(peer = %self.peer, person = ?self.person, target = %self.target, reason = d.code(), "session denied");
+        let ev = self.denial_event(&d, grant_id);
+        if let Err(e) = self.gw.siem.emit(&ev).await {
+            tracing::error!(error = %e, "could not write SIEM denial event");
+        }
+        self.denial = Some(d);
+        self.denial_reported = true;
+    }
+
+    /// Admission, upstream, recording, start event, in that order. Nothing is relayed before
+    /// all of them succeed.
+    async fn establish(&mut self, client: server::Handle) -> Result<(), (Denial, Option<String>)> {
+        let gw = self.gw.clone();
+        let person = self.person.clone().unwrap_or_default();
+        let Some(target) = gw.config.targets.get(&self.target).cloned() else {
+            return Err((
+                Denial::UnknownTarget {
+                    target: self.target.clone(),
+                },
+                None,
+            ));
+        };
+        let now = clock::now();
+        let found = gw
+            .store
+            .grant_for(&person, &target.name, now)
+            .await
+            .map_err(|e| (Denial::Internal { why: e.to_string() }, None))?;
+        let grant_id = found.as_ref().map(|g| g.id.clone());
+        let grant = grant::admit(&person, &target.name, found, now).map_err(|d| (d, grant_id.clone()))?;
+        let deadline = grant::deadline(&grant, now, gw.config.limits.max_session_ttl);
+        let cause = if deadline == grant.expires_at {
+            "grant expiry"
+        } else {
+            "maximum session length"
+        };
+        let session_id = uuid::Uuid::new_v4().to_string();
+        let Some(pinned) = gw.built.host_keys.get(&target.name) else {
+            return Err((Denial::Internal { why: "no pinned host key".into() }, grant_id));
+        };
+        let up = upstream::connect(&target, pinned, &gw.keys, &person, &session_id, deadline)
+            .await
+            .map_err(|d| (d, grant_id.clone()))?;
+        let prefix = key::session_prefix(now, &session_id);
+        let info = SessionInfo {
+            session_id: session_id.clone(),
+            protocol: "ssh".into(),
+            person: person.clone(),
+            target: target.name.clone(),
+            login: target.login.clone(),
+            grant_id: grant.id.clone(),
+            justification: grant.reason.clone(),
+            incident_id: grant.incident_id.clone(),
+            client_addr: self.peer.to_string(),
+            started_at: clock::rfc3339(now),
+            deadline: clock::rfc3339(deadline),
+        };
+        let recorder = match Recorder::open(
+            gw.recordings.clone(),
+            prefix.clone(),
+            info.clone(),
+            gw.config.limits.flush_interval,
+            gw.config.limits.recorder_stall_timeout,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = up
+                    .disconnect(russh::Disconnect::ByApplication, "recording unavailable".into(), "en".into())
+                    .await;
+                return Err((Denial::RecordingUnavailable { why: e.to_string() }, grant_id));
+            }
+        };
+        let row = SessionRow {
+            id: session_id.clone(),
+            protocol: "ssh".into(),
+            person: person.clone(),
+            target: target.name.clone(),
+            grant_id: grant.id.clone(),
+            client_addr: self.peer.to_string(),
+            started_at: now,
+            deadline,
+            ended_at: None,
+            end_reason: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            recording_prefix: prefix.clone(),
+        };
+        let live = Arc::new(LiveSession::new(
+            info, grant, now, deadline, cause, prefix.clone(), recorder, client, up,
+        ));
+        // From here on the session exists: failures end it through `finish`, which seals the
+        // recording and closes the index row.
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(live.clone());
+        if let Err(e) = gw.store.insert_session(&row).await {
+            live.kill(EndReason::RecordingFailed(format!("session index: {e}")));
+            return Err((Denial::Internal { why: e.to_string() }, grant_id));
+        }
+        let mut ev = AccessEvent::new(Action::SessionStart, &person);
+        ev.person = Some(person.clone());
+        ev.target = Some(target.name.clone());
+        ev.session_id = Some(session_id.clone());
+        ev.grant_id = Some(live.grant.id.clone());
+        ev.correlation_id = Some(live.grant.id.clone());
+        ev.justification = Some(live.grant.reason.clone());
+        ev.incident_id = Some(live.grant.incident_id.clone());
+        ev.client_addr = Some(self.peer.to_string());
+        ev.deadline = Some(clock::rfc3339(deadline));
+        ev.recording = Some(prefix);
+        ev.message = Some(format!("{person} started a break-glass session on {} as {}", target.name, target.login));
+        if let Err(e) = gw.siem.emit(&ev).await {
+            // Invariant: no session starts unless its start event is durable.
+            live.kill(EndReason::RecordingFailed(format!("start event not written: {e}")));
+            return Err((Denial::Internal { why: format!("audit event not written: {e}") }, grant_id));
+        }
+        gw.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(session_id.clone(), live.clone());
+        tracing::info!(session_id = %session_id, person = %person, target = %target.name, deadline = %clock::rfc3339(deadline), "session started");
+        let sup_gw = gw.clone();
+        let sup = live.clone();
+        gw.shutdown.tracker.spawn(session::supervise(sup_gw, sup));
+        self.session = Some(live);
+        Ok(())
+    }
+
+    /// Records a refused feature (forwarding, agent, X11) as a marker and a SIEM event.
+    async fn refuse(&mut self, what: &str) {
+        let text = format!("{what} refused: break-glass sessions do not allow it");
+        tracing::info!(peer = %self.peer, what, "refused");
+        if let Some(s) = &self.session {
+            let _ = s
+                .recorder
+                .send(RecMsg::Marker {
+                    ch: None,
+                    label: text.clone(),
+                    at: Instant::now(),
+                })
+                .await;
+        }
+        let actor = self.person.clone().unwrap_or_else(|| "unknown".into());
+        let mut e = AccessEvent::new(Action::ForwardingRefused, &actor);
+        e.person = self.person.clone();
+        e.target = Some(self.target.clone());
+        e.session_id = self.session.as_ref().map(|s| s.id.clone());
+        e.grant_id = self.session.as_ref().map(|s| s.grant.id.clone());
+        e.correlation_id = e.grant_id.clone();
+        e.client_addr = Some(self.peer.to_string());
+        e.outcome = "failure".into();
+        e.side = Some("client".into());
+        e.reason = Some(what.replace(' ', "_"));
+        e.message = Some(text);
+        if let Err(err) = self.gw.siem.emit(&e).await {
+            tracing::error!(error = %err, "could not write SIEM event");
+        }
+    }
+
+    /// Sends a request upstream with want_reply and waits for the target's answer.
+    async fn ask_upstream(&mut self, channel: ChannelId, req: UpReq) -> bool {
+        let Some(c) = self.chans.get(&channel) else {
+            return false;
+        };
+        let (tx, rx) = oneshot::channel();
+        c.pending.lock().unwrap_or_else(|p| p.into_inner()).push_back(tx);
+        let sent = match req {
+            UpReq::Pty { term, cols, rows, pw, ph, modes } => {
+                c.up.request_pty(true, &term, cols, rows, pw, ph, &modes).await
+            }
+            UpReq::Shell => c.up.request_shell(true).await,
+            UpReq::Exec(cmd) => c.up.exec(true, cmd).await,
+            UpReq::Subsystem(name) => c.up.request_subsystem(true, name).await,
+        };
+        if sent.is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(REQUEST_TIMEOUT, rx).await, Ok(Ok(true)))
+    }
+
+    /// On a denied connection, a shell/exec/subsystem request gets the reason on stderr and
+    /// the channel closes.
+    fn deny_channel(&self, channel: ChannelId, session: &mut Session) -> Result<(), Error> {
+        let why = self
+            .denial
+            .as_ref()
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "access denied".into());
+        session.channel_success(channel)?;
+        session.extended_data(channel, 1, Bytes::from(format!("breakglass: {why}\r\n")))?;
+        session.exit_status_request(channel, 1)?;
+        session.eof(channel)?;
+        session.close(channel)?;
+        Ok(())
+    }
+
+    /// Tells the recorder a channel starts, before the request is forwarded so that no output
+    /// can be recorded ahead of the channel's header.
+    async fn start_channel(&mut self, channel: ChannelId, kind: ChannelKind) -> bool {
+        let (Some(s), Some(c)) = (&self.session, self.chans.get(&channel)) else {
+            return false;
+        };
+        s.recorder
+            .send(RecMsg::Start {
+                ch: c.rec_ch,
+                kind,
+                pty: c.pty.clone(),
+                env: c.env.clone(),
+                at: Instant::now(),
+            })
+            .await
+            .is_ok()
+    }
+
+    fn reply(session: &mut Session, channel: ChannelId, ok: bool) -> Result<(), Error> {
+        if ok {
+            session.channel_success(channel)?;
+        } else {
+            session.channel_failure(channel)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        // A client that offered only unknown keys and gave up without keyboard-interactive
+        // (e.g. BatchMode) still leaves a denial on the record.
+        if !self.denial_reported && self.person.is_none() {
+            if let Some(fp) = self.unknown_key.take() {
+                let d = Denial::UnknownKey { fingerprint: fp };
+                let ev = self.denial_event(&d, None);
+                let siem = self.gw.siem.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = siem.emit(&ev).await {
+                        tracing::error!(error = %e, "could not write SIEM denial event");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Relays one upstream channel to the client: record first, then forward.
+async fn pump(s: Arc<LiveSession>, mut read: ChannelReadHalf, client_id: ChannelId, rec_ch: u32, pending: Pending) {
+    use std::sync::atomic::Ordering::Relaxed;
+    while let Some(msg) = read.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => {
+                let n = data.len() as u64;
+                if s
+                    .recorder
+                    .send(RecMsg::Data {
+                        ch: rec_ch,
+                        stream: Stream::Out,
+                        data: data.clone(),
+                        at: Instant::now(),
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                s.bytes_out.fetch_add(n, Relaxed);
+                if s.client.data(client_id, data).await.is_err() {
+                    break;
+                }
+            }
+            ChannelMsg::ExtendedData { data, ext } => {
+                let n = data.len() as u64;
+                if s
+                    .recorder
+                    .send(RecMsg::Data {
+                        ch: rec_ch,
+                        stream: Stream::Err,
+                        data: data.clone(),
+                        at: Instant::now(),
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                s.bytes_out.fetch_add(n, Relaxed);
+                if s.client.extended_data(client_id, ext, data).await.is_err() {
+                    break;
+                }
+            }
+            ChannelMsg::Eof => {
+                let _ = s.client.eof(client_id).await;
+            }
+            ChannelMsg::Close => {
+                let _ = s.client.close(client_id).await;
+                break;
+            }
+            ChannelMsg::ExitStatus { exit_status } => {
+                let _ = s
+                    .recorder
+                    .send(RecMsg::Exit {
+                        ch: rec_ch,
+                        status: Some(exit_status),
+                        signal: None,
+                    })
+                    .await;
+                let _ = s.client.exit_status_request(client_id, exit_status).await;
+            }
+            ChannelMsg::ExitSignal {
+                signal_name,
+                core_dumped,
+                error_message,
+                lang_tag,
+            } => {
+                let _ = s
+                    .recorder
+                    .send(RecMsg::Exit {
+                        ch: rec_ch,
+                        status: None,
+                        signal: Some(format!("{signal_name:?}")),
+                    })
+                    .await;
+                let _ = s
+                    .client
+                    .exit_signal_request(client_id, signal_name, core_dumped, error_message, lang_tag)
+                    .await;
+            }
+            ChannelMsg::Success | ChannelMsg::Failure => {
+                let ok = matches!(msg, ChannelMsg::Success);
+                let waiter = pending.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                if let Some(w) = waiter {
+                    let _ = w.send(ok);
+                }
+            }
+            // Flow control and requests a server never sends to a client are not relayed.
+            _ => {}
+        }
+    }
+}
+
+impl server::Handler for Handler {
+    type Error = Error;
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if self.gw.built.keys.person_for(offer.public_key).is_some() {
+            Ok(Auth::Accept)
+        } else {
+            self.unknown_key = Some(fingerprint(offer.public_key));
+            Ok(Auth::reject())
+        }
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        match self.gw.built.keys.person_for(key.public_key) {
+            Some(p) => {
+                self.person = Some(p.to_string());
+                self.target = user.to_string();
+                Ok(Auth::Accept)
+            }
+            None => {
+                self.unknown_key = Some(fingerprint(key.public_key));
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        response: Option<server::Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        // Keyboard-interactive is never a way in: it only carries the reason for the refusal
+        // to the user's terminal, since publickey failures cannot carry a message.
+        let d = Denial::UnknownKey {
+            fingerprint: self
+                .unknown_key
+                .clone()
+                .unwrap_or_else(|| "(none offered)".into()),
+        };
+        if response.is_none() {
+            return Ok(Auth::Partial {
+                name: "breakglass".into(),
+                instructions: format!("{d}\n").into(),
+                prompts: Vec::new().into(),
+            });
+        }
+        self.target = user.to_string();
+        if !self.denial_reported {
+            self.report_denial(d, None).await;
+        }
+        // No method can succeed now: tell the client to stop asking.
+        Ok(Auth::Reject {
+            proceed_with_methods: Some(russh::MethodSet::empty()),
+            partial_success: false,
+        })
+    }
+
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        self.authenticated.store(true, Ordering::SeqCst);
+        if let Err((d, grant_id)) = self.establish(session.handle()).await {
+            self.report_denial(d, grant_id).await;
+            // A client that opens no channel (ssh -N) is disconnected after a short grace.
+            let handle = session.handle();
+            let msg = self.denial.as_ref().map(|d| d.to_string()).unwrap_or_default();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                let _ = handle
+                    .disconnect(russh::Disconnect::ByApplication, msg, "en".into())
+                    .await;
+            });
+        }
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let id = channel.id();
+        // Requests and data reach us through the callbacks below; the channel object is not
+        // read, so drop it (russh then skips it without blocking).
+        drop(channel);
+        let Some(s) = self.session.clone() else {
+            // Denied: accept so the shell/exec request can carry the reason.
+            reply.accept().await;
+            return Ok(());
+        };
+        if s.is_killed() {
+            reply.reject(russh::ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        }
+        let up = match s.upstream.channel_open_session().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(session_id = %s.id, error = %e, "upstream channel open failed");
+                reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+                return Ok(());
+            }
+        };
+        let (read, write) = up.split();
+        let rec_ch = self.next_rec_ch;
+        self.next_rec_ch += 1;
+        let pending: Pending = Arc::new(Mutex::new(VecDeque::new()));
+        s.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, ChanState { rec_ch, pty: false });
+        self.chans.insert(
+            id,
+            Chan {
+                up: write,
+                pending: pending.clone(),
+                rec_ch,
+                pty: None,
+                env: BTreeMap::new(),
+            },
+        );
+        tokio::spawn(pump(s, read, id, rec_ch, pending));
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _oa: &str,
+        _op: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse(&format!("port forwarding to {host}:{port}")).await;
+        reply.reject(russh::ChannelOpenFailure::AdministrativelyProhibited).await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse(&format!("socket forwarding to {path}")).await;
+        reply.reject(russh::ChannelOpenFailure::AdministrativelyProhibited).await;
+        Ok(())
+    }
+
+    async fn channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _oa: &str,
+        _op: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse("X11 forwarding").await;
+        reply.reject(russh::ChannelOpenFailure::AdministrativelyProhibited).await;
+        Ok(())
+    }
+
+    async fn tcpip_forward(&mut self, address: &str, port: &mut u32, _session: &mut Session) -> Result<bool, Self::Error> {
+        self.refuse(&format!("remote port forwarding from {address}:{port}")).await;
+        Ok(false)
+    }
+
+    async fn streamlocal_forward(&mut self, path: &str, _session: &mut Session) -> Result<bool, Self::Error> {
+        self.refuse(&format!("remote socket forwarding from {path}")).await;
+        Ok(false)
+    }
+
+    async fn agent_request(&mut self, _channel: ChannelId, _session: &mut Session) -> Result<bool, Self::Error> {
+        self.refuse("agent forwarding").await;
+        Ok(false)
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single: bool,
+        _proto: &str,
+        _cookie: &str,
+        _screen: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse("X11 forwarding").await;
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        cols: u32,
+        rows: u32,
+        pw: u32,
+        ph: u32,
+        modes: &[(Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.session.is_none() {
+            session.channel_success(channel)?;
+            return Ok(());
+        }
+        let req = UpReq::Pty {
+            term: term.to_string(),
+            cols,
+            rows,
+            pw,
+            ph,
+            modes: modes.to_vec(),
+        };
+        let ok = self.ask_upstream(channel, req).await;
+        if ok {
+            if let Some(c) = self.chans.get_mut(&channel) {
+                c.pty = Some(PtyInfo {
+                    term: term.to_string(),
+                    cols,
+                    rows,
+                });
+                if let Some(s) = &self.session {
+                    if let Some(st) = s.channels.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&channel) {
+                        st.pty = true;
+                    }
+                }
+            }
+        }
+        Self::reply(session, channel, ok)
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.session.is_none() || !self.gw.config.env_allowed(name) {
+            return Self::reply(session, channel, false);
+        }
+        let Some(c) = self.chans.get_mut(&channel) else {
+            return Self::reply(session, channel, false);
+        };
+        c.env.insert(name.to_string(), value.to_string());
+        let ok = c.up.set_env(false, name, value).await.is_ok();
+        Self::reply(session, channel, ok)
+    }
+
+    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        if self.session.is_none() {
+            return self.deny_channel(channel, session);
+        }
+        if !self.start_channel(channel, ChannelKind::Shell).await {
+            return Self::reply(session, channel, false);
+        }
+        let ok = self.ask_upstream(channel, UpReq::Shell).await;
+        Self::reply(session, channel, ok)
+    }
+
+    async fn exec_request(&mut self, channel: ChannelId, data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+        if self.session.is_none() {
+            return self.deny_channel(channel, session);
+        }
+        let command = String::from_utf8_lossy(data).into_owned();
+        if !self.start_channel(channel, ChannelKind::Exec { command }).await {
+            return Self::reply(session, channel, false);
+        }
+        let ok = self.ask_upstream(channel, UpReq::Exec(data.to_vec())).await;
+        Self::reply(session, channel, ok)
+    }
+
+    async fn subsystem_request(&mut self, channel: ChannelId, name: &str, session: &mut Session) -> Result<(), Self::Error> {
+        if self.session.is_none() {
+            return self.deny_channel(channel, session);
+        }
+        if !self
+            .start_channel(channel, ChannelKind::Subsystem { name: name.to_string() })
+            .await
+        {
+            return Self::reply(session, channel, false);
+        }
+        let ok = self
+            .ask_upstream(channel, UpReq::Subsystem(name.to_string()))
+            .await;
+        Self::reply(session, channel, ok)
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        cols: u32,
+        rows: u32,
+        pw: u32,
+        ph: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let (Some(s), Some(c)) = (&self.session, self.chans.get(&channel)) else {
+            return Ok(());
+        };
+        if s
+            .recorder
+            .send(RecMsg::Resize {
+                ch: c.rec_ch,
+                cols,
+                rows,
+                at: Instant::now(),
+            })
+            .await
+            .is_ok()
+        {
+            let _ = c.up.window_change(cols, rows, pw, ph).await;
+        }
+        Ok(())
+    }
+
+    async fn signal(&mut self, channel: ChannelId, signal: Sig, _session: &mut Session) -> Result<(), Self::Error> {
+        let (Some(s), Some(c)) = (&self.session, self.chans.get(&channel)) else {
+            return Ok(());
+        };
+        let _ = s
+            .recorder
+            .send(RecMsg::Marker {
+                ch: Some(c.rec_ch),
+                label: format!("signal {signal:?}"),
+                at: Instant::now(),
+            })
+            .await;
+        let _ = c.up.signal(signal).await;
+        Ok(())
+    }
+
+    async fn data(&mut self, channel: ChannelId, data: &[u8], _session: &mut Session) -> Result<(), Self::Error> {
+        let (Some(s), Some(c)) = (&self.session, self.chans.get(&channel)) else {
+            return Ok(());
+        };
+        let bytes = Bytes::copy_from_slice(data);
+        if s
+            .recorder
+            .send(RecMsg::Data {
+                ch: c.rec_ch,
+                stream: Stream::In,
+                data: bytes.clone(),
+                at: Instant::now(),
+            })
+            .await
+            .is_err()
+        {
+            // Fail closed: unrecorded input is never forwarded; the supervisor ends the session.
+            return Ok(());
+        }
+        s.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let _ = c.up.data_bytes(bytes).await;
+        Ok(())
+    }
+
+    async fn extended_data(
+        &mut self,
+        channel: ChannelId,
+        code: u32,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let (Some(s), Some(c)) = (&self.session, self.chans.get(&channel)) else {
+            return Ok(());
+        };
+        let bytes = Bytes::copy_from_slice(data);
+        if s
+            .recorder
+            .send(RecMsg::Data {
+                ch: c.rec_ch,
+                stream: Stream::In,
+                data: bytes.clone(),
+                at: Instant::now(),
+            })
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        s.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let _ = c.up.extended_data_bytes(code, bytes).await;
+        Ok(())
+    }
+
+    async fn channel_eof(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(c) = self.chans.get(&channel) {
+            let _ = c.up.eof().await;
+        }
+        Ok(())
+    }
+
+    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(c) = self.chans.remove(&channel) {
+            let _ = c.up.close().await;
+            if let Some(s) = &self.session {
+                let _ = s.recorder.send(RecMsg::Close { ch: c.rec_ch }).await;
+                s.channels.lock().unwrap_or_else(|p| p.into_inner()).remove(&channel);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,69 @@
+//! The SSH side: the accept loop, the per-connection handler that turns russh callbacks into
+//! relay actions, the per-channel pumps, the upstream client and the session lifecycle.
+//!
+//! Login syntax: the SSH user name is the target name (`ssh -p 2222 web-01@gateway`); the
+//! person is identified by their key.
+
+pub mod handler;
+pub mod session;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::server;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::server::Gateway;
+
+/// The russh server config shared by every connection.
+pub fn server_config(gw: &Gateway) -> Arc<server::Config> {
+    let mut methods = russh::MethodSet::empty();
+    methods.push(russh::MethodKind::PublicKey);
+    methods.push(russh::MethodKind::KeyboardInteractive);
+    Arc::new(server::Config {
+        methods,
+        auth_rejection_time: Duration::from_millis(300),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![gw.keys.host.as_ref().clone()],
+        // The session deadline ends sessions; idle connections before auth are bounded by
+        // `login_grace` below.
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 3,
+        nodelay: true,
+        window_size: 8 << 20,
+        max_auth_attempts: 6,
+        ..Default::default()
+    })
+}
+
+/// Accepts connections until aborted. Each connection runs in its own task; an error ends that
+/// connection only. A semaphore caps concurrent connections.
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
+    let config = server_config(&gw);
+    let permits = Arc::new(Semaphore::new(gw.config.limits.max_connections));
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached, refusing");
+            drop(socket);
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        let gw = gw.clone();
+        let config = config.clone();
+        gw.shutdown.tracker.clone().spawn(async move {
+            handler::run_connection(gw, config, socket, peer).await;
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,111 @@
+//! The upstream leg: a russh client to the target's sshd with its host key pinned, logging in
+//! as the break-glass account with credentials only the gateway holds.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use russh::client;
+use russh::keys::{PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+
+use crate::config::{TargetConfig, UpstreamAuth};
+use crate::grant::Denial;
+use crate::keys::{fingerprint, GatewayKeys};
+
+/// The upstream client handler: it only checks the pinned host key.
+pub struct Upstream {
+    pinned: PublicKey,
+    /// The key the target actually presented, kept for the mismatch report.
+    seen: Arc<Mutex<Option<String>>>,
+}
+
+impl client::Handler for Upstream {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        let presented = match key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
+            // A host certificate is accepted only if its key is the pinned one.
+            PublicKeyOrCertificate::Certificate(c) => PublicKey::from(c.public_key().clone()),
+        };
+        let ok = presented.key_data() == self.pinned.key_data();
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(fingerprint(&presented));
+        Ok(ok)
+    }
+}
+
+/// The upstream connection of one session.
+pub type UpstreamHandle = client::Handle<Upstream>;
+
+fn client_config() -> Arc<client::Config> {
+    Arc::new(client::Config {
+        // The session deadline, not inactivity, ends sessions.
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 3,
+        nodelay: true,
+        window_size: 8 << 20,
+        ..Default::default()
+    })
+}
+
+/// Connects and authenticates to a target. Errors are denials the client will be shown.
+pub async fn connect(
+    target: &TargetConfig,
+    pinned: &PublicKey,
+    keys: &GatewayKeys,
+    person: &str,
+    session_id: &str,
+    deadline: DateTime<Utc>,
+) -> Result<UpstreamHandle, Denial> {
+    let seen = Arc::new(Mutex::new(None));
+    let handler = Upstream {
+        pinned: pinned.clone(),
+        seen: seen.clone(),
+    };
+    let up_err = |why: String| Denial::Upstream {
+        target: target.name.clone(),
+        why,
+    };
+    let connect = client::connect(client_config(), target.address.as_str(), handler);
+    let mut handle = match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Err(_) => return Err(up_err("connection timed out after 10s".into())),
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            let got = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            return Err(match (e, got) {
+                (russh::Error::UnknownKey, Some(got)) => Denial::HostKeyMismatch {
+                    target: target.name.clone(),
+                    expected: fingerprint(pinned),
+                    got,
+                },
+                (e, _) => up_err(e.to_string()),
+            });
+        }
+    };
+    let auth = match &target.auth {
+        UpstreamAuth::Certificate => {
+            let (key, cert) = keys
+                .session_certificate(&target.login, person, session_id, deadline)
+                .map_err(|e| Denial::Internal { why: e.to_string() })?;
+            handle.authenticate_openssh_cert(target.login.clone(), key, cert).await
+        }
+        UpstreamAuth::Key(path) => {
+            let key = russh::keys::PrivateKey::read_openssh_file(path)
+                .map_err(|e| Denial::Internal {
+                    why: format!("cannot load the key for {}: {e}", target.name),
+                })?;
+            let hash = handle.best_supported_rsa_hash().await.ok().flatten().flatten();
+            let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
+            handle.authenticate_publickey(target.login.clone(), key).await
+        }
+    };
+    match auth {
+        Ok(r) if r.success() => Ok(handle),
+        Ok(_) => Err(up_err(format!(
+            "the target refused the gateway's credentials for `{}` (is the gateway CA in TrustedUserCAKeys?)",
+            target.login
+        ))),
+        Err(e) => Err(up_err(format!("authentication failed: {e}"))),
+    }
+}

@@ -1,0 +1,151 @@
+//! The state store: grants and the session index, behind a trait so that a PostgreSQL store
+//! can replace the embedded SQLite one without changing callers.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+pub use sqlite::SqliteStore;
+
+/// A state-store failure. Always on our side (internal), never the client's.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state store: {0}")]
+    Db(String),
+    #[error("no grant matches `{0}`")]
+    NoSuchGrant(String),
+    #[error("grant id prefix `{0}` is ambiguous")]
+    Ambiguous(String),
+    #[error("grant {0} is already revoked")]
+    AlreadyRevoked(String),
+    #[error("state store schema version {found} is newer than this binary knows ({known}); upgrade breakglass")]
+    TooNew { found: i64, known: i64 },
+}
+
+/// A time-boxed permission for one person to use one target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub id: String,
+    pub person: String,
+    pub target: String,
+    /// Why the access is needed, as the requester wrote it.
+    pub reason: String,
+    pub incident_id: String,
+    /// Who created it (an operator on the host, or later an approval flow).
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub revoked_by: Option<String>,
+    pub revoke_reason: Option<String>,
+}
+
+/// The state of a grant at a moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantState {
+    Active,
+    Expired,
+    Revoked,
+}
+
+impl Grant {
+    /// The grant's state at `at`.
+    pub fn state_at(&self, at: DateTime<Utc>) -> GrantState {
+        if self.revoked_at.is_some() {
+            GrantState::Revoked
+        } else if at >= self.expires_at {
+            GrantState::Expired
+        } else {
+            GrantState::Active
+        }
+    }
+}
+
+/// What `grant add` asks for.
+#[derive(Debug, Clone)]
+pub struct NewGrant {
+    pub person: String,
+    pub target: String,
+    pub reason: String,
+    pub incident_id: String,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// One session in the index. The recording itself lives in the recording store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRow {
+    pub id: String,
+    pub protocol: String,
+    pub person: String,
+    pub target: String,
+    pub grant_id: String,
+    pub client_addr: String,
+    pub started_at: DateTime<Utc>,
+    /// The absolute deadline fixed at start.
+    pub deadline: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub end_reason: Option<String>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Where the recording objects live in the store.
+    pub recording_prefix: String,
+}
+
+/// Filters for `sessions list`.
+#[derive(Debug, Clone, Default)]
+pub struct SessionFilter {
+    pub person: Option<String>,
+    pub target: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub limit: Option<u32>,
+}
+
+/// The end of a session, as written to the index.
+#[derive(Debug, Clone)]
+pub struct SessionEnd {
+    pub ended_at: DateTime<Utc>,
+    pub end_reason: String,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// The state store. Every method is one short transaction.
+#[async_trait]
+pub trait Store: Send + Sync {
+    async fn create_grant(&self, g: NewGrant) -> Result<Grant, StateError>;
+    /// All grants, newest first; with `active_at`, only those active then.
+    async fn list_grants(&self, active_at: Option<DateTime<Utc>>) -> Result<Vec<Grant>, StateError>;
+    /// A grant by id or unique id prefix.
+    async fn find_grant(&self, id_or_prefix: &str) -> Result<Grant, StateError>;
+    async fn revoke_grant(
+        &self,
+        id_or_prefix: &str,
+        by: &str,
+        reason: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Grant, StateError>;
+    /// The grant that best admits `person` to `target` at `at`: an active one (latest
+    /// expiry) if any, else the most recent expired or revoked one, so a denial can say why.
+    async fn grant_for(
+        &self,
+        person: &str,
+        target: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Grant>, StateError>;
+    /// Revocation times of the given grants, for live-session enforcement.
+    async fn revocations(
+        &self,
+        grant_ids: &[String],
+    ) -> Result<Vec<(String, DateTime<Utc>)>, StateError>;
+    async fn insert_session(&self, s: &SessionRow) -> Result<(), StateError>;
+    async fn finish_session(&self, id: &str, end: &SessionEnd) -> Result<(), StateError>;
+    async fn list_sessions(&self, f: &SessionFilter) -> Result<Vec<SessionRow>, StateError>;
+    /// A session by id or unique id prefix.
+    async fn find_session(&self, id_or_prefix: &str) -> Result<Option<SessionRow>, StateError>;
+    /// Sessions with no end: left by a gateway that died.
+    async fn unfinished_sessions(&self) -> Result<Vec<SessionRow>, StateError>;
+}

@@ -1,0 +1,561 @@
+//! The embedded state store: one SQLite file in the data dir with versioned migrations.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::{Grant, NewGrant, SessionEnd, SessionFilter, SessionRow, StateError, Store};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+/// Never edit a released migration: add a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: grants and the session index.
+    "CREATE TABLE grants (
+        id TEXT PRIMARY KEY,
+        person TEXT NOT NULL,
+        target TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        incident_id TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        revoked_at INTEGER,
+        revoked_by TEXT,
+        revoke_reason TEXT
+     );
+     CREATE INDEX grants_person_target ON grants(person, target);
+     CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        protocol TEXT NOT NULL,
+        person TEXT NOT NULL,
+        target TEXT NOT NULL,
+        grant_id TEXT NOT NULL,
+        client_addr TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        deadline INTEGER NOT NULL,
+        ended_at INTEGER,
+        end_reason TEXT,
+        bytes_in INTEGER NOT NULL DEFAULT 0,
+        bytes_out INTEGER NOT NULL DEFAULT 0,
+        recording_prefix TEXT NOT NULL
+     );
+     CREATE INDEX sessions_started ON sessions(started_at);",
+];
+
+/// SQLite behind a mutex; calls run on the blocking pool.
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn db(e: impl std::fmt::Display) -> StateError {
+    StateError::Db(e.to_string())
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: i64) -> DateTime<Utc> {
+    // Out-of-range values can only come from a hand-edited database; clamp them to the epoch
+    // rather than panic.
+    Utc.timestamp_millis_opt(v).single().unwrap_or_default()
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the state file and applies pending migrations.
+    pub fn open(path: &Path) -> Result<SqliteStore, StateError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| db(format!("create {}: {e}", dir.display())))?;
+        }
+        let conn = Connection::open(path).map_err(|e| db(format!("open {}: {e}", path.display())))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(db)?;
+        Self::migrate(&conn)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn migrate(conn: &Connection) -> Result<(), StateError> {
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(db)?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StateError::TooNew { found: version, known });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.unchecked_transaction().map_err(db)?;
+            tx.execute_batch(sql).map_err(db)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(db)?;
+            tx.commit().map_err(db)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with<T, F>(&self, f: F) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StateError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            // A poisoned mutex means another call panicked mid-query; SQLite rolled the
+            // transaction back, so the connection is still usable.
+            let guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&guard)
+        })
+        .await
+        .map_err(|e| db(format!("state task failed: {e}")))?
+    }
+}
+
+const GRANT_COLS: &str = "id, person, target, reason, incident_id, created_by, created_at, \
+                          expires_at, revoked_at, revoked_by, revoke_reason";
+
+fn grant_row(r: &Row<'_>) -> rusqlite::Result<Grant> {
+    Ok(Grant {
+        id: r.get(0)?,
+        person: r.get(1)?,
+        target: r.get(2)?,
+        reason: r.get(3)?,
+        incident_id: r.get(4)?,
+        created_by: r.get(5)?,
+        created_at: from_ms(r.get(6)?),
+        expires_at: from_ms(r.get(7)?),
+        revoked_at: r.get::<_, Option<i64>>(8)?.map(from_ms),
+        revoked_by: r.get(9)?,
+        revoke_reason: r.get(10)?,
+    })
+}
+
+const SESSION_COLS: &str = "id, protocol, person, target, grant_id, client_addr, started_at, \
+                            deadline, ended_at, end_reason, bytes_in, bytes_out, recording_prefix";
+
+fn session_row(r: &Row<'_>) -> rusqlite::Result<SessionRow> {
+    Ok(SessionRow {
+        id: r.get(0)?,
+        protocol: r.get(1)?,
+        person: r.get(2)?,
+        target: r.get(3)?,
+        grant_id: r.get(4)?,
+        client_addr: r.get(5)?,
+        started_at: from_ms(r.get(6)?),
+        deadline: from_ms(r.get(7)?),
+        ended_at: r.get::<_, Option<i64>>(8)?.map(from_ms),
+        end_reason: r.get(9)?,
+        bytes_in: r.get::<_, i64>(10)?.max(0) as u64,
+        bytes_out: r.get::<_, i64>(11)?.max(0) as u64,
+        recording_prefix: r.get(12)?,
+    })
+}
+
+/// Escapes `%`, `_` and `\` so user input is a literal LIKE prefix.
+fn like_prefix(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 1);
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('%');
+    out
+}
+
+fn find_grant_sync(conn: &Connection, id: &str) -> Result<Grant, StateError> {
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT {GRANT_COLS} FROM grants WHERE id LIKE ?1 ESCAPE '\\' LIMIT 2"
+        ))
+        .map_err(db)?;
+    let rows: Vec<Grant> = stmt
+        .query_map([like_prefix(id)], grant_row)
+        .map_err(db)?
+        .collect::<Result<_, _>>()
+        .map_err(db)?;
+    match rows.len() {
+        0 => Err(StateError::NoSuchGrant(id.to_string())),
+        1 => Ok(rows.into_iter().next().ok_or_else(|| StateError::NoSuchGrant(id.to_string()))?),
+        _ => Err(StateError::Ambiguous(id.to_string())),
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_grant(&self, g: NewGrant) -> Result<Grant, StateError> {
+        let grant = Grant {
+            id: uuid::Uuid::new_v4().to_string(),
+            person: g.person,
+            target: g.target,
+            reason: g.reason,
+            incident_id: g.incident_id,
+            created_by: g.created_by,
+            created_at: g.created_at,
+            expires_at: g.expires_at,
+            revoked_at: None,
+            revoked_by: None,
+            revoke_reason: None,
+        };
+        let row = grant.clone();
+        self.with(move |c| {
+            c.execute(
+                &format!("INSERT INTO grants ({GRANT_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,NULL,NULL,NULL)"),
+                params![
+                    row.id,
+                    row.person,
+                    row.target,
+                    row.reason,
+                    row.incident_id,
+                    row.created_by,
+                    ms(row.created_at),
+                    ms(row.expires_at)
+                ],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await?;
+        Ok(grant)
+    }
+
+    async fn list_grants(&self, active_at: Option<DateTime<Utc>>) -> Result<Vec<Grant>, StateError> {
+        self.with(move |c| {
+            let (sql, at) = match active_at {
+                Some(t) => (
+                    format!(
+                        "SELECT {GRANT_COLS} FROM grants WHERE revoked_at IS NULL AND expires_at > ?1 \
+                         ORDER BY created_at DESC"
+                    ),
+                    ms(t),
+                ),
+                None => (
+                    format!("SELECT {GRANT_COLS} FROM grants WHERE ?1 = ?1 ORDER BY created_at DESC"),
+                    0,
+                ),
+            };
+            let mut stmt = c.prepare(&sql).map_err(db)?;
+            let rows = stmt
+                .query_map([at], grant_row)
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn find_grant(&self, id_or_prefix: &str) -> Result<Grant, StateError> {
+        let id = id_or_prefix.to_string();
+        self.with(move |c| find_grant_sync(c, &id)).await
+    }
+
+    async fn revoke_grant(
+        &self,
+        id_or_prefix: &str,
+        by: &str,
+        reason: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Grant, StateError> {
+        let (id, by, reason) = (id_or_prefix.to_string(), by.to_string(), reason.to_string());
+        self.with(move |c| {
+            let g = find_grant_sync(c, &id)?;
+            if g.revoked_at.is_some() {
+                return Err(StateError::AlreadyRevoked(g.id));
+            }
+            c.execute(
+                "UPDATE grants SET revoked_at = ?2, revoked_by = ?3, revoke_reason = ?4 \
+                 WHERE id = ?1 AND revoked_at IS NULL",
+                params![g.id, ms(at), by, reason],
+            )
+            .map_err(db)?;
+            find_grant_sync(c, &g.id)
+        })
+        .await
+    }
+
+    async fn grant_for(
+        &self,
+        person: &str,
+        target: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Grant>, StateError> {
+        let (person, target) = (person.to_string(), target.to_string());
+        self.with(move |c| {
+            // Active grants first (latest expiry wins), then the most recent inactive one.
+            c.query_row(
+                &format!(
+                    "SELECT {GRANT_COLS} FROM grants WHERE person = ?1 AND target = ?2 \
+                     ORDER BY (revoked_at IS NULL AND expires_at > ?3) DESC, \
+                              CASE WHEN revoked_at IS NULL AND expires_at > ?3 THEN expires_at ELSE created_at END DESC \
+                     LIMIT 1"
+                ),
+                params![person, target, ms(at)],
+                grant_row,
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn revocations(
+        &self,
+        grant_ids: &[String],
+    ) -> Result<Vec<(String, DateTime<Utc>)>, StateError> {
+        if grant_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = grant_ids.to_vec();
+        self.with(move |c| {
+            let marks = vec!["?"; ids.len()].join(",");
+            let mut stmt = c
+                .prepare(&format!(
+                    "SELECT id, revoked_at FROM grants WHERE revoked_at IS NOT NULL AND id IN ({marks})"
+                ))
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(ids.iter()), |r| {
+                    Ok((r.get::<_, String>(0)?, from_ms(r.get(1)?)))
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn insert_session(&self, s: &SessionRow) -> Result<(), StateError> {
+        let s = s.clone();
+        self.with(move |c| {
+            c.execute(
+                &format!(
+                    "INSERT INTO sessions ({SESSION_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"
+                ),
+                params![
+                    s.id,
+                    s.protocol,
+                    s.person,
+                    s.target,
+                    s.grant_id,
+                    s.client_addr,
+                    ms(s.started_at),
+                    ms(s.deadline),
+                    s.ended_at.map(ms),
+                    s.end_reason,
+                    s.bytes_in as i64,
+                    s.bytes_out as i64,
+                    s.recording_prefix
+                ],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn finish_session(&self, id: &str, end: &SessionEnd) -> Result<(), StateError> {
+        let (id, end) = (id.to_string(), end.clone());
+        self.with(move |c| {
+            c.execute(
+                "UPDATE sessions SET ended_at = ?2, end_reason = ?3, bytes_in = ?4, bytes_out = ?5 \
+                 WHERE id = ?1",
+                params![
+                    id,
+                    ms(end.ended_at),
+                    end.end_reason,
+                    end.bytes_in as i64,
+                    end.bytes_out as i64
+                ],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_sessions(&self, f: &SessionFilter) -> Result<Vec<SessionRow>, StateError> {
+        let f = f.clone();
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare(&format!(
+                    "SELECT {SESSION_COLS} FROM sessions \
+                     WHERE (?1 IS NULL OR person = ?1) AND (?2 IS NULL OR target = ?2) \
+                       AND (?3 IS NULL OR started_at >= ?3) AND (?4 IS NULL OR started_at < ?4) \
+                     ORDER BY started_at DESC LIMIT ?5"
+                ))
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        f.person,
+                        f.target,
+                        f.since.map(ms),
+                        f.until.map(ms),
+                        f.limit.map(i64::from).unwrap_or(-1)
+                    ],
+                    session_row,
+                )
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn find_session(&self, id_or_prefix: &str) -> Result<Option<SessionRow>, StateError> {
+        let id = id_or_prefix.to_string();
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare(&format!(
+                    "SELECT {SESSION_COLS} FROM sessions WHERE id LIKE ?1 ESCAPE '\\' LIMIT 2"
+                ))
+                .map_err(db)?;
+            let rows: Vec<SessionRow> = stmt
+                .query_map([like_prefix(&id)], session_row)
+                .map_err(db)?
+                .collect::<Result<_, _>>()
+                .map_err(db)?;
+            match rows.len() {
+                0 => Ok(None),
+                1 => Ok(rows.into_iter().next()),
+                _ => Err(StateError::Ambiguous(id)),
+            }
+        })
+        .await
+    }
+
+    async fn unfinished_sessions(&self) -> Result<Vec<SessionRow>, StateError> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare(&format!("SELECT {SESSION_COLS} FROM sessions WHERE ended_at IS NULL"))
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], session_row)
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::GrantState;
+    use chrono::Duration;
+
+    fn new_grant(person: &str, target: &str, now: DateTime<Utc>, mins: i64) -> NewGrant {
+        NewGrant {
+            person: person.into(),
+            target: target.into(),
+            reason: "disk full".into(),
+            incident_id: "INC-1".into(),
+            created_by: "operator".into(),
+            created_at: now,
+            expires_at: now + Duration::minutes(mins),
+        }
+    }
+
+    #[tokio::test]
+    async fn grants_round_trip_and_revoke() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("open");
+        let now = Utc.timestamp_millis_opt(1_700_000_000_000).single().expect("valid ts");
+        let g = store.create_grant(new_grant("alice", "web-01", now, 30)).await.expect("create");
+        let found = store.grant_for("alice", "web-01", now).await.expect("q").expect("some");
+        assert_eq!(found, g);
+        assert_eq!(found.state_at(now), GrantState::Active);
+        assert_eq!(found.state_at(now + Duration::minutes(30)), GrantState::Expired);
+        assert!(store.grant_for("bob", "web-01", now).await.expect("q").is_none());
+
+        let prefix = &g.id[..8];
+        let r = store.revoke_grant(prefix, "op", "done", now).await.expect("revoke");
+        assert_eq!(r.state_at(now), GrantState::Revoked);
+        assert!(matches!(
+            store.revoke_grant(&g.id, "op", "again", now).await,
+            Err(StateError::AlreadyRevoked(_))
+        ));
+        let revs = store.revocations(std::slice::from_ref(&g.id)).await.expect("revs");
+        assert_eq!(revs.len(), 1);
+        assert!(store.list_grants(Some(now)).await.expect("list").is_empty());
+        assert_eq!(store.list_grants(None).await.expect("list").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn active_grant_is_preferred_over_newer_revoked_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("open");
+        let now = Utc::now();
+        let active = store.create_grant(new_grant("a", "t", now, 60)).await.expect("c");
+        let later = store
+            .create_grant(new_grant("a", "t", now + Duration::seconds(1), 60))
+            .await
+            .expect("c");
+        store.revoke_grant(&later.id, "op", "x", now).await.expect("r");
+        let g = store.grant_for("a", "t", now).await.expect("q").expect("some");
+        assert_eq!(g.id, active.id);
+    }
+
+    #[tokio::test]
+    async fn migrations_are_idempotent_and_sessions_filter() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sqlite");
+        let store = SqliteStore::open(&path).expect("open");
+        let now = Utc.timestamp_millis_opt(1_700_000_000_000).single().expect("valid ts");
+        for (i, person) in ["alice", "bob", "alice"].iter().enumerate() {
+            store
+                .insert_session(&SessionRow {
+                    id: format!("s{i}"),
+                    protocol: "ssh".into(),
+                    person: (*person).into(),
+                    target: "web-01".into(),
+                    grant_id: "g".into(),
+                    client_addr: "127.0.0.1:1".into(),
+                    started_at: now + Duration::minutes(i as i64),
+                    deadline: now + Duration::hours(1),
+                    ended_at: None,
+                    end_reason: None,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    recording_prefix: format!("p/{i}"),
+                })
+                .await
+                .expect("insert");
+        }
+        drop(store);
+        let store = SqliteStore::open(&path).expect("reopen");
+        let f = SessionFilter {
+            person: Some("alice".into()),
+            since: Some(now + Duration::seconds(30)),
+            ..Default::default()
+        };
+        let rows = store.list_sessions(&f).await.expect("list");
+        assert_eq!(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["s2"]);
+        store
+            .finish_session(
+                "s2",
+                &SessionEnd {
+                    ended_at: now,
+                    end_reason: "client closed".into(),
+                    bytes_in: 5,
+                    bytes_out: 7,
+                },
+            )
+            .await
+            .expect("finish");
+        assert_eq!(store.unfinished_sessions().await.expect("u").len(), 2);
+        let s = store.find_session("s2").await.expect("find").expect("some");
+        assert_eq!((s.bytes_in, s.bytes_out), (5, 7));
+    }
+}

@@ -1,0 +1,150 @@
+//! The recording store: object_store behind create-only puts. The only module that talks to
+//! object_store, and the one place where storage keys are made.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+/// A recording-store failure. Always fatal for the session that hit it (fail closed).
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("recording store: object {0} already exists (stores are write-once)")]
+    AlreadyExists(String),
+    #[error("recording store: object {0} not found")]
+    NotFound(String),
+    #[error("recording store: {0}")]
+    Backend(String),
+}
+
+fn backend(e: object_store::Error) -> StorageError {
+    StorageError::Backend(e.to_string())
+}
+
+/// One stored object's name and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+}
+
+/// The recording store. Cheap to clone.
+#[derive(Clone)]
+pub struct RecordingStore {
+    inner: Arc<dyn ObjectStore>,
+}
+
+impl RecordingStore {
+    /// The local-filesystem backend rooted at `dir` (created if missing). Every write is
+    /// fsync'd (file and directory) before it counts as stored.
+    pub fn local(dir: &std::path::Path) -> Result<RecordingStore, StorageError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StorageError::Backend(format!("create {}: {e}", dir.display())))?;
+        let fs = LocalFileSystem::new_with_prefix(dir).map_err(backend)?.with_fsync(true);
+        Ok(RecordingStore { inner: Arc::new(fs) })
+    }
+
+    /// Any object_store backend (tests use the in-memory one).
+    pub fn from_object_store(inner: Arc<dyn ObjectStore>) -> RecordingStore {
+        RecordingStore { inner }
+    }
+
+    /// Writes a new object; refuses to overwrite an existing one.
+    pub async fn put_new(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .inner
+            .put_opts(&ObjPath::from(key), PutPayload::from_bytes(bytes), opts)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => Err(StorageError::AlreadyExists(key.into())),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    /// Reads a whole object.
+    pub async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+        match self.inner.get(&ObjPath::from(key)).await {
+            Ok(r) => r.bytes().await.map_err(backend),
+            Err(object_store::Error::NotFound { .. }) => Err(StorageError::NotFound(key.into())),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    /// Lists every object under a prefix, sorted by key.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        let p = ObjPath::from(prefix);
+        let mut out: Vec<ObjectInfo> = self
+            .inner
+            .list(Some(&p))
+            .map_ok(|m| ObjectInfo {
+                key: m.location.to_string(),
+                size: m.size,
+            })
+            .try_collect()
+            .await
+            .map_err(backend)?;
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+}
+
+/// Storage keys. Every key the gateway writes is made here.
+pub mod key {
+    use super::*;
+
+    /// `sessions/YYYY/MM/DD/<session-id>`: date first so listing a period is cheap.
+    pub fn session_prefix(started: DateTime<Utc>, session_id: &str) -> String {
+        format!("sessions/{}/{session_id}", started.format("%Y/%m/%d"))
+    }
+
+    /// Written when the recording opens, before any byte is relayed.
+    pub fn session_start(prefix: &str) -> String {
+        format!("{prefix}/session-start.json")
+    }
+
+    /// Written when the session ends: metadata, object list and hash-chain head.
+    pub fn session_end(prefix: &str) -> String {
+        format!("{prefix}/session.json")
+    }
+
+    /// Chunk `seq` of channel `channel`. `ext` is `cast` (pty, asciicast v2) or `raw`
+    /// (non-pty, exact bytes). Zero-padded so key order is chunk order.
+    pub fn chunk(prefix: &str, channel: u32, seq: u64, ext: &str) -> String {
+        format!("{prefix}/ch{channel:04}/{seq:08}.{ext}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_store_is_create_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = RecordingStore::local(dir.path()).expect("store");
+        s.put_new("a/b/1", Bytes::from_static(b"one")).await.expect("first put");
+        let again = s.put_new("a/b/1", Bytes::from_static(b"two")).await;
+        assert!(matches!(again, Err(StorageError::AlreadyExists(_))), "{again:?}");
+        assert_eq!(s.get("a/b/1").await.expect("get"), Bytes::from_static(b"one"));
+        s.put_new("a/b/0", Bytes::from_static(b"zero")).await.expect("put");
+        let keys: Vec<String> = s.list("a").await.expect("list").into_iter().map(|o| o.key).collect();
+        assert_eq!(keys, vec!["a/b/0", "a/b/1"]);
+        assert!(matches!(s.get("a/x").await, Err(StorageError::NotFound(_))));
+    }
+
+    #[test]
+    fn chunk_keys_sort_in_order() {
+        let p = key::session_prefix(Utc::now(), "s1");
+        assert!(key::chunk(&p, 0, 9, "cast") < key::chunk(&p, 0, 10, "cast"));
+        assert!(key::chunk(&p, 1, 0, "raw") > key::chunk(&p, 0, 99, "raw"));
+    }
+}
