@@ -244,7 +244,16 @@ async fn check_config(file: &Path, offline: bool) -> Result<ExitCode> {
             println!("  FAIL  {what}: {e:#}");
         }
     };
-    check("files named by the config".into(), cfg.build().map(|_| String::new()).map_err(Into::into));
+    let mut warnings = Vec::new();
+    check(
+        "files named by the config".into(),
+        cfg.build()
+            .map(|b| {
+                warnings.extend(b.warnings);
+                String::new()
+            })
+            .map_err(Into::into),
+    );
     check(
         format!("data dir {}", cfg.data_dir.display()),
         writable(&cfg.data_dir).map(|_| String::new()),
@@ -266,7 +275,6 @@ async fn check_config(file: &Path, offline: bool) -> Result<ExitCode> {
         format!("state store {}", cfg.state_path().display()),
         SqliteStore::open(&cfg.state_path()).map(|_| String::new()).map_err(Into::into),
     );
-    let mut warnings = Vec::new();
     for t in cfg.targets.values() {
         let addr = t.address.clone();
         let res = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(&addr)).await;

@@ -487,6 +487,9 @@ impl KeyIndex {
 #[derive(Debug, Clone)]
 pub struct Built {
     pub keys: KeyIndex,
+    /// Problems that leave one person or target unusable but the gateway running (a key file
+    /// that does not exist yet); `serve` logs them and `check-config` prints them.
+    pub warnings: Vec<String>,
     /// Target name → pinned host key.
     pub host_keys: BTreeMap<String, PublicKey>,
 }
@@ -496,10 +499,19 @@ impl Config {
     /// config key at fault.
     pub fn build(&self) -> Result<Built, ConfigError> {
         let mut by_fingerprint = BTreeMap::new();
+        let mut warnings = Vec::new();
         for p in self.people.values() {
             let mut all = p.ssh_keys.clone();
             for (j, f) in p.ssh_key_files.iter().enumerate() {
                 let key = format!("people.{}.ssh_key_files[{j}]", p.name);
+                if !f.exists() {
+                    warnings.push(format!(
+                        "config key `{key}`: {} does not exist; {} cannot log in with it",
+                        f.display(),
+                        p.name
+                    ));
+                    continue;
+                }
                 let text = std::fs::read_to_string(f)
                     .map_err(|e| invalid(&key, format!("cannot read {}: {e}", f.display())))?;
                 for line in text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
@@ -523,6 +535,14 @@ impl Config {
             let key = format!("targets.{}.host_key_file", t.name);
             let pk = match &t.host_key {
                 HostKeySource::Inline(k) => k.clone(),
+                HostKeySource::File(f) if !f.exists() => {
+                    warnings.push(format!(
+                        "config key `{key}`: {} does not exist; sessions to {} are refused until it does",
+                        f.display(),
+                        t.name
+                    ));
+                    continue;
+                }
                 HostKeySource::File(f) => {
                     let text = std::fs::read_to_string(f)
                         .map_err(|e| invalid(&key, format!("cannot read {}: {e}", f.display())))?;
@@ -538,6 +558,7 @@ impl Config {
         }
         Ok(Built {
             keys: KeyIndex { by_fingerprint },
+            warnings,
             host_keys,
         })
     }

@@ -60,6 +60,9 @@ impl Gateway {
     /// Builds the gateway's parts (I/O: keys, state file, stores).
     pub fn build(config: Config) -> Result<Arc<Gateway>, StartError> {
         let built = config.build()?;
+        for w in &built.warnings {
+            tracing::warn!("{w}");
+        }
         std::fs::create_dir_all(&config.data_dir).map_err(|e| crate::storage::StorageError::Backend(format!(
             "create data dir {}: {e}",
             config.data_dir.display()

@@ -195,7 +195,13 @@ impl Handler {
         };
         let session_id = uuid::Uuid::new_v4().to_string();
         let Some(pinned) = gw.built.host_keys.get(&target.name) else {
-            return Err((Denial::Internal { why: "no pinned host key".into() }, grant_id));
+            return Err((
+                Denial::Upstream {
+                    target: target.name.clone(),
+                    why: "its pinned host key file is missing; run `breakglass check-config`".into(),
+                },
+                grant_id,
+            ));
         };
         let up = upstream::connect(&target, pinned, &gw.keys, &person, &session_id, deadline)
             .await
@@ -906,6 +912,7 @@ impl server::Handler for Handler {
             if let Some(s) = &self.session {
                 let _ = s.recorder.send(RecMsg::Close { ch: c.rec_ch }).await;
                 s.channels.lock().unwrap_or_else(|p| p.into_inner()).remove(&channel);
+                s.channel_closed.notify_waiters();
             }
         }
         Ok(())

@@ -92,6 +92,8 @@ pub struct LiveSession {
     pub channels: Mutex<HashMap<ChannelId, ChanState>>,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Notified whenever the client closes a channel.
+    pub channel_closed: tokio::sync::Notify,
     kill: CancellationToken,
     reason: Mutex<Option<EndReason>>,
     finished: AtomicBool,
@@ -125,6 +127,7 @@ impl LiveSession {
             channels: Mutex::new(HashMap::new()),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            channel_closed: tokio::sync::Notify::new(),
             kill: CancellationToken::new(),
             reason: Mutex::new(None),
             finished: AtomicBool::new(false),
@@ -243,21 +246,32 @@ pub async fn supervise(gw: Arc<Gateway>, s: Arc<LiveSession>) {
     }
     let reason = s.reason().unwrap_or(EndReason::Shutdown);
     tracing::info!(session_id = %s.id, reason = reason.code(), "ending session");
-    if !matches!(reason, EndReason::ClientClosed) {
-        s.tell(&reason.message()).await;
-        for (id, _) in s.channel_list() {
-            let _ = s.client.exit_status_request(id, 255).await;
-            let _ = s.client.eof(id).await;
-            let _ = s.client.close(id).await;
-        }
-        let _ = s
-            .client
-            .disconnect(russh::Disconnect::ByApplication, reason.message(), "en".into())
-            .await;
-    }
+    // Cut the target off first: from here nothing the client sends reaches it.
     let _ = s
         .upstream
         .disconnect(russh::Disconnect::ByApplication, "breakglass session ended".into(), "en".into())
+        .await;
+    if matches!(reason, EndReason::ClientClosed) {
+        return;
+    }
+    s.tell(&reason.message()).await;
+    for (id, _) in s.channel_list() {
+        let _ = s.client.exit_status_request(id, 255).await;
+        let _ = s.client.eof(id).await;
+        let _ = s.client.close(id).await;
+    }
+    // OpenSSH drops output it has not written yet when a disconnect arrives, so give the
+    // client up to a second to close its channels (and print the reason) before
+    // disconnecting it. The target is already unreachable.
+    let grace = Instant::now() + Duration::from_secs(1);
+    while !s.channel_list().is_empty() {
+        if tokio::time::timeout_at(grace, s.channel_closed.notified()).await.is_err() {
+            break;
+        }
+    }
+    let _ = s
+        .client
+        .disconnect(russh::Disconnect::ByApplication, reason.message(), "en".into())
         .await;
 }
 

@@ -1,0 +1,416 @@
+//! End-to-end tests: real OpenSSH `sshd` as the target, real `ssh`/`scp`/`sftp` as clients,
+//! the real `asciinema` CLI replaying exports, all on 127.0.0.1.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+/// The recording metadata (session.json) of a finished session.
+fn session_meta(w: &World, session_id: &str) -> Value {
+    let s = w
+        .sessions()
+        .into_iter()
+        .find(|s| s["id"] == session_id)
+        .unwrap_or_else(|| panic!("session {session_id} is in the index"));
+    let path = w
+        .path("data/recordings")
+        .join(s["recording"].as_str().expect("recording prefix"))
+        .join("session.json");
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("session.json exists"))
+        .expect("session.json is JSON");
+    validate("session.schema.json", &meta);
+    meta
+}
+
+/// Every SIEM event written so far validates against the schema.
+fn validate_all_events(w: &World) {
+    let events = w.siem_events();
+    assert!(!events.is_empty(), "some SIEM events were written");
+    for e in &events {
+        validate("siem-event.schema.json", e);
+    }
+}
+
+fn last_session_id(w: &World) -> String {
+    let s = w.sessions();
+    s.first().expect("a session in the index")["id"]
+        .as_str()
+        .expect("id")
+        .to_string()
+}
+
+fn export(w: &World, session: &str) -> String {
+    let out = w.path(&format!("{session}.cast"));
+    w.cli_ok(&["export", session, "-o", out.to_str().expect("utf-8 path")]);
+    std::fs::read_to_string(out).expect("export written")
+}
+
+/// What Debian's asciinema CLI prints for a .cast file (it needs a tty, hence `script`).
+fn asciinema_cat(path: &std::path::Path) -> String {
+    require("asciinema", "asciinema");
+    let out = Command::new(require("script", "bsdutils"))
+        .args(["-qec", &format!("asciinema cat {}", path.display()), "/dev/null"])
+        .output()
+        .expect("run asciinema cat");
+    assert!(out.status.success(), "asciinema cat failed: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_relays_output_and_exit_status_and_is_recorded() {
+    let w = World::new();
+    let gw = InProcess::start(&w).await;
+    let grant = w.grant("alice", "30m");
+    let out = output(w.ssh("alice", "web-01", &[], &["echo out-$((40+2)); echo err-line >&2; exit 3"])).await;
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "out-42\n");
+    assert!(text(&out.stderr).contains("err-line"));
+    gw.stop().await;
+
+    let id = last_session_id(&w);
+    let meta = session_meta(&w, &id);
+    assert_eq!(meta["session"]["person"], "alice");
+    assert_eq!(meta["session"]["grant_id"], grant.as_str());
+    assert_eq!(meta["session"]["incident_id"], "INC-7");
+    let ch = &meta["channels"][0];
+    assert_eq!(ch["kind"]["command"], "echo out-$((40+2)); echo err-line >&2; exit 3");
+    assert_eq!(ch["exit_status"], 3);
+    assert_eq!(ch["format"], "raw");
+    let cast = export(&w, &id);
+    assert!(cast.contains("out-42"), "export holds the output: {cast}");
+    assert!(cast.contains("err-line"));
+
+    let events = w.siem_events();
+    let start = events.iter().find(|e| e["action"] == "session_start").expect("start event");
+    let end = events.iter().find(|e| e["action"] == "session_end").expect("end event");
+    assert_eq!(start["session_id"], id.as_str());
+    assert_eq!(start["justification"], "disk full on /var");
+    assert_eq!(end["reason"], "client_closed");
+    assert_eq!(end["chain_head"], meta["chain_head"]);
+    assert!(end["bytes_out"].as_u64().expect("bytes_out") >= 16);
+    validate_all_events(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interactive_shell_with_resize_replays_in_asciinema() {
+    let w = World::new();
+    let gw = InProcess::start(&w).await;
+    w.grant("alice", "30m");
+    let mut args = vec!["ssh".to_string()];
+    args.extend(w.ssh_args("alice"));
+    args.extend(["-tt".into(), "-p".into(), w.gw_port.to_string(), "web-01@127.0.0.1".into()]);
+    let steps = serde_json::json!([
+        {"expect": "[$#] $", "timeout": 15},
+        {"send": "export PS1='bg$ '\r"},
+        {"expect": "bg\\$ $"},
+        {"send": "echo bg-$((6*7))\r"},
+        {"expect": "bg-42"},
+        {"resize": [40, 100]},
+        {"send": "stty size\r"},
+        {"expect": "40 100"},
+        {"send": "echo typo\u{7f}\u{7f}\u{7f}\u{7f}fixed\r"},
+        {"expect": "fixed"},
+        {"send": "exit\r"},
+        {"wait_exit": 10}
+    ]);
+    let mut c = Command::new("python3");
+    c.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/pty_drive.py"))
+        .arg(steps.to_string())
+        .arg("--")
+        .args(&args);
+    let out = output(c).await;
+    let transcript = text(&out.stdout);
+    assert!(out.status.success(), "pty session failed: {transcript}\n{}", text(&out.stderr));
+    assert!(transcript.contains("[exit 0]"), "{transcript}");
+    gw.stop().await;
+
+    let id = last_session_id(&w);
+    let meta = session_meta(&w, &id);
+    let ch = &meta["channels"][0];
+    assert_eq!(ch["format"], "cast");
+    assert_eq!(ch["kind"]["type"], "shell");
+    let commands: Vec<&str> = ch["commands"]
+        .as_array()
+        .expect("commands")
+        .iter()
+        .map(|c| c["text"].as_str().expect("text"))
+        .collect();
+    assert!(commands.contains(&"echo bg-$((6*7))"), "{commands:?}");
+    assert!(commands.contains(&"stty size"), "{commands:?}");
+    assert!(commands.contains(&"echo fixed"), "line editing applied: {commands:?}");
+
+    let cast = export(&w, &id);
+    assert!(cast.contains("\"r\", \"100x40\"") || cast.contains("\"r\",\"100x40\""), "resize recorded");
+    assert!(cast.lines().any(|l| l.contains("\"i\"")), "keystrokes recorded");
+    let played = asciinema_cat(&w.path(&format!("{id}.cast")));
+    assert!(played.contains("bg-42"), "asciinema shows the output: {played}");
+    assert!(played.contains("echo bg-$((6*7))"), "asciinema shows the typed command");
+    validate_all_events(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denials_are_clear_and_on_the_record() {
+    let w = World::new();
+    let gw = InProcess::start(&w).await;
+
+    // No grant at all.
+    let out = output(w.ssh("alice", "web-01", &[], &["true"])).await;
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out.stderr).contains("has no break-glass grant"), "{}", text(&out.stderr));
+
+    // An expired grant.
+    w.grant("alice", "1s");
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = output(w.ssh("alice", "web-01", &[], &["true"])).await;
+    assert!(text(&out.stderr).contains("expired at"), "{}", text(&out.stderr));
+
+    // A revoked grant.
+    let g = w.grant("bob", "30m");
+    w.cli_ok(&["grant", "revoke", &g, "--reason", "incident closed"]);
+    let out = output(w.ssh("bob", "web-01", &[], &["true"])).await;
+    assert!(text(&out.stderr).contains("was revoked at"), "{}", text(&out.stderr));
+
+    // An unknown key.
+    let out = output(w.ssh("mallory", "web-01", &[], &["true"])).await;
+    assert_eq!(out.status.code(), Some(255));
+    assert!(text(&out.stderr).contains("is not registered to any person"), "{}", text(&out.stderr));
+
+    // An unknown target.
+    w.grant("alice", "30m");
+    let out = output(w.ssh("alice", "db-99", &[], &["true"])).await;
+    assert!(text(&out.stderr).contains("no target named `db-99`"), "{}", text(&out.stderr));
+
+    // Port forwarding (stdio forward opens a direct-tcpip channel at once).
+    let port = w.sshd.port.to_string();
+    let out = output(w.ssh("alice", "web-01", &["-W", &format!("127.0.0.1:{port}")], &[])).await;
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out.stderr).contains("prohibited"), "{}", text(&out.stderr));
+    // Remote forwarding.
+    let out = output(w.ssh("alice", "web-01", &["-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9"], &["true"])).await;
+    assert_ne!(out.status.code(), Some(0), "remote forwarding must fail");
+
+    let reasons: Vec<String> = w
+        .wait_event("the unknown-key denial", |e| e["reason"] == "unknown_key")
+        .as_object()
+        .map(|_| {
+            w.siem_events()
+                .iter()
+                .filter(|e| e["action"] == "session_denied" || e["action"] == "forwarding_refused")
+                .map(|e| e["reason"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    for want in ["no_grant", "grant_expired", "grant_revoked", "unknown_key", "unknown_target"] {
+        assert!(reasons.iter().any(|r| r == want), "denial {want} recorded: {reasons:?}");
+    }
+    assert!(reasons.iter().any(|r| r.starts_with("port_forwarding")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.starts_with("remote_port_forwarding")), "{reasons:?}");
+    gw.stop().await;
+    validate_all_events(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_key_mismatch_refuses_the_session() {
+    let w = World::with(Opts {
+        wrong_host_key: true,
+        ..Default::default()
+    });
+    let gw = InProcess::start(&w).await;
+    w.grant("alice", "30m");
+    let out = output(w.ssh("alice", "web-01", &[], &["echo should-not-run"])).await;
+    assert_ne!(out.status.code(), Some(0));
+    assert!(!text(&out.stdout).contains("should-not-run"));
+    assert!(text(&out.stderr).contains("possible man-in-the-middle"), "{}", text(&out.stderr));
+    let e = w.wait_event("host key denial", |e| e["reason"] == "host_key_mismatch");
+    assert_eq!(e["side"], "upstream");
+    gw.stop().await;
+    assert!(w.sessions().is_empty(), "no session was started");
+}
+
+/// Starts `ssh ... sleep 60` in the background and waits until the session is live.
+fn start_long_session(w: &World, extra: &[&str], cmd: &str) -> std::process::Child {
+    let child = w
+        .ssh("alice", "web-01", extra, &[cmd])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ssh");
+    w.wait_event("session start", |e| e["action"] == "session_start");
+    child
+}
+
+fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> (Option<i32>, String, String) {
+    let status = wait_for("ssh to exit", timeout, || child.try_wait().expect("try_wait"));
+    let mut out = String::new();
+    let mut err = String::new();
+    use std::io::Read;
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_string(&mut out);
+    }
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_string(&mut err);
+    }
+    (status.code(), out, err)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_grant_cuts_the_live_session_within_a_second() {
+    let w = World::new();
+    let gw = InProcess::start(&w).await;
+    let g = w.grant("alice", "30m");
+    let mut child = start_long_session(&w, &[], "echo started; sleep 60");
+    let revoke_done = {
+        w.cli_ok(&["grant", "revoke", &g, "--reason", "done"]);
+        Instant::now()
+    };
+    let (code, _out, err) = wait_exit(&mut child, Duration::from_secs(5));
+    let took = revoke_done.elapsed();
+    eprintln!("revocation cut the session {took:?} after `grant revoke` returned");
+    assert!(took <= Duration::from_millis(1000), "cut after {took:?}");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("revoked"), "the user is told why: {err}");
+    gw.stop().await;
+    let ev = w.wait_event("revoke event", |e| e["action"] == "session_revoked");
+    assert_eq!(ev["grant_id"], g.as_str());
+    let id = last_session_id(&w);
+    assert_eq!(session_meta(&w, &id)["end"]["end_reason"], "revoked");
+    validate_all_events(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_warns_then_cuts_the_session() {
+    let w = World::with(Opts {
+        extra_limits: "warn_before = [\"2s\"]".into(),
+        ..Default::default()
+    });
+    let gw = InProcess::start(&w).await;
+    w.grant("alice", "4s");
+    let started = Instant::now();
+    let mut child = start_long_session(&w, &["-tt"], "sleep 60");
+    let deadline = w.sessions()[0]["deadline"].as_str().expect("deadline").to_string();
+    let deadline = chrono::DateTime::parse_from_rfc3339(&deadline).expect("rfc3339");
+    let (code, out, _err) = wait_exit(&mut child, Duration::from_secs(10));
+    let late = chrono::Utc::now().signed_duration_since(deadline.with_timezone(&chrono::Utc));
+    eprintln!("session ended {late} after its deadline ({:?} after start)", started.elapsed());
+    assert!(late <= chrono::Duration::milliseconds(1000), "ended {late} after the deadline");
+    assert_ne!(code, Some(0));
+    assert!(out.contains("this session ends in 2s"), "warning shown: {out}");
+    assert!(out.contains("deadline was reached"), "reason shown: {out}");
+    gw.stop().await;
+    w.wait_event("expiry event", |e| e["action"] == "session_expired");
+    let id = last_session_id(&w);
+    let meta = session_meta(&w, &id);
+    assert_eq!(meta["end"]["end_reason"], "deadline");
+    let cast = export(&w, &id);
+    assert!(cast.contains("\"m\""), "warning recorded as a marker");
+    validate_all_events(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_at_most_the_last_second() {
+    let w = World::new();
+    let mut gw = Process::start(&w);
+    w.grant("alice", "30m");
+    let mut child = w
+        .ssh("alice", "web-01", &[], &["for i in $(seq 1 400); do echo line-$i; sleep 0.02; done; sleep 60"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ssh");
+    // Read lines as they arrive, with their arrival times.
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, String)>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send((Instant::now(), line));
+        }
+    });
+    let mut seen = Vec::new();
+    while let Ok((t, l)) = rx.recv_timeout(Duration::from_secs(15)) {
+        seen.push((t, l));
+        if seen.len() >= 150 {
+            break;
+        }
+    }
+    assert!(seen.len() >= 150, "output flowed");
+    let killed_at = Instant::now();
+    gw.kill9();
+    let _ = child.kill();
+    let _ = child.wait();
+    let must_have: Vec<&String> = seen
+        .iter()
+        .filter(|(t, _)| *t + Duration::from_secs(1) <= killed_at)
+        .map(|(_, l)| l)
+        .collect();
+    assert!(!must_have.is_empty(), "some lines were older than a second");
+
+    // The recording exports without the gateway having sealed it.
+    let id = last_session_id(&w);
+    let cast = export(&w, &id);
+    for l in &must_have {
+        assert!(cast.contains(&format!("{l}\\n")), "{l} (seen over 1 s before the kill) is in the export");
+    }
+    // A restart closes the session left open.
+    let _gw2 = Process::start(&w);
+    let ev = w.wait_event("crash recovery event", |e| e["reason"] == "gateway_crashed");
+    assert_eq!(ev["session_id"], id.as_str());
+    let row = w.sessions().into_iter().find(|s| s["id"] == id.as_str()).expect("row");
+    assert_eq!(row["end_reason"], "gateway_crashed");
+    validate_all_events(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_failure_refuses_new_sessions_and_ends_live_ones() {
+    let w = World::new();
+    let gw = InProcess::start(&w).await;
+    w.grant("alice", "30m");
+
+    // A live session whose recording directory disappears and is replaced by a file.
+    let mut child = start_long_session(&w, &[], "while true; do echo tick; sleep 0.05; done");
+    let prefix = w.sessions()[0]["recording"].as_str().expect("prefix").to_string();
+    let dir = w.path("data/recordings").join(&prefix);
+    std::fs::remove_dir_all(&dir).expect("remove session dir");
+    std::fs::write(&dir, b"blocked").expect("block the path");
+    let (code, _out, err) = wait_exit(&mut child, Duration::from_secs(10));
+    assert_ne!(code, Some(0));
+    assert!(err.contains("recording failed"), "the user is told why: {err}");
+    let ev = w.wait_event("end event", |e| e["action"] == "session_end");
+    assert_eq!(ev["outcome"], "failure");
+    assert_eq!(ev["reason"], "recording_failed");
+
+    // New sessions are refused while the store is unusable.
+    let sessions_dir = w.path("data/recordings/sessions");
+    std::fs::remove_dir_all(&sessions_dir).expect("remove store dir");
+    std::fs::write(&sessions_dir, b"blocked").expect("block the store");
+    let out = output(w.ssh("alice", "web-01", &[], &["echo should-not-run"])).await;
+    assert!(!text(&out.stdout).contains("should-not-run"));
+    assert!(text(&out.stderr).contains("never run unrecorded"), "{}", text(&out.stderr));
+    w.wait_event("recording denial", |e| e["reason"] == "recording_unavailable");
+    gw.stop().await;
+}
+
+#[test]
+fn check_config_names_the_bad_key() {
+    let w = World::new();
+    let out = w.cli(&["check-config", w.config_path.to_str().expect("path")]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).contains("reachable"), "{}", text(&out.stdout));
+
+    let bad = std::fs::read_to_string(&w.config_path)
+        .expect("config")
+        .replace("max_session_ttl = \"1h\"", "max_session_ttl = \"forever\"");
+    let bad_path = w.path("bad.toml");
+    std::fs::write(&bad_path, bad).expect("write");
+    let out = w.cli(&["check-config", bad_path.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("limits.max_session_ttl"), "{}", text(&out.stderr));
+
+    // The example config in config/ is valid as it stands.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/breakglass.toml");
+    let out = w.cli(&["check-config", "--offline", example]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

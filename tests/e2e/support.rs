@@ -1,0 +1,384 @@
+//! Test helpers: a real OpenSSH sshd target, the gateway (in-process or as a process), real
+//! `ssh`/`scp`/`sftp` clients, and waits with deadlines. Everything listens on 127.0.0.1 with a
+//! free port and lives in a temp dir; servers are killed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use breakglass::config::Config;
+use breakglass::keys::GatewayKeys;
+
+/// Fails loudly (never skips) when a program the tests need is missing.
+pub fn require(program: &str, package: &str) -> PathBuf {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/sbin", "/bin"] {
+        let p = Path::new(dir).join(program);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("`{program}` is missing: install the Debian package `{package}` (tests/run.sh installs it)");
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Polls `f` until it returns Some or the deadline passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn wait_port(port: u16) {
+    wait_for(&format!("port {port} to accept"), Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+}
+
+fn keygen(path: &Path) {
+    let st = Command::new(require("ssh-keygen", "openssh-client"))
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"])
+        .arg(path)
+        .status()
+        .expect("run ssh-keygen");
+    assert!(st.success(), "ssh-keygen failed");
+}
+
+/// The user name the tests run as; sshd (possibly unprivileged) logs in as this account.
+pub fn current_user() -> String {
+    let out = Command::new("id").arg("-un").output().expect("run id -un");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A world: temp dir, people's keys, the gateway's data dir and an sshd target.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub sshd: Sshd,
+    pub gw_port: u16,
+    pub config_path: PathBuf,
+}
+
+/// A real OpenSSH sshd that trusts the gateway's user CA.
+pub struct Sshd {
+    pub port: u16,
+    child: Child,
+    pub host_pub: PathBuf,
+    #[allow(dead_code)] // Kept so a failing test can be debugged from the temp dir.
+    pub log: PathBuf,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Sshd {
+    fn start(dir: &Path, ca_pub: &Path) -> Sshd {
+        let sshd = require("sshd", "openssh-server");
+        std::fs::create_dir_all("/run/sshd").ok();
+        let host = dir.join("target_host_key");
+        keygen(&host);
+        let port = free_port();
+        let conf = dir.join("sshd_config");
+        std::fs::write(
+            &conf,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nTrustedUserCAKeys {ca}\n\
+                 AuthorizedKeysFile {ak}\nPidFile {pid}\nStrictModes no\nUsePAM no\n\
+                 PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n\
+                 PrintMotd no\nPrintLastLog no\nAcceptEnv LANG LC_*\n",
+                host = host.display(),
+                ca = ca_pub.display(),
+                ak = dir.join("authorized_keys").display(),
+                pid = dir.join("sshd.pid").display(),
+            ),
+        )
+        .expect("write sshd_config");
+        let log = dir.join("sshd.log");
+        let child = Command::new(sshd)
+            .args(["-D", "-e", "-f"])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("sshd log"))
+            .spawn()
+            .expect("start sshd");
+        wait_port(port);
+        Sshd {
+            port,
+            child,
+            host_pub: host.with_extension("pub"),
+            log,
+        }
+    }
+}
+
+/// Options for a world's config.
+pub struct Opts {
+    pub extra_limits: String,
+    /// Pin this host key file instead of the target's real one.
+    pub wrong_host_key: bool,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            extra_limits: String::new(),
+            wrong_host_key: false,
+        }
+    }
+}
+
+impl World {
+    pub fn new() -> World {
+        World::with(Opts::default())
+    }
+
+    pub fn with(opts: Opts) -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        // Generate the gateway's keys first so sshd can trust the CA from its first start.
+        let keys = GatewayKeys::load_or_create(&data).expect("gateway keys");
+        let ca_pub = dir.path().join("gateway_ca.pub");
+        std::fs::write(&ca_pub, breakglass::keys::openssh_line(keys.user_ca.public_key())).expect("write ca");
+        for who in ["alice", "bob", "mallory"] {
+            keygen(&dir.path().join(who));
+        }
+        let sshd = Sshd::start(dir.path(), &ca_pub);
+        let pinned = if opts.wrong_host_key {
+            let other = dir.path().join("other_host_key");
+            keygen(&other);
+            other.with_extension("pub")
+        } else {
+            sshd.host_pub.clone()
+        };
+        let gw_port = free_port();
+        let config_path = dir.path().join("breakglass.toml");
+        let d = dir.path().display();
+        std::fs::write(
+            &config_path,
+            format!(
+                r#"data_dir = "{d}/data"
+[listeners]
+ssh = "127.0.0.1:{gw_port}"
+
+[[people]]
+name = "alice"
+ssh_key_files = ["{d}/alice.pub"]
+roles = ["engineer"]
+
+[[people]]
+name = "bob"
+ssh_key_files = ["{d}/bob.pub"]
+roles = ["engineer"]
+
+[[targets]]
+name = "web-01"
+address = "127.0.0.1:{port}"
+host_key_file = "{pinned}"
+login = "{user}"
+
+[limits]
+max_session_ttl = "1h"
+{extra}
+"#,
+                port = sshd.port,
+                pinned = pinned.display(),
+                user = current_user(),
+                extra = opts.extra_limits,
+            ),
+        )
+        .expect("write config");
+        World {
+            dir,
+            sshd,
+            gw_port,
+            config_path,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn config(&self) -> Config {
+        Config::load(&self.config_path).expect("test config is valid")
+    }
+
+    /// Runs the `breakglass` binary with this world's config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let out = Command::new(env!("CARGO_BIN_EXE_breakglass"))
+            .args(args)
+            .env("BREAKGLASS_CONFIG", &self.config_path)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run breakglass");
+        out
+    }
+
+    /// Runs a CLI command that must succeed; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "breakglass {args:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Adds a grant through the operator CLI; returns its id.
+    pub fn grant(&self, person: &str, duration: &str) -> String {
+        self.cli_ok(&[
+            "grant", "add", "--person", person, "--target", "web-01", "--for", duration, "--reason",
+            "disk full on /var", "--incident", "INC-7",
+        ])
+        .trim()
+        .to_string()
+    }
+
+    /// Base `ssh` arguments as `person` against the gateway.
+    pub fn ssh_args(&self, person: &str) -> Vec<String> {
+        vec![
+            "-F".into(),
+            "/dev/null".into(),
+            "-i".into(),
+            self.path(person).display().to_string(),
+            "-o".into(),
+            "IdentitiesOnly=yes".into(),
+            "-o".into(),
+            "StrictHostKeyChecking=no".into(),
+            "-o".into(),
+            format!("UserKnownHostsFile={}", self.path("known_hosts").display()),
+            "-o".into(),
+            "ConnectTimeout=10".into(),
+        ]
+    }
+
+    /// `ssh -p PORT [extra] LOGIN@127.0.0.1 [command...]`.
+    pub fn ssh(&self, person: &str, login: &str, extra: &[&str], command: &[&str]) -> Command {
+        let mut c = Command::new(require("ssh", "openssh-client"));
+        c.args(self.ssh_args(person))
+            .arg("-p")
+            .arg(self.gw_port.to_string())
+            .args(extra)
+            .arg(format!("{login}@127.0.0.1"))
+            .args(command)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Lines of the SIEM file parsed as JSON.
+    pub fn siem_events(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.path("data/siem.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("every SIEM line is JSON"))
+            .collect()
+    }
+
+    /// Waits for a SIEM event matching `pred`.
+    pub fn wait_event(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        wait_for(what, Duration::from_secs(15), || self.siem_events().into_iter().find(|e| pred(e)))
+    }
+
+    /// The session list as JSON.
+    pub fn sessions(&self) -> Vec<serde_json::Value> {
+        let out = self.cli_ok(&["sessions", "list", "--format", "json"]);
+        serde_json::from_str(&out).expect("sessions list --format json is JSON")
+    }
+}
+
+/// The gateway running in this process through the library's `start`.
+pub struct InProcess {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl InProcess {
+    pub async fn start(world: &World) -> InProcess {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (_bound, serve) = breakglass::server::start(world.config(), async move {
+            let _ = rx.await;
+        })
+        .await
+        .expect("gateway starts");
+        let task = tokio::spawn(serve);
+        InProcess {
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Graceful shutdown: waits until every session is sealed.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// The gateway as a separate process (for kill -9).
+pub struct Process {
+    pub child: Child,
+}
+
+impl Process {
+    pub fn start(world: &World) -> Process {
+        let child = Command::new(env!("CARGO_BIN_EXE_breakglass"))
+            .args(["serve", "--config"])
+            .arg(&world.config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(world.path("gateway.log")).expect("log"))
+            .spawn()
+            .expect("start gateway");
+        wait_port(world.gw_port);
+        Process { child }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs a blocking command off the async runtime.
+pub async fn output(mut c: Command) -> Output {
+    tokio::task::spawn_blocking(move || c.output().expect("run command"))
+        .await
+        .expect("join")
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Validates `instance` against a schema in recordings-schema/.
+pub fn validate(schema_file: &str, instance: &serde_json::Value) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("recordings-schema").join(schema_file);
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read schema")).expect("schema is JSON");
+    let v = jsonschema::validator_for(&schema).expect("schema compiles");
+    let errors: Vec<String> = v.iter_errors(instance).map(|e| format!("{e} at {}", e.instance_path())).collect();
+    assert!(errors.is_empty(), "{schema_file} rejects {instance}: {errors:?}");
+}
