@@ -23,4 +23,4 @@ if [ ! -d /run/sshd ]; then
   if [ "$(id -u)" -eq 0 ]; then mkdir -p /run/sshd; else sudo mkdir -p /run/sshd; fi
 fi
 
-cargo test --all-targets "$@"
+cargo test "$@"

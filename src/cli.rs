@@ -40,14 +40,26 @@ enum Command {
     },
     /// Operator grants (bootstrap; requests and approvals come later).
     Grant {
-        #[arg(long, short, env = "BREAKGLASS_CONFIG", global = true, default_value = "config/breakglass.toml")]
+        #[arg(
+            long,
+            short,
+            env = "BREAKGLASS_CONFIG",
+            global = true,
+            default_value = "config/breakglass.toml"
+        )]
         config: PathBuf,
         #[command(subcommand)]
         cmd: GrantCmd,
     },
     /// The session index.
     Sessions {
-        #[arg(long, short, env = "BREAKGLASS_CONFIG", global = true, default_value = "config/breakglass.toml")]
+        #[arg(
+            long,
+            short,
+            env = "BREAKGLASS_CONFIG",
+            global = true,
+            default_value = "config/breakglass.toml"
+        )]
         config: PathBuf,
         #[command(subcommand)]
         cmd: SessionsCmd,
@@ -55,7 +67,12 @@ enum Command {
     /// Play a recorded channel in this terminal.
     Replay {
         session: String,
-        #[arg(long, short, env = "BREAKGLASS_CONFIG", default_value = "config/breakglass.toml")]
+        #[arg(
+            long,
+            short,
+            env = "BREAKGLASS_CONFIG",
+            default_value = "config/breakglass.toml"
+        )]
         config: PathBuf,
         /// Channel number; default: the first with a pty.
         #[arg(long)]
@@ -70,7 +87,12 @@ enum Command {
     /// Write a recorded channel as one asciicast v2 file.
     Export {
         session: String,
-        #[arg(long, short, env = "BREAKGLASS_CONFIG", default_value = "config/breakglass.toml")]
+        #[arg(
+            long,
+            short,
+            env = "BREAKGLASS_CONFIG",
+            default_value = "config/breakglass.toml"
+        )]
         config: PathBuf,
         #[arg(short, long)]
         output: PathBuf,
@@ -79,7 +101,13 @@ enum Command {
     },
     /// The gateway's public keys.
     Keys {
-        #[arg(long, short, env = "BREAKGLASS_CONFIG", global = true, default_value = "config/breakglass.toml")]
+        #[arg(
+            long,
+            short,
+            env = "BREAKGLASS_CONFIG",
+            global = true,
+            default_value = "config/breakglass.toml"
+        )]
         config: PathBuf,
         #[command(subcommand)]
         cmd: KeysCmd,
@@ -273,15 +301,27 @@ async fn check_config(file: &Path, offline: bool) -> Result<ExitCode> {
     );
     check(
         format!("state store {}", cfg.state_path().display()),
-        SqliteStore::open(&cfg.state_path()).map(|_| String::new()).map_err(Into::into),
+        SqliteStore::open(&cfg.state_path())
+            .map(|_| String::new())
+            .map_err(Into::into),
     );
     for t in cfg.targets.values() {
         let addr = t.address.clone();
-        let res = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(&addr)).await;
+        let res = tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::net::TcpStream::connect(&addr),
+        )
+        .await;
         match res {
             Ok(Ok(_)) => println!("  ok    target {} reachable at {addr}", t.name),
-            Ok(Err(e)) => warnings.push(format!("target {} ({addr}) is not reachable now: {e}", t.name)),
-            Err(_) => warnings.push(format!("target {} ({addr}) did not answer within 3s", t.name)),
+            Ok(Err(e)) => warnings.push(format!(
+                "target {} ({addr}) is not reachable now: {e}",
+                t.name
+            )),
+            Err(_) => warnings.push(format!(
+                "target {} ({addr}) did not answer within 3s",
+                t.name
+            )),
         }
     }
     for w in &warnings {
@@ -335,7 +375,8 @@ async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
                 bail!("--reason and --incident must not be empty");
             }
             let ttl = match duration {
-                Some(d) => humantime::parse_duration(&d).with_context(|| format!("--for `{d}` is not a duration like 30m"))?,
+                Some(d) => humantime::parse_duration(&d)
+                    .with_context(|| format!("--for `{d}` is not a duration like 30m"))?,
                 None => cfg.limits.default_grant_ttl,
             };
             if ttl.is_zero() || ttl > cfg.limits.max_grant_ttl {
@@ -364,7 +405,10 @@ async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
             e.justification = Some(g.reason.clone());
             e.incident_id = Some(g.incident_id.clone());
             e.deadline = Some(clock::rfc3339(g.expires_at));
-            e.message = Some(format!("{} granted {} access to {}", g.created_by, g.person, g.target));
+            e.message = Some(format!(
+                "{} granted {} access to {}",
+                g.created_by, g.person, g.target
+            ));
             siem.emit(&e).await?;
             println!("{}", g.id);
             eprintln!(
@@ -377,7 +421,9 @@ async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
         }
         GrantCmd::List { all, format } => {
             let now = clock::now();
-            let grants = store.list_grants(if all { None } else { Some(now) }).await?;
+            let grants = store
+                .list_grants(if all { None } else { Some(now) })
+                .await?;
             let rows: Vec<Vec<String>> = grants
                 .iter()
                 .map(|g| {
@@ -394,7 +440,15 @@ async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
                 .collect();
             print_rows(
                 format,
-                &["id", "person", "target", "state", "expires_at", "incident_id", "reason"],
+                &[
+                    "id",
+                    "person",
+                    "target",
+                    "state",
+                    "expires_at",
+                    "incident_id",
+                    "reason",
+                ],
                 &rows,
             )?;
             Ok(ExitCode::SUCCESS)
@@ -410,9 +464,15 @@ async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
             e.justification = Some(g.reason.clone());
             e.incident_id = Some(g.incident_id.clone());
             e.reason = Some(reason);
-            e.message = Some(format!("{by} revoked grant {} of {} on {}", g.id, g.person, g.target));
+            e.message = Some(format!(
+                "{by} revoked grant {} of {} on {}",
+                g.id, g.person, g.target
+            ));
             siem.emit(&e).await?;
-            println!("revoked {} ({} on {}); live sessions end within a second", g.id, g.person, g.target);
+            println!(
+                "revoked {} ({} on {}); live sessions end within a second",
+                g.id, g.person, g.target
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -424,11 +484,14 @@ fn parse_when(s: &str) -> Result<DateTime<Utc>> {
         return Ok(t.with_timezone(&Utc));
     }
     if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        let t = d.and_hms_opt(0, 0, 0).ok_or_else(|| anyhow!("bad date `{s}`"))?;
+        let t = d
+            .and_hms_opt(0, 0, 0)
+            .ok_or_else(|| anyhow!("bad date `{s}`"))?;
         return Ok(t.and_utc());
     }
-    let age = humantime::parse_duration(s)
-        .map_err(|_| anyhow!("`{s}` is not an RFC 3339 time, a YYYY-MM-DD date or an age like 2h or 7d"))?;
+    let age = humantime::parse_duration(s).map_err(|_| {
+        anyhow!("`{s}` is not an RFC 3339 time, a YYYY-MM-DD date or an age like 2h or 7d")
+    })?;
     Ok(clock::now() - chrono::Duration::from_std(age)?)
 }
 
@@ -479,7 +542,9 @@ async fn sessions(config: &Path, cmd: SessionsCmd) -> Result<ExitCode> {
                         s.person.clone(),
                         s.target.clone(),
                         clock::rfc3339(s.started_at),
-                        s.ended_at.map(clock::rfc3339).unwrap_or_else(|| "live".into()),
+                        s.ended_at
+                            .map(clock::rfc3339)
+                            .unwrap_or_else(|| "live".into()),
                         s.end_reason.clone().unwrap_or_default(),
                         s.bytes_in.to_string(),
                         s.bytes_out.to_string(),
@@ -488,7 +553,17 @@ async fn sessions(config: &Path, cmd: SessionsCmd) -> Result<ExitCode> {
                 .collect();
             print_rows(
                 format,
-                &["id", "protocol", "person", "target", "started_at", "ended_at", "end_reason", "bytes_in", "bytes_out"],
+                &[
+                    "id",
+                    "protocol",
+                    "person",
+                    "target",
+                    "started_at",
+                    "ended_at",
+                    "end_reason",
+                    "bytes_in",
+                    "bytes_out",
+                ],
                 &table,
             )?;
             Ok(ExitCode::SUCCESS)
@@ -510,7 +585,11 @@ fn print_rows(format: Format, headers: &[&str], rows: &[Vec<String>]) -> Result<
         Format::Csv => {
             writeln!(out, "{}", headers.join(","))?;
             for r in rows {
-                writeln!(out, "{}", r.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","))?;
+                writeln!(
+                    out,
+                    "{}",
+                    r.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(",")
+                )?;
             }
         }
         Format::Json => {
@@ -545,7 +624,11 @@ fn print_rows(format: Format, headers: &[&str], rows: &[Vec<String>]) -> Result<
                     .trim_end()
                     .to_string()
             };
-            writeln!(out, "{}", line(headers.iter().map(|h| h.to_uppercase()).collect()))?;
+            writeln!(
+                out,
+                "{}",
+                line(headers.iter().map(|h| h.to_uppercase()).collect())
+            )?;
             for r in rows {
                 writeln!(out, "{}", line(r.clone()))?;
             }
@@ -560,28 +643,40 @@ fn print_rows(format: Format, headers: &[&str], rows: &[Vec<String>]) -> Result<
 async fn load_recording(config: &Path, session: &str) -> Result<(String, export::Loaded)> {
     let cfg = Config::load(config)?;
     let store = open_state(&cfg)?;
-    let row = store
-        .find_session(session)
-        .await?
-        .ok_or_else(|| anyhow!("no session matches `{session}` (see `breakglass sessions list`)"))?;
+    let row = store.find_session(session).await?.ok_or_else(|| {
+        anyhow!("no session matches `{session}` (see `breakglass sessions list`)")
+    })?;
     let rec = RecordingStore::local(&cfg.storage_dir)?;
     let loaded = export::load(&rec, &row.recording_prefix).await?;
     Ok((row.id, loaded))
 }
 
-async fn replay(config: &Path, session: &str, channel: Option<u32>, speed: f64, idle: Option<f64>) -> Result<ExitCode> {
+async fn replay(
+    config: &Path,
+    session: &str,
+    channel: Option<u32>,
+    speed: f64,
+    idle: Option<f64>,
+) -> Result<ExitCode> {
     let (id, loaded) = load_recording(config, session).await?;
     let (ch, data) = loaded.pick(channel)?;
     let cast = export::to_asciicast(ch, data)?;
     let (_, events) = asciicast::parse(&cast)?;
     eprintln!("replaying session {id} channel {ch} at {speed}x (Ctrl-C to stop)");
     let mut out = std::io::stdout().lock();
-    asciicast::replay(&events, &mut out, speed, idle, &mut |d| std::thread::sleep(d))?;
+    asciicast::replay(&events, &mut out, speed, idle, &mut |d| {
+        std::thread::sleep(d)
+    })?;
     writeln!(out)?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn export_cmd(config: &Path, session: &str, output: &Path, channel: Option<u32>) -> Result<ExitCode> {
+async fn export_cmd(
+    config: &Path,
+    session: &str,
+    output: &Path,
+    channel: Option<u32>,
+) -> Result<ExitCode> {
     let (id, loaded) = load_recording(config, session).await?;
     let (ch, data) = loaded.pick(channel)?;
     let cast = export::to_asciicast(ch, data)?;
@@ -596,7 +691,11 @@ async fn export_cmd(config: &Path, session: &str, output: &Path, channel: Option
     eprintln!(
         "exported session {id} channel {ch} ({} chunks{}) to {}",
         data.chunks,
-        if loaded.meta.is_none() { ", session not sealed" } else { "" },
+        if loaded.meta.is_none() {
+            ", session not sealed"
+        } else {
+            ""
+        },
         output.display()
     );
     Ok(ExitCode::SUCCESS)

@@ -262,7 +262,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let ssh_listen: SocketAddr = raw.listeners.ssh.parse().map_err(|e| {
         invalid(
             "listeners.ssh",
-            format!("`{}` is not an address like 127.0.0.1:2222: {e}", raw.listeners.ssh),
+            format!(
+                "`{}` is not an address like 127.0.0.1:2222: {e}",
+                raw.listeners.ssh
+            ),
         )
     })?;
 
@@ -279,7 +282,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         if p.ssh_keys.is_empty() && p.ssh_key_files.is_empty() {
             return Err(invalid(
                 format!("{base}.ssh_keys"),
-                format!("person `{}` has no SSH key, so they could never log in", p.name),
+                format!(
+                    "person `{}` has no SSH key, so they could never log in",
+                    p.name
+                ),
             ));
         }
         let mut keys = Vec::new();
@@ -290,7 +296,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             if let Some(other) = seen_keys.insert(fp.clone(), p.name.clone()) {
                 return Err(invalid(
                     key,
-                    format!("key {fp} is already the key of `{other}`; a key must identify one person"),
+                    format!(
+                        "key {fp} is already the key of `{other}`; a key must identify one person"
+                    ),
                 ));
             }
             keys.push(pk);
@@ -318,14 +326,22 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 format!("`{}` must be 1-64 letters, digits, '.', '_' or '-'", t.name),
             ));
         }
-        if !t.address.contains(':') || t.address.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).is_none() {
+        if !t.address.contains(':')
+            || t.address
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+                .is_none()
+        {
             return Err(invalid(
                 format!("{base}.address"),
                 format!("`{}` must be host:port", t.address),
             ));
         }
         let host_key = match (t.host_key, t.host_key_file) {
-            (Some(k), None) => HostKeySource::Inline(parse_pubkey(&format!("{base}.host_key"), &k)?),
+            (Some(k), None) => {
+                HostKeySource::Inline(parse_pubkey(&format!("{base}.host_key"), &k)?)
+            }
             (None, Some(f)) => HostKeySource::File(expand_home(&f)),
             (Some(_), Some(_)) => {
                 return Err(invalid(
@@ -341,7 +357,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             }
         };
         if t.login.is_empty() {
-            return Err(invalid(format!("{base}.login"), "must name the break-glass account"));
+            return Err(invalid(
+                format!("{base}.login"),
+                "must name the break-glass account",
+            ));
         }
         let auth = match (t.auth.as_str(), t.key_file) {
             ("certificate", None) => UpstreamAuth::Certificate,
@@ -373,7 +392,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             auth,
         };
         if targets.insert(t.name.clone(), target).is_some() {
-            return Err(invalid(format!("{base}.name"), format!("`{}` appears twice", t.name)));
+            return Err(invalid(
+                format!("{base}.name"),
+                format!("`{}` appears twice", t.name),
+            ));
         }
     }
 
@@ -514,7 +536,10 @@ impl Config {
                 }
                 let text = std::fs::read_to_string(f)
                     .map_err(|e| invalid(&key, format!("cannot read {}: {e}", f.display())))?;
-                for line in text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+                for line in text
+                    .lines()
+                    .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+                {
                     all.push(parse_pubkey(&key, line)?);
                 }
             }
@@ -552,8 +577,12 @@ impl Config {
             host_keys.insert(t.name.clone(), pk);
             if let UpstreamAuth::Key(f) = &t.auth {
                 let key = format!("targets.{}.key_file", t.name);
-                russh::keys::PrivateKey::read_openssh_file(f)
-                    .map_err(|e| invalid(&key, format!("cannot load private key {}: {e}", f.display())))?;
+                russh::keys::PrivateKey::read_openssh_file(f).map_err(|e| {
+                    invalid(
+                        &key,
+                        format!("cannot load private key {}: {e}", f.display()),
+                    )
+                })?;
             }
         }
         Ok(Built {
@@ -565,10 +594,13 @@ impl Config {
 
     /// Whether a client-supplied environment variable may be passed upstream.
     pub fn env_allowed(&self, name: &str) -> bool {
-        self.limits.env_allow.iter().any(|pat| match pat.strip_suffix('*') {
-            Some(prefix) => name.starts_with(prefix),
-            None => pat == name,
-        })
+        self.limits
+            .env_allow
+            .iter()
+            .any(|pat| match pat.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => pat == name,
+            })
     }
 }
 
@@ -576,7 +608,8 @@ impl Config {
 mod tests {
     use super::*;
 
-    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGb7mZ1Bq0Ckq8xN3sKZ0x0pXqk8iJ9C1m3xNnXo9b7c alice";
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGb7mZ1Bq0Ckq8xN3sKZ0x0pXqk8iJ9C1m3xNnXo9b7c alice";
 
     fn base() -> String {
         format!(
@@ -600,7 +633,10 @@ login = "root"
     fn valid_config_has_defaults() {
         let c = Config::from_toml(&base()).expect("base config is valid");
         assert_eq!(c.limits.default_grant_ttl, Duration::from_secs(4 * 3600));
-        assert_eq!(c.limits.warn_before, vec![Duration::from_secs(300), Duration::from_secs(60)]);
+        assert_eq!(
+            c.limits.warn_before,
+            vec![Duration::from_secs(300), Duration::from_secs(60)]
+        );
         assert_eq!(c.targets["web-01"].auth, UpstreamAuth::Certificate);
         assert_eq!(c.storage_dir, PathBuf::from("/tmp/bg/recordings"));
     }
@@ -608,13 +644,37 @@ login = "root"
     #[test]
     fn errors_name_the_key() {
         let cases: &[(&str, &str, &str)] = &[
-            ("ssh = \"127.0.0.1:2222\"", "ssh = \"nope\"", "listeners.ssh"),
+            (
+                "ssh = \"127.0.0.1:2222\"",
+                "ssh = \"nope\"",
+                "listeners.ssh",
+            ),
             ("name = \"web-01\"", "name = \"web 01\"", "targets[0].name"),
-            ("address = \"127.0.0.1:22\"", "address = \"host\"", "targets[0].address"),
-            ("login = \"root\"", "login = \"root\"\nauth = \"magic\"", "targets[0].auth"),
-            ("login = \"root\"", "login = \"root\"\nauth = \"key\"", "targets[0].key_file"),
-            ("[[targets]]", "[limits]\nmax_session_ttl = \"soon\"\n[[targets]]", "limits.max_session_ttl"),
-            ("[[targets]]", "[limits]\nflush_interval = \"5s\"\n[[targets]]", "limits.flush_interval"),
+            (
+                "address = \"127.0.0.1:22\"",
+                "address = \"host\"",
+                "targets[0].address",
+            ),
+            (
+                "login = \"root\"",
+                "login = \"root\"\nauth = \"magic\"",
+                "targets[0].auth",
+            ),
+            (
+                "login = \"root\"",
+                "login = \"root\"\nauth = \"key\"",
+                "targets[0].key_file",
+            ),
+            (
+                "[[targets]]",
+                "[limits]\nmax_session_ttl = \"soon\"\n[[targets]]",
+                "limits.max_session_ttl",
+            ),
+            (
+                "[[targets]]",
+                "[limits]\nflush_interval = \"5s\"\n[[targets]]",
+                "limits.flush_interval",
+            ),
         ];
         for (from, to, key) in cases {
             let text = base().replacen(from, to, 1);
@@ -626,7 +686,9 @@ login = "root"
     #[test]
     fn unknown_keys_are_refused() {
         let text = base().replace("login = \"root\"", "login = \"root\"\npassword = \"x\"");
-        let err = Config::from_toml(&text).expect_err("unknown key").to_string();
+        let err = Config::from_toml(&text)
+            .expect_err("unknown key")
+            .to_string();
         assert!(err.contains("password"), "{err}");
     }
 

@@ -7,15 +7,39 @@ use crate::state::{Grant, GrantState};
 /// Why a session was refused. The text is shown to the client and goes in the SIEM event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denial {
-    UnknownKey { fingerprint: String },
-    UnknownTarget { target: String },
-    NoGrant { person: String, target: String },
-    Expired { grant_id: String, at: DateTime<Utc> },
-    Revoked { grant_id: String, at: DateTime<Utc> },
-    HostKeyMismatch { target: String, expected: String, got: String },
-    Upstream { target: String, why: String },
-    RecordingUnavailable { why: String },
-    Internal { why: String },
+    UnknownKey {
+        fingerprint: String,
+    },
+    UnknownTarget {
+        target: String,
+    },
+    NoGrant {
+        person: String,
+        target: String,
+    },
+    Expired {
+        grant_id: String,
+        at: DateTime<Utc>,
+    },
+    Revoked {
+        grant_id: String,
+        at: DateTime<Utc>,
+    },
+    HostKeyMismatch {
+        target: String,
+        expected: String,
+        got: String,
+    },
+    Upstream {
+        target: String,
+        why: String,
+    },
+    RecordingUnavailable {
+        why: String,
+    },
+    Internal {
+        why: String,
+    },
 }
 
 impl Denial {
@@ -116,7 +140,11 @@ pub fn admit(
 
 /// The one absolute deadline of a session: min(grant expiry, start + max session TTL).
 /// Revocation later moves it to "now".
-pub fn deadline(grant: &Grant, started: DateTime<Utc>, max_ttl: std::time::Duration) -> DateTime<Utc> {
+pub fn deadline(
+    grant: &Grant,
+    started: DateTime<Utc>,
+    max_ttl: std::time::Duration,
+) -> DateTime<Utc> {
     let cap = chrono::Duration::from_std(max_ttl)
         .ok()
         .and_then(|d| started.checked_add_signed(d))
@@ -168,7 +196,10 @@ mod tests {
     fn deadline_is_the_earlier_of_grant_and_ttl() {
         let now = Utc::now();
         let g = grant(now, 30, false);
-        assert_eq!(deadline(&g, now, std::time::Duration::from_secs(3600)), g.expires_at);
+        assert_eq!(
+            deadline(&g, now, std::time::Duration::from_secs(3600)),
+            g.expires_at
+        );
         assert_eq!(
             deadline(&g, now, std::time::Duration::from_secs(60)),
             now + Duration::seconds(60)

@@ -45,10 +45,16 @@ pub fn load_or_create(path: &Path, comment: &str) -> Result<PrivateKey, KeyError
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| werr(e.to_string()))?;
     }
-    let pem = key.to_openssh(LineEnding::LF).map_err(|e| werr(e.to_string()))?;
+    let pem = key
+        .to_openssh(LineEnding::LF)
+        .map_err(|e| werr(e.to_string()))?;
     write_private(path, pem.as_bytes()).map_err(|e| werr(e.to_string()))?;
-    let public = key.public_key().to_openssh().map_err(|e| werr(e.to_string()))?;
-    std::fs::write(path.with_extension("pub"), format!("{public}\n")).map_err(|e| werr(e.to_string()))?;
+    let public = key
+        .public_key()
+        .to_openssh()
+        .map_err(|e| werr(e.to_string()))?;
+    std::fs::write(path.with_extension("pub"), format!("{public}\n"))
+        .map_err(|e| werr(e.to_string()))?;
     Ok(key)
 }
 
@@ -90,8 +96,14 @@ impl GatewayKeys {
     /// Loads the keys from the data dir, generating any that are missing.
     pub fn load_or_create(data_dir: &Path) -> Result<GatewayKeys, KeyError> {
         Ok(GatewayKeys {
-            host: Arc::new(load_or_create(&Self::host_path(data_dir), "breakglass host key")?),
-            user_ca: Arc::new(load_or_create(&Self::ca_path(data_dir), "breakglass user CA")?),
+            host: Arc::new(load_or_create(
+                &Self::host_path(data_dir),
+                "breakglass host key",
+            )?),
+            user_ca: Arc::new(load_or_create(
+                &Self::ca_path(data_dir),
+                "breakglass user CA",
+            )?),
         })
     }
 
@@ -111,15 +123,20 @@ impl GatewayKeys {
         let before = (valid_until.timestamp().max(now) + 1) as u64;
         let nonce: [u8; 32] = rand::random();
         let sign = |e: russh::keys::ssh_key::Error| KeyError::Sign(e.to_string());
-        let mut b = Builder::new(nonce.to_vec(), key.public_key().key_data().clone(), after, before)
-            .map_err(sign)?;
+        let mut b = Builder::new(
+            nonce.to_vec(),
+            key.public_key().key_data().clone(),
+            after,
+            before,
+        )
+        .map_err(sign)?;
         b.serial(rand::random()).map_err(sign)?;
         b.cert_type(CertType::User).map_err(sign)?;
-        b.key_id(format!("breakglass:{person}:{session_id}")).map_err(sign)?;
+        b.key_id(format!("breakglass:{person}:{session_id}"))
+            .map_err(sign)?;
         b.valid_principal(login).map_err(sign)?;
-        for ext in ["permit-pty"] {
-            b.extension(ext, "").map_err(sign)?;
-        }
+        // Only a pty: no port, agent or X11 forwarding, no user rc, on the target either.
+        b.extension("permit-pty", "").map_err(sign)?;
         let cert = b.sign(self.user_ca.as_ref()).map_err(sign)?;
         Ok((Arc::new(key), cert))
     }
@@ -127,7 +144,8 @@ impl GatewayKeys {
 
 /// The OpenSSH one-line form of a public key.
 pub fn openssh_line(key: &PublicKey) -> String {
-    key.to_openssh().unwrap_or_else(|e| format!("<unencodable key: {e}>"))
+    key.to_openssh()
+        .unwrap_or_else(|e| format!("<unencodable key: {e}>"))
 }
 
 /// SHA-256 fingerprint as OpenSSH prints it.
@@ -153,7 +171,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let k = GatewayKeys::load_or_create(dir.path()).expect("create");
         let until = crate::clock::now() + chrono::Duration::minutes(5);
-        let (_key, cert) = k.session_certificate("root", "alice", "s1", until).expect("cert");
+        let (_key, cert) = k
+            .session_certificate("root", "alice", "s1", until)
+            .expect("cert");
         assert_eq!(cert.valid_principals(), &["root".to_string()]);
         assert!(cert.key_id().contains("alice"));
         assert!(cert.valid_before() <= until.timestamp() as u64 + 1);

@@ -63,10 +63,12 @@ impl Gateway {
         for w in &built.warnings {
             tracing::warn!("{w}");
         }
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| crate::storage::StorageError::Backend(format!(
-            "create data dir {}: {e}",
-            config.data_dir.display()
-        )))?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            crate::storage::StorageError::Backend(format!(
+                "create data dir {}: {e}",
+                config.data_dir.display()
+            ))
+        })?;
         let keys = GatewayKeys::load_or_create(&config.data_dir)?;
         let store = SqliteStore::open(&config.state_path())?;
         let recordings = RecordingStore::local(&config.storage_dir)?;
@@ -105,7 +107,9 @@ pub async fn start(
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
-    let ssh = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    let ssh = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
     crate::ssh::session::recover_unfinished(&gw).await;
     let serve = async move {
         let accept = tokio::spawn(crate::ssh::serve(listener, gw.clone()));
@@ -133,7 +137,10 @@ pub async fn start(
 }
 
 /// Runs the gateway until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
     let (bound, serve) = start(config, shutdown).await?;
     tracing::info!(ssh = %bound.ssh, "breakglass listening");
     serve.await;

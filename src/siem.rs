@@ -187,7 +187,9 @@ mod tests {
         let mut e = AccessEvent::new(Action::SessionStart, "alice");
         e.target = Some("web-01".into());
         sink.emit(&e).await.expect("emit");
-        sink.emit(&AccessEvent::new(Action::SessionEnd, "alice")).await.expect("emit");
+        sink.emit(&AccessEvent::new(Action::SessionEnd, "alice"))
+            .await
+            .expect("emit");
         let text = std::fs::read_to_string(&path).expect("read");
         let lines: Vec<AccessEvent> = text
             .lines()

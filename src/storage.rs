@@ -44,8 +44,12 @@ impl RecordingStore {
     pub fn local(dir: &std::path::Path) -> Result<RecordingStore, StorageError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StorageError::Backend(format!("create {}: {e}", dir.display())))?;
-        let fs = LocalFileSystem::new_with_prefix(dir).map_err(backend)?.with_fsync(true);
-        Ok(RecordingStore { inner: Arc::new(fs) })
+        let fs = LocalFileSystem::new_with_prefix(dir)
+            .map_err(backend)?
+            .with_fsync(true);
+        Ok(RecordingStore {
+            inner: Arc::new(fs),
+        })
     }
 
     /// Any object_store backend (tests use the in-memory one).
@@ -65,7 +69,9 @@ impl RecordingStore {
             .await
         {
             Ok(_) => Ok(()),
-            Err(object_store::Error::AlreadyExists { .. }) => Err(StorageError::AlreadyExists(key.into())),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                Err(StorageError::AlreadyExists(key.into()))
+            }
             Err(e) => Err(backend(e)),
         }
     }
@@ -131,12 +137,28 @@ mod tests {
     async fn local_store_is_create_only() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = RecordingStore::local(dir.path()).expect("store");
-        s.put_new("a/b/1", Bytes::from_static(b"one")).await.expect("first put");
+        s.put_new("a/b/1", Bytes::from_static(b"one"))
+            .await
+            .expect("first put");
         let again = s.put_new("a/b/1", Bytes::from_static(b"two")).await;
-        assert!(matches!(again, Err(StorageError::AlreadyExists(_))), "{again:?}");
-        assert_eq!(s.get("a/b/1").await.expect("get"), Bytes::from_static(b"one"));
-        s.put_new("a/b/0", Bytes::from_static(b"zero")).await.expect("put");
-        let keys: Vec<String> = s.list("a").await.expect("list").into_iter().map(|o| o.key).collect();
+        assert!(
+            matches!(again, Err(StorageError::AlreadyExists(_))),
+            "{again:?}"
+        );
+        assert_eq!(
+            s.get("a/b/1").await.expect("get"),
+            Bytes::from_static(b"one")
+        );
+        s.put_new("a/b/0", Bytes::from_static(b"zero"))
+            .await
+            .expect("put");
+        let keys: Vec<String> = s
+            .list("a")
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
         assert_eq!(keys, vec!["a/b/0", "a/b/1"]);
         assert!(matches!(s.get("a/x").await, Err(StorageError::NotFound(_))));
     }

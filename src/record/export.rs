@@ -47,13 +47,20 @@ pub struct Loaded {
 /// Loads every chunk under a session prefix.
 pub async fn load(store: &RecordingStore, prefix: &str) -> Result<Loaded, ExportError> {
     let meta = match store.get(&key::session_end(prefix)).await {
-        Ok(b) => Some(serde_json::from_slice::<SessionMeta>(&b).map_err(|e| ExportError::BadMeta(e.to_string()))?),
+        Ok(b) => Some(
+            serde_json::from_slice::<SessionMeta>(&b)
+                .map_err(|e| ExportError::BadMeta(e.to_string()))?,
+        ),
         Err(StorageError::NotFound(_)) => None,
         Err(e) => return Err(e.into()),
     };
     let mut channels: BTreeMap<u32, ChannelData> = BTreeMap::new();
     for obj in store.list(prefix).await? {
-        let Some(rest) = obj.key.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
+        let Some(rest) = obj
+            .key
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('/'))
+        else {
             continue;
         };
         let Some((chdir, file)) = rest.split_once('/') else {
@@ -85,7 +92,11 @@ impl Loaded {
     /// The requested channel, or by default the first with a pty, else the first.
     pub fn pick(&self, requested: Option<u32>) -> Result<(u32, &ChannelData), ExportError> {
         if let Some(ch) = requested {
-            return self.channels.get(&ch).map(|d| (ch, d)).ok_or(ExportError::NoChannel(ch));
+            return self
+                .channels
+                .get(&ch)
+                .map(|d| (ch, d))
+                .ok_or(ExportError::NoChannel(ch));
         }
         self.channels
             .iter()
@@ -107,7 +118,8 @@ pub fn to_asciicast(ch: u32, data: &ChannelData) -> Result<String, ExportError> 
             Ok(text)
         }
         Format::Raw => {
-            let d = raw::decode(&data.bytes).map_err(|e| ExportError::BadChannel(ch, e.to_string()))?;
+            let d =
+                raw::decode(&data.bytes).map_err(|e| ExportError::BadChannel(ch, e.to_string()))?;
             let header = asciicast::Header {
                 width: 80,
                 height: 24,
@@ -117,9 +129,14 @@ pub fn to_asciicast(ch: u32, data: &ChannelData) -> Result<String, ExportError> 
                     super::ChannelKind::Subsystem { name } => Some(format!("subsystem:{name}")),
                     super::ChannelKind::Shell => None,
                 },
-                title: Some(format!("session {} channel {ch} (no pty)", d.header.session_id)),
+                title: Some(format!(
+                    "session {} channel {ch} (no pty)",
+                    d.header.session_id
+                )),
                 env: BTreeMap::new(),
-                extra: Some(serde_json::json!({ "source_format": "breakglass-raw-v1", "channel": ch })),
+                extra: Some(
+                    serde_json::json!({ "source_format": "breakglass-raw-v1", "channel": ch }),
+                ),
             };
             let mut out = asciicast::encode_header(&header);
             let mut o = asciicast::Utf8Carry::default();

@@ -232,7 +232,10 @@ impl Failure {
         self.token.cancel();
     }
     pub fn reason(&self) -> Option<String> {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -306,10 +309,8 @@ impl Recorder {
                         Err(())
                     }
                     Err(_) => {
-                        self.failure.fail(format!(
-                            "recorder could not keep up for {:?}",
-                            self.stall
-                        ));
+                        self.failure
+                            .fail(format!("recorder could not keep up for {:?}", self.stall));
                         Err(())
                     }
                 }
@@ -327,9 +328,12 @@ impl Recorder {
         self.tx
             .send(RecMsg::Finish { end, reply })
             .await
-            .map_err(|_| StorageError::Backend("recorder stopped before the session was sealed".into()))?;
-        rx.await
-            .map_err(|_| StorageError::Backend("recorder stopped before the session was sealed".into()))?
+            .map_err(|_| {
+                StorageError::Backend("recorder stopped before the session was sealed".into())
+            })?;
+        rx.await.map_err(|_| {
+            StorageError::Backend("recorder stopped before the session was sealed".into())
+        })?
     }
 }
 
@@ -493,11 +497,12 @@ impl RecorderTask {
                     c.buf.extend_from_slice(&asciicast::encode_header(&header));
                     c.header_done = true;
                 } else {
-                    c.buf.extend_from_slice(&raw::encode_header(&raw::RawHeader {
-                        session_id: info.session_id.clone(),
-                        channel: ch,
-                        kind: kind.clone(),
-                    }));
+                    c.buf
+                        .extend_from_slice(&raw::encode_header(&raw::RawHeader {
+                            session_id: info.session_id.clone(),
+                            channel: ch,
+                            kind: kind.clone(),
+                        }));
                     c.header_done = true;
                 }
                 c.meta.kind = Some(kind);
@@ -513,11 +518,12 @@ impl RecorderTask {
                 let t = secs(at.saturating_duration_since(c.start));
                 if !c.header_done {
                     // Data before shell/exec/subsystem is unusual but legal: record it raw.
-                    c.buf.extend_from_slice(&raw::encode_header(&raw::RawHeader {
-                        session_id: String::new(),
-                        channel: ch,
-                        kind: ChannelKind::Shell,
-                    }));
+                    c.buf
+                        .extend_from_slice(&raw::encode_header(&raw::RawHeader {
+                            session_id: String::new(),
+                            channel: ch,
+                            kind: ChannelKind::Shell,
+                        }));
                     c.header_done = true;
                 }
                 match stream {
@@ -559,11 +565,17 @@ impl RecorderTask {
                             }
                         };
                         if !text.is_empty() {
-                            c.buf.extend_from_slice(&asciicast::encode_event(t, kind, &text));
+                            c.buf
+                                .extend_from_slice(&asciicast::encode_event(t, kind, &text));
                         }
                     }
                     None => {
-                        raw::encode_frame(&mut c.buf, stream, at.saturating_duration_since(c.start), &data);
+                        raw::encode_frame(
+                            &mut c.buf,
+                            stream,
+                            at.saturating_duration_since(c.start),
+                            &data,
+                        );
                     }
                 }
             }
@@ -681,8 +693,11 @@ impl RecorderTask {
             chain_algorithm: "sha256(prev \\n key \\n sha256hex(content)), seeded with sha256(\"breakglass-chain-v1\\n\" session_id)".into(),
             chain_head: self.head.clone(),
         };
-        let body = serde_json::to_vec_pretty(&meta).map_err(|e| StorageError::Backend(e.to_string()))?;
-        self.store.put_new(&key::session_end(&self.prefix), Bytes::from(body)).await?;
+        let body =
+            serde_json::to_vec_pretty(&meta).map_err(|e| StorageError::Backend(e.to_string()))?;
+        self.store
+            .put_new(&key::session_end(&self.prefix), Bytes::from(body))
+            .await?;
         Ok(meta)
     }
 }
@@ -697,11 +712,19 @@ fn close_channel(c: &mut ChanRec) {
     if let Some(cs) = c.cast.as_mut() {
         let rest = cs.out.finish();
         if !rest.is_empty() {
-            c.buf.extend_from_slice(&asciicast::encode_event(t, asciicast::EventKind::Output, &rest));
+            c.buf.extend_from_slice(&asciicast::encode_event(
+                t,
+                asciicast::EventKind::Output,
+                &rest,
+            ));
         }
         let rest = cs.inp.finish();
         if !rest.is_empty() {
-            c.buf.extend_from_slice(&asciicast::encode_event(t, asciicast::EventKind::Input, &rest));
+            c.buf.extend_from_slice(&asciicast::encode_event(
+                t,
+                asciicast::EventKind::Input,
+                &rest,
+            ));
         }
     }
     if let Some(ed) = c.editor.as_mut() {
@@ -718,13 +741,17 @@ fn close_channel(c: &mut ChanRec) {
         if let Some(n) = s.note() {
             c.meta.notes.push(format!("sftp: {n}"));
         }
-        c.meta.transfers.extend(s.finish().into_iter().map(transfer_meta));
+        c.meta
+            .transfers
+            .extend(s.finish().into_iter().map(transfer_meta));
     }
     if let Some(s) = c.scp.take() {
         if let Some(n) = s.note() {
             c.meta.notes.push(format!("scp: {n}"));
         }
-        c.meta.transfers.extend(s.finish().into_iter().map(transfer_meta));
+        c.meta
+            .transfers
+            .extend(s.finish().into_iter().map(transfer_meta));
     }
 }
 

@@ -82,8 +82,12 @@ pub enum RawError {
 
 /// Decodes a whole stream.
 pub fn decode(bytes: &[u8]) -> Result<Decoded, RawError> {
-    let nl = bytes.iter().position(|&b| b == b'\n').ok_or(RawError::NoHeader)?;
-    let line: HeaderLine = serde_json::from_slice(&bytes[..nl]).map_err(|e| RawError::BadHeader(e.to_string()))?;
+    let nl = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or(RawError::NoHeader)?;
+    let line: HeaderLine =
+        serde_json::from_slice(&bytes[..nl]).map_err(|e| RawError::BadHeader(e.to_string()))?;
     let mut pos = nl + 1;
     let mut frames = Vec::new();
     while pos < bytes.len() {
@@ -134,7 +138,12 @@ mod tests {
         };
         let mut buf = encode_header(&h);
         encode_frame(&mut buf, Stream::In, Duration::from_micros(5), b"");
-        encode_frame(&mut buf, Stream::Out, Duration::from_millis(1), &[0, 0xff, 0]);
+        encode_frame(
+            &mut buf,
+            Stream::Out,
+            Duration::from_millis(1),
+            &[0, 0xff, 0],
+        );
         encode_frame(&mut buf, Stream::Err, Duration::from_secs(2), b"oops\n");
         let d = decode(&buf).expect("decodes");
         assert_eq!(d.header, h);

@@ -186,7 +186,8 @@ impl Handler {
             .await
             .map_err(|e| (Denial::Internal { why: e.to_string() }, None))?;
         let grant_id = found.as_ref().map(|g| g.id.clone());
-        let grant = grant::admit(&person, &target.name, found, now).map_err(|d| (d, grant_id.clone()))?;
+        let grant =
+            grant::admit(&person, &target.name, found, now).map_err(|d| (d, grant_id.clone()))?;
         let deadline = grant::deadline(&grant, now, gw.config.limits.max_session_ttl);
         let cause = if deadline == grant.expires_at {
             "grant expiry"
@@ -198,7 +199,8 @@ impl Handler {
             return Err((
                 Denial::Upstream {
                     target: target.name.clone(),
-                    why: "its pinned host key file is missing; run `breakglass check-config`".into(),
+                    why: "its pinned host key file is missing; run `breakglass check-config`"
+                        .into(),
                 },
                 grant_id,
             ));
@@ -232,9 +234,16 @@ impl Handler {
             Ok(r) => r,
             Err(e) => {
                 let _ = up
-                    .disconnect(russh::Disconnect::ByApplication, "recording unavailable".into(), "en".into())
+                    .disconnect(
+                        russh::Disconnect::ByApplication,
+                        "recording unavailable",
+                        "en",
+                    )
                     .await;
-                return Err((Denial::RecordingUnavailable { why: e.to_string() }, grant_id));
+                return Err((
+                    Denial::RecordingUnavailable { why: e.to_string() },
+                    grant_id,
+                ));
             }
         };
         let row = SessionRow {
@@ -253,7 +262,15 @@ impl Handler {
             recording_prefix: prefix.clone(),
         };
         let live = Arc::new(LiveSession::new(
-            info, grant, now, deadline, cause, prefix.clone(), recorder, client, up,
+            info,
+            grant,
+            now,
+            deadline,
+            cause,
+            prefix.clone(),
+            recorder,
+            client,
+            up,
         ));
         // From here on the session exists: failures end it through `finish`, which seals the
         // recording and closes the index row.
@@ -273,11 +290,21 @@ impl Handler {
         ev.client_addr = Some(self.peer.to_string());
         ev.deadline = Some(clock::rfc3339(deadline));
         ev.recording = Some(prefix);
-        ev.message = Some(format!("{person} started a break-glass session on {} as {}", target.name, target.login));
+        ev.message = Some(format!(
+            "{person} started a break-glass session on {} as {}",
+            target.name, target.login
+        ));
         if let Err(e) = gw.siem.emit(&ev).await {
             // Invariant: no session starts unless its start event is durable.
-            live.kill(EndReason::RecordingFailed(format!("start event not written: {e}")));
-            return Err((Denial::Internal { why: format!("audit event not written: {e}") }, grant_id));
+            live.kill(EndReason::RecordingFailed(format!(
+                "start event not written: {e}"
+            )));
+            return Err((
+                Denial::Internal {
+                    why: format!("audit event not written: {e}"),
+                },
+                grant_id,
+            ));
         }
         gw.live
             .lock()
@@ -328,10 +355,21 @@ impl Handler {
             return false;
         };
         let (tx, rx) = oneshot::channel();
-        c.pending.lock().unwrap_or_else(|p| p.into_inner()).push_back(tx);
+        c.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(tx);
         let sent = match req {
-            UpReq::Pty { term, cols, rows, pw, ph, modes } => {
-                c.up.request_pty(true, &term, cols, rows, pw, ph, &modes).await
+            UpReq::Pty {
+                term,
+                cols,
+                rows,
+                pw,
+                ph,
+                modes,
+            } => {
+                c.up.request_pty(true, &term, cols, rows, pw, ph, &modes)
+                    .await
             }
             UpReq::Shell => c.up.request_shell(true).await,
             UpReq::Exec(cmd) => c.up.exec(true, cmd).await,
@@ -340,7 +378,10 @@ impl Handler {
         if sent.is_err() {
             return false;
         }
-        matches!(tokio::time::timeout(REQUEST_TIMEOUT, rx).await, Ok(Ok(true)))
+        matches!(
+            tokio::time::timeout(REQUEST_TIMEOUT, rx).await,
+            Ok(Ok(true))
+        )
     }
 
     /// On a denied connection, a shell/exec/subsystem request gets the reason on stderr and
@@ -407,14 +448,19 @@ impl Drop for Handler {
 }
 
 /// Relays one upstream channel to the client: record first, then forward.
-async fn pump(s: Arc<LiveSession>, mut read: ChannelReadHalf, client_id: ChannelId, rec_ch: u32, pending: Pending) {
+async fn pump(
+    s: Arc<LiveSession>,
+    mut read: ChannelReadHalf,
+    client_id: ChannelId,
+    rec_ch: u32,
+    pending: Pending,
+) {
     use std::sync::atomic::Ordering::Relaxed;
     while let Some(msg) = read.wait().await {
         match msg {
             ChannelMsg::Data { data } => {
                 let n = data.len() as u64;
-                if s
-                    .recorder
+                if s.recorder
                     .send(RecMsg::Data {
                         ch: rec_ch,
                         stream: Stream::Out,
@@ -433,8 +479,7 @@ async fn pump(s: Arc<LiveSession>, mut read: ChannelReadHalf, client_id: Channel
             }
             ChannelMsg::ExtendedData { data, ext } => {
                 let n = data.len() as u64;
-                if s
-                    .recorder
+                if s.recorder
                     .send(RecMsg::Data {
                         ch: rec_ch,
                         stream: Stream::Err,
@@ -485,12 +530,21 @@ async fn pump(s: Arc<LiveSession>, mut read: ChannelReadHalf, client_id: Channel
                     .await;
                 let _ = s
                     .client
-                    .exit_signal_request(client_id, signal_name, core_dumped, error_message, lang_tag)
+                    .exit_signal_request(
+                        client_id,
+                        signal_name,
+                        core_dumped,
+                        error_message,
+                        lang_tag,
+                    )
                     .await;
             }
             ChannelMsg::Success | ChannelMsg::Failure => {
                 let ok = matches!(msg, ChannelMsg::Success);
-                let waiter = pending.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                let waiter = pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop_front();
                 if let Some(w) = waiter {
                     let _ = w.send(ok);
                 }
@@ -573,7 +627,11 @@ impl server::Handler for Handler {
             self.report_denial(d, grant_id).await;
             // A client that opens no channel (ssh -N) is disconnected after a short grace.
             let handle = session.handle();
-            let msg = self.denial.as_ref().map(|d| d.to_string()).unwrap_or_default();
+            let msg = self
+                .denial
+                .as_ref()
+                .map(|d| d.to_string())
+                .unwrap_or_default();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(10)).await;
                 let _ = handle
@@ -600,7 +658,9 @@ impl server::Handler for Handler {
             return Ok(());
         };
         if s.is_killed() {
-            reply.reject(russh::ChannelOpenFailure::AdministrativelyProhibited).await;
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
             return Ok(());
         }
         let up = match s.upstream.channel_open_session().await {
@@ -644,8 +704,11 @@ impl server::Handler for Handler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse(&format!("port forwarding to {host}:{port}")).await;
-        reply.reject(russh::ChannelOpenFailure::AdministrativelyProhibited).await;
+        self.refuse(&format!("port forwarding to {host}:{port}"))
+            .await;
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
         Ok(())
     }
 
@@ -657,7 +720,9 @@ impl server::Handler for Handler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.refuse(&format!("socket forwarding to {path}")).await;
-        reply.reject(russh::ChannelOpenFailure::AdministrativelyProhibited).await;
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
         Ok(())
     }
 
@@ -670,21 +735,38 @@ impl server::Handler for Handler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.refuse("X11 forwarding").await;
-        reply.reject(russh::ChannelOpenFailure::AdministrativelyProhibited).await;
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
         Ok(())
     }
 
-    async fn tcpip_forward(&mut self, address: &str, port: &mut u32, _session: &mut Session) -> Result<bool, Self::Error> {
-        self.refuse(&format!("remote port forwarding from {address}:{port}")).await;
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.refuse(&format!("remote port forwarding from {address}:{port}"))
+            .await;
         Ok(false)
     }
 
-    async fn streamlocal_forward(&mut self, path: &str, _session: &mut Session) -> Result<bool, Self::Error> {
-        self.refuse(&format!("remote socket forwarding from {path}")).await;
+    async fn streamlocal_forward(
+        &mut self,
+        path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.refuse(&format!("remote socket forwarding from {path}"))
+            .await;
         Ok(false)
     }
 
-    async fn agent_request(&mut self, _channel: ChannelId, _session: &mut Session) -> Result<bool, Self::Error> {
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
         self.refuse("agent forwarding").await;
         Ok(false)
     }
@@ -736,7 +818,12 @@ impl server::Handler for Handler {
                     rows,
                 });
                 if let Some(s) = &self.session {
-                    if let Some(st) = s.channels.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&channel) {
+                    if let Some(st) = s
+                        .channels
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_mut(&channel)
+                    {
                         st.pty = true;
                     }
                 }
@@ -763,7 +850,11 @@ impl server::Handler for Handler {
         Self::reply(session, channel, ok)
     }
 
-    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         if self.session.is_none() {
             return self.deny_channel(channel, session);
         }
@@ -774,24 +865,42 @@ impl server::Handler for Handler {
         Self::reply(session, channel, ok)
     }
 
-    async fn exec_request(&mut self, channel: ChannelId, data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         if self.session.is_none() {
             return self.deny_channel(channel, session);
         }
         let command = String::from_utf8_lossy(data).into_owned();
-        if !self.start_channel(channel, ChannelKind::Exec { command }).await {
+        if !self
+            .start_channel(channel, ChannelKind::Exec { command })
+            .await
+        {
             return Self::reply(session, channel, false);
         }
         let ok = self.ask_upstream(channel, UpReq::Exec(data.to_vec())).await;
         Self::reply(session, channel, ok)
     }
 
-    async fn subsystem_request(&mut self, channel: ChannelId, name: &str, session: &mut Session) -> Result<(), Self::Error> {
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         if self.session.is_none() {
             return self.deny_channel(channel, session);
         }
         if !self
-            .start_channel(channel, ChannelKind::Subsystem { name: name.to_string() })
+            .start_channel(
+                channel,
+                ChannelKind::Subsystem {
+                    name: name.to_string(),
+                },
+            )
             .await
         {
             return Self::reply(session, channel, false);
@@ -814,8 +923,7 @@ impl server::Handler for Handler {
         let (Some(s), Some(c)) = (&self.session, self.chans.get(&channel)) else {
             return Ok(());
         };
-        if s
-            .recorder
+        if s.recorder
             .send(RecMsg::Resize {
                 ch: c.rec_ch,
                 cols,
@@ -830,7 +938,12 @@ impl server::Handler for Handler {
         Ok(())
     }
 
-    async fn signal(&mut self, channel: ChannelId, signal: Sig, _session: &mut Session) -> Result<(), Self::Error> {
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
         let (Some(s), Some(c)) = (&self.session, self.chans.get(&channel)) else {
             return Ok(());
         };
@@ -846,13 +959,17 @@ impl server::Handler for Handler {
         Ok(())
     }
 
-    async fn data(&mut self, channel: ChannelId, data: &[u8], _session: &mut Session) -> Result<(), Self::Error> {
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
         let (Some(s), Some(c)) = (&self.session, self.chans.get(&channel)) else {
             return Ok(());
         };
         let bytes = Bytes::copy_from_slice(data);
-        if s
-            .recorder
+        if s.recorder
             .send(RecMsg::Data {
                 ch: c.rec_ch,
                 stream: Stream::In,
@@ -881,8 +998,7 @@ impl server::Handler for Handler {
             return Ok(());
         };
         let bytes = Bytes::copy_from_slice(data);
-        if s
-            .recorder
+        if s.recorder
             .send(RecMsg::Data {
                 ch: c.rec_ch,
                 stream: Stream::In,
@@ -899,19 +1015,30 @@ impl server::Handler for Handler {
         Ok(())
     }
 
-    async fn channel_eof(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
         if let Some(c) = self.chans.get(&channel) {
             let _ = c.up.eof().await;
         }
         Ok(())
     }
 
-    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
         if let Some(c) = self.chans.remove(&channel) {
             let _ = c.up.close().await;
             if let Some(s) = &self.session {
                 let _ = s.recorder.send(RecMsg::Close { ch: c.rec_ch }).await;
-                s.channels.lock().unwrap_or_else(|p| p.into_inner()).remove(&channel);
+                s.channels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&channel);
                 s.channel_closed.notify_waiters();
             }
         }

@@ -24,7 +24,10 @@ pub enum EndReason {
     /// The client closed the connection.
     ClientClosed,
     /// The deadline was reached; `cause` says which limit set it.
-    Deadline { at: DateTime<Utc>, cause: &'static str },
+    Deadline {
+        at: DateTime<Utc>,
+        cause: &'static str,
+    },
     /// The grant was revoked.
     Revoked { at: DateTime<Utc> },
     /// The recording could not keep up or the store failed (fail closed).
@@ -149,7 +152,10 @@ impl LiveSession {
     }
 
     fn reason(&self) -> Option<EndReason> {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The tokio instant of a wall-clock time, relative to the session start.
@@ -214,7 +220,10 @@ impl LiveSession {
 pub async fn supervise(gw: Arc<Gateway>, s: Arc<LiveSession>) {
     let deadline_at = s.instant_of(s.deadline);
     for w in gw.config.limits.warn_before.clone() {
-        let Some(when) = s.deadline.checked_sub_signed(chrono::Duration::from_std(w).unwrap_or_default()) else {
+        let Some(when) = s
+            .deadline
+            .checked_sub_signed(chrono::Duration::from_std(w).unwrap_or_default())
+        else {
             continue;
         };
         if when <= clock::now() {
@@ -249,7 +258,11 @@ pub async fn supervise(gw: Arc<Gateway>, s: Arc<LiveSession>) {
     // Cut the target off first: from here nothing the client sends reaches it.
     let _ = s
         .upstream
-        .disconnect(russh::Disconnect::ByApplication, "breakglass session ended".into(), "en".into())
+        .disconnect(
+            russh::Disconnect::ByApplication,
+            "breakglass session ended",
+            "en",
+        )
         .await;
     if matches!(reason, EndReason::ClientClosed) {
         return;
@@ -265,13 +278,20 @@ pub async fn supervise(gw: Arc<Gateway>, s: Arc<LiveSession>) {
     // disconnecting it. The target is already unreachable.
     let grace = Instant::now() + Duration::from_secs(1);
     while !s.channel_list().is_empty() {
-        if tokio::time::timeout_at(grace, s.channel_closed.notified()).await.is_err() {
+        if tokio::time::timeout_at(grace, s.channel_closed.notified())
+            .await
+            .is_err()
+        {
             break;
         }
     }
     let _ = s
         .client
-        .disconnect(russh::Disconnect::ByApplication, reason.message(), "en".into())
+        .disconnect(
+            russh::Disconnect::ByApplication,
+            reason.message(),
+            "en".into(),
+        )
         .await;
 }
 
@@ -358,7 +378,10 @@ pub async fn finish(gw: &Gateway, s: &Arc<LiveSession>) {
             tracing::error!(session_id = %s.id, error = %err, "could not write SIEM event");
         }
     }
-    gw.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&s.id);
+    gw.live
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&s.id);
 }
 
 /// Polls the state store for revoked grants of live sessions and ends those sessions.
@@ -419,7 +442,8 @@ pub async fn recover_unfinished(gw: &Gateway) {
         e.outcome = "failure".into();
         e.side = Some("internal".into());
         e.reason = Some("gateway_crashed".into());
-        e.message = Some("the gateway stopped during this session; the recording is incomplete".into());
+        e.message =
+            Some("the gateway stopped during this session; the recording is incomplete".into());
         if let Err(err) = gw.siem.emit(&e).await {
             tracing::error!(error = %err, "could not write SIEM event");
         }

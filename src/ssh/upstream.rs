@@ -22,7 +22,10 @@ pub struct Upstream {
 impl client::Handler for Upstream {
     type Error = russh::Error;
 
-    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         let presented = match key {
             PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
             // A host certificate is accepted only if its key is the pinned one.
@@ -88,16 +91,25 @@ pub async fn connect(
             let (key, cert) = keys
                 .session_certificate(&target.login, person, session_id, deadline)
                 .map_err(|e| Denial::Internal { why: e.to_string() })?;
-            handle.authenticate_openssh_cert(target.login.clone(), key, cert).await
+            handle
+                .authenticate_openssh_cert(target.login.clone(), key, cert)
+                .await
         }
         UpstreamAuth::Key(path) => {
-            let key = russh::keys::PrivateKey::read_openssh_file(path)
-                .map_err(|e| Denial::Internal {
+            let key =
+                russh::keys::PrivateKey::read_openssh_file(path).map_err(|e| Denial::Internal {
                     why: format!("cannot load the key for {}: {e}", target.name),
                 })?;
-            let hash = handle.best_supported_rsa_hash().await.ok().flatten().flatten();
+            let hash = handle
+                .best_supported_rsa_hash()
+                .await
+                .ok()
+                .flatten()
+                .flatten();
             let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
-            handle.authenticate_publickey(target.login.clone(), key).await
+            handle
+                .authenticate_publickey(target.login.clone(), key)
+                .await
         }
     };
     match auth {

@@ -118,7 +118,8 @@ pub struct SessionEnd {
 pub trait Store: Send + Sync {
     async fn create_grant(&self, g: NewGrant) -> Result<Grant, StateError>;
     /// All grants, newest first; with `active_at`, only those active then.
-    async fn list_grants(&self, active_at: Option<DateTime<Utc>>) -> Result<Vec<Grant>, StateError>;
+    async fn list_grants(&self, active_at: Option<DateTime<Utc>>)
+        -> Result<Vec<Grant>, StateError>;
     /// A grant by id or unique id prefix.
     async fn find_grant(&self, id_or_prefix: &str) -> Result<Grant, StateError>;
     async fn revoke_grant(

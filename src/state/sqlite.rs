@@ -69,12 +69,17 @@ impl SqliteStore {
     /// Opens (creating if needed) the state file and applies pending migrations.
     pub fn open(path: &Path) -> Result<SqliteStore, StateError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| db(format!("create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| db(format!("create {}: {e}", dir.display())))?;
         }
-        let conn = Connection::open(path).map_err(|e| db(format!("open {}: {e}", path.display())))?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(db)?;
+        let conn =
+            Connection::open(path).map_err(|e| db(format!("open {}: {e}", path.display())))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db)?;
         Self::migrate(&conn)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
@@ -87,12 +92,16 @@ impl SqliteStore {
             .map_err(db)?;
         let known = MIGRATIONS.len() as i64;
         if version > known {
-            return Err(StateError::TooNew { found: version, known });
+            return Err(StateError::TooNew {
+                found: version,
+                known,
+            });
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             let tx = conn.unchecked_transaction().map_err(db)?;
             tx.execute_batch(sql).map_err(db)?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(db)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(db)?;
             tx.commit().map_err(db)?;
         }
         Ok(())
@@ -182,7 +191,10 @@ fn find_grant_sync(conn: &Connection, id: &str) -> Result<Grant, StateError> {
         .map_err(db)?;
     match rows.len() {
         0 => Err(StateError::NoSuchGrant(id.to_string())),
-        1 => Ok(rows.into_iter().next().ok_or_else(|| StateError::NoSuchGrant(id.to_string()))?),
+        1 => Ok(rows
+            .into_iter()
+            .next()
+            .ok_or_else(|| StateError::NoSuchGrant(id.to_string()))?),
         _ => Err(StateError::Ambiguous(id.to_string())),
     }
 }
@@ -225,7 +237,10 @@ impl Store for SqliteStore {
         Ok(grant)
     }
 
-    async fn list_grants(&self, active_at: Option<DateTime<Utc>>) -> Result<Vec<Grant>, StateError> {
+    async fn list_grants(
+        &self,
+        active_at: Option<DateTime<Utc>>,
+    ) -> Result<Vec<Grant>, StateError> {
         self.with(move |c| {
             let (sql, at) = match active_at {
                 Some(t) => (
@@ -436,7 +451,9 @@ impl Store for SqliteStore {
     async fn unfinished_sessions(&self) -> Result<Vec<SessionRow>, StateError> {
         self.with(|c| {
             let mut stmt = c
-                .prepare(&format!("SELECT {SESSION_COLS} FROM sessions WHERE ended_at IS NULL"))
+                .prepare(&format!(
+                    "SELECT {SESSION_COLS} FROM sessions WHERE ended_at IS NULL"
+                ))
                 .map_err(db)?;
             let rows = stmt
                 .query_map([], session_row)
@@ -471,22 +488,45 @@ mod tests {
     async fn grants_round_trip_and_revoke() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("open");
-        let now = Utc.timestamp_millis_opt(1_700_000_000_000).single().expect("valid ts");
-        let g = store.create_grant(new_grant("alice", "web-01", now, 30)).await.expect("create");
-        let found = store.grant_for("alice", "web-01", now).await.expect("q").expect("some");
+        let now = Utc
+            .timestamp_millis_opt(1_700_000_000_000)
+            .single()
+            .expect("valid ts");
+        let g = store
+            .create_grant(new_grant("alice", "web-01", now, 30))
+            .await
+            .expect("create");
+        let found = store
+            .grant_for("alice", "web-01", now)
+            .await
+            .expect("q")
+            .expect("some");
         assert_eq!(found, g);
         assert_eq!(found.state_at(now), GrantState::Active);
-        assert_eq!(found.state_at(now + Duration::minutes(30)), GrantState::Expired);
-        assert!(store.grant_for("bob", "web-01", now).await.expect("q").is_none());
+        assert_eq!(
+            found.state_at(now + Duration::minutes(30)),
+            GrantState::Expired
+        );
+        assert!(store
+            .grant_for("bob", "web-01", now)
+            .await
+            .expect("q")
+            .is_none());
 
         let prefix = &g.id[..8];
-        let r = store.revoke_grant(prefix, "op", "done", now).await.expect("revoke");
+        let r = store
+            .revoke_grant(prefix, "op", "done", now)
+            .await
+            .expect("revoke");
         assert_eq!(r.state_at(now), GrantState::Revoked);
         assert!(matches!(
             store.revoke_grant(&g.id, "op", "again", now).await,
             Err(StateError::AlreadyRevoked(_))
         ));
-        let revs = store.revocations(std::slice::from_ref(&g.id)).await.expect("revs");
+        let revs = store
+            .revocations(std::slice::from_ref(&g.id))
+            .await
+            .expect("revs");
         assert_eq!(revs.len(), 1);
         assert!(store.list_grants(Some(now)).await.expect("list").is_empty());
         assert_eq!(store.list_grants(None).await.expect("list").len(), 1);
@@ -497,13 +537,23 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("open");
         let now = Utc::now();
-        let active = store.create_grant(new_grant("a", "t", now, 60)).await.expect("c");
+        let active = store
+            .create_grant(new_grant("a", "t", now, 60))
+            .await
+            .expect("c");
         let later = store
             .create_grant(new_grant("a", "t", now + Duration::seconds(1), 60))
             .await
             .expect("c");
-        store.revoke_grant(&later.id, "op", "x", now).await.expect("r");
-        let g = store.grant_for("a", "t", now).await.expect("q").expect("some");
+        store
+            .revoke_grant(&later.id, "op", "x", now)
+            .await
+            .expect("r");
+        let g = store
+            .grant_for("a", "t", now)
+            .await
+            .expect("q")
+            .expect("some");
         assert_eq!(g.id, active.id);
     }
 
@@ -512,7 +562,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("s.sqlite");
         let store = SqliteStore::open(&path).expect("open");
-        let now = Utc.timestamp_millis_opt(1_700_000_000_000).single().expect("valid ts");
+        let now = Utc
+            .timestamp_millis_opt(1_700_000_000_000)
+            .single()
+            .expect("valid ts");
         for (i, person) in ["alice", "bob", "alice"].iter().enumerate() {
             store
                 .insert_session(&SessionRow {
@@ -541,7 +594,10 @@ mod tests {
             ..Default::default()
         };
         let rows = store.list_sessions(&f).await.expect("list");
-        assert_eq!(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["s2"]);
+        assert_eq!(
+            rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            vec!["s2"]
+        );
         store
             .finish_session(
                 "s2",

@@ -20,8 +20,9 @@ fn session_meta(w: &World, session_id: &str) -> Value {
         .path("data/recordings")
         .join(s["recording"].as_str().expect("recording prefix"))
         .join("session.json");
-    let meta: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("session.json exists"))
-        .expect("session.json is JSON");
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("session.json exists"))
+            .expect("session.json is JSON");
     validate("session.schema.json", &meta);
     meta
 }
@@ -53,10 +54,18 @@ fn export(w: &World, session: &str) -> String {
 fn asciinema_cat(path: &std::path::Path) -> String {
     require("asciinema", "asciinema");
     let out = Command::new(require("script", "bsdutils"))
-        .args(["-qec", &format!("asciinema cat {}", path.display()), "/dev/null"])
+        .args([
+            "-qec",
+            &format!("asciinema cat {}", path.display()),
+            "/dev/null",
+        ])
         .output()
         .expect("run asciinema cat");
-    assert!(out.status.success(), "asciinema cat failed: {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "asciinema cat failed: {}",
+        text(&out.stderr)
+    );
     text(&out.stdout)
 }
 
@@ -65,7 +74,13 @@ async fn exec_relays_output_and_exit_status_and_is_recorded() {
     let w = World::new();
     let gw = InProcess::start(&w).await;
     let grant = w.grant("alice", "30m");
-    let out = output(w.ssh("alice", "web-01", &[], &["echo out-$((40+2)); echo err-line >&2; exit 3"])).await;
+    let out = output(w.ssh(
+        "alice",
+        "web-01",
+        &[],
+        &["echo out-$((40+2)); echo err-line >&2; exit 3"],
+    ))
+    .await;
     assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "out-42\n");
     assert!(text(&out.stderr).contains("err-line"));
@@ -77,7 +92,10 @@ async fn exec_relays_output_and_exit_status_and_is_recorded() {
     assert_eq!(meta["session"]["grant_id"], grant.as_str());
     assert_eq!(meta["session"]["incident_id"], "INC-7");
     let ch = &meta["channels"][0];
-    assert_eq!(ch["kind"]["command"], "echo out-$((40+2)); echo err-line >&2; exit 3");
+    assert_eq!(
+        ch["kind"]["command"],
+        "echo out-$((40+2)); echo err-line >&2; exit 3"
+    );
     assert_eq!(ch["exit_status"], 3);
     assert_eq!(ch["format"], "raw");
     let cast = export(&w, &id);
@@ -85,8 +103,14 @@ async fn exec_relays_output_and_exit_status_and_is_recorded() {
     assert!(cast.contains("err-line"));
 
     let events = w.siem_events();
-    let start = events.iter().find(|e| e["action"] == "session_start").expect("start event");
-    let end = events.iter().find(|e| e["action"] == "session_end").expect("end event");
+    let start = events
+        .iter()
+        .find(|e| e["action"] == "session_start")
+        .expect("start event");
+    let end = events
+        .iter()
+        .find(|e| e["action"] == "session_end")
+        .expect("end event");
     assert_eq!(start["session_id"], id.as_str());
     assert_eq!(start["justification"], "disk full on /var");
     assert_eq!(end["reason"], "client_closed");
@@ -102,7 +126,12 @@ async fn interactive_shell_with_resize_replays_in_asciinema() {
     w.grant("alice", "30m");
     let mut args = vec!["ssh".to_string()];
     args.extend(w.ssh_args("alice"));
-    args.extend(["-tt".into(), "-p".into(), w.gw_port.to_string(), "web-01@127.0.0.1".into()]);
+    args.extend([
+        "-tt".into(),
+        "-p".into(),
+        w.gw_port.to_string(),
+        "web-01@127.0.0.1".into(),
+    ]);
     let steps = serde_json::json!([
         {"expect": "[$#] $", "timeout": 15},
         {"send": "export PS1='bg$ '\r"},
@@ -118,13 +147,20 @@ async fn interactive_shell_with_resize_replays_in_asciinema() {
         {"wait_exit": 10}
     ]);
     let mut c = Command::new("python3");
-    c.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/pty_drive.py"))
-        .arg(steps.to_string())
-        .arg("--")
-        .args(&args);
+    c.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/e2e/pty_drive.py"
+    ))
+    .arg(steps.to_string())
+    .arg("--")
+    .args(&args);
     let out = output(c).await;
     let transcript = text(&out.stdout);
-    assert!(out.status.success(), "pty session failed: {transcript}\n{}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "pty session failed: {transcript}\n{}",
+        text(&out.stderr)
+    );
     assert!(transcript.contains("[exit 0]"), "{transcript}");
     gw.stop().await;
 
@@ -141,14 +177,29 @@ async fn interactive_shell_with_resize_replays_in_asciinema() {
         .collect();
     assert!(commands.contains(&"echo bg-$((6*7))"), "{commands:?}");
     assert!(commands.contains(&"stty size"), "{commands:?}");
-    assert!(commands.contains(&"echo fixed"), "line editing applied: {commands:?}");
+    assert!(
+        commands.contains(&"echo fixed"),
+        "line editing applied: {commands:?}"
+    );
 
     let cast = export(&w, &id);
-    assert!(cast.contains("\"r\", \"100x40\"") || cast.contains("\"r\",\"100x40\""), "resize recorded");
-    assert!(cast.lines().any(|l| l.contains("\"i\"")), "keystrokes recorded");
+    assert!(
+        cast.contains("\"r\", \"100x40\"") || cast.contains("\"r\",\"100x40\""),
+        "resize recorded"
+    );
+    assert!(
+        cast.lines().any(|l| l.contains("\"i\"")),
+        "keystrokes recorded"
+    );
     let played = asciinema_cat(&w.path(&format!("{id}.cast")));
-    assert!(played.contains("bg-42"), "asciinema shows the output: {played}");
-    assert!(played.contains("echo bg-$((6*7))"), "asciinema shows the typed command");
+    assert!(
+        played.contains("bg-42"),
+        "asciinema shows the output: {played}"
+    );
+    assert!(
+        played.contains("echo bg-$((6*7))"),
+        "asciinema shows the typed command"
+    );
     validate_all_events(&w);
 }
 
@@ -160,37 +211,73 @@ async fn denials_are_clear_and_on_the_record() {
     // No grant at all.
     let out = output(w.ssh("alice", "web-01", &[], &["true"])).await;
     assert_ne!(out.status.code(), Some(0));
-    assert!(text(&out.stderr).contains("has no break-glass grant"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("has no break-glass grant"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // An expired grant.
     w.grant("alice", "1s");
     std::thread::sleep(Duration::from_millis(1100));
     let out = output(w.ssh("alice", "web-01", &[], &["true"])).await;
-    assert!(text(&out.stderr).contains("expired at"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("expired at"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // A revoked grant.
     let g = w.grant("bob", "30m");
     w.cli_ok(&["grant", "revoke", &g, "--reason", "incident closed"]);
     let out = output(w.ssh("bob", "web-01", &[], &["true"])).await;
-    assert!(text(&out.stderr).contains("was revoked at"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("was revoked at"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // An unknown key.
     let out = output(w.ssh("mallory", "web-01", &[], &["true"])).await;
     assert_eq!(out.status.code(), Some(255));
-    assert!(text(&out.stderr).contains("is not registered to any person"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("is not registered to any person"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // An unknown target.
     w.grant("alice", "30m");
     let out = output(w.ssh("alice", "db-99", &[], &["true"])).await;
-    assert!(text(&out.stderr).contains("no target named `db-99`"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no target named `db-99`"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // Port forwarding (stdio forward opens a direct-tcpip channel at once).
     let port = w.sshd.port.to_string();
-    let out = output(w.ssh("alice", "web-01", &["-W", &format!("127.0.0.1:{port}")], &[])).await;
+    let out = output(w.ssh(
+        "alice",
+        "web-01",
+        &["-W", &format!("127.0.0.1:{port}")],
+        &[],
+    ))
+    .await;
     assert_ne!(out.status.code(), Some(0));
-    assert!(text(&out.stderr).contains("prohibited"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("prohibited"),
+        "{}",
+        text(&out.stderr)
+    );
     // Remote forwarding.
-    let out = output(w.ssh("alice", "web-01", &["-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9"], &["true"])).await;
+    let out = output(w.ssh(
+        "alice",
+        "web-01",
+        &["-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9"],
+        &["true"],
+    ))
+    .await;
     assert_ne!(out.status.code(), Some(0), "remote forwarding must fail");
 
     let reasons: Vec<String> = w
@@ -204,11 +291,28 @@ async fn denials_are_clear_and_on_the_record() {
                 .collect()
         })
         .unwrap_or_default();
-    for want in ["no_grant", "grant_expired", "grant_revoked", "unknown_key", "unknown_target"] {
-        assert!(reasons.iter().any(|r| r == want), "denial {want} recorded: {reasons:?}");
+    for want in [
+        "no_grant",
+        "grant_expired",
+        "grant_revoked",
+        "unknown_key",
+        "unknown_target",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == want),
+            "denial {want} recorded: {reasons:?}"
+        );
     }
-    assert!(reasons.iter().any(|r| r.starts_with("port_forwarding")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.starts_with("remote_port_forwarding")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.starts_with("port_forwarding")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("remote_port_forwarding")),
+        "{reasons:?}"
+    );
     gw.stop().await;
     validate_all_events(&w);
 }
@@ -224,7 +328,11 @@ async fn host_key_mismatch_refuses_the_session() {
     let out = output(w.ssh("alice", "web-01", &[], &["echo should-not-run"])).await;
     assert_ne!(out.status.code(), Some(0));
     assert!(!text(&out.stdout).contains("should-not-run"));
-    assert!(text(&out.stderr).contains("possible man-in-the-middle"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("possible man-in-the-middle"),
+        "{}",
+        text(&out.stderr)
+    );
     let e = w.wait_event("host key denial", |e| e["reason"] == "host_key_mismatch");
     assert_eq!(e["side"], "upstream");
     gw.stop().await;
@@ -244,7 +352,9 @@ fn start_long_session(w: &World, extra: &[&str], cmd: &str) -> std::process::Chi
 }
 
 fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> (Option<i32>, String, String) {
-    let status = wait_for("ssh to exit", timeout, || child.try_wait().expect("try_wait"));
+    let status = wait_for("ssh to exit", timeout, || {
+        child.try_wait().expect("try_wait")
+    });
     let mut out = String::new();
     let mut err = String::new();
     use std::io::Read;
@@ -291,14 +401,26 @@ async fn deadline_warns_then_cuts_the_session() {
     w.grant("alice", "4s");
     let started = Instant::now();
     let mut child = start_long_session(&w, &["-tt"], "sleep 60");
-    let deadline = w.sessions()[0]["deadline"].as_str().expect("deadline").to_string();
+    let deadline = w.sessions()[0]["deadline"]
+        .as_str()
+        .expect("deadline")
+        .to_string();
     let deadline = chrono::DateTime::parse_from_rfc3339(&deadline).expect("rfc3339");
     let (code, out, _err) = wait_exit(&mut child, Duration::from_secs(10));
     let late = chrono::Utc::now().signed_duration_since(deadline.with_timezone(&chrono::Utc));
-    eprintln!("session ended {late} after its deadline ({:?} after start)", started.elapsed());
-    assert!(late <= chrono::Duration::milliseconds(1000), "ended {late} after the deadline");
+    eprintln!(
+        "session ended {late} after its deadline ({:?} after start)",
+        started.elapsed()
+    );
+    assert!(
+        late <= chrono::Duration::milliseconds(1000),
+        "ended {late} after the deadline"
+    );
     assert_ne!(code, Some(0));
-    assert!(out.contains("this session ends in 2s"), "warning shown: {out}");
+    assert!(
+        out.contains("this session ends in 2s"),
+        "warning shown: {out}"
+    );
     assert!(out.contains("deadline was reached"), "reason shown: {out}");
     gw.stop().await;
     w.wait_event("expiry event", |e| e["action"] == "session_expired");
@@ -316,7 +438,12 @@ async fn sigkill_loses_at_most_the_last_second() {
     let mut gw = Process::start(&w);
     w.grant("alice", "30m");
     let mut child = w
-        .ssh("alice", "web-01", &[], &["for i in $(seq 1 400); do echo line-$i; sleep 0.02; done; sleep 60"])
+        .ssh(
+            "alice",
+            "web-01",
+            &[],
+            &["for i in $(seq 1 400); do echo line-$i; sleep 0.02; done; sleep 60"],
+        )
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start ssh");
@@ -325,7 +452,10 @@ async fn sigkill_loses_at_most_the_last_second() {
     let (tx, rx) = std::sync::mpsc::channel::<(Instant, String)>();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             let _ = tx.send((Instant::now(), line));
         }
     });
@@ -352,13 +482,20 @@ async fn sigkill_loses_at_most_the_last_second() {
     let id = last_session_id(&w);
     let cast = export(&w, &id);
     for l in &must_have {
-        assert!(cast.contains(&format!("{l}\\n")), "{l} (seen over 1 s before the kill) is in the export");
+        assert!(
+            cast.contains(&format!("{l}\\n")),
+            "{l} (seen over 1 s before the kill) is in the export"
+        );
     }
     // A restart closes the session left open.
     let _gw2 = Process::start(&w);
     let ev = w.wait_event("crash recovery event", |e| e["reason"] == "gateway_crashed");
     assert_eq!(ev["session_id"], id.as_str());
-    let row = w.sessions().into_iter().find(|s| s["id"] == id.as_str()).expect("row");
+    let row = w
+        .sessions()
+        .into_iter()
+        .find(|s| s["id"] == id.as_str())
+        .expect("row");
     assert_eq!(row["end_reason"], "gateway_crashed");
     validate_all_events(&w);
 }
@@ -371,13 +508,19 @@ async fn storage_failure_refuses_new_sessions_and_ends_live_ones() {
 
     // A live session whose recording directory disappears and is replaced by a file.
     let mut child = start_long_session(&w, &[], "while true; do echo tick; sleep 0.05; done");
-    let prefix = w.sessions()[0]["recording"].as_str().expect("prefix").to_string();
+    let prefix = w.sessions()[0]["recording"]
+        .as_str()
+        .expect("prefix")
+        .to_string();
     let dir = w.path("data/recordings").join(&prefix);
     std::fs::remove_dir_all(&dir).expect("remove session dir");
     std::fs::write(&dir, b"blocked").expect("block the path");
     let (code, _out, err) = wait_exit(&mut child, Duration::from_secs(10));
     assert_ne!(code, Some(0));
-    assert!(err.contains("recording failed"), "the user is told why: {err}");
+    assert!(
+        err.contains("recording failed"),
+        "the user is told why: {err}"
+    );
     let ev = w.wait_event("end event", |e| e["action"] == "session_end");
     assert_eq!(ev["outcome"], "failure");
     assert_eq!(ev["reason"], "recording_failed");
@@ -388,8 +531,14 @@ async fn storage_failure_refuses_new_sessions_and_ends_live_ones() {
     std::fs::write(&sessions_dir, b"blocked").expect("block the store");
     let out = output(w.ssh("alice", "web-01", &[], &["echo should-not-run"])).await;
     assert!(!text(&out.stdout).contains("should-not-run"));
-    assert!(text(&out.stderr).contains("never run unrecorded"), "{}", text(&out.stderr));
-    w.wait_event("recording denial", |e| e["reason"] == "recording_unavailable");
+    assert!(
+        text(&out.stderr).contains("never run unrecorded"),
+        "{}",
+        text(&out.stderr)
+    );
+    w.wait_event("recording denial", |e| {
+        e["reason"] == "recording_unavailable"
+    });
     gw.stop().await;
 }
 
@@ -397,8 +546,17 @@ async fn storage_failure_refuses_new_sessions_and_ends_live_ones() {
 fn check_config_names_the_bad_key() {
     let w = World::new();
     let out = w.cli(&["check-config", w.config_path.to_str().expect("path")]);
-    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
-    assert!(text(&out.stdout).contains("reachable"), "{}", text(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("reachable"),
+        "{}",
+        text(&out.stdout)
+    );
 
     let bad = std::fs::read_to_string(&w.config_path)
         .expect("config")
@@ -407,7 +565,11 @@ fn check_config_names_the_bad_key() {
     std::fs::write(&bad_path, bad).expect("write");
     let out = w.cli(&["check-config", bad_path.to_str().expect("path")]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("limits.max_session_ttl"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("limits.max_session_ttl"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // The example config in config/ is valid as it stands.
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/breakglass.toml");

@@ -17,7 +17,9 @@ pub fn require(program: &str, package: &str) -> PathBuf {
             return p;
         }
     }
-    panic!("`{program}` is missing: install the Debian package `{package}` (tests/run.sh installs it)");
+    panic!(
+        "`{program}` is missing: install the Debian package `{package}` (tests/run.sh installs it)"
+    );
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -33,15 +35,20 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < end,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 pub fn wait_port(port: u16) {
-    wait_for(&format!("port {port} to accept"), Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-    });
+    wait_for(
+        &format!("port {port} to accept"),
+        Duration::from_secs(10),
+        || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
+    );
 }
 
 fn keygen(path: &Path) {
@@ -124,19 +131,11 @@ impl Sshd {
 }
 
 /// Options for a world's config.
+#[derive(Default)]
 pub struct Opts {
     pub extra_limits: String,
     /// Pin this host key file instead of the target's real one.
     pub wrong_host_key: bool,
-}
-
-impl Default for Opts {
-    fn default() -> Self {
-        Opts {
-            extra_limits: String::new(),
-            wrong_host_key: false,
-        }
-    }
 }
 
 impl World {
@@ -150,7 +149,11 @@ impl World {
         // Generate the gateway's keys first so sshd can trust the CA from its first start.
         let keys = GatewayKeys::load_or_create(&data).expect("gateway keys");
         let ca_pub = dir.path().join("gateway_ca.pub");
-        std::fs::write(&ca_pub, breakglass::keys::openssh_line(keys.user_ca.public_key())).expect("write ca");
+        std::fs::write(
+            &ca_pub,
+            breakglass::keys::openssh_line(keys.user_ca.public_key()),
+        )
+        .expect("write ca");
         for who in ["alice", "bob", "mallory"] {
             keygen(&dir.path().join(who));
         }
@@ -241,8 +244,18 @@ max_session_ttl = "1h"
     /// Adds a grant through the operator CLI; returns its id.
     pub fn grant(&self, person: &str, duration: &str) -> String {
         self.cli_ok(&[
-            "grant", "add", "--person", person, "--target", "web-01", "--for", duration, "--reason",
-            "disk full on /var", "--incident", "INC-7",
+            "grant",
+            "add",
+            "--person",
+            person,
+            "--target",
+            "web-01",
+            "--for",
+            duration,
+            "--reason",
+            "disk full on /var",
+            "--incident",
+            "INC-7",
         ])
         .trim()
         .to_string()
@@ -288,8 +301,14 @@ max_session_ttl = "1h"
     }
 
     /// Waits for a SIEM event matching `pred`.
-    pub fn wait_event(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        wait_for(what, Duration::from_secs(15), || self.siem_events().into_iter().find(|e| pred(e)))
+    pub fn wait_event(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        wait_for(what, Duration::from_secs(15), || {
+            self.siem_events().into_iter().find(|e| pred(e))
+        })
     }
 
     /// The session list as JSON.
@@ -375,10 +394,19 @@ pub fn text(b: &[u8]) -> String {
 
 /// Validates `instance` against a schema in recordings-schema/.
 pub fn validate(schema_file: &str, instance: &serde_json::Value) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("recordings-schema").join(schema_file);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("recordings-schema")
+        .join(schema_file);
     let schema: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("read schema")).expect("schema is JSON");
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read schema"))
+            .expect("schema is JSON");
     let v = jsonschema::validator_for(&schema).expect("schema compiles");
-    let errors: Vec<String> = v.iter_errors(instance).map(|e| format!("{e} at {}", e.instance_path())).collect();
-    assert!(errors.is_empty(), "{schema_file} rejects {instance}: {errors:?}");
+    let errors: Vec<String> = v
+        .iter_errors(instance)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{schema_file} rejects {instance}: {errors:?}"
+    );
 }
