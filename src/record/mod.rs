@@ -547,6 +547,12 @@ impl RecorderTask {
                         Stream::Err => Vec::new(),
                     };
                     c.meta.transfers.extend(done.into_iter().map(transfer_meta));
+                    let t = secs(at.saturating_duration_since(c.start));
+                    c.meta.notes.extend(
+                        s.take_ops()
+                            .into_iter()
+                            .map(|op| format!("{t:.3}s sftp {op}")),
+                    );
                 }
                 if let Some(s) = c.scp.as_mut() {
                     let done = match stream {

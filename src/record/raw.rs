@@ -137,7 +137,7 @@ mod tests {
             },
         };
         let mut buf = encode_header(&h);
-        encode_frame(&mut buf, Stream::In, Duration::from_micros(5), b"");
+        encode_frame(&mut buf, Stream::In, Duration::from_micros(5), b"y");
         encode_frame(
             &mut buf,
             Stream::Out,

@@ -576,3 +576,154 @@ fn check_config_names_the_bad_key() {
     let out = w.cli(&["check-config", "--offline", example]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// Deterministic pseudo-random bytes (no two runs of the test differ).
+fn content(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scp_and_sftp_work_and_transfers_are_recorded() {
+    let w = World::new();
+    let gw = InProcess::start(&w).await;
+    w.grant("alice", "30m");
+    let remote = w.path("remote");
+    std::fs::create_dir_all(&remote).expect("remote dir");
+    let up = content(300_000, 7);
+    let local_up = w.path("up.bin");
+    std::fs::write(&local_up, &up).expect("write");
+    let down = content(123_457, 9);
+    std::fs::write(remote.join("down.bin"), &down).expect("write");
+
+    let scp = |extra: &[&str], from: String, to: String| {
+        let mut c = Command::new(require("scp", "openssh-client"));
+        c.args(w.ssh_args("alice"))
+            .args(["-P", &w.gw_port.to_string()])
+            .args(extra)
+            .arg(from)
+            .arg(to)
+            .stdin(std::process::Stdio::null());
+        c
+    };
+    let at = |p: &std::path::Path| format!("web-01@127.0.0.1:{}", p.display());
+
+    // scp over the SFTP protocol (OpenSSH's default), then legacy scp (-O), both ways.
+    for (mode, extra) in [("sftp", vec![]), ("legacy", vec!["-O"])] {
+        let dest = remote.join(format!("up-{mode}.bin"));
+        let out = output(scp(&extra, local_up.display().to_string(), at(&dest))).await;
+        assert!(
+            out.status.success(),
+            "scp {mode} upload: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(
+            std::fs::read(&dest).expect("uploaded"),
+            up,
+            "scp {mode} upload intact"
+        );
+        let got = w.path(&format!("down-{mode}.bin"));
+        let out = output(scp(
+            &extra,
+            at(&remote.join("down.bin")),
+            got.display().to_string(),
+        ))
+        .await;
+        assert!(
+            out.status.success(),
+            "scp {mode} download: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(
+            std::fs::read(&got).expect("downloaded"),
+            down,
+            "scp {mode} download intact"
+        );
+    }
+
+    // An interactive-style sftp batch.
+    let batch = w.path("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {} {}\nget {} {}\nrm {}\n",
+            local_up.display(),
+            remote.join("sftp-up.bin").display(),
+            remote.join("down.bin").display(),
+            w.path("sftp-down.bin").display(),
+            remote.join("sftp-up.bin").display(),
+        ),
+    )
+    .expect("batch");
+    let mut c = Command::new(require("sftp", "openssh-client"));
+    c.args(w.ssh_args("alice"))
+        .args(["-P", &w.gw_port.to_string(), "-b"])
+        .arg(&batch)
+        .arg("web-01@127.0.0.1")
+        .stdin(std::process::Stdio::null());
+    let out = output(c).await;
+    assert!(out.status.success(), "sftp batch: {}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read(w.path("sftp-down.bin")).expect("sftp get"),
+        down
+    );
+    gw.stop().await;
+
+    let mut transfers = Vec::new();
+    let mut notes = Vec::new();
+    for s in w.sessions() {
+        let meta = session_meta(&w, s["id"].as_str().expect("id"));
+        for ch in meta["channels"].as_array().expect("channels") {
+            transfers.extend(
+                ch["transfers"]
+                    .as_array()
+                    .expect("transfers")
+                    .iter()
+                    .cloned(),
+            );
+            notes.extend(ch["notes"].as_array().expect("notes").iter().cloned());
+        }
+    }
+    let (up_sha, down_sha) = (sha256_hex(&up), sha256_hex(&down));
+    for (protocol, direction, sha, size) in [
+        ("sftp", "upload", &up_sha, up.len()),
+        ("sftp", "download", &down_sha, down.len()),
+        ("scp", "upload", &up_sha, up.len()),
+        ("scp", "download", &down_sha, down.len()),
+    ] {
+        assert!(
+            transfers.iter().any(|t| t["protocol"] == protocol
+                && t["direction"] == direction
+                && t["sha256"] == sha.as_str()
+                && t["size"] == size as u64
+                && t["complete"] == true),
+            "{protocol} {direction} of {size} bytes recorded with its hash: {transfers:#?}"
+        );
+    }
+    assert!(
+        transfers
+            .iter()
+            .filter(|t| t["path"].as_str().unwrap_or("").contains("up-sftp.bin"))
+            .count()
+            == 1,
+        "the file name is recorded: {transfers:#?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.as_str().unwrap_or("").contains("remove")),
+        "sftp rm recorded: {notes:?}"
+    );
+}

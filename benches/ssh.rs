@@ -1,0 +1,216 @@
+//! SSH benchmark, side by side in one run against baselines on the same machine:
+//!
+//! - bulk throughput: `ssh HOST 'head -c N /dev/zero'` through the gateway (recording on),
+//!   direct to sshd, and through OpenSSH ProxyJump (`ssh -J`); prints MB/s and ratios;
+//! - keystroke round trip: one line typed into `cat` on a pty and read back, p50/p99, through
+//!   the gateway and direct.
+//!
+//! Run with `cargo bench --bench ssh` (BENCH_BYTES overrides the 1 GB default, BENCH_RUNS the
+//! 3 runs per path). Nothing here asserts a speed: it measures and prints.
+
+#[path = "../tests/e2e/support.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Base ssh arguments for direct (non-gateway) connections with alice's key.
+fn direct_args(w: &World) -> Vec<String> {
+    w.ssh_args("alice")
+}
+
+fn time_bulk(mut c: Command, bytes: u64) -> Duration {
+    let start = Instant::now();
+    let out = c.stdout(Stdio::piped()).output().expect("run ssh");
+    let took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "bulk transfer failed: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.stdout.len() as u64, bytes, "all bytes arrived");
+    took
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    let idx = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[idx.min(v.len() - 1)]
+}
+
+/// Types `n` lines into `cat` on a remote pty and times each echo.
+fn keystroke_rtt(mut c: Command, n: usize) -> Vec<Duration> {
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ssh");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    // Wait for the remote side to be ready.
+    loop {
+        line.clear();
+        if stdout.read_line(&mut line).expect("read") == 0 {
+            panic!("ssh ended before READY");
+        }
+        if line.contains("READY") {
+            break;
+        }
+    }
+    let mut rtts = Vec::with_capacity(n);
+    for i in 0..n {
+        let probe = format!("k{i}");
+        let start = Instant::now();
+        stdin
+            .write_all(format!("{probe}\n").as_bytes())
+            .expect("write");
+        stdin.flush().expect("flush");
+        loop {
+            line.clear();
+            if stdout.read_line(&mut line).expect("read") == 0 {
+                panic!("ssh ended early");
+            }
+            if line.trim_end() == probe {
+                break;
+            }
+        }
+        rtts.push(start.elapsed());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    rtts
+}
+
+fn main() {
+    let bytes = env_num("BENCH_BYTES", 1_000_000_000);
+    let runs = env_num("BENCH_RUNS", 3) as usize;
+    let w = World::new();
+    // Direct and ProxyJump paths log in with alice's own key.
+    std::fs::copy(w.path("alice.pub"), w.path("authorized_keys")).expect("authorized_keys");
+    let _gw = Process::start(&w);
+    w.grant("alice", "2h");
+    let user = current_user();
+    let cmd = format!("head -c {bytes} /dev/zero");
+
+    let gateway = || {
+        let mut c = w.ssh("alice", "web-01", &[], &[&cmd]);
+        c.stdin(Stdio::null());
+        c
+    };
+    let direct = || {
+        let mut c = Command::new("ssh");
+        c.args(direct_args(&w))
+            .args([
+                "-p",
+                &w.sshd.port.to_string(),
+                &format!("{user}@127.0.0.1"),
+                &cmd,
+            ])
+            .stdin(Stdio::null());
+        c
+    };
+    let jump = || {
+        let mut c = Command::new("ssh");
+        let jump_cmd = format!(
+            "ssh {} -p {} -W %h:%p {user}@127.0.0.1",
+            direct_args(&w).join(" "),
+            w.sshd.port
+        );
+        c.args(direct_args(&w))
+            .args(["-o", &format!("ProxyCommand={jump_cmd}")])
+            .args([
+                "-p",
+                &w.sshd.port.to_string(),
+                &format!("{user}@127.0.0.1"),
+                &cmd,
+            ])
+            .stdin(Stdio::null());
+        c
+    };
+
+    println!(
+        "bulk: {} MB per run, {runs} runs per path, interleaved",
+        bytes / 1_000_000
+    );
+    let (mut g, mut d, mut j) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        d.push(time_bulk(direct(), bytes));
+        j.push(time_bulk(jump(), bytes));
+        g.push(time_bulk(gateway(), bytes));
+    }
+    let mbps = |t: Duration| bytes as f64 / 1e6 / t.as_secs_f64();
+    let (gm, dm, jm) = (median(g.clone()), median(d.clone()), median(j.clone()));
+    println!(
+        "  direct        median {:>8.1} MB/s  runs {:?}",
+        mbps(dm),
+        d
+    );
+    println!(
+        "  ProxyJump     median {:>8.1} MB/s  runs {:?}",
+        mbps(jm),
+        j
+    );
+    println!(
+        "  gateway+rec   median {:>8.1} MB/s  runs {:?}",
+        mbps(gm),
+        g
+    );
+    println!(
+        "  ratio gateway/ProxyJump = {:.2}x, gateway/direct = {:.2}x",
+        mbps(gm) / mbps(jm),
+        mbps(gm) / mbps(dm)
+    );
+
+    let n = env_num("BENCH_KEYS", 300) as usize;
+    let remote = "stty -echo; echo READY; cat";
+    let mut kg = keystroke_rtt(
+        {
+            let mut c = w.ssh("alice", "web-01", &["-tt"], &[remote]);
+            c.stdin(Stdio::piped());
+            c
+        },
+        n,
+    );
+    let mut kd = keystroke_rtt(
+        {
+            let mut c = Command::new("ssh");
+            c.args(direct_args(&w)).args([
+                "-tt",
+                "-p",
+                &w.sshd.port.to_string(),
+                &format!("{user}@127.0.0.1"),
+                remote,
+            ]);
+            c
+        },
+        n,
+    );
+    let (g50, g99) = (percentile(&mut kg, 0.5), percentile(&mut kg, 0.99));
+    let (d50, d99) = (percentile(&mut kd, 0.5), percentile(&mut kd, 0.99));
+    println!("keystroke round trip ({n} lines into cat on a pty):");
+    println!("  direct   p50 {d50:?}  p99 {d99:?}");
+    println!("  gateway  p50 {g50:?}  p99 {g99:?}");
+    println!(
+        "  added by the gateway: p50 {:?}  p99 {:?}",
+        g50.saturating_sub(d50),
+        g99.saturating_sub(d99)
+    );
+}
