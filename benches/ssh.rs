@@ -110,24 +110,25 @@ fn main() {
     let user = current_user();
     let cmd = format!("head -c {bytes} /dev/zero");
 
-    let gateway = || {
-        let mut c = w.ssh("alice", "web-01", &[], &[&cmd]);
+    let ssh_gateway = |cmd: &str| {
+        let mut c = w.ssh("alice", "web-01", &[], &[cmd]);
         c.stdin(Stdio::null());
         c
     };
-    let direct = || {
+    let ssh_direct = |cmd: &str| {
         let mut c = Command::new("ssh");
         c.args(direct_args(&w))
             .args([
                 "-p",
                 &w.sshd.port.to_string(),
                 &format!("{user}@127.0.0.1"),
-                &cmd,
+                cmd,
             ])
             .stdin(Stdio::null());
         c
     };
-    let jump = || {
+    // What `ssh -J` does, spelled out so the jump leg gets the same options and key.
+    let ssh_jump = |cmd: &str| {
         let mut c = Command::new("ssh");
         let jump_cmd = format!(
             "ssh {} -p {} -W %h:%p {user}@127.0.0.1",
@@ -140,44 +141,71 @@ fn main() {
                 "-p",
                 &w.sshd.port.to_string(),
                 &format!("{user}@127.0.0.1"),
-                &cmd,
+                cmd,
             ])
             .stdin(Stdio::null());
         c
     };
 
-    println!(
-        "bulk: {} MB per run, {runs} runs per path, interleaved",
-        bytes / 1_000_000
-    );
-    let (mut g, mut d, mut j) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..runs {
-        d.push(time_bulk(direct(), bytes));
-        j.push(time_bulk(jump(), bytes));
-        g.push(time_bulk(gateway(), bytes));
+    // Random data does not compress: it shows the cost of recording when LZ4 cannot help.
+    let random_bytes = bytes.min(256_000_000);
+    let random_file = w.path("random.bin");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&random_file).expect("create"));
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = random_bytes as usize;
+        while left > 0 {
+            for b in buf.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = (x >> 32) as u8;
+            }
+            let n = left.min(buf.len());
+            f.write_all(&buf[..n]).expect("write");
+            left -= n;
+        }
     }
-    let mbps = |t: Duration| bytes as f64 / 1e6 / t.as_secs_f64();
-    let (gm, dm, jm) = (median(g.clone()), median(d.clone()), median(j.clone()));
-    println!(
-        "  direct        median {:>8.1} MB/s  runs {:?}",
-        mbps(dm),
-        d
-    );
-    println!(
-        "  ProxyJump     median {:>8.1} MB/s  runs {:?}",
-        mbps(jm),
-        j
-    );
-    println!(
-        "  gateway+rec   median {:>8.1} MB/s  runs {:?}",
-        mbps(gm),
-        g
-    );
-    println!(
-        "  ratio gateway/ProxyJump = {:.2}x, gateway/direct = {:.2}x",
-        mbps(gm) / mbps(jm),
-        mbps(gm) / mbps(dm)
-    );
+    let random_cmd = format!("cat {}", random_file.display());
+
+    let mbps = |n: u64, t: Duration| n as f64 / 1e6 / t.as_secs_f64();
+    for (label, cmd, n) in [
+        ("zeros (head -c N /dev/zero)", cmd.as_str(), bytes),
+        ("random data (cat FILE)", random_cmd.as_str(), random_bytes),
+    ] {
+        println!(
+            "bulk {label}: {} MB per run, {runs} runs per path, interleaved",
+            n / 1_000_000
+        );
+        let (mut g, mut d, mut j) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            d.push(time_bulk(ssh_direct(cmd), n));
+            j.push(time_bulk(ssh_jump(cmd), n));
+            g.push(time_bulk(ssh_gateway(cmd), n));
+        }
+        let (gm, dm, jm) = (median(g.clone()), median(d.clone()), median(j.clone()));
+        println!(
+            "  direct        median {:>8.1} MB/s  runs {:?}",
+            mbps(n, dm),
+            d
+        );
+        println!(
+            "  ProxyJump     median {:>8.1} MB/s  runs {:?}",
+            mbps(n, jm),
+            j
+        );
+        println!(
+            "  gateway+rec   median {:>8.1} MB/s  runs {:?}",
+            mbps(n, gm),
+            g
+        );
+        println!(
+            "  ratio gateway/ProxyJump = {:.2}x, gateway/direct = {:.2}x",
+            mbps(n, gm) / mbps(n, jm),
+            mbps(n, gm) / mbps(n, dm)
+        );
+    }
 
     let n = env_num("BENCH_KEYS", 300) as usize;
     let remote = "stty -echo; echo READY; cat";

@@ -122,8 +122,8 @@ pub mod key {
         format!("{prefix}/session.json")
     }
 
-    /// Chunk `seq` of channel `channel`. `ext` is `cast` (pty, asciicast v2) or `raw`
-    /// (non-pty, exact bytes). Zero-padded so key order is chunk order.
+    /// Chunk `seq` of channel `channel`. `ext` is `cast` (pty, asciicast v2) or `raw.lz4`
+    /// (non-pty, exact bytes in an LZ4 frame). Zero-padded so key order is chunk order.
     pub fn chunk(prefix: &str, channel: u32, seq: u64, ext: &str) -> String {
         format!("{prefix}/ch{channel:04}/{seq:08}.{ext}")
     }

@@ -69,14 +69,23 @@ pub async fn load(store: &RecordingStore, prefix: &str) -> Result<Loaded, Export
         let Some(ch) = chdir.strip_prefix("ch").and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
-        let format = if file.ends_with(".cast") {
-            Format::Cast
+        let (format, compressed) = if file.ends_with(".cast") {
+            (Format::Cast, false)
+        } else if file.ends_with(".raw.lz4") {
+            (Format::Raw, true)
         } else if file.ends_with(".raw") {
-            Format::Raw
+            (Format::Raw, false)
         } else {
             continue;
         };
-        let bytes = store.get(&obj.key).await?;
+        let stored = store.get(&obj.key).await?;
+        let bytes = if compressed {
+            // A recorder chunk holds at most 4 MiB plus one SSH packet before it is flushed.
+            raw::decompress(&stored, 64 << 20)
+                .map_err(|e| ExportError::BadChannel(ch, format!("{}: {e}", obj.key)))?
+        } else {
+            stored.to_vec()
+        };
         let entry = channels.entry(ch).or_insert(ChannelData {
             format,
             bytes: Vec::new(),

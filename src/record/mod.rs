@@ -5,7 +5,7 @@
 //! Formats: a channel with a pty is recorded as asciicast v2 (`.cast` chunks whose
 //! concatenation is a valid .cast file); a channel without a pty (exec, scp, sftp) carries
 //! arbitrary binary data and is recorded exactly as framed raw bytes (`.raw` chunks, see
-//! [`raw`]); `breakglass export` turns both into asciicast v2.
+//! [`raw`], each chunk one LZ4 frame); `breakglass export` turns both into asciicast v2.
 
 pub mod asciicast;
 pub mod commands;
@@ -666,9 +666,17 @@ impl RecorderTask {
         if c.buf.is_empty() {
             return Ok(());
         }
-        let ext = if c.cast.is_some() { "cast" } else { "raw" };
+        let ext = if c.cast.is_some() { "cast" } else { "raw.lz4" };
         let k = key::chunk(&self.prefix, ch, c.seq, ext);
-        let data = std::mem::take(&mut c.buf);
+        let plain = std::mem::take(&mut c.buf);
+        // Raw channels carry bulk data (scp, dumps): each chunk is one standard LZ4 frame
+        // (`lz4 -d` reads it), which cuts storage and the write and hash cost of compressible
+        // data. Terminal chunks stay plain asciicast.
+        let data = if c.cast.is_some() {
+            plain
+        } else {
+            raw::compress(&plain).map_err(|e| StorageError::Backend(format!("lz4: {e}")))?
+        };
         c.seq += 1;
         c.meta.chunks = c.seq;
         let sha = hex::encode(Sha256::digest(&data));

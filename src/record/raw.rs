@@ -52,6 +52,29 @@ pub fn encode_frame(buf: &mut Vec<u8>, stream: Stream, at: Duration, data: &[u8]
     }
 }
 
+/// Compresses one chunk as a standard LZ4 frame.
+pub fn compress(plain: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut enc = lz4_flex::frame::FrameEncoder::new(Vec::with_capacity(plain.len() / 4 + 64));
+    enc.write_all(plain)?;
+    enc.finish().map_err(std::io::Error::other)
+}
+
+/// Decompresses LZ4 frames (one or several concatenated), refusing to expand beyond `limit`.
+pub fn decompress(compressed: &[u8], limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    lz4_flex::frame::FrameDecoder::new(compressed)
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut out)?;
+    if out.len() as u64 > limit {
+        return Err(std::io::Error::other(format!(
+            "chunk expands beyond {limit} bytes"
+        )));
+    }
+    Ok(out)
+}
+
 /// One decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -161,5 +184,9 @@ mod tests {
         bad[first_frame] = b'x';
         assert!(matches!(decode(&bad), Err(RawError::BadTag(..))));
         assert!(matches!(decode(b"no newline"), Err(RawError::NoHeader)));
+        let z = compress(&buf).expect("compress");
+        assert_eq!(decompress(&z, 1 << 20).expect("decompress"), buf);
+        assert!(decompress(&z, 10).is_err(), "expansion limit enforced");
+        assert!(decompress(b"not lz4", 1 << 20).is_err());
     }
 }
