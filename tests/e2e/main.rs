@@ -84,6 +84,7 @@ async fn exec_relays_output_and_exit_status_and_is_recorded() {
     assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "out-42\n");
     assert!(text(&out.stderr).contains("err-line"));
+    w.wait_ended(1);
     gw.stop().await;
 
     let id = last_session_id(&w);
@@ -162,6 +163,7 @@ async fn interactive_shell_with_resize_replays_in_asciinema() {
         text(&out.stderr)
     );
     assert!(transcript.contains("[exit 0]"), "{transcript}");
+    w.wait_ended(1);
     gw.stop().await;
 
     let id = last_session_id(&w);
@@ -183,6 +185,10 @@ async fn interactive_shell_with_resize_replays_in_asciinema() {
     );
 
     let cast = export(&w, &id);
+    let header: Value =
+        serde_json::from_str(cast.lines().next().expect("header line")).expect("header JSON");
+    validate("asciicast-v2-header.schema.json", &header);
+    assert_eq!(header["breakglass"]["session"]["person"], "alice");
     assert!(
         cast.contains("\"r\", \"100x40\"") || cast.contains("\"r\",\"100x40\""),
         "resize recorded"
@@ -218,8 +224,13 @@ async fn denials_are_clear_and_on_the_record() {
     );
 
     // An expired grant.
-    w.grant("alice", "1s");
-    std::thread::sleep(Duration::from_millis(1100));
+    let g = w.grant("alice", "1s");
+    wait_for("the grant to expire", Duration::from_secs(5), || {
+        w.cli_ok(&["grant", "list", "--all", "--format", "csv"])
+            .lines()
+            .any(|l| l.starts_with(&g) && l.contains(",expired,"))
+            .then_some(())
+    });
     let out = output(w.ssh("alice", "web-01", &[], &["true"])).await;
     assert!(
         text(&out.stderr).contains("expired at"),
@@ -679,6 +690,7 @@ async fn scp_and_sftp_work_and_transfers_are_recorded() {
         std::fs::read(w.path("sftp-down.bin")).expect("sftp get"),
         down
     );
+    w.wait_ended(5);
     gw.stop().await;
 
     let mut transfers = Vec::new();
@@ -725,5 +737,74 @@ async fn scp_and_sftp_work_and_transfers_are_recorded() {
             .iter()
             .any(|n| n.as_str().unwrap_or("").contains("remove")),
         "sftp rm recorded: {notes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_channels_share_one_session_and_env_is_allow_listed() {
+    let w = World::new();
+    let gw = InProcess::start(&w).await;
+    w.grant("alice", "30m");
+    let sock = w.path("cm.sock");
+    let sock_s = sock.display().to_string();
+    // An OpenSSH connection master; the commands below are channels on its one connection.
+    let mut master = w
+        .ssh("alice", "web-01", &["-M", "-S", &sock_s, "-N"], &[])
+        .spawn()
+        .expect("start master");
+    wait_for("the control socket", Duration::from_secs(10), || {
+        sock.exists().then_some(())
+    });
+    let one = output(w.ssh("alice", "web-01", &["-S", &sock_s], &["echo first"])).await;
+    assert_eq!(text(&one.stdout), "first\n", "{}", text(&one.stderr));
+    let two = output(w.ssh(
+        "alice",
+        "web-01",
+        &["-S", &sock_s],
+        &["echo second; exit 4"],
+    ))
+    .await;
+    assert_eq!(text(&two.stdout), "second\n");
+    assert_eq!(two.status.code(), Some(4));
+    let _ = output(w.ssh("alice", "web-01", &["-S", &sock_s, "-O", "exit"], &[])).await;
+    let _ = master.wait();
+
+    // Environment: only allow-listed variables reach the target.
+    let env = output(w.ssh(
+        "alice",
+        "web-01",
+        &["-o", "SetEnv=LANG=C.UTF-8 EVIL=1"],
+        &["echo \"[$LANG][$EVIL]\""],
+    ))
+    .await;
+    assert_eq!(
+        text(&env.stdout),
+        "[C.UTF-8][]\n",
+        "allowed env passes, others do not: {}",
+        text(&env.stderr)
+    );
+    w.wait_ended(2);
+    gw.stop().await;
+
+    let metas: Vec<Value> = w
+        .sessions()
+        .iter()
+        .map(|s| session_meta(&w, s["id"].as_str().expect("id")))
+        .collect();
+    assert_eq!(metas.len(), 2);
+    let muxed = metas
+        .iter()
+        .find(|m| m["channels"].as_array().map(|c| c.len()) == Some(2))
+        .expect("the multiplexed connection is one session with two channels");
+    let chans = muxed["channels"].as_array().expect("channels");
+    assert_eq!(chans[0]["kind"]["command"], "echo first");
+    assert_eq!(chans[1]["kind"]["command"], "echo second; exit 4");
+    assert_eq!(chans[1]["exit_status"], 4);
+    let plain = metas.iter().find(|m| *m != muxed).expect("the env session");
+    let env = &plain["channels"][0]["env"];
+    assert_eq!(env["LANG"], "C.UTF-8");
+    assert!(
+        env.get("EVIL").is_none(),
+        "refused env is not recorded as passed: {env}"
     );
 }

@@ -311,6 +311,23 @@ max_session_ttl = "1h"
         })
     }
 
+    /// Waits until `n` sessions have written their end event (the client's exit comes first).
+    pub fn wait_ended(&self, n: usize) {
+        wait_for(
+            &format!("{n} session end events"),
+            Duration::from_secs(15),
+            || {
+                (self
+                    .siem_events()
+                    .iter()
+                    .filter(|e| e["action"] == "session_end")
+                    .count()
+                    >= n)
+                    .then_some(())
+            },
+        );
+    }
+
     /// The session list as JSON.
     pub fn sessions(&self) -> Vec<serde_json::Value> {
         let out = self.cli_ok(&["sessions", "list", "--format", "json"]);
