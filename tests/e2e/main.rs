@@ -197,6 +197,11 @@ async fn interactive_shell_with_resize_replays_in_asciinema() {
         cast.lines().any(|l| l.contains("\"i\"")),
         "keystrokes recorded"
     );
+    let replayed = w.cli_ok(&["replay", &id, "--speed", "50", "--idle-limit", "0.1"]);
+    assert!(
+        replayed.contains("bg-42"),
+        "breakglass replay shows the output: {replayed}"
+    );
     let played = asciinema_cat(&w.path(&format!("{id}.cast")));
     assert!(
         played.contains("bg-42"),
@@ -806,5 +811,31 @@ async fn several_channels_share_one_session_and_env_is_allow_listed() {
     assert!(
         env.get("EVIL").is_none(),
         "refused env is not recorded as passed: {env}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_held_key_logs_in_upstream() {
+    let w = World::with(Opts {
+        held_key: true,
+        ..Default::default()
+    });
+    let gw = InProcess::start(&w).await;
+    w.grant("alice", "30m");
+    let out = output(w.ssh("alice", "web-01", &[], &["echo held-key-ok"])).await;
+    assert_eq!(text(&out.stdout), "held-key-ok\n", "{}", text(&out.stderr));
+    w.wait_ended(1);
+    gw.stop().await;
+    // The target saw the gateway's key, never alice's.
+    let log = std::fs::read_to_string(w.path("sshd.log")).expect("sshd log");
+    let fp = Command::new(require("ssh-keygen", "openssh-client"))
+        .arg("-lf")
+        .arg(w.path("gateway_held_key.pub"))
+        .output()
+        .expect("ssh-keygen -lf");
+    let fp = text(&fp.stdout).split_whitespace().nth(1).expect("fingerprint").to_string();
+    assert!(
+        log.lines().any(|l| l.contains("Accepted publickey") && l.contains(&fp)),
+        "sshd accepted the gateway-held key {fp}: {log}"
     );
 }

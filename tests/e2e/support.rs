@@ -136,6 +136,9 @@ pub struct Opts {
     pub extra_limits: String,
     /// Pin this host key file instead of the target's real one.
     pub wrong_host_key: bool,
+    /// Log in upstream with a gateway-held key (in the target's authorized_keys) instead of a
+    /// per-session certificate.
+    pub held_key: bool,
 }
 
 impl World {
@@ -165,6 +168,18 @@ impl World {
         } else {
             sshd.host_pub.clone()
         };
+        let auth = if opts.held_key {
+            let key = dir.path().join("gateway_held_key");
+            keygen(&key);
+            std::fs::copy(
+                key.with_extension("pub"),
+                dir.path().join("authorized_keys"),
+            )
+            .expect("authorized_keys");
+            format!("auth = \"key\"\nkey_file = \"{}\"", key.display())
+        } else {
+            "auth = \"certificate\"".to_string()
+        };
         let gw_port = free_port();
         let config_path = dir.path().join("breakglass.toml");
         let d = dir.path().display();
@@ -190,6 +205,7 @@ name = "web-01"
 address = "127.0.0.1:{port}"
 host_key_file = "{pinned}"
 login = "{user}"
+{auth}
 
 [limits]
 max_session_ttl = "1h"
