@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use breakglass::config::Config;
 use breakglass::record::{asciicast, export};
-use breakglass::siem::{AccessEvent, Action, EventSink, JsonlFileSink};
+use breakglass::siem::{AccessEvent, Action, JsonlFileSink};
 use breakglass::state::{NewGrant, SessionFilter, SqliteStore, Store};
 use breakglass::storage::RecordingStore;
 use breakglass::{clock, keys};
@@ -98,6 +98,21 @@ enum Command {
         output: PathBuf,
         #[arg(long)]
         channel: Option<u32>,
+    },
+    /// Every recorded event of one incident (request, approvals, grant, sessions), oldest first.
+    Events {
+        #[arg(
+            long,
+            short,
+            env = "BREAKGLASS_CONFIG",
+            default_value = "config/breakglass.toml"
+        )]
+        config: PathBuf,
+        /// The correlation id: a request id (R-...), or a grant id for operator grants.
+        #[arg(long)]
+        correlation: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// The gateway's public keys.
     Keys {
@@ -207,6 +222,46 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             output,
             channel,
         } => export_cmd(&config, &session, &output, channel).await,
+        Command::Events {
+            config,
+            correlation,
+            format,
+        } => {
+            let cfg = Config::load(&config)?;
+            let store = open_state(&cfg)?;
+            let events = store.events(&correlation).await?;
+            if format == Format::Json {
+                let v: Vec<serde_json::Value> = events
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({
+                            "correlation_id": e.correlation_id, "event_type": e.event_type,
+                            "event_data": e.event_data, "actor": e.actor,
+                            "created_at": clock::rfc3339(e.created_at),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let rows: Vec<Vec<String>> = events
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            clock::rfc3339(e.created_at),
+                            e.event_type.clone(),
+                            e.actor.clone(),
+                            e.event_data["message"].as_str().unwrap_or("").to_string(),
+                        ]
+                    })
+                    .collect();
+                print_rows(
+                    format,
+                    &["created_at", "event_type", "actor", "message"],
+                    &rows,
+                )?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keys { config, cmd } => match cmd {
             KeysCmd::Show { ca } => {
                 let cfg = Config::load(&config)?;
@@ -409,7 +464,7 @@ async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
                 "{} granted {} access to {}",
                 g.created_by, g.person, g.target
             ));
-            siem.emit(&e).await?;
+            breakglass::siem::audit(&siem, &store, &e).await?;
             println!("{}", g.id);
             eprintln!(
                 "granted {} access to {} until {}",
@@ -468,7 +523,7 @@ async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
                 "{by} revoked grant {} of {} on {}",
                 g.id, g.person, g.target
             ));
-            siem.emit(&e).await?;
+            breakglass::siem::audit(&siem, &store, &e).await?;
             println!(
                 "revoked {} ({} on {}); live sessions end within a second",
                 g.id, g.person, g.target

@@ -85,6 +85,14 @@ struct RawTarget {
     #[serde(default = "default_auth")]
     auth: String,
     key_file: Option<PathBuf>,
+    #[serde(default)]
+    approvers: Vec<String>,
+    required_approvals: Option<usize>,
+    max_duration: Option<String>,
+    #[serde(default)]
+    custodians: Vec<String>,
+    #[serde(default)]
+    emergency_self_service: bool,
 }
 
 fn default_auth() -> String {
@@ -117,6 +125,7 @@ struct RawLimits {
     recorder_stall_timeout: Option<String>,
     flush_interval: Option<String>,
     login_grace: Option<String>,
+    request_ttl: Option<String>,
 }
 
 // ---------------------------------------------------------------- validated layer
@@ -178,6 +187,29 @@ pub struct TargetConfig {
     /// The break-glass account on the target.
     pub login: String,
     pub auth: UpstreamAuth,
+    /// Who may approve requests: person names, or `role:NAME` for everyone with that role.
+    pub approvers: Vec<String>,
+    /// Approvals a request needs; 1 is the two-person rule (requester plus one approver).
+    pub required_approvals: usize,
+    /// Longest grant a request for this target may ask for.
+    pub max_duration: Duration,
+    /// People responsible for the break-glass account; told of every request.
+    pub custodians: Vec<String>,
+    /// Whether a person may grant themselves access in an emergency (loud alert, mandatory
+    /// review).
+    pub emergency_self_service: bool,
+}
+
+impl TargetConfig {
+    /// Whether `person` (with `roles`) may approve requests for this target.
+    pub fn is_approver(&self, person: &str, roles: &[String]) -> bool {
+        self.approvers
+            .iter()
+            .any(|a| match a.strip_prefix("role:") {
+                Some(role) => roles.iter().any(|r| r == role),
+                None => a == person,
+            })
+    }
 }
 
 /// Session and grant limits.
@@ -201,6 +233,8 @@ pub struct Limits {
     pub flush_interval: Duration,
     /// Time an unauthenticated connection may take to log in.
     pub login_grace: Duration,
+    /// A request not approved within this time expires.
+    pub request_ttl: Duration,
 }
 
 fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
@@ -217,6 +251,9 @@ pub fn expand_home(p: &Path) -> PathBuf {
     }
     p.to_path_buf()
 }
+
+/// The SSH login name of the control channel (`ssh breakglass@gateway status`).
+pub const CONTROL_LOGIN: &str = "breakglass";
 
 /// Names used as SSH login names and storage key parts: letters, digits, `.`, `_`, `-`.
 fn valid_name(s: &str) -> bool {
@@ -317,9 +354,19 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
+    let max_grant_ttl_for_targets = parse_duration(
+        "limits.max_grant_ttl",
+        raw.limits.max_grant_ttl.as_deref().unwrap_or("24h"),
+    )?;
     let mut targets = BTreeMap::new();
     for (i, t) in raw.targets.into_iter().enumerate() {
         let base = format!("targets[{i}]");
+        if t.name == CONTROL_LOGIN {
+            return Err(invalid(
+                format!("{base}.name"),
+                format!("`{CONTROL_LOGIN}` is reserved for the control channel"),
+            ));
+        }
         if !valid_name(&t.name) {
             return Err(invalid(
                 format!("{base}.name"),
@@ -384,12 +431,43 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 ))
             }
         };
+        for (j, a) in t.approvers.iter().chain(t.custodians.iter()).enumerate() {
+            let name = a.strip_prefix("role:").unwrap_or(a);
+            if !valid_name(name) {
+                return Err(invalid(
+                    format!("{base}.approvers/custodians[{j}]"),
+                    format!("`{a}` is not a person name or role:NAME"),
+                ));
+            }
+            if !a.starts_with("role:") && !people.contains_key(a) {
+                return Err(invalid(
+                    format!("{base}.approvers/custodians[{j}]"),
+                    format!("`{a}` is not a person in [[people]]"),
+                ));
+            }
+        }
+        let required_approvals = t.required_approvals.unwrap_or(1);
+        if required_approvals == 0 {
+            return Err(invalid(
+                format!("{base}.required_approvals"),
+                "must be at least 1 (the two-person rule); use emergency_self_service for self-granted access",
+            ));
+        }
+        let max_duration = match t.max_duration {
+            Some(d) => parse_duration(&format!("{base}.max_duration"), &d)?,
+            None => max_grant_ttl_for_targets,
+        };
         let target = TargetConfig {
             name: t.name.clone(),
             address: t.address,
             host_key,
             login: t.login,
             auth,
+            approvers: t.approvers,
+            required_approvals,
+            max_duration,
+            custodians: t.custodians,
+            emergency_self_service: t.emergency_self_service,
         };
         if targets.insert(t.name.clone(), target).is_some() {
             return Err(invalid(
@@ -462,6 +540,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
     let login_grace = dur("login_grace", l.login_grace, "30s")?;
+    let request_ttl = dur("request_ttl", l.request_ttl, "1h")?;
 
     let mut names = BTreeSet::new();
     for t in targets.keys() {
@@ -485,6 +564,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             recorder_stall_timeout,
             flush_interval,
             login_grace,
+            request_ttl,
         },
     })
 }

@@ -170,6 +170,8 @@ mod tests {
             revoked_at: revoked.then_some(now),
             revoked_by: None,
             revoke_reason: None,
+            request_id: None,
+            review_required: false,
         }
     }
 

@@ -85,6 +85,11 @@ impl Gateway {
         }))
     }
 
+    /// Writes an audit event to the SIEM sink and the incident event store.
+    pub async fn audit(&self, e: &crate::siem::AccessEvent) -> Result<(), crate::siem::SiemError> {
+        crate::siem::audit(self.siem.as_ref(), self.store.as_ref(), e).await
+    }
+
     /// Snapshot of the live sessions.
     pub fn live_sessions(&self) -> Vec<Arc<LiveSession>> {
         self.live
@@ -114,6 +119,7 @@ pub async fn start(
     let serve = async move {
         let accept = tokio::spawn(crate::ssh::serve(listener, gw.clone()));
         let watcher = tokio::spawn(crate::ssh::session::revocation_watcher(gw.clone()));
+        let expiry = tokio::spawn(crate::control::request_expiry(gw.clone()));
         shutdown.await;
         tracing::info!("shutting down: no new connections, ending live sessions");
         // Drain order: stop accepting → end sessions (each seals its recording and emits its
@@ -132,6 +138,7 @@ pub async fn start(
             tracing::warn!("sessions did not finish sealing within 30s");
         }
         watcher.abort();
+        expiry.abort();
     };
     Ok((Bound { ssh }, serve))
 }

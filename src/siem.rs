@@ -23,6 +23,30 @@ pub enum Action {
     ForwardingRefused,
     GrantCreated,
     GrantRevoked,
+    RequestCreated,
+    RequestApproved,
+    RequestDenied,
+    RequestExpired,
+}
+
+impl Action {
+    /// The snake_case name, as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::SessionStart => "session_start",
+            Action::SessionEnd => "session_end",
+            Action::SessionDenied => "session_denied",
+            Action::SessionExpired => "session_expired",
+            Action::SessionRevoked => "session_revoked",
+            Action::ForwardingRefused => "forwarding_refused",
+            Action::GrantCreated => "grant_created",
+            Action::GrantRevoked => "grant_revoked",
+            Action::RequestCreated => "request_created",
+            Action::RequestApproved => "request_approved",
+            Action::RequestDenied => "request_denied",
+            Action::RequestExpired => "request_expired",
+        }
+    }
 }
 
 /// One break-glass audit event in the seed procedure's shape
@@ -69,6 +93,19 @@ pub struct AccessEvent {
     pub chain_head: Option<String>,
     /// The key that was offered (denials for unknown keys).
     pub key_fingerprint: Option<String>,
+    /// Request fields (request, approval and denial events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scenario: Option<String>,
+    /// Approvers so far (approval events) or the approver/denier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvers: Option<Vec<String>>,
+    /// Emergency self-service: no second person approved; mandatory review.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emergency: Option<bool>,
 }
 
 impl AccessEvent {
@@ -101,8 +138,38 @@ impl AccessEvent {
             recording: None,
             chain_head: None,
             key_fingerprint: None,
+            request_id: None,
+            severity: None,
+            scenario: None,
+            approvers: None,
+            emergency: None,
         }
     }
+}
+
+/// Writes an audit event to the SIEM sink and, when it has a correlation id, to the incident
+/// event store (`breakglass events --correlation ID`). The SIEM write decides the result; an
+/// event-store failure is logged, since the SIEM copy is the durable one.
+pub async fn audit(
+    sink: &dyn EventSink,
+    store: &dyn crate::state::Store,
+    event: &AccessEvent,
+) -> Result<(), SiemError> {
+    sink.emit(event).await?;
+    if let Some(c) = &event.correlation_id {
+        let stored = crate::state::StoredEvent {
+            id: event.event_id.clone(),
+            correlation_id: c.clone(),
+            event_type: event.action.as_str().to_string(),
+            event_data: serde_json::to_value(event).unwrap_or(serde_json::Value::Null),
+            actor: event.actor.clone(),
+            created_at: crate::clock::now(),
+        };
+        if let Err(e) = store.append_event(&stored).await {
+            tracing::error!(error = %e, event_id = %event.event_id, "could not add event to the event store");
+        }
+    }
+    Ok(())
 }
 
 /// A SIEM sink failure.

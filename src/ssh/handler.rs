@@ -82,6 +82,10 @@ pub struct Handler {
     session: Option<Arc<LiveSession>>,
     chans: HashMap<ChannelId, Chan>,
     next_rec_ch: u32,
+    /// The connection is for the control channel (workflow commands), not a target.
+    control: bool,
+    /// Control channels with a terminal (their output needs CR LF line ends).
+    control_pty: std::collections::HashSet<ChannelId>,
 }
 
 /// Runs one client connection to completion, then seals its session.
@@ -106,6 +110,8 @@ pub async fn run_connection(
         session: None,
         chans: HashMap::new(),
         next_rec_ch: 0,
+        control: false,
+        control_pty: Default::default(),
     };
     match server::run_stream(config, socket, handler).await {
         Ok(running) => {
@@ -159,7 +165,7 @@ impl Handler {
     async fn report_denial(&mut self, d: Denial, grant_id: Option<String>) {
         tracing::info!(peer = %self.peer, person = ?self.person, target = %self.target, reason = d.code(), "session denied");
         let ev = self.denial_event(&d, grant_id);
-        if let Err(e) = self.gw.siem.emit(&ev).await {
+        if let Err(e) = self.gw.audit(&ev).await {
             tracing::error!(error = %e, "could not write SIEM denial event");
         }
         self.denial = Some(d);
@@ -284,7 +290,7 @@ impl Handler {
         ev.target = Some(target.name.clone());
         ev.session_id = Some(session_id.clone());
         ev.grant_id = Some(live.grant.id.clone());
-        ev.correlation_id = Some(live.grant.id.clone());
+        ev.correlation_id = Some(live.grant.correlation_id().to_string());
         ev.justification = Some(live.grant.reason.clone());
         ev.incident_id = Some(live.grant.incident_id.clone());
         ev.client_addr = Some(self.peer.to_string());
@@ -294,7 +300,7 @@ impl Handler {
             "{person} started a break-glass session on {} as {}",
             target.name, target.login
         ));
-        if let Err(e) = gw.siem.emit(&ev).await {
+        if let Err(e) = gw.audit(&ev).await {
             // Invariant: no session starts unless its start event is durable.
             live.kill(EndReason::RecordingFailed(format!(
                 "start event not written: {e}"
@@ -338,13 +344,16 @@ impl Handler {
         e.target = Some(self.target.clone());
         e.session_id = self.session.as_ref().map(|s| s.id.clone());
         e.grant_id = self.session.as_ref().map(|s| s.grant.id.clone());
-        e.correlation_id = e.grant_id.clone();
+        e.correlation_id = self
+            .session
+            .as_ref()
+            .map(|s| s.grant.correlation_id().to_string());
         e.client_addr = Some(self.peer.to_string());
         e.outcome = "failure".into();
         e.side = Some("client".into());
         e.reason = Some(what.replace(' ', "_"));
         e.message = Some(text);
-        if let Err(err) = self.gw.siem.emit(&e).await {
+        if let Err(err) = self.gw.audit(&e).await {
             tracing::error!(error = %err, "could not write SIEM event");
         }
     }
@@ -416,6 +425,44 @@ impl Handler {
             })
             .await
             .is_ok()
+    }
+
+    /// Runs a workflow command for the identified person and closes the channel.
+    async fn run_control(
+        &mut self,
+        channel: ChannelId,
+        line: &str,
+        session: &mut Session,
+    ) -> Result<(), Error> {
+        let person = self.person.clone().unwrap_or_default();
+        let roles = self
+            .gw
+            .config
+            .people
+            .get(&person)
+            .map(|p| p.roles.clone())
+            .unwrap_or_default();
+        tracing::info!(person = %person, command = %line.split_whitespace().next().unwrap_or(""), "control command");
+        let caller = crate::control::Caller {
+            person: &person,
+            roles: &roles,
+        };
+        let out = crate::control::run(&self.gw, &caller, line).await;
+        session.channel_success(channel)?;
+        let text = if self.control_pty.contains(&channel) {
+            out.text.replace('\n', "\r\n")
+        } else {
+            out.text
+        };
+        if out.code == 0 {
+            session.data(channel, Bytes::from(text))?;
+        } else {
+            session.extended_data(channel, 1, Bytes::from(text))?;
+        }
+        session.exit_status_request(channel, out.code)?;
+        session.eof(channel)?;
+        session.close(channel)?;
+        Ok(())
     }
 
     fn reply(session: &mut Session, channel: ChannelId, ok: bool) -> Result<(), Error> {
@@ -623,6 +670,14 @@ impl server::Handler for Handler {
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         self.authenticated.store(true, Ordering::SeqCst);
+        let is_target = self.gw.config.targets.contains_key(&self.target);
+        if !is_target
+            && (self.target == crate::config::CONTROL_LOGIN
+                || Some(&self.target) == self.person.as_ref())
+        {
+            self.control = true;
+            return Ok(());
+        }
         if let Err((d, grant_id)) = self.establish(session.handle()).await {
             self.report_denial(d, grant_id).await;
             // A client that opens no channel (ssh -N) is disconnected after a short grace.
@@ -798,6 +853,9 @@ impl server::Handler for Handler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         if self.session.is_none() {
+            if self.control {
+                self.control_pty.insert(channel);
+            }
             session.channel_success(channel)?;
             return Ok(());
         }
@@ -855,6 +913,9 @@ impl server::Handler for Handler {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if self.control {
+            return self.run_control(channel, "status", session).await;
+        }
         if self.session.is_none() {
             return self.deny_channel(channel, session);
         }
@@ -871,6 +932,10 @@ impl server::Handler for Handler {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if self.control {
+            let line = String::from_utf8_lossy(data).into_owned();
+            return self.run_control(channel, &line, session).await;
+        }
         if self.session.is_none() {
             return self.deny_channel(channel, session);
         }

@@ -340,7 +340,7 @@ pub async fn finish(gw: &Gateway, s: &Arc<LiveSession>) {
         e.target = Some(s.info.target.clone());
         e.session_id = Some(s.id.clone());
         e.grant_id = Some(s.grant.id.clone());
-        e.correlation_id = Some(s.grant.id.clone());
+        e.correlation_id = Some(s.grant.correlation_id().to_string());
         e.justification = Some(s.grant.reason.clone());
         e.incident_id = Some(s.grant.incident_id.clone());
         e.client_addr = Some(s.info.client_addr.clone());
@@ -374,7 +374,7 @@ pub async fn finish(gw: &Gateway, s: &Arc<LiveSession>) {
     }
     events.push(end_ev);
     for e in events {
-        if let Err(err) = gw.siem.emit(&e).await {
+        if let Err(err) = gw.audit(&e).await {
             tracing::error!(session_id = %s.id, error = %err, "could not write SIEM event");
         }
     }
@@ -437,14 +437,17 @@ pub async fn recover_unfinished(gw: &Gateway) {
         e.target = Some(row.target.clone());
         e.session_id = Some(row.id.clone());
         e.grant_id = Some(row.grant_id.clone());
-        e.correlation_id = Some(row.grant_id.clone());
+        e.correlation_id = Some(match gw.store.find_grant(&row.grant_id).await {
+            Ok(g) => g.correlation_id().to_string(),
+            Err(_) => row.grant_id.clone(),
+        });
         e.recording = Some(row.recording_prefix.clone());
         e.outcome = "failure".into();
         e.side = Some("internal".into());
         e.reason = Some("gateway_crashed".into());
         e.message =
             Some("the gateway stopped during this session; the recording is incomplete".into());
-        if let Err(err) = gw.siem.emit(&e).await {
+        if let Err(err) = gw.audit(&e).await {
             tracing::error!(error = %err, "could not write SIEM event");
         }
         tracing::warn!(session_id = %row.id, "closed a session left open by a crash");

@@ -19,6 +19,12 @@ pub enum StateError {
     Ambiguous(String),
     #[error("grant {0} is already revoked")]
     AlreadyRevoked(String),
+    #[error("no request matches `{0}`")]
+    NoSuchRequest(String),
+    #[error("request {id} is {status}, not pending")]
+    NotPending { id: String, status: String },
+    #[error("{approver} has already approved request {id}")]
+    AlreadyApproved { id: String, approver: String },
     #[error("state store schema version {found} is newer than this binary knows ({known}); upgrade breakglass")]
     TooNew { found: i64, known: i64 },
 }
@@ -39,6 +45,10 @@ pub struct Grant {
     pub revoked_at: Option<DateTime<Utc>>,
     pub revoked_by: Option<String>,
     pub revoke_reason: Option<String>,
+    /// The request this grant answers (None for operator grants).
+    pub request_id: Option<String>,
+    /// Emergency self-service grants must be reviewed.
+    pub review_required: bool,
 }
 
 /// The state of a grant at a moment.
@@ -50,6 +60,12 @@ pub enum GrantState {
 }
 
 impl Grant {
+    /// Ties every event of this break-glass use together: the request id when there was a
+    /// request, else the grant id.
+    pub fn correlation_id(&self) -> &str {
+        self.request_id.as_deref().unwrap_or(&self.id)
+    }
+
     /// The grant's state at `at`.
     pub fn state_at(&self, at: DateTime<Utc>) -> GrantState {
         if self.revoked_at.is_some() {
@@ -60,6 +76,100 @@ impl Grant {
             GrantState::Active
         }
     }
+}
+
+/// Where a request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestStatus {
+    Pending,
+    Approved,
+    Denied,
+    Expired,
+}
+
+impl RequestStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestStatus::Pending => "pending",
+            RequestStatus::Approved => "approved",
+            RequestStatus::Denied => "denied",
+            RequestStatus::Expired => "expired",
+        }
+    }
+    pub fn parse(s: &str) -> Option<RequestStatus> {
+        match s {
+            "pending" => Some(RequestStatus::Pending),
+            "approved" => Some(RequestStatus::Approved),
+            "denied" => Some(RequestStatus::Denied),
+            "expired" => Some(RequestStatus::Expired),
+            _ => None,
+        }
+    }
+}
+
+/// A person's request for break-glass access, waiting for approvals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub id: String,
+    pub person: String,
+    pub target: String,
+    pub justification: String,
+    pub incident_id: String,
+    pub severity: String,
+    pub scenario: String,
+    /// How long the grant lasts once approved.
+    pub duration: std::time::Duration,
+    pub created_at: DateTime<Utc>,
+    /// A request not approved by then expires.
+    pub expires_at: DateTime<Utc>,
+    pub status: RequestStatus,
+    pub decided_at: Option<DateTime<Utc>>,
+    pub decided_by: Option<String>,
+    pub decision_reason: Option<String>,
+    pub grant_id: Option<String>,
+    /// Emergency self-service: granted without a second person, marked for mandatory review.
+    pub emergency: bool,
+    /// Who approved so far, in order.
+    pub approvals: Vec<(String, DateTime<Utc>)>,
+}
+
+/// What `request` asks for.
+#[derive(Debug, Clone)]
+pub struct NewRequest {
+    pub person: String,
+    pub target: String,
+    pub justification: String,
+    pub incident_id: String,
+    pub severity: String,
+    pub scenario: String,
+    pub duration: std::time::Duration,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub emergency: bool,
+}
+
+/// The result of recording one approval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Approval {
+    /// Recorded; `have` of `need` approvals so far.
+    Recorded {
+        request: Request,
+        have: usize,
+        need: usize,
+    },
+    /// That approval completed the request: here is the grant.
+    Granted { request: Request, grant: Box<Grant> },
+}
+
+/// One record of the incident event store (the seed procedure's shape).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub id: String,
+    pub correlation_id: String,
+    pub event_type: String,
+    pub event_data: serde_json::Value,
+    pub actor: String,
+    pub created_at: DateTime<Utc>,
 }
 
 /// What `grant add` asks for.
@@ -149,4 +259,38 @@ pub trait Store: Send + Sync {
     async fn find_session(&self, id_or_prefix: &str) -> Result<Option<SessionRow>, StateError>;
     /// Sessions with no end: left by a gateway that died.
     async fn unfinished_sessions(&self) -> Result<Vec<SessionRow>, StateError>;
+
+    async fn create_request(&self, r: NewRequest) -> Result<Request, StateError>;
+    /// A request by id or unique id prefix.
+    async fn find_request(&self, id_or_prefix: &str) -> Result<Request, StateError>;
+    /// Requests, newest first, optionally only those in one status.
+    async fn list_requests(
+        &self,
+        status: Option<RequestStatus>,
+    ) -> Result<Vec<Request>, StateError>;
+    /// Records an approval in one transaction: the request must be pending and unexpired, the
+    /// approver must not have approved it already; when `need` approvals are reached the grant
+    /// is created (valid for the requested duration from `at`).
+    async fn approve(
+        &self,
+        id: &str,
+        approver: &str,
+        need: usize,
+        at: DateTime<Utc>,
+    ) -> Result<Approval, StateError>;
+    /// Grants a pending emergency request without approvals (the caller checked the target
+    /// allows it).
+    async fn self_grant(&self, id: &str, at: DateTime<Utc>) -> Result<Approval, StateError>;
+    async fn deny(
+        &self,
+        id: &str,
+        by: &str,
+        reason: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Request, StateError>;
+    /// Marks pending requests whose time ran out as expired and returns them.
+    async fn expire_requests(&self, at: DateTime<Utc>) -> Result<Vec<Request>, StateError>;
+    async fn append_event(&self, e: &StoredEvent) -> Result<(), StateError>;
+    /// Every event of one incident, oldest first.
+    async fn events(&self, correlation_id: &str) -> Result<Vec<StoredEvent>, StateError>;
 }

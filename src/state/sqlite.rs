@@ -7,7 +7,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use super::{Grant, NewGrant, SessionEnd, SessionFilter, SessionRow, StateError, Store};
+use super::{
+    Approval, Grant, NewGrant, NewRequest, Request, RequestStatus, SessionEnd, SessionFilter,
+    SessionRow, StateError, Store, StoredEvent,
+};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 /// Never edit a released migration: add a new one.
@@ -43,6 +46,44 @@ const MIGRATIONS: &[&str] = &[
         recording_prefix TEXT NOT NULL
      );
      CREATE INDEX sessions_started ON sessions(started_at);",
+    // 2: requests, approvals and the incident event store.
+    "CREATE TABLE requests (
+        id TEXT PRIMARY KEY,
+        person TEXT NOT NULL,
+        target TEXT NOT NULL,
+        justification TEXT NOT NULL,
+        incident_id TEXT NOT NULL,
+        severity TEXT NOT NULL,
+        scenario TEXT NOT NULL,
+        duration_ms INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        decided_at INTEGER,
+        decided_by TEXT,
+        decision_reason TEXT,
+        grant_id TEXT,
+        emergency INTEGER NOT NULL DEFAULT 0
+     );
+     CREATE INDEX requests_status ON requests(status);
+     CREATE TABLE approvals (
+        request_id TEXT NOT NULL REFERENCES requests(id),
+        approver TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        PRIMARY KEY (request_id, approver)
+     );
+     CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        correlation_id TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        event_data TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+     );
+     CREATE INDEX events_correlation ON events(correlation_id, seq);
+     ALTER TABLE grants ADD COLUMN request_id TEXT;
+     ALTER TABLE grants ADD COLUMN review_required INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// SQLite behind a mutex; calls run on the blocking pool.
@@ -126,7 +167,7 @@ impl SqliteStore {
 }
 
 const GRANT_COLS: &str = "id, person, target, reason, incident_id, created_by, created_at, \
-                          expires_at, revoked_at, revoked_by, revoke_reason";
+                          expires_at, revoked_at, revoked_by, revoke_reason, request_id, review_required";
 
 fn grant_row(r: &Row<'_>) -> rusqlite::Result<Grant> {
     Ok(Grant {
@@ -141,6 +182,8 @@ fn grant_row(r: &Row<'_>) -> rusqlite::Result<Grant> {
         revoked_at: r.get::<_, Option<i64>>(8)?.map(from_ms),
         revoked_by: r.get(9)?,
         revoke_reason: r.get(10)?,
+        request_id: r.get(11)?,
+        review_required: r.get::<_, i64>(12)? != 0,
     })
 }
 
@@ -176,6 +219,138 @@ fn like_prefix(s: &str) -> String {
     }
     out.push('%');
     out
+}
+
+fn insert_grant(c: &Connection, g: &Grant) -> Result<(), StateError> {
+    c.execute(
+        &format!("INSERT INTO grants ({GRANT_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,NULL,NULL,NULL,?9,?10)"),
+        params![
+            g.id,
+            g.person,
+            g.target,
+            g.reason,
+            g.incident_id,
+            g.created_by,
+            ms(g.created_at),
+            ms(g.expires_at),
+            g.request_id,
+            g.review_required as i64
+        ],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
+const REQUEST_COLS: &str = "id, person, target, justification, incident_id, severity, scenario, duration_ms, \
+                            created_at, expires_at, status, decided_at, decided_by, decision_reason, grant_id, emergency";
+
+fn request_row(r: &Row<'_>) -> rusqlite::Result<Request> {
+    let status: String = r.get(10)?;
+    Ok(Request {
+        id: r.get(0)?,
+        person: r.get(1)?,
+        target: r.get(2)?,
+        justification: r.get(3)?,
+        incident_id: r.get(4)?,
+        severity: r.get(5)?,
+        scenario: r.get(6)?,
+        duration: std::time::Duration::from_millis(r.get::<_, i64>(7)?.max(0) as u64),
+        created_at: from_ms(r.get(8)?),
+        expires_at: from_ms(r.get(9)?),
+        status: RequestStatus::parse(&status).unwrap_or(RequestStatus::Expired),
+        decided_at: r.get::<_, Option<i64>>(11)?.map(from_ms),
+        decided_by: r.get(12)?,
+        decision_reason: r.get(13)?,
+        grant_id: r.get(14)?,
+        emergency: r.get::<_, i64>(15)? != 0,
+        approvals: Vec::new(),
+    })
+}
+
+fn load_approvals(c: &Connection, req: &mut Request) -> Result<(), StateError> {
+    let mut stmt = c
+        .prepare("SELECT approver, at FROM approvals WHERE request_id = ?1 ORDER BY at, approver")
+        .map_err(db)?;
+    req.approvals = stmt
+        .query_map([&req.id], |r| {
+            Ok((r.get::<_, String>(0)?, from_ms(r.get(1)?)))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    Ok(())
+}
+
+fn find_request_sync(c: &Connection, id: &str) -> Result<Request, StateError> {
+    let mut stmt = c
+        .prepare(&format!(
+            "SELECT {REQUEST_COLS} FROM requests WHERE id LIKE ?1 ESCAPE '\\' LIMIT 2"
+        ))
+        .map_err(db)?;
+    let rows: Vec<Request> = stmt
+        .query_map([like_prefix(id)], request_row)
+        .map_err(db)?
+        .collect::<Result<_, _>>()
+        .map_err(db)?;
+    let mut it = rows.into_iter();
+    match (it.next(), it.next()) {
+        (None, _) => Err(StateError::NoSuchRequest(id.to_string())),
+        (Some(mut r), None) => {
+            load_approvals(c, &mut r)?;
+            Ok(r)
+        }
+        (Some(_), Some(_)) => Err(StateError::Ambiguous(id.to_string())),
+    }
+}
+
+/// Creates the grant for a request that has what it needs, inside the caller's transaction.
+fn grant_request(
+    c: &Connection,
+    req: &Request,
+    created_by: &str,
+    at: DateTime<Utc>,
+) -> Result<Grant, StateError> {
+    let grant = Grant {
+        id: uuid::Uuid::new_v4().to_string(),
+        person: req.person.clone(),
+        target: req.target.clone(),
+        reason: req.justification.clone(),
+        incident_id: req.incident_id.clone(),
+        created_by: created_by.to_string(),
+        created_at: at,
+        expires_at: at
+            + chrono::Duration::from_std(req.duration)
+                .unwrap_or_else(|_| chrono::Duration::hours(4)),
+        revoked_at: None,
+        revoked_by: None,
+        revoke_reason: None,
+        request_id: Some(req.id.clone()),
+        review_required: req.emergency,
+    };
+    insert_grant(c, &grant)?;
+    c.execute(
+        "UPDATE requests SET status = 'approved', decided_at = ?2, decided_by = ?3, grant_id = ?4 WHERE id = ?1",
+        params![req.id, ms(at), created_by, grant.id],
+    )
+    .map_err(db)?;
+    Ok(grant)
+}
+
+/// Checks a request can still be acted on.
+fn check_pending(req: &Request, at: DateTime<Utc>) -> Result<(), StateError> {
+    if req.status != RequestStatus::Pending {
+        return Err(StateError::NotPending {
+            id: req.id.clone(),
+            status: req.status.as_str().into(),
+        });
+    }
+    if at >= req.expires_at {
+        return Err(StateError::NotPending {
+            id: req.id.clone(),
+            status: "expired".into(),
+        });
+    }
+    Ok(())
 }
 
 fn find_grant_sync(conn: &Connection, id: &str) -> Result<Grant, StateError> {
@@ -214,26 +389,11 @@ impl Store for SqliteStore {
             revoked_at: None,
             revoked_by: None,
             revoke_reason: None,
+            request_id: None,
+            review_required: false,
         };
         let row = grant.clone();
-        self.with(move |c| {
-            c.execute(
-                &format!("INSERT INTO grants ({GRANT_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,NULL,NULL,NULL)"),
-                params![
-                    row.id,
-                    row.person,
-                    row.target,
-                    row.reason,
-                    row.incident_id,
-                    row.created_by,
-                    ms(row.created_at),
-                    ms(row.expires_at)
-                ],
-            )
-            .map_err(db)?;
-            Ok(())
-        })
-        .await?;
+        self.with(move |c| insert_grant(c, &row)).await?;
         Ok(grant)
     }
 
@@ -457,6 +617,249 @@ impl Store for SqliteStore {
                 .map_err(db)?;
             let rows = stmt
                 .query_map([], session_row)
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn create_request(&self, r: NewRequest) -> Result<Request, StateError> {
+        let req = Request {
+            id: format!("R-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+            person: r.person,
+            target: r.target,
+            justification: r.justification,
+            incident_id: r.incident_id,
+            severity: r.severity,
+            scenario: r.scenario,
+            duration: r.duration,
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            status: RequestStatus::Pending,
+            decided_at: None,
+            decided_by: None,
+            decision_reason: None,
+            grant_id: None,
+            emergency: r.emergency,
+            approvals: Vec::new(),
+        };
+        let row = req.clone();
+        self.with(move |c| {
+            c.execute(
+                &format!(
+                    "INSERT INTO requests ({REQUEST_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,'pending',NULL,NULL,NULL,NULL,?11)"
+                ),
+                params![
+                    row.id,
+                    row.person,
+                    row.target,
+                    row.justification,
+                    row.incident_id,
+                    row.severity,
+                    row.scenario,
+                    row.duration.as_millis().min(i64::MAX as u128) as i64,
+                    ms(row.created_at),
+                    ms(row.expires_at),
+                    row.emergency as i64
+                ],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await?;
+        Ok(req)
+    }
+
+    async fn find_request(&self, id_or_prefix: &str) -> Result<Request, StateError> {
+        let id = id_or_prefix.to_string();
+        self.with(move |c| find_request_sync(c, &id)).await
+    }
+
+    async fn list_requests(
+        &self,
+        status: Option<RequestStatus>,
+    ) -> Result<Vec<Request>, StateError> {
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare(&format!(
+                    "SELECT {REQUEST_COLS} FROM requests WHERE (?1 IS NULL OR status = ?1) ORDER BY created_at DESC"
+                ))
+                .map_err(db)?;
+            let mut rows = stmt
+                .query_map([status.map(|s| s.as_str())], request_row)
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            for r in rows.iter_mut() {
+                load_approvals(c, r)?;
+            }
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn approve(
+        &self,
+        id: &str,
+        approver: &str,
+        need: usize,
+        at: DateTime<Utc>,
+    ) -> Result<Approval, StateError> {
+        let (id, approver) = (id.to_string(), approver.to_string());
+        self.with(move |c| {
+            let tx = c.unchecked_transaction().map_err(db)?;
+            let req = find_request_sync(&tx, &id)?;
+            check_pending(&req, at)?;
+            if req.approvals.iter().any(|(a, _)| *a == approver) {
+                return Err(StateError::AlreadyApproved {
+                    id: req.id,
+                    approver,
+                });
+            }
+            tx.execute(
+                "INSERT INTO approvals (request_id, approver, at) VALUES (?1, ?2, ?3)",
+                params![req.id, approver, ms(at)],
+            )
+            .map_err(db)?;
+            let have = req.approvals.len() + 1;
+            let out = if have >= need.max(1) {
+                let by: Vec<String> = req
+                    .approvals
+                    .iter()
+                    .map(|(a, _)| a.clone())
+                    .chain(std::iter::once(approver.clone()))
+                    .collect();
+                let grant = grant_request(&tx, &req, &format!("approved:{}", by.join(",")), at)?;
+                Approval::Granted {
+                    request: find_request_sync(&tx, &req.id)?,
+                    grant: Box::new(grant),
+                }
+            } else {
+                Approval::Recorded {
+                    request: find_request_sync(&tx, &req.id)?,
+                    have,
+                    need,
+                }
+            };
+            tx.commit().map_err(db)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn self_grant(&self, id: &str, at: DateTime<Utc>) -> Result<Approval, StateError> {
+        let id = id.to_string();
+        self.with(move |c| {
+            let tx = c.unchecked_transaction().map_err(db)?;
+            let req = find_request_sync(&tx, &id)?;
+            check_pending(&req, at)?;
+            let grant = grant_request(
+                &tx,
+                &req,
+                &format!("emergency-self-service:{}", req.person),
+                at,
+            )?;
+            let request = find_request_sync(&tx, &req.id)?;
+            tx.commit().map_err(db)?;
+            Ok(Approval::Granted {
+                request,
+                grant: Box::new(grant),
+            })
+        })
+        .await
+    }
+
+    async fn deny(
+        &self,
+        id: &str,
+        by: &str,
+        reason: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Request, StateError> {
+        let (id, by, reason) = (id.to_string(), by.to_string(), reason.to_string());
+        self.with(move |c| {
+            let tx = c.unchecked_transaction().map_err(db)?;
+            let req = find_request_sync(&tx, &id)?;
+            check_pending(&req, at)?;
+            tx.execute(
+                "UPDATE requests SET status = 'denied', decided_at = ?2, decided_by = ?3, decision_reason = ?4 WHERE id = ?1",
+                params![req.id, ms(at), by, reason],
+            )
+            .map_err(db)?;
+            let out = find_request_sync(&tx, &req.id)?;
+            tx.commit().map_err(db)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn expire_requests(&self, at: DateTime<Utc>) -> Result<Vec<Request>, StateError> {
+        self.with(move |c| {
+            let tx = c.unchecked_transaction().map_err(db)?;
+            let ids: Vec<String> = {
+                let mut stmt = tx
+                    .prepare("SELECT id FROM requests WHERE status = 'pending' AND expires_at <= ?1")
+                    .map_err(db)?;
+                let rows = stmt
+                    .query_map([ms(at)], |r| r.get::<_, String>(0))
+                    .map_err(db)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(db)?;
+                rows
+            };
+            let mut out = Vec::new();
+            for id in ids {
+                tx.execute(
+                    "UPDATE requests SET status = 'expired', decided_at = ?2, decided_by = 'breakglass', \
+                     decision_reason = 'not approved in time' WHERE id = ?1 AND status = 'pending'",
+                    params![id, ms(at)],
+                )
+                .map_err(db)?;
+                out.push(find_request_sync(&tx, &id)?);
+            }
+            tx.commit().map_err(db)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn append_event(&self, e: &StoredEvent) -> Result<(), StateError> {
+        let e = e.clone();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO events (id, correlation_id, event_type, event_data, actor, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![e.id, e.correlation_id, e.event_type, e.event_data.to_string(), e.actor, ms(e.created_at)],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn events(&self, correlation_id: &str) -> Result<Vec<StoredEvent>, StateError> {
+        let id = correlation_id.to_string();
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT id, correlation_id, event_type, event_data, actor, created_at FROM events \
+                     WHERE correlation_id = ?1 ORDER BY seq",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([id], |r| {
+                    let data: String = r.get(3)?;
+                    Ok(StoredEvent {
+                        id: r.get(0)?,
+                        correlation_id: r.get(1)?,
+                        event_type: r.get(2)?,
+                        event_data: serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data)),
+                        actor: r.get(4)?,
+                        created_at: from_ms(r.get(5)?),
+                    })
+                })
                 .map_err(db)?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(db)?;

@@ -769,8 +769,8 @@ async fn several_channels_share_one_session_and_env_is_allow_listed() {
         &["echo second; exit 4"],
     ))
     .await;
-    assert_eq!(text(&two.stdout), "second\n");
-    assert_eq!(two.status.code(), Some(4));
+    assert_eq!(text(&two.stdout), "second\n", "{}", text(&two.stderr));
+    assert_eq!(two.status.code(), Some(4), "{}", text(&two.stderr));
     let _ = output(w.ssh("alice", "web-01", &["-S", &sock_s, "-O", "exit"], &[])).await;
     let _ = master.wait();
 
@@ -833,9 +833,211 @@ async fn a_gateway_held_key_logs_in_upstream() {
         .arg(w.path("gateway_held_key.pub"))
         .output()
         .expect("ssh-keygen -lf");
-    let fp = text(&fp.stdout).split_whitespace().nth(1).expect("fingerprint").to_string();
+    let fp = text(&fp.stdout)
+        .split_whitespace()
+        .nth(1)
+        .expect("fingerprint")
+        .to_string();
     assert!(
-        log.lines().any(|l| l.contains("Accepted publickey") && l.contains(&fp)),
+        log.lines()
+            .any(|l| l.contains("Accepted publickey") && l.contains(&fp)),
         "sshd accepted the gateway-held key {fp}: {log}"
     );
+}
+
+/// Runs a control command over the gateway's SSH endpoint as `person`.
+async fn control(w: &World, person: &str, login: &str, command: &str) -> (i32, String, String) {
+    let out = output(w.ssh(person, login, &[], &[command])).await;
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+fn request_id(out: &str) -> String {
+    out.split_whitespace()
+        .skip_while(|w| *w != "request")
+        .nth(1)
+        .unwrap_or_else(|| panic!("a request id in {out}"))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_person_workflow_over_the_ssh_control_channel() {
+    let w = World::with(Opts {
+        extra_limits: "request_ttl = \"3s\"".into(),
+        ..Default::default()
+    });
+    let gw = InProcess::start(&w).await;
+
+    // alice asks; the login name `breakglass` (or her own name) reaches the control channel.
+    let (code, out, err) = control(
+        &w,
+        "alice",
+        "breakglass",
+        "request web-01 --reason disk full on /var --incident INC-7 --for 30m --severity high --scenario outage",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let req = request_id(&out);
+    assert!(
+        out.contains("approval(s) from: bob, role:sre-lead"),
+        "{out}"
+    );
+
+    // Nobody approves their own request; requesting is not access.
+    let (code, _, err) = control(&w, "alice", "alice", &format!("approve {req}")).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot approve your own request"), "{err}");
+    let out = output(w.ssh("alice", "web-01", &[], &["true"])).await;
+    assert!(
+        text(&out.stderr).contains("has no break-glass grant"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // The approver sees it waiting and approves; alice gets in.
+    let (_, status, _) = control(&w, "bob", "breakglass", "status").await;
+    assert!(
+        status.contains(&req),
+        "bob sees the request waiting: {status}"
+    );
+    assert!(status.contains("custodians: carol"), "{status}");
+    let (code, out, err) = control(&w, "bob", "bob", &format!("approve {req}")).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("grant"), "{out}");
+    let (code, _, err) = control(&w, "carol", "breakglass", &format!("approve {req}")).await;
+    assert_eq!(code, 1, "a decided request cannot be approved again");
+    assert!(err.contains("not pending"), "{err}");
+    let out = output(w.ssh("alice", "web-01", &[], &["echo granted-$((1+1))"])).await;
+    assert_eq!(text(&out.stdout), "granted-2\n", "{}", text(&out.stderr));
+    w.wait_ended(1);
+
+    // Two approvals needed: the same approver cannot count twice.
+    let (_, out, _) = control(
+        &w,
+        "alice",
+        "breakglass",
+        "request web-02 --reason deploy fix --incident INC-8",
+    )
+    .await;
+    let req2 = request_id(&out);
+    let (code, out, _) = control(&w, "bob", "breakglass", &format!("approve {req2}")).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("1 of 2"), "{out}");
+    let (code, _, err) = control(&w, "bob", "breakglass", &format!("approve {req2}")).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("already approved"), "{err}");
+    let (code, out, _) = control(&w, "carol", "breakglass", &format!("approve {req2}")).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("approved"), "{out}");
+
+    // Denial needs a reason and is final.
+    let (_, out, _) = control(
+        &w,
+        "alice",
+        "breakglass",
+        "request web-01 --reason again --incident INC-9",
+    )
+    .await;
+    let req3 = request_id(&out);
+    let (code, _, err) = control(&w, "carol", "breakglass", &format!("deny {req3}")).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("needs a reason"), "{err}");
+    let (code, _, _) = control(
+        &w,
+        "carol",
+        "breakglass",
+        &format!("deny {req3} --reason use the runbook"),
+    )
+    .await;
+    assert_eq!(code, 0);
+    let (code, _, err) = control(&w, "bob", "breakglass", &format!("approve {req3}")).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("denied"), "{err}");
+
+    // Emergency self-service only where the target allows it.
+    let (code, _, err) = control(
+        &w,
+        "bob",
+        "breakglass",
+        "request web-01 --reason fire --incident INC-10 --emergency",
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("does not allow emergency self-service"),
+        "{err}"
+    );
+    let (code, out, _) = control(
+        &w,
+        "bob",
+        "breakglass",
+        "request web-02 --reason fire --incident INC-10 --emergency",
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert!(out.contains("EMERGENCY"), "{out}");
+    let ev = w.wait_event("emergency grant", |e| {
+        e["action"] == "grant_created" && e["emergency"] == true
+    });
+    assert_eq!(ev["person"], "bob");
+
+    // A pending request expires (request_ttl = 3s here).
+    let (_, out, _) = control(
+        &w,
+        "alice",
+        "breakglass",
+        "request web-01 --reason slow --incident INC-11",
+    )
+    .await;
+    let req4 = request_id(&out);
+    let ev = w.wait_event("request expiry", |e| {
+        e["action"] == "request_expired" && e["request_id"] == req4.as_str()
+    });
+    assert_eq!(ev["correlation_id"], req4.as_str());
+    let (code, _, err) = control(&w, "bob", "breakglass", &format!("approve {req4}")).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("expired"), "{err}");
+
+    // The holder revokes through the control channel.
+    let (code, out, err) = control(
+        &w,
+        "alice",
+        "breakglass",
+        &format!("revoke {req} --reason fixed"),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let out = output(w.ssh("alice", "web-01", &[], &["true"])).await;
+    assert!(
+        text(&out.stderr).contains("was revoked"),
+        "{}",
+        text(&out.stderr)
+    );
+    gw.stop().await;
+
+    // One correlation id ties the incident together, in the event store and the SIEM file.
+    let events = w.cli_ok(&["events", "--correlation", &req, "--format", "json"]);
+    let events: Vec<Value> = serde_json::from_str(&events).expect("events JSON");
+    let types: Vec<&str> = events
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap_or(""))
+        .collect();
+    for want in [
+        "request_created",
+        "request_approved",
+        "grant_created",
+        "session_start",
+        "session_end",
+        "grant_revoked",
+    ] {
+        assert!(types.contains(&want), "{want} in {types:?}");
+    }
+    for e in &events {
+        assert_eq!(e["event_data"]["correlation_id"], req.as_str());
+        assert!(e["actor"].as_str().is_some_and(|a| !a.is_empty()));
+    }
+    validate_all_events(&w);
 }

@@ -157,7 +157,7 @@ impl World {
             breakglass::keys::openssh_line(keys.user_ca.public_key()),
         )
         .expect("write ca");
-        for who in ["alice", "bob", "mallory"] {
+        for who in ["alice", "bob", "carol", "mallory"] {
             keygen(&dir.path().join(who));
         }
         let sshd = Sshd::start(dir.path(), &ca_pub);
@@ -200,12 +200,28 @@ name = "bob"
 ssh_key_files = ["{d}/bob.pub"]
 roles = ["engineer"]
 
+[[people]]
+name = "carol"
+ssh_key_files = ["{d}/carol.pub"]
+roles = ["sre-lead"]
+
 [[targets]]
 name = "web-01"
 address = "127.0.0.1:{port}"
 host_key_file = "{pinned}"
 login = "{user}"
 {auth}
+approvers = ["bob", "role:sre-lead"]
+custodians = ["carol"]
+
+[[targets]]
+name = "web-02"
+address = "127.0.0.1:{port}"
+host_key_file = "{pinned}"
+login = "{user}"
+approvers = ["bob", "carol"]
+required_approvals = 2
+emergency_self_service = true
 
 [limits]
 max_session_ttl = "1h"

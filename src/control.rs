@@ -1,0 +1,750 @@
+//! The break-glass workflow over the gateway's own SSH endpoint: request, approve, deny,
+//! revoke, status, grants, requests. The person is the one the SSH key identified.
+//!
+//! Syntax (`ssh -p 2222 breakglass@gw COMMAND ...`; any login name that is not a target and is
+//! `breakglass` or the person's own name reaches the control channel):
+//!
+//! ```text
+//! request TARGET --reason TEXT --incident ID [--severity low|medium|high|critical]
+//!         [--scenario security_patch|production_outage|system_failure|other] [--for 4h] [--emergency]
+//! approve REQUEST
+//! deny REQUEST --reason TEXT
+//! revoke GRANT|REQUEST [--reason TEXT]
+//! status | grants | requests | help
+//! ```
+//!
+//! Option values run to the next `--option`, so `--reason disk full on /var` needs no quotes
+//! (ssh joins its arguments with spaces before sending them).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::clock;
+use crate::server::Gateway;
+use crate::siem::{AccessEvent, Action};
+use crate::state::{Approval, Grant, GrantState, NewRequest, Request, RequestStatus, StateError};
+
+/// What a command printed and its exit status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub text: String,
+    pub code: u32,
+}
+
+fn ok(text: String) -> Outcome {
+    Outcome { text, code: 0 }
+}
+
+fn fail(text: impl Into<String>) -> Outcome {
+    Outcome {
+        text: format!("breakglass: {}\n", text.into()),
+        code: 1,
+    }
+}
+
+/// A parsed control command line.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Parsed {
+    pub command: String,
+    pub args: Vec<String>,
+    pub opts: BTreeMap<String, String>,
+    pub flags: Vec<String>,
+}
+
+/// Splits a command line into words, honouring single and double quotes, then groups
+/// `--option value words...` (a value runs to the next `--option`). Options in `FLAGS` take no
+/// value.
+pub fn parse(line: &str) -> Result<Parsed, String> {
+    const FLAGS: &[&str] = &["emergency", "all"];
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut quote: Option<char> = None;
+    for c in line.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => cur.push(c),
+            None if c == '\'' || c == '"' => {
+                quote = Some(c);
+                in_word = true;
+            }
+            None if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            None => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if quote.is_some() {
+        return Err("unterminated quote".into());
+    }
+    if in_word {
+        words.push(cur);
+    }
+    let mut p = Parsed::default();
+    let mut it = words.into_iter().peekable();
+    p.command = it.next().unwrap_or_default().to_lowercase();
+    while let Some(w) = it.next() {
+        if let Some(name) = w.strip_prefix("--") {
+            let (name, inline) = match name.split_once('=') {
+                Some((n, v)) => (n.to_string(), Some(v.to_string())),
+                None => (name.to_string(), None),
+            };
+            if FLAGS.contains(&name.as_str()) {
+                p.flags.push(name);
+                continue;
+            }
+            let mut value: Vec<String> = inline.into_iter().collect();
+            while let Some(next) = it.peek() {
+                if next.starts_with("--") {
+                    break;
+                }
+                value.extend(it.next());
+            }
+            if value.is_empty() {
+                return Err(format!("--{name} needs a value"));
+            }
+            if p.opts.insert(name.clone(), value.join(" ")).is_some() {
+                return Err(format!("--{name} given twice"));
+            }
+        } else {
+            p.args.push(w);
+        }
+    }
+    Ok(p)
+}
+
+const HELP: &str = "\
+breakglass control commands (ssh -p PORT breakglass@GATEWAY COMMAND ...):
+  request TARGET --reason TEXT --incident ID [--severity low|medium|high|critical]
+          [--scenario security_patch|production_outage|system_failure|other] [--for 4h] [--emergency]
+  approve REQUEST            approve someone else's request
+  deny REQUEST --reason TEXT
+  revoke GRANT|REQUEST [--reason TEXT]
+  status                     your requests and grants, requests waiting for you, targets
+  grants                     active grants you can see
+  requests                   pending requests you can see
+Then connect with: ssh -p PORT TARGET@GATEWAY
+";
+
+/// The person running a command, as the SSH key identified them.
+pub struct Caller<'a> {
+    pub person: &'a str,
+    pub roles: &'a [String],
+}
+
+impl Caller<'_> {
+    fn is_admin(&self) -> bool {
+        self.roles.iter().any(|r| r == "admin")
+    }
+}
+
+/// Runs one command line.
+pub async fn run(gw: &Gateway, caller: &Caller<'_>, line: &str) -> Outcome {
+    let p = match parse(line) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("{e}\n\n{HELP}")),
+    };
+    let res = match p.command.as_str() {
+        "" | "help" | "--help" => Ok(ok(HELP.to_string())),
+        "request" => request(gw, caller, &p).await,
+        "approve" => approve(gw, caller, &p).await,
+        "deny" => deny(gw, caller, &p).await,
+        "revoke" => revoke(gw, caller, &p).await,
+        "status" => status(gw, caller).await,
+        "grants" => grants(gw, caller).await,
+        "requests" => requests(gw, caller).await,
+        other => Ok(fail(format!("unknown command `{other}`\n\n{HELP}"))),
+    };
+    res.unwrap_or_else(|e| fail(e.to_string()))
+}
+
+fn request_event(action: Action, actor: &str, r: &Request) -> AccessEvent {
+    let mut e = AccessEvent::new(action, actor);
+    e.person = Some(r.person.clone());
+    e.target = Some(r.target.clone());
+    e.request_id = Some(r.id.clone());
+    e.correlation_id = Some(r.id.clone());
+    e.justification = Some(r.justification.clone());
+    e.incident_id = Some(r.incident_id.clone());
+    e.severity = Some(r.severity.clone());
+    e.scenario = Some(r.scenario.clone());
+    e.grant_id = r.grant_id.clone();
+    e.emergency = Some(r.emergency);
+    e.approvers = Some(r.approvals.iter().map(|(a, _)| a.clone()).collect());
+    e
+}
+
+fn grant_event(action: Action, actor: &str, g: &Grant) -> AccessEvent {
+    let mut e = AccessEvent::new(action, actor);
+    e.person = Some(g.person.clone());
+    e.target = Some(g.target.clone());
+    e.grant_id = Some(g.id.clone());
+    e.request_id = g.request_id.clone();
+    e.correlation_id = Some(g.correlation_id().to_string());
+    e.justification = Some(g.reason.clone());
+    e.incident_id = Some(g.incident_id.clone());
+    e.deadline = Some(clock::rfc3339(g.expires_at));
+    e
+}
+
+async fn emit(gw: &Gateway, e: &AccessEvent) -> Result<(), StateError> {
+    gw.audit(e)
+        .await
+        .map_err(|err| StateError::Db(format!("audit event not written: {err}")))
+}
+
+const SEVERITIES: &[&str] = &["low", "medium", "high", "critical"];
+const SCENARIOS: &[&str] = &[
+    "security_patch",
+    "production_outage",
+    "system_failure",
+    "other",
+];
+
+async fn request(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome, StateError> {
+    let Some(target_name) = p.args.first() else {
+        return Ok(fail(
+            "request needs a target: request TARGET --reason TEXT --incident ID",
+        ));
+    };
+    let Some(target) = gw.config.targets.get(target_name) else {
+        return Ok(fail(format!("there is no target named `{target_name}`")));
+    };
+    let Some(reason) = p.opts.get("reason").filter(|r| !r.trim().is_empty()) else {
+        return Ok(fail("a request needs a justification: --reason TEXT"));
+    };
+    let Some(incident) = p.opts.get("incident").filter(|r| !r.trim().is_empty()) else {
+        return Ok(fail("a request needs an incident id: --incident ID"));
+    };
+    let severity = p
+        .opts
+        .get("severity")
+        .map(|s| s.to_lowercase())
+        .unwrap_or_else(|| "high".into());
+    if !SEVERITIES.contains(&severity.as_str()) {
+        return Ok(fail(format!(
+            "--severity must be one of {}",
+            SEVERITIES.join(", ")
+        )));
+    }
+    let scenario = p
+        .opts
+        .get("scenario")
+        .map(|s| s.to_lowercase().replace('-', "_"))
+        .unwrap_or_else(|| "other".into());
+    let scenario = match scenario.as_str() {
+        "outage" => "production_outage".to_string(),
+        "patch" => "security_patch".to_string(),
+        "failure" => "system_failure".to_string(),
+        s => s.to_string(),
+    };
+    if !SCENARIOS.contains(&scenario.as_str()) {
+        return Ok(fail(format!(
+            "--scenario must be one of {}",
+            SCENARIOS.join(", ")
+        )));
+    }
+    let duration = match p.opts.get("for") {
+        Some(d) => match humantime::parse_duration(d) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                return Ok(fail(format!(
+                    "--for `{d}` is not a duration like 30m or 2h"
+                )))
+            }
+        },
+        None => gw.config.limits.default_grant_ttl,
+    };
+    let capped = duration.min(target.max_duration);
+    let emergency = p.flags.iter().any(|f| f == "emergency");
+    if emergency && !target.emergency_self_service {
+        return Ok(fail(format!(
+            "{} does not allow emergency self-service; ask an approver ({})",
+            target.name,
+            target.approvers.join(", ")
+        )));
+    }
+    let now = clock::now();
+    let req = gw
+        .store
+        .create_request(NewRequest {
+            person: caller.person.to_string(),
+            target: target.name.clone(),
+            justification: reason.clone(),
+            incident_id: incident.clone(),
+            severity,
+            scenario,
+            duration: capped,
+            created_at: now,
+            expires_at: now
+                + chrono::Duration::from_std(gw.config.limits.request_ttl).unwrap_or_default(),
+            emergency,
+        })
+        .await?;
+    let mut ev = request_event(Action::RequestCreated, caller.person, &req);
+    ev.message = Some(format!(
+        "{} requests break-glass access to {} for {} ({}); custodians: {}",
+        req.person,
+        req.target,
+        humantime::format_duration(req.duration),
+        req.incident_id,
+        if target.custodians.is_empty() {
+            "none".to_string()
+        } else {
+            target.custodians.join(", ")
+        }
+    ));
+    emit(gw, &ev).await?;
+    let mut text = format!(
+        "request {} created for {} on {}\n",
+        req.id, req.person, req.target
+    );
+    if capped < duration {
+        text.push_str(&format!(
+            "note: duration capped at {} (the target's maximum)\n",
+            humantime::format_duration(capped)
+        ));
+    }
+    if emergency {
+        let granted = gw.store.self_grant(&req.id, now).await?;
+        if let Approval::Granted { request, grant } = granted {
+            let mut ev = request_event(Action::RequestApproved, caller.person, &request);
+            ev.message = Some(format!(
+                "EMERGENCY SELF-SERVICE: {} granted themselves access to {} without a second person; mandatory review",
+                request.person, request.target
+            ));
+            emit(gw, &ev).await?;
+            let mut gev = grant_event(Action::GrantCreated, caller.person, &grant);
+            gev.emergency = Some(true);
+            emit(gw, &gev).await?;
+            text.push_str(&format!(
+                "EMERGENCY self-service grant {} until {}: this use is flagged for mandatory review\nconnect: ssh -p PORT {}@GATEWAY\n",
+                grant.id,
+                clock::rfc3339(grant.expires_at),
+                grant.target
+            ));
+        }
+        return Ok(ok(text));
+    }
+    text.push_str(&format!(
+        "it needs {} approval(s) from: {}; it expires if not approved by {}\n",
+        target.required_approvals,
+        target.approvers.join(", "),
+        clock::rfc3339(req.expires_at)
+    ));
+    Ok(ok(text))
+}
+
+async fn approve(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome, StateError> {
+    let Some(id) = p.args.first() else {
+        return Ok(fail("approve needs a request id"));
+    };
+    let req = gw.store.find_request(id).await?;
+    let Some(target) = gw.config.targets.get(&req.target) else {
+        return Ok(fail(format!(
+            "target {} is no longer configured",
+            req.target
+        )));
+    };
+    // The two-person rule: nobody approves their own request.
+    if req.person == caller.person {
+        return Ok(fail(format!(
+            "you cannot approve your own request {} (two-person rule)",
+            req.id
+        )));
+    }
+    if !target.is_approver(caller.person, caller.roles) {
+        return Ok(fail(format!(
+            "{} is not an approver for {} (approvers: {})",
+            caller.person,
+            target.name,
+            target.approvers.join(", ")
+        )));
+    }
+    let now = clock::now();
+    match gw
+        .store
+        .approve(&req.id, caller.person, target.required_approvals, now)
+        .await
+    {
+        Ok(Approval::Recorded {
+            request,
+            have,
+            need,
+        }) => {
+            let mut ev = request_event(Action::RequestApproved, caller.person, &request);
+            ev.message = Some(format!("{} approved ({have} of {need})", caller.person));
+            emit(gw, &ev).await?;
+            Ok(ok(format!(
+                "approval recorded for {}: {have} of {need}; more approvals needed\n",
+                request.id
+            )))
+        }
+        Ok(Approval::Granted { request, grant }) => {
+            let mut ev = request_event(Action::RequestApproved, caller.person, &request);
+            ev.message = Some(format!("{} approved; access granted", caller.person));
+            emit(gw, &ev).await?;
+            emit(
+                gw,
+                &grant_event(Action::GrantCreated, caller.person, &grant),
+            )
+            .await?;
+            Ok(ok(format!(
+                "approved {}: grant {} gives {} access to {} until {}\n",
+                request.id,
+                grant.id,
+                grant.person,
+                grant.target,
+                clock::rfc3339(grant.expires_at)
+            )))
+        }
+        Err(StateError::AlreadyApproved { id, .. }) => Ok(fail(format!(
+            "you have already approved {id}; another approver is needed"
+        ))),
+        Err(e) => Ok(fail(e.to_string())),
+    }
+}
+
+async fn deny(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome, StateError> {
+    let Some(id) = p.args.first() else {
+        return Ok(fail("deny needs a request id"));
+    };
+    let Some(reason) = p.opts.get("reason").filter(|r| !r.trim().is_empty()) else {
+        return Ok(fail("a denial needs a reason: --reason TEXT"));
+    };
+    let req = gw.store.find_request(id).await?;
+    let may = gw
+        .config
+        .targets
+        .get(&req.target)
+        .is_some_and(|t| t.is_approver(caller.person, caller.roles))
+        || caller.is_admin();
+    if !may || req.person == caller.person {
+        return Ok(fail(format!(
+            "{} may not deny request {} (approvers of {} and admins may; withdraw your own by letting it expire)",
+            caller.person, req.id, req.target
+        )));
+    }
+    let req = match gw
+        .store
+        .deny(&req.id, caller.person, reason, clock::now())
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return Ok(fail(e.to_string())),
+    };
+    let mut ev = request_event(Action::RequestDenied, caller.person, &req);
+    ev.outcome = "failure".into();
+    ev.reason = Some(reason.clone());
+    ev.message = Some(format!("{} denied {}: {reason}", caller.person, req.id));
+    emit(gw, &ev).await?;
+    Ok(ok(format!("denied {}: {reason}\n", req.id)))
+}
+
+async fn revoke(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome, StateError> {
+    let Some(id) = p.args.first() else {
+        return Ok(fail("revoke needs a grant or request id"));
+    };
+    let reason = p
+        .opts
+        .get("reason")
+        .cloned()
+        .unwrap_or_else(|| format!("revoked by {}", caller.person));
+    // A request id revokes the grant it produced.
+    let grant_id = match gw.store.find_request(id).await {
+        Ok(r) => match r.grant_id {
+            Some(g) => g,
+            None => {
+                return Ok(fail(format!(
+                    "request {} has no grant ({})",
+                    r.id,
+                    r.status.as_str()
+                )))
+            }
+        },
+        Err(_) => id.clone(),
+    };
+    let g = gw.store.find_grant(&grant_id).await?;
+    let may = g.person == caller.person
+        || caller.is_admin()
+        || gw.config.targets.get(&g.target).is_some_and(|t| {
+            t.is_approver(caller.person, caller.roles)
+                || t.custodians.iter().any(|c| c == caller.person)
+        });
+    if !may {
+        return Ok(fail(format!(
+            "{} may not revoke grant {} (its holder, approvers and custodians of {} and admins may)",
+            caller.person, g.id, g.target
+        )));
+    }
+    let g = match gw
+        .store
+        .revoke_grant(&g.id, caller.person, &reason, clock::now())
+        .await
+    {
+        Ok(g) => g,
+        Err(e) => return Ok(fail(e.to_string())),
+    };
+    let mut ev = grant_event(Action::GrantRevoked, caller.person, &g);
+    ev.reason = Some(reason.clone());
+    ev.message = Some(format!(
+        "{} revoked grant {} of {} on {}",
+        caller.person, g.id, g.person, g.target
+    ));
+    emit(gw, &ev).await?;
+    Ok(ok(format!(
+        "revoked {} ({} on {}); live sessions end within a second\n",
+        g.id, g.person, g.target
+    )))
+}
+
+fn fmt_left(until: chrono::DateTime<chrono::Utc>) -> String {
+    let left = (until - clock::now()).to_std().unwrap_or(Duration::ZERO);
+    humantime::format_duration(Duration::from_secs(left.as_secs())).to_string()
+}
+
+async fn status(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError> {
+    let now = clock::now();
+    let mut t = format!(
+        "you are {} (roles: {})\n",
+        caller.person,
+        caller.roles.join(", ")
+    );
+    let grants = gw.store.list_grants(Some(now)).await?;
+    let mine: Vec<&Grant> = grants
+        .iter()
+        .filter(|g| g.person == caller.person)
+        .collect();
+    t.push_str("\nyour active grants:\n");
+    if mine.is_empty() {
+        t.push_str("  (none)\n");
+    }
+    for g in mine {
+        t.push_str(&format!(
+            "  {}  {}  until {} ({} left)  {}\n",
+            g.id,
+            g.target,
+            clock::rfc3339(g.expires_at),
+            fmt_left(g.expires_at),
+            g.incident_id
+        ));
+    }
+    let pending = gw.store.list_requests(Some(RequestStatus::Pending)).await?;
+    t.push_str("\nyour pending requests:\n");
+    let own: Vec<&Request> = pending
+        .iter()
+        .filter(|r| r.person == caller.person)
+        .collect();
+    if own.is_empty() {
+        t.push_str("  (none)\n");
+    }
+    for r in own {
+        t.push_str(&format!(
+            "  {}  {}  {} approval(s) so far  expires in {}\n",
+            r.id,
+            r.target,
+            r.approvals.len(),
+            fmt_left(r.expires_at)
+        ));
+    }
+    t.push_str("\nwaiting for your approval:\n");
+    let mut any = false;
+    for r in pending.iter().filter(|r| r.person != caller.person) {
+        if gw
+            .config
+            .targets
+            .get(&r.target)
+            .is_some_and(|tc| tc.is_approver(caller.person, caller.roles))
+            && !r.approvals.iter().any(|(a, _)| a == caller.person)
+        {
+            any = true;
+            t.push_str(&format!(
+                "  {}  {} wants {} for {}: {} ({}, {}, {})\n",
+                r.id,
+                r.person,
+                r.target,
+                humantime::format_duration(r.duration),
+                r.justification,
+                r.incident_id,
+                r.severity,
+                r.scenario
+            ));
+        }
+    }
+    if !any {
+        t.push_str("  (none)\n");
+    }
+    t.push_str("\ntargets:\n");
+    for tc in gw.config.targets.values() {
+        t.push_str(&format!(
+            "  {}  login {}  approvers: {}  needs {}  custodians: {}{}\n",
+            tc.name,
+            tc.login,
+            tc.approvers.join(", "),
+            tc.required_approvals,
+            if tc.custodians.is_empty() {
+                "none".to_string()
+            } else {
+                tc.custodians.join(", ")
+            },
+            if tc.emergency_self_service {
+                "  (emergency self-service)"
+            } else {
+                ""
+            }
+        ));
+    }
+    Ok(ok(t))
+}
+
+/// Whether the caller may see another person's grant or request for `target`.
+fn may_see(gw: &Gateway, caller: &Caller<'_>, person: &str, target: &str) -> bool {
+    person == caller.person
+        || caller.is_admin()
+        || gw.config.targets.get(target).is_some_and(|t| {
+            t.is_approver(caller.person, caller.roles)
+                || t.custodians.iter().any(|c| c == caller.person)
+        })
+}
+
+async fn grants(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError> {
+    let now = clock::now();
+    let mut t = String::from(
+        "ID                                    PERSON  TARGET  STATE  EXPIRES_AT  INCIDENT\n",
+    );
+    for g in gw.store.list_grants(Some(now)).await? {
+        if !may_see(gw, caller, &g.person, &g.target) {
+            continue;
+        }
+        let state = match g.state_at(now) {
+            GrantState::Active => "active",
+            GrantState::Expired => "expired",
+            GrantState::Revoked => "revoked",
+        };
+        t.push_str(&format!(
+            "{}  {}  {}  {}  {}  {}{}\n",
+            g.id,
+            g.person,
+            g.target,
+            state,
+            clock::rfc3339(g.expires_at),
+            g.incident_id,
+            if g.review_required { "  EMERGENCY" } else { "" }
+        ));
+    }
+    Ok(ok(t))
+}
+
+async fn requests(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError> {
+    let mut t = String::from("ID  PERSON  TARGET  FOR  APPROVALS  EXPIRES_AT  INCIDENT  REASON\n");
+    for r in gw.store.list_requests(Some(RequestStatus::Pending)).await? {
+        if !may_see(gw, caller, &r.person, &r.target) {
+            continue;
+        }
+        t.push_str(&format!(
+            "{}  {}  {}  {}  {}  {}  {}  {}\n",
+            r.id,
+            r.person,
+            r.target,
+            humantime::format_duration(r.duration),
+            r.approvals
+                .iter()
+                .map(|(a, _)| a.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            clock::rfc3339(r.expires_at),
+            r.incident_id,
+            r.justification
+        ));
+    }
+    Ok(ok(t))
+}
+
+/// Expires pending requests that ran out of time, with an event each. Runs every few seconds.
+pub async fn request_expiry(gw: std::sync::Arc<Gateway>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        match gw.store.expire_requests(clock::now()).await {
+            Ok(expired) => {
+                for r in expired {
+                    let mut ev = request_event(Action::RequestExpired, "breakglass", &r);
+                    ev.outcome = "failure".into();
+                    ev.reason = Some("not_approved_in_time".into());
+                    ev.message = Some(format!("request {} expired without enough approvals", r.id));
+                    if let Err(e) = gw.audit(&ev).await {
+                        tracing::error!(error = %e, "could not write request expiry event");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "request expiry check failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_table() {
+        // (line, command, args, options, flags)
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            &'a [&'a str],
+            &'a [(&'a str, &'a str)],
+            &'a [&'a str],
+        );
+        let cases: &[Case] = &[
+            (
+                "request web-01 --reason disk full on /var --incident INC-7 --for 2h",
+                "request",
+                &["web-01"],
+                &[
+                    ("reason", "disk full on /var"),
+                    ("incident", "INC-7"),
+                    ("for", "2h"),
+                ],
+                &[],
+            ),
+            (
+                "request web-01 --reason 'a --b' --emergency --incident=INC-1",
+                "request",
+                &["web-01"],
+                &[("reason", "a --b"), ("incident", "INC-1")],
+                &["emergency"],
+            ),
+            ("APPROVE R-1", "approve", &["R-1"], &[], &[]),
+            ("", "", &[], &[], &[]),
+        ];
+        for (line, cmd, args, opts, flags) in cases {
+            let p = parse(line).expect(line);
+            assert_eq!(p.command, *cmd, "{line}");
+            assert_eq!(
+                p.args,
+                args.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                "{line}"
+            );
+            let want: BTreeMap<String, String> = opts
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            assert_eq!(p.opts, want, "{line}");
+            assert_eq!(
+                p.flags,
+                flags.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                "{line}"
+            );
+        }
+        assert!(parse("deny R-1 --reason").is_err());
+        assert!(parse("deny R-1 --reason 'x").is_err());
+        assert!(parse("request --for 1h --for 2h").is_err());
+    }
+}
