@@ -50,6 +50,30 @@ struct RawConfig {
     siem: RawSiem,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    alerts: RawAlerts,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    #[serde(default)]
+    webhooks: Vec<RawWebhook>,
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: String,
+    #[serde(default = "default_webhook_format")]
+    format: String,
+    /// `Name: value`, e.g. `Authorization: Bearer xyz`.
+    header: Option<String>,
+}
+
+fn default_webhook_format() -> String {
+    "json".into()
 }
 
 fn default_data_dir() -> PathBuf {
@@ -147,6 +171,10 @@ pub struct Config {
     pub siem_file: PathBuf,
     /// Session and grant limits.
     pub limits: Limits,
+    /// Where alerts go.
+    pub webhooks: Vec<crate::alerts::Webhook>,
+    /// Extra CA (PEM) trusted for https webhooks.
+    pub alerts_ca_file: Option<PathBuf>,
 }
 
 /// One person: their keys identify them.
@@ -542,6 +570,46 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let login_grace = dur("login_grace", l.login_grace, "30s")?;
     let request_ttl = dur("request_ttl", l.request_ttl, "1h")?;
 
+    let mut webhooks = Vec::new();
+    for (i, h) in raw.alerts.webhooks.into_iter().enumerate() {
+        let key = format!("alerts.webhooks[{i}]");
+        let url =
+            crate::alerts::Url::parse(&h.url).map_err(|e| invalid(format!("{key}.url"), e))?;
+        let format = match h.format.as_str() {
+            "json" => crate::alerts::Format::Json,
+            "slack" => crate::alerts::Format::Slack,
+            other => {
+                return Err(invalid(
+                    format!("{key}.format"),
+                    format!("`{other}` is not one of \"json\", \"slack\""),
+                ))
+            }
+        };
+        let header = match h.header {
+            Some(hv) => match hv.split_once(':') {
+                Some((k, v))
+                    if !k.trim().is_empty()
+                        && !k.contains(['\r', '\n'])
+                        && !v.contains(['\r', '\n']) =>
+                {
+                    Some((k.trim().to_string(), v.trim().to_string()))
+                }
+                _ => {
+                    return Err(invalid(
+                        format!("{key}.header"),
+                        "must be `Name: value` on one line",
+                    ))
+                }
+            },
+            None => None,
+        };
+        webhooks.push(crate::alerts::Webhook {
+            url,
+            format,
+            header,
+        });
+    }
+
     let mut names = BTreeSet::new();
     for t in targets.keys() {
         names.insert(t.clone());
@@ -566,6 +634,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             login_grace,
             request_ttl,
         },
+        webhooks,
+        alerts_ca_file: raw.alerts.ca_file.map(|p| expand_home(&p)),
     })
 }
 

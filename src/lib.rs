@@ -16,8 +16,10 @@
 //! - [`server`]: `run(config, shutdown)`, the whole gateway as a library function.
 //! - [`shutdown`]: one cancellation token and task tracker with a documented drain order.
 //! - [`clock`]: the one wall-clock function.
+//! - [`alerts`]: webhooks (generic JSON, Slack) for requests, approvals, sessions, revocations.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod clock;
 pub mod config;
 pub mod control;

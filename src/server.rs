@@ -25,6 +25,8 @@ pub struct Gateway {
     pub store: Arc<dyn Store>,
     pub recordings: RecordingStore,
     pub siem: Arc<dyn EventSink>,
+    /// Webhook alerts; never blocks.
+    pub alerter: crate::alerts::Alerter,
     /// Live sessions by id, for revocation and shutdown.
     pub live: Mutex<HashMap<String, Arc<LiveSession>>>,
     pub shutdown: Shutdown,
@@ -73,6 +75,13 @@ impl Gateway {
         let store = SqliteStore::open(&config.state_path())?;
         let recordings = RecordingStore::local(&config.storage_dir)?;
         let siem = JsonlFileSink::open(&config.siem_file)?;
+        let tls = crate::alerts::tls_config(config.alerts_ca_file.as_deref()).map_err(|e| {
+            crate::config::ConfigError::Invalid {
+                key: "alerts.ca_file".into(),
+                why: e,
+            }
+        })?;
+        let alerter = crate::alerts::Alerter::start(config.webhooks.clone(), tls);
         Ok(Arc::new(Gateway {
             config,
             built,
@@ -80,6 +89,7 @@ impl Gateway {
             store: Arc::new(store),
             recordings,
             siem: Arc::new(siem),
+            alerter,
             live: Mutex::new(HashMap::new()),
             shutdown: Shutdown::new(),
         }))
@@ -87,7 +97,15 @@ impl Gateway {
 
     /// Writes an audit event to the SIEM sink and the incident event store.
     pub async fn audit(&self, e: &crate::siem::AccessEvent) -> Result<(), crate::siem::SiemError> {
-        crate::siem::audit(self.siem.as_ref(), self.store.as_ref(), e).await
+        let res = crate::siem::audit(self.siem.as_ref(), self.store.as_ref(), e).await;
+        let custodians = e
+            .target
+            .as_ref()
+            .and_then(|t| self.config.targets.get(t))
+            .map(|t| t.custodians.clone())
+            .unwrap_or_default();
+        self.alerter.notify(e, custodians);
+        res
     }
 
     /// Snapshot of the live sessions.

@@ -1041,3 +1041,76 @@ async fn two_person_workflow_over_the_ssh_control_channel() {
     }
     validate_all_events(&w);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_alerts_arrive_within_a_second_and_never_block_access() {
+    // The JSON hook fails once (retried); the Slack hook works; a third points nowhere.
+    let json_hook = HttpReceiver::start(vec![500, 200]).await;
+    let slack_hook = HttpReceiver::start(vec![200]).await;
+    let dead_port = free_port();
+    let w = World::with(Opts {
+        extra_config: format!(
+            "[alerts]\nwebhooks = [\n  {{ url = \"http://127.0.0.1:{}/hook\", format = \"json\", header = \"Authorization: Bearer t0k\" }},\n  {{ url = \"http://127.0.0.1:{}/slack\", format = \"slack\" }},\n  {{ url = \"http://127.0.0.1:{dead_port}/down\" }},\n]\n",
+            json_hook.port, slack_hook.port
+        ),
+        ..Default::default()
+    });
+    let gw = InProcess::start(&w).await;
+
+    let (code, out, err) = control(
+        &w,
+        "alice",
+        "breakglass",
+        "request web-01 --reason disk full --incident INC-7",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let asked = Instant::now();
+    let req = request_id(&out);
+    let (t, body) = wait_for("the Slack alert", Duration::from_secs(5), || {
+        slack_hook
+            .bodies()
+            .into_iter()
+            .find(|(_, b)| b.contains("requests break-glass access"))
+    });
+    let took = t.saturating_duration_since(asked);
+    eprintln!("request alert reached the Slack hook {took:?} after the request");
+    assert!(took <= Duration::from_secs(1), "alert took {took:?}");
+    let slack: Value = serde_json::from_str(&body).expect("slack body is JSON");
+    assert!(
+        slack["text"].as_str().is_some_and(|t| t.contains(&req)),
+        "{slack}"
+    );
+
+    // The JSON hook got it after a retry, with the custodians and the full event.
+    let (_, body) = wait_for(
+        "the JSON alert after a retry",
+        Duration::from_secs(5),
+        || {
+            let b = json_hook.bodies();
+            (b.len() >= 2).then(|| b[1].clone())
+        },
+    );
+    let alert: Value = serde_json::from_str(&body).expect("json body");
+    assert_eq!(alert["event"]["action"], "request_created");
+    assert_eq!(alert["event"]["request_id"], req.as_str());
+    assert_eq!(alert["custodians"], serde_json::json!(["carol"]));
+    let head = json_hook.hits.lock().expect("lock")[1].1.clone();
+    assert!(head.contains("Authorization: Bearer t0k"), "{head}");
+
+    // Approval and session start alert too; the dead hook delays nothing.
+    let (code, _, _) = control(&w, "bob", "breakglass", &format!("approve {req}")).await;
+    assert_eq!(code, 0);
+    let out = output(w.ssh("alice", "web-01", &[], &["echo in"])).await;
+    assert_eq!(text(&out.stdout), "in\n", "{}", text(&out.stderr));
+    for want in ["approved", "started a break-glass session"] {
+        wait_for(&format!("alert `{want}`"), Duration::from_secs(5), || {
+            slack_hook
+                .bodies()
+                .into_iter()
+                .find(|(_, b)| b.contains(want))
+        });
+    }
+    w.wait_ended(1);
+    gw.stop().await;
+}

@@ -139,6 +139,8 @@ pub struct Opts {
     /// Log in upstream with a gateway-held key (in the target's authorized_keys) instead of a
     /// per-session certificate.
     pub held_key: bool,
+    /// Appended to the config (extra top-level tables such as [alerts]).
+    pub extra_config: String,
 }
 
 impl World {
@@ -226,11 +228,14 @@ emergency_self_service = true
 [limits]
 max_session_ttl = "1h"
 {extra}
+
+{extra_config}
 "#,
                 port = sshd.port,
                 pinned = pinned.display(),
                 user = current_user(),
                 extra = opts.extra_limits,
+                extra_config = opts.extra_config,
             ),
         )
         .expect("write config");
@@ -458,4 +463,91 @@ pub fn validate(schema_file: &str, instance: &serde_json::Value) {
         errors.is_empty(),
         "{schema_file} rejects {instance}: {errors:?}"
     );
+}
+
+/// A local HTTP server that records every request body and answers with a scripted status
+/// sequence (the last status repeats).
+pub struct HttpReceiver {
+    pub port: u16,
+    pub hits: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String, String)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HttpReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl HttpReceiver {
+    pub async fn start(statuses: Vec<u16>) -> HttpReceiver {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let port = listener.local_addr().expect("addr").port();
+        let hits = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let h = hits.clone();
+        let task = tokio::spawn(async move {
+            let mut n = 0usize;
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let status = statuses.get(n).or(statuses.last()).copied().unwrap_or(200);
+                n += 1;
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // Read the head, then Content-Length bytes of body.
+                    let (head_end, len) = loop {
+                        let Ok(m) = sock.read(&mut chunk).await else {
+                            return;
+                        };
+                        if m == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..m]);
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
+                            let len = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            break (i + 4, len);
+                        }
+                    };
+                    while buf.len() < head_end + len {
+                        let Ok(m) = sock.read(&mut chunk).await else {
+                            return;
+                        };
+                        if m == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..m]);
+                    }
+                    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+                    let body = String::from_utf8_lossy(&buf[head_end..]).into_owned();
+                    h.lock().expect("lock").push((Instant::now(), head, body));
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        HttpReceiver { port, hits, task }
+    }
+
+    /// Bodies received so far.
+    pub fn bodies(&self) -> Vec<(Instant, String)> {
+        self.hits
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(t, _, b)| (*t, b.clone()))
+            .collect()
+    }
 }

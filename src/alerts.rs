@@ -1,0 +1,391 @@
+//! Alerts: webhooks told within a second about requests, approvals, denials, session starts,
+//! revocations and emergency grants, as a generic JSON body or a Slack-compatible one.
+//!
+//! Alerts never block access: events go into a bounded queue (full → the alert is dropped,
+//! logged and counted) and a worker posts them with bounded, jittered retries. The SIEM file,
+//! not the alert, is the record.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::siem::{AccessEvent, Action};
+
+/// The body shape a webhook expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `{"source", "summary", "custodians", "event"}`.
+    Json,
+    /// `{"text"}`, which Slack incoming webhooks (and many chat tools) accept.
+    Slack,
+}
+
+/// A parsed `http://` or `https://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path and query, starting with `/`.
+    pub path: String,
+}
+
+impl Url {
+    /// Parses `http(s)://host[:port][/path]`.
+    pub fn parse(s: &str) -> Result<Url, String> {
+        let (tls, rest) = if let Some(r) = s.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = s.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!("`{s}` must start with http:// or https://"));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return Err(format!(
+                "`{s}` has no host (or carries credentials in the URL)"
+            ));
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+                let port = p
+                    .parse::<u16>()
+                    .map_err(|_| format!("`{s}` has a bad port"))?;
+                (
+                    h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                    port,
+                )
+            }
+            _ => (authority.to_string(), if tls { 443 } else { 80 }),
+        };
+        Ok(Url {
+            tls,
+            host,
+            port,
+            path: path.to_string(),
+        })
+    }
+}
+
+/// One webhook destination.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub url: Url,
+    pub format: Format,
+    /// Extra header sent with every post, e.g. `Authorization: Bearer ...`.
+    pub header: Option<(String, String)>,
+}
+
+/// Delivery counters (logged; exported with the metrics endpoint later).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub sent: AtomicU64,
+    pub failed: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// An alert waiting to be posted.
+#[derive(Debug, Clone, Serialize)]
+struct Alert {
+    source: &'static str,
+    summary: String,
+    custodians: Vec<String>,
+    event: AccessEvent,
+}
+
+/// The sending side; cheap to clone.
+#[derive(Clone)]
+pub struct Alerter {
+    tx: Option<mpsc::Sender<Alert>>,
+    pub stats: Arc<Stats>,
+}
+
+/// Whether an event is worth waking someone for.
+pub fn alertable(e: &AccessEvent) -> bool {
+    match e.action {
+        Action::RequestCreated
+        | Action::RequestApproved
+        | Action::RequestDenied
+        | Action::SessionStart
+        | Action::SessionRevoked
+        | Action::GrantRevoked => true,
+        Action::GrantCreated => e.emergency == Some(true),
+        Action::SessionEnd
+        | Action::SessionDenied
+        | Action::SessionExpired
+        | Action::ForwardingRefused
+        | Action::RequestExpired => false,
+    }
+}
+
+/// One line a human reads in a chat channel.
+pub fn summary(e: &AccessEvent) -> String {
+    let who = e.person.as_deref().unwrap_or(&e.actor);
+    let target = e.target.as_deref().unwrap_or("?");
+    let incident = e.incident_id.as_deref().unwrap_or("-");
+    let why = e.justification.as_deref().unwrap_or("");
+    match e.action {
+        Action::RequestCreated => format!(
+            "[breakglass] {who} requests break-glass access to {target} ({incident}, {}, {}): {why}. Request {}",
+            e.severity.as_deref().unwrap_or("-"),
+            e.scenario.as_deref().unwrap_or("-"),
+            e.request_id.as_deref().unwrap_or("?")
+        ),
+        Action::RequestApproved => format!(
+            "[breakglass] {} approved {who}'s request for {target} ({incident})",
+            e.actor
+        ),
+        Action::RequestDenied => format!(
+            "[breakglass] {} denied {who}'s request for {target} ({incident}): {}",
+            e.actor,
+            e.reason.as_deref().unwrap_or("")
+        ),
+        Action::SessionStart => format!(
+            "[breakglass] {who} started a break-glass session on {target} ({incident}) until {}",
+            e.deadline.as_deref().unwrap_or("?")
+        ),
+        Action::SessionRevoked | Action::GrantRevoked => format!(
+            "[breakglass] {}: {who}'s access to {target} ({incident}) was revoked",
+            e.actor
+        ),
+        Action::GrantCreated if e.emergency == Some(true) => format!(
+            "[breakglass] EMERGENCY SELF-SERVICE: {who} granted themselves access to {target} ({incident}) without a second person: {why}. Mandatory review."
+        ),
+        _ => format!("[breakglass] {} {who} {target} ({incident})", e.action.as_str()),
+    }
+}
+
+impl Alerter {
+    /// An alerter that sends nothing (no webhooks configured).
+    pub fn disabled() -> Alerter {
+        Alerter {
+            tx: None,
+            stats: Arc::new(Stats::default()),
+        }
+    }
+
+    /// Starts the delivery worker.
+    pub fn start(hooks: Vec<Webhook>, tls: Arc<tokio_rustls::rustls::ClientConfig>) -> Alerter {
+        if hooks.is_empty() {
+            return Alerter::disabled();
+        }
+        // Full queue policy: drop the alert (counted and logged); access is never delayed.
+        let (tx, mut rx) = mpsc::channel::<Alert>(1024);
+        let stats = Arc::new(Stats::default());
+        let st = stats.clone();
+        tokio::spawn(async move {
+            while let Some(alert) = rx.recv().await {
+                for hook in &hooks {
+                    let body = match hook.format {
+                        Format::Json => serde_json::to_vec(&alert),
+                        Format::Slack => {
+                            serde_json::to_vec(&serde_json::json!({ "text": alert.summary }))
+                        }
+                    };
+                    let Ok(body) = body else { continue };
+                    let (hook, st, tls) = (hook.clone(), st.clone(), tls.clone());
+                    // Each delivery runs on its own so a slow hook does not delay the others.
+                    tokio::spawn(async move { deliver(&hook, body, &st, tls).await });
+                }
+            }
+        });
+        Alerter {
+            tx: Some(tx),
+            stats,
+        }
+    }
+
+    /// Queues an alert for an event if it is alertable. Never waits.
+    pub fn notify(&self, e: &AccessEvent, custodians: Vec<String>) {
+        let Some(tx) = &self.tx else { return };
+        if !alertable(e) {
+            return;
+        }
+        let alert = Alert {
+            source: "breakglass",
+            summary: summary(e),
+            custodians,
+            event: e.clone(),
+        };
+        if tx.try_send(alert).is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(event_id = %e.event_id, "alert queue full, alert dropped");
+        }
+    }
+}
+
+/// Posts with up to 5 attempts, backing off 250 ms × 2ⁿ with ±50 % jitter.
+async fn deliver(
+    hook: &Webhook,
+    body: Vec<u8>,
+    stats: &Stats,
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+) {
+    let mut delay = Duration::from_millis(250);
+    for attempt in 1..=5u32 {
+        match tokio::time::timeout(Duration::from_secs(5), post(hook, &body, tls.clone())).await {
+            Ok(Ok(status)) if (200..300).contains(&status) => {
+                stats.sent.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Ok(Ok(status)) => {
+                tracing::warn!(host = %hook.url.host, status, attempt, "webhook refused the alert")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(host = %hook.url.host, error = %e, attempt, "webhook failed")
+            }
+            Err(_) => tracing::warn!(host = %hook.url.host, attempt, "webhook timed out"),
+        }
+        if attempt == 5 {
+            break;
+        }
+        let jitter = 0.5 + rand::random::<f64>();
+        tokio::time::sleep(delay.mul_f64(jitter)).await;
+        delay = delay.saturating_mul(2);
+    }
+    stats.failed.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(host = %hook.url.host, "alert not delivered after 5 attempts");
+}
+
+/// A minimal HTTP/1.1 POST (`Connection: close`); returns the status code.
+async fn post(
+    hook: &Webhook,
+    body: &[u8],
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+) -> Result<u16, String> {
+    let url = &hook.url;
+    let tcp = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .map_err(|e| format!("connect {}:{}: {e}", url.host, url.port))?;
+    let _ = tcp.set_nodelay(true);
+    let mut head = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nUser-Agent: breakglass\r\nConnection: close\r\n",
+        url.path,
+        url.host,
+        body.len()
+    );
+    if let Some((k, v)) = &hook.header {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    if url.tls {
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(url.host.clone())
+            .map_err(|e| format!("bad TLS server name {}: {e}", url.host))?;
+        let mut s = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        exchange(&mut s, head.as_bytes(), body).await
+    } else {
+        let mut s = tcp;
+        exchange(&mut s, head.as_bytes(), body).await
+    }
+}
+
+async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    head: &[u8],
+    body: &[u8],
+) -> Result<u16, String> {
+    s.write_all(head).await.map_err(|e| e.to_string())?;
+    s.write_all(body).await.map_err(|e| e.to_string())?;
+    s.flush().await.map_err(|e| e.to_string())?;
+    // Only the status line matters; read at most 8 KiB of the response.
+    let mut buf = vec![0u8; 8192];
+    let mut n = 0;
+    while n < buf.len() {
+        let m = s.read(&mut buf[n..]).await.map_err(|e| e.to_string())?;
+        if m == 0 {
+            break;
+        }
+        n += m;
+        if buf[..n].windows(2).any(|w| w == b"\r\n") {
+            break;
+        }
+    }
+    let line = String::from_utf8_lossy(&buf[..n]);
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| "no HTTP status line in the response".to_string())?;
+    Ok(status)
+}
+
+/// TLS settings for webhooks: the Mozilla roots plus an optional extra CA file (PEM).
+pub fn tls_config(
+    extra_ca: Option<&std::path::Path>,
+) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, String> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        let pem =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        use rustls::pki_types::pem::PemObject;
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_table() {
+        let cases: &[(&str, Option<(bool, &str, u16, &str)>)] = &[
+            (
+                "http://127.0.0.1:9000/hook",
+                Some((false, "127.0.0.1", 9000, "/hook")),
+            ),
+            (
+                "https://hooks.slack.com/services/T/B/X",
+                Some((true, "hooks.slack.com", 443, "/services/T/B/X")),
+            ),
+            ("http://example.org", Some((false, "example.org", 80, "/"))),
+            (
+                "http://[::1]:8080/x?y=1",
+                Some((false, "::1", 8080, "/x?y=1")),
+            ),
+            ("ftp://x/y", None),
+            ("http://:80/", None),
+            ("http://user:pw@host/", None),
+            ("http://host:99999/", None),
+        ];
+        for (s, want) in cases {
+            let got = Url::parse(s).ok().map(|u| (u.tls, u.host, u.port, u.path));
+            let want = want.map(|(t, h, p, path)| (t, h.to_string(), p, path.to_string()));
+            assert_eq!(got, want, "{s}");
+        }
+    }
+
+    #[test]
+    fn only_actionable_events_alert() {
+        let mut e = AccessEvent::new(Action::GrantCreated, "op");
+        assert!(!alertable(&e));
+        e.emergency = Some(true);
+        assert!(alertable(&e));
+        assert!(summary(&e).contains("EMERGENCY"));
+        assert!(alertable(&AccessEvent::new(Action::SessionStart, "alice")));
+        assert!(!alertable(&AccessEvent::new(Action::SessionEnd, "alice")));
+    }
+}
