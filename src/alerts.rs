@@ -65,6 +65,9 @@ impl Url {
             }
             _ => (authority.to_string(), if tls { 443 } else { 80 }),
         };
+        if host.is_empty() {
+            return Err(format!("`{s}` has no host"));
+        }
         Ok(Url {
             tls,
             host,
@@ -352,7 +355,8 @@ mod tests {
 
     #[test]
     fn url_table() {
-        let cases: &[(&str, Option<(bool, &str, u16, &str)>)] = &[
+        type Want<'a> = Option<(bool, &'a str, u16, &'a str)>;
+        let cases: &[(&str, Want)] = &[
             (
                 "http://127.0.0.1:9000/hook",
                 Some((false, "127.0.0.1", 9000, "/hook")),
