@@ -120,6 +120,8 @@ pub fn alertable(e: &AccessEvent) -> bool {
         | Action::SessionRevoked
         | Action::GrantRevoked => true,
         Action::GrantCreated => e.emergency == Some(true),
+        Action::ReviewOverdue => true,
+        Action::ReviewOpened | Action::ReviewSigned => false,
         Action::SessionEnd
         | Action::SessionDenied
         | Action::SessionExpired
@@ -160,6 +162,11 @@ pub fn summary(e: &AccessEvent) -> String {
         ),
         Action::GrantCreated if e.emergency == Some(true) => format!(
             "[breakglass] EMERGENCY SELF-SERVICE: {who} granted themselves access to {target} ({incident}) without a second person: {why}. Mandatory review."
+        ),
+        Action::ReviewOverdue => format!(
+            "[breakglass] OVERDUE: the post-incident review {} of {who}'s access to {target} ({incident}) was due at {}",
+            e.review_id.as_deref().unwrap_or("?"),
+            e.due_at.as_deref().unwrap_or("?")
         ),
         _ => format!("[breakglass] {} {who} {target} ({incident})", e.action.as_str()),
     }

@@ -52,6 +52,19 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     alerts: RawAlerts,
+    #[serde(default)]
+    reviews: RawReviews,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReviews {
+    security_patch: Option<String>,
+    production_outage: Option<String>,
+    system_failure: Option<String>,
+    other: Option<String>,
+    #[serde(default)]
+    reviewer_may_be_participant: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,6 +188,31 @@ pub struct Config {
     pub webhooks: Vec<crate::alerts::Webhook>,
     /// Extra CA (PEM) trusted for https webhooks.
     pub alerts_ca_file: Option<PathBuf>,
+    /// Post-incident review rules.
+    pub reviews: ReviewRules,
+}
+
+/// Post-incident review deadlines (by scenario) and who may sign off.
+#[derive(Debug, Clone)]
+pub struct ReviewRules {
+    pub security_patch: Duration,
+    pub production_outage: Duration,
+    pub system_failure: Duration,
+    pub other: Duration,
+    /// Whether the requester or an approver may sign off their own incident's review.
+    pub reviewer_may_be_participant: bool,
+}
+
+impl ReviewRules {
+    /// The review deadline for a scenario.
+    pub fn due_after(&self, scenario: &str) -> Duration {
+        match scenario {
+            "security_patch" => self.security_patch,
+            "production_outage" => self.production_outage,
+            "system_failure" => self.system_failure,
+            _ => self.other,
+        }
+    }
 }
 
 /// One person: their keys identify them.
@@ -636,6 +674,25 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         },
         webhooks,
         alerts_ca_file: raw.alerts.ca_file.map(|p| expand_home(&p)),
+        reviews: ReviewRules {
+            security_patch: parse_duration(
+                "reviews.security_patch",
+                raw.reviews.security_patch.as_deref().unwrap_or("24h"),
+            )?,
+            production_outage: parse_duration(
+                "reviews.production_outage",
+                raw.reviews.production_outage.as_deref().unwrap_or("48h"),
+            )?,
+            system_failure: parse_duration(
+                "reviews.system_failure",
+                raw.reviews.system_failure.as_deref().unwrap_or("48h"),
+            )?,
+            other: parse_duration(
+                "reviews.other",
+                raw.reviews.other.as_deref().unwrap_or("48h"),
+            )?,
+            reviewer_may_be_participant: raw.reviews.reviewer_may_be_participant,
+        },
     })
 }
 

@@ -129,6 +129,8 @@ breakglass control commands (ssh -p PORT breakglass@GATEWAY COMMAND ...):
   status                     your requests and grants, requests waiting for you, targets
   grants                     active grants you can see
   requests                   pending requests you can see
+  reviews                    open post-incident reviews (overdue first)
+  review REVIEW|REQUEST --findings TEXT --root-cause TEXT   sign off (reviewers)
 Then connect with: ssh -p PORT TARGET@GATEWAY
 ";
 
@@ -159,6 +161,8 @@ pub async fn run(gw: &Gateway, caller: &Caller<'_>, line: &str) -> Outcome {
         "status" => status(gw, caller).await,
         "grants" => grants(gw, caller).await,
         "requests" => requests(gw, caller).await,
+        "reviews" => reviews(gw).await,
+        "review" => review(gw, caller, &p).await,
         other => Ok(fail(format!("unknown command `{other}`\n\n{HELP}"))),
     };
     res.unwrap_or_else(|e| fail(e.to_string()))
@@ -664,6 +668,42 @@ async fn requests(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateErr
         ));
     }
     Ok(ok(t))
+}
+
+async fn reviews(gw: &Gateway) -> Result<Outcome, StateError> {
+    let now = clock::now();
+    let mut t = String::from("ID  CORRELATION  PERSON  TARGET  SCENARIO  DUE_AT  STATE\n");
+    for r in gw.store.open_reviews().await? {
+        t.push_str(&format!(
+            "{}  {}  {}  {}  {}  {}  {}{}\n",
+            r.id,
+            r.correlation_id,
+            r.person,
+            r.target,
+            r.scenario,
+            clock::rfc3339(r.due_at),
+            if r.due_at <= now { "OVERDUE" } else { "open" },
+            if r.emergency { "  EMERGENCY" } else { "" }
+        ));
+    }
+    Ok(ok(t))
+}
+
+async fn review(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome, StateError> {
+    let Some(id) = p.args.first() else {
+        return Ok(fail("review needs a review or request id"));
+    };
+    let findings = p.opts.get("findings").map(String::as_str).unwrap_or("");
+    let root_cause = p.opts.get("root-cause").map(String::as_str).unwrap_or("");
+    match crate::review::sign(gw, caller.person, caller.roles, id, findings, root_cause).await {
+        Ok(r) => Ok(ok(format!(
+            "review {} signed off by {}; stored as {}\n",
+            r.id,
+            caller.person,
+            crate::storage::key::review(&r.correlation_id, &r.id)
+        ))),
+        Err(e) => Ok(fail(e.to_string())),
+    }
 }
 
 /// Expires pending requests that ran out of time, with an event each. Runs every few seconds.

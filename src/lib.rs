@@ -11,6 +11,7 @@
 //!   talks to object_store, and the one place storage keys are made.
 //! - [`record`]: the recorder: asciicast v2 and raw channel streams, chunking, hash chain,
 //!   command extraction, file-transfer tracking, export and replay.
+//! - [`review`]: post-incident reviews: opened at first use, signed off once, overdue alerts.
 //! - [`siem`]: audit events (separate from operational logs) and their sinks.
 //! - [`ssh`]: the SSH listener (russh server), the upstream client, and the per-channel relay.
 //! - [`server`]: `run(config, shutdown)`, the whole gateway as a library function.
@@ -26,6 +27,7 @@ pub mod control;
 pub mod grant;
 pub mod keys;
 pub mod record;
+pub mod review;
 pub mod server;
 pub mod shutdown;
 pub mod siem;

@@ -138,6 +138,7 @@ pub async fn start(
         let accept = tokio::spawn(crate::ssh::serve(listener, gw.clone()));
         let watcher = tokio::spawn(crate::ssh::session::revocation_watcher(gw.clone()));
         let expiry = tokio::spawn(crate::control::request_expiry(gw.clone()));
+        let overdue = tokio::spawn(crate::review::overdue_watcher(gw.clone()));
         shutdown.await;
         tracing::info!("shutting down: no new connections, ending live sessions");
         // Drain order: stop accepting → end sessions (each seals its recording and emits its
@@ -157,6 +158,7 @@ pub async fn start(
         }
         watcher.abort();
         expiry.abort();
+        overdue.abort();
     };
     Ok((Bound { ssh }, serve))
 }

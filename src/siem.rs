@@ -27,6 +27,9 @@ pub enum Action {
     RequestApproved,
     RequestDenied,
     RequestExpired,
+    ReviewOpened,
+    ReviewSigned,
+    ReviewOverdue,
 }
 
 impl Action {
@@ -45,6 +48,9 @@ impl Action {
             Action::RequestApproved => "request_approved",
             Action::RequestDenied => "request_denied",
             Action::RequestExpired => "request_expired",
+            Action::ReviewOpened => "review_opened",
+            Action::ReviewSigned => "review_signed",
+            Action::ReviewOverdue => "review_overdue",
         }
     }
 }
@@ -106,6 +112,15 @@ pub struct AccessEvent {
     /// Emergency self-service: no second person approved; mandatory review.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub emergency: Option<bool>,
+    /// Review fields (review events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub findings: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_cause: Option<String>,
 }
 
 impl AccessEvent {
@@ -143,6 +158,10 @@ impl AccessEvent {
             scenario: None,
             approvers: None,
             emergency: None,
+            review_id: None,
+            due_at: None,
+            findings: None,
+            root_cause: None,
         }
     }
 }

@@ -122,6 +122,11 @@ pub mod key {
         format!("{prefix}/session.json")
     }
 
+    /// A signed-off post-incident review, kept with the evidence.
+    pub fn review(correlation_id: &str, review_id: &str) -> String {
+        format!("reviews/{correlation_id}/{review_id}.json")
+    }
+
     /// Chunk `seq` of channel `channel`. `ext` is `cast` (pty, asciicast v2) or `raw.lz4`
     /// (non-pty, exact bytes in an LZ4 frame). Zero-padded so key order is chunk order.
     pub fn chunk(prefix: &str, channel: u32, seq: u64, ext: &str) -> String {

@@ -317,6 +317,9 @@ impl Handler {
             .unwrap_or_else(|p| p.into_inner())
             .insert(session_id.clone(), live.clone());
         tracing::info!(session_id = %session_id, person = %person, target = %target.name, deadline = %clock::rfc3339(deadline), "session started");
+        if let Err(e) = crate::review::open_for(&gw, &live.grant).await {
+            tracing::error!(session_id = %session_id, error = %e, "could not open the post-incident review");
+        }
         let sup_gw = gw.clone();
         let sup = live.clone();
         gw.shutdown.tracker.spawn(session::supervise(sup_gw, sup));

@@ -25,6 +25,10 @@ pub enum StateError {
     NotPending { id: String, status: String },
     #[error("{approver} has already approved request {id}")]
     AlreadyApproved { id: String, approver: String },
+    #[error("no review matches `{0}`")]
+    NoSuchReview(String),
+    #[error("review {0} is already signed off; reviews are immutable")]
+    AlreadySigned(String),
     #[error("state store schema version {found} is newer than this binary knows ({known}); upgrade breakglass")]
     TooNew { found: i64, known: i64 },
 }
@@ -161,6 +165,27 @@ pub enum Approval {
     Granted { request: Request, grant: Box<Grant> },
 }
 
+/// A post-incident review of one used grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Review {
+    pub id: String,
+    pub correlation_id: String,
+    pub grant_id: String,
+    pub person: String,
+    pub target: String,
+    pub scenario: String,
+    pub emergency: bool,
+    /// Who approved the grant (reviewers must differ by default).
+    pub approvers: Vec<String>,
+    pub opened_at: DateTime<Utc>,
+    pub due_at: DateTime<Utc>,
+    pub overdue_alerted: bool,
+    pub signed_by: Option<String>,
+    pub signed_at: Option<DateTime<Utc>>,
+    pub findings: Option<String>,
+    pub root_cause: Option<String>,
+}
+
 /// One record of the incident event store (the seed procedure's shape).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredEvent {
@@ -293,4 +318,22 @@ pub trait Store: Send + Sync {
     async fn append_event(&self, e: &StoredEvent) -> Result<(), StateError>;
     /// Every event of one incident, oldest first.
     async fn events(&self, correlation_id: &str) -> Result<Vec<StoredEvent>, StateError>;
+
+    /// Opens the review of a grant unless it has one; returns it and whether it is new.
+    async fn open_review(&self, r: &Review) -> Result<(Review, bool), StateError>;
+    /// A review by review id, grant id, correlation id or unique id prefix.
+    async fn find_review(&self, id: &str) -> Result<Review, StateError>;
+    /// Reviews not signed off yet, oldest due first.
+    async fn open_reviews(&self) -> Result<Vec<Review>, StateError>;
+    /// Signs a review off once; later attempts fail.
+    async fn sign_review(
+        &self,
+        id: &str,
+        by: &str,
+        findings: &str,
+        root_cause: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Review, StateError>;
+    /// Marks overdue open reviews as alerted and returns those that were not yet.
+    async fn take_overdue_reviews(&self, at: DateTime<Utc>) -> Result<Vec<Review>, StateError>;
 }

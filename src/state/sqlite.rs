@@ -8,8 +8,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    Approval, Grant, NewGrant, NewRequest, Request, RequestStatus, SessionEnd, SessionFilter,
-    SessionRow, StateError, Store, StoredEvent,
+    Approval, Grant, NewGrant, NewRequest, Request, RequestStatus, Review, SessionEnd,
+    SessionFilter, SessionRow, StateError, Store, StoredEvent,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -84,6 +84,29 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX events_correlation ON events(correlation_id, seq);
      ALTER TABLE grants ADD COLUMN request_id TEXT;
      ALTER TABLE grants ADD COLUMN review_required INTEGER NOT NULL DEFAULT 0;",
+    // 3: post-incident reviews. Signed reviews are never updated again (checked in code and
+    // by the trigger).
+    "CREATE TABLE reviews (
+        id TEXT PRIMARY KEY,
+        correlation_id TEXT NOT NULL,
+        grant_id TEXT NOT NULL UNIQUE,
+        person TEXT NOT NULL,
+        target TEXT NOT NULL,
+        scenario TEXT NOT NULL,
+        emergency INTEGER NOT NULL,
+        approvers TEXT NOT NULL,
+        opened_at INTEGER NOT NULL,
+        due_at INTEGER NOT NULL,
+        overdue_alerted INTEGER NOT NULL DEFAULT 0,
+        signed_by TEXT,
+        signed_at INTEGER,
+        findings TEXT,
+        root_cause TEXT
+     );
+     CREATE INDEX reviews_due ON reviews(signed_at, due_at);
+     CREATE TRIGGER reviews_immutable BEFORE UPDATE ON reviews
+     WHEN OLD.signed_at IS NOT NULL
+     BEGIN SELECT RAISE(ABORT, 'signed reviews are immutable'); END;",
 ];
 
 /// SQLite behind a mutex; calls run on the blocking pool.
@@ -351,6 +374,54 @@ fn check_pending(req: &Request, at: DateTime<Utc>) -> Result<(), StateError> {
         });
     }
     Ok(())
+}
+
+const REVIEW_COLS: &str = "id, correlation_id, grant_id, person, target, scenario, emergency, approvers, \
+                           opened_at, due_at, overdue_alerted, signed_by, signed_at, findings, root_cause";
+
+fn review_row(r: &Row<'_>) -> rusqlite::Result<Review> {
+    let approvers: String = r.get(7)?;
+    Ok(Review {
+        id: r.get(0)?,
+        correlation_id: r.get(1)?,
+        grant_id: r.get(2)?,
+        person: r.get(3)?,
+        target: r.get(4)?,
+        scenario: r.get(5)?,
+        emergency: r.get::<_, i64>(6)? != 0,
+        approvers: approvers
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+        opened_at: from_ms(r.get(8)?),
+        due_at: from_ms(r.get(9)?),
+        overdue_alerted: r.get::<_, i64>(10)? != 0,
+        signed_by: r.get(11)?,
+        signed_at: r.get::<_, Option<i64>>(12)?.map(from_ms),
+        findings: r.get(13)?,
+        root_cause: r.get(14)?,
+    })
+}
+
+fn find_review_sync(c: &Connection, id: &str) -> Result<Review, StateError> {
+    let mut stmt = c
+        .prepare(&format!(
+            "SELECT {REVIEW_COLS} FROM reviews WHERE grant_id = ?2 OR correlation_id = ?2 \
+             OR id LIKE ?1 ESCAPE '\\' LIMIT 2"
+        ))
+        .map_err(db)?;
+    let rows: Vec<Review> = stmt
+        .query_map(params![like_prefix(id), id], review_row)
+        .map_err(db)?
+        .collect::<Result<_, _>>()
+        .map_err(db)?;
+    let mut it = rows.into_iter();
+    match (it.next(), it.next()) {
+        (None, _) => Err(StateError::NoSuchReview(id.to_string())),
+        (Some(r), None) => Ok(r),
+        (Some(_), Some(_)) => Err(StateError::Ambiguous(id.to_string())),
+    }
 }
 
 fn find_grant_sync(conn: &Connection, id: &str) -> Result<Grant, StateError> {
@@ -863,6 +934,114 @@ impl Store for SqliteStore {
                 .map_err(db)?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn open_review(&self, r: &Review) -> Result<(Review, bool), StateError> {
+        let r = r.clone();
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    &format!(
+                        "INSERT OR IGNORE INTO reviews ({REVIEW_COLS}) \
+                         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,0,NULL,NULL,NULL,NULL)"
+                    ),
+                    params![
+                        r.id,
+                        r.correlation_id,
+                        r.grant_id,
+                        r.person,
+                        r.target,
+                        r.scenario,
+                        r.emergency as i64,
+                        r.approvers.join(","),
+                        ms(r.opened_at),
+                        ms(r.due_at)
+                    ],
+                )
+                .map_err(db)?;
+            Ok((find_review_sync(c, &r.grant_id)?, n == 1))
+        })
+        .await
+    }
+
+    async fn find_review(&self, id: &str) -> Result<Review, StateError> {
+        let id = id.to_string();
+        self.with(move |c| find_review_sync(c, &id)).await
+    }
+
+    async fn open_reviews(&self) -> Result<Vec<Review>, StateError> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare(&format!(
+                    "SELECT {REVIEW_COLS} FROM reviews WHERE signed_at IS NULL ORDER BY due_at"
+                ))
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], review_row)
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn sign_review(
+        &self,
+        id: &str,
+        by: &str,
+        findings: &str,
+        root_cause: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Review, StateError> {
+        let (id, by, findings, root_cause) = (
+            id.to_string(),
+            by.to_string(),
+            findings.to_string(),
+            root_cause.to_string(),
+        );
+        self.with(move |c| {
+            let tx = c.unchecked_transaction().map_err(db)?;
+            let r = find_review_sync(&tx, &id)?;
+            if r.signed_at.is_some() {
+                return Err(StateError::AlreadySigned(r.id));
+            }
+            tx.execute(
+                "UPDATE reviews SET signed_by = ?2, signed_at = ?3, findings = ?4, root_cause = ?5 WHERE id = ?1",
+                params![r.id, by, ms(at), findings, root_cause],
+            )
+            .map_err(db)?;
+            let out = find_review_sync(&tx, &r.id)?;
+            tx.commit().map_err(db)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn take_overdue_reviews(&self, at: DateTime<Utc>) -> Result<Vec<Review>, StateError> {
+        self.with(move |c| {
+            let tx = c.unchecked_transaction().map_err(db)?;
+            let rows: Vec<Review> = {
+                let mut stmt = tx
+                    .prepare(&format!(
+                        "SELECT {REVIEW_COLS} FROM reviews WHERE signed_at IS NULL AND overdue_alerted = 0 AND due_at <= ?1"
+                    ))
+                    .map_err(db)?;
+                let rows = stmt
+                    .query_map([ms(at)], review_row)
+                    .map_err(db)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(db)?;
+                rows
+            };
+            for r in &rows {
+                tx.execute("UPDATE reviews SET overdue_alerted = 1 WHERE id = ?1", [&r.id])
+                    .map_err(db)?;
+            }
+            tx.commit().map_err(db)?;
             Ok(rows)
         })
         .await

@@ -1114,3 +1114,91 @@ async fn webhook_alerts_arrive_within_a_second_and_never_block_access() {
     w.wait_ended(1);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn used_grants_get_a_review_that_goes_overdue_and_is_signed_off_once() {
+    let w = World::with(Opts {
+        extra_config: "[reviews]\nproduction_outage = \"3s\"\n".into(),
+        ..Default::default()
+    });
+    let gw = InProcess::start(&w).await;
+    let (_, out, _) = control(
+        &w,
+        "alice",
+        "breakglass",
+        "request web-01 --reason db locked --incident INC-20 --scenario production_outage",
+    )
+    .await;
+    let req = request_id(&out);
+    let (code, _, _) = control(&w, "bob", "breakglass", &format!("approve {req}")).await;
+    assert_eq!(code, 0);
+    // No review until the grant is used.
+    let (_, list, _) = control(&w, "dave", "breakglass", "reviews").await;
+    assert!(!list.contains(&req), "{list}");
+    let out = output(w.ssh("alice", "web-01", &[], &["true"])).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let opened = w.wait_event("review opened", |e| e["action"] == "review_opened");
+    assert_eq!(opened["correlation_id"], req.as_str());
+    let (_, list, _) = control(&w, "dave", "breakglass", "reviews").await;
+    assert!(list.contains(&req), "{list}");
+
+    // The approver and the requester may not review their own incident.
+    let (code, _, err) = control(
+        &w,
+        "bob",
+        "breakglass",
+        &format!("review {req} --findings ok --root-cause lock"),
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("took part in this incident (approver)"),
+        "{err}"
+    );
+    let (code, _, err) = control(
+        &w,
+        "alice",
+        "breakglass",
+        &format!("review {req} --findings ok --root-cause lock"),
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("not a reviewer"), "{err}");
+
+    // Unsigned past its deadline: an overdue event (and alert).
+    let overdue = w.wait_event("review overdue", |e| e["action"] == "review_overdue");
+    assert_eq!(overdue["correlation_id"], req.as_str());
+
+    let (code, out, err) = control(
+        &w,
+        "dave",
+        "breakglass",
+        &format!(
+            "review {req} --findings vacuum stuck on a lock --root-cause missing index on orders"
+        ),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let signed = w.wait_event("review signed", |e| e["action"] == "review_signed");
+    assert_eq!(signed["root_cause"], "missing index on orders");
+    let review_id = signed["review_id"].as_str().expect("review id").to_string();
+    let stored = w
+        .path("data/recordings/reviews")
+        .join(&req)
+        .join(format!("{review_id}.json"));
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&stored).expect("review in the store"))
+            .expect("json");
+    assert_eq!(doc["signed_by"], "dave");
+    let (code, _, err) = control(
+        &w,
+        "dave",
+        "breakglass",
+        &format!("review {req} --findings x --root-cause y"),
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("immutable"), "{err}");
+    gw.stop().await;
+    validate_all_events(&w);
+}

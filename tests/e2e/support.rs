@@ -159,7 +159,7 @@ impl World {
             breakglass::keys::openssh_line(keys.user_ca.public_key()),
         )
         .expect("write ca");
-        for who in ["alice", "bob", "carol", "mallory"] {
+        for who in ["alice", "bob", "carol", "dave", "mallory"] {
             keygen(&dir.path().join(who));
         }
         let sshd = Sshd::start(dir.path(), &ca_pub);
@@ -200,7 +200,12 @@ roles = ["engineer"]
 [[people]]
 name = "bob"
 ssh_key_files = ["{d}/bob.pub"]
-roles = ["engineer"]
+roles = ["engineer", "reviewer"]
+
+[[people]]
+name = "dave"
+ssh_key_files = ["{d}/dave.pub"]
+roles = ["reviewer"]
 
 [[people]]
 name = "carol"
