@@ -121,7 +121,7 @@ pub fn alertable(e: &AccessEvent) -> bool {
         | Action::GrantRevoked => true,
         Action::GrantCreated => e.emergency == Some(true),
         Action::ReviewOverdue => true,
-        Action::ReviewOpened | Action::ReviewSigned => false,
+        Action::ReviewOpened | Action::ReviewSigned | Action::CredentialIssued => false,
         Action::SessionEnd
         | Action::SessionDenied
         | Action::SessionExpired

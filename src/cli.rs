@@ -114,6 +114,20 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Quarterly access review: accounts and custodians, who may request and approve, the
+    /// grants in the period, and keys unused for 90 days.
+    AccessReview {
+        #[arg(
+            long,
+            short,
+            env = "BREAKGLASS_CONFIG",
+            default_value = "config/breakglass.toml"
+        )]
+        config: PathBuf,
+        /// Start of the period: RFC 3339, a date, or an age like 90d.
+        #[arg(long, default_value = "90d")]
+        since: String,
+    },
     /// The gateway's public keys.
     Keys {
         #[arg(
@@ -262,6 +276,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::AccessReview { config, since } => access_review(&config, &since).await,
         Command::Keys { config, cmd } => match cmd {
             KeysCmd::Show { ca } => {
                 let cfg = Config::load(&config)?;
@@ -624,6 +639,108 @@ async fn sessions(config: &Path, cmd: SessionsCmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn access_review(config: &Path, since: &str) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let built = cfg.build()?;
+    let store = open_state(&cfg)?;
+    let since_t = parse_when(since)?;
+    let now = clock::now();
+    println!(
+        "breakglass access review, {} to {}\n",
+        clock::rfc3339(since_t),
+        clock::rfc3339(now)
+    );
+    println!("break-glass accounts:");
+    for t in cfg.targets.values() {
+        println!(
+            "  {} ({} as {}): custodians {}; approvers {} (needs {}){}",
+            t.name,
+            t.address,
+            t.login,
+            if t.custodians.is_empty() {
+                "NONE".to_string()
+            } else {
+                t.custodians.join(", ")
+            },
+            t.approvers.join(", "),
+            t.required_approvals,
+            if t.emergency_self_service {
+                "; emergency self-service ALLOWED"
+            } else {
+                ""
+            }
+        );
+    }
+    println!("\nwho may request (every configured person) and approve:");
+    for p in cfg.people.values() {
+        let approves: Vec<&str> = cfg
+            .targets
+            .values()
+            .filter(|t| t.is_approver(&p.name, &p.roles))
+            .map(|t| t.name.as_str())
+            .collect();
+        println!(
+            "  {} (roles: {}): may approve {}",
+            p.name,
+            p.roles.join(", "),
+            if approves.is_empty() {
+                "nothing".to_string()
+            } else {
+                approves.join(", ")
+            }
+        );
+    }
+    println!("\ngrants in the period:");
+    let grants: Vec<_> = store
+        .list_grants(None)
+        .await?
+        .into_iter()
+        .filter(|g| g.created_at >= since_t)
+        .collect();
+    if grants.is_empty() {
+        println!("  (none)");
+    }
+    for g in &grants {
+        println!(
+            "  {}  {} on {}  {} to {}  by {}  {}{}",
+            g.id,
+            g.person,
+            g.target,
+            clock::rfc3339(g.created_at),
+            clock::rfc3339(g.revoked_at.unwrap_or(g.expires_at)),
+            g.created_by,
+            g.incident_id,
+            if g.review_required { "  EMERGENCY" } else { "" }
+        );
+    }
+    println!("\nkeys not used in 90 days:");
+    let used: std::collections::BTreeMap<String, DateTime<Utc>> = store
+        .key_usage()
+        .await?
+        .into_iter()
+        .map(|(f, _, t)| (f, t))
+        .collect();
+    let cutoff = now - chrono::Duration::days(90);
+    let mut any = false;
+    for (fp, person) in built.keys.entries() {
+        match used.get(fp) {
+            Some(t) if *t >= cutoff => {}
+            Some(t) => {
+                any = true;
+                println!("  {person}  {fp}  last used {}", clock::rfc3339(*t));
+            }
+            None => {
+                any = true;
+                println!("  {person}  {fp}  never used");
+            }
+        }
+    }
+    if !any {
+        println!("  (none)");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn csv_field(s: &str) -> String {

@@ -704,6 +704,13 @@ pub struct KeyIndex {
 }
 
 impl KeyIndex {
+    /// Every (fingerprint, person) pair.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.by_fingerprint
+            .iter()
+            .map(|(f, p)| (f.as_str(), p.as_str()))
+    }
+
     /// The person a verified public key belongs to.
     pub fn person_for(&self, key: &PublicKey) -> Option<&str> {
         self.by_fingerprint

@@ -129,6 +129,7 @@ breakglass control commands (ssh -p PORT breakglass@GATEWAY COMMAND ...):
   status                     your requests and grants, requests waiting for you, targets
   grants                     active grants you can see
   requests                   pending requests you can see
+  credential GRANT|REQUEST    a one-time database password for your grant (shown once)
   reviews                    open post-incident reviews (overdue first)
   review REVIEW|REQUEST --findings TEXT --root-cause TEXT   sign off (reviewers)
 Then connect with: ssh -p PORT TARGET@GATEWAY
@@ -162,6 +163,7 @@ pub async fn run(gw: &Gateway, caller: &Caller<'_>, line: &str) -> Outcome {
         "grants" => grants(gw, caller).await,
         "requests" => requests(gw, caller).await,
         "reviews" => reviews(gw).await,
+        "credential" => credential(gw, caller, &p).await,
         "review" => review(gw, caller, &p).await,
         other => Ok(fail(format!("unknown command `{other}`\n\n{HELP}"))),
     };
@@ -668,6 +670,51 @@ async fn requests(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateErr
         ));
     }
     Ok(ok(t))
+}
+
+async fn credential(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome, StateError> {
+    let Some(id) = p.args.first() else {
+        return Ok(fail("credential needs your grant or request id"));
+    };
+    let grant_id = match gw.store.find_request(id).await {
+        Ok(r) => match r.grant_id {
+            Some(g) => g,
+            None => {
+                return Ok(fail(format!(
+                    "request {} has no grant ({})",
+                    r.id,
+                    r.status.as_str()
+                )))
+            }
+        },
+        Err(_) => id.clone(),
+    };
+    let g = gw.store.find_grant(&grant_id).await?;
+    if g.person != caller.person {
+        return Ok(fail(format!("grant {} is not yours", g.id)));
+    }
+    let now = clock::now();
+    if g.state_at(now) != GrantState::Active {
+        return Ok(fail(format!("grant {} is not active", g.id)));
+    }
+    let secret = crate::credential::new_secret();
+    gw.store
+        .put_credential(&g, &crate::credential::verifier(&secret), now)
+        .await?;
+    let mut e = grant_event(Action::CredentialIssued, caller.person, &g);
+    e.message = Some(format!(
+        "{} fetched a JIT database credential for {} (valid until {})",
+        caller.person,
+        g.target,
+        clock::rfc3339(g.expires_at)
+    ));
+    emit(gw, &e).await?;
+    Ok(ok(format!(
+        "user: {}\ndatabase: {}\npassword: {secret}\nvalid until: {}\n(shown once; the gateway keeps only a SCRAM verifier; fetching again replaces it)\n",
+        g.person,
+        g.target,
+        clock::rfc3339(g.expires_at)
+    )))
 }
 
 async fn reviews(gw: &Gateway) -> Result<Outcome, StateError> {

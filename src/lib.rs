@@ -5,6 +5,7 @@
 //! - [`config`]: the TOML config, raw → validated → built; `check-config`.
 //! - [`state`]: the state store trait (grants, session index) and its SQLite implementation.
 //! - [`control`]: the workflow over SSH: request, approve, deny, revoke, status.
+//! - [`credential`]: JIT database credentials, kept only as SCRAM-SHA-256 verifiers.
 //! - [`grant`]: grant rules: which grant admits a person to a target, and the session deadline.
 //! - [`keys`]: the gateway's own keys: SSH host key, upstream user CA, per-session certificates.
 //! - [`storage`]: the recording store (object_store, create-only puts); the only module that
@@ -24,6 +25,7 @@ pub mod alerts;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod credential;
 pub mod grant;
 pub mod keys;
 pub mod record;

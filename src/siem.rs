@@ -30,6 +30,7 @@ pub enum Action {
     ReviewOpened,
     ReviewSigned,
     ReviewOverdue,
+    CredentialIssued,
 }
 
 impl Action {
@@ -51,6 +52,7 @@ impl Action {
             Action::ReviewOpened => "review_opened",
             Action::ReviewSigned => "review_signed",
             Action::ReviewOverdue => "review_overdue",
+            Action::CredentialIssued => "credential_issued",
         }
     }
 }

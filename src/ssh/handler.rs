@@ -630,6 +630,14 @@ impl server::Handler for Handler {
             Some(p) => {
                 self.person = Some(p.to_string());
                 self.target = user.to_string();
+                if let Err(e) = self
+                    .gw
+                    .store
+                    .touch_key(&fingerprint(key.public_key), p, clock::now())
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not record key use");
+                }
                 Ok(Auth::Accept)
             }
             None => {

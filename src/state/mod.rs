@@ -336,4 +336,26 @@ pub trait Store: Send + Sync {
     ) -> Result<Review, StateError>;
     /// Marks overdue open reviews as alerted and returns those that were not yet.
     async fn take_overdue_reviews(&self, at: DateTime<Utc>) -> Result<Vec<Review>, StateError>;
+
+    /// Stores (replacing any earlier one) the verifier of a grant's JIT credential.
+    async fn put_credential(
+        &self,
+        grant: &Grant,
+        verifier: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StateError>;
+    /// The verifier of a grant's JIT credential and when it stops working.
+    async fn credential(
+        &self,
+        grant_id: &str,
+    ) -> Result<Option<(String, DateTime<Utc>)>, StateError>;
+    /// Records that a person's key was used (for the access review's unused-key list).
+    async fn touch_key(
+        &self,
+        fingerprint: &str,
+        person: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StateError>;
+    /// Last use of every key seen: (fingerprint, person, last used).
+    async fn key_usage(&self) -> Result<Vec<(String, String, DateTime<Utc>)>, StateError>;
 }

@@ -107,6 +107,19 @@ const MIGRATIONS: &[&str] = &[
      CREATE TRIGGER reviews_immutable BEFORE UPDATE ON reviews
      WHEN OLD.signed_at IS NOT NULL
      BEGIN SELECT RAISE(ABORT, 'signed reviews are immutable'); END;",
+    // 4: JIT credentials (verifiers only) and key usage.
+    "CREATE TABLE credentials (
+        grant_id TEXT PRIMARY KEY,
+        person TEXT NOT NULL,
+        verifier TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+     );
+     CREATE TABLE key_usage (
+        fingerprint TEXT PRIMARY KEY,
+        person TEXT NOT NULL,
+        last_used INTEGER NOT NULL
+     );",
 ];
 
 /// SQLite behind a mutex; calls run on the blocking pool.
@@ -1042,6 +1055,76 @@ impl Store for SqliteStore {
                     .map_err(db)?;
             }
             tx.commit().map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn put_credential(
+        &self,
+        grant: &Grant,
+        verifier: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StateError> {
+        let (g, v) = (grant.clone(), verifier.to_string());
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO credentials (grant_id, person, verifier, created_at, expires_at) VALUES (?1,?2,?3,?4,?5) \
+                 ON CONFLICT(grant_id) DO UPDATE SET verifier = excluded.verifier, created_at = excluded.created_at",
+                params![g.id, g.person, v, ms(at), ms(g.expires_at)],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn credential(
+        &self,
+        grant_id: &str,
+    ) -> Result<Option<(String, DateTime<Utc>)>, StateError> {
+        let id = grant_id.to_string();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT verifier, expires_at FROM credentials WHERE grant_id = ?1",
+                [id],
+                |r| Ok((r.get::<_, String>(0)?, from_ms(r.get(1)?))),
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn touch_key(
+        &self,
+        fingerprint: &str,
+        person: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StateError> {
+        let (f, p) = (fingerprint.to_string(), person.to_string());
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO key_usage (fingerprint, person, last_used) VALUES (?1,?2,?3) \
+                 ON CONFLICT(fingerprint) DO UPDATE SET person = excluded.person, last_used = excluded.last_used",
+                params![f, p, ms(at)],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn key_usage(&self) -> Result<Vec<(String, String, DateTime<Utc>)>, StateError> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare("SELECT fingerprint, person, last_used FROM key_usage ORDER BY person")
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, from_ms(r.get(2)?))))
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
             Ok(rows)
         })
         .await

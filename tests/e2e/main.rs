@@ -1202,3 +1202,64 @@ async fn used_grants_get_a_review_that_goes_overdue_and_is_signed_off_once() {
     gw.stop().await;
     validate_all_events(&w);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jit_credential_is_shown_once_and_stored_only_as_a_verifier() {
+    let w = World::new();
+    let gw = InProcess::start(&w).await;
+    let (_, out, _) = control(
+        &w,
+        "alice",
+        "breakglass",
+        "request web-01 --reason dba work --incident INC-30",
+    )
+    .await;
+    let req = request_id(&out);
+    let (code, _, err) = control(&w, "alice", "breakglass", &format!("credential {req}")).await;
+    assert_eq!(code, 1, "no credential before approval");
+    assert!(err.contains("no grant"), "{err}");
+    control(&w, "bob", "breakglass", &format!("approve {req}")).await;
+    let (code, _, err) = control(&w, "bob", "breakglass", &format!("credential {req}")).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("not yours"), "{err}");
+    let (code, out, err) = control(&w, "alice", "breakglass", &format!("credential {req}")).await;
+    assert_eq!(code, 0, "{err}");
+    let secret = out
+        .lines()
+        .find_map(|l| l.strip_prefix("password: "))
+        .expect("a password line")
+        .to_string();
+    assert_eq!(secret.len(), 32);
+    gw.stop().await;
+    // The secret is nowhere on disk: not in the state file, the SIEM file or the recordings.
+    for f in [
+        "data/state.sqlite",
+        "data/state.sqlite-wal",
+        "data/siem.jsonl",
+    ] {
+        let bytes = std::fs::read(w.path(f)).unwrap_or_default();
+        assert!(
+            !bytes
+                .windows(secret.len())
+                .any(|win| win == secret.as_bytes()),
+            "{f} must not contain the secret"
+        );
+    }
+    let ev = w.wait_event("credential event", |e| e["action"] == "credential_issued");
+    assert_eq!(ev["correlation_id"], req.as_str());
+
+    // The quarterly access review lists accounts, custodians, approvers, grants, idle keys.
+    let review = w.cli_ok(&["access-review", "--since", "1d"]);
+    assert!(
+        review.contains("web-01") && review.contains("custodians carol"),
+        "{review}"
+    );
+    assert!(
+        review.contains("dave") && review.contains("never used"),
+        "{review}"
+    );
+    assert!(
+        review.contains(&req) || review.contains("INC-30"),
+        "{review}"
+    );
+}
