@@ -11,6 +11,7 @@ command -v scp >/dev/null 2>&1 || need+=(openssh-client)
 command -v asciinema >/dev/null 2>&1 || need+=(asciinema)
 command -v script >/dev/null 2>&1 || need+=(bsdutils)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   SUDO=""

@@ -97,6 +97,7 @@ fn default_data_dir() -> PathBuf {
 #[serde(deny_unknown_fields)]
 struct RawListeners {
     ssh: String,
+    http: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +175,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The address the SSH listener binds.
     pub ssh_listen: SocketAddr,
+    /// The address the HTTP (JSON API) listener binds, if any.
+    pub http_listen: Option<SocketAddr>,
     /// Everyone who may be admitted, keyed by name.
     pub people: BTreeMap<String, PersonConfig>,
     /// Everything people may be admitted to, keyed by name (the SSH login name).
@@ -372,6 +375,15 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         )
     })?;
 
+    let http_listen = match &raw.listeners.http {
+        Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
+            invalid(
+                "listeners.http",
+                format!("`{a}` is not an address like 127.0.0.1:8080: {e}"),
+            )
+        })?),
+        None => None,
+    };
     let mut people = BTreeMap::new();
     let mut seen_keys: BTreeMap<String, String> = BTreeMap::new();
     for (i, p) in raw.people.into_iter().enumerate() {
@@ -656,6 +668,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     Ok(Config {
         data_dir,
         ssh_listen,
+        http_listen,
         people,
         targets,
         storage_dir,

@@ -24,21 +24,41 @@ use crate::server::Gateway;
 use crate::siem::{AccessEvent, Action};
 use crate::state::{Approval, Grant, GrantState, NewRequest, Request, RequestStatus, StateError};
 
-/// What a command printed and its exit status.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a command printed, its exit status, and (for the JSON API) what it produced.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub text: String,
     pub code: u32,
+    /// Ids of what the command created or changed, e.g. `{"request_id": ..., "grant_id": ...}`.
+    pub data: serde_json::Value,
 }
 
 fn ok(text: String) -> Outcome {
-    Outcome { text, code: 0 }
+    Outcome {
+        text,
+        code: 0,
+        data: serde_json::Value::Null,
+    }
+}
+
+fn ok_with(text: String, data: serde_json::Value) -> Outcome {
+    Outcome {
+        text,
+        code: 0,
+        data,
+    }
+}
+
+/// A failed outcome (for callers outside this module, e.g. the API).
+pub fn failure(text: impl Into<String>) -> Outcome {
+    fail(text)
 }
 
 fn fail(text: impl Into<String>) -> Outcome {
     Outcome {
         text: format!("breakglass: {}\n", text.into()),
         code: 1,
+        data: serde_json::Value::Null,
     }
 }
 
@@ -130,6 +150,7 @@ breakglass control commands (ssh -p PORT breakglass@GATEWAY COMMAND ...):
   grants                     active grants you can see
   requests                   pending requests you can see
   credential GRANT|REQUEST    a one-time database password for your grant (shown once)
+  token                      a bearer token for the JSON API (1 hour, shown once)
   reviews                    open post-incident reviews (overdue first)
   review REVIEW|REQUEST --findings TEXT --root-cause TEXT   sign off (reviewers)
 Then connect with: ssh -p PORT TARGET@GATEWAY
@@ -164,6 +185,7 @@ pub async fn run(gw: &Gateway, caller: &Caller<'_>, line: &str) -> Outcome {
         "requests" => requests(gw, caller).await,
         "reviews" => reviews(gw).await,
         "credential" => credential(gw, caller, &p).await,
+        "token" => token(gw, caller).await,
         "review" => review(gw, caller, &p).await,
         other => Ok(fail(format!("unknown command `{other}`\n\n{HELP}"))),
     };
@@ -213,7 +235,11 @@ const SCENARIOS: &[&str] = &[
     "other",
 ];
 
-async fn request(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome, StateError> {
+pub(crate) async fn request(
+    gw: &Gateway,
+    caller: &Caller<'_>,
+    p: &Parsed,
+) -> Result<Outcome, StateError> {
     let Some(target_name) = p.args.first() else {
         return Ok(fail(
             "request needs a target: request TARGET --reason TEXT --incident ID",
@@ -335,6 +361,10 @@ async fn request(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcom
                 clock::rfc3339(grant.expires_at),
                 grant.target
             ));
+            return Ok(ok_with(
+                text,
+                serde_json::json!({"request_id": req.id, "grant_id": grant.id, "emergency": true}),
+            ));
         }
         return Ok(ok(text));
     }
@@ -344,10 +374,17 @@ async fn request(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcom
         target.approvers.join(", "),
         clock::rfc3339(req.expires_at)
     ));
-    Ok(ok(text))
+    Ok(ok_with(
+        text,
+        serde_json::json!({"request_id": req.id, "status": "pending", "expires_at": clock::rfc3339(req.expires_at)}),
+    ))
 }
 
-async fn approve(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome, StateError> {
+pub(crate) async fn approve(
+    gw: &Gateway,
+    caller: &Caller<'_>,
+    p: &Parsed,
+) -> Result<Outcome, StateError> {
     let Some(id) = p.args.first() else {
         return Ok(fail("approve needs a request id"));
     };
@@ -387,10 +424,13 @@ async fn approve(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcom
             let mut ev = request_event(Action::RequestApproved, caller.person, &request);
             ev.message = Some(format!("{} approved ({have} of {need})", caller.person));
             emit(gw, &ev).await?;
-            Ok(ok(format!(
-                "approval recorded for {}: {have} of {need}; more approvals needed\n",
-                request.id
-            )))
+            Ok(ok_with(
+                format!(
+                    "approval recorded for {}: {have} of {need}; more approvals needed\n",
+                    request.id
+                ),
+                serde_json::json!({"request_id": request.id, "approvals": have, "needed": need}),
+            ))
         }
         Ok(Approval::Granted { request, grant }) => {
             let mut ev = request_event(Action::RequestApproved, caller.person, &request);
@@ -401,14 +441,17 @@ async fn approve(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcom
                 &grant_event(Action::GrantCreated, caller.person, &grant),
             )
             .await?;
-            Ok(ok(format!(
-                "approved {}: grant {} gives {} access to {} until {}\n",
-                request.id,
-                grant.id,
-                grant.person,
-                grant.target,
-                clock::rfc3339(grant.expires_at)
-            )))
+            Ok(ok_with(
+                format!(
+                    "approved {}: grant {} gives {} access to {} until {}\n",
+                    request.id,
+                    grant.id,
+                    grant.person,
+                    grant.target,
+                    clock::rfc3339(grant.expires_at)
+                ),
+                serde_json::json!({"request_id": request.id, "grant_id": grant.id, "expires_at": clock::rfc3339(grant.expires_at)}),
+            ))
         }
         Err(StateError::AlreadyApproved { id, .. }) => Ok(fail(format!(
             "you have already approved {id}; another approver is needed"
@@ -417,7 +460,11 @@ async fn approve(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcom
     }
 }
 
-async fn deny(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome, StateError> {
+pub(crate) async fn deny(
+    gw: &Gateway,
+    caller: &Caller<'_>,
+    p: &Parsed,
+) -> Result<Outcome, StateError> {
     let Some(id) = p.args.first() else {
         return Ok(fail("deny needs a request id"));
     };
@@ -450,10 +497,17 @@ async fn deny(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome, 
     ev.reason = Some(reason.clone());
     ev.message = Some(format!("{} denied {}: {reason}", caller.person, req.id));
     emit(gw, &ev).await?;
-    Ok(ok(format!("denied {}: {reason}\n", req.id)))
+    Ok(ok_with(
+        format!("denied {}: {reason}\n", req.id),
+        serde_json::json!({"request_id": req.id, "status": "denied"}),
+    ))
 }
 
-async fn revoke(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome, StateError> {
+pub(crate) async fn revoke(
+    gw: &Gateway,
+    caller: &Caller<'_>,
+    p: &Parsed,
+) -> Result<Outcome, StateError> {
     let Some(id) = p.args.first() else {
         return Ok(fail("revoke needs a grant or request id"));
     };
@@ -504,10 +558,13 @@ async fn revoke(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome
         caller.person, g.id, g.person, g.target
     ));
     emit(gw, &ev).await?;
-    Ok(ok(format!(
-        "revoked {} ({} on {}); live sessions end within a second\n",
-        g.id, g.person, g.target
-    )))
+    Ok(ok_with(
+        format!(
+            "revoked {} ({} on {}); live sessions end within a second\n",
+            g.id, g.person, g.target
+        ),
+        serde_json::json!({"grant_id": g.id, "status": "revoked"}),
+    ))
 }
 
 fn fmt_left(until: chrono::DateTime<chrono::Utc>) -> String {
@@ -714,6 +771,22 @@ async fn credential(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Out
         g.person,
         g.target,
         clock::rfc3339(g.expires_at)
+    )))
+}
+
+/// How long an API token lives.
+pub const API_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+async fn token(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError> {
+    let secret = crate::credential::new_secret();
+    let now = clock::now();
+    let until = now + chrono::Duration::from_std(API_TOKEN_TTL).unwrap_or_default();
+    gw.store
+        .put_api_token(&crate::api::token_hash(&secret), caller.person, now, until)
+        .await?;
+    Ok(ok(format!(
+        "token: {secret}\nvalid until: {}\nuse: curl -H 'Authorization: Bearer {secret}' http://GATEWAY/api/v1/status\n",
+        clock::rfc3339(until)
     )))
 }
 

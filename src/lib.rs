@@ -18,10 +18,12 @@
 //! - [`server`]: `run(config, shutdown)`, the whole gateway as a library function.
 //! - [`shutdown`]: one cancellation token and task tracker with a documented drain order.
 //! - [`clock`]: the one wall-clock function.
+//! - [`api`]: the JSON API (bearer tokens fetched over SSH) for the workflow actions.
 //! - [`alerts`]: webhooks (generic JSON, Slack) for requests, approvals, sessions, revocations.
 #![forbid(unsafe_code)]
 
 pub mod alerts;
+pub mod api;
 pub mod clock;
 pub mod config;
 pub mod control;

@@ -56,6 +56,7 @@ pub enum StartError {
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
     pub ssh: SocketAddr,
+    pub http: Option<SocketAddr>,
 }
 
 impl Gateway {
@@ -133,12 +134,39 @@ pub async fn start(
     let ssh = listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
+    let http_listener = match gw.config.http_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let http = match &http_listener {
+        Some(l) => Some(
+            l.local_addr()
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
     crate::ssh::session::recover_unfinished(&gw).await;
     let serve = async move {
         let accept = tokio::spawn(crate::ssh::serve(listener, gw.clone()));
         let watcher = tokio::spawn(crate::ssh::session::revocation_watcher(gw.clone()));
         let expiry = tokio::spawn(crate::control::request_expiry(gw.clone()));
         let overdue = tokio::spawn(crate::review::overdue_watcher(gw.clone()));
+        let api = http_listener.map(|l| {
+            let token = gw.shutdown.token.clone();
+            let app = crate::api::router(gw.clone());
+            tokio::spawn(async move {
+                let served = axum::serve(l, app)
+                    .with_graceful_shutdown(async move { token.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "HTTP listener failed");
+                }
+            })
+        });
         shutdown.await;
         tracing::info!("shutting down: no new connections, ending live sessions");
         // Drain order: stop accepting → end sessions (each seals its recording and emits its
@@ -159,8 +187,11 @@ pub async fn start(
         watcher.abort();
         expiry.abort();
         overdue.abort();
+        if let Some(api) = api {
+            let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
+        }
     };
-    Ok((Bound { ssh }, serve))
+    Ok((Bound { ssh, http }, serve))
 }
 
 /// Runs the gateway until `shutdown` resolves.
@@ -169,7 +200,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let (bound, serve) = start(config, shutdown).await?;
-    tracing::info!(ssh = %bound.ssh, "breakglass listening");
+    tracing::info!(ssh = %bound.ssh, http = ?bound.http, "breakglass listening");
     serve.await;
     Ok(())
 }

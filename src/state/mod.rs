@@ -358,4 +358,19 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StateError>;
     /// Last use of every key seen: (fingerprint, person, last used).
     async fn key_usage(&self) -> Result<Vec<(String, String, DateTime<Utc>)>, StateError>;
+
+    /// Stores an API token's hash for a person until `expires_at`.
+    async fn put_api_token(
+        &self,
+        hash: &str,
+        person: &str,
+        at: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StateError>;
+    /// The person an unexpired API token hash belongs to.
+    async fn api_token_person(
+        &self,
+        hash: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Option<String>, StateError>;
 }

@@ -120,6 +120,13 @@ const MIGRATIONS: &[&str] = &[
         person TEXT NOT NULL,
         last_used INTEGER NOT NULL
      );",
+    // 5: JSON API bearer tokens (hashes only).
+    "CREATE TABLE api_tokens (
+        hash TEXT PRIMARY KEY,
+        person TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+     );",
 ];
 
 /// SQLite behind a mutex; calls run on the blocking pool.
@@ -1126,6 +1133,43 @@ impl Store for SqliteStore {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(db)?;
             Ok(rows)
+        })
+        .await
+    }
+
+    async fn put_api_token(
+        &self,
+        hash: &str,
+        person: &str,
+        at: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StateError> {
+        let (h, p) = (hash.to_string(), person.to_string());
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO api_tokens (hash, person, created_at, expires_at) VALUES (?1,?2,?3,?4)",
+                params![h, p, ms(at), ms(expires_at)],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn api_token_person(
+        &self,
+        hash: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Option<String>, StateError> {
+        let h = hash.to_string();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT person FROM api_tokens WHERE hash = ?1 AND expires_at > ?2",
+                params![h, ms(at)],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map_err(db)
         })
         .await
     }

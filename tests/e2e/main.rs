@@ -1263,3 +1263,141 @@ async fn jit_credential_is_shown_once_and_stored_only_as_a_verifier() {
         "{review}"
     );
 }
+
+/// Calls the JSON API with the real `curl`; returns (status, body).
+async fn api(
+    w: &World,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut c = Command::new(require("curl", "curl"));
+    c.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+        .arg(format!("http://127.0.0.1:{}{path}", w.http_port));
+    if let Some(t) = token {
+        c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    if let Some(b) = body {
+        c.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &b.to_string(),
+        ]);
+    }
+    let out = output(c).await;
+    let text = text(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').expect("status line");
+    let code: u16 = code.trim().parse().expect("status code");
+    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+async fn api_token(w: &World, person: &str) -> String {
+    let (code, out, err) = control(w, person, "breakglass", "token").await;
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .expect("token line")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_api_runs_the_same_workflow_for_verified_people() {
+    let w = World::new();
+    let gw = InProcess::start(&w).await;
+    let (code, body) = api(&w, None, "GET", "/api/v1/requests", None).await;
+    assert_eq!(code, 401, "{body}");
+    let (code, _) = api(&w, Some("forged"), "GET", "/api/v1/requests", None).await;
+    assert_eq!(code, 401);
+
+    let alice = api_token(&w, "alice").await;
+    let bob = api_token(&w, "bob").await;
+    let (code, body) = api(
+        &w,
+        Some(&alice),
+        "POST",
+        "/api/v1/requests",
+        Some(serde_json::json!({"target": "web-01", "reason": "disk full", "incident": "INC-40", "duration": "30m", "scenario": "production_outage"})),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let req = body["request_id"].as_str().expect("request_id").to_string();
+
+    let (code, body) = api(
+        &w,
+        Some(&alice),
+        "POST",
+        &format!("/api/v1/requests/{req}/approve"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 403, "self-approval refused: {body}");
+    let (code, body) = api(&w, Some(&bob), "GET", "/api/v1/requests", None).await;
+    assert_eq!(code, 200);
+    assert!(
+        body["requests"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|r| r["id"] == req.as_str()),
+        "{body}"
+    );
+    let (code, body) = api(
+        &w,
+        Some(&bob),
+        "POST",
+        &format!("/api/v1/requests/{req}/approve"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let grant = body["grant_id"].as_str().expect("grant_id").to_string();
+    let (code, body) = api(
+        &w,
+        Some(&bob),
+        "POST",
+        &format!("/api/v1/requests/{req}/approve"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 409, "{body}");
+
+    let (code, body) = api(&w, Some(&alice), "GET", "/api/v1/grants", None).await;
+    assert_eq!(code, 200);
+    assert!(
+        body["grants"]
+            .as_array()
+            .expect("grants")
+            .iter()
+            .any(|g| g["id"] == grant.as_str()),
+        "{body}"
+    );
+    let out = output(w.ssh("alice", "web-01", &[], &["echo via-api"])).await;
+    assert_eq!(text(&out.stdout), "via-api\n", "{}", text(&out.stderr));
+
+    let (code, body) = api(
+        &w,
+        Some(&alice),
+        "POST",
+        &format!("/api/v1/grants/{grant}/revoke"),
+        Some(serde_json::json!({"reason": "done"})),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = api(
+        &w,
+        Some(&bob),
+        "POST",
+        "/api/v1/requests/R-nope/deny",
+        Some(serde_json::json!({"reason": "x"})),
+    )
+    .await;
+    assert_eq!(code, 404, "{body}");
+    w.wait_ended(1);
+    gw.stop().await;
+    let ev = w.wait_event("API approval event", |e| {
+        e["action"] == "request_approved" && e["actor"] == "bob"
+    });
+    assert_eq!(ev["correlation_id"], req.as_str());
+}

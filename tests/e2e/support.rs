@@ -71,6 +71,7 @@ pub struct World {
     pub dir: tempfile::TempDir,
     pub sshd: Sshd,
     pub gw_port: u16,
+    pub http_port: u16,
     pub config_path: PathBuf,
 }
 
@@ -183,6 +184,7 @@ impl World {
             "auth = \"certificate\"".to_string()
         };
         let gw_port = free_port();
+        let http_port = free_port();
         let config_path = dir.path().join("breakglass.toml");
         let d = dir.path().display();
         std::fs::write(
@@ -191,6 +193,7 @@ impl World {
                 r#"data_dir = "{d}/data"
 [listeners]
 ssh = "127.0.0.1:{gw_port}"
+http = "127.0.0.1:{http_port}"
 
 [[people]]
 name = "alice"
@@ -248,6 +251,7 @@ max_session_ttl = "1h"
             dir,
             sshd,
             gw_port,
+            http_port,
             config_path,
         }
     }

@@ -1,0 +1,331 @@
+//! The JSON API: the workflow actions of the SSH control channel over HTTP, for tools and the
+//! web UI. A person authenticates with a bearer token fetched over SSH (`ssh breakglass@gw
+//! token`), so every API action is tied to the person their SSH key proved.
+//!
+//! Plain HTTP on the configured listener; put it behind a TLS-terminating proxy or keep it on
+//! loopback (the web UI issue adds rustls).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::clock;
+use crate::control::{self, Caller, Parsed};
+use crate::server::Gateway;
+use crate::state::{GrantState, RequestStatus};
+
+/// The stored form of an API token: its SHA-256, hex.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// An API error: a status and a message.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "ok": false, "error": self.1 }))).into_response()
+    }
+}
+
+struct Who {
+    person: String,
+    roles: Vec<String>,
+}
+
+async fn who(gw: &Gateway, headers: &HeaderMap) -> Result<Who, ApiError> {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing bearer token; get one with `ssh breakglass@GATEWAY token`".into(),
+            )
+        })?;
+    let person = gw
+        .store
+        .api_token_person(&token_hash(token.trim()), clock::now())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "unknown or expired token".into()))?;
+    let roles = gw
+        .config
+        .people
+        .get(&person)
+        .map(|p| p.roles.clone())
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::FORBIDDEN,
+                format!("{person} is no longer configured"),
+            )
+        })?;
+    Ok(Who { person, roles })
+}
+
+/// Maps a control outcome to HTTP: 200 with its data, or 409/403/404/400 with the message.
+fn outcome(o: control::Outcome) -> Response {
+    let message = o.text.trim().trim_start_matches("breakglass: ").to_string();
+    if o.code == 0 {
+        let mut body = json!({ "ok": true, "message": message });
+        if let (Some(b), Value::Object(d)) = (body.as_object_mut(), o.data) {
+            b.extend(d);
+        }
+        return (StatusCode::OK, Json(body)).into_response();
+    }
+    let status = if message.contains("cannot approve your own")
+        || message.contains("is not an approver")
+        || message.contains("may not")
+        || message.contains("not yours")
+    {
+        StatusCode::FORBIDDEN
+    } else if message.contains("no request matches")
+        || message.contains("no grant matches")
+        || message.contains("no target named")
+    {
+        StatusCode::NOT_FOUND
+    } else if message.contains("already")
+        || message.contains("not pending")
+        || message.contains("is not active")
+    {
+        StatusCode::CONFLICT
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    ApiError(status, message).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRequestBody {
+    target: String,
+    reason: String,
+    incident: String,
+    severity: Option<String>,
+    scenario: Option<String>,
+    /// A duration such as "2h".
+    duration: Option<String>,
+    #[serde(default)]
+    emergency: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReasonBody {
+    reason: Option<String>,
+}
+
+fn parsed(
+    command: &str,
+    args: Vec<String>,
+    opts: Vec<(&str, Option<String>)>,
+    flags: Vec<&str>,
+) -> Parsed {
+    Parsed {
+        command: command.into(),
+        args,
+        opts: opts
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+            .collect::<BTreeMap<_, _>>(),
+        flags: flags.into_iter().map(str::to_string).collect(),
+    }
+}
+
+async fn create_request(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Json(b): Json<NewRequestBody>,
+) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    let p = parsed(
+        "request",
+        vec![b.target],
+        vec![
+            ("reason", Some(b.reason)),
+            ("incident", Some(b.incident)),
+            ("severity", b.severity),
+            ("scenario", b.scenario),
+            ("for", b.duration),
+        ],
+        if b.emergency {
+            vec!["emergency"]
+        } else {
+            vec![]
+        },
+    );
+    let caller = Caller {
+        person: &w.person,
+        roles: &w.roles,
+    };
+    Ok(outcome(
+        control::request(&gw, &caller, &p)
+            .await
+            .unwrap_or_else(|e| control::failure(e.to_string())),
+    ))
+}
+
+async fn approve(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    let caller = Caller {
+        person: &w.person,
+        roles: &w.roles,
+    };
+    let p = parsed("approve", vec![id], vec![], vec![]);
+    Ok(outcome(
+        control::approve(&gw, &caller, &p)
+            .await
+            .unwrap_or_else(|e| control::failure(e.to_string())),
+    ))
+}
+
+async fn deny(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Option<Json<ReasonBody>>,
+) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    let caller = Caller {
+        person: &w.person,
+        roles: &w.roles,
+    };
+    let reason = body.and_then(|Json(b)| b.reason);
+    let p = parsed("deny", vec![id], vec![("reason", reason)], vec![]);
+    Ok(outcome(
+        control::deny(&gw, &caller, &p)
+            .await
+            .unwrap_or_else(|e| control::failure(e.to_string())),
+    ))
+}
+
+async fn revoke(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Option<Json<ReasonBody>>,
+) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    let caller = Caller {
+        person: &w.person,
+        roles: &w.roles,
+    };
+    let reason = body.and_then(|Json(b)| b.reason);
+    let p = parsed("revoke", vec![id], vec![("reason", reason)], vec![]);
+    Ok(outcome(
+        control::revoke(&gw, &caller, &p)
+            .await
+            .unwrap_or_else(|e| control::failure(e.to_string())),
+    ))
+}
+
+fn may_see(gw: &Gateway, w: &Who, person: &str, target: &str) -> bool {
+    person == w.person
+        || w.roles.iter().any(|r| r == "admin" || r == "auditor")
+        || gw.config.targets.get(target).is_some_and(|t| {
+            t.is_approver(&w.person, &w.roles) || t.custodians.contains(&w.person)
+        })
+}
+
+async fn list_requests(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    let reqs = gw
+        .store
+        .list_requests(Some(RequestStatus::Pending))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let items: Vec<Value> = reqs
+        .into_iter()
+        .filter(|r| may_see(&gw, &w, &r.person, &r.target))
+        .map(|r| {
+            json!({
+                "id": r.id, "person": r.person, "target": r.target, "justification": r.justification,
+                "incident_id": r.incident_id, "severity": r.severity, "scenario": r.scenario,
+                "duration_seconds": r.duration.as_secs(), "created_at": clock::rfc3339(r.created_at),
+                "expires_at": clock::rfc3339(r.expires_at), "status": r.status.as_str(),
+                "emergency": r.emergency,
+                "approvals": r.approvals.iter().map(|(a, t)| json!({"approver": a, "at": clock::rfc3339(*t)})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "requests": items })).into_response())
+}
+
+async fn list_grants(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    let now = clock::now();
+    let grants = gw
+        .store
+        .list_grants(Some(now))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let items: Vec<Value> = grants
+        .into_iter()
+        .filter(|g| may_see(&gw, &w, &g.person, &g.target))
+        .map(|g| {
+            json!({
+                "id": g.id, "person": g.person, "target": g.target, "reason": g.reason,
+                "incident_id": g.incident_id, "created_by": g.created_by,
+                "created_at": clock::rfc3339(g.created_at), "expires_at": clock::rfc3339(g.expires_at),
+                "state": match g.state_at(now) { GrantState::Active => "active", GrantState::Expired => "expired", GrantState::Revoked => "revoked" },
+                "request_id": g.request_id, "correlation_id": g.correlation_id(), "emergency": g.review_required,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "grants": items })).into_response())
+}
+
+async fn status(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    let targets: Vec<Value> = gw
+        .config
+        .targets
+        .values()
+        .map(|t| {
+            json!({
+                "name": t.name, "login": t.login, "approvers": t.approvers,
+                "required_approvals": t.required_approvals, "custodians": t.custodians,
+                "emergency_self_service": t.emergency_self_service,
+                "max_duration_seconds": t.max_duration.as_secs(),
+                "you_may_approve": t.is_approver(&w.person, &w.roles),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "person": w.person, "roles": w.roles, "targets": targets })).into_response())
+}
+
+async fn healthz() -> impl IntoResponse {
+    Json(json!({ "ok": true }))
+}
+
+/// The API routes.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/requests", get(list_requests).post(create_request))
+        .route("/api/v1/requests/{id}/approve", post(approve))
+        .route("/api/v1/requests/{id}/deny", post(deny))
+        .route("/api/v1/grants", get(list_grants))
+        .route("/api/v1/grants/{id}/revoke", post(revoke))
+        .with_state(gw)
+}
