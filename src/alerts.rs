@@ -122,6 +122,7 @@ pub fn alertable(e: &AccessEvent) -> bool {
         Action::GrantCreated => e.emergency == Some(true),
         Action::ReviewOverdue => true,
         Action::ReviewOpened | Action::ReviewSigned | Action::CredentialIssued => false,
+        Action::CredentialRotated => e.outcome == "failure",
         Action::SessionEnd
         | Action::SessionDenied
         | Action::SessionExpired

@@ -235,9 +235,11 @@ async fn revoke(
 fn may_see(gw: &Gateway, w: &Who, person: &str, target: &str) -> bool {
     person == w.person
         || w.roles.iter().any(|r| r == "admin" || r == "auditor")
-        || gw.config.targets.get(target).is_some_and(|t| {
-            t.is_approver(&w.person, &w.roles) || t.custodians.contains(&w.person)
-        })
+        || gw
+            .config
+            .targets
+            .get(target)
+            .is_some_and(|t| t.is_approver(&w.person, &w.roles) || t.custodians.contains(&w.person))
 }
 
 async fn list_requests(

@@ -128,6 +128,19 @@ enum Command {
         #[arg(long, default_value = "90d")]
         since: String,
     },
+    /// Break-glass credentials the gateway holds (encrypted under the KEK).
+    Vault {
+        #[arg(
+            long,
+            short,
+            env = "BREAKGLASS_CONFIG",
+            global = true,
+            default_value = "config/breakglass.toml"
+        )]
+        config: PathBuf,
+        #[command(subcommand)]
+        cmd: VaultCmd,
+    },
     /// The gateway's public keys.
     Keys {
         #[arg(
@@ -193,6 +206,14 @@ enum SessionsCmd {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum VaultCmd {
+    /// Store a PostgreSQL target's break-glass password, read from standard input.
+    Set { target: String },
+    /// Check that the stored password logs in to the target.
+    Verify { target: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -277,6 +298,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::AccessReview { config, since } => access_review(&config, &since).await,
+        Command::Vault { config, cmd } => vault(&config, cmd).await,
         Command::Keys { config, cmd } => match cmd {
             KeysCmd::Show { ca } => {
                 let cfg = Config::load(&config)?;
@@ -636,6 +658,49 @@ async fn sessions(config: &Path, cmd: SessionsCmd) -> Result<ExitCode> {
                 ],
                 &table,
             )?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn vault(config: &Path, cmd: VaultCmd) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let (VaultCmd::Set { target } | VaultCmd::Verify { target }) = &cmd;
+    let t = cfg
+        .targets
+        .get(target)
+        .ok_or_else(|| anyhow!("no target named `{target}`"))?
+        .clone();
+    if t.protocol != breakglass::config::Protocol::Postgres {
+        bail!("{target} is not a PostgreSQL target; SSH targets use certificates or key_file");
+    }
+    match cmd {
+        VaultCmd::Set { .. } => {
+            let mut pw = String::new();
+            std::io::stdin().read_line(&mut pw)?;
+            let pw = pw.trim_end_matches(['\r', '\n']).to_string();
+            if pw.is_empty() {
+                bail!("no password on standard input");
+            }
+            let kek = breakglass::rotation::kek(&cfg.kek)?;
+            let store = open_state(&cfg)?;
+            let blob = kek.seal(&t.name, &breakglass::vault::Secret::new(pw))?;
+            store
+                .vault_put(&t.name, "current", &blob, clock::now())
+                .await?;
+            eprintln!(
+                "stored the break-glass password of {} (encrypted); it rotates after every grant",
+                t.name
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        VaultCmd::Verify { .. } => {
+            let gw = breakglass::server::Gateway::build(cfg)?;
+            breakglass::rotation::verify_pg(&gw, &t).await?;
+            println!(
+                "ok: the vault's password for {} logs in as {}",
+                t.name, t.login
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -54,6 +54,15 @@ struct RawConfig {
     alerts: RawAlerts,
     #[serde(default)]
     reviews: RawReviews,
+    #[serde(default)]
+    vault: RawVault,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVault {
+    kek_file: Option<PathBuf>,
+    kek_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -116,6 +125,10 @@ struct RawPerson {
 #[serde(deny_unknown_fields)]
 struct RawTarget {
     name: String,
+    #[serde(default)]
+    protocol: Option<String>,
+    /// PostgreSQL targets: the database the gateway connects to for rotation.
+    database: Option<String>,
     address: String,
     host_key: Option<String>,
     host_key_file: Option<PathBuf>,
@@ -164,6 +177,7 @@ struct RawLimits {
     flush_interval: Option<String>,
     login_grace: Option<String>,
     request_ttl: Option<String>,
+    rotation_window: Option<String>,
 }
 
 // ---------------------------------------------------------------- validated layer
@@ -193,6 +207,8 @@ pub struct Config {
     pub alerts_ca_file: Option<PathBuf>,
     /// Post-incident review rules.
     pub reviews: ReviewRules,
+    /// Where the vault's key-encryption key comes from.
+    pub kek: KekSource,
 }
 
 /// Post-incident review deadlines (by scenario) and who may sign off.
@@ -246,13 +262,33 @@ pub enum HostKeySource {
     File(PathBuf),
 }
 
+/// What a target speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Ssh,
+    Postgres,
+}
+
+/// Where the vault's key-encryption key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KekSource {
+    /// A file (created with a random key on first start if absent).
+    File(PathBuf),
+    /// An environment variable holding 32 bytes as hex or base64.
+    Env(String),
+}
+
 /// One break-glass target.
 #[derive(Debug, Clone)]
 pub struct TargetConfig {
     pub name: String,
+    pub protocol: Protocol,
+    /// PostgreSQL targets: the database to connect to (default `postgres`).
+    pub database: String,
     /// `host:port` of the target's sshd.
     pub address: String,
-    pub host_key: HostKeySource,
+    /// SSH targets: the pinned host key (PostgreSQL targets have none).
+    pub host_key: Option<HostKeySource>,
     /// The break-glass account on the target.
     pub login: String,
     pub auth: UpstreamAuth,
@@ -304,6 +340,8 @@ pub struct Limits {
     pub login_grace: Duration,
     /// A request not approved within this time expires.
     pub request_ttl: Duration,
+    /// Exposed break-glass credentials are rotated within this time after a grant ends.
+    pub rotation_window: Duration,
 }
 
 fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
@@ -463,11 +501,23 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 format!("`{}` must be host:port", t.address),
             ));
         }
-        let host_key = match (t.host_key, t.host_key_file) {
-            (Some(k), None) => {
-                HostKeySource::Inline(parse_pubkey(&format!("{base}.host_key"), &k)?)
+        let protocol = match t.protocol.as_deref() {
+            None | Some("ssh") => Protocol::Ssh,
+            Some("postgres") | Some("postgresql") => Protocol::Postgres,
+            Some(other) => {
+                return Err(invalid(
+                    format!("{base}.protocol"),
+                    format!("`{other}` is not one of \"ssh\", \"postgres\""),
+                ))
             }
-            (None, Some(f)) => HostKeySource::File(expand_home(&f)),
+        };
+        let host_key = match (t.host_key, t.host_key_file) {
+            _ if protocol == Protocol::Postgres => None,
+            (Some(k), None) => Some(HostKeySource::Inline(parse_pubkey(
+                &format!("{base}.host_key"),
+                &k,
+            )?)),
+            (None, Some(f)) => Some(HostKeySource::File(expand_home(&f))),
             (Some(_), Some(_)) => {
                 return Err(invalid(
                     format!("{base}.host_key"),
@@ -537,6 +587,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         };
         let target = TargetConfig {
             name: t.name.clone(),
+            protocol,
+            database: t.database.unwrap_or_else(|| "postgres".into()),
             address: t.address,
             host_key,
             login: t.login,
@@ -619,6 +671,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let login_grace = dur("login_grace", l.login_grace, "30s")?;
     let request_ttl = dur("request_ttl", l.request_ttl, "1h")?;
+    let rotation_window = dur("rotation_window", l.rotation_window, "1h")?;
 
     let mut webhooks = Vec::new();
     for (i, h) in raw.alerts.webhooks.into_iter().enumerate() {
@@ -666,7 +719,6 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     }
 
     Ok(Config {
-        data_dir,
         ssh_listen,
         http_listen,
         people,
@@ -684,6 +736,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             flush_interval,
             login_grace,
             request_ttl,
+            rotation_window,
         },
         webhooks,
         alerts_ca_file: raw.alerts.ca_file.map(|p| expand_home(&p)),
@@ -706,6 +759,18 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             )?,
             reviewer_may_be_participant: raw.reviews.reviewer_may_be_participant,
         },
+        kek: match (raw.vault.kek_file, raw.vault.kek_env) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "vault.kek_env",
+                    "set kek_file or kek_env, not both",
+                ))
+            }
+            (Some(f), None) => KekSource::File(expand_home(&f)),
+            (None, Some(v)) => KekSource::Env(v),
+            (None, None) => KekSource::File(data_dir.join("keys").join("vault.kek")),
+        },
+        data_dir,
     })
 }
 
@@ -786,8 +851,9 @@ impl Config {
         for t in self.targets.values() {
             let key = format!("targets.{}.host_key_file", t.name);
             let pk = match &t.host_key {
-                HostKeySource::Inline(k) => k.clone(),
-                HostKeySource::File(f) if !f.exists() => {
+                None => continue,
+                Some(HostKeySource::Inline(k)) => k.clone(),
+                Some(HostKeySource::File(f)) if !f.exists() => {
                     warnings.push(format!(
                         "config key `{key}`: {} does not exist; sessions to {} are refused until it does",
                         f.display(),
@@ -795,7 +861,7 @@ impl Config {
                     ));
                     continue;
                 }
-                HostKeySource::File(f) => {
+                Some(HostKeySource::File(f)) => {
                     let text = std::fs::read_to_string(f)
                         .map_err(|e| invalid(&key, format!("cannot read {}: {e}", f.display())))?;
                     parse_pubkey(&key, &text)?

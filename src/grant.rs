@@ -13,6 +13,9 @@ pub enum Denial {
     UnknownTarget {
         target: String,
     },
+    WrongProtocol {
+        target: String,
+    },
     NoGrant {
         person: String,
         target: String,
@@ -48,6 +51,7 @@ impl Denial {
         match self {
             Denial::UnknownKey { .. } => "unknown_key",
             Denial::UnknownTarget { .. } => "unknown_target",
+            Denial::WrongProtocol { .. } => "wrong_protocol",
             Denial::NoGrant { .. } => "no_grant",
             Denial::Expired { .. } => "grant_expired",
             Denial::Revoked { .. } => "grant_revoked",
@@ -63,6 +67,7 @@ impl Denial {
         match self {
             Denial::UnknownKey { .. }
             | Denial::UnknownTarget { .. }
+            | Denial::WrongProtocol { .. }
             | Denial::NoGrant { .. }
             | Denial::Expired { .. }
             | Denial::Revoked { .. } => "client",
@@ -82,6 +87,10 @@ impl std::fmt::Display for Denial {
             Denial::UnknownTarget { target } => {
                 write!(f, "access denied: there is no target named `{target}`")
             }
+            Denial::WrongProtocol { target } => write!(
+                f,
+                "access denied: {target} is a PostgreSQL target; connect to it with psql through the gateway"
+            ),
             Denial::NoGrant { person, target } => write!(
                 f,
                 "access denied: {person} has no break-glass grant for {target}; ask for one first"

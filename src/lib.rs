@@ -13,6 +13,8 @@
 //! - [`record`]: the recorder: asciicast v2 and raw channel streams, chunking, hash chain,
 //!   command extraction, file-transfer tracking, export and replay.
 //! - [`review`]: post-incident reviews: opened at first use, signed off once, overdue alerts.
+//! - [`vault`]: break-glass credentials the gateway holds, AES-256-GCM under a KEK.
+//! - [`rotation`]: rotates exposed break-glass credentials after each grant ends.
 //! - [`siem`]: audit events (separate from operational logs) and their sinks.
 //! - [`ssh`]: the SSH listener (russh server), the upstream client, and the per-channel relay.
 //! - [`server`]: `run(config, shutdown)`, the whole gateway as a library function.
@@ -32,9 +34,11 @@ pub mod grant;
 pub mod keys;
 pub mod record;
 pub mod review;
+pub mod rotation;
 pub mod server;
 pub mod shutdown;
 pub mod siem;
 pub mod ssh;
 pub mod state;
 pub mod storage;
+pub mod vault;

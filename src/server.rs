@@ -155,6 +155,7 @@ pub async fn start(
         let watcher = tokio::spawn(crate::ssh::session::revocation_watcher(gw.clone()));
         let expiry = tokio::spawn(crate::control::request_expiry(gw.clone()));
         let overdue = tokio::spawn(crate::review::overdue_watcher(gw.clone()));
+        let rotation = tokio::spawn(crate::rotation::worker(gw.clone()));
         let api = http_listener.map(|l| {
             let token = gw.shutdown.token.clone();
             let app = crate::api::router(gw.clone());
@@ -187,6 +188,7 @@ pub async fn start(
         watcher.abort();
         expiry.abort();
         overdue.abort();
+        rotation.abort();
         if let Some(api) = api {
             let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
         }

@@ -31,6 +31,7 @@ pub enum Action {
     ReviewSigned,
     ReviewOverdue,
     CredentialIssued,
+    CredentialRotated,
 }
 
 impl Action {
@@ -53,6 +54,7 @@ impl Action {
             Action::ReviewSigned => "review_signed",
             Action::ReviewOverdue => "review_overdue",
             Action::CredentialIssued => "credential_issued",
+            Action::CredentialRotated => "credential_rotated",
         }
     }
 }

@@ -185,6 +185,14 @@ impl Handler {
                 None,
             ));
         };
+        if target.protocol != crate::config::Protocol::Ssh {
+            return Err((
+                Denial::WrongProtocol {
+                    target: target.name.clone(),
+                },
+                None,
+            ));
+        }
         let now = clock::now();
         let found = gw
             .store

@@ -373,4 +373,27 @@ pub trait Store: Send + Sync {
         hash: &str,
         at: DateTime<Utc>,
     ) -> Result<Option<String>, StateError>;
+
+    /// Stores an encrypted vault entry (`slot` is `current` or `pending`).
+    async fn vault_put(
+        &self,
+        name: &str,
+        slot: &str,
+        blob: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StateError>;
+    /// An encrypted vault entry.
+    async fn vault_get(&self, name: &str, slot: &str) -> Result<Option<String>, StateError>;
+    /// Makes `pending` the `current` entry (after the target accepted it).
+    async fn vault_promote(&self, name: &str, at: DateTime<Utc>) -> Result<(), StateError>;
+    /// Ended grants (expired or revoked before `at`) whose credentials were not rotated yet.
+    async fn grants_to_rotate(&self, at: DateTime<Utc>) -> Result<Vec<Grant>, StateError>;
+    /// Records the rotation outcome for a grant.
+    async fn rotation_done(
+        &self,
+        grant_id: &str,
+        target: &str,
+        outcome: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StateError>;
 }

@@ -127,6 +127,20 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         expires_at INTEGER NOT NULL
      );",
+    // 6: the vault (encrypted) and credential rotations.
+    "CREATE TABLE vault (
+        name TEXT NOT NULL,
+        slot TEXT NOT NULL,
+        blob TEXT NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (name, slot)
+     );
+     CREATE TABLE rotations (
+        grant_id TEXT PRIMARY KEY,
+        target TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        done_at INTEGER NOT NULL
+     );",
 ];
 
 /// SQLite behind a mutex; calls run on the blocking pool.
@@ -1170,6 +1184,105 @@ impl Store for SqliteStore {
             )
             .optional()
             .map_err(db)
+        })
+        .await
+    }
+
+    async fn vault_put(
+        &self,
+        name: &str,
+        slot: &str,
+        blob: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StateError> {
+        let (n, s, b) = (name.to_string(), slot.to_string(), blob.to_string());
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO vault (name, slot, blob, updated_at) VALUES (?1,?2,?3,?4) \
+                 ON CONFLICT(name, slot) DO UPDATE SET blob = excluded.blob, updated_at = excluded.updated_at",
+                params![n, s, b, ms(at)],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn vault_get(&self, name: &str, slot: &str) -> Result<Option<String>, StateError> {
+        let (n, s) = (name.to_string(), slot.to_string());
+        self.with(move |c| {
+            c.query_row(
+                "SELECT blob FROM vault WHERE name = ?1 AND slot = ?2",
+                params![n, s],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn vault_promote(&self, name: &str, at: DateTime<Utc>) -> Result<(), StateError> {
+        let n = name.to_string();
+        self.with(move |c| {
+            let tx = c.unchecked_transaction().map_err(db)?;
+            let blob: Option<String> = tx
+                .query_row("SELECT blob FROM vault WHERE name = ?1 AND slot = 'pending'", [&n], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            if let Some(b) = blob {
+                tx.execute(
+                    "INSERT INTO vault (name, slot, blob, updated_at) VALUES (?1,'current',?2,?3) \
+                     ON CONFLICT(name, slot) DO UPDATE SET blob = excluded.blob, updated_at = excluded.updated_at",
+                    params![n, b, ms(at)],
+                )
+                .map_err(db)?;
+                tx.execute("DELETE FROM vault WHERE name = ?1 AND slot = 'pending'", [&n])
+                    .map_err(db)?;
+            }
+            tx.commit().map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn grants_to_rotate(&self, at: DateTime<Utc>) -> Result<Vec<Grant>, StateError> {
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare(&format!(
+                    "SELECT {GRANT_COLS} FROM grants WHERE (expires_at <= ?1 OR revoked_at IS NOT NULL) \
+                     AND id NOT IN (SELECT grant_id FROM rotations) ORDER BY created_at"
+                ))
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([ms(at)], grant_row)
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn rotation_done(
+        &self,
+        grant_id: &str,
+        target: &str,
+        outcome: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StateError> {
+        let (g, t, o) = (
+            grant_id.to_string(),
+            target.to_string(),
+            outcome.to_string(),
+        );
+        self.with(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO rotations (grant_id, target, outcome, done_at) VALUES (?1,?2,?3,?4)",
+                params![g, t, o, ms(at)],
+            )
+            .map_err(db)?;
+            Ok(())
         })
         .await
     }

@@ -1401,3 +1401,91 @@ async fn json_api_runs_the_same_workflow_for_verified_people() {
     });
     assert_eq!(ev["correlation_id"], req.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_password_is_rotated_after_the_grant_ends() {
+    let pgdir = tempfile::tempdir().expect("tempdir");
+    let pg = Postgres::start(pgdir.path());
+    let out = pg.psql(
+        "postgres",
+        &pg.superuser_password,
+        "CREATE ROLE bg_dba LOGIN PASSWORD 'initial-bg-password'",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let w = World::with(Opts {
+        extra_config: format!(
+            "[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
+            pg.port
+        ),
+        ..Default::default()
+    });
+    // The operator puts the break-glass password in the vault once.
+    let mut c = Command::new(env!("CARGO_BIN_EXE_breakglass"));
+    c.args(["vault", "set", "orders-db"])
+        .env("BREAKGLASS_CONFIG", &w.config_path)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().expect("vault set");
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"initial-bg-password\n")
+            .expect("write");
+    }
+    assert!(child.wait().expect("wait").success());
+    w.cli_ok(&["vault", "verify", "orders-db"]);
+    let state = std::fs::read(w.path("data/state.sqlite")).expect("state");
+    assert!(
+        !state.windows(19).any(|win| win == b"initial-bg-password"),
+        "the vault holds no plaintext"
+    );
+
+    // SSH to a PostgreSQL target is refused with a clear message.
+    let gw = InProcess::start(&w).await;
+    let g = w.cli_ok(&[
+        "grant",
+        "add",
+        "--person",
+        "alice",
+        "--target",
+        "orders-db",
+        "--for",
+        "2s",
+        "--reason",
+        "lock",
+        "--incident",
+        "INC-50",
+    ]);
+    let out = output(w.ssh("alice", "orders-db", &[], &["true"])).await;
+    assert!(
+        text(&out.stderr).contains("is a PostgreSQL target"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // When the grant ends the password is rotated: the old one stops working, the vault's works.
+    let ev = w.wait_event("rotation event", |e| {
+        e["action"] == "credential_rotated" && e["target"] == "orders-db"
+    });
+    assert_eq!(ev["grant_id"], g.trim());
+    assert_eq!(ev["outcome"], "success", "{ev}");
+    gw.stop().await;
+    let old = pg.psql("bg_dba", "initial-bg-password", "SELECT 1");
+    assert!(!old.status.success(), "the old password no longer logs in");
+    assert!(
+        text(&old.stderr).contains("password authentication failed"),
+        "{}",
+        text(&old.stderr)
+    );
+    w.cli_ok(&["vault", "verify", "orders-db"]);
+    // The new password never reached the server's log in clear: ALTER ROLE got a verifier.
+    let log = std::fs::read_to_string(pgdir.path().join("postgres.log")).unwrap_or_default();
+    assert!(
+        !log.contains("PASSWORD '") || log.contains("SCRAM-SHA-256$"),
+        "{log}"
+    );
+    validate_all_events(&w);
+}

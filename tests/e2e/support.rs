@@ -560,3 +560,144 @@ impl HttpReceiver {
             .collect()
     }
 }
+
+/// A real PostgreSQL cluster made with `initdb` in a temp dir (SCRAM auth), listening on
+/// 127.0.0.1 with a free port; stopped on drop. As root it runs as the `postgres` user.
+pub struct Postgres {
+    pub port: u16,
+    pub superuser_password: String,
+    child: Child,
+    /// Where the cluster and its socket live (kept for debugging a failed test).
+    #[allow(dead_code)]
+    pub dir: PathBuf,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pg_bin(name: &str) -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin").join(name))
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.retain(|p| p.exists());
+    versions.sort();
+    versions
+        .pop()
+        .unwrap_or_else(|| panic!("`{name}` is missing: install the Debian package `postgresql` (scripts/test.sh installs it)"))
+}
+
+fn as_postgres(program: PathBuf) -> Command {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| text(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if root {
+        let mut c = Command::new(require("runuser", "util-linux"));
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+impl Postgres {
+    pub fn start(parent: &Path) -> Postgres {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = parent.join("pg");
+        std::fs::create_dir_all(&dir).expect("pg dir");
+        // The cluster runs as `postgres`: it must reach and own its directory.
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status();
+        let password = "super-secret-for-tests".to_string();
+        let pwfile = dir.join("pwfile");
+        std::fs::write(&pwfile, &password).expect("pwfile");
+        let _ = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&pwfile)
+            .status();
+        let data = dir.join("data");
+        let out = as_postgres(pg_bin("initdb"))
+            .args([
+                "-A",
+                "scram-sha-256",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--pwfile",
+            ])
+            .arg(&pwfile)
+            .arg("-D")
+            .arg(&data)
+            .output()
+            .expect("run initdb");
+        assert!(out.status.success(), "initdb failed: {}", text(&out.stderr));
+        let port = free_port();
+        let child = as_postgres(pg_bin("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-p",
+                &port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-k",
+            ])
+            .arg(&dir)
+            .args(["-c", "fsync=off"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(parent.join("postgres.log")).expect("pg log"))
+            .spawn()
+            .expect("start postgres");
+        wait_port(port);
+        let pg = Postgres {
+            port,
+            superuser_password: password,
+            child,
+            dir,
+        };
+        // The port opens slightly before the server accepts logins.
+        wait_for("postgres to accept logins", Duration::from_secs(20), || {
+            pg.psql("postgres", &pg.superuser_password.clone(), "SELECT 1")
+                .status
+                .success()
+                .then_some(())
+        });
+        pg
+    }
+
+    /// Runs `psql -c SQL` as `user` with `password` against this cluster.
+    pub fn psql(&self, user: &str, password: &str, sql: &str) -> Output {
+        Command::new(require("psql", "postgresql-client"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                user,
+                "-d",
+                "postgres",
+                "-XAtc",
+                sql,
+            ])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "5")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run psql")
+    }
+}

@@ -1,0 +1,216 @@
+//! Rotation after use: when a grant ends (expiry, revoke), the break-glass credentials it
+//! could have exposed are replaced within `limits.rotation_window`.
+//!
+//! - PostgreSQL targets: the gateway logs in as the break-glass role with the vault's current
+//!   password and sets a new random one with `ALTER ROLE … PASSWORD 'SCRAM-SHA-256$…'` — a
+//!   verifier computed here, so the new password never appears in the server's logs. The new
+//!   password is sealed in the vault as `pending` first, checked by logging in with it, then
+//!   promoted to `current`; a crash in between leaves both, and the next run tries `pending`.
+//! - SSH targets with per-session certificates: nothing to rotate (certificates expire at the
+//!   session deadline).
+//! - SSH targets with a gateway-held key: not rotated automatically yet; the outcome says so
+//!   and the operator replaces the key (see README).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock;
+use crate::config::{KekSource, Protocol, TargetConfig, UpstreamAuth};
+use crate::server::Gateway;
+use crate::siem::{AccessEvent, Action};
+use crate::vault::{Kek, Secret};
+
+/// A rotation failure.
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    #[error("vault: {0}")]
+    Vault(#[from] crate::vault::VaultError),
+    #[error("state: {0}")]
+    State(#[from] crate::state::StateError),
+    #[error("no password for {0} in the vault (set one with `breakglass vault set {0}`)")]
+    NoPassword(String),
+    #[error("target {target}: {why}")]
+    Target { target: String, why: String },
+}
+
+/// Loads the KEK the config names.
+pub fn kek(gw_kek: &KekSource) -> Result<Kek, crate::vault::VaultError> {
+    match gw_kek {
+        KekSource::File(p) => Kek::from_file(p, true),
+        KekSource::Env(v) => Kek::from_env(v),
+    }
+}
+
+fn pg_config(t: &TargetConfig, password: &str) -> Result<tokio_postgres::Config, RotateError> {
+    let (host, port) = t
+        .address
+        .rsplit_once(':')
+        .ok_or_else(|| RotateError::Target {
+            target: t.name.clone(),
+            why: "address is not host:port".into(),
+        })?;
+    let port: u16 = port.parse().map_err(|_| RotateError::Target {
+        target: t.name.clone(),
+        why: "bad port".into(),
+    })?;
+    let mut c = tokio_postgres::Config::new();
+    c.host(host)
+        .port(port)
+        .user(&t.login)
+        .password(password)
+        .dbname(&t.database)
+        .application_name("breakglass-rotation")
+        .connect_timeout(Duration::from_secs(10));
+    Ok(c)
+}
+
+async fn pg_login(t: &TargetConfig, password: &str) -> Result<tokio_postgres::Client, RotateError> {
+    let (client, conn) = pg_config(t, password)?
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| RotateError::Target {
+            target: t.name.clone(),
+            why: format!("login as {} failed: {e}", t.login),
+        })?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// Quotes an identifier for SQL.
+fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Checks that the vault's current password logs in (for `vault verify` and check-config).
+pub async fn verify_pg(gw: &Gateway, t: &TargetConfig) -> Result<(), RotateError> {
+    let kek = kek(&gw.config.kek)?;
+    let blob = gw
+        .store
+        .vault_get(&t.name, "current")
+        .await?
+        .ok_or_else(|| RotateError::NoPassword(t.name.clone()))?;
+    let pw = kek.open(&t.name, &blob)?;
+    pg_login(t, pw.expose()).await.map(|_| ())
+}
+
+/// Rotates a PostgreSQL target's break-glass password.
+pub async fn rotate_pg(gw: &Gateway, t: &TargetConfig) -> Result<(), RotateError> {
+    let kek = kek(&gw.config.kek)?;
+    let now = clock::now();
+    // A pending password from an interrupted rotation may be the live one.
+    if let Some(pending) = gw.store.vault_get(&t.name, "pending").await? {
+        let pw = kek.open(&t.name, &pending)?;
+        if pg_login(t, pw.expose()).await.is_ok() {
+            gw.store.vault_promote(&t.name, now).await?;
+        }
+    }
+    let blob = gw
+        .store
+        .vault_get(&t.name, "current")
+        .await?
+        .ok_or_else(|| RotateError::NoPassword(t.name.clone()))?;
+    let current = kek.open(&t.name, &blob)?;
+    let client = pg_login(t, current.expose()).await?;
+    let new = Secret::new(crate::credential::new_secret());
+    gw.store
+        .vault_put(&t.name, "pending", &kek.seal(&t.name, &new)?, now)
+        .await?;
+    let verifier = crate::credential::verifier(new.expose());
+    client
+        .batch_execute(&format!(
+            "ALTER ROLE {} PASSWORD '{verifier}'",
+            ident(&t.login)
+        ))
+        .await
+        .map_err(|e| RotateError::Target {
+            target: t.name.clone(),
+            why: format!("ALTER ROLE failed: {e}"),
+        })?;
+    pg_login(t, new.expose()).await?;
+    gw.store.vault_promote(&t.name, clock::now()).await?;
+    Ok(())
+}
+
+/// Rotates after every ended grant; checks every two seconds, retries failures, and raises an
+/// alert-worthy event when the window is missed.
+pub async fn worker(gw: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let now = clock::now();
+        let grants = match gw.store.grants_to_rotate(now).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(error = %e, "rotation check failed");
+                continue;
+            }
+        };
+        // One rotation per target covers every grant of it that ended.
+        let mut done: std::collections::BTreeMap<String, Result<String, String>> =
+            Default::default();
+        for g in grants {
+            let Some(t) = gw.config.targets.get(&g.target) else {
+                let _ = gw
+                    .store
+                    .rotation_done(&g.id, &g.target, "target no longer configured", now)
+                    .await;
+                continue;
+            };
+            let outcome = match done.get(&t.name) {
+                Some(o) => o.clone(),
+                None => {
+                    let o = match (t.protocol, &t.auth) {
+                        (Protocol::Postgres, _) => rotate_pg(&gw, t)
+                            .await
+                            .map(|_| "password rotated".to_string())
+                            .map_err(|e| e.to_string()),
+                        (Protocol::Ssh, UpstreamAuth::Certificate) => {
+                            Ok("nothing to rotate: per-session certificates expired".to_string())
+                        }
+                        (Protocol::Ssh, UpstreamAuth::Key(_)) => Ok(
+                            "gateway-held key: automatic rotation not implemented; replace it by hand".to_string(),
+                        ),
+                    };
+                    done.insert(t.name.clone(), o.clone());
+                    o
+                }
+            };
+            let ended = g.revoked_at.unwrap_or(g.expires_at);
+            let late =
+                (now - ended).to_std().unwrap_or(Duration::ZERO) > gw.config.limits.rotation_window;
+            match outcome {
+                Ok(what) => {
+                    if let Err(e) = gw.store.rotation_done(&g.id, &g.target, &what, now).await {
+                        tracing::error!(error = %e, "could not record rotation");
+                        continue;
+                    }
+                    let mut e = AccessEvent::new(Action::CredentialRotated, "breakglass");
+                    e.person = Some(g.person.clone());
+                    e.target = Some(g.target.clone());
+                    e.grant_id = Some(g.id.clone());
+                    e.correlation_id = Some(g.correlation_id().to_string());
+                    e.incident_id = Some(g.incident_id.clone());
+                    e.message = Some(format!("{} after grant {} ended: {what}", g.target, g.id));
+                    if let Err(err) = gw.audit(&e).await {
+                        tracing::error!(error = %err, "could not write rotation event");
+                    }
+                }
+                Err(why) => {
+                    tracing::error!(target = %g.target, grant_id = %g.id, error = %why, late, "rotation failed; will retry");
+                    if late {
+                        let mut e = AccessEvent::new(Action::CredentialRotated, "breakglass");
+                        e.outcome = "failure".into();
+                        e.side = Some("upstream".into());
+                        e.target = Some(g.target.clone());
+                        e.grant_id = Some(g.id.clone());
+                        e.correlation_id = Some(g.correlation_id().to_string());
+                        e.message = Some(format!("rotation of {} is overdue: {why}", g.target));
+                        let _ = gw.audit(&e).await;
+                    }
+                }
+            }
+        }
+    }
+}
