@@ -144,6 +144,8 @@ struct RawTarget {
     custodians: Vec<String>,
     #[serde(default)]
     emergency_self_service: bool,
+    /// auth = "key": the authorized_keys file on the target that rotation rewrites.
+    authorized_keys: Option<String>,
 }
 
 fn default_auth() -> String {
@@ -303,6 +305,9 @@ pub struct TargetConfig {
     /// Whether a person may grant themselves access in an emergency (loud alert, mandatory
     /// review).
     pub emergency_self_service: bool,
+    /// auth = "key": the target's authorized_keys file (relative to the login's home), which
+    /// rotation rewrites to swap the gateway-held key.
+    pub authorized_keys: String,
 }
 
 impl TargetConfig {
@@ -598,6 +603,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             max_duration,
             custodians: t.custodians,
             emergency_self_service: t.emergency_self_service,
+            authorized_keys: t
+                .authorized_keys
+                .unwrap_or_else(|| ".ssh/authorized_keys".into()),
         };
         if targets.insert(t.name.clone(), target).is_some() {
             return Err(invalid(

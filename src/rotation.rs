@@ -8,8 +8,11 @@
 //!   promoted to `current`; a crash in between leaves both, and the next run tries `pending`.
 //! - SSH targets with per-session certificates: nothing to rotate (certificates expire at the
 //!   session deadline).
-//! - SSH targets with a gateway-held key: not rotated automatically yet; the outcome says so
-//!   and the operator replaces the key (see README).
+//! - SSH targets with a gateway-held key: the gateway makes a new ed25519 key, logs in with
+//!   the old one and rewrites the target's authorized_keys (old key line out, new one in, in
+//!   one `mv`), checks that the new key logs in, and keeps it sealed in the vault (entry
+//!   `ssh-key:<target>`), which takes precedence over `key_file` from then on. The target
+//!   learns the new key through that rewrite; nothing else has to change on it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,6 +136,143 @@ pub async fn rotate_pg(gw: &Gateway, t: &TargetConfig) -> Result<(), RotateError
     Ok(())
 }
 
+fn ssh_vault_name(t: &TargetConfig) -> String {
+    format!("ssh-key:{}", t.name)
+}
+
+/// The gateway-held SSH key of a target: the vault's (after a rotation), else `key_file`.
+pub async fn held_ssh_key(
+    gw: &Gateway,
+    t: &TargetConfig,
+) -> Result<Option<russh::keys::PrivateKey>, RotateError> {
+    let name = ssh_vault_name(t);
+    let Some(blob) = gw.store.vault_get(&name, "current").await? else {
+        return Ok(None);
+    };
+    let kek = kek(&gw.config.kek)?;
+    let pem = kek.open(&name, &blob)?;
+    russh::keys::PrivateKey::from_openssh(pem.expose().as_bytes())
+        .map(Some)
+        .map_err(|e| RotateError::Target {
+            target: t.name.clone(),
+            why: format!("vault key unreadable: {e}"),
+        })
+}
+
+async fn login_with(
+    gw: &Gateway,
+    t: &TargetConfig,
+    key: russh::keys::PrivateKey,
+) -> Result<crate::ssh::upstream::UpstreamHandle, RotateError> {
+    let pinned = gw
+        .built
+        .host_keys
+        .get(&t.name)
+        .ok_or_else(|| RotateError::Target {
+            target: t.name.clone(),
+            why: "no pinned host key".into(),
+        })?;
+    crate::ssh::upstream::connect_as(t, pinned, crate::ssh::upstream::Login::Key(Box::new(key)))
+        .await
+        .map_err(|d| RotateError::Target {
+            target: t.name.clone(),
+            why: d.to_string(),
+        })
+}
+
+/// Replaces a target's gateway-held SSH key.
+pub async fn rotate_ssh_key(gw: &Gateway, t: &TargetConfig) -> Result<(), RotateError> {
+    let crate::config::UpstreamAuth::Key(path) = &t.auth else {
+        return Ok(());
+    };
+    if t.authorized_keys.contains(['\'', '\n', '\r']) {
+        return Err(RotateError::Target {
+            target: t.name.clone(),
+            why: "authorized_keys path must not contain quotes or newlines".into(),
+        });
+    }
+    let kek = kek(&gw.config.kek)?;
+    let name = ssh_vault_name(t);
+    let now = clock::now();
+    // A pending key from an interrupted rotation may be the one the target now trusts.
+    if let Some(pending) = gw.store.vault_get(&name, "pending").await? {
+        let pem = kek.open(&name, &pending)?;
+        if let Ok(k) = russh::keys::PrivateKey::from_openssh(pem.expose().as_bytes()) {
+            if login_with(gw, t, k).await.is_ok() {
+                gw.store.vault_promote(&name, now).await?;
+            }
+        }
+    }
+    let old = match held_ssh_key(gw, t).await? {
+        Some(k) => k,
+        None => {
+            russh::keys::PrivateKey::read_openssh_file(path).map_err(|e| RotateError::Target {
+                target: t.name.clone(),
+                why: format!("cannot load {}: {e}", path.display()),
+            })?
+        }
+    };
+    let old_blob = crate::keys::openssh_line(old.public_key())
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    let new = crate::keys::generate_ed25519(&format!("breakglass-held-{}", t.name));
+    let new_line = crate::keys::openssh_line(new.public_key());
+    let pem = new
+        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .map_err(|e| RotateError::Target {
+            target: t.name.clone(),
+            why: e.to_string(),
+        })?;
+    gw.store
+        .vault_put(
+            &name,
+            "pending",
+            &kek.seal(&name, &Secret::new(pem.to_string()))?,
+            now,
+        )
+        .await?;
+    let handle = login_with(gw, t, old).await?;
+    let f = &t.authorized_keys;
+    let script = format!(
+        "set -e; umask 077; f='{f}'; t=\"$f.breakglass.$$\"; {{ grep -vF '{old_blob}' \"$f\" || true; printf '%s\\n' '{new_line}'; }} > \"$t\"; mv \"$t\" \"$f\""
+    );
+    let fail = |why: String| RotateError::Target {
+        target: t.name.clone(),
+        why,
+    };
+    let mut ch = handle
+        .channel_open_session()
+        .await
+        .map_err(|e| fail(format!("channel: {e}")))?;
+    ch.exec(true, script.into_bytes())
+        .await
+        .map_err(|e| fail(format!("exec: {e}")))?;
+    let mut status = None;
+    let mut stderr = Vec::new();
+    while let Some(msg) = ch.wait().await {
+        match msg {
+            russh::ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+            russh::ChannelMsg::ExtendedData { data, .. } => stderr.extend_from_slice(&data),
+            russh::ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    let _ = handle
+        .disconnect(russh::Disconnect::ByApplication, "rotation done", "en")
+        .await;
+    if status != Some(0) {
+        return Err(fail(format!(
+            "rewriting {f} failed (exit {status:?}): {}",
+            String::from_utf8_lossy(&stderr).trim()
+        )));
+    }
+    login_with(gw, t, new).await?;
+    gw.store.vault_promote(&name, clock::now()).await?;
+    Ok(())
+}
+
 /// Rotates after every ended grant; checks every two seconds, retries failures, and raises an
 /// alert-worthy event when the window is missed.
 pub async fn worker(gw: Arc<Gateway>) {
@@ -169,9 +309,10 @@ pub async fn worker(gw: Arc<Gateway>) {
                         (Protocol::Ssh, UpstreamAuth::Certificate) => {
                             Ok("nothing to rotate: per-session certificates expired".to_string())
                         }
-                        (Protocol::Ssh, UpstreamAuth::Key(_)) => Ok(
-                            "gateway-held key: automatic rotation not implemented; replace it by hand".to_string(),
-                        ),
+                        (Protocol::Ssh, UpstreamAuth::Key(_)) => rotate_ssh_key(&gw, t)
+                            .await
+                            .map(|_| "gateway-held SSH key replaced".to_string())
+                            .map_err(|e| e.to_string()),
                     };
                     done.insert(t.name.clone(), o.clone());
                     o

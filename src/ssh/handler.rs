@@ -219,9 +219,23 @@ impl Handler {
                 grant_id,
             ));
         };
-        let up = upstream::connect(&target, pinned, &gw.keys, &person, &session_id, deadline)
-            .await
-            .map_err(|d| (d, grant_id.clone()))?;
+        let held = match &target.auth {
+            crate::config::UpstreamAuth::Key(_) => crate::rotation::held_ssh_key(&gw, &target)
+                .await
+                .map_err(|e| (Denial::Internal { why: e.to_string() }, grant_id.clone()))?,
+            crate::config::UpstreamAuth::Certificate => None,
+        };
+        let up = upstream::connect(
+            &target,
+            pinned,
+            &gw.keys,
+            held,
+            &person,
+            &session_id,
+            deadline,
+        )
+        .await
+        .map_err(|d| (d, grant_id.clone()))?;
         let prefix = key::session_prefix(now, &session_id);
         let info = SessionInfo {
             session_id: session_id.clone(),

@@ -67,13 +67,52 @@ fn client_config() -> Arc<client::Config> {
 }
 
 /// Connects and authenticates to a target. Errors are denials the client will be shown.
+/// How the gateway logs in upstream for one connection.
+pub enum Login<'a> {
+    /// A per-session certificate from the gateway CA.
+    Certificate {
+        keys: &'a GatewayKeys,
+        person: &'a str,
+        session_id: &'a str,
+        deadline: DateTime<Utc>,
+    },
+    /// A private key the gateway holds for the target.
+    Key(Box<russh::keys::PrivateKey>),
+}
+
+/// Connects for a person's session: certificate targets get a per-session certificate, key
+/// targets use the gateway-held key (from the vault once rotated, else `key_file`).
 pub async fn connect(
     target: &TargetConfig,
     pinned: &PublicKey,
     keys: &GatewayKeys,
+    held_key: Option<russh::keys::PrivateKey>,
     person: &str,
     session_id: &str,
     deadline: DateTime<Utc>,
+) -> Result<UpstreamHandle, Denial> {
+    let login = match (&target.auth, held_key) {
+        (UpstreamAuth::Certificate, _) => Login::Certificate {
+            keys,
+            person,
+            session_id,
+            deadline,
+        },
+        (UpstreamAuth::Key(_), Some(k)) => Login::Key(Box::new(k)),
+        (UpstreamAuth::Key(path), None) => Login::Key(Box::new(
+            russh::keys::PrivateKey::read_openssh_file(path).map_err(|e| Denial::Internal {
+                why: format!("cannot load the key for {}: {e}", target.name),
+            })?,
+        )),
+    };
+    connect_as(target, pinned, login).await
+}
+
+/// Connects and authenticates to a target. Errors are denials the client will be shown.
+pub async fn connect_as(
+    target: &TargetConfig,
+    pinned: &PublicKey,
+    login: Login<'_>,
 ) -> Result<UpstreamHandle, Denial> {
     let seen = Arc::new(Mutex::new(None));
     let handler = Upstream {
@@ -100,8 +139,13 @@ pub async fn connect(
             });
         }
     };
-    let auth = match &target.auth {
-        UpstreamAuth::Certificate => {
+    let auth = match login {
+        Login::Certificate {
+            keys,
+            person,
+            session_id,
+            deadline,
+        } => {
             let (key, cert) = keys
                 .session_certificate(&target.login, person, session_id, deadline)
                 .map_err(|e| Denial::Internal { why: e.to_string() })?;
@@ -109,18 +153,14 @@ pub async fn connect(
                 .authenticate_openssh_cert(target.login.clone(), key, cert)
                 .await
         }
-        UpstreamAuth::Key(path) => {
-            let key =
-                russh::keys::PrivateKey::read_openssh_file(path).map_err(|e| Denial::Internal {
-                    why: format!("cannot load the key for {}: {e}", target.name),
-                })?;
+        Login::Key(key) => {
             let hash = handle
                 .best_supported_rsa_hash()
                 .await
                 .ok()
                 .flatten()
                 .flatten();
-            let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
+            let key = PrivateKeyWithHashAlg::new(Arc::new(*key), hash);
             handle
                 .authenticate_publickey(target.login.clone(), key)
                 .await

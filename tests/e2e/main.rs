@@ -1489,3 +1489,69 @@ async fn postgres_password_is_rotated_after_the_grant_ends() {
     );
     validate_all_events(&w);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_held_ssh_key_is_replaced_after_the_grant_ends() {
+    let w = World::with(Opts {
+        held_key: true,
+        ..Default::default()
+    });
+    let old_pub = std::fs::read_to_string(w.path("gateway_held_key.pub")).expect("old pub");
+    let old_blob = old_pub.split_whitespace().nth(1).expect("blob").to_string();
+    let gw = InProcess::start(&w).await;
+    w.grant("alice", "2s");
+    let out = output(w.ssh("alice", "web-01", &[], &["echo before"])).await;
+    assert_eq!(text(&out.stdout), "before\n", "{}", text(&out.stderr));
+    let ev = w.wait_event("key rotation", |e| {
+        e["action"] == "credential_rotated" && e["target"] == "web-01"
+    });
+    assert_eq!(ev["outcome"], "success", "{ev}");
+    assert!(
+        ev["message"].as_str().unwrap_or("").contains("replaced"),
+        "{ev}"
+    );
+
+    // The target now trusts only the new key: the old key file no longer logs in directly.
+    let ak = std::fs::read_to_string(w.path("authorized_keys")).expect("authorized_keys");
+    assert!(!ak.contains(&old_blob), "old key removed: {ak}");
+    assert!(
+        ak.contains("breakglass-held-web-01"),
+        "new key installed: {ak}"
+    );
+    let mut c = Command::new(require("ssh", "openssh-client"));
+    c.args(["-F", "/dev/null", "-i"])
+        .arg(w.path("gateway_held_key"))
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+        ])
+        .args([
+            "-o",
+            &format!("UserKnownHostsFile={}", w.path("kh2").display()),
+        ])
+        .args([
+            "-p",
+            &w.sshd.port.to_string(),
+            &format!("{}@127.0.0.1", current_user()),
+            "true",
+        ])
+        .stdin(std::process::Stdio::null());
+    let direct = output(c).await;
+    assert_eq!(
+        direct.status.code(),
+        Some(255),
+        "the retired key is refused"
+    );
+
+    // The gateway logs in with the new key (from the vault) for the next grant.
+    w.grant("alice", "30m");
+    let out = output(w.ssh("alice", "web-01", &[], &["echo after"])).await;
+    assert_eq!(text(&out.stdout), "after\n", "{}", text(&out.stderr));
+    w.wait_ended(2);
+    gw.stop().await;
+    validate_all_events(&w);
+}

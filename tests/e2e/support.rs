@@ -179,7 +179,11 @@ impl World {
                 dir.path().join("authorized_keys"),
             )
             .expect("authorized_keys");
-            format!("auth = \"key\"\nkey_file = \"{}\"", key.display())
+            format!(
+                "auth = \"key\"\nkey_file = \"{}\"\nauthorized_keys = \"{}\"",
+                key.display(),
+                dir.path().join("authorized_keys").display()
+            )
         } else {
             "auth = \"certificate\"".to_string()
         };
