@@ -141,12 +141,21 @@ fn parsed(
     }
 }
 
+/// Runs a workflow action as the token's person.
+async fn act(gw: &Gateway, headers: &HeaderMap, p: Parsed) -> Result<Response, ApiError> {
+    let w = who(gw, headers).await?;
+    let caller = Caller {
+        person: &w.person,
+        roles: &w.roles,
+    };
+    Ok(outcome(control::run_parsed(gw, &caller, &p).await))
+}
+
 async fn create_request(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     Json(b): Json<NewRequestBody>,
 ) -> Result<Response, ApiError> {
-    let w = who(&gw, &headers).await?;
     let p = parsed(
         "request",
         vec![b.target],
@@ -163,15 +172,7 @@ async fn create_request(
             vec![]
         },
     );
-    let caller = Caller {
-        person: &w.person,
-        roles: &w.roles,
-    };
-    Ok(outcome(
-        control::request(&gw, &caller, &p)
-            .await
-            .unwrap_or_else(|e| control::failure(e.to_string())),
-    ))
+    act(&gw, &headers, p).await
 }
 
 async fn approve(
@@ -179,17 +180,7 @@ async fn approve(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let w = who(&gw, &headers).await?;
-    let caller = Caller {
-        person: &w.person,
-        roles: &w.roles,
-    };
-    let p = parsed("approve", vec![id], vec![], vec![]);
-    Ok(outcome(
-        control::approve(&gw, &caller, &p)
-            .await
-            .unwrap_or_else(|e| control::failure(e.to_string())),
-    ))
+    act(&gw, &headers, parsed("approve", vec![id], vec![], vec![])).await
 }
 
 async fn deny(
@@ -198,18 +189,13 @@ async fn deny(
     Path(id): Path<String>,
     body: Option<Json<ReasonBody>>,
 ) -> Result<Response, ApiError> {
-    let w = who(&gw, &headers).await?;
-    let caller = Caller {
-        person: &w.person,
-        roles: &w.roles,
-    };
     let reason = body.and_then(|Json(b)| b.reason);
-    let p = parsed("deny", vec![id], vec![("reason", reason)], vec![]);
-    Ok(outcome(
-        control::deny(&gw, &caller, &p)
-            .await
-            .unwrap_or_else(|e| control::failure(e.to_string())),
-    ))
+    act(
+        &gw,
+        &headers,
+        parsed("deny", vec![id], vec![("reason", reason)], vec![]),
+    )
+    .await
 }
 
 async fn revoke(
@@ -218,18 +204,13 @@ async fn revoke(
     Path(id): Path<String>,
     body: Option<Json<ReasonBody>>,
 ) -> Result<Response, ApiError> {
-    let w = who(&gw, &headers).await?;
-    let caller = Caller {
-        person: &w.person,
-        roles: &w.roles,
-    };
     let reason = body.and_then(|Json(b)| b.reason);
-    let p = parsed("revoke", vec![id], vec![("reason", reason)], vec![]);
-    Ok(outcome(
-        control::revoke(&gw, &caller, &p)
-            .await
-            .unwrap_or_else(|e| control::failure(e.to_string())),
-    ))
+    act(
+        &gw,
+        &headers,
+        parsed("revoke", vec![id], vec![("reason", reason)], vec![]),
+    )
+    .await
 }
 
 fn may_see(gw: &Gateway, w: &Who, person: &str, target: &str) -> bool {

@@ -49,11 +49,6 @@ fn ok_with(text: String, data: serde_json::Value) -> Outcome {
     }
 }
 
-/// A failed outcome (for callers outside this module, e.g. the API).
-pub fn failure(text: impl Into<String>) -> Outcome {
-    fail(text)
-}
-
 fn fail(text: impl Into<String>) -> Outcome {
     Outcome {
         text: format!("breakglass: {}\n", text.into()),
@@ -170,23 +165,27 @@ impl Caller<'_> {
 
 /// Runs one command line.
 pub async fn run(gw: &Gateway, caller: &Caller<'_>, line: &str) -> Outcome {
-    let p = match parse(line) {
-        Ok(p) => p,
-        Err(e) => return fail(format!("{e}\n\n{HELP}")),
-    };
+    match parse(line) {
+        Ok(p) => run_parsed(gw, caller, &p).await,
+        Err(e) => fail(format!("{e}\n\n{HELP}")),
+    }
+}
+
+/// Runs one parsed command (the SSH control channel and the JSON API both end here).
+pub async fn run_parsed(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Outcome {
     let res = match p.command.as_str() {
         "" | "help" | "--help" => Ok(ok(HELP.to_string())),
-        "request" => request(gw, caller, &p).await,
-        "approve" => approve(gw, caller, &p).await,
-        "deny" => deny(gw, caller, &p).await,
-        "revoke" => revoke(gw, caller, &p).await,
+        "request" => request(gw, caller, p).await,
+        "approve" => approve(gw, caller, p).await,
+        "deny" => deny(gw, caller, p).await,
+        "revoke" => revoke(gw, caller, p).await,
         "status" => status(gw, caller).await,
         "grants" => grants(gw, caller).await,
         "requests" => requests(gw, caller).await,
         "reviews" => reviews(gw).await,
-        "credential" => credential(gw, caller, &p).await,
+        "credential" => credential(gw, caller, p).await,
         "token" => token(gw, caller).await,
-        "review" => review(gw, caller, &p).await,
+        "review" => review(gw, caller, p).await,
         other => Ok(fail(format!("unknown command `{other}`\n\n{HELP}"))),
     };
     res.unwrap_or_else(|e| fail(e.to_string()))
@@ -517,18 +516,9 @@ pub(crate) async fn revoke(
         .cloned()
         .unwrap_or_else(|| format!("revoked by {}", caller.person));
     // A request id revokes the grant it produced.
-    let grant_id = match gw.store.find_request(id).await {
-        Ok(r) => match r.grant_id {
-            Some(g) => g,
-            None => {
-                return Ok(fail(format!(
-                    "request {} has no grant ({})",
-                    r.id,
-                    r.status.as_str()
-                )))
-            }
-        },
-        Err(_) => id.clone(),
+    let grant_id = match grant_id_of(gw, id).await {
+        Ok(g) => g,
+        Err(why) => return Ok(fail(why)),
     };
     let g = gw.store.find_grant(&grant_id).await?;
     let may = g.person == caller.person
@@ -733,18 +723,9 @@ async fn credential(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Out
     let Some(id) = p.args.first() else {
         return Ok(fail("credential needs your grant or request id"));
     };
-    let grant_id = match gw.store.find_request(id).await {
-        Ok(r) => match r.grant_id {
-            Some(g) => g,
-            None => {
-                return Ok(fail(format!(
-                    "request {} has no grant ({})",
-                    r.id,
-                    r.status.as_str()
-                )))
-            }
-        },
-        Err(_) => id.clone(),
+    let grant_id = match grant_id_of(gw, id).await {
+        Ok(g) => g,
+        Err(why) => return Ok(fail(why)),
     };
     let g = gw.store.find_grant(&grant_id).await?;
     if g.person != caller.person {
@@ -772,6 +753,16 @@ async fn credential(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Out
         g.target,
         clock::rfc3339(g.expires_at)
     )))
+}
+
+/// The grant a grant id or request id names (a request id means the grant it produced).
+async fn grant_id_of(gw: &Gateway, id: &str) -> Result<String, String> {
+    match gw.store.find_request(id).await {
+        Ok(r) => r
+            .grant_id
+            .ok_or_else(|| format!("request {} has no grant ({})", r.id, r.status.as_str())),
+        Err(_) => Ok(id.to_string()),
+    }
 }
 
 /// How long an API token lives.

@@ -83,7 +83,7 @@ impl Kek {
                 std::fs::create_dir_all(d)
                     .map_err(|e| VaultError::Kek(format!("{}: {e}", path.display())))?;
             }
-            write_0600(path, hex::encode(key).as_bytes())
+            crate::keys::write_private(path, hex::encode(key).as_bytes())
                 .map_err(|e| VaultError::Kek(format!("{}: {e}", path.display())))?;
         }
         let text = std::fs::read_to_string(path)
@@ -138,24 +138,6 @@ impl Kek {
             String::from_utf8(plain.to_vec()).map_err(|_| VaultError::Malformed(name.into()))?;
         Ok(Secret::new(s))
     }
-}
-
-#[cfg(unix)]
-fn write_0600(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
-}
-
-#[cfg(not(unix))]
-fn write_0600(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::write(path, bytes)
 }
 
 #[cfg(test)]
