@@ -141,6 +141,33 @@ enum Command {
         #[command(subcommand)]
         cmd: VaultCmd,
     },
+    /// Check recordings against their hash chain, signed manifest and the SIEM copy.
+    /// Exit 0 OK, 2 INCOMPLETE, 3 TAMPERED, 1 error.
+    Verify {
+        /// Session id (or unique prefix).
+        session: Option<String>,
+        #[arg(
+            long,
+            short,
+            env = "BREAKGLASS_CONFIG",
+            default_value = "config/breakglass.toml"
+        )]
+        config: PathBuf,
+        /// Every session (with --since, those started since then).
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        since: Option<String>,
+        /// Offline: a recording store directory (a copy of the recordings), no config needed.
+        #[arg(long, requires = "public_key")]
+        store: Option<PathBuf>,
+        /// Offline: the signing public keys (`breakglass keys show --signing`).
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        /// A SIEM JSONL file to cross-check chain heads (default: the configured one, online).
+        #[arg(long)]
+        siem: Option<PathBuf>,
+    },
     /// The gateway's public keys.
     Keys {
         #[arg(
@@ -218,12 +245,18 @@ enum VaultCmd {
 
 #[derive(Subcommand, Debug)]
 enum KeysCmd {
-    /// Print the host key (for known_hosts) and the user CA key (for TrustedUserCAKeys).
+    /// Print the host key (known_hosts), the user CA (TrustedUserCAKeys) and the manifest
+    /// signing keys (for `verify --public-key`).
     Show {
         /// Print only the user CA public key line.
         #[arg(long)]
         ca: bool,
+        /// Print only the signing public keys (newest first), the file `verify --public-key` reads.
+        #[arg(long)]
+        signing: bool,
     },
+    /// Start signing with a new key; older keys keep verifying older recordings.
+    RotateSigning,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -299,13 +332,42 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::AccessReview { config, since } => access_review(&config, &since).await,
         Command::Vault { config, cmd } => vault(&config, cmd).await,
+        Command::Verify {
+            session,
+            config,
+            all,
+            since,
+            store,
+            public_key,
+            siem,
+        } => verify(&config, session, all, since, store, public_key, siem).await,
         Command::Keys { config, cmd } => match cmd {
-            KeysCmd::Show { ca } => {
+            KeysCmd::RotateSigning => {
+                let cfg = Config::load(&config)?;
+                let s = breakglass::signing::Signer::rotate(&cfg.data_dir)?;
+                println!("{}", s.current_public.line());
+                eprintln!(
+                    "new manifests are signed with key {}; {} key(s) kept for verification",
+                    s.current_public.id,
+                    s.all.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            KeysCmd::Show { ca, signing } => {
                 let cfg = Config::load(&config)?;
                 let k = keys::GatewayKeys::load_or_create(&cfg.data_dir)?;
+                let s = breakglass::signing::Signer::load_or_create(&cfg.data_dir)?;
                 if ca {
                     println!("{}", keys::openssh_line(k.user_ca.public_key()));
+                } else if signing {
+                    for p in &s.all {
+                        println!("{}", p.line());
+                    }
                 } else {
+                    println!("# manifest signing keys, newest first (breakglass verify --public-key FILE)");
+                    for p in &s.all {
+                        println!("{}", p.line());
+                    }
                     println!("# host key (clients pin it in known_hosts)");
                     println!("{}", keys::openssh_line(k.host.public_key()));
                     println!("# user CA (targets trust it with TrustedUserCAKeys)");
@@ -661,6 +723,104 @@ async fn sessions(config: &Path, cmd: SessionsCmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Chain heads the SIEM received, by session id.
+fn siem_heads(path: &Path) -> std::collections::BTreeMap<String, String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["action"] == "session_end")
+        .filter_map(|e| {
+            Some((
+                e["session_id"].as_str()?.to_string(),
+                e["chain_head"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+async fn verify(
+    config: &Path,
+    session: Option<String>,
+    all: bool,
+    since: Option<String>,
+    store_dir: Option<PathBuf>,
+    public_key: Option<PathBuf>,
+    siem: Option<PathBuf>,
+) -> Result<ExitCode> {
+    use breakglass::verify::{find_prefix, verify_session};
+    // Offline: a store directory and public keys, nothing from the gateway.
+    let (store, keys, prefixes, siem_file) = if let Some(dir) = store_dir {
+        let pk = public_key.ok_or_else(|| anyhow!("--store needs --public-key"))?;
+        let keys = breakglass::signing::PublicKey::parse_lines(&std::fs::read_to_string(&pk)?)
+            .map_err(|e| anyhow!("{}: {e}", pk.display()))?;
+        let store = RecordingStore::local(&dir)?;
+        let mut prefixes = Vec::new();
+        if all {
+            for o in store.list("sessions").await? {
+                if let Some(p) = o.key.strip_suffix("/session-start.json") {
+                    prefixes.push((p.rsplit('/').next().unwrap_or(p).to_string(), p.to_string()));
+                }
+            }
+        } else {
+            let id = session.ok_or_else(|| anyhow!("give a session id or --all"))?;
+            let p = find_prefix(&store, &id).await?;
+            prefixes.push((id, p));
+        }
+        (store, keys, prefixes, siem)
+    } else {
+        let cfg = Config::load(config)?;
+        let state = open_state(&cfg)?;
+        let keys = breakglass::signing::Signer::load_or_create(&cfg.data_dir)?.all;
+        let store = RecordingStore::local(&cfg.storage_dir)?;
+        let rows = if all {
+            state
+                .list_sessions(&SessionFilter {
+                    since: since.as_deref().map(parse_when).transpose()?,
+                    ..Default::default()
+                })
+                .await?
+        } else {
+            let id = session.ok_or_else(|| anyhow!("give a session id or --all"))?;
+            vec![state
+                .find_session(&id)
+                .await?
+                .ok_or_else(|| anyhow!("no session matches `{id}`"))?]
+        };
+        let prefixes = rows
+            .into_iter()
+            .map(|r| (r.id, r.recording_prefix))
+            .collect();
+        (
+            store,
+            keys,
+            prefixes,
+            Some(siem.unwrap_or(cfg.siem_file.clone())),
+        )
+    };
+    let heads = siem_file.as_deref().map(siem_heads).unwrap_or_default();
+    let mut worst = 0u8;
+    let total = prefixes.len();
+    for (i, (id, prefix)) in prefixes.iter().enumerate() {
+        if all {
+            eprint!("\r[{}/{total}] verifying {id} ", i + 1);
+        }
+        let head = heads.get(id).map(String::as_str);
+        let (code, line) = match verify_session(&store, prefix, &keys, head).await {
+            Ok(v) => (v.exit_code(), v.summary()),
+            Err(e) => (1, format!("ERROR: {e}")),
+        };
+        if all {
+            eprintln!();
+        }
+        println!("{id}  {line}");
+        worst = worst.max(code);
+    }
+    if total == 0 {
+        println!("(no sessions)");
+    }
+    Ok(ExitCode::from(worst))
 }
 
 async fn vault(config: &Path, cmd: VaultCmd) -> Result<ExitCode> {

@@ -15,6 +15,8 @@
 //! - [`review`]: post-incident reviews: opened at first use, signed off once, overdue alerts.
 //! - [`vault`]: break-glass credentials the gateway holds, AES-256-GCM under a KEK.
 //! - [`rotation`]: rotates exposed break-glass credentials after each grant ends.
+//! - [`signing`]: Ed25519 manifest signing keys (rotatable; old keys keep verifying).
+//! - [`verify`]: checks recordings against chain, manifest and signature: OK / INCOMPLETE / TAMPERED.
 //! - [`siem`]: audit events (separate from operational logs) and their sinks.
 //! - [`ssh`]: the SSH listener (russh server), the upstream client, and the per-channel relay.
 //! - [`server`]: `run(config, shutdown)`, the whole gateway as a library function.
@@ -38,7 +40,9 @@ pub mod rotation;
 pub mod server;
 pub mod shutdown;
 pub mod siem;
+pub mod signing;
 pub mod ssh;
 pub mod state;
 pub mod storage;
 pub mod vault;
+pub mod verify;

@@ -25,6 +25,8 @@ pub struct Gateway {
     pub store: Arc<dyn Store>,
     pub recordings: RecordingStore,
     pub siem: Arc<dyn EventSink>,
+    /// Signs recording manifests.
+    pub signer: Arc<crate::signing::Signer>,
     /// Webhook alerts; never blocks.
     pub alerter: crate::alerts::Alerter,
     /// Live sessions by id, for revocation and shutdown.
@@ -45,6 +47,8 @@ pub enum StartError {
     Storage(#[from] crate::storage::StorageError),
     #[error(transparent)]
     Siem(#[from] crate::siem::SiemError),
+    #[error(transparent)]
+    Signing(#[from] crate::signing::SigningError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -76,6 +80,7 @@ impl Gateway {
         let store = SqliteStore::open(&config.state_path())?;
         let recordings = RecordingStore::local(&config.storage_dir)?;
         let siem = JsonlFileSink::open(&config.siem_file)?;
+        let signer = Arc::new(crate::signing::Signer::load_or_create(&config.data_dir)?);
         let tls = crate::alerts::tls_config(config.alerts_ca_file.as_deref()).map_err(|e| {
             crate::config::ConfigError::Invalid {
                 key: "alerts.ca_file".into(),
@@ -90,6 +95,7 @@ impl Gateway {
             store: Arc::new(store),
             recordings,
             siem: Arc::new(siem),
+            signer,
             alerter,
             live: Mutex::new(HashMap::new()),
             shutdown: Shutdown::new(),

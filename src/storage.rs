@@ -36,6 +36,8 @@ pub struct ObjectInfo {
 #[derive(Clone)]
 pub struct RecordingStore {
     inner: Arc<dyn ObjectStore>,
+    /// The root directory of the local backend, whose files are made read-only once written.
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl RecordingStore {
@@ -49,12 +51,30 @@ impl RecordingStore {
             .with_fsync(true);
         Ok(RecordingStore {
             inner: Arc::new(fs),
+            local_root: Some(dir.to_path_buf()),
         })
     }
 
     /// Any object_store backend (tests use the in-memory one).
     pub fn from_object_store(inner: Arc<dyn ObjectStore>) -> RecordingStore {
-        RecordingStore { inner }
+        RecordingStore {
+            inner,
+            local_root: None,
+        }
+    }
+
+    /// Local backend: drops write permission on a stored object (0444). Create-only puts
+    /// already refuse overwrites; this also stops other local tools from editing it.
+    fn seal_local(&self, key: &str) {
+        #[cfg(unix)]
+        if let Some(root) = &self.local_root {
+            use std::os::unix::fs::PermissionsExt;
+            let path = root.join(key);
+            if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))
+            {
+                tracing::warn!(path = %path.display(), error = %e, "could not make a stored object read-only");
+            }
+        }
     }
 
     /// Writes a new object; refuses to overwrite an existing one.
@@ -68,7 +88,10 @@ impl RecordingStore {
             .put_opts(&ObjPath::from(key), PutPayload::from_bytes(bytes), opts)
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.seal_local(key);
+                Ok(())
+            }
             Err(object_store::Error::AlreadyExists { .. }) => {
                 Err(StorageError::AlreadyExists(key.into()))
             }
@@ -120,6 +143,11 @@ pub mod key {
     /// Written when the session ends: metadata, object list and hash-chain head.
     pub fn session_end(prefix: &str) -> String {
         format!("{prefix}/session.json")
+    }
+
+    /// The detached Ed25519 signature of `session.json`.
+    pub fn manifest_signature(prefix: &str) -> String {
+        format!("{prefix}/session.json.sig")
     }
 
     /// A signed-off post-incident review, kept with the evidence.

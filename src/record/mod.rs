@@ -197,6 +197,44 @@ pub struct SessionMeta {
     /// Algorithm of the chain: see `chain_link`.
     pub chain_algorithm: String,
     pub chain_head: String,
+    /// True when a restarted gateway sealed what a crashed one left (INCOMPLETE).
+    #[serde(default)]
+    pub recovered: bool,
+}
+
+/// The detached signature next to `session.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestSignature {
+    pub algorithm: String,
+    pub key_id: String,
+    /// base64 of the Ed25519 signature over the exact bytes of `session.json`.
+    pub signature: String,
+    /// SHA-256 (hex) of the signed bytes.
+    pub sha256: String,
+}
+
+/// Writes `session.json` and its signature `session.json.sig`, both create-only.
+pub async fn write_manifest(
+    store: &RecordingStore,
+    prefix: &str,
+    meta: &SessionMeta,
+    signer: &crate::signing::Signer,
+) -> Result<(), StorageError> {
+    use base64::Engine;
+    let body = serde_json::to_vec_pretty(meta).map_err(|e| StorageError::Backend(e.to_string()))?;
+    let sig = ManifestSignature {
+        algorithm: "ed25519".into(),
+        key_id: signer.current_public.id.clone(),
+        signature: base64::engine::general_purpose::STANDARD.encode(signer.sign(&body)),
+        sha256: hex::encode(Sha256::digest(&body)),
+    };
+    let sig = serde_json::to_vec_pretty(&sig).map_err(|e| StorageError::Backend(e.to_string()))?;
+    store
+        .put_new(&key::session_end(prefix), Bytes::from(body))
+        .await?;
+    store
+        .put_new(&key::manifest_signature(prefix), Bytes::from(sig))
+        .await
 }
 
 /// First link of a session's hash chain.
@@ -256,6 +294,7 @@ impl Recorder {
         info: SessionInfo,
         flush_interval: Duration,
         stall: Duration,
+        signer: Arc<crate::signing::Signer>,
     ) -> Result<Recorder, StorageError> {
         let start = serde_json::to_vec_pretty(&serde_json::json!({
             "schema_version": SESSION_SCHEMA_VERSION,
@@ -288,6 +327,7 @@ impl Recorder {
             head: link,
             failure: failure.clone(),
             session_start: Instant::now(),
+            signer,
         };
         tokio::spawn(task.run(rx, flush_interval));
         Ok(Recorder { tx, stall, failure })
@@ -367,6 +407,8 @@ struct RecorderTask {
     head: String,
     failure: Failure,
     session_start: Instant,
+    /// Signs the manifest when the session is sealed.
+    signer: Arc<crate::signing::Signer>,
 }
 
 fn secs(d: Duration) -> f64 {
@@ -706,12 +748,9 @@ impl RecorderTask {
             objects: self.objects.clone(),
             chain_algorithm: "sha256(prev \\n key \\n sha256hex(content)), seeded with sha256(\"breakglass-chain-v1\\n\" session_id)".into(),
             chain_head: self.head.clone(),
+            recovered: false,
         };
-        let body =
-            serde_json::to_vec_pretty(&meta).map_err(|e| StorageError::Backend(e.to_string()))?;
-        self.store
-            .put_new(&key::session_end(&self.prefix), Bytes::from(body))
-            .await?;
+        write_manifest(&self.store, &self.prefix, &meta, &self.signer).await?;
         Ok(meta)
     }
 }

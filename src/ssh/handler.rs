@@ -256,6 +256,7 @@ impl Handler {
             info.clone(),
             gw.config.limits.flush_interval,
             gw.config.limits.recorder_stall_timeout,
+            gw.signer.clone(),
         )
         .await
         {

@@ -513,6 +513,20 @@ async fn sigkill_loses_at_most_the_last_second() {
         .find(|s| s["id"] == id.as_str())
         .expect("row");
     assert_eq!(row["end_reason"], "gateway_crashed");
+    // The restart sealed what was stored: verify says INCOMPLETE (exit 2), not TAMPERED.
+    let out = w.cli(&["verify", &id]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("INCOMPLETE"),
+        "{}",
+        text(&out.stdout)
+    );
     validate_all_events(&w);
 }
 
@@ -1554,4 +1568,253 @@ async fn gateway_held_ssh_key_is_replaced_after_the_grant_ends() {
     w.wait_ended(2);
     gw.stop().await;
     validate_all_events(&w);
+}
+
+/// Copies a directory tree (the recording store) so each tamper case starts from the original.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(st.success());
+}
+
+fn writable(p: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_detects_every_kind_of_tampering() {
+    let w = World::with(Opts {
+        extra_limits: "flush_interval = \"100ms\"".into(),
+        ..Default::default()
+    });
+    let gw = InProcess::start(&w).await;
+    w.grant("alice", "30m");
+    let out = output(w.ssh(
+        "alice",
+        "web-01",
+        &[],
+        &["for i in $(seq 1 30); do echo line-$i; sleep 0.03; done"],
+    ))
+    .await;
+    assert!(out.status.success());
+    w.wait_ended(1);
+    gw.stop().await;
+    let id = last_session_id(&w);
+    let prefix = w.sessions()[0]["recording"]
+        .as_str()
+        .expect("prefix")
+        .to_string();
+
+    // Online: OK.
+    let out = w.cli(&["verify", &id]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("OK"), "{}", text(&out.stdout));
+
+    // Offline, with only the public keys and a copy of the store.
+    let keys = w.path("signing.pub");
+    std::fs::write(&keys, w.cli_ok(&["keys", "show", "--signing"])).expect("keys");
+    let chunks: Vec<std::path::PathBuf> = {
+        let dir = w.path("data/recordings").join(&prefix).join("ch0000");
+        let mut v: Vec<_> = std::fs::read_dir(&dir)
+            .expect("chunks")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(
+        chunks.len() >= 4,
+        "several chunks to tamper with: {chunks:?}"
+    );
+    let store_root = w.path("data/recordings");
+    let rels: Vec<std::path::PathBuf> = chunks
+        .iter()
+        .map(|p| {
+            p.strip_prefix(&store_root)
+                .expect("inside store")
+                .to_path_buf()
+        })
+        .collect();
+    let (c2, c1b, c2b) = (rels[2].clone(), rels[1].clone(), rels[2].clone());
+    let (c1f, clast) = (rels[1].clone(), rels[rels.len() - 1].clone());
+    let manifest = std::path::PathBuf::from(&prefix).join("session.json");
+    let sig = std::path::PathBuf::from(&prefix).join("session.json.sig");
+
+    type Tamper = Box<dyn Fn(&std::path::Path)>;
+    let cases: Vec<(&str, Tamper, Option<i32>, &str, bool)> = vec![
+        ("untouched", Box::new(|_| {}), Some(0), "OK", false),
+        (
+            "flip a byte",
+            Box::new(move |root| {
+                let p = root.join(&c1f);
+                writable(&p);
+                let mut b = std::fs::read(&p).expect("read");
+                let mid = b.len() / 2;
+                b[mid] ^= 0x01;
+                std::fs::write(&p, b).expect("write");
+            }),
+            Some(3),
+            "was modified",
+            false,
+        ),
+        (
+            "delete a middle chunk",
+            Box::new(move |root| std::fs::remove_file(root.join(&c2)).expect("rm")),
+            Some(3),
+            "was deleted",
+            false,
+        ),
+        (
+            "delete the last chunk",
+            Box::new(move |root| std::fs::remove_file(root.join(&clast)).expect("rm")),
+            Some(3),
+            "was deleted",
+            false,
+        ),
+        (
+            "reorder two chunks",
+            Box::new(move |root| {
+                let (a, b) = (root.join(&c1b), root.join(&c2b));
+                let tmp = root.join("swap");
+                std::fs::rename(&a, &tmp).expect("mv");
+                std::fs::rename(&b, &a).expect("mv");
+                std::fs::rename(&tmp, &b).expect("mv");
+            }),
+            Some(3),
+            "was modified",
+            false,
+        ),
+        (
+            "edit the manifest",
+            {
+                let m = manifest.clone();
+                Box::new(move |root| {
+                    let p = root.join(&m);
+                    writable(&p);
+                    let t = std::fs::read_to_string(&p)
+                        .expect("read")
+                        .replace("\"alice\"", "\"mallory\"");
+                    std::fs::write(&p, t).expect("write");
+                })
+            },
+            Some(3),
+            "does not match its signature",
+            false,
+        ),
+        (
+            "delete the signature",
+            {
+                let s = sig.clone();
+                Box::new(move |root| std::fs::remove_file(root.join(&s)).expect("rm"))
+            },
+            Some(3),
+            "signature deleted",
+            false,
+        ),
+        (
+            "add an object",
+            {
+                let pfx = prefix.clone();
+                Box::new(move |root| {
+                    std::fs::write(
+                        root.join(&pfx).join("ch0000").join("99999999.raw.lz4"),
+                        b"extra",
+                    )
+                    .expect("write")
+                })
+            },
+            Some(3),
+            "not in the manifest",
+            false,
+        ),
+        (
+            "delete the manifest (SIEM has the head)",
+            {
+                let (m, s) = (manifest.clone(), sig.clone());
+                Box::new(move |root| {
+                    std::fs::remove_file(root.join(&m)).expect("rm");
+                    std::fs::remove_file(root.join(&s)).expect("rm");
+                })
+            },
+            Some(3),
+            "manifest deleted",
+            true,
+        ),
+        (
+            "delete the manifest (no SIEM copy)",
+            {
+                let (m, s) = (manifest.clone(), sig.clone());
+                Box::new(move |root| {
+                    std::fs::remove_file(root.join(&m)).expect("rm");
+                    std::fs::remove_file(root.join(&s)).expect("rm");
+                })
+            },
+            Some(2),
+            "INCOMPLETE",
+            false,
+        ),
+    ];
+    for (i, (name, tamper, code, want, with_siem)) in cases.iter().enumerate() {
+        let copy = w.path(&format!("case{i}"));
+        copy_tree(&w.path("data/recordings"), &copy);
+        tamper(&copy);
+        let mut args = vec![
+            "verify".to_string(),
+            id.clone(),
+            "--store".into(),
+            copy.display().to_string(),
+            "--public-key".into(),
+            keys.display().to_string(),
+        ];
+        if *with_siem {
+            args.extend([
+                "--siem".into(),
+                w.path("data/siem.jsonl").display().to_string(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = w.cli(&args);
+        let report = text(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            *code,
+            "{name}: {report}{}",
+            text(&out.stderr)
+        );
+        assert!(
+            report.contains(want),
+            "{name}: expected `{want}` in {report}"
+        );
+    }
+
+    // A rotated signing key still verifies what the old key signed; a stranger's key does not.
+    w.cli_ok(&["keys", "rotate-signing"]);
+    let out = w.cli(&["verify", &id]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let stranger = w.path("stranger.pub");
+    std::fs::write(
+        &stranger,
+        "ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGb7mZ1Bq0Ckq8xN3sKZ0x0pXqk8iJ9C\n",
+    )
+    .expect("write");
+    let out = w.cli(&[
+        "verify",
+        &id,
+        "--store",
+        w.path("data/recordings").to_str().expect("p"),
+        "--public-key",
+        stranger.to_str().expect("p"),
+    ]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out.stdout));
 }
