@@ -123,6 +123,7 @@ pub fn alertable(e: &AccessEvent) -> bool {
         Action::ReviewOverdue => true,
         Action::ReviewOpened | Action::ReviewSigned | Action::CredentialIssued => false,
         Action::CredentialRotated => e.outcome == "failure",
+        Action::RecordingCheckpoint => false,
         Action::SessionEnd
         | Action::SessionDenied
         | Action::SessionExpired

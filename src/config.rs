@@ -180,6 +180,8 @@ struct RawLimits {
     login_grace: Option<String>,
     request_ttl: Option<String>,
     rotation_window: Option<String>,
+    storage_grace: Option<String>,
+    checkpoint_interval: Option<String>,
 }
 
 // ---------------------------------------------------------------- validated layer
@@ -347,6 +349,10 @@ pub struct Limits {
     pub request_ttl: Duration,
     /// Exposed break-glass credentials are rotated within this time after a grant ends.
     pub rotation_window: Duration,
+    /// How long a live session survives a recording-store outage (data held and retried).
+    pub storage_grace: Duration,
+    /// How often a live session sends its recording's chain head to the SIEM.
+    pub checkpoint_interval: Duration,
 }
 
 fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
@@ -680,6 +686,14 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let login_grace = dur("login_grace", l.login_grace, "30s")?;
     let request_ttl = dur("request_ttl", l.request_ttl, "1h")?;
     let rotation_window = dur("rotation_window", l.rotation_window, "1h")?;
+    let storage_grace = dur("storage_grace", l.storage_grace, "10s")?;
+    let checkpoint_interval = dur("checkpoint_interval", l.checkpoint_interval, "5m")?;
+    if checkpoint_interval.is_zero() {
+        return Err(invalid(
+            "limits.checkpoint_interval",
+            "must be more than zero",
+        ));
+    }
 
     let mut webhooks = Vec::new();
     for (i, h) in raw.alerts.webhooks.into_iter().enumerate() {
@@ -745,6 +759,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             login_grace,
             request_ttl,
             rotation_window,
+            storage_grace,
+            checkpoint_interval,
         },
         webhooks,
         alerts_ca_file: raw.alerts.ca_file.map(|p| expand_home(&p)),

@@ -32,6 +32,7 @@ pub enum Action {
     ReviewOverdue,
     CredentialIssued,
     CredentialRotated,
+    RecordingCheckpoint,
 }
 
 impl Action {
@@ -55,6 +56,7 @@ impl Action {
             Action::ReviewOverdue => "review_overdue",
             Action::CredentialIssued => "credential_issued",
             Action::CredentialRotated => "credential_rotated",
+            Action::RecordingCheckpoint => "recording_checkpoint",
         }
     }
 }

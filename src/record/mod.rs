@@ -32,6 +32,11 @@ pub const SESSION_SCHEMA_VERSION: u32 = 1;
 /// A chunk is flushed early once its buffer reaches this size, bounding memory per channel.
 const MAX_CHUNK_BYTES: usize = 4 << 20;
 
+/// During a store outage the recorder holds at most this much unwritten data; beyond it the
+/// recorder stops taking data, the relay waits, and after `recorder_stall_timeout` the session
+/// ends (fail closed).
+const SPOOL_LIMIT: usize = 64 << 20;
+
 /// Messages queued for the recorder. The queue is bounded; when it is full the relay waits
 /// (backpressure) up to `recorder_stall_timeout`, then the session ends (fail closed). Nothing
 /// is ever dropped.
@@ -283,6 +288,8 @@ pub struct Recorder {
     tx: mpsc::Sender<RecMsg>,
     stall: Duration,
     pub failure: Failure,
+    /// The chain head and object count after the last stored object (for checkpoints).
+    checkpoint: Arc<Mutex<(String, usize)>>,
 }
 
 impl Recorder {
@@ -295,6 +302,7 @@ impl Recorder {
         flush_interval: Duration,
         stall: Duration,
         signer: Arc<crate::signing::Signer>,
+        grace: Duration,
     ) -> Result<Recorder, StorageError> {
         let start = serde_json::to_vec_pretty(&serde_json::json!({
             "schema_version": SESSION_SCHEMA_VERSION,
@@ -317,6 +325,7 @@ impl Recorder {
         // the worst case; in practice data messages are much smaller.
         let (tx, rx) = mpsc::channel(4096);
         let failure = Failure::default();
+        let checkpoint = Arc::new(Mutex::new((link.clone(), 1usize)));
         let task = RecorderTask {
             store,
             prefix,
@@ -328,9 +337,17 @@ impl Recorder {
             failure: failure.clone(),
             session_start: Instant::now(),
             signer,
+            grace,
+            outage_since: None,
+            checkpoint: checkpoint.clone(),
         };
         tokio::spawn(task.run(rx, flush_interval));
-        Ok(Recorder { tx, stall, failure })
+        Ok(Recorder {
+            tx,
+            stall,
+            failure,
+            checkpoint,
+        })
     }
 
     /// Queues a message, waiting at most the stall timeout. On timeout or a dead recorder the
@@ -360,6 +377,14 @@ impl Recorder {
                 Err(())
             }
         }
+    }
+
+    /// The current chain head and how many objects it covers.
+    pub fn checkpoint(&self) -> (String, usize) {
+        self.checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Flushes and seals the recording, returning its metadata.
@@ -409,6 +434,12 @@ struct RecorderTask {
     session_start: Instant,
     /// Signs the manifest when the session is sealed.
     signer: Arc<crate::signing::Signer>,
+    /// How long a store outage may last before the session ends.
+    grace: Duration,
+    /// When the current store outage began.
+    outage_since: Option<Instant>,
+    /// Shared with the session for periodic checkpoint events.
+    checkpoint: Arc<Mutex<(String, usize)>>,
 }
 
 fn secs(d: Duration) -> f64 {
@@ -420,8 +451,9 @@ impl RecorderTask {
         let mut tick = tokio::time::interval(flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let room = self.buffered() < SPOOL_LIMIT;
             tokio::select! {
-                msg = rx.recv() => {
+                msg = rx.recv(), if room => {
                     let Some(msg) = msg else {
                         // Every sender is gone without a Finish: flush what we have so a crash
                         // of the session task loses nothing already tapped.
@@ -434,14 +466,42 @@ impl RecorderTask {
                         return;
                     }
                     self.handle(msg);
-                    if let Err(e) = self.flush_big().await {
-                        self.failure.fail(e.to_string());
-                    }
+                    let r = self.flush_big().await;
+                    self.note_flush(r);
                 }
                 _ = tick.tick() => {
-                    if let Err(e) = self.flush_all().await {
-                        self.failure.fail(e.to_string());
-                    }
+                    let r = self.flush_all().await;
+                    self.note_flush(r);
+                }
+            }
+        }
+    }
+
+    /// Bytes encoded but not yet stored.
+    fn buffered(&self) -> usize {
+        self.channels.values().map(|c| c.buf.len()).sum()
+    }
+
+    /// Tracks store outages: within the grace period data stays buffered and is retried; past
+    /// it the session ends.
+    fn note_flush(&mut self, r: Result<usize, StorageError>) {
+        match r {
+            // Nothing written proves nothing about the store.
+            Ok(0) => {}
+            Ok(_) => {
+                if let Some(since) = self.outage_since.take() {
+                    tracing::warn!(session_id = %self.info.session_id, outage = ?since.elapsed(), "recording store is back");
+                }
+            }
+            Err(e) => {
+                let since = *self.outage_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.grace {
+                    self.failure.fail(format!(
+                        "{e}; the store has been failing for {:?}",
+                        since.elapsed()
+                    ));
+                } else {
+                    tracing::warn!(session_id = %self.info.session_id, error = %e, "recording store failing; data held and retried");
                 }
             }
         }
@@ -680,33 +740,38 @@ impl RecorderTask {
         }
     }
 
-    async fn flush_big(&mut self) -> Result<(), StorageError> {
+    /// Flushes channels whose buffer is full; returns how many chunks were written.
+    async fn flush_big(&mut self) -> Result<usize, StorageError> {
         let big: Vec<u32> = self
             .channels
             .iter()
             .filter(|(_, c)| c.buf.len() >= MAX_CHUNK_BYTES)
             .map(|(k, _)| *k)
             .collect();
+        let mut n = 0;
         for ch in big {
-            self.flush_channel(ch).await?;
+            n += self.flush_channel(ch).await?;
         }
-        Ok(())
+        Ok(n)
     }
 
-    async fn flush_all(&mut self) -> Result<(), StorageError> {
+    /// Flushes every channel with buffered data; returns how many chunks were written.
+    async fn flush_all(&mut self) -> Result<usize, StorageError> {
         let chans: Vec<u32> = self.channels.keys().copied().collect();
+        let mut n = 0;
         for ch in chans {
-            self.flush_channel(ch).await?;
+            n += self.flush_channel(ch).await?;
         }
-        Ok(())
+        Ok(n)
     }
 
-    async fn flush_channel(&mut self, ch: u32) -> Result<(), StorageError> {
+    /// Writes one channel's buffer as its next chunk; returns 1 if it wrote one.
+    async fn flush_channel(&mut self, ch: u32) -> Result<usize, StorageError> {
         let Some(c) = self.channels.get_mut(&ch) else {
-            return Ok(());
+            return Ok(0);
         };
         if c.buf.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let ext = if c.cast.is_some() { "cast" } else { "raw.lz4" };
         let k = key::chunk(&self.prefix, ch, c.seq, ext);
@@ -715,30 +780,56 @@ impl RecorderTask {
         // (`lz4 -d` reads it), which cuts storage and the write and hash cost of compressible
         // data. Terminal chunks stay plain asciicast.
         let data = if c.cast.is_some() {
-            plain
+            Bytes::from(plain.clone())
         } else {
-            raw::compress(&plain).map_err(|e| StorageError::Backend(format!("lz4: {e}")))?
+            Bytes::from(
+                raw::compress(&plain).map_err(|e| StorageError::Backend(format!("lz4: {e}")))?,
+            )
         };
-        c.seq += 1;
-        c.meta.chunks = c.seq;
         let sha = hex::encode(Sha256::digest(&data));
         let size = data.len() as u64;
-        self.store.put_new(&k, Bytes::from(data)).await?;
+        if let Err(e) = self.store.put_new(&k, data).await {
+            // Keep the data for the retry: nothing is dropped during an outage.
+            if let Some(c) = self.channels.get_mut(&ch) {
+                let mut restored = plain;
+                restored.append(&mut c.buf);
+                c.buf = restored;
+            }
+            return Err(e);
+        }
+        if let Some(c) = self.channels.get_mut(&ch) {
+            c.seq += 1;
+            c.meta.chunks = c.seq;
+        }
         self.head = chain_link(&self.head, &k, &sha);
+        *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) =
+            (self.head.clone(), self.objects.len() + 1);
         self.objects.push(ObjectEntry {
             key: k,
             size,
             sha256: sha,
             chain: self.head.clone(),
         });
-        Ok(())
+        Ok(1)
     }
 
     async fn seal(&mut self, end: SessionEndInfo) -> Result<SessionMeta, StorageError> {
         for c in self.channels.values_mut() {
             close_channel(c);
         }
-        self.flush_all().await?;
+        // Within the grace period, keep retrying a failing store before giving up.
+        loop {
+            match self.flush_all().await {
+                Ok(_) => break,
+                Err(e) => {
+                    let since = *self.outage_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.grace {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
         let meta = SessionMeta {
             schema_version: SESSION_SCHEMA_VERSION,
             session: self.info.clone(),

@@ -257,6 +257,7 @@ impl Handler {
             gw.config.limits.flush_interval,
             gw.config.limits.recorder_stall_timeout,
             gw.signer.clone(),
+            gw.config.limits.storage_grace,
         )
         .await
         {
@@ -346,6 +347,7 @@ impl Handler {
         let sup_gw = gw.clone();
         let sup = live.clone();
         gw.shutdown.tracker.spawn(session::supervise(sup_gw, sup));
+        tokio::spawn(session::checkpoints(gw.clone(), live.clone()));
         self.session = Some(live);
         Ok(())
     }

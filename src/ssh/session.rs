@@ -216,6 +216,33 @@ impl LiveSession {
     }
 }
 
+/// Sends the recording's chain head to the SIEM every `checkpoint_interval` while the session
+/// lives, so truncation is detectable even by someone who controls the store.
+pub async fn checkpoints(gw: Arc<Gateway>, s: Arc<LiveSession>) {
+    let every = gw.config.limits.checkpoint_interval;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = s.kill.cancelled() => return,
+        }
+        let (head, objects) = s.recorder.checkpoint();
+        let mut e = AccessEvent::new(Action::RecordingCheckpoint, &s.info.person);
+        e.person = Some(s.info.person.clone());
+        e.target = Some(s.info.target.clone());
+        e.session_id = Some(s.id.clone());
+        e.grant_id = Some(s.grant.id.clone());
+        e.correlation_id = Some(s.grant.correlation_id().to_string());
+        e.justification = Some(s.grant.reason.clone());
+        e.incident_id = Some(s.grant.incident_id.clone());
+        e.recording = Some(s.prefix.clone());
+        e.chain_head = Some(head);
+        e.message = Some(format!("recording checkpoint: {objects} objects stored"));
+        if let Err(err) = gw.audit(&e).await {
+            tracing::error!(session_id = %s.id, error = %err, "could not write checkpoint event");
+        }
+    }
+}
+
 /// Watches one session's deadline, warnings and failure signals, and cuts it off.
 pub async fn supervise(gw: Arc<Gateway>, s: Arc<LiveSession>) {
     let deadline_at = s.instant_of(s.deadline);

@@ -532,7 +532,10 @@ async fn sigkill_loses_at_most_the_last_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_failure_refuses_new_sessions_and_ends_live_ones() {
-    let w = World::new();
+    let w = World::with(Opts {
+        extra_limits: "storage_grace = \"1s\"".into(),
+        ..Default::default()
+    });
     let gw = InProcess::start(&w).await;
     w.grant("alice", "30m");
 
@@ -1817,4 +1820,55 @@ async fn verify_detects_every_kind_of_tampering() {
         stranger.to_str().expect("p"),
     ]);
     assert_ne!(out.status.code(), Some(0), "{}", text(&out.stdout));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_store_outage_loses_nothing_and_checkpoints_reach_the_siem() {
+    let w = World::with(Opts {
+        extra_limits:
+            "storage_grace = \"10s\"\ncheckpoint_interval = \"1s\"\nflush_interval = \"200ms\""
+                .into(),
+        ..Default::default()
+    });
+    let gw = InProcess::start(&w).await;
+    w.grant("alice", "30m");
+    let mut child = start_long_session(
+        &w,
+        &[],
+        "for i in $(seq 1 60); do echo tick-$i; sleep 0.05; done",
+    );
+    let prefix = w.sessions()[0]["recording"]
+        .as_str()
+        .expect("prefix")
+        .to_string();
+    let dir = w.path("data/recordings").join(&prefix);
+    let aside = w.path("aside");
+    // The store fails (the session's directory is a file) for about a second, then comes back.
+    wait_for("a first chunk", Duration::from_secs(10), || {
+        dir.join("ch0000").exists().then_some(())
+    });
+    std::fs::rename(&dir, &aside).expect("move aside");
+    std::fs::write(&dir, b"outage").expect("block");
+    let cp = w.wait_event("a checkpoint", |e| e["action"] == "recording_checkpoint");
+    assert!(
+        cp["chain_head"].as_str().is_some_and(|h| h.len() == 64),
+        "{cp}"
+    );
+    std::fs::remove_file(&dir).expect("unblock");
+    std::fs::rename(&aside, &dir).expect("move back");
+    let (code, out, err) = wait_exit(&mut child, Duration::from_secs(20));
+    assert_eq!(code, Some(0), "the session survived the outage: {err}");
+    assert!(out.contains("tick-60"));
+    w.wait_ended(1);
+    gw.stop().await;
+    let id = last_session_id(&w);
+    let cast = export(&w, &id);
+    for i in 1..=60 {
+        assert!(
+            cast.contains(&format!("tick-{i}\\n")),
+            "tick-{i} recorded despite the outage"
+        );
+    }
+    let out = w.cli(&["verify", &id]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
 }
