@@ -26,4 +26,10 @@ if [ ! -d /run/sshd ]; then
   if [ "$(id -u)" -eq 0 ]; then mkdir -p /run/sshd; else sudo mkdir -p /run/sshd; fi
 fi
 
+# The S3 tests run moto's S3 server (with Object Lock); boto3 comes with it.
+if ! command -v moto_server >/dev/null 2>&1 || ! python3 -c "import boto3" >/dev/null 2>&1; then
+  echo "installing: moto[server] (PyPI)" >&2
+  python3 -m pip install -q --disable-pip-version-check 'moto[server]' >&2
+fi
+
 cargo test "$@"

@@ -440,10 +440,25 @@ async fn check_config(file: &Path, offline: bool) -> Result<ExitCode> {
         format!("data dir {}", cfg.data_dir.display()),
         writable(&cfg.data_dir).map(|_| String::new()),
     );
-    check(
-        format!("recording store {}", cfg.storage_dir.display()),
-        writable(&cfg.storage_dir).map(|_| String::new()),
-    );
+    match &cfg.s3 {
+        None => check(
+            format!("recording store {}", cfg.storage_dir.display()),
+            writable(&cfg.storage_dir).map(|_| String::new()),
+        ),
+        Some(s3) => {
+            let res = match RecordingStore::from_config(&cfg) {
+                Ok(store) => breakglass::server::check_worm(s3, &store)
+                    .await
+                    .map(|_| " (Object Lock enforced)".to_string())
+                    .map_err(anyhow::Error::from),
+                Err(e) => Err(e.into()),
+            };
+            check(
+                format!("recording store s3://{}/{}", s3.bucket, s3.prefix),
+                res,
+            );
+        }
+    }
     check(
         format!("SIEM file {}", cfg.siem_file.display()),
         std::fs::OpenOptions::new()
@@ -773,7 +788,7 @@ async fn verify(
         let cfg = Config::load(config)?;
         let state = open_state(&cfg)?;
         let keys = breakglass::signing::Signer::load_or_create(&cfg.data_dir)?.all;
-        let store = RecordingStore::local(&cfg.storage_dir)?;
+        let store = RecordingStore::from_config(&cfg)?;
         let rows = if all {
             state
                 .list_sessions(&SessionFilter {
@@ -1043,7 +1058,7 @@ async fn load_recording(config: &Path, session: &str) -> Result<(String, export:
     let row = store.find_session(session).await?.ok_or_else(|| {
         anyhow!("no session matches `{session}` (see `breakglass sessions list`)")
     })?;
-    let rec = RecordingStore::local(&cfg.storage_dir)?;
+    let rec = RecordingStore::from_config(&cfg)?;
     let loaded = export::load(&rec, &row.recording_prefix).await?;
     Ok((row.id, loaded))
 }

@@ -158,6 +158,14 @@ struct RawStorage {
     #[serde(default)]
     kind: Option<String>,
     path: Option<PathBuf>,
+    bucket: Option<String>,
+    prefix: Option<String>,
+    region: Option<String>,
+    endpoint: Option<String>,
+    object_lock: Option<String>,
+    retention_days: Option<u32>,
+    #[serde(default)]
+    allow_unlocked: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -201,6 +209,8 @@ pub struct Config {
     pub targets: BTreeMap<String, TargetConfig>,
     /// Directory of the local-filesystem recording store.
     pub storage_dir: PathBuf,
+    /// The S3 recording store, when `storage.kind = "s3"` (else the local directory is used).
+    pub s3: Option<S3Config>,
     /// JSONL file the SIEM events are appended to.
     pub siem_file: PathBuf,
     /// Session and grant limits.
@@ -264,6 +274,32 @@ pub enum UpstreamAuth {
 pub enum HostKeySource {
     Inline(PublicKey),
     File(PathBuf),
+}
+
+/// S3 Object Lock mode applied to every recording object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectLock {
+    /// Nobody, not even the root account, can delete or shorten retention.
+    Compliance,
+    /// Users with a special permission can bypass; for testing lock setups.
+    Governance,
+    /// No per-object lock headers (the bucket default, if any, still applies).
+    None,
+}
+
+/// The S3 recording store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix inside the bucket (no leading or trailing `/`).
+    pub prefix: String,
+    pub region: String,
+    /// A custom endpoint (MinIO, Ceph, moto); unset for AWS.
+    pub endpoint: Option<String>,
+    pub object_lock: ObjectLock,
+    pub retention_days: u32,
+    /// Run even if the bucket has no Object Lock (not WORM!).
+    pub allow_unlocked: bool,
 }
 
 /// What a target speaks.
@@ -621,15 +657,68 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
-    match raw.storage.kind.as_deref() {
-        None | Some("local") => {}
+    let s3 = match raw.storage.kind.as_deref() {
+        None | Some("local") => None,
+        Some("s3") => {
+            let bucket = raw
+                .storage
+                .bucket
+                .clone()
+                .filter(|b| !b.is_empty())
+                .ok_or_else(|| invalid("storage.bucket", "kind = \"s3\" needs a bucket"))?;
+            let lock = match raw.storage.object_lock.as_deref().unwrap_or("compliance") {
+                "compliance" => ObjectLock::Compliance,
+                "governance" => ObjectLock::Governance,
+                "none" => ObjectLock::None,
+                other => {
+                    return Err(invalid(
+                        "storage.object_lock",
+                        format!("`{other}` is not one of \"compliance\", \"governance\", \"none\""),
+                    ))
+                }
+            };
+            let retention_days = raw.storage.retention_days.unwrap_or(365);
+            if lock != ObjectLock::None && retention_days == 0 {
+                return Err(invalid(
+                    "storage.retention_days",
+                    "must be at least 1 with object_lock",
+                ));
+            }
+            if let Some(e) = &raw.storage.endpoint {
+                if !(e.starts_with("http://") || e.starts_with("https://")) {
+                    return Err(invalid(
+                        "storage.endpoint",
+                        format!("`{e}` must start with http:// or https://"),
+                    ));
+                }
+            }
+            Some(S3Config {
+                bucket,
+                prefix: raw
+                    .storage
+                    .prefix
+                    .clone()
+                    .unwrap_or_default()
+                    .trim_matches('/')
+                    .to_string(),
+                region: raw
+                    .storage
+                    .region
+                    .clone()
+                    .unwrap_or_else(|| "us-east-1".into()),
+                endpoint: raw.storage.endpoint.clone(),
+                object_lock: lock,
+                retention_days,
+                allow_unlocked: raw.storage.allow_unlocked,
+            })
+        }
         Some(other) => {
             return Err(invalid(
                 "storage.kind",
-                format!("`{other}` is not supported yet; use \"local\""),
+                format!("`{other}` is not one of \"local\", \"s3\""),
             ))
         }
-    }
+    };
     let storage_dir = raw
         .storage
         .path
@@ -746,6 +835,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         people,
         targets,
         storage_dir,
+        s3,
         siem_file,
         limits: Limits {
             max_session_ttl,

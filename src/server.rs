@@ -78,7 +78,7 @@ impl Gateway {
         })?;
         let keys = GatewayKeys::load_or_create(&config.data_dir)?;
         let store = SqliteStore::open(&config.state_path())?;
-        let recordings = RecordingStore::local(&config.storage_dir)?;
+        let recordings = RecordingStore::from_config(&config)?;
         let siem = JsonlFileSink::open(&config.siem_file)?;
         let signer = Arc::new(crate::signing::Signer::load_or_create(&config.data_dir)?);
         let tls = crate::alerts::tls_config(config.alerts_ca_file.as_deref()).map_err(|e| {
@@ -155,6 +155,9 @@ pub async fn start(
         ),
         None => None,
     };
+    if let Some(s3) = &gw.config.s3 {
+        check_worm(s3, &gw.recordings).await?;
+    }
     crate::ssh::session::recover_unfinished(&gw).await;
     let serve = async move {
         let accept = tokio::spawn(crate::ssh::serve(listener, gw.clone()));
@@ -200,6 +203,29 @@ pub async fn start(
         }
     };
     Ok((Bound { ssh, http }, serve))
+}
+
+/// Refuses an S3 store that is not write-once, unless the config explicitly allows it.
+pub async fn check_worm(
+    s3: &crate::config::S3Config,
+    store: &RecordingStore,
+) -> Result<(), StartError> {
+    if s3.allow_unlocked {
+        tracing::warn!(bucket = %s3.bucket, "storage.allow_unlocked: recordings may not be write-once");
+        return Ok(());
+    }
+    if s3.object_lock == crate::config::ObjectLock::None {
+        return Err(StartError::Storage(crate::storage::StorageError::Backend(format!(
+            "bucket {}: object_lock = \"none\" is not write-once; set storage.allow_unlocked = true to run anyway",
+            s3.bucket
+        ))));
+    }
+    store.check_object_lock().await.map_err(|e| {
+        StartError::Storage(crate::storage::StorageError::Backend(format!(
+            "bucket {}: {e}; enable Object Lock on the bucket, or set storage.allow_unlocked = true",
+            s3.bucket
+        )))
+    })
 }
 
 /// Runs the gateway until `shutdown` resolves.

@@ -55,6 +55,85 @@ impl RecordingStore {
         })
     }
 
+    /// The store the config names: the local directory, or S3 with Object Lock headers.
+    pub fn from_config(cfg: &crate::config::Config) -> Result<RecordingStore, StorageError> {
+        match &cfg.s3 {
+            None => RecordingStore::local(&cfg.storage_dir),
+            Some(s3) => RecordingStore::s3(s3),
+        }
+    }
+
+    /// S3 through object_store: credentials from the usual environment (AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, instance metadata). Every put carries an
+    /// `x-amz-checksum-sha256` (locked puts need a checksum) and, unless `object_lock = "none"`,
+    /// `x-amz-object-lock-mode` with a retain-until date `retention_days` after the store is
+    /// opened (object_store sends lock headers only client-wide). The bucket's default
+    /// retention covers every object as well; `check_object_lock` proves the bucket has it.
+    pub fn s3(c: &crate::config::S3Config) -> Result<RecordingStore, StorageError> {
+        use object_store::aws::{AmazonS3Builder, Checksum};
+        use object_store::ClientOptions;
+        // reqwest is built without a default crypto provider: use ring, as everywhere else.
+        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+        let mut headers = http::HeaderMap::new();
+        let mode = match c.object_lock {
+            crate::config::ObjectLock::Compliance => Some("COMPLIANCE"),
+            crate::config::ObjectLock::Governance => Some("GOVERNANCE"),
+            crate::config::ObjectLock::None => None,
+        };
+        // S3 wants Content-MD5 or x-amz-sdk-checksum-algorithm on locked puts; object_store
+        // sends x-amz-checksum-sha256 but not the algorithm header, so add it client-wide.
+        headers.insert("x-amz-sdk-checksum-algorithm", http::HeaderValue::from_static("SHA256"));
+        if let Some(mode) = mode {
+            let until = crate::clock::now() + chrono::Duration::days(i64::from(c.retention_days));
+            let until = until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let bad = |e: String| StorageError::Backend(format!("lock header: {e}"));
+            headers.insert(
+                "x-amz-object-lock-mode",
+                http::HeaderValue::from_str(mode).map_err(|e| bad(e.to_string()))?,
+            );
+            headers.insert(
+                "x-amz-object-lock-retain-until-date",
+                http::HeaderValue::from_str(&until).map_err(|e| bad(e.to_string()))?,
+            );
+        }
+        let mut options = ClientOptions::new().with_default_headers(headers);
+        let mut b = AmazonS3Builder::from_env()
+            .with_bucket_name(&c.bucket)
+            .with_region(&c.region)
+            .with_checksum_algorithm(Checksum::SHA256);
+        if let Some(e) = &c.endpoint {
+            b = b.with_endpoint(e);
+            if e.starts_with("http://") {
+                options = options.with_allow_http(true);
+            }
+        }
+        let s3 = b.with_client_options(options).build().map_err(backend)?;
+        let inner: Arc<dyn ObjectStore> = if c.prefix.is_empty() {
+            Arc::new(s3)
+        } else {
+            Arc::new(object_store::prefix::PrefixStore::new(
+                s3,
+                c.prefix.as_str(),
+            ))
+        };
+        Ok(RecordingStore {
+            inner,
+            local_root: None,
+        })
+    }
+
+    /// Proves the bucket enforces Object Lock: a put with lock headers is refused by S3 on a
+    /// bucket without Object Lock. The probe object (a few bytes) stays, locked, under
+    /// `.breakglass/lock-probe/`.
+    pub async fn check_object_lock(&self) -> Result<(), StorageError> {
+        let key = format!(".breakglass/lock-probe/{}", uuid::Uuid::new_v4());
+        self.put_new(&key, Bytes::from_static(b"object lock probe")).await.map_err(|e| {
+            StorageError::Backend(format!(
+                "the bucket refused a locked write, so Object Lock is not enabled or not allowed: {e}"
+            ))
+        })
+    }
+
     /// Any object_store backend (tests use the in-memory one).
     pub fn from_object_store(inner: Arc<dyn ObjectStore>) -> RecordingStore {
         RecordingStore {

@@ -1872,3 +1872,92 @@ async fn a_short_store_outage_loses_nothing_and_checkpoints_reach_the_siem() {
     let out = w.cli(&["verify", &id]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recordings_go_to_s3_with_object_lock_and_unlocked_buckets_are_refused() {
+    let logs = tempfile::tempdir().expect("tempdir");
+    let s3 = S3Server::start(&logs.path().join("moto.log"));
+    s3.bucket("bg-locked", Some(1));
+    s3.bucket("bg-plain", None);
+    let storage = |bucket: &str| {
+        format!(
+            "[storage]\nkind = \"s3\"\nbucket = \"{bucket}\"\nprefix = \"prod\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\nobject_lock = \"compliance\"\nretention_days = 1\n",
+            s3.endpoint()
+        )
+    };
+
+    // A bucket without Object Lock: check-config fails and the gateway refuses to start.
+    let plain = World::with(Opts {
+        extra_config: storage("bg-plain"),
+        ..Default::default()
+    });
+    let out = plain.cli(&["check-config", plain.config_path.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("Object Lock"),
+        "{}",
+        text(&out.stdout)
+    );
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_breakglass"))
+        .args(["serve", "--config"])
+        .arg(&plain.config_path)
+        .envs(S3_ENV)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let status = wait_for("serve to refuse", Duration::from_secs(20), || {
+        serve.try_wait().expect("try_wait")
+    });
+    assert!(
+        !status.success(),
+        "the gateway must not run on an unlocked bucket"
+    );
+
+    // A locked bucket: sessions are recorded there and verify against it.
+    let w = World::with(Opts {
+        extra_config: storage("bg-locked"),
+        ..Default::default()
+    });
+    let out = w.cli(&["check-config", w.config_path.to_str().expect("path")]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    let _gw = Process::start(&w);
+    w.grant("alice", "30m");
+    let out = output(w.ssh("alice", "web-01", &[], &["echo into-s3"])).await;
+    assert_eq!(text(&out.stdout), "into-s3\n", "{}", text(&out.stderr));
+    w.wait_ended(1);
+    let id = last_session_id(&w);
+    let out = w.cli(&["verify", &id]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(export(&w, &id).contains("into-s3"));
+
+    // The objects carry a COMPLIANCE lock: deleting a version is refused, and nothing was
+    // written to the local directory.
+    let out = s3.boto(
+        "objs = s3.list_object_versions(Bucket='bg-locked', Prefix='prod/sessions/')['Versions']\n\
+         k = [o for o in objs if o['Key'].endswith('session.json')][0]\n\
+         h = s3.head_object(Bucket='bg-locked', Key=k['Key'], VersionId=k['VersionId'])\n\
+         print('MODE', h.get('ObjectLockMode'))\n\
+         try:\n    s3.delete_object(Bucket='bg-locked', Key=k['Key'], VersionId=k['VersionId'])\n    print('DELETED')\n\
+         except Exception as e:\n    print('REFUSED', e)",
+    );
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("MODE COMPLIANCE"),
+        "{said}{}",
+        text(&out.stderr)
+    );
+    assert!(
+        said.contains("REFUSED") && !said.contains("DELETED"),
+        "{said}"
+    );
+    assert!(
+        !w.path("data/recordings/sessions").exists(),
+        "recordings went to S3 only"
+    );
+}

@@ -272,6 +272,7 @@ max_session_ttl = "1h"
     pub fn cli(&self, args: &[&str]) -> Output {
         let out = Command::new(env!("CARGO_BIN_EXE_breakglass"))
             .args(args)
+            .envs(S3_ENV)
             .env("BREAKGLASS_CONFIG", &self.config_path)
             .env("RUST_LOG", "warn")
             .output()
@@ -427,6 +428,7 @@ impl Process {
         let child = Command::new(env!("CARGO_BIN_EXE_breakglass"))
             .args(["serve", "--config"])
             .arg(&world.config_path)
+            .envs(S3_ENV)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(world.path("gateway.log")).expect("log"))
@@ -703,5 +705,87 @@ impl Postgres {
             .stdin(Stdio::null())
             .output()
             .expect("run psql")
+    }
+}
+
+/// A real S3-compatible server (moto, from PyPI) on 127.0.0.1 with a free port; killed on
+/// drop. Buckets are made with boto3 (moto's dependency).
+pub struct S3Server {
+    pub port: u16,
+    child: Child,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Credentials moto accepts; the gateway reads them from the environment like on AWS.
+pub const S3_ENV: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_DEFAULT_REGION", "us-east-1"),
+];
+
+impl S3Server {
+    pub fn start(log: &Path) -> S3Server {
+        let moto = ["/root/.pyenv/shims/moto_server", "/usr/local/bin/moto_server", "/usr/bin/moto_server"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .or_else(|| {
+                Command::new("sh")
+                    .args(["-c", "command -v moto_server"])
+                    .output()
+                    .ok()
+                    .map(|o| PathBuf::from(text(&o.stdout).trim()))
+                    .filter(|p| p.exists())
+            })
+            .unwrap_or_else(|| panic!("`moto_server` is missing: pip install 'moto[server]' (scripts/test.sh installs it)"));
+        let port = free_port();
+        let child = Command::new(moto)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("moto log"))
+            .spawn()
+            .expect("start moto_server");
+        wait_port(port);
+        S3Server { port, child }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs a boto3 snippet with `s3` bound to a client for this server; returns stdout.
+    pub fn boto(&self, code: &str) -> Output {
+        let script = format!(
+            "import boto3, sys\ns3 = boto3.client('s3', endpoint_url='{}', region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\n{code}\n",
+            self.endpoint()
+        );
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .expect("python3 boto3")
+    }
+
+    /// Creates a bucket, with Object Lock (COMPLIANCE default retention of `days`) or without.
+    pub fn bucket(&self, name: &str, locked: Option<u32>) {
+        let code = match locked {
+            Some(days) => format!(
+                "s3.create_bucket(Bucket='{name}', ObjectLockEnabledForBucket=True)\n\
+                 s3.put_object_lock_configuration(Bucket='{name}', ObjectLockConfiguration={{'ObjectLockEnabled': 'Enabled', 'Rule': {{'DefaultRetention': {{'Mode': 'COMPLIANCE', 'Days': {days}}}}}}})"
+            ),
+            None => format!("s3.create_bucket(Bucket='{name}')"),
+        };
+        let out = self.boto(&code);
+        assert!(
+            out.status.success(),
+            "create bucket {name}: {}",
+            text(&out.stderr)
+        );
     }
 }
