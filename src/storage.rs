@@ -82,7 +82,10 @@ impl RecordingStore {
         };
         // S3 wants Content-MD5 or x-amz-sdk-checksum-algorithm on locked puts; object_store
         // sends x-amz-checksum-sha256 but not the algorithm header, so add it client-wide.
-        headers.insert("x-amz-sdk-checksum-algorithm", http::HeaderValue::from_static("SHA256"));
+        headers.insert(
+            "x-amz-sdk-checksum-algorithm",
+            http::HeaderValue::from_static("SHA256"),
+        );
         if let Some(mode) = mode {
             let until = crate::clock::now() + chrono::Duration::days(i64::from(c.retention_days));
             let until = until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
