@@ -99,11 +99,21 @@ impl RecordingStore {
                 http::HeaderValue::from_str(&until).map_err(|e| bad(e.to_string()))?,
             );
         }
-        let mut options = ClientOptions::new().with_default_headers(headers);
+        // Fail fast: the recorder's own retry loop and storage_grace decide how long an outage
+        // may last, so object_store must not sit on a request for minutes.
+        let mut options = ClientOptions::new()
+            .with_default_headers(headers)
+            .with_connect_timeout(std::time::Duration::from_secs(2))
+            .with_timeout(std::time::Duration::from_secs(10));
         let mut b = AmazonS3Builder::from_env()
             .with_bucket_name(&c.bucket)
             .with_region(&c.region)
-            .with_checksum_algorithm(Checksum::SHA256);
+            .with_checksum_algorithm(Checksum::SHA256)
+            .with_retry(object_store::RetryConfig {
+                max_retries: 2,
+                retry_timeout: std::time::Duration::from_secs(3),
+                ..Default::default()
+            });
         if let Some(e) = &c.endpoint {
             b = b.with_endpoint(e);
             if e.starts_with("http://") {

@@ -788,7 +788,17 @@ impl RecorderTask {
         };
         let sha = hex::encode(Sha256::digest(&data));
         let size = data.len() as u64;
-        if let Err(e) = self.store.put_new(&k, data).await {
+        // A hung store counts as a failed write: the outage clock must keep running.
+        let put = match tokio::time::timeout(
+            self.grace.max(Duration::from_secs(1)),
+            self.store.put_new(&k, data),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(StorageError::Backend(format!("write of {k} timed out"))),
+        };
+        if let Err(e) = put {
             // Keep the data for the retry: nothing is dropped during an outage.
             if let Some(c) = self.channels.get_mut(&ch) {
                 let mut restored = plain;

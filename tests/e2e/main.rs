@@ -1654,9 +1654,70 @@ async fn verify_detects_every_kind_of_tampering() {
     let manifest = std::path::PathBuf::from(&prefix).join("session.json");
     let sig = std::path::PathBuf::from(&prefix).join("session.json.sig");
 
+    // An attacker's own signing key, to re-sign manifests.
+    let stranger_dir = tempfile::tempdir().expect("tempdir");
+    let stranger = std::sync::Arc::new(
+        breakglass::signing::Signer::load_or_create(stranger_dir.path()).expect("stranger key"),
+    );
+    let resign = {
+        let stranger = stranger.clone();
+        move |root: &std::path::Path, m: &std::path::Path, sg: &std::path::Path, body: Vec<u8>| {
+            use base64::Engine;
+            let (mp, sp) = (root.join(m), root.join(sg));
+            writable(&mp);
+            writable(&sp);
+            let sig = serde_json::json!({
+                "algorithm": "ed25519",
+                "key_id": stranger.current_public.id,
+                "signature": base64::engine::general_purpose::STANDARD.encode(stranger.sign(&body)),
+                "sha256": sha256_hex(&body),
+            });
+            std::fs::write(&mp, &body).expect("write manifest");
+            std::fs::write(&sp, serde_json::to_vec(&sig).expect("json")).expect("write sig");
+        }
+    };
+    let (resign1, resign2) = (resign.clone(), resign);
+
     type Tamper = Box<dyn Fn(&std::path::Path)>;
     let cases: Vec<(&str, Tamper, Option<i32>, &str, bool)> = vec![
         ("untouched", Box::new(|_| {}), Some(0), "OK", false),
+        (
+            "sign with another key",
+            {
+                let (m, sg) = (manifest.clone(), sig.clone());
+                Box::new(move |root| {
+                    let body = std::fs::read(root.join(&m)).expect("read");
+                    resign1(root, &m, &sg, body);
+                })
+            },
+            Some(3),
+            "not among the trusted keys",
+            false,
+        ),
+        (
+            "replace the manifest (drop the last chunk, re-chain, re-sign)",
+            {
+                let (m, sg) = (manifest.clone(), sig.clone());
+                Box::new(move |root| {
+                    let mut meta: Value =
+                        serde_json::from_slice(&std::fs::read(root.join(&m)).expect("read"))
+                            .expect("json");
+                    let objs = meta["objects"].as_array_mut().expect("objects");
+                    objs.pop();
+                    let head = objs.last().expect("objects")["chain"].clone();
+                    meta["chain_head"] = head;
+                    resign2(
+                        root,
+                        &m,
+                        &sg,
+                        serde_json::to_vec_pretty(&meta).expect("json"),
+                    );
+                })
+            },
+            Some(3),
+            "manifest replaced",
+            true,
+        ),
         (
             "flip a byte",
             Box::new(move |root| {
@@ -1876,7 +1937,7 @@ async fn a_short_store_outage_loses_nothing_and_checkpoints_reach_the_siem() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recordings_go_to_s3_with_object_lock_and_unlocked_buckets_are_refused() {
     let logs = tempfile::tempdir().expect("tempdir");
-    let s3 = S3Server::start(&logs.path().join("moto.log"));
+    let mut s3 = S3Server::start(&logs.path().join("moto.log"));
     s3.bucket("bg-locked", Some(1));
     s3.bucket("bg-plain", None);
     let storage = |bucket: &str| {
@@ -1916,6 +1977,7 @@ async fn recordings_go_to_s3_with_object_lock_and_unlocked_buckets_are_refused()
     // A locked bucket: sessions are recorded there and verify against it.
     let w = World::with(Opts {
         extra_config: storage("bg-locked"),
+        extra_limits: "storage_grace = \"2s\"".into(),
         ..Default::default()
     });
     let out = w.cli(&["check-config", w.config_path.to_str().expect("path")]);
@@ -1959,5 +2021,61 @@ async fn recordings_go_to_s3_with_object_lock_and_unlocked_buckets_are_refused()
     assert!(
         !w.path("data/recordings/sessions").exists(),
         "recordings went to S3 only"
+    );
+
+    // Overwrites are refused: the gateway writes with If-None-Match, and so does this attempt.
+    let out = s3.boto(
+        "k = [o['Key'] for o in s3.list_objects_v2(Bucket='bg-locked', Prefix='prod/sessions/')['Contents'] if o['Key'].endswith('session.json')][0]\n\
+         try:\n    s3.put_object(Bucket='bg-locked', Key=k, Body=b'forged', IfNoneMatch='*', ChecksumAlgorithm='SHA256')\n    print('OVERWRITTEN')\n\
+         except Exception as e:\n    print('REFUSED', e)",
+    );
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("REFUSED") && !said.contains("OVERWRITTEN"),
+        "{said}{}",
+        text(&out.stderr)
+    );
+
+    // The store goes away mid-session: the session ends within the grace period and new
+    // sessions are refused.
+    w.grant("bob", "30m");
+    let mut child = w
+        .ssh(
+            "bob",
+            "web-01",
+            &[],
+            &["while true; do echo tick; sleep 0.05; done"],
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ssh");
+    wait_for("bob's session", Duration::from_secs(10), || {
+        (w.siem_events()
+            .iter()
+            .filter(|e| e["action"] == "session_start")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    let down = Instant::now();
+    s3.stop();
+    let (code, _out, err) = wait_exit(&mut child, Duration::from_secs(15));
+    eprintln!(
+        "session ended {:?} after the S3 server stopped (grace 2s)",
+        down.elapsed()
+    );
+    assert!(
+        down.elapsed() < Duration::from_secs(6),
+        "ended within the grace period (plus a flush)"
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("recording failed"), "{err}");
+    let out = output(w.ssh("bob", "web-01", &[], &["echo should-not-run"])).await;
+    assert!(!text(&out.stdout).contains("should-not-run"));
+    assert!(
+        text(&out.stderr).contains("never run unrecorded"),
+        "{}",
+        text(&out.stderr)
     );
 }

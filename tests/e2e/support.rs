@@ -755,6 +755,12 @@ impl S3Server {
         S3Server { port, child }
     }
 
+    /// Stops the server (a storage outage).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
