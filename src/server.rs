@@ -158,6 +158,14 @@ pub async fn start(
     if let Some(s3) = &gw.config.s3 {
         check_worm(s3, &gw.recordings).await?;
     }
+    let drained =
+        crate::record::drain_spool(&gw.config.data_dir.join("spool"), &gw.recordings).await;
+    if drained > 0 {
+        tracing::warn!(
+            chunks = drained,
+            "uploaded chunks spooled during an earlier store outage"
+        );
+    }
     crate::ssh::session::recover_unfinished(&gw).await;
     let serve = async move {
         let accept = tokio::spawn(crate::ssh::serve(listener, gw.clone()));

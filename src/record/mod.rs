@@ -292,6 +292,21 @@ pub struct Recorder {
     checkpoint: Arc<Mutex<(String, usize)>>,
 }
 
+/// How a recorder behaves; the same for every session of a gateway.
+#[derive(Clone)]
+pub struct RecorderSettings {
+    /// No more than this much data is held unflushed.
+    pub flush_interval: Duration,
+    /// How long the relay waits for a full recorder queue before the session ends.
+    pub stall: Duration,
+    /// How long a store outage may last before the session ends.
+    pub grace: Duration,
+    /// Where refused chunks wait on local disk.
+    pub spool_dir: std::path::PathBuf,
+    /// Signs the manifest.
+    pub signer: Arc<crate::signing::Signer>,
+}
+
 impl Recorder {
     /// Opens the recording: writes `session-start.json` (create-only) and starts the recorder
     /// task. An error here means the session must be refused.
@@ -299,11 +314,15 @@ impl Recorder {
         store: RecordingStore,
         prefix: String,
         info: SessionInfo,
-        flush_interval: Duration,
-        stall: Duration,
-        signer: Arc<crate::signing::Signer>,
-        grace: Duration,
+        settings: RecorderSettings,
     ) -> Result<Recorder, StorageError> {
+        let RecorderSettings {
+            flush_interval,
+            stall,
+            grace,
+            spool_dir,
+            signer,
+        } = settings;
         let start = serde_json::to_vec_pretty(&serde_json::json!({
             "schema_version": SESSION_SCHEMA_VERSION,
             "session": &info,
@@ -338,6 +357,7 @@ impl Recorder {
             session_start: Instant::now(),
             signer,
             grace,
+            spool_dir,
             outage_since: None,
             checkpoint: checkpoint.clone(),
         };
@@ -436,6 +456,9 @@ struct RecorderTask {
     signer: Arc<crate::signing::Signer>,
     /// How long a store outage may last before the session ends.
     grace: Duration,
+    /// Where chunks the store refused wait on local disk (fsync'd), so a crash during an
+    /// outage still loses at most one flush interval; drained at the next start.
+    spool_dir: std::path::PathBuf,
     /// When the current store outage began.
     outage_since: Option<Instant>,
     /// Shared with the session for periodic checkpoint events.
@@ -799,7 +822,10 @@ impl RecorderTask {
             Err(_) => Err(StorageError::Backend(format!("write of {k} timed out"))),
         };
         if let Err(e) = put {
-            // Keep the data for the retry: nothing is dropped during an outage.
+            // Keep the data for the retry, and a durable copy in the local spool.
+            if let Err(se) = spool_write(&self.spool_dir, &k, &plain_for_spool(&plain, ext)) {
+                tracing::error!(key = %k, error = %se, "could not spool a chunk to local disk");
+            }
             if let Some(c) = self.channels.get_mut(&ch) {
                 let mut restored = plain;
                 restored.append(&mut c.buf);
@@ -807,6 +833,7 @@ impl RecorderTask {
             }
             return Err(e);
         }
+        spool_remove(&self.spool_dir, &k);
         if let Some(c) = self.channels.get_mut(&ch) {
             c.seq += 1;
             c.meta.chunks = c.seq;
@@ -854,6 +881,79 @@ impl RecorderTask {
         write_manifest(&self.store, &self.prefix, &meta, &self.signer).await?;
         Ok(meta)
     }
+}
+
+/// The bytes a spooled chunk holds: exactly what the store would have received.
+fn plain_for_spool(plain: &[u8], ext: &str) -> Vec<u8> {
+    if ext == "cast" {
+        plain.to_vec()
+    } else {
+        raw::compress(plain).unwrap_or_else(|_| plain.to_vec())
+    }
+}
+
+/// Writes (replacing) a spooled chunk atomically and durably.
+fn spool_write(dir: &std::path::Path, key: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join(key);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let tmp = path.with_extension("spooling");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)
+}
+
+fn spool_remove(dir: &std::path::Path, key: &str) {
+    let path = dir.join(key);
+    if path.exists() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Uploads chunks a previous run left in the spool (create-only; an object already stored is
+/// fine) and removes them. Runs at start, before crashed sessions are sealed.
+pub async fn drain_spool(dir: &std::path::Path, store: &RecordingStore) -> usize {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_none_or(|x| x != "spooling") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    let mut n = 0;
+    for p in files {
+        let Some(key) = p
+            .strip_prefix(dir)
+            .ok()
+            .and_then(|k| k.to_str())
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        let Ok(bytes) = std::fs::read(&p) else {
+            continue;
+        };
+        match store.put_new(&key, Bytes::from(bytes)).await {
+            Ok(()) | Err(StorageError::AlreadyExists(_)) => {
+                let _ = std::fs::remove_file(&p);
+                n += 1;
+            }
+            Err(e) => tracing::warn!(key = %key, error = %e, "spooled chunk not uploaded yet"),
+        }
+    }
+    n
 }
 
 /// Flushes a channel's decoders and trackers into its buffer and metadata.

@@ -254,10 +254,13 @@ impl Handler {
             gw.recordings.clone(),
             prefix.clone(),
             info.clone(),
-            gw.config.limits.flush_interval,
-            gw.config.limits.recorder_stall_timeout,
-            gw.signer.clone(),
-            gw.config.limits.storage_grace,
+            crate::record::RecorderSettings {
+                flush_interval: gw.config.limits.flush_interval,
+                stall: gw.config.limits.recorder_stall_timeout,
+                grace: gw.config.limits.storage_grace,
+                spool_dir: gw.config.data_dir.join("spool"),
+                signer: gw.signer.clone(),
+            },
         )
         .await
         {

@@ -2079,3 +2079,89 @@ async fn recordings_go_to_s3_with_object_lock_and_unlocked_buckets_are_refused()
         text(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_during_a_store_outage_still_loses_at_most_a_second() {
+    let w = World::with(Opts {
+        extra_limits: "storage_grace = \"30s\"\nflush_interval = \"200ms\"".into(),
+        ..Default::default()
+    });
+    let mut gw = Process::start(&w);
+    w.grant("alice", "30m");
+    let mut child = w
+        .ssh(
+            "alice",
+            "web-01",
+            &[],
+            &["for i in $(seq 1 400); do echo line-$i; sleep 0.02; done; sleep 60"],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ssh");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, String)>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send((Instant::now(), line));
+        }
+    });
+    let mut seen = Vec::new();
+    while let Ok(x) = rx.recv_timeout(Duration::from_secs(15)) {
+        seen.push(x);
+        if seen.len() >= 40 {
+            break;
+        }
+    }
+    let prefix = w.sessions()[0]["recording"]
+        .as_str()
+        .expect("prefix")
+        .to_string();
+    let dir = w.path("data/recordings").join(&prefix);
+    let aside = w.path("aside");
+    std::fs::rename(&dir, &aside).expect("move aside");
+    std::fs::write(&dir, b"outage").expect("block");
+    // The store is down: chunks go to the local spool.
+    let spool = w.path("data/spool").join(&prefix).join("ch0000");
+    wait_for("a spooled chunk", Duration::from_secs(10), || {
+        std::fs::read_dir(&spool)
+            .ok()
+            .and_then(|mut d| d.next())
+            .map(|_| ())
+    });
+    while let Ok(x) = rx.recv_timeout(Duration::from_millis(1500)) {
+        seen.push(x);
+        if seen.len() >= 150 {
+            break;
+        }
+    }
+    let killed_at = Instant::now();
+    gw.kill9();
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_file(&dir).expect("unblock");
+    std::fs::rename(&aside, &dir).expect("move back");
+
+    // The restart drains the spool, then seals the session as INCOMPLETE.
+    let _gw2 = Process::start(&w);
+    let id = last_session_id(&w);
+    w.wait_event("crash recovery", |e| e["reason"] == "gateway_crashed");
+    let cast = export(&w, &id);
+    let must: Vec<&String> = seen
+        .iter()
+        .filter(|(t, _)| *t + Duration::from_secs(1) <= killed_at)
+        .map(|(_, l)| l)
+        .collect();
+    assert!(must.len() > 40, "lines were seen during the outage");
+    for l in must {
+        assert!(
+            cast.contains(&format!("{l}\\n")),
+            "{l} (seen over 1 s before the kill, during the outage) survived"
+        );
+    }
+    let out = w.cli(&["verify", &id]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+}
