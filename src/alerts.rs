@@ -170,7 +170,23 @@ pub fn summary(e: &AccessEvent) -> String {
             e.review_id.as_deref().unwrap_or("?"),
             e.due_at.as_deref().unwrap_or("?")
         ),
-        _ => format!("[breakglass] {} {who} {target} ({incident})", e.action.as_str()),
+        Action::CredentialRotated => format!(
+            "[breakglass] credential rotation for {target}: {}",
+            e.message.as_deref().unwrap_or(&e.outcome)
+        ),
+        // Not alertable (see `alertable`), but a webhook test or a future rule may send them.
+        Action::GrantCreated
+        | Action::SessionEnd
+        | Action::SessionDenied
+        | Action::SessionExpired
+        | Action::ForwardingRefused
+        | Action::RequestExpired
+        | Action::ReviewOpened
+        | Action::ReviewSigned
+        | Action::CredentialIssued
+        | Action::RecordingCheckpoint => {
+            format!("[breakglass] {} {who} {target} ({incident})", e.action.as_str())
+        }
     }
 }
 

@@ -133,8 +133,12 @@ impl Signer {
             }
         }
         let current = current.ok_or_else(|| key_err(&d, "no usable key"))?;
+        let current_public = all
+            .first()
+            .cloned()
+            .ok_or_else(|| key_err(&d, "no usable key"))?;
         Ok(Signer {
-            current_public: all[0].clone(),
+            current_public,
             current,
             all,
         })

@@ -583,7 +583,7 @@ impl RecorderTask {
                             c.scp = Some(transfer::ScpTracker::new(dir, path));
                         }
                     }
-                    _ => {}
+                    ChannelKind::Subsystem { .. } | ChannelKind::Shell => {}
                 }
                 if let Some(p) = &pty {
                     c.meta.format = "cast".into();

@@ -381,7 +381,7 @@ pub async fn finish(gw: &Gateway, s: &Arc<LiveSession>) {
     match &reason {
         EndReason::Deadline { .. } => events.push(base(Action::SessionExpired)),
         EndReason::Revoked { .. } => events.push(base(Action::SessionRevoked)),
-        _ => {}
+        EndReason::ClientClosed | EndReason::RecordingFailed(_) | EndReason::Shutdown => {}
     }
     let mut end_ev = base(Action::SessionEnd);
     end_ev.bytes_in = Some(bytes_in);
