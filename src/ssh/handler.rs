@@ -86,6 +86,8 @@ pub struct Handler {
     control: bool,
     /// Control channels with a terminal (their output needs CR LF line ends).
     control_pty: std::collections::HashSet<ChannelId>,
+    /// Channels opened after the session began to end; requests on them get the reason.
+    ending: std::collections::HashSet<ChannelId>,
 }
 
 /// Runs one client connection to completion, then seals its session.
@@ -112,6 +114,7 @@ pub async fn run_connection(
         next_rec_ch: 0,
         control: false,
         control_pty: Default::default(),
+        ending: Default::default(),
     };
     match server::run_stream(config, socket, handler).await {
         Ok(running) => {
@@ -312,17 +315,7 @@ impl Handler {
             live.kill(EndReason::RecordingFailed(format!("session index: {e}")));
             return Err((Denial::Internal { why: e.to_string() }, grant_id));
         }
-        let mut ev = AccessEvent::new(Action::SessionStart, &person);
-        ev.person = Some(person.clone());
-        ev.target = Some(target.name.clone());
-        ev.session_id = Some(session_id.clone());
-        ev.grant_id = Some(live.grant.id.clone());
-        ev.correlation_id = Some(live.grant.correlation_id().to_string());
-        ev.justification = Some(live.grant.reason.clone());
-        ev.incident_id = Some(live.grant.incident_id.clone());
-        ev.client_addr = Some(self.peer.to_string());
-        ev.deadline = Some(clock::rfc3339(deadline));
-        ev.recording = Some(prefix);
+        let mut ev = live.event(Action::SessionStart);
         ev.message = Some(format!(
             "{person} started a break-glass session on {} as {}",
             target.name, target.login
@@ -427,11 +420,11 @@ impl Handler {
     /// On a denied connection, a shell/exec/subsystem request gets the reason on stderr and
     /// the channel closes.
     fn deny_channel(&self, channel: ChannelId, session: &mut Session) -> Result<(), Error> {
-        let why = self
-            .denial
-            .as_ref()
-            .map(|d| d.to_string())
-            .unwrap_or_else(|| "access denied".into());
+        let why = match (&self.denial, &self.session) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(s)) => s.end_message().unwrap_or_else(|| "session ended".into()),
+            (None, None) => "access denied".into(),
+        };
         session.channel_success(channel)?;
         session.extended_data(channel, 1, Bytes::from(format!("breakglass: {why}\r\n")))?;
         session.exit_status_request(channel, 1)?;
@@ -752,9 +745,9 @@ impl server::Handler for Handler {
             return Ok(());
         };
         if s.is_killed() {
-            reply
-                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
+            // Accept, so the shell/exec request can carry the reason the session is ending.
+            self.ending.insert(id);
+            reply.accept().await;
             return Ok(());
         }
         let up = match s.upstream.channel_open_session().await {
@@ -955,7 +948,7 @@ impl server::Handler for Handler {
         if self.control {
             return self.run_control(channel, "status", session).await;
         }
-        if self.session.is_none() {
+        if self.session.is_none() || self.ending.contains(&channel) {
             return self.deny_channel(channel, session);
         }
         if !self.start_channel(channel, ChannelKind::Shell).await {
@@ -975,7 +968,7 @@ impl server::Handler for Handler {
             let line = String::from_utf8_lossy(data).into_owned();
             return self.run_control(channel, &line, session).await;
         }
-        if self.session.is_none() {
+        if self.session.is_none() || self.ending.contains(&channel) {
             return self.deny_channel(channel, session);
         }
         let command = String::from_utf8_lossy(data).into_owned();
@@ -995,7 +988,7 @@ impl server::Handler for Handler {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.session.is_none() {
+        if self.session.is_none() || self.ending.contains(&channel) {
             return self.deny_channel(channel, session);
         }
         if !self

@@ -146,9 +146,30 @@ impl LiveSession {
         self.kill.cancel();
     }
 
+    /// An audit event about this session, with its identity, grant and recording filled in.
+    pub fn event(&self, action: Action) -> AccessEvent {
+        let mut e = AccessEvent::new(action, &self.info.person);
+        e.person = Some(self.info.person.clone());
+        e.target = Some(self.info.target.clone());
+        e.session_id = Some(self.id.clone());
+        e.grant_id = Some(self.grant.id.clone());
+        e.correlation_id = Some(self.grant.correlation_id().to_string());
+        e.justification = Some(self.grant.reason.clone());
+        e.incident_id = Some(self.grant.incident_id.clone());
+        e.client_addr = Some(self.info.client_addr.clone());
+        e.deadline = Some(clock::rfc3339(self.deadline));
+        e.recording = Some(self.prefix.clone());
+        e
+    }
+
     /// Whether the session is ending.
     pub fn is_killed(&self) -> bool {
         self.kill.is_cancelled()
+    }
+
+    /// Why the session is ending, as the user should read it.
+    pub fn end_message(&self) -> Option<String> {
+        self.reason().map(|r| r.message())
     }
 
     fn reason(&self) -> Option<EndReason> {
@@ -226,15 +247,7 @@ pub async fn checkpoints(gw: Arc<Gateway>, s: Arc<LiveSession>) {
             _ = s.kill.cancelled() => return,
         }
         let (head, objects) = s.recorder.checkpoint();
-        let mut e = AccessEvent::new(Action::RecordingCheckpoint, &s.info.person);
-        e.person = Some(s.info.person.clone());
-        e.target = Some(s.info.target.clone());
-        e.session_id = Some(s.id.clone());
-        e.grant_id = Some(s.grant.id.clone());
-        e.correlation_id = Some(s.grant.correlation_id().to_string());
-        e.justification = Some(s.grant.reason.clone());
-        e.incident_id = Some(s.grant.incident_id.clone());
-        e.recording = Some(s.prefix.clone());
+        let mut e = s.event(Action::RecordingCheckpoint);
         e.chain_head = Some(head);
         e.message = Some(format!("recording checkpoint: {objects} objects stored"));
         if let Err(err) = gw.audit(&e).await {
@@ -362,17 +375,7 @@ pub async fn finish(gw: &Gateway, s: &Arc<LiveSession>) {
         tracing::error!(session_id = %s.id, error = %e, "could not close session in the index");
     }
     let base = |action: Action| {
-        let mut e = AccessEvent::new(action, &s.info.person);
-        e.person = Some(s.info.person.clone());
-        e.target = Some(s.info.target.clone());
-        e.session_id = Some(s.id.clone());
-        e.grant_id = Some(s.grant.id.clone());
-        e.correlation_id = Some(s.grant.correlation_id().to_string());
-        e.justification = Some(s.grant.reason.clone());
-        e.incident_id = Some(s.grant.incident_id.clone());
-        e.client_addr = Some(s.info.client_addr.clone());
-        e.deadline = Some(clock::rfc3339(s.deadline));
-        e.recording = Some(s.prefix.clone());
+        let mut e = s.event(action);
         e.reason = Some(reason.code().into());
         e.message = Some(reason.message());
         e

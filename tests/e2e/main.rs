@@ -355,6 +355,22 @@ async fn host_key_mismatch_refuses_the_session() {
     assert!(w.sessions().is_empty(), "no session was started");
 }
 
+/// Reads a child's stdout lines as they arrive, each with its arrival time.
+fn stamped_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<(Instant, String)> {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, String)>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send((Instant::now(), line));
+        }
+    });
+    rx
+}
+
 /// Starts `ssh ... sleep 60` in the background and waits until the session is live.
 fn start_long_session(w: &World, extra: &[&str], cmd: &str) -> std::process::Child {
     let child = w
@@ -389,6 +405,10 @@ async fn revoking_a_grant_cuts_the_live_session_within_a_second() {
     let gw = InProcess::start(&w).await;
     let g = w.grant("alice", "30m");
     let mut child = start_long_session(&w, &[], "echo started; sleep 60");
+    // Revoke once the command runs (the channel is open), as an operator would.
+    let rx = stamped_lines(&mut child);
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the command started");
     let revoke_done = {
         w.cli_ok(&["grant", "revoke", &g, "--reason", "done"]);
         Instant::now()
@@ -464,17 +484,7 @@ async fn sigkill_loses_at_most_the_last_second() {
         .spawn()
         .expect("start ssh");
     // Read lines as they arrive, with their arrival times.
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel::<(Instant, String)>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send((Instant::now(), line));
-        }
-    });
+    let rx = stamped_lines(&mut child);
     let mut seen = Vec::new();
     while let Ok((t, l)) = rx.recv_timeout(Duration::from_secs(15)) {
         seen.push((t, l));
@@ -2098,17 +2108,7 @@ async fn a_crash_during_a_store_outage_still_loses_at_most_a_second() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start ssh");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel::<(Instant, String)>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send((Instant::now(), line));
-        }
-    });
+    let rx = stamped_lines(&mut child);
     let mut seen = Vec::new();
     while let Ok(x) = rx.recv_timeout(Duration::from_secs(15)) {
         seen.push(x);
