@@ -56,6 +56,15 @@ struct RawConfig {
     reviews: RawReviews,
     #[serde(default)]
     vault: RawVault,
+    #[serde(default)]
+    postgres: RawPostgres,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,6 +116,7 @@ fn default_data_dir() -> PathBuf {
 struct RawListeners {
     ssh: String,
     http: Option<String>,
+    postgres: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,6 +213,10 @@ pub struct Config {
     pub ssh_listen: SocketAddr,
     /// The address the HTTP (JSON API) listener binds, if any.
     pub http_listen: Option<SocketAddr>,
+    /// The address the PostgreSQL listener binds, if any.
+    pub pg_listen: Option<SocketAddr>,
+    /// PEM certificate chain and key the PostgreSQL listener presents (TLS required when set).
+    pub pg_tls: Option<(PathBuf, PathBuf)>,
     /// Everyone who may be admitted, keyed by name.
     pub people: BTreeMap<String, PersonConfig>,
     /// Everything people may be admitted to, keyed by name (the SSH login name).
@@ -468,6 +482,20 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             )
         })?),
         None => None,
+    };
+    let pg_listen = match &raw.listeners.postgres {
+        Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
+            invalid(
+                "listeners.postgres",
+                format!("`{a}` is not an address like 127.0.0.1:6432: {e}"),
+            )
+        })?),
+        None => None,
+    };
+    let pg_tls = match (raw.postgres.tls_cert, raw.postgres.tls_key) {
+        (Some(c), Some(k)) => Some((expand_home(&c), expand_home(&k))),
+        (None, None) => None,
+        _ => return Err(invalid("postgres.tls_key", "set both tls_cert and tls_key")),
     };
     let mut people = BTreeMap::new();
     let mut seen_keys: BTreeMap<String, String> = BTreeMap::new();
@@ -832,6 +860,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     Ok(Config {
         ssh_listen,
         http_listen,
+        pg_listen,
+        pg_tls,
         people,
         targets,
         storage_dir,

@@ -19,6 +19,7 @@
 //! - [`verify`]: checks recordings against chain, manifest and signature: OK / INCOMPLETE / TAMPERED.
 //! - [`siem`]: audit events (separate from operational logs) and their sinks.
 //! - [`ssh`]: the SSH listener (russh server), the upstream client, and the per-channel relay.
+//! - [`pg`]: the PostgreSQL listener: TLS, SCRAM with JIT credentials, recorded relay.
 //! - [`server`]: `run(config, shutdown)`, the whole gateway as a library function.
 //! - [`shutdown`]: one cancellation token and task tracker with a documented drain order.
 //! - [`clock`]: the one wall-clock function.
@@ -34,6 +35,7 @@ pub mod control;
 pub mod credential;
 pub mod grant;
 pub mod keys;
+pub mod pg;
 pub mod record;
 pub mod review;
 pub mod rotation;

@@ -61,6 +61,7 @@ pub enum StartError {
 pub struct Bound {
     pub ssh: SocketAddr,
     pub http: Option<SocketAddr>,
+    pub postgres: Option<SocketAddr>,
 }
 
 impl Gateway {
@@ -148,6 +149,25 @@ pub async fn start(
         ),
         None => None,
     };
+    let pg_listener = match gw.config.pg_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let postgres = match &pg_listener {
+        Some(l) => Some(
+            l.local_addr()
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let pg_tls = match &gw.config.pg_tls {
+        Some((cert, key)) => Some(pg_tls_acceptor(cert, key)?),
+        None => None,
+    };
     let http = match &http_listener {
         Some(l) => Some(
             l.local_addr()
@@ -173,6 +193,7 @@ pub async fn start(
         let expiry = tokio::spawn(crate::control::request_expiry(gw.clone()));
         let overdue = tokio::spawn(crate::review::overdue_watcher(gw.clone()));
         let rotation = tokio::spawn(crate::rotation::worker(gw.clone()));
+        let pg = pg_listener.map(|l| tokio::spawn(crate::pg::serve(l, gw.clone(), pg_tls)));
         let api = http_listener.map(|l| {
             let token = gw.shutdown.token.clone();
             let app = crate::api::router(gw.clone());
@@ -192,6 +213,9 @@ pub async fn start(
         // every event is already durable.
         gw.shutdown.token.cancel();
         accept.abort();
+        if let Some(pg) = pg {
+            pg.abort();
+        }
         for s in gw.live_sessions() {
             s.kill(crate::ssh::session::EndReason::Shutdown);
         }
@@ -210,7 +234,43 @@ pub async fn start(
             let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
         }
     };
-    Ok((Bound { ssh, http }, serve))
+    Ok((
+        Bound {
+            ssh,
+            http,
+            postgres,
+        },
+        serve,
+    ))
+}
+
+/// The PostgreSQL listener's TLS acceptor (ring provider) from PEM files.
+fn pg_tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, StartError> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let bad = |key: &str, why: String| {
+        StartError::Config(crate::config::ConfigError::Invalid {
+            key: key.into(),
+            why,
+        })
+    };
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad("postgres.tls_cert", format!("{}: {e}", cert.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad("postgres.tls_cert", format!("{}: {e}", cert.display())))?;
+    let key_der = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| bad("postgres.tls_key", format!("{}: {e}", key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("postgres.tls_cert", e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| bad("postgres.tls_cert", e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
 /// Refuses an S3 store that is not write-once, unless the config explicitly allows it.

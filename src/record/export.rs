@@ -136,6 +136,9 @@ pub fn to_asciicast(ch: u32, data: &ChannelData) -> Result<String, ExportError> 
                 command: match &d.header.kind {
                     super::ChannelKind::Exec { command } => Some(command.clone()),
                     super::ChannelKind::Subsystem { name } => Some(format!("subsystem:{name}")),
+                    super::ChannelKind::Postgres { database, role } => {
+                        Some(format!("postgres:{role}@{database}"))
+                    }
                     super::ChannelKind::Shell => None,
                 },
                 title: Some(format!(

@@ -99,8 +99,17 @@ pub enum Stream {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ChannelKind {
     Shell,
-    Exec { command: String },
-    Subsystem { name: String },
+    Exec {
+        command: String,
+    },
+    Subsystem {
+        name: String,
+    },
+    /// A PostgreSQL session: the frames are protocol messages.
+    Postgres {
+        database: String,
+        role: String,
+    },
 }
 
 /// The pty a client asked for.
@@ -583,7 +592,9 @@ impl RecorderTask {
                             c.scp = Some(transfer::ScpTracker::new(dir, path));
                         }
                     }
-                    ChannelKind::Subsystem { .. } | ChannelKind::Shell => {}
+                    ChannelKind::Subsystem { .. }
+                    | ChannelKind::Shell
+                    | ChannelKind::Postgres { .. } => {}
                 }
                 if let Some(p) = &pty {
                     c.meta.format = "cast".into();
@@ -602,6 +613,9 @@ impl RecorderTask {
                         command: match &kind {
                             ChannelKind::Exec { command } => Some(command.clone()),
                             ChannelKind::Subsystem { name } => Some(format!("subsystem:{name}")),
+                            ChannelKind::Postgres { database, role } => {
+                                Some(format!("postgres:{role}@{database}"))
+                            }
                             ChannelKind::Shell => None,
                         },
                         title: Some(format!(

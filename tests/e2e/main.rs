@@ -2165,3 +2165,160 @@ async fn a_crash_during_a_store_outage_still_loses_at_most_a_second() {
     let out = w.cli(&["verify", &id]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_through_the_gateway_with_tls_scram_and_a_jit_credential() {
+    let pgdir = tempfile::tempdir().expect("tempdir");
+    let pg = Postgres::start(pgdir.path());
+    let out = pg.psql(
+        "postgres",
+        &pg.superuser_password,
+        "CREATE ROLE bg_dba LOGIN SUPERUSER PASSWORD 'initial-bg-password'",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let certs = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let st = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(st.status.success(), "{}", text(&st.stderr));
+    let w = World::with(Opts {
+        extra_config: format!(
+            "[postgres]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
+            cert.display(),
+            key.display(),
+            pg.port
+        ),
+        ..Default::default()
+    });
+    let mut c = Command::new(env!("CARGO_BIN_EXE_breakglass"));
+    c.args(["vault", "set", "orders-db"])
+        .env("BREAKGLASS_CONFIG", &w.config_path)
+        .stdin(std::process::Stdio::piped());
+    let mut child = c.spawn().expect("vault set");
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"initial-bg-password\n")
+            .expect("write");
+    }
+    assert!(child.wait().expect("wait").success());
+    let gw = InProcess::start(&w).await;
+
+    let (_, out, _) = control(
+        &w,
+        "alice",
+        "breakglass",
+        "request orders-db --reason locked table --incident INC-60",
+    )
+    .await;
+    let req = request_id(&out);
+    control(&w, "bob", "breakglass", &format!("approve {req}")).await;
+    let (_, out, _) = control(&w, "alice", "breakglass", &format!("credential {req}")).await;
+    let secret = out
+        .lines()
+        .find_map(|l| l.strip_prefix("password: "))
+        .expect("password")
+        .to_string();
+
+    let psql = |user: &str, password: &str, sslmode: &str, sql: &str| {
+        let mut c = Command::new(require("psql", "postgresql-client"));
+        c.arg(format!(
+            "host=127.0.0.1 port={} user={user} dbname=orders-db sslmode={sslmode}",
+            w.pg_port
+        ))
+        .args(["-XAtc", sql])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(std::process::Stdio::null());
+        c
+    };
+    let out = output(psql("alice", &secret, "require", "select 40+2")).await;
+    assert_eq!(text(&out.stdout).trim(), "42", "{}", text(&out.stderr));
+    let out = output(psql(
+        "alice",
+        &secret,
+        "require",
+        "create table t(x int); insert into t values (1),(2); select count(*) from t",
+    ))
+    .await;
+    assert_eq!(
+        text(&out.stdout).lines().last(),
+        Some("2"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    for (user, pw, mode, want) in [
+        (
+            "alice",
+            "wrong-password",
+            "require",
+            "password authentication failed",
+        ),
+        ("alice", secret.as_str(), "disable", "requires TLS"),
+        ("bob", "whatever", "require", "has no break-glass grant"),
+    ] {
+        let out = output(psql(user, pw, mode, "select 1")).await;
+        assert!(!out.status.success(), "{user}/{mode} must be refused");
+        assert!(
+            text(&out.stderr).contains(want),
+            "{user}/{mode}: {}",
+            text(&out.stderr)
+        );
+    }
+    w.wait_ended(2);
+    gw.stop().await;
+
+    let sessions = w.sessions();
+    let pgs: Vec<&Value> = sessions
+        .iter()
+        .filter(|s| s["protocol"] == "postgres")
+        .collect();
+    assert_eq!(pgs.len(), 2, "{sessions:?}");
+    for s in pgs {
+        let id = s["id"].as_str().expect("id");
+        let out = w.cli(&["verify", id]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    }
+    let cast = export(
+        &w,
+        sessions
+            .iter()
+            .find(|s| s["protocol"] == "postgres")
+            .expect("pg")["id"]
+            .as_str()
+            .expect("id"),
+    );
+    assert!(
+        cast.contains("create table t"),
+        "the statement is on the record"
+    );
+    assert!(
+        !cast.contains(&secret),
+        "the credential is not on the record"
+    );
+    validate_all_events(&w);
+}

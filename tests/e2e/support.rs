@@ -72,6 +72,7 @@ pub struct World {
     pub sshd: Sshd,
     pub gw_port: u16,
     pub http_port: u16,
+    pub pg_port: u16,
     pub config_path: PathBuf,
 }
 
@@ -189,6 +190,7 @@ impl World {
         };
         let gw_port = free_port();
         let http_port = free_port();
+        let pg_port = free_port();
         let config_path = dir.path().join("breakglass.toml");
         let d = dir.path().display();
         std::fs::write(
@@ -198,6 +200,7 @@ impl World {
 [listeners]
 ssh = "127.0.0.1:{gw_port}"
 http = "127.0.0.1:{http_port}"
+postgres = "127.0.0.1:{pg_port}"
 
 [[people]]
 name = "alice"
@@ -256,6 +259,7 @@ max_session_ttl = "1h"
             sshd,
             gw_port,
             http_port,
+            pg_port,
             config_path,
         }
     }

@@ -1,0 +1,727 @@
+//! The PostgreSQL listener: TLS, SCRAM login with the DBA's JIT credential, upstream login with
+//! the vault's break-glass password, and a relay that records every protocol message (except
+//! authentication) before forwarding it, with the same deadline and revocation as SSH.
+//!
+//! Login mapping: user name = the person, database name = the target.
+
+pub mod scram;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::clock;
+use crate::config::{Protocol, TargetConfig};
+use crate::grant;
+use crate::record::{
+    ChannelKind, RecMsg, Recorder, RecorderSettings, SessionEndInfo, SessionInfo, Stream,
+};
+use crate::server::Gateway;
+use crate::siem::{AccessEvent, Action};
+use crate::state::{Grant, SessionEnd, SessionRow};
+use crate::storage::key;
+use wire::{Message, WireError};
+
+/// Anything the client connection can be (plain TCP or TLS).
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
+/// Largest message accepted from either side.
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// Accepts PostgreSQL connections until aborted.
+pub async fn serve(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        gw.config.limits.max_connections,
+    ));
+    loop {
+        let Ok((socket, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "postgres connection limit reached, refusing");
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        let (gw, tls) = (gw.clone(), tls.clone());
+        gw.shutdown.tracker.clone().spawn(async move {
+            if let Err(e) = handle(gw, socket, peer, tls).await {
+                tracing::info!(%peer, error = %e, "postgres connection ended");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Reads startup packets, answering SSLRequest (TLS when configured) and GSSENCRequest ('N'),
+/// until the real startup (or cancel) packet.
+async fn negotiate(
+    mut conn: Box<dyn Conn>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Result<(Box<dyn Conn>, wire::Startup, bool), WireError> {
+    let mut encrypted = false;
+    loop {
+        let s = wire::read_startup(&mut conn).await?;
+        match s.code {
+            wire::SSL_REQUEST if !encrypted => match &tls {
+                Some(acceptor) => {
+                    wire::send(&mut conn, b"S").await?;
+                    conn = Box::new(acceptor.accept(conn).await?);
+                    encrypted = true;
+                }
+                None => wire::send(&mut conn, b"N").await?,
+            },
+            wire::GSSENC_REQUEST => wire::send(&mut conn, b"N").await?,
+            _ => return Ok((conn, s, encrypted)),
+        }
+    }
+}
+
+/// A refusal sent to the client as FATAL with a SQLSTATE.
+struct Fatal {
+    code: &'static str,
+    msg: String,
+}
+
+fn fatal(code: &'static str, msg: impl Into<String>) -> Fatal {
+    Fatal {
+        code,
+        msg: msg.into(),
+    }
+}
+
+async fn handle(
+    gw: Arc<Gateway>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Result<(), WireError> {
+    // A client that stalls before finishing its startup is dropped.
+    let (mut conn, startup, encrypted) = tokio::time::timeout(
+        gw.config.limits.login_grace,
+        negotiate(Box::new(socket), tls.clone()),
+    )
+    .await
+    .map_err(|_| WireError::Malformed("startup timed out".into()))??;
+    if startup.code == wire::CANCEL_REQUEST {
+        // Cancel is not mapped yet: close without effect, as PostgreSQL does for unknown keys.
+        return Ok(());
+    }
+    if startup.code != wire::PROTOCOL_3 {
+        let e = wire::error(
+            "FATAL",
+            "0A000",
+            &format!("unsupported frontend protocol {}", startup.code),
+        );
+        return wire::send(&mut conn, &e).await;
+    }
+    let params = wire::startup_params(&startup.body)?;
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let person = get("user").unwrap_or_default();
+    let target_name = get("database").unwrap_or_else(|| person.clone());
+    let mut ctx = Ctx {
+        gw: gw.clone(),
+        peer,
+        person: person.clone(),
+        target: target_name.clone(),
+    };
+    if tls.is_some() && !encrypted {
+        let f = fatal(
+            "28000",
+            "the breakglass gateway requires TLS (sslmode=require)",
+        );
+        return ctx.refuse(&mut conn, f, "tls_required").await;
+    }
+    let (grant, target) = match ctx.admit().await {
+        Ok(x) => x,
+        Err((f, code)) => return ctx.refuse(&mut conn, f, code).await,
+    };
+    let Some(verifier) = ctx
+        .gw
+        .store
+        .credential(&grant.id)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|(v, _)| scram::Verifier::parse(&v))
+    else {
+        let f = fatal(
+            "28P01",
+            format!(
+                "no database credential for grant {}; fetch one with `ssh breakglass@GATEWAY credential {}`",
+                grant.id,
+                grant.correlation_id()
+            ),
+        );
+        return ctx.refuse(&mut conn, f, "no_credential").await;
+    };
+    if let Err(e) = server_scram(&mut conn, verifier).await {
+        let f = fatal(
+            "28P01",
+            format!("password authentication failed for user \"{person}\""),
+        );
+        tracing::info!(%peer, error = %e, "scram failed");
+        return ctx.refuse(&mut conn, f, "bad_password").await;
+    }
+    // Upstream with the gateway's credentials, before any client message is relayed.
+    let (mut up, upstream_startup) = match upstream_login(&ctx.gw, &target).await {
+        Ok(x) => x,
+        Err(why) => {
+            let f = fatal(
+                "08006",
+                format!("cannot reach target {}: {why}", target.name),
+            );
+            return ctx.refuse(&mut conn, f, "upstream_unreachable").await;
+        }
+    };
+    let now = clock::now();
+    let deadline = grant::deadline(&grant, now, gw.config.limits.max_session_ttl);
+    let session_id = uuid::Uuid::new_v4().to_string();
+    let prefix = key::session_prefix(now, &session_id);
+    let info = SessionInfo {
+        session_id: session_id.clone(),
+        protocol: "postgres".into(),
+        person: person.clone(),
+        target: target.name.clone(),
+        login: target.login.clone(),
+        grant_id: grant.id.clone(),
+        justification: grant.reason.clone(),
+        incident_id: grant.incident_id.clone(),
+        client_addr: peer.to_string(),
+        started_at: clock::rfc3339(now),
+        deadline: clock::rfc3339(deadline),
+    };
+    let settings = RecorderSettings {
+        flush_interval: gw.config.limits.flush_interval,
+        stall: gw.config.limits.recorder_stall_timeout,
+        grace: gw.config.limits.storage_grace,
+        spool_dir: gw.config.data_dir.join("spool"),
+        signer: gw.signer.clone(),
+    };
+    let recorder = match Recorder::open(
+        gw.recordings.clone(),
+        prefix.clone(),
+        info.clone(),
+        settings,
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let f = fatal(
+                "58030",
+                format!("session refused: the recording cannot be opened ({e}); break-glass sessions never run unrecorded"),
+            );
+            return ctx.refuse(&mut conn, f, "recording_unavailable").await;
+        }
+    };
+    let row = SessionRow {
+        id: session_id.clone(),
+        protocol: "postgres".into(),
+        person: person.clone(),
+        target: target.name.clone(),
+        grant_id: grant.id.clone(),
+        client_addr: peer.to_string(),
+        started_at: now,
+        deadline,
+        ended_at: None,
+        end_reason: None,
+        bytes_in: 0,
+        bytes_out: 0,
+        recording_prefix: prefix.clone(),
+    };
+    let base = |action: Action| {
+        let mut e = AccessEvent::new(action, &person);
+        e.protocol = "postgres".into();
+        e.person = Some(person.clone());
+        e.target = Some(target.name.clone());
+        e.session_id = Some(session_id.clone());
+        e.grant_id = Some(grant.id.clone());
+        e.correlation_id = Some(grant.correlation_id().to_string());
+        e.justification = Some(grant.reason.clone());
+        e.incident_id = Some(grant.incident_id.clone());
+        e.client_addr = Some(peer.to_string());
+        e.deadline = Some(clock::rfc3339(deadline));
+        e.recording = Some(prefix.clone());
+        e
+    };
+    let started = gw.store.insert_session(&row).await.is_ok()
+        && recorder
+            .send(RecMsg::Start {
+                ch: 0,
+                kind: ChannelKind::Postgres {
+                    database: target.database.clone(),
+                    role: target.login.clone(),
+                },
+                pty: None,
+                env: Default::default(),
+                at: Instant::now(),
+            })
+            .await
+            .is_ok()
+        && gw.audit(&base(Action::SessionStart)).await.is_ok();
+    if !started {
+        let f = fatal(
+            "58030",
+            "session refused: the session could not be put on the record",
+        );
+        let _ = wire::send(&mut conn, &wire::error("FATAL", f.code, &f.msg)).await;
+        return Ok(());
+    }
+    if let Err(e) = crate::review::open_for(&gw, &grant).await {
+        tracing::error!(error = %e, "could not open the post-incident review");
+    }
+    // The client sees the upstream's session parameters; our own cancel key stands in for the
+    // upstream's, which never leaves the gateway.
+    let mut hello = wire::auth(0, &[]);
+    for m in &upstream_startup {
+        if m.tag == b'K' {
+            let mut body = rand::random::<u32>().to_be_bytes().to_vec();
+            body.extend_from_slice(&rand::random::<u32>().to_be_bytes());
+            hello.extend_from_slice(&wire::message(b'K', &body));
+        } else {
+            hello.extend_from_slice(&m.frame);
+        }
+    }
+    let reason = relay(&gw, &mut conn, &mut up, &recorder, &grant, deadline, hello).await;
+    let (code, message) = reason;
+    let ended_at = clock::now();
+    let sealed = recorder
+        .finish(SessionEndInfo {
+            ended_at: clock::rfc3339(ended_at),
+            end_reason: code.into(),
+            end_message: message.clone(),
+            bytes_in: 0,
+            bytes_out: 0,
+        })
+        .await;
+    let _ = gw
+        .store
+        .finish_session(
+            &session_id,
+            &SessionEnd {
+                ended_at,
+                end_reason: code.into(),
+                bytes_in: 0,
+                bytes_out: 0,
+            },
+        )
+        .await;
+    match code {
+        "deadline" => {
+            let _ = gw.audit(&base(Action::SessionExpired)).await;
+        }
+        "revoked" => {
+            let _ = gw.audit(&base(Action::SessionRevoked)).await;
+        }
+        _ => {}
+    }
+    let mut end = base(Action::SessionEnd);
+    end.reason = Some(code.into());
+    end.message = Some(message);
+    end.duration_ms = Some((ended_at - now).num_milliseconds().max(0) as u64);
+    match sealed {
+        Ok(meta) => end.chain_head = Some(meta.chain_head),
+        Err(e) => {
+            end.outcome = "failure".into();
+            end.side = Some("internal".into());
+            end.message = Some(format!("recording not sealed: {e}"));
+        }
+    }
+    let _ = gw.audit(&end).await;
+    Ok(())
+}
+
+/// Connection facts used for refusals.
+struct Ctx {
+    gw: Arc<Gateway>,
+    peer: SocketAddr,
+    person: String,
+    target: String,
+}
+
+impl Ctx {
+    async fn admit(&mut self) -> Result<(Grant, TargetConfig), (Fatal, &'static str)> {
+        if !self.gw.config.people.contains_key(&self.person) {
+            return Err((
+                fatal(
+                    "28000",
+                    format!("\"{}\" is not a breakglass person", self.person),
+                ),
+                "unknown_person",
+            ));
+        }
+        let Some(t) = self.gw.config.targets.get(&self.target).cloned() else {
+            return Err((
+                fatal(
+                    "3D000",
+                    format!("there is no target named \"{}\"", self.target),
+                ),
+                "unknown_target",
+            ));
+        };
+        if t.protocol != Protocol::Postgres {
+            return Err((
+                fatal(
+                    "28000",
+                    format!("{} is an SSH target; connect with ssh", t.name),
+                ),
+                "wrong_protocol",
+            ));
+        }
+        let now = clock::now();
+        let found = self
+            .gw
+            .store
+            .grant_for(&self.person, &t.name, now)
+            .await
+            .map_err(|e| (fatal("XX000", e.to_string()), "internal_error"))?;
+        match grant::admit(&self.person, &t.name, found, now) {
+            Ok(g) => Ok((g, t)),
+            Err(d) => {
+                let code = d.code();
+                Err((fatal("28000", d.to_string()), code))
+            }
+        }
+    }
+
+    async fn refuse(
+        &self,
+        conn: &mut Box<dyn Conn>,
+        f: Fatal,
+        code: &str,
+    ) -> Result<(), WireError> {
+        let mut e = AccessEvent::new(Action::SessionDenied, &self.person);
+        e.protocol = "postgres".into();
+        e.person = Some(self.person.clone());
+        e.target = Some(self.target.clone());
+        e.client_addr = Some(self.peer.to_string());
+        e.outcome = "failure".into();
+        e.reason = Some(code.to_string());
+        e.message = Some(f.msg.clone());
+        e.side = Some(
+            if f.code == "08006" {
+                "upstream"
+            } else {
+                "client"
+            }
+            .into(),
+        );
+        let _ = self.gw.audit(&e).await;
+        wire::send(conn, &wire::error("FATAL", f.code, &f.msg)).await
+    }
+}
+
+async fn server_scram(conn: &mut Box<dyn Conn>, v: scram::Verifier) -> Result<(), String> {
+    wire::send(conn, &wire::auth(10, b"SCRAM-SHA-256\0\0"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let m = wire::read_message(conn, 64 * 1024)
+        .await
+        .map_err(|e| e.to_string())?;
+    if m.tag != b'p' {
+        return Err("expected SASLInitialResponse".into());
+    }
+    let (mech, rest) = wire::cstr(m.body()).ok_or("malformed SASLInitialResponse")?;
+    if mech != b"SCRAM-SHA-256" || rest.len() < 4 {
+        return Err("unsupported SASL mechanism".into());
+    }
+    let first = String::from_utf8_lossy(&rest[4..]).into_owned();
+    let (ex, server_first) = scram::ServerExchange::start(&first, v).map_err(|e| e.to_string())?;
+    wire::send(conn, &wire::auth(11, server_first.as_bytes()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let m = wire::read_message(conn, 64 * 1024)
+        .await
+        .map_err(|e| e.to_string())?;
+    if m.tag != b'p' {
+        return Err("expected SASLResponse".into());
+    }
+    let fin = ex
+        .finish(&String::from_utf8_lossy(m.body()))
+        .map_err(|e| e.to_string())?;
+    wire::send(conn, &wire::auth(12, fin.as_bytes()))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Logs in to the target as its break-glass role with the vault's password; returns the
+/// connection and the messages it sent up to ReadyForQuery.
+async fn upstream_login(
+    gw: &Gateway,
+    t: &TargetConfig,
+) -> Result<(TcpStream, Vec<Message>), String> {
+    let kek = crate::rotation::kek(&gw.config.kek).map_err(|e| e.to_string())?;
+    let blob = gw
+        .store
+        .vault_get(&t.name, "current")
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!(
+                "no break-glass password in the vault (breakglass vault set {})",
+                t.name
+            )
+        })?;
+    let password = kek.open(&t.name, &blob).map_err(|e| e.to_string())?;
+    let mut up = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&t.address))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let _ = up.set_nodelay(true);
+    let mut body = wire::PROTOCOL_3.to_be_bytes().to_vec();
+    for (k, v) in [
+        ("user", t.login.as_str()),
+        ("database", t.database.as_str()),
+        ("application_name", "breakglass"),
+    ] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    pkt.extend_from_slice(&body);
+    wire::send(&mut up, &pkt).await.map_err(|e| e.to_string())?;
+    let mut scram: Option<scram::ClientExchange> = None;
+    let mut after = Vec::new();
+    loop {
+        let m = wire::read_message(&mut up, MAX_MESSAGE)
+            .await
+            .map_err(|e| e.to_string())?;
+        match m.tag {
+            b'R' => {
+                let b = m.body();
+                let code = b
+                    .get(..4)
+                    .map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                    .unwrap_or(-1);
+                let payload = b.get(4..).unwrap_or_default();
+                match code {
+                    0 => {}
+                    3 => {
+                        let mut p = password.expose().as_bytes().to_vec();
+                        p.push(0);
+                        wire::send(&mut up, &wire::message(b'p', &p))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    5 => {
+                        use md5::Digest;
+                        let inner = hex::encode(md5::Md5::digest(format!(
+                            "{}{}",
+                            password.expose(),
+                            t.login
+                        )));
+                        let mut h = md5::Md5::new();
+                        h.update(inner.as_bytes());
+                        h.update(payload);
+                        let mut p = format!("md5{}", hex::encode(h.finalize())).into_bytes();
+                        p.push(0);
+                        wire::send(&mut up, &wire::message(b'p', &p))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    10 => {
+                        let (ex, first) = scram::ClientExchange::start(password.expose());
+                        let mut p = b"SCRAM-SHA-256\0".to_vec();
+                        p.extend_from_slice(&(first.len() as i32).to_be_bytes());
+                        p.extend_from_slice(first.as_bytes());
+                        wire::send(&mut up, &wire::message(b'p', &p))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        scram = Some(ex);
+                    }
+                    11 => {
+                        let ex = scram.as_mut().ok_or("unexpected SASLContinue")?;
+                        let fin = ex
+                            .respond(&String::from_utf8_lossy(payload))
+                            .map_err(|e| e.to_string())?;
+                        wire::send(&mut up, &wire::message(b'p', fin.as_bytes()))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    12 => {
+                        let ex = scram.as_ref().ok_or("unexpected SASLFinal")?;
+                        ex.verify(&String::from_utf8_lossy(payload))
+                            .map_err(|e| e.to_string())?;
+                    }
+                    other => {
+                        return Err(format!(
+                            "unsupported upstream authentication method {other}"
+                        ))
+                    }
+                }
+            }
+            b'E' => {
+                return Err(format!(
+                    "the target refused the login: {}",
+                    error_text(m.body())
+                ))
+            }
+            b'Z' => {
+                after.push(m);
+                return Ok((up, after));
+            }
+            _ => after.push(m),
+        }
+    }
+}
+
+/// The message field of an ErrorResponse body.
+fn error_text(body: &[u8]) -> String {
+    let mut rest = body;
+    while let Some((&t, tail)) = rest.split_first() {
+        if t == 0 {
+            break;
+        }
+        let Some((v, next)) = wire::cstr(tail) else {
+            break;
+        };
+        if t == b'M' {
+            return String::from_utf8_lossy(v).into_owned();
+        }
+        rest = next;
+    }
+    "unknown error".into()
+}
+
+/// Relays both ways, recording every message first, until either side ends, the deadline, a
+/// revocation or a recording failure. Returns (end reason code, message).
+async fn relay(
+    gw: &Arc<Gateway>,
+    conn: &mut Box<dyn Conn>,
+    up: &mut TcpStream,
+    recorder: &Recorder,
+    grant: &Grant,
+    deadline: chrono::DateTime<chrono::Utc>,
+    hello: Vec<u8>,
+) -> (&'static str, String) {
+    let (client_r, mut client_w) = tokio::io::split(conn);
+    let (up_r, mut up_w) = up.split();
+    // Each side is read by a loop that only forwards whole messages through a channel, so the
+    // writer can interleave the gateway's own notices at message boundaries.
+    let (to_client_tx, mut to_client) = mpsc::channel::<Result<Message, WireError>>(64);
+    let (to_up_tx, mut to_up) = mpsc::channel::<Result<Message, WireError>>(64);
+    let read_up = async move {
+        let mut r = up_r;
+        loop {
+            let m = wire::read_message(&mut r, MAX_MESSAGE).await;
+            let stop = m.is_err();
+            if to_client_tx.send(m).await.is_err() || stop {
+                break;
+            }
+        }
+        // The pump decides when the session ends; this side only feeds it.
+        std::future::pending::<()>().await
+    };
+    let read_client = async move {
+        let mut r = client_r;
+        loop {
+            let m = wire::read_message(&mut r, MAX_MESSAGE).await;
+            let stop = m.is_err();
+            if to_up_tx.send(m).await.is_err() || stop {
+                break;
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    let started = Instant::now();
+    let at = |t: chrono::DateTime<chrono::Utc>| {
+        started + (t - clock::now()).to_std().unwrap_or(Duration::ZERO)
+    };
+    let deadline_at = at(deadline);
+    let mut warnings: Vec<(Instant, Duration)> = gw
+        .config
+        .limits
+        .warn_before
+        .iter()
+        .filter_map(|w| {
+            deadline
+                .checked_sub_signed(chrono::Duration::from_std(*w).ok()?)
+                .map(|t| (t, *w))
+        })
+        .filter(|(t, _)| *t > clock::now())
+        .map(|(t, w)| (at(t), w))
+        .collect();
+    warnings.sort();
+    let pump = async {
+        if wire::send(&mut client_w, &hello).await.is_err() {
+            return ("client_closed", "session closed by the client".to_string());
+        }
+        let mut revocation_check = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            let next_warning = warnings.first().map(|(t, _)| *t);
+            tokio::select! {
+                m = to_up.recv() => {
+                    let Some(Ok(m)) = m else { return ("client_closed", "session closed by the client".to_string()) };
+                    if recorder.send(RecMsg::Data { ch: 0, stream: Stream::In, data: Bytes::from(m.frame.clone()), at: Instant::now() }).await.is_err() {
+                        return fatal_end(&mut client_w, "recording_failed", "the recording failed; break-glass sessions never continue unrecorded").await;
+                    }
+                    if m.tag == b'X' || wire::send(&mut up_w, &m.frame).await.is_err() {
+                        return ("client_closed", "session closed by the client".to_string());
+                    }
+                }
+                m = to_client.recv() => {
+                    let Some(Ok(m)) = m else { return ("upstream_closed", "the target closed the connection".to_string()) };
+                    if recorder.send(RecMsg::Data { ch: 0, stream: Stream::Out, data: Bytes::from(m.frame.clone()), at: Instant::now() }).await.is_err() {
+                        return fatal_end(&mut client_w, "recording_failed", "the recording failed; break-glass sessions never continue unrecorded").await;
+                    }
+                    if wire::send(&mut client_w, &m.frame).await.is_err() {
+                        return ("client_closed", "session closed by the client".to_string());
+                    }
+                }
+                _ = tokio::time::sleep_until(next_warning.unwrap_or(deadline_at)), if next_warning.is_some() => {
+                    let (_, w) = warnings.remove(0);
+                    let text = format!("breakglass: this session ends in {} (at {})", humantime::format_duration(w), clock::rfc3339(deadline));
+                    let _ = recorder.send(RecMsg::Marker { ch: Some(0), label: text.clone(), at: Instant::now() }).await;
+                    let _ = wire::send(&mut client_w, &wire::notice("01000", &text)).await;
+                }
+                _ = tokio::time::sleep_until(deadline_at) => {
+                    return fatal_end(&mut client_w, "deadline", &format!("terminating connection: the break-glass deadline was reached at {}", clock::rfc3339(deadline))).await;
+                }
+                _ = revocation_check.tick() => {
+                    if let Ok(revs) = gw.store.revocations(std::slice::from_ref(&grant.id)).await {
+                        if let Some((_, at)) = revs.first() {
+                            return fatal_end(&mut client_w, "revoked", &format!("terminating connection: your break-glass grant was revoked at {}", clock::rfc3339(*at))).await;
+                        }
+                    }
+                    if recorder.failure.token.is_cancelled() {
+                        let why = recorder.failure.reason().unwrap_or_default();
+                        return fatal_end(&mut client_w, "recording_failed", &format!("the recording failed ({why}); break-glass sessions never continue unrecorded")).await;
+                    }
+                }
+                _ = gw.shutdown.token.cancelled() => {
+                    return fatal_end(&mut client_w, "gateway_shutdown", "terminating connection: the gateway is shutting down").await;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        r = pump => r,
+        _ = read_up => ("upstream_closed", "the target closed the connection".into()),
+        _ = read_client => ("client_closed", "session closed by the client".into()),
+    }
+}
+
+async fn fatal_end<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    code: &'static str,
+    msg: &str,
+) -> (&'static str, String) {
+    let _ = wire::send(w, &wire::error("FATAL", "57P01", msg)).await;
+    (code, msg.to_string())
+}
