@@ -1072,6 +1072,29 @@ async fn replay(
 ) -> Result<ExitCode> {
     let (id, loaded) = load_recording(config, session).await?;
     let (ch, data) = loaded.pick(channel)?;
+    if export::is_postgres(data) {
+        // A PostgreSQL session replays as its statement timeline.
+        for line in export::to_sql_jsonl(ch, data, &id)?.lines() {
+            let e: serde_json::Value = serde_json::from_str(line)?;
+            let t = e["time"].as_f64().unwrap_or(0.0);
+            let what = match e["event"].as_str().unwrap_or("") {
+                "query" | "parse" => e["sql"].as_str().unwrap_or("").to_string(),
+                "complete" => format!(
+                    "-> {} ({} rows)",
+                    e["command_tag"].as_str().unwrap_or(""),
+                    e["rows_returned"]
+                ),
+                "error" => format!(
+                    "-> ERROR {} {}",
+                    e["error"]["sqlstate"].as_str().unwrap_or(""),
+                    e["error"]["message"].as_str().unwrap_or("")
+                ),
+                other => other.to_string(),
+            };
+            println!("{t:>10.3}s  {what}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let cast = export::to_asciicast(ch, data)?;
     let (_, events) = asciicast::parse(&cast)?;
     eprintln!("replaying session {id} channel {ch} at {speed}x (Ctrl-C to stop)");
@@ -1091,7 +1114,12 @@ async fn export_cmd(
 ) -> Result<ExitCode> {
     let (id, loaded) = load_recording(config, session).await?;
     let (ch, data) = loaded.pick(channel)?;
-    let cast = export::to_asciicast(ch, data)?;
+    // PostgreSQL sessions export as their SQL timeline (JSONL); terminals as asciicast v2.
+    let cast = if export::is_postgres(data) {
+        export::to_sql_jsonl(ch, data, &id)?
+    } else {
+        export::to_asciicast(ch, data)?
+    };
     // Never overwrite: exports are evidence too.
     let mut f = std::fs::OpenOptions::new()
         .write(true)

@@ -4,6 +4,7 @@
 //!
 //! Login mapping: user name = the person, database name = the target.
 
+pub mod log;
 pub mod scram;
 pub mod wire;
 

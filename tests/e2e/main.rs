@@ -2271,6 +2271,15 @@ async fn psql_through_the_gateway_with_tls_scram_and_a_jit_credential() {
         text(&out.stderr)
     );
 
+    let out = output(psql("alice", &secret, "require", "select * from nosuch")).await;
+    assert!(
+        text(&out.stderr).contains("nosuch"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = output(psql("alice", &secret, "require", "copy t to stdout")).await;
+    assert_eq!(text(&out.stdout), "1\n2\n", "{}", text(&out.stderr));
+
     for (user, pw, mode, want) in [
         (
             "alice",
@@ -2289,7 +2298,7 @@ async fn psql_through_the_gateway_with_tls_scram_and_a_jit_credential() {
             text(&out.stderr)
         );
     }
-    w.wait_ended(2);
+    w.wait_ended(4);
     gw.stop().await;
 
     let sessions = w.sessions();
@@ -2297,28 +2306,45 @@ async fn psql_through_the_gateway_with_tls_scram_and_a_jit_credential() {
         .iter()
         .filter(|s| s["protocol"] == "postgres")
         .collect();
-    assert_eq!(pgs.len(), 2, "{sessions:?}");
+    assert_eq!(pgs.len(), 4, "{sessions:?}");
     for s in pgs {
         let id = s["id"].as_str().expect("id");
         let out = w.cli(&["verify", id]);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
     }
-    let cast = export(
-        &w,
-        sessions
-            .iter()
-            .find(|s| s["protocol"] == "postgres")
-            .expect("pg")["id"]
+    // Every session exports as a SQL timeline that validates against its schema.
+    let mut all = Vec::new();
+    for s in &sessions {
+        let jsonl = export(&w, s["id"].as_str().expect("id"));
+        assert!(
+            !jsonl.contains(&secret),
+            "the credential is not on the record"
+        );
+        for line in jsonl.lines() {
+            let e: Value = serde_json::from_str(line).expect("JSONL");
+            validate("sql-event.schema.json", &e);
+            all.push(e);
+        }
+    }
+    assert!(all.iter().any(|e| e["event"] == "query"
+        && e["sql"]
             .as_str()
-            .expect("id"),
-    );
+            .is_some_and(|q| q.contains("create table t"))));
+    assert!(all
+        .iter()
+        .any(|e| e["event"] == "complete" && e["command_tag"] == "INSERT 0 2"));
+    assert!(all
+        .iter()
+        .any(|e| e["event"] == "error" && e["error"]["sqlstate"] == "42P01"));
     assert!(
-        cast.contains("create table t"),
-        "the statement is on the record"
+        all.iter()
+            .any(|e| e["event"] == "copy" && e["copy_direction"] == "out" && e["rows"] == 2),
+        "{all:#?}"
     );
+    let timeline = w.cli_ok(&["replay", sessions[0]["id"].as_str().expect("id")]);
     assert!(
-        !cast.contains(&secret),
-        "the credential is not on the record"
+        timeline.contains("->"),
+        "replay prints the statement timeline: {timeline}"
     );
     validate_all_events(&w);
 }
