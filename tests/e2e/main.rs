@@ -2168,80 +2168,8 @@ async fn a_crash_during_a_store_outage_still_loses_at_most_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_through_the_gateway_with_tls_scram_and_a_jit_credential() {
-    let pgdir = tempfile::tempdir().expect("tempdir");
-    let pg = Postgres::start(pgdir.path());
-    let out = pg.psql(
-        "postgres",
-        &pg.superuser_password,
-        "CREATE ROLE bg_dba LOGIN SUPERUSER PASSWORD 'initial-bg-password'",
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let certs = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    let st = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(st.status.success(), "{}", text(&st.stderr));
-    let w = World::with(Opts {
-        extra_config: format!(
-            "[postgres]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
-            cert.display(),
-            key.display(),
-            pg.port
-        ),
-        ..Default::default()
-    });
-    let mut c = Command::new(env!("CARGO_BIN_EXE_breakglass"));
-    c.args(["vault", "set", "orders-db"])
-        .env("BREAKGLASS_CONFIG", &w.config_path)
-        .stdin(std::process::Stdio::piped());
-    let mut child = c.spawn().expect("vault set");
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(b"initial-bg-password\n")
-            .expect("write");
-    }
-    assert!(child.wait().expect("wait").success());
-    let gw = InProcess::start(&w).await;
-
-    let (_, out, _) = control(
-        &w,
-        "alice",
-        "breakglass",
-        "request orders-db --reason locked table --incident INC-60",
-    )
-    .await;
-    let req = request_id(&out);
-    control(&w, "bob", "breakglass", &format!("approve {req}")).await;
-    let (_, out, _) = control(&w, "alice", "breakglass", &format!("credential {req}")).await;
-    let secret = out
-        .lines()
-        .find_map(|l| l.strip_prefix("password: "))
-        .expect("password")
-        .to_string();
+    let (_pg, _pgdir, w, gw, _certs) = pg_world("").await;
+    let (_req, secret) = pg_credential(&w, "30m").await;
 
     let psql = |user: &str, password: &str, sslmode: &str, sql: &str| {
         let mut c = Command::new(require("psql", "postgresql-client"));
@@ -2346,5 +2274,182 @@ async fn psql_through_the_gateway_with_tls_scram_and_a_jit_credential() {
         timeline.contains("->"),
         "replay prints the statement timeline: {timeline}"
     );
+    validate_all_events(&w);
+}
+
+/// A PostgreSQL target behind the gateway: a real cluster, a TLS certificate, the vault
+/// password, and alice approved with a fetched JIT credential. Returns (cluster, world,
+/// gateway, certificate dir).
+async fn pg_world(
+    extra_limits: &str,
+) -> (
+    Postgres,
+    tempfile::TempDir,
+    World,
+    InProcess,
+    tempfile::TempDir,
+) {
+    let pgdir = tempfile::tempdir().expect("tempdir");
+    let pg = Postgres::start(pgdir.path());
+    let out = pg.psql(
+        "postgres",
+        &pg.superuser_password,
+        "CREATE ROLE bg_dba LOGIN SUPERUSER PASSWORD 'initial-bg-password'",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let certs = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let st = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(st.status.success(), "{}", text(&st.stderr));
+    let w = World::with(Opts {
+        extra_limits: extra_limits.to_string(),
+        extra_config: format!(
+            "[postgres]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
+            cert.display(),
+            key.display(),
+            pg.port
+        ),
+        ..Default::default()
+    });
+    let mut c = Command::new(env!("CARGO_BIN_EXE_breakglass"));
+    c.args(["vault", "set", "orders-db"])
+        .env("BREAKGLASS_CONFIG", &w.config_path)
+        .stdin(std::process::Stdio::piped());
+    let mut child = c.spawn().expect("vault set");
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"initial-bg-password\n")
+            .expect("write");
+    }
+    assert!(child.wait().expect("wait").success());
+    let gw = InProcess::start(&w).await;
+    (pg, pgdir, w, gw, certs)
+}
+
+/// alice's JIT credential for a fresh approved request on orders-db lasting `duration`.
+async fn pg_credential(w: &World, duration: &str) -> (String, String) {
+    let (_, out, _) = control(
+        w,
+        "alice",
+        "breakglass",
+        &format!("request orders-db --reason locked table --incident INC-61 --for {duration}"),
+    )
+    .await;
+    let req = request_id(&out);
+    control(w, "bob", "breakglass", &format!("approve {req}")).await;
+    let (_, out, _) = control(w, "alice", "breakglass", &format!("credential {req}")).await;
+    (
+        req,
+        out.lines()
+            .find_map(|l| l.strip_prefix("password: "))
+            .expect("password")
+            .to_string(),
+    )
+}
+
+fn psql_cmd(w: &World, password: &str, sql: &str) -> Command {
+    let mut c = Command::new(require("psql", "postgresql-client"));
+    c.arg(format!(
+        "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode=require",
+        w.pg_port
+    ))
+    .args(["-XAtc", sql])
+    .env("PGPASSWORD", password)
+    .env("PGCONNECT_TIMEOUT", "10")
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sessions_get_warnings_and_are_cut_at_the_deadline_and_on_revoke() {
+    let (_pg, _pgdir, w, gw, _certs) = pg_world("warn_before = [\"2s\"]").await;
+    // Deadline: a 4 s grant; a long query is cut with FATAL 57P01 after a NOTICE.
+    let (_req, secret) = pg_credential(&w, "4s").await;
+    let mut child = psql_cmd(&w, &secret, "select pg_sleep(30)")
+        .spawn()
+        .expect("psql");
+    w.wait_event("pg session start", |e| {
+        e["action"] == "session_start" && e["protocol"] == "postgres"
+    });
+    let (code, _out, err) = wait_exit(&mut child, Duration::from_secs(15));
+    assert_ne!(code, Some(0));
+    assert!(err.contains("deadline was reached"), "{err}");
+    assert!(
+        err.contains("this session ends in 2s"),
+        "the NOTICE warning came first: {err}"
+    );
+    let expired = w.wait_event("pg expiry", |e| {
+        e["action"] == "session_expired" && e["protocol"] == "postgres"
+    });
+    let deadline =
+        chrono::DateTime::parse_from_rfc3339(expired["deadline"].as_str().expect("deadline"))
+            .expect("rfc3339");
+    let end = w.wait_event("pg end", |e| {
+        e["action"] == "session_end" && e["protocol"] == "postgres"
+    });
+    let ended = chrono::DateTime::parse_from_rfc3339(end["timestamp"].as_str().expect("ts"))
+        .expect("rfc3339");
+    let late = ended.signed_duration_since(deadline);
+    eprintln!("postgres session ended {late} after its deadline");
+    assert!(late <= chrono::Duration::milliseconds(1000), "{late}");
+
+    // Revoke: the session ends within a second with the reason.
+    let (req, secret) = pg_credential(&w, "30m").await;
+    let mut child = psql_cmd(&w, &secret, "select pg_sleep(30)")
+        .spawn()
+        .expect("psql");
+    wait_for("the second pg session", Duration::from_secs(10), || {
+        (w.siem_events()
+            .iter()
+            .filter(|e| e["action"] == "session_start" && e["protocol"] == "postgres")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    let (code, _, _) = control(
+        &w,
+        "alice",
+        "breakglass",
+        &format!("revoke {req} --reason done"),
+    )
+    .await;
+    assert_eq!(code, 0);
+    let revoked = Instant::now();
+    let (code, _out, err) = wait_exit(&mut child, Duration::from_secs(10));
+    eprintln!(
+        "postgres session cut {:?} after the revoke",
+        revoked.elapsed()
+    );
+    assert!(revoked.elapsed() <= Duration::from_millis(1000));
+    assert_ne!(code, Some(0));
+    assert!(err.contains("revoked"), "{err}");
+    gw.stop().await;
     validate_all_events(&w);
 }
