@@ -31,6 +31,9 @@ pub struct Gateway {
     pub alerter: crate::alerts::Alerter,
     /// Live sessions by id, for revocation and shutdown.
     pub live: Mutex<HashMap<String, Arc<LiveSession>>>,
+    /// PostgreSQL cancel keys: the key the client holds → (target address, upstream key).
+    /// The upstream key never leaves the gateway.
+    pub pg_cancel: Mutex<HashMap<[u8; 8], (String, [u8; 8])>>,
     pub shutdown: Shutdown,
 }
 
@@ -99,6 +102,7 @@ impl Gateway {
             signer,
             alerter,
             live: Mutex::new(HashMap::new()),
+            pg_cancel: Mutex::new(HashMap::new()),
             shutdown: Shutdown::new(),
         }))
     }

@@ -117,7 +117,28 @@ async fn handle(
     .await
     .map_err(|_| WireError::Malformed("startup timed out".into()))??;
     if startup.code == wire::CANCEL_REQUEST {
-        // Cancel is not mapped yet: close without effect, as PostgreSQL does for unknown keys.
+        // Map the client's key to the upstream backend; unknown keys are ignored silently,
+        // as PostgreSQL does.
+        let Ok(key) = <[u8; 8]>::try_from(startup.body.as_slice()) else {
+            return Ok(());
+        };
+        let found = gw
+            .pg_cancel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        if let Some((addr, upstream_key)) = found {
+            if let Ok(Ok(mut up)) =
+                tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&addr)).await
+            {
+                let mut pkt = 16i32.to_be_bytes().to_vec();
+                pkt.extend_from_slice(&wire::CANCEL_REQUEST.to_be_bytes());
+                pkt.extend_from_slice(&upstream_key);
+                let _ = wire::send(&mut up, &pkt).await;
+            }
+            tracing::info!(%peer, "forwarded a cancel request");
+        }
         return Ok(());
     }
     if startup.code != wire::PROTOCOL_3 {
@@ -287,16 +308,25 @@ async fn handle(
     // The client sees the upstream's session parameters; our own cancel key stands in for the
     // upstream's, which never leaves the gateway.
     let mut hello = wire::auth(0, &[]);
+    let client_key: [u8; 8] = rand::random();
     for m in &upstream_startup {
         if m.tag == b'K' {
-            let mut body = rand::random::<u32>().to_be_bytes().to_vec();
-            body.extend_from_slice(&rand::random::<u32>().to_be_bytes());
-            hello.extend_from_slice(&wire::message(b'K', &body));
+            if let Ok(upstream_key) = <[u8; 8]>::try_from(m.body()) {
+                gw.pg_cancel
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(client_key, (target.address.clone(), upstream_key));
+            }
+            hello.extend_from_slice(&wire::message(b'K', &client_key));
         } else {
             hello.extend_from_slice(&m.frame);
         }
     }
     let reason = relay(&gw, &mut conn, &mut up, &recorder, &grant, deadline, hello).await;
+    gw.pg_cancel
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&client_key);
     let (code, message) = reason;
     let ended_at = clock::now();
     let sealed = recorder

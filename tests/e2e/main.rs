@@ -2453,3 +2453,41 @@ async fn postgres_sessions_get_warnings_and_are_cut_at_the_deadline_and_on_revok
     gw.stop().await;
     validate_all_events(&w);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_cancel_reaches_the_backend_through_the_gateway() {
+    let (pg, _pgdir, w, gw, _certs) = pg_world("").await;
+    let (_req, secret) = pg_credential(&w, "30m").await;
+    let mut child = psql_cmd(&w, &secret, "select pg_sleep(30)")
+        .spawn()
+        .expect("psql");
+    w.wait_event("pg session start", |e| {
+        e["action"] == "session_start" && e["protocol"] == "postgres"
+    });
+    // Wait until the query runs upstream, then press Ctrl-C (SIGINT) in psql.
+    wait_for("pg_sleep to run", Duration::from_secs(10), || {
+        let out = pg.psql(
+            "postgres",
+            &pg.superuser_password,
+            "select count(*) from pg_stat_activity where query like 'select pg_sleep%'",
+        );
+        (text(&out.stdout).trim() == "1").then_some(())
+    });
+    let sent = Instant::now();
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let (code, _out, err) = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "cancelled, not timed out"
+    );
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("canceling statement due to user request"),
+        "{err}"
+    );
+    gw.stop().await;
+}
