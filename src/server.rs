@@ -17,6 +17,9 @@ use crate::ssh::session::LiveSession;
 use crate::state::{SqliteStore, Store};
 use crate::storage::RecordingStore;
 
+/// Where a PostgreSQL cancel goes: the target's address and the upstream backend's key.
+pub type CancelTarget = (String, [u8; 8]);
+
 /// Everything a connection needs, shared by all of them.
 pub struct Gateway {
     pub config: Config,
@@ -33,7 +36,7 @@ pub struct Gateway {
     pub live: Mutex<HashMap<String, Arc<LiveSession>>>,
     /// PostgreSQL cancel keys: the key the client holds → (target address, upstream key).
     /// The upstream key never leaves the gateway.
-    pub pg_cancel: Mutex<HashMap<[u8; 8], (String, [u8; 8])>>,
+    pub pg_cancel: Mutex<HashMap<[u8; 8], CancelTarget>>,
     pub shutdown: Shutdown,
 }
 
