@@ -698,7 +698,15 @@ async fn relay(
             let next_warning = warnings.first().map(|(t, _)| *t);
             tokio::select! {
                 m = to_up.recv() => {
-                    let Some(Ok(m)) = m else { return ("client_closed", "session closed by the client".to_string()) };
+                    let m = match m {
+                        Some(Ok(m)) => m,
+                        Some(Err(e @ (WireError::TooLong { .. } | WireError::Malformed(_)))) => {
+                            let msg = format!("terminating connection: protocol violation: {e}");
+                            let _ = wire::send(&mut client_w, &wire::error("FATAL", "08P01", &msg)).await;
+                            return ("protocol_violation", msg);
+                        }
+                        _ => return ("client_closed", "session closed by the client".to_string()),
+                    };
                     if recorder.send(RecMsg::Data { ch: 0, stream: Stream::In, data: Bytes::from(m.frame.clone()), at: Instant::now() }).await.is_err() {
                         return fatal_end(&mut client_w, "recording_failed", "the recording failed; break-glass sessions never continue unrecorded").await;
                     }

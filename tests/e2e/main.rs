@@ -2491,3 +2491,42 @@ async fn psql_cancel_reaches_the_backend_through_the_gateway() {
     );
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_postgres_input_gets_a_clear_error_and_no_panic() {
+    use std::io::{Read, Write};
+    let (_pg, _pgdir, w, gw, _certs) = pg_world("login_grace = \"1s\"\nmax_connections = 4").await;
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", w.pg_port)).expect("connect");
+    let read_all = |mut s: std::net::TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut v = Vec::new();
+        let _ = s.read_to_end(&mut v);
+        String::from_utf8_lossy(&v).into_owned()
+    };
+    // An unsupported protocol version gets FATAL 0A000.
+    let mut s = connect();
+    s.write_all(&[0, 0, 0, 8, 0, 2, 0, 0]).expect("write");
+    let got = read_all(s);
+    assert!(
+        got.contains("0A000") && got.contains("unsupported frontend protocol"),
+        "{got:?}"
+    );
+    // A malformed startup length: the connection is closed without a reply.
+    let mut s = connect();
+    s.write_all(&[0, 0, 0, 3]).expect("write");
+    assert_eq!(read_all(s), "");
+    // A client that stalls mid-startup is dropped after login_grace.
+    let s = connect();
+    let t = Instant::now();
+    assert_eq!(read_all(s), "");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "dropped after the 1 s grace, not the read timeout"
+    );
+    // The gateway still serves after all of that.
+    let (_req, secret) = pg_credential(&w, "30m").await;
+    let out = output(psql_cmd(&w, &secret, "select 7*6")).await;
+    assert_eq!(text(&out.stdout).trim(), "42");
+    gw.stop().await;
+}
