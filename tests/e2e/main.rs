@@ -2530,3 +2530,41 @@ async fn bad_postgres_input_gets_a_clear_error_and_no_panic() {
     assert_eq!(text(&out.stdout).trim(), "42");
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_runs_through_the_gateway_in_every_query_mode() {
+    let (_pg, _pgdir, w, gw, _certs) = pg_world("").await;
+    let (_req, secret) = pg_credential(&w, "30m").await;
+    let conn = format!(
+        "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode=require",
+        w.pg_port
+    );
+    let pgbench = |args: &[&str]| {
+        let mut c = Command::new(pg_bin("pgbench"));
+        c.args(args)
+            .arg(&conn)
+            .env("PGPASSWORD", &secret)
+            .stdin(std::process::Stdio::null());
+        c
+    };
+    let out = output(pgbench(&["-i", "-s", "1", "-q"])).await;
+    assert!(out.status.success(), "pgbench -i: {}", text(&out.stderr));
+    for mode in ["simple", "extended", "prepared"] {
+        for script in [&["-S"][..], &[][..]] {
+            let mut args = vec!["-n", "-c", "2", "-t", "20", "-M", mode];
+            args.extend_from_slice(script);
+            let out = output(pgbench(&args)).await;
+            let said = text(&out.stdout);
+            assert!(
+                out.status.success(),
+                "pgbench {args:?}: {}{said}",
+                text(&out.stderr)
+            );
+            assert!(
+                said.contains("number of transactions actually processed: 40/40"),
+                "{args:?}: {said}"
+            );
+        }
+    }
+    gw.stop().await;
+}

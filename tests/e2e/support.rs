@@ -589,7 +589,8 @@ impl Drop for Postgres {
     }
 }
 
-fn pg_bin(name: &str) -> PathBuf {
+/// A PostgreSQL program (initdb, postgres, pgbench) from the newest installed version.
+pub fn pg_bin(name: &str) -> PathBuf {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|d| {
             d.filter_map(|e| e.ok())
