@@ -1,0 +1,222 @@
+//! PostgreSQL benchmark, side by side in one run: `pgbench -S` (select-only) TPS direct to
+//! PostgreSQL, through pgbouncer (session pooling, no recording) and through the gateway
+//! (TLS + SCRAM, every message recorded). Prints TPS and the ratios; asserts nothing.
+//!
+//! Run with `cargo bench --bench pg` (needs Debian's `pgbouncer`; BENCH_SECONDS, BENCH_CLIENTS
+//! override 10 s and 8 clients).
+
+#[path = "../tests/e2e/support.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::process::{Command, Stdio};
+
+use support::*;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn tps(conn: &str, password: &str, seconds: u64, clients: u64) -> f64 {
+    let out = Command::new(pg_bin("pgbench"))
+        .args([
+            "-n",
+            "-S",
+            "-M",
+            "prepared",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &seconds.to_string(),
+        ])
+        .arg(conn)
+        .env("PGPASSWORD", password)
+        .stdin(Stdio::null())
+        .output()
+        .expect("pgbench");
+    let said = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgbench failed: {}{said}",
+        text(&out.stderr)
+    );
+    said.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn main() {
+    let seconds = env_num("BENCH_SECONDS", 10);
+    let clients = env_num("BENCH_CLIENTS", 8);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pg = Postgres::start(dir.path());
+    let out = pg.psql(
+        "postgres",
+        &pg.superuser_password,
+        "CREATE ROLE bg_dba LOGIN SUPERUSER PASSWORD 'bench-password'",
+    );
+    assert!(out.status.success());
+    let direct = format!(
+        "host=127.0.0.1 port={} user=bg_dba dbname=postgres sslmode=disable",
+        pg.port
+    );
+    let out = Command::new(pg_bin("pgbench"))
+        .args(["-i", "-s", "10", "-q"])
+        .arg(&direct)
+        .env("PGPASSWORD", "bench-password")
+        .output()
+        .expect("pgbench -i");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // pgbouncer in session pooling mode, no recording.
+    let bouncer_port = free_port();
+    let ini = dir.path().join("pgbouncer.ini");
+    let users = dir.path().join("userlist.txt");
+    std::fs::write(&users, "\"bg_dba\" \"bench-password\"\n").expect("userlist");
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\npostgres = host=127.0.0.1 port={} dbname=postgres\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {bouncer_port}\nauth_type = scram-sha-256\nauth_file = {}\npool_mode = session\nmax_client_conn = 100\ndefault_pool_size = 20\nunix_socket_dir =\nlogfile = {}\n",
+            pg.port,
+            users.display(),
+            dir.path().join("pgbouncer.log").display()
+        ),
+    )
+    .expect("ini");
+    let pgbouncer = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("pgbouncer is missing: apt-get install pgbouncer");
+    let _ = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(dir.path())
+        .status();
+    let mut bouncer = Command::new("runuser")
+        .args(["-u", "postgres", "--", pgbouncer])
+        .arg(&ini)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pgbouncer");
+    wait_port(bouncer_port);
+    let via_bouncer =
+        format!("host=127.0.0.1 port={bouncer_port} user=bg_dba dbname=postgres sslmode=disable");
+
+    // The gateway, release build, with a TLS certificate and the break-glass password.
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let st = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(st.status.success());
+    let w = World::with(Opts {
+        extra_config: format!(
+            "[postgres]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
+            cert.display(),
+            key.display(),
+            pg.port
+        ),
+        ..Default::default()
+    });
+    let mut set = Command::new(env!("CARGO_BIN_EXE_breakglass"))
+        .args(["vault", "set", "orders-db"])
+        .env("BREAKGLASS_CONFIG", &w.config_path)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("vault set");
+    {
+        use std::io::Write;
+        set.stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"bench-password\n")
+            .expect("write");
+    }
+    assert!(set.wait().expect("wait").success());
+    let _gw = Process::start(&w);
+    let grant = w.cli_ok(&[
+        "grant",
+        "add",
+        "--person",
+        "alice",
+        "--target",
+        "orders-db",
+        "--for",
+        "2h",
+        "--reason",
+        "bench",
+        "--incident",
+        "BENCH",
+    ]);
+    // The JIT credential comes over the SSH control channel, as for a DBA.
+    let out = w
+        .ssh(
+            "alice",
+            "breakglass",
+            &[],
+            &[&format!("credential {}", grant.trim())],
+        )
+        .output()
+        .expect("credential");
+    let secret = text(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("password: "))
+        .expect("password")
+        .to_string();
+    let via_gateway = format!(
+        "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode=require",
+        w.pg_port
+    );
+
+    println!("pgbench -S -M prepared, {clients} clients, {seconds} s per run, interleaved");
+    let mut results = vec![
+        (Vec::new(), "direct"),
+        (Vec::new(), "pgbouncer"),
+        (Vec::new(), "gateway+rec"),
+    ];
+    for _ in 0..2 {
+        results[0]
+            .0
+            .push(tps(&direct, "bench-password", seconds, clients));
+        results[1]
+            .0
+            .push(tps(&via_bouncer, "bench-password", seconds, clients));
+        results[2]
+            .0
+            .push(tps(&via_gateway, &secret, seconds, clients));
+    }
+    let best = |v: &Vec<f64>| v.iter().cloned().fold(0.0, f64::max);
+    for (v, name) in &results {
+        println!("  {name:<12} best {:>9.0} TPS  runs {v:?}", best(v));
+    }
+    println!(
+        "  ratio gateway/pgbouncer = {:.2}x, gateway/direct = {:.2}x",
+        best(&results[2].0) / best(&results[1].0),
+        best(&results[2].0) / best(&results[0].0)
+    );
+    let _ = bouncer.kill();
+    let _ = bouncer.wait();
+}
