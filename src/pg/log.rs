@@ -75,13 +75,23 @@ pub fn events(frames: &[Frame]) -> Vec<Value> {
     let mut out = Vec::new();
     let mut rows: u64 = 0;
     let mut copy: Option<Copy> = None;
-    for f in frames {
-        let t = f.time_us as f64 / 1e6;
-        let Some((&tag, rest)) = f.data.split_first() else {
-            continue;
-        };
-        let b = rest.get(4..).unwrap_or_default();
-        let ev = match (f.stream, tag) {
+    // A recorded frame holds one or more whole protocol messages.
+    let messages = frames.iter().flat_map(|f| {
+        let mut v = Vec::new();
+        let mut at = 0usize;
+        while let (Some(&tag), Some(len)) = (f.data.get(at), be32(&f.data, at + 1)) {
+            let end = at + 1 + (len.max(4) as usize);
+            let Some(body) = f.data.get(at + 5..end) else {
+                break;
+            };
+            v.push((f.stream, f.time_us, tag, body));
+            at = end;
+        }
+        v
+    });
+    for (stream, time_us, tag, b) in messages {
+        let t = time_us as f64 / 1e6;
+        let ev = match (stream, tag) {
             (Stream::In, b'Q') => cstr(b, 0).map(|(q, _)| json!({"event": "query", "sql": q})),
             (Stream::In, b'P') => (|| {
                 let (name, at) = cstr(b, 0)?;
@@ -171,7 +181,7 @@ pub fn events(frames: &[Frame]) -> Vec<Value> {
                 o.insert("time".into(), json!(t));
                 o.insert(
                     "direction".into(),
-                    json!(if f.stream == Stream::In {
+                    json!(if stream == Stream::In {
                         "client"
                     } else {
                         "server"

@@ -648,7 +648,7 @@ async fn relay(
     let (to_client_tx, mut to_client) = mpsc::channel::<Result<Message, WireError>>(64);
     let (to_up_tx, mut to_up) = mpsc::channel::<Result<Message, WireError>>(64);
     let read_up = async move {
-        let mut r = up_r;
+        let mut r = tokio::io::BufReader::with_capacity(64 * 1024, up_r);
         loop {
             let m = wire::read_message(&mut r, MAX_MESSAGE).await;
             let stop = m.is_err();
@@ -660,7 +660,7 @@ async fn relay(
         std::future::pending::<()>().await
     };
     let read_client = async move {
-        let mut r = client_r;
+        let mut r = tokio::io::BufReader::with_capacity(64 * 1024, client_r);
         loop {
             let m = wire::read_message(&mut r, MAX_MESSAGE).await;
             let stop = m.is_err();
@@ -698,29 +698,39 @@ async fn relay(
             let next_warning = warnings.first().map(|(t, _)| *t);
             tokio::select! {
                 m = to_up.recv() => {
-                    let m = match m {
-                        Some(Ok(m)) => m,
-                        Some(Err(e @ (WireError::TooLong { .. } | WireError::Malformed(_)))) => {
+                    // Take every message already waiting: one record, one write, one flush.
+                    let (batch, terminate, failed) = gather(m, &mut to_up);
+                    if !batch.is_empty() {
+                        if recorder.send(RecMsg::Data { ch: 0, stream: Stream::In, data: Bytes::from(batch.clone()), at: Instant::now() }).await.is_err() {
+                            return fatal_end(&mut client_w, "recording_failed", "the recording failed; break-glass sessions never continue unrecorded").await;
+                        }
+                        if wire::send(&mut up_w, &batch).await.is_err() {
+                            return ("client_closed", "session closed by the client".to_string());
+                        }
+                    }
+                    match failed {
+                        Some(e @ (WireError::TooLong { .. } | WireError::Malformed(_))) => {
                             let msg = format!("terminating connection: protocol violation: {e}");
                             let _ = wire::send(&mut client_w, &wire::error("FATAL", "08P01", &msg)).await;
                             return ("protocol_violation", msg);
                         }
-                        _ => return ("client_closed", "session closed by the client".to_string()),
-                    };
-                    if recorder.send(RecMsg::Data { ch: 0, stream: Stream::In, data: Bytes::from(m.frame.clone()), at: Instant::now() }).await.is_err() {
-                        return fatal_end(&mut client_w, "recording_failed", "the recording failed; break-glass sessions never continue unrecorded").await;
-                    }
-                    if m.tag == b'X' || wire::send(&mut up_w, &m.frame).await.is_err() {
-                        return ("client_closed", "session closed by the client".to_string());
+                        Some(_) => return ("client_closed", "session closed by the client".to_string()),
+                        None if terminate => return ("client_closed", "session closed by the client".to_string()),
+                        None => {}
                     }
                 }
                 m = to_client.recv() => {
-                    let Some(Ok(m)) = m else { return ("upstream_closed", "the target closed the connection".to_string()) };
-                    if recorder.send(RecMsg::Data { ch: 0, stream: Stream::Out, data: Bytes::from(m.frame.clone()), at: Instant::now() }).await.is_err() {
-                        return fatal_end(&mut client_w, "recording_failed", "the recording failed; break-glass sessions never continue unrecorded").await;
+                    let (batch, _, failed) = gather(m, &mut to_client);
+                    if !batch.is_empty() {
+                        if recorder.send(RecMsg::Data { ch: 0, stream: Stream::Out, data: Bytes::from(batch.clone()), at: Instant::now() }).await.is_err() {
+                            return fatal_end(&mut client_w, "recording_failed", "the recording failed; break-glass sessions never continue unrecorded").await;
+                        }
+                        if wire::send(&mut client_w, &batch).await.is_err() {
+                            return ("client_closed", "session closed by the client".to_string());
+                        }
                     }
-                    if wire::send(&mut client_w, &m.frame).await.is_err() {
-                        return ("client_closed", "session closed by the client".to_string());
+                    if failed.is_some() {
+                        return ("upstream_closed", "the target closed the connection".to_string());
                     }
                 }
                 _ = tokio::time::sleep_until(next_warning.unwrap_or(deadline_at)), if next_warning.is_some() => {
@@ -753,6 +763,36 @@ async fn relay(
         r = pump => r,
         _ = read_up => ("upstream_closed", "the target closed the connection".into()),
         _ = read_client => ("client_closed", "session closed by the client".into()),
+    }
+}
+
+/// The first message plus every message already queued behind it (up to 256 KiB), as one
+/// byte batch; whether it holds a Terminate; and the read error that ended the queue, if any.
+fn gather(
+    first: Option<Result<Message, WireError>>,
+    rx: &mut mpsc::Receiver<Result<Message, WireError>>,
+) -> (Vec<u8>, bool, Option<WireError>) {
+    let mut batch = Vec::new();
+    let mut terminate = false;
+    let mut next = first;
+    loop {
+        match next {
+            Some(Ok(m)) => {
+                terminate |= m.tag == b'X';
+                batch.extend_from_slice(&m.frame);
+            }
+            Some(Err(e)) => return (batch, terminate, Some(e)),
+            None if batch.is_empty() => return (batch, terminate, Some(WireError::Closed)),
+            None => return (batch, terminate, None),
+        }
+        if batch.len() >= 256 * 1024 || terminate {
+            return (batch, terminate, None);
+        }
+        next = match rx.try_recv() {
+            Ok(m) => Some(m),
+            Err(mpsc::error::TryRecvError::Empty) => return (batch, terminate, None),
+            Err(mpsc::error::TryRecvError::Disconnected) => None,
+        };
     }
 }
 
