@@ -15,7 +15,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::clock;
@@ -630,6 +629,34 @@ fn error_text(body: &[u8]) -> String {
     "unknown error".into()
 }
 
+/// Reads one message and every further message already complete in the buffer, as one
+/// batch (at most 256 KiB): one record, one write, one flush per burst. Returns the batch and
+/// whether it holds a Terminate.
+async fn read_batch<R: AsyncRead + Unpin>(
+    r: &mut tokio::io::BufReader<R>,
+) -> Result<(Vec<u8>, bool), WireError> {
+    let first = wire::read_message(r, MAX_MESSAGE).await?;
+    let mut terminate = first.tag == b'X';
+    let mut batch = first.frame;
+    while batch.len() < 256 * 1024 && !terminate {
+        let buf = r.buffer();
+        let Some(len) = buf
+            .get(1..5)
+            .map(|l| i32::from_be_bytes([l[0], l[1], l[2], l[3]]))
+        else {
+            break;
+        };
+        if len < 4 || buf.len() < 1 + len as usize {
+            break;
+        }
+        // The whole message is buffered: this read cannot block.
+        let m = wire::read_message(r, MAX_MESSAGE).await?;
+        terminate |= m.tag == b'X';
+        batch.extend_from_slice(&m.frame);
+    }
+    Ok((batch, terminate))
+}
+
 /// Relays both ways, recording every message first, until either side ends, the deadline, a
 /// revocation or a recording failure. Returns (end reason code, message).
 async fn relay(
@@ -641,34 +668,84 @@ async fn relay(
     deadline: chrono::DateTime<chrono::Utc>,
     hello: Vec<u8>,
 ) -> (&'static str, String) {
-    let (client_r, mut client_w) = tokio::io::split(conn);
+    let (client_r, client_w) = tokio::io::split(conn);
+    let client_w = tokio::sync::Mutex::new(client_w);
     let (up_r, mut up_w) = up.split();
-    // Each side is read by a loop that only forwards whole messages through a channel, so the
-    // writer can interleave the gateway's own notices at message boundaries.
-    let (to_client_tx, mut to_client) = mpsc::channel::<Result<Message, WireError>>(64);
-    let (to_up_tx, mut to_up) = mpsc::channel::<Result<Message, WireError>>(64);
-    let read_up = async move {
-        let mut r = tokio::io::BufReader::with_capacity(64 * 1024, up_r);
-        loop {
-            let m = wire::read_message(&mut r, MAX_MESSAGE).await;
-            let stop = m.is_err();
-            if to_client_tx.send(m).await.is_err() || stop {
-                break;
-            }
-        }
-        // The pump decides when the session ends; this side only feeds it.
-        std::future::pending::<()>().await
-    };
-    let read_client = async move {
+    if wire::send(&mut *client_w.lock().await, &hello)
+        .await
+        .is_err()
+    {
+        return ("client_closed", "session closed by the client".to_string());
+    }
+    let recording_failed = "the recording failed; break-glass sessions never continue unrecorded";
+    // Client → target: record, then forward.
+    let client_to_up = async {
         let mut r = tokio::io::BufReader::with_capacity(64 * 1024, client_r);
         loop {
-            let m = wire::read_message(&mut r, MAX_MESSAGE).await;
-            let stop = m.is_err();
-            if to_up_tx.send(m).await.is_err() || stop {
-                break;
+            let (batch, terminate) = match read_batch(&mut r).await {
+                Ok(x) => x,
+                Err(e @ (WireError::TooLong { .. } | WireError::Malformed(_))) => {
+                    let msg = format!("terminating connection: protocol violation: {e}");
+                    let _ = wire::send(
+                        &mut *client_w.lock().await,
+                        &wire::error("FATAL", "08P01", &msg),
+                    )
+                    .await;
+                    return ("protocol_violation", msg);
+                }
+                Err(_) => return ("client_closed", "session closed by the client".to_string()),
+            };
+            let rec = RecMsg::Data {
+                ch: 0,
+                stream: Stream::In,
+                data: Bytes::from(batch.clone()),
+                at: Instant::now(),
+            };
+            if recorder.send(rec).await.is_err() {
+                return fatal_end(
+                    &mut *client_w.lock().await,
+                    "recording_failed",
+                    recording_failed,
+                )
+                .await;
+            }
+            if wire::send(&mut up_w, &batch).await.is_err() || terminate {
+                return ("client_closed", "session closed by the client".to_string());
             }
         }
-        std::future::pending::<()>().await
+    };
+    // Target → client: record, then forward under the writer lock, so the gateway's own
+    // notices land between whole messages.
+    let up_to_client = async {
+        let mut r = tokio::io::BufReader::with_capacity(64 * 1024, up_r);
+        loop {
+            let Ok((batch, _)) = read_batch(&mut r).await else {
+                return (
+                    "upstream_closed",
+                    "the target closed the connection".to_string(),
+                );
+            };
+            let rec = RecMsg::Data {
+                ch: 0,
+                stream: Stream::Out,
+                data: Bytes::from(batch.clone()),
+                at: Instant::now(),
+            };
+            if recorder.send(rec).await.is_err() {
+                return fatal_end(
+                    &mut *client_w.lock().await,
+                    "recording_failed",
+                    recording_failed,
+                )
+                .await;
+            }
+            if wire::send(&mut *client_w.lock().await, &batch)
+                .await
+                .is_err()
+            {
+                return ("client_closed", "session closed by the client".to_string());
+            }
+        }
     };
     let started = Instant::now();
     let at = |t: chrono::DateTime<chrono::Utc>| {
@@ -689,110 +766,45 @@ async fn relay(
         .map(|(t, w)| (at(t), w))
         .collect();
     warnings.sort();
-    let pump = async {
-        if wire::send(&mut client_w, &hello).await.is_err() {
-            return ("client_closed", "session closed by the client".to_string());
-        }
+    // Deadline, warnings, revocation, recorder failure and shutdown.
+    let control = async {
         let mut revocation_check = tokio::time::interval(Duration::from_millis(250));
         loop {
             let next_warning = warnings.first().map(|(t, _)| *t);
             tokio::select! {
-                m = to_up.recv() => {
-                    // Take every message already waiting: one record, one write, one flush.
-                    let (batch, terminate, failed) = gather(m, &mut to_up);
-                    if !batch.is_empty() {
-                        if recorder.send(RecMsg::Data { ch: 0, stream: Stream::In, data: Bytes::from(batch.clone()), at: Instant::now() }).await.is_err() {
-                            return fatal_end(&mut client_w, "recording_failed", "the recording failed; break-glass sessions never continue unrecorded").await;
-                        }
-                        if wire::send(&mut up_w, &batch).await.is_err() {
-                            return ("client_closed", "session closed by the client".to_string());
-                        }
-                    }
-                    match failed {
-                        Some(e @ (WireError::TooLong { .. } | WireError::Malformed(_))) => {
-                            let msg = format!("terminating connection: protocol violation: {e}");
-                            let _ = wire::send(&mut client_w, &wire::error("FATAL", "08P01", &msg)).await;
-                            return ("protocol_violation", msg);
-                        }
-                        Some(_) => return ("client_closed", "session closed by the client".to_string()),
-                        None if terminate => return ("client_closed", "session closed by the client".to_string()),
-                        None => {}
-                    }
-                }
-                m = to_client.recv() => {
-                    let (batch, _, failed) = gather(m, &mut to_client);
-                    if !batch.is_empty() {
-                        if recorder.send(RecMsg::Data { ch: 0, stream: Stream::Out, data: Bytes::from(batch.clone()), at: Instant::now() }).await.is_err() {
-                            return fatal_end(&mut client_w, "recording_failed", "the recording failed; break-glass sessions never continue unrecorded").await;
-                        }
-                        if wire::send(&mut client_w, &batch).await.is_err() {
-                            return ("client_closed", "session closed by the client".to_string());
-                        }
-                    }
-                    if failed.is_some() {
-                        return ("upstream_closed", "the target closed the connection".to_string());
-                    }
-                }
                 _ = tokio::time::sleep_until(next_warning.unwrap_or(deadline_at)), if next_warning.is_some() => {
                     let (_, w) = warnings.remove(0);
                     let text = format!("breakglass: this session ends in {} (at {})", humantime::format_duration(w), clock::rfc3339(deadline));
                     let _ = recorder.send(RecMsg::Marker { ch: Some(0), label: text.clone(), at: Instant::now() }).await;
-                    let _ = wire::send(&mut client_w, &wire::notice("01000", &text)).await;
+                    let _ = wire::send(&mut *client_w.lock().await, &wire::notice("01000", &text)).await;
                 }
                 _ = tokio::time::sleep_until(deadline_at) => {
-                    return fatal_end(&mut client_w, "deadline", &format!("terminating connection: the break-glass deadline was reached at {}", clock::rfc3339(deadline))).await;
+                    let msg = format!("terminating connection: the break-glass deadline was reached at {}", clock::rfc3339(deadline));
+                    return fatal_end(&mut *client_w.lock().await, "deadline", &msg).await;
                 }
                 _ = revocation_check.tick() => {
                     if let Ok(revs) = gw.store.revocations(std::slice::from_ref(&grant.id)).await {
                         if let Some((_, at)) = revs.first() {
-                            return fatal_end(&mut client_w, "revoked", &format!("terminating connection: your break-glass grant was revoked at {}", clock::rfc3339(*at))).await;
+                            let msg = format!("terminating connection: your break-glass grant was revoked at {}", clock::rfc3339(*at));
+                            return fatal_end(&mut *client_w.lock().await, "revoked", &msg).await;
                         }
                     }
                     if recorder.failure.token.is_cancelled() {
                         let why = recorder.failure.reason().unwrap_or_default();
-                        return fatal_end(&mut client_w, "recording_failed", &format!("the recording failed ({why}); break-glass sessions never continue unrecorded")).await;
+                        let msg = format!("the recording failed ({why}); break-glass sessions never continue unrecorded");
+                        return fatal_end(&mut *client_w.lock().await, "recording_failed", &msg).await;
                     }
                 }
                 _ = gw.shutdown.token.cancelled() => {
-                    return fatal_end(&mut client_w, "gateway_shutdown", "terminating connection: the gateway is shutting down").await;
+                    return fatal_end(&mut *client_w.lock().await, "gateway_shutdown", "terminating connection: the gateway is shutting down").await;
                 }
             }
         }
     };
     tokio::select! {
-        r = pump => r,
-        _ = read_up => ("upstream_closed", "the target closed the connection".into()),
-        _ = read_client => ("client_closed", "session closed by the client".into()),
-    }
-}
-
-/// The first message plus every message already queued behind it (up to 256 KiB), as one
-/// byte batch; whether it holds a Terminate; and the read error that ended the queue, if any.
-fn gather(
-    first: Option<Result<Message, WireError>>,
-    rx: &mut mpsc::Receiver<Result<Message, WireError>>,
-) -> (Vec<u8>, bool, Option<WireError>) {
-    let mut batch = Vec::new();
-    let mut terminate = false;
-    let mut next = first;
-    loop {
-        match next {
-            Some(Ok(m)) => {
-                terminate |= m.tag == b'X';
-                batch.extend_from_slice(&m.frame);
-            }
-            Some(Err(e)) => return (batch, terminate, Some(e)),
-            None if batch.is_empty() => return (batch, terminate, Some(WireError::Closed)),
-            None => return (batch, terminate, None),
-        }
-        if batch.len() >= 256 * 1024 || terminate {
-            return (batch, terminate, None);
-        }
-        next = match rx.try_recv() {
-            Ok(m) => Some(m),
-            Err(mpsc::error::TryRecvError::Empty) => return (batch, terminate, None),
-            Err(mpsc::error::TryRecvError::Disconnected) => None,
-        };
+        r = client_to_up => r,
+        r = up_to_client => r,
+        r = control => r,
     }
 }
 
