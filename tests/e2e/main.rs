@@ -2199,6 +2199,23 @@ async fn psql_through_the_gateway_with_tls_scram_and_a_jit_credential() {
         text(&out.stderr)
     );
 
+    // verify-full: the client checks the gateway's certificate.
+    let mut c = Command::new(require("psql", "postgresql-client"));
+    c.arg(format!(
+        "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode=verify-full sslrootcert={}",
+        w.pg_port,
+        _certs.path().join("cert.pem").display()
+    ))
+    .args(["-XAtc", "select 6*7"])
+    .env("PGPASSWORD", &secret)
+    .stdin(std::process::Stdio::null());
+    let out = output(c).await;
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "42",
+        "verify-full: {}",
+        text(&out.stderr)
+    );
     let out = output(psql("alice", &secret, "require", "select * from nosuch")).await;
     assert!(
         text(&out.stderr).contains("nosuch"),
@@ -2226,7 +2243,7 @@ async fn psql_through_the_gateway_with_tls_scram_and_a_jit_credential() {
             text(&out.stderr)
         );
     }
-    w.wait_ended(4);
+    w.wait_ended(5);
     gw.stop().await;
 
     let sessions = w.sessions();
@@ -2234,7 +2251,7 @@ async fn psql_through_the_gateway_with_tls_scram_and_a_jit_credential() {
         .iter()
         .filter(|s| s["protocol"] == "postgres")
         .collect();
-    assert_eq!(pgs.len(), 4, "{sessions:?}");
+    assert_eq!(pgs.len(), 5, "{sessions:?}");
     for s in pgs {
         let id = s["id"].as_str().expect("id");
         let out = w.cli(&["verify", id]);
