@@ -140,7 +140,11 @@ pub fn events(frames: &[Frame]) -> Vec<Value> {
             (Stream::In, b'F') => be32(b, 0).map(|oid| json!({"event": "function_call", "function_oid": oid})),
             (Stream::In, b'd') | (Stream::Out, b'd') => {
                 if let Some(c) = copy.as_mut() {
-                    c.rows += b.iter().filter(|x| **x == b'\n').count() as u64;
+                    // Text rows end in a newline; a lone `\.` line is the end marker, not a row.
+                    c.rows += b
+                        .split(|x| *x == b'\n')
+                        .filter(|l| !l.is_empty() && *l != b"\\.")
+                        .count() as u64;
                     c.bytes += b.len() as u64;
                     if let Some(h) = c.hash.as_mut() {
                         h.update(b);

@@ -2168,7 +2168,7 @@ async fn a_crash_during_a_store_outage_still_loses_at_most_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_through_the_gateway_with_tls_scram_and_a_jit_credential() {
-    let (_pg, _pgdir, w, gw, _certs) = pg_world("").await;
+    let (_pg, _pgdir, w, gw, _certs) = pg_world("", true).await;
     let (_req, secret) = pg_credential(&w, "30m").await;
 
     let psql = |user: &str, password: &str, sslmode: &str, sql: &str| {
@@ -2299,6 +2299,7 @@ async fn psql_through_the_gateway_with_tls_scram_and_a_jit_credential() {
 /// gateway, certificate dir).
 async fn pg_world(
     extra_limits: &str,
+    tls: bool,
 ) -> (
     Postgres,
     tempfile::TempDir,
@@ -2342,9 +2343,12 @@ async fn pg_world(
     let w = World::with(Opts {
         extra_limits: extra_limits.to_string(),
         extra_config: format!(
-            "[postgres]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
-            cert.display(),
-            key.display(),
+            "{}\n[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
+            if tls {
+                format!("[postgres]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n", cert.display(), key.display())
+            } else {
+                String::new()
+            },
             pg.port
         ),
         ..Default::default()
@@ -2406,7 +2410,7 @@ fn psql_cmd(w: &World, password: &str, sql: &str) -> Command {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_sessions_get_warnings_and_are_cut_at_the_deadline_and_on_revoke() {
-    let (_pg, _pgdir, w, gw, _certs) = pg_world("warn_before = [\"2s\"]").await;
+    let (_pg, _pgdir, w, gw, _certs) = pg_world("warn_before = [\"2s\"]", true).await;
     // Deadline: a 4 s grant; a long query is cut with FATAL 57P01 after a NOTICE.
     let (_req, secret) = pg_credential(&w, "4s").await;
     let mut child = psql_cmd(&w, &secret, "select pg_sleep(30)")
@@ -2473,7 +2477,7 @@ async fn postgres_sessions_get_warnings_and_are_cut_at_the_deadline_and_on_revok
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_cancel_reaches_the_backend_through_the_gateway() {
-    let (pg, _pgdir, w, gw, _certs) = pg_world("").await;
+    let (pg, _pgdir, w, gw, _certs) = pg_world("", true).await;
     let (_req, secret) = pg_credential(&w, "30m").await;
     let mut child = psql_cmd(&w, &secret, "select pg_sleep(30)")
         .spawn()
@@ -2512,7 +2516,8 @@ async fn psql_cancel_reaches_the_backend_through_the_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_postgres_input_gets_a_clear_error_and_no_panic() {
     use std::io::{Read, Write};
-    let (_pg, _pgdir, w, gw, _certs) = pg_world("login_grace = \"1s\"\nmax_connections = 4").await;
+    let (_pg, _pgdir, w, gw, _certs) =
+        pg_world("login_grace = \"1s\"\nmax_connections = 4", true).await;
     let connect = || std::net::TcpStream::connect(("127.0.0.1", w.pg_port)).expect("connect");
     let read_all = |mut s: std::net::TcpStream| {
         s.set_read_timeout(Some(Duration::from_secs(5)))
@@ -2550,7 +2555,7 @@ async fn bad_postgres_input_gets_a_clear_error_and_no_panic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_runs_through_the_gateway_in_every_query_mode() {
-    let (_pg, _pgdir, w, gw, _certs) = pg_world("").await;
+    let (_pg, _pgdir, w, gw, _certs) = pg_world("", true).await;
     let (_req, secret) = pg_credential(&w, "30m").await;
     let conn = format!(
         "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode=require",
@@ -2584,4 +2589,96 @@ async fn pgbench_runs_through_the_gateway_in_every_query_mode() {
         }
     }
     gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_protocol_with_binary_parameters_and_copy_in_are_recorded() {
+    // Without a certificate the listener speaks plain TCP (for clients behind a TLS proxy).
+    let (_pg, _pgdir, w, gw, _certs) = pg_world("", false).await;
+    let (_req, secret) = pg_credential(&w, "30m").await;
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(w.pg_port)
+        .user("alice")
+        .password(secret.as_str())
+        .dbname("orders-db");
+    let (client, conn) = cfg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("tokio-postgres through the gateway");
+    let task = tokio::spawn(conn);
+    // tokio-postgres uses Parse/Bind/Execute with binary parameters.
+    let row = client
+        .query_one("select $1::int4 + 1, $2::text", &[&41i32, &"hello"])
+        .await
+        .expect("query");
+    assert_eq!(row.get::<_, i32>(0), 42);
+    assert_eq!(row.get::<_, String>(1), "hello");
+    client
+        .batch_execute("create table c(x int)")
+        .await
+        .expect("create");
+    drop(client);
+    let _ = task.await;
+    // psql: COPY FROM STDIN and a meta-command.
+    let mut c = Command::new(require("psql", "postgresql-client"));
+    c.arg(format!(
+        "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode=disable",
+        w.pg_port
+    ))
+    .args([
+        "-X",
+        "-c",
+        "\\copy c from stdin",
+        "-c",
+        "\\d c",
+        "-c",
+        "select sum(x) from c",
+    ])
+    .env("PGPASSWORD", &secret)
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().expect("psql");
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"1\n2\n3\n\\.\n")
+            .expect("write");
+    }
+    let out = child.wait_with_output().expect("psql");
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    assert!(said.contains("Table \"public.c\""), "\\d works: {said}");
+    assert!(said.contains(" 6"), "COPY in landed: {said}");
+    w.wait_ended(2);
+    gw.stop().await;
+    let mut all = Vec::new();
+    for s in w.sessions() {
+        for line in export(&w, s["id"].as_str().expect("id")).lines() {
+            let e: Value = serde_json::from_str(line).expect("json");
+            validate("sql-event.schema.json", &e);
+            all.push(e);
+        }
+    }
+    let bind = all
+        .iter()
+        .find(|e| e["event"] == "bind" && e["params"].as_array().is_some_and(|p| p.len() == 2))
+        .expect("a bind with two parameters");
+    assert_eq!(
+        bind["params"][0]["format"], 1,
+        "binary parameter kept: {bind}"
+    );
+    assert_eq!(
+        bind["params"][0]["base64"], "AAAAKQ==",
+        "41 as int4: {bind}"
+    );
+    assert!(
+        all.iter()
+            .any(|e| e["event"] == "copy" && e["copy_direction"] == "in" && e["rows"] == 3),
+        "{all:#?}"
+    );
 }
