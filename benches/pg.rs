@@ -20,7 +20,8 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn tps(conn: &str, password: &str, seconds: u64, clients: u64) -> f64 {
+/// (TPS, average latency in ms) of one pgbench -S run.
+fn tps(conn: &str, password: &str, seconds: u64, clients: u64) -> (f64, f64) {
     let out = Command::new(pg_bin("pgbench"))
         .args([
             "-n",
@@ -45,11 +46,14 @@ fn tps(conn: &str, password: &str, seconds: u64, clients: u64) -> f64 {
         "pgbench failed: {}{said}",
         text(&out.stderr)
     );
-    said.lines()
-        .find_map(|l| l.strip_prefix("tps = "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    let num = |prefix: &str| {
+        said.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    (num("tps = "), num("latency average = "))
 }
 
 fn main() {
@@ -90,10 +94,21 @@ fn main() {
         ),
     )
     .expect("ini");
-    let pgbouncer = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
-        .iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("pgbouncer is missing: apt-get install pgbouncer");
+    let find = || {
+        ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+    };
+    if find().is_none() {
+        eprintln!("installing pgbouncer from Debian");
+        let _ = Command::new("sh")
+            .args([
+                "-c",
+                "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null",
+            ])
+            .status();
+    }
+    let pgbouncer = find().expect("pgbouncer is missing: apt-get install pgbouncer");
     let _ = Command::new("chown")
         .args(["-R", "postgres:postgres"])
         .arg(dir.path())
@@ -208,9 +223,13 @@ fn main() {
             .0
             .push(tps(&via_gateway, &secret, seconds, clients));
     }
-    let best = |v: &Vec<f64>| v.iter().cloned().fold(0.0, f64::max);
+    let best = |v: &Vec<(f64, f64)>| v.iter().map(|r| r.0).fold(0.0, f64::max);
     for (v, name) in &results {
-        println!("  {name:<12} best {:>9.0} TPS  runs {v:?}", best(v));
+        let lat: f64 = v.iter().map(|r| r.1).sum::<f64>() / v.len() as f64;
+        println!(
+            "  {name:<12} best {:>9.0} TPS  avg latency {lat:.3} ms  runs {v:?}",
+            best(v)
+        );
     }
     println!(
         "  ratio gateway/pgbouncer = {:.2}x, gateway/direct = {:.2}x",
