@@ -125,28 +125,7 @@ fn main() {
         format!("host=127.0.0.1 port={bouncer_port} user=bg_dba dbname=postgres sslmode=disable");
 
     // The gateway, release build, with a TLS certificate and the break-glass password.
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let st = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(st.status.success());
+    let (cert, key) = self_signed_cert(dir.path());
     let w = World::with(Opts {
         extra_config: format!(
             "[postgres]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
@@ -156,21 +135,7 @@ fn main() {
         ),
         ..Default::default()
     });
-    let mut set = Command::new(env!("CARGO_BIN_EXE_breakglass"))
-        .args(["vault", "set", "orders-db"])
-        .env("BREAKGLASS_CONFIG", &w.config_path)
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("vault set");
-    {
-        use std::io::Write;
-        set.stdin
-            .take()
-            .expect("stdin")
-            .write_all(b"bench-password\n")
-            .expect("write");
-    }
-    assert!(set.wait().expect("wait").success());
+    w.vault_set("orders-db", "bench-password");
     let _gw = Process::start(&w);
     let grant = w.cli_ok(&[
         "grant",

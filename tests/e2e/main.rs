@@ -1447,22 +1447,7 @@ async fn postgres_password_is_rotated_after_the_grant_ends() {
         ..Default::default()
     });
     // The operator puts the break-glass password in the vault once.
-    let mut c = Command::new(env!("CARGO_BIN_EXE_breakglass"));
-    c.args(["vault", "set", "orders-db"])
-        .env("BREAKGLASS_CONFIG", &w.config_path)
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = c.spawn().expect("vault set");
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(b"initial-bg-password\n")
-            .expect("write");
-    }
-    assert!(child.wait().expect("wait").success());
+    w.vault_set("orders-db", "initial-bg-password");
     w.cli_ok(&["vault", "verify", "orders-db"]);
     let state = std::fs::read(w.path("data/state.sqlite")).expect("state");
     assert!(
@@ -2316,30 +2301,7 @@ async fn pg_world(
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let certs = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    let st = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(st.status.success(), "{}", text(&st.stderr));
+    let (cert, key) = self_signed_cert(certs.path());
     let w = World::with(Opts {
         extra_limits: extra_limits.to_string(),
         extra_config: format!(
@@ -2353,21 +2315,7 @@ async fn pg_world(
         ),
         ..Default::default()
     });
-    let mut c = Command::new(env!("CARGO_BIN_EXE_breakglass"));
-    c.args(["vault", "set", "orders-db"])
-        .env("BREAKGLASS_CONFIG", &w.config_path)
-        .stdin(std::process::Stdio::piped());
-    let mut child = c.spawn().expect("vault set");
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(b"initial-bg-password\n")
-            .expect("write");
-    }
-    assert!(child.wait().expect("wait").success());
+    w.vault_set("orders-db", "initial-bg-password");
     let gw = InProcess::start(&w).await;
     (pg, pgdir, w, gw, certs)
 }

@@ -800,3 +800,53 @@ impl S3Server {
         );
     }
 }
+
+/// A self-signed certificate for 127.0.0.1 (openssl CLI): (cert.pem, key.pem) in `dir`.
+pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = Command::new(require("openssl", "openssl"))
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(out.status.success(), "openssl: {}", text(&out.stderr));
+    (cert, key)
+}
+
+impl World {
+    /// `breakglass vault set TARGET` with the password on stdin, as an operator would.
+    pub fn vault_set(&self, target: &str, password: &str) {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_breakglass"))
+            .args(["vault", "set", target])
+            .env("BREAKGLASS_CONFIG", &self.config_path)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("vault set");
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(format!("{password}\n").as_bytes())
+            .expect("write password");
+        assert!(child.wait().expect("wait").success(), "vault set failed");
+    }
+}
