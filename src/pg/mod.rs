@@ -321,7 +321,19 @@ async fn handle(
             hello.extend_from_slice(&m.frame);
         }
     }
-    let reason = relay(&gw, &mut conn, &mut up, &recorder, &grant, deadline, hello).await;
+    let counts = Counts::default();
+    let reason = relay(
+        &gw,
+        &mut conn,
+        &mut up,
+        &recorder,
+        (&grant, deadline),
+        hello,
+        &counts,
+    )
+    .await;
+    let bytes_in = counts.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
+    let bytes_out = counts.bytes_out.load(std::sync::atomic::Ordering::Relaxed);
     gw.pg_cancel
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -333,8 +345,8 @@ async fn handle(
             ended_at: clock::rfc3339(ended_at),
             end_reason: code.into(),
             end_message: message.clone(),
-            bytes_in: 0,
-            bytes_out: 0,
+            bytes_in,
+            bytes_out,
         })
         .await;
     let _ = gw
@@ -344,8 +356,8 @@ async fn handle(
             &SessionEnd {
                 ended_at,
                 end_reason: code.into(),
-                bytes_in: 0,
-                bytes_out: 0,
+                bytes_in,
+                bytes_out,
             },
         )
         .await;
@@ -362,6 +374,8 @@ async fn handle(
     end.reason = Some(code.into());
     end.message = Some(message);
     end.duration_ms = Some((ended_at - now).num_milliseconds().max(0) as u64);
+    end.bytes_in = Some(bytes_in);
+    end.bytes_out = Some(bytes_out);
     match sealed {
         Ok(meta) => end.chain_head = Some(meta.chain_head),
         Err(e) => {
@@ -629,6 +643,13 @@ fn error_text(body: &[u8]) -> String {
     "unknown error".into()
 }
 
+/// Protocol bytes relayed each way (authentication excluded).
+#[derive(Default)]
+struct Counts {
+    bytes_in: std::sync::atomic::AtomicU64,
+    bytes_out: std::sync::atomic::AtomicU64,
+}
+
 /// Reads one message and every further message already complete in the buffer, as one
 /// batch (at most 256 KiB): one record, one write, one flush per burst. Returns the batch and
 /// whether it holds a Terminate.
@@ -664,9 +685,9 @@ async fn relay(
     conn: &mut Box<dyn Conn>,
     up: &mut TcpStream,
     recorder: &Recorder,
-    grant: &Grant,
-    deadline: chrono::DateTime<chrono::Utc>,
+    (grant, deadline): (&Grant, chrono::DateTime<chrono::Utc>),
     hello: Vec<u8>,
+    counts: &Counts,
 ) -> (&'static str, String) {
     let (client_r, client_w) = tokio::io::split(conn);
     let client_w = tokio::sync::Mutex::new(client_w);
@@ -695,6 +716,9 @@ async fn relay(
                 }
                 Err(_) => return ("client_closed", "session closed by the client".to_string()),
             };
+            counts
+                .bytes_in
+                .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let rec = RecMsg::Data {
                 ch: 0,
                 stream: Stream::In,
@@ -725,6 +749,9 @@ async fn relay(
                     "the target closed the connection".to_string(),
                 );
             };
+            counts
+                .bytes_out
+                .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let rec = RecMsg::Data {
                 ch: 0,
                 stream: Stream::Out,

@@ -2238,6 +2238,10 @@ async fn psql_through_the_gateway_with_tls_scram_and_a_jit_credential() {
         .collect();
     assert_eq!(pgs.len(), 5, "{sessions:?}");
     for s in pgs {
+        assert!(
+            s["bytes_in"].as_u64().unwrap_or(0) > 0 && s["bytes_out"].as_u64().unwrap_or(0) > 0,
+            "{s}"
+        );
         let id = s["id"].as_str().expect("id");
         let out = w.cli(&["verify", id]);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
