@@ -643,6 +643,19 @@ fn error_text(body: &[u8]) -> String {
     "unknown error".into()
 }
 
+/// The first message in a batch whose type a client may not send after startup.
+fn first_unknown_frontend_tag(batch: &[u8]) -> Option<u8> {
+    const FRONTEND: &[u8] = b"BCdcfDEHFPpQSX";
+    let mut at = 0usize;
+    while let (Some(&tag), Some(l)) = (batch.get(at), batch.get(at + 1..at + 5)) {
+        if !FRONTEND.contains(&tag) {
+            return Some(tag);
+        }
+        at += 1 + i32::from_be_bytes([l[0], l[1], l[2], l[3]]).max(4) as usize;
+    }
+    None
+}
+
 /// Protocol bytes relayed each way (authentication excluded).
 #[derive(Default)]
 struct Counts {
@@ -703,7 +716,16 @@ async fn relay(
     let client_to_up = async {
         let mut r = tokio::io::BufReader::with_capacity(64 * 1024, client_r);
         loop {
-            let (batch, terminate) = match read_batch(&mut r).await {
+            let (batch, terminate) = match read_batch(&mut r).await.and_then(|(b, t)| {
+                // Only frontend message types reach the target.
+                match first_unknown_frontend_tag(&b) {
+                    Some(tag) => Err(WireError::Malformed(format!(
+                        "unknown frontend message type {:?}",
+                        tag as char
+                    ))),
+                    None => Ok((b, t)),
+                }
+            }) {
                 Ok(x) => x,
                 Err(e @ (WireError::TooLong { .. } | WireError::Malformed(_))) => {
                     let msg = format!("terminating connection: protocol violation: {e}");

@@ -2634,3 +2634,81 @@ async fn extended_protocol_with_binary_parameters_and_copy_in_are_recorded() {
         "{all:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_oversized_messages_after_login_get_fatal_08p01() {
+    use breakglass::pg::{scram, wire};
+    let (_pg, _pgdir, w, gw, _certs) = pg_world("", false).await;
+    let (_req, secret) = pg_credential(&w, "30m").await;
+    // A hand-rolled client: startup, SCRAM, then a bad message.
+    async fn login(port: u16, secret: &str) -> tokio::net::TcpStream {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let body = b"user\0alice\0database\0orders-db\0\0";
+        let mut pkt = ((8 + body.len()) as i32).to_be_bytes().to_vec();
+        pkt.extend_from_slice(&wire::PROTOCOL_3.to_be_bytes());
+        pkt.extend_from_slice(body);
+        wire::send(&mut s, &pkt).await.expect("startup");
+        let mut ex = None;
+        loop {
+            let m = wire::read_message(&mut s, 1 << 20).await.expect("message");
+            let b = m.body();
+            match (
+                m.tag,
+                b.get(..4)
+                    .map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]])),
+            ) {
+                (b'R', Some(10)) => {
+                    let (e, first) = scram::ClientExchange::start(secret);
+                    let mut p = b"SCRAM-SHA-256\0".to_vec();
+                    p.extend_from_slice(&(first.len() as i32).to_be_bytes());
+                    p.extend_from_slice(first.as_bytes());
+                    wire::send(&mut s, &wire::message(b'p', &p))
+                        .await
+                        .expect("send");
+                    ex = Some(e);
+                }
+                (b'R', Some(11)) => {
+                    let e = ex.as_mut().expect("exchange");
+                    let fin = e
+                        .respond(&String::from_utf8_lossy(&b[4..]))
+                        .expect("respond");
+                    wire::send(&mut s, &wire::message(b'p', fin.as_bytes()))
+                        .await
+                        .expect("send");
+                }
+                (b'Z', _) => return s,
+                (b'E', _) => panic!("login refused: {}", String::from_utf8_lossy(b)),
+                _ => {}
+            }
+        }
+    }
+    async fn fatal_after(mut s: tokio::net::TcpStream, bytes: &[u8]) -> String {
+        use tokio::io::AsyncReadExt;
+        wire::send(&mut s, bytes).await.expect("send");
+        let mut v = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut v)).await;
+        String::from_utf8_lossy(&v).into_owned()
+    }
+    let s = login(w.pg_port, &secret).await;
+    let got = fatal_after(s, &wire::message(b'Z', b"")).await;
+    assert!(
+        got.contains("08P01") && got.contains("unknown frontend message type"),
+        "{got:?}"
+    );
+    let s = login(w.pg_port, &secret).await;
+    let mut huge = vec![b'Q'];
+    huge.extend_from_slice(&(200_000_000i32).to_be_bytes());
+    let got = fatal_after(s, &huge).await;
+    assert!(got.contains("08P01") && got.contains("limit"), "{got:?}");
+    w.wait_ended(2);
+    gw.stop().await;
+    let ended: Vec<String> = w
+        .siem_events()
+        .iter()
+        .filter(|e| e["action"] == "session_end")
+        .map(|e| e["reason"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(ended, vec!["protocol_violation", "protocol_violation"]);
+}
