@@ -663,6 +663,24 @@ struct Counts {
     bytes_out: std::sync::atomic::AtomicU64,
 }
 
+/// Counts a batch and hands it to the recorder (a reference-counted copy, no byte copy).
+/// False means the recorder refused it and the session must end.
+async fn tap(
+    recorder: &Recorder,
+    counter: &std::sync::atomic::AtomicU64,
+    stream: Stream,
+    batch: &Bytes,
+) -> bool {
+    counter.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let rec = RecMsg::Data {
+        ch: 0,
+        stream,
+        data: batch.clone(),
+        at: Instant::now(),
+    };
+    recorder.send(rec).await.is_ok()
+}
+
 /// Reads one message and every further message already complete in the buffer, as one
 /// batch (at most 256 KiB): one record, one write, one flush per burst. Returns the batch and
 /// whether it holds a Terminate.
@@ -738,16 +756,8 @@ async fn relay(
                 }
                 Err(_) => return ("client_closed", "session closed by the client".to_string()),
             };
-            counts
-                .bytes_in
-                .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            let rec = RecMsg::Data {
-                ch: 0,
-                stream: Stream::In,
-                data: Bytes::from(batch.clone()),
-                at: Instant::now(),
-            };
-            if recorder.send(rec).await.is_err() {
+            let batch = Bytes::from(batch);
+            if !tap(recorder, &counts.bytes_in, Stream::In, &batch).await {
                 return fatal_end(
                     &mut *client_w.lock().await,
                     "recording_failed",
@@ -771,16 +781,8 @@ async fn relay(
                     "the target closed the connection".to_string(),
                 );
             };
-            counts
-                .bytes_out
-                .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            let rec = RecMsg::Data {
-                ch: 0,
-                stream: Stream::Out,
-                data: Bytes::from(batch.clone()),
-                at: Instant::now(),
-            };
-            if recorder.send(rec).await.is_err() {
+            let batch = Bytes::from(batch);
+            if !tap(recorder, &counts.bytes_out, Stream::Out, &batch).await {
                 return fatal_end(
                     &mut *client_w.lock().await,
                     "recording_failed",
