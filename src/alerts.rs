@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::siem::{AccessEvent, Action};
@@ -123,7 +122,9 @@ pub fn alertable(e: &AccessEvent) -> bool {
         Action::ReviewOverdue => true,
         Action::ReviewOpened | Action::ReviewSigned | Action::CredentialIssued => false,
         Action::CredentialRotated => e.outcome == "failure",
-        Action::RecordingCheckpoint => false,
+        Action::RecordingCheckpoint | Action::Command | Action::Statement | Action::SiemTest => {
+            false
+        }
         Action::SessionEnd
         | Action::SessionDenied
         | Action::SessionExpired
@@ -184,7 +185,10 @@ pub fn summary(e: &AccessEvent) -> String {
         | Action::ReviewOpened
         | Action::ReviewSigned
         | Action::CredentialIssued
-        | Action::RecordingCheckpoint => {
+        | Action::RecordingCheckpoint
+        | Action::Command
+        | Action::Statement
+        | Action::SiemTest => {
             format!("[breakglass] {} {who} {target} ({incident})", e.action.as_str())
         }
     }
@@ -282,69 +286,16 @@ async fn deliver(
     tracing::error!(host = %hook.url.host, "alert not delivered after 5 attempts");
 }
 
-/// A minimal HTTP/1.1 POST (`Connection: close`); returns the status code.
+/// Posts the alert; returns the status code.
 async fn post(
     hook: &Webhook,
     body: &[u8],
     tls: Arc<tokio_rustls::rustls::ClientConfig>,
 ) -> Result<u16, String> {
-    let url = &hook.url;
-    let tcp = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
+    let headers: Vec<(String, String)> = hook.header.iter().cloned().collect();
+    crate::httpc::post(&hook.url, &headers, body, tls)
         .await
-        .map_err(|e| format!("connect {}:{}: {e}", url.host, url.port))?;
-    let _ = tcp.set_nodelay(true);
-    let mut head = format!(
-        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nUser-Agent: breakglass\r\nConnection: close\r\n",
-        url.path,
-        url.host,
-        body.len()
-    );
-    if let Some((k, v)) = &hook.header {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    if url.tls {
-        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(url.host.clone())
-            .map_err(|e| format!("bad TLS server name {}: {e}", url.host))?;
-        let mut s = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        exchange(&mut s, head.as_bytes(), body).await
-    } else {
-        let mut s = tcp;
-        exchange(&mut s, head.as_bytes(), body).await
-    }
-}
-
-async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
-    s: &mut S,
-    head: &[u8],
-    body: &[u8],
-) -> Result<u16, String> {
-    s.write_all(head).await.map_err(|e| e.to_string())?;
-    s.write_all(body).await.map_err(|e| e.to_string())?;
-    s.flush().await.map_err(|e| e.to_string())?;
-    // Only the status line matters; read at most 8 KiB of the response.
-    let mut buf = vec![0u8; 8192];
-    let mut n = 0;
-    while n < buf.len() {
-        let m = s.read(&mut buf[n..]).await.map_err(|e| e.to_string())?;
-        if m == 0 {
-            break;
-        }
-        n += m;
-        if buf[..n].windows(2).any(|w| w == b"\r\n") {
-            break;
-        }
-    }
-    let line = String::from_utf8_lossy(&buf[..n]);
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse::<u16>().ok())
-        .ok_or_else(|| "no HTTP status line in the response".to_string())?;
-    Ok(status)
+        .map(|r| r.status)
 }
 
 /// TLS settings for webhooks: the Mozilla roots plus an optional extra CA file (PEM).

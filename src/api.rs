@@ -300,10 +300,78 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({ "ok": true }))
 }
 
+/// Prometheus text exposition: SIEM delivery per sink, alerts and live sessions. Counts only,
+/// no names or secrets, so it is served without a token like `/healthz`.
+async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    let stats = gw.siem.stats().await;
+    type Series = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&crate::siem::SinkStats) -> f64,
+    );
+    let series: [Series; 4] = [
+        (
+            "breakglass_siem_queued_events",
+            "gauge",
+            "Events spooled but not yet acknowledged by the sink.",
+            |s| s.queued as f64,
+        ),
+        (
+            "breakglass_siem_delivered_events_total",
+            "counter",
+            "Events the sink acknowledged.",
+            |s| s.delivered as f64,
+        ),
+        (
+            "breakglass_siem_failed_deliveries_total",
+            "counter",
+            "Delivery attempts that failed (each is retried).",
+            |s| s.failed as f64,
+        ),
+        (
+            "breakglass_siem_oldest_undelivered_age_seconds",
+            "gauge",
+            "Age of the oldest event the sink has not acknowledged.",
+            |s| s.oldest_age_secs,
+        ),
+    ];
+    for (name, kind, help, f) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for s in &stats {
+            let _ = writeln!(out, "{name}{{sink=\"{}\"}} {}", s.sink, f(s));
+        }
+    }
+    let a = &gw.alerter.stats;
+    for (name, v) in [
+        ("breakglass_alerts_sent_total", a.sent.load(Relaxed)),
+        ("breakglass_alerts_failed_total", a.failed.load(Relaxed)),
+        ("breakglass_alerts_dropped_total", a.dropped.load(Relaxed)),
+    ] {
+        let _ = writeln!(out, "# TYPE {name} counter\n{name} {v}");
+    }
+    let _ = writeln!(
+        out,
+        "# TYPE breakglass_live_sessions gauge\nbreakglass_live_sessions {}",
+        gw.live_sessions().len()
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+}
+
 /// The API routes.
 pub fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
         .route("/api/v1/requests", get(list_requests).post(create_request))
         .route("/api/v1/requests/{id}/approve", post(approve))

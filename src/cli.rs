@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use breakglass::config::Config;
 use breakglass::record::{asciicast, export};
-use breakglass::siem::{AccessEvent, Action, JsonlFileSink};
+use breakglass::siem::{AccessEvent, Action, Siem};
 use breakglass::state::{NewGrant, SessionFilter, SqliteStore, Store};
 use breakglass::storage::RecordingStore;
 use breakglass::{clock, keys};
@@ -141,6 +141,19 @@ enum Command {
         #[command(subcommand)]
         cmd: VaultCmd,
     },
+    /// SIEM delivery: test each sink, or show the spool's backlog per sink.
+    Siem {
+        #[arg(
+            long,
+            short,
+            env = "BREAKGLASS_CONFIG",
+            global = true,
+            default_value = "config/breakglass.toml"
+        )]
+        config: PathBuf,
+        #[command(subcommand)]
+        cmd: SiemCmd,
+    },
     /// Check recordings against their hash chain, signed manifest and the SIEM copy.
     /// Exit 0 OK, 2 INCOMPLETE, 3 TAMPERED, 1 error.
     Verify {
@@ -231,6 +244,18 @@ enum SessionsCmd {
         #[arg(long)]
         limit: Option<u32>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SiemCmd {
+    /// Send a `siem_test` event straight to every sink and report each result (exit 1 if
+    /// any failed). The event does not go through the spool.
+    Test,
+    /// Queued, delivered and failed events and the oldest undelivered age, per sink.
+    Status {
+        #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
 }
@@ -332,6 +357,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::AccessReview { config, since } => access_review(&config, &since).await,
         Command::Vault { config, cmd } => vault(&config, cmd).await,
+        Command::Siem { config, cmd } => siem(&config, cmd).await,
         Command::Verify {
             session,
             config,
@@ -460,6 +486,12 @@ async fn check_config(file: &Path, offline: bool) -> Result<ExitCode> {
         }
     }
     check(
+        format!("SIEM spool {}", cfg.siem.spool.display()),
+        Siem::open(cfg.siem.clone())
+            .map(|_| String::new())
+            .map_err(Into::into),
+    );
+    check(
         format!("SIEM file {}", cfg.siem_file.display()),
         std::fs::OpenOptions::new()
             .create(true)
@@ -525,7 +557,7 @@ fn operator() -> String {
 async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
     let store = open_state(&cfg)?;
-    let siem = JsonlFileSink::open(&cfg.siem_file)?;
+    let siem = std::sync::Arc::new(Siem::open(cfg.siem.clone())?);
     match cmd {
         GrantCmd::Add {
             person,
@@ -836,6 +868,72 @@ async fn verify(
         println!("(no sessions)");
     }
     Ok(ExitCode::from(worst))
+}
+
+async fn siem(config: &Path, cmd: SiemCmd) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let siem = Siem::open(cfg.siem.clone())?;
+    match cmd {
+        SiemCmd::Test => {
+            let mut e = AccessEvent::new(Action::SiemTest, &operator());
+            e.message = Some("breakglass siem test: if you can read this, the sink works".into());
+            let mut failed = 0;
+            for (name, r) in siem.test(&e).await {
+                let kind = siem
+                    .sinks()
+                    .iter()
+                    .find(|s| s.name == name)
+                    .map(|s| s.kind_name())
+                    .unwrap_or("?");
+                match r {
+                    Ok(()) => println!("ok      {name} ({kind})"),
+                    Err(why) => {
+                        failed += 1;
+                        println!("FAILED  {name} ({kind}): {why}");
+                    }
+                }
+            }
+            println!("test event id {}", e.event_id);
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        SiemCmd::Status { format } => {
+            let stats = siem.stats().await;
+            if matches!(format, Format::Json) {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rows: Vec<Vec<String>> = stats
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.sink.clone(),
+                        s.queued.to_string(),
+                        s.delivered.to_string(),
+                        s.failed.to_string(),
+                        format!("{:.1}", s.oldest_age_secs),
+                        s.last_error.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            print_rows(
+                format,
+                &[
+                    "sink",
+                    "queued",
+                    "delivered",
+                    "failed",
+                    "oldest_age_s",
+                    "last_error",
+                ],
+                &rows,
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 async fn vault(config: &Path, cmd: VaultCmd) -> Result<ExitCode> {

@@ -182,6 +182,50 @@ struct RawStorage {
 #[serde(deny_unknown_fields)]
 struct RawSiem {
     file: Option<PathBuf>,
+    /// Format of the default file: seed (default), ocsf or cef.
+    format: Option<String>,
+    /// Put per-action events (commands, SQL statements) in the default file too.
+    #[serde(default)]
+    actions: bool,
+    /// Rotate the default file at this size, e.g. "100MiB".
+    rotate: Option<String>,
+    spool: Option<PathBuf>,
+    spool_max_events: Option<u64>,
+    fail_closed_backlog: Option<u64>,
+    #[serde(default)]
+    sinks: Vec<RawSink>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    name: String,
+    /// file | syslog | splunk_hec | webhook
+    kind: String,
+    format: Option<String>,
+    #[serde(default)]
+    actions: bool,
+    batch: Option<usize>,
+    timeout: Option<String>,
+    // file
+    path: Option<PathBuf>,
+    rotate: Option<String>,
+    // syslog
+    address: Option<String>,
+    /// tcp (default) | tls | udp
+    transport: Option<String>,
+    ca_file: Option<PathBuf>,
+    server_name: Option<String>,
+    app_name: Option<String>,
+    // http
+    url: Option<String>,
+    token: Option<String>,
+    token_env: Option<String>,
+    #[serde(default)]
+    ack: bool,
+    index: Option<String>,
+    hmac_secret: Option<String>,
+    hmac_secret_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -227,6 +271,8 @@ pub struct Config {
     pub s3: Option<S3Config>,
     /// JSONL file the SIEM events are appended to.
     pub siem_file: PathBuf,
+    /// The spool and every SIEM sink (the default file is the sink named `file`).
+    pub siem: crate::siem::SiemSettings,
     /// Session and grant limits.
     pub limits: Limits,
     /// Where alerts go.
@@ -403,6 +449,222 @@ pub struct Limits {
     pub storage_grace: Duration,
     /// How often a live session sends its recording's chain head to the SIEM.
     pub checkpoint_interval: Duration,
+}
+
+/// A size such as `100MiB`, `64KiB`, `1GB` or a plain byte count.
+fn parse_size(key: &str, s: &str) -> Result<u64, ConfigError> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| invalid(key, format!("`{s}` is not a size like \"100MiB\"")))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(invalid(
+                key,
+                format!("unknown unit `{other}` (use B, KiB, MiB, GiB, KB, MB or GB)"),
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| invalid(key, format!("`{s}` is too large")))
+}
+
+/// A secret given inline or, better, through an environment variable.
+fn secret(
+    key: &str,
+    inline: Option<String>,
+    env: Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    match (inline, env) {
+        (Some(_), Some(_)) => Err(invalid(
+            key,
+            "set either the value or the _env name, not both",
+        )),
+        (Some(v), None) => Ok(Some(v)),
+        (None, Some(var)) => std::env::var(&var).map(Some).map_err(|_| {
+            invalid(
+                format!("{key}_env"),
+                format!("environment variable {var} is not set"),
+            )
+        }),
+        (None, None) => Ok(None),
+    }
+}
+
+fn siem_settings(
+    raw: RawSiem,
+    file: &Path,
+    data_dir: &Path,
+) -> Result<crate::siem::SiemSettings, ConfigError> {
+    use crate::siem::{Format, SinkConfig, SinkKind, Transport};
+    let format = |key: &str, v: Option<String>| -> Result<Format, ConfigError> {
+        let v = v.unwrap_or_else(|| "seed".into());
+        Format::parse(&v).ok_or_else(|| {
+            invalid(
+                key,
+                format!("`{v}` is not one of \"seed\", \"ocsf\", \"cef\""),
+            )
+        })
+    };
+    let rotate = |key: &str, v: Option<String>| -> Result<u64, ConfigError> {
+        match v {
+            None => Ok(100 << 20),
+            Some(v) => {
+                let n = parse_size(key, &v)?;
+                if n < 4096 {
+                    return Err(invalid(key, "must be at least 4KiB"));
+                }
+                Ok(n)
+            }
+        }
+    };
+    let mut settings = crate::siem::SiemSettings::file_only(
+        file,
+        &raw.spool
+            .map(|p| expand_home(&p))
+            .unwrap_or_else(|| data_dir.join("siem-spool.sqlite")),
+    );
+    settings.sinks[0].format = format("siem.format", raw.format)?;
+    settings.sinks[0].actions = raw.actions;
+    settings.sinks[0].kind = SinkKind::File {
+        path: file.to_path_buf(),
+        rotate_bytes: rotate("siem.rotate", raw.rotate)?,
+    };
+    if let Some(n) = raw.spool_max_events {
+        if n == 0 {
+            return Err(invalid("siem.spool_max_events", "must be more than zero"));
+        }
+        settings.spool_max_events = n;
+    }
+    settings.fail_closed_backlog = raw.fail_closed_backlog;
+    for (i, r) in raw.sinks.into_iter().enumerate() {
+        let key = format!("siem.sinks[{i}]");
+        let k = |f: &str| format!("{key}.{f}");
+        if r.name.is_empty()
+            || !r
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(k("name"), "use letters, digits, - and _"));
+        }
+        if settings.sinks.iter().any(|s| s.name == r.name) {
+            return Err(invalid(
+                k("name"),
+                format!("`{}` is used twice (`file` is the default file)", r.name),
+            ));
+        }
+        let need = |f: &str, v: Option<String>| -> Result<String, ConfigError> {
+            v.filter(|v| !v.is_empty())
+                .ok_or_else(|| invalid(k(f), format!("required for kind = \"{}\"", r.kind)))
+        };
+        let url = |v: Option<String>| -> Result<crate::alerts::Url, ConfigError> {
+            crate::alerts::Url::parse(&need("url", v)?).map_err(|e| invalid(k("url"), e))
+        };
+        let ca_file = r.ca_file.map(|p| expand_home(&p));
+        if let Some(p) = &ca_file {
+            if !p.is_file() {
+                return Err(invalid(
+                    k("ca_file"),
+                    format!("{} is not a file", p.display()),
+                ));
+            }
+        }
+        let kind = match r.kind.as_str() {
+            "file" => SinkKind::File {
+                path: r
+                    .path
+                    .map(|p| expand_home(&p))
+                    .ok_or_else(|| invalid(k("path"), "required for kind = \"file\""))?,
+                rotate_bytes: rotate(&k("rotate"), r.rotate)?,
+            },
+            "syslog" => {
+                let address = need("address", r.address)?;
+                if !address.contains(':') {
+                    return Err(invalid(
+                        k("address"),
+                        format!("`{address}` needs a port, e.g. 127.0.0.1:6514"),
+                    ));
+                }
+                let transport = match r.transport.as_deref().unwrap_or("tcp") {
+                    "tcp" => Transport::Tcp,
+                    "tls" => Transport::Tls,
+                    "udp" => Transport::Udp,
+                    other => {
+                        return Err(invalid(
+                            k("transport"),
+                            format!("`{other}` is not one of \"tcp\", \"tls\", \"udp\""),
+                        ))
+                    }
+                };
+                SinkKind::Syslog {
+                    address,
+                    transport,
+                    ca_file,
+                    server_name: r.server_name,
+                    app_name: r.app_name.unwrap_or_else(|| "breakglass".into()),
+                }
+            }
+            "splunk_hec" => {
+                let mut url = url(r.url)?;
+                if url.path == "/" {
+                    url.path = "/services/collector/event".into();
+                }
+                SinkKind::SplunkHec {
+                    url,
+                    token: secret(&k("token"), r.token, r.token_env)?.ok_or_else(|| {
+                        invalid(
+                            k("token"),
+                            "required for kind = \"splunk_hec\" (or token_env)",
+                        )
+                    })?,
+                    ack: r.ack,
+                    index: r.index,
+                    ca_file,
+                }
+            }
+            "webhook" => SinkKind::Webhook {
+                url: url(r.url)?,
+                bearer: secret(&k("token"), r.token, r.token_env)?,
+                hmac_secret: secret(&k("hmac_secret"), r.hmac_secret, r.hmac_secret_env)?,
+                ca_file,
+            },
+            other => {
+                return Err(invalid(
+                    k("kind"),
+                    format!(
+                        "`{other}` is not one of \"file\", \"syslog\", \"splunk_hec\", \"webhook\""
+                    ),
+                ))
+            }
+        };
+        let batch = r.batch.unwrap_or(100);
+        if batch == 0 || batch > 10_000 {
+            return Err(invalid(k("batch"), "must be between 1 and 10000"));
+        }
+        let timeout = parse_duration(&k("timeout"), r.timeout.as_deref().unwrap_or("10s"))?;
+        if timeout.is_zero() {
+            return Err(invalid(k("timeout"), "must be more than zero"));
+        }
+        settings.sinks.push(SinkConfig {
+            name: r.name,
+            format: format(&k("format"), r.format)?,
+            actions: r.actions,
+            batch,
+            timeout,
+            kind,
+        });
+    }
+    Ok(settings)
 }
 
 fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
@@ -755,8 +1017,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let siem_file = raw
         .siem
         .file
+        .clone()
         .map(|p| expand_home(&p))
         .unwrap_or_else(|| data_dir.join("siem.jsonl"));
+    let siem = siem_settings(raw.siem, &siem_file, &data_dir)?;
 
     let l = raw.limits;
     let dur = |key: &str, v: Option<String>, default: &str| -> Result<Duration, ConfigError> {
@@ -867,6 +1131,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         storage_dir,
         s3,
         siem_file,
+        siem,
         limits: Limits {
             max_session_ttl,
             default_grant_ttl,

@@ -34,6 +34,7 @@ pub mod config;
 pub mod control;
 pub mod credential;
 pub mod grant;
+pub mod httpc;
 pub mod keys;
 pub mod pg;
 pub mod record;

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use crate::config::{Built, Config};
 use crate::keys::GatewayKeys;
 use crate::shutdown::Shutdown;
-use crate::siem::{EventSink, JsonlFileSink};
+use crate::siem::Siem;
 use crate::ssh::session::LiveSession;
 use crate::state::{SqliteStore, Store};
 use crate::storage::RecordingStore;
@@ -27,7 +27,9 @@ pub struct Gateway {
     pub keys: GatewayKeys,
     pub store: Arc<dyn Store>,
     pub recordings: RecordingStore,
-    pub siem: Arc<dyn EventSink>,
+    pub siem: Arc<Siem>,
+    /// Stops the SIEM delivery workers, after the sessions' end events are spooled.
+    pub siem_stop: tokio_util::sync::CancellationToken,
     /// Signs recording manifests.
     pub signer: Arc<crate::signing::Signer>,
     /// Webhook alerts; never blocks.
@@ -86,7 +88,8 @@ impl Gateway {
         let keys = GatewayKeys::load_or_create(&config.data_dir)?;
         let store = SqliteStore::open(&config.state_path())?;
         let recordings = RecordingStore::from_config(&config)?;
-        let siem = JsonlFileSink::open(&config.siem_file)?;
+        let siem_stop = tokio_util::sync::CancellationToken::new();
+        let siem = Siem::open(config.siem.clone())?.start(siem_stop.clone())?;
         let signer = Arc::new(crate::signing::Signer::load_or_create(&config.data_dir)?);
         let tls = crate::alerts::tls_config(config.alerts_ca_file.as_deref()).map_err(|e| {
             crate::config::ConfigError::Invalid {
@@ -101,7 +104,8 @@ impl Gateway {
             keys,
             store: Arc::new(store),
             recordings,
-            siem: Arc::new(siem),
+            siem,
+            siem_stop,
             signer,
             alerter,
             live: Mutex::new(HashMap::new()),
@@ -112,7 +116,7 @@ impl Gateway {
 
     /// Writes an audit event to the SIEM sink and the incident event store.
     pub async fn audit(&self, e: &crate::siem::AccessEvent) -> Result<(), crate::siem::SiemError> {
-        let res = crate::siem::audit(self.siem.as_ref(), self.store.as_ref(), e).await;
+        let res = crate::siem::audit(&self.siem, self.store.as_ref(), e).await;
         let custodians = e
             .target
             .as_ref()
@@ -216,8 +220,9 @@ pub async fn start(
         shutdown.await;
         tracing::info!("shutting down: no new connections, ending live sessions");
         // Drain order: stop accepting → end sessions (each seals its recording and emits its
-        // end event) → wait for session tasks → exit. The SIEM file sink is synchronous, so
-        // every event is already durable.
+        // end event) → wait for session tasks → give the SIEM workers a moment to deliver →
+        // exit. Every event is already in the durable spool; what is not delivered now is
+        // delivered by the next start.
         gw.shutdown.token.cancel();
         accept.abort();
         if let Some(pg) = pg {
@@ -233,6 +238,13 @@ pub async fn start(
         {
             tracing::warn!("sessions did not finish sealing within 30s");
         }
+        let flush_until = tokio::time::Instant::now() + Duration::from_secs(3);
+        while tokio::time::Instant::now() < flush_until
+            && gw.siem.stats().await.iter().any(|s| s.queued > 0)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        gw.siem_stop.cancel();
         watcher.abort();
         expiry.abort();
         overdue.abort();

@@ -33,6 +33,33 @@ fn cstr(b: &[u8], at: usize) -> Option<(String, usize)> {
     ))
 }
 
+/// The SQL of every simple Query and Parse in a batch of whole frontend messages, for
+/// per-statement SIEM events. Anything that does not frame cleanly ends the scan.
+pub fn statements(batch: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let (Some(&tag), Some(len)) = (batch.get(at), be32(batch, at + 1)) {
+        let Some(body) = usize::try_from(len)
+            .ok()
+            .filter(|l| *l >= 4)
+            .and_then(|l| batch.get(at + 5..at + 1 + l))
+        else {
+            break;
+        };
+        match tag {
+            b'Q' => out.extend(cstr(body, 0).map(|(q, _)| q)),
+            b'P' => {
+                if let Some((q, _)) = cstr(body, 0).and_then(|(_, next)| cstr(body, next)) {
+                    out.push(q);
+                }
+            }
+            _ => {}
+        }
+        at += 1 + len as usize;
+    }
+    out
+}
+
 fn error_fields(b: &[u8]) -> Value {
     let mut out = serde_json::Map::new();
     let mut at = 0;
@@ -201,6 +228,19 @@ pub fn events(frames: &[Frame]) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statements_come_from_query_and_parse() {
+        let mut b = crate::pg::wire::message(b'Q', b"select 1\0");
+        b.extend(crate::pg::wire::message(b'P', b"s1\0select $1\0\0\0"));
+        b.extend(crate::pg::wire::message(b'S', b""));
+        assert_eq!(statements(&b), ["select 1", "select $1"]);
+        assert!(statements(&[b'Q', 0, 0, 0, 2]).is_empty(), "bad length");
+        assert!(
+            statements(&[b'Q', 0, 0, 0, 50, b'x']).is_empty(),
+            "truncated"
+        );
+    }
 
     fn frame(stream: Stream, tag: u8, body: &[u8]) -> Frame {
         Frame {

@@ -316,6 +316,10 @@ pub struct RecorderSettings {
     pub signer: Arc<crate::signing::Signer>,
 }
 
+/// Called by the recorder for every command it sees (channel, text, uncertain): SSH exec
+/// requests, lines typed at a shell, and PostgreSQL Query/Parse SQL. Must not block.
+pub type ActionHook = Arc<dyn Fn(u32, &str, bool) + Send + Sync>;
+
 impl Recorder {
     /// Opens the recording: writes `session-start.json` (create-only) and starts the recorder
     /// task. An error here means the session must be refused.
@@ -324,6 +328,17 @@ impl Recorder {
         prefix: String,
         info: SessionInfo,
         settings: RecorderSettings,
+    ) -> Result<Recorder, StorageError> {
+        Recorder::open_with_actions(store, prefix, info, settings, None).await
+    }
+
+    /// [`Recorder::open`], also reporting each command to `actions` (per-action SIEM events).
+    pub async fn open_with_actions(
+        store: RecordingStore,
+        prefix: String,
+        info: SessionInfo,
+        settings: RecorderSettings,
+        actions: Option<ActionHook>,
     ) -> Result<Recorder, StorageError> {
         let RecorderSettings {
             flush_interval,
@@ -369,6 +384,7 @@ impl Recorder {
             spool_dir,
             outage_since: None,
             checkpoint: checkpoint.clone(),
+            actions,
         };
         tokio::spawn(task.run(rx, flush_interval));
         Ok(Recorder {
@@ -472,6 +488,8 @@ struct RecorderTask {
     outage_since: Option<Instant>,
     /// Shared with the session for periodic checkpoint events.
     checkpoint: Arc<Mutex<(String, usize)>>,
+    /// Per-action SIEM events.
+    actions: Option<ActionHook>,
 }
 
 fn secs(d: Duration) -> f64 {
@@ -579,6 +597,7 @@ impl RecorderTask {
                 at,
             } => {
                 let info = self.info.clone();
+                let hook = self.actions.clone();
                 let c = self.chan(ch, at);
                 c.start = at;
                 c.meta.started_at = crate::clock::rfc3339(crate::clock::now());
@@ -588,6 +607,9 @@ impl RecorderTask {
                         c.sftp = Some(transfer::SftpTracker::new());
                     }
                     ChannelKind::Exec { command } => {
+                        if let Some(hook) = &hook {
+                            hook(ch, command, false);
+                        }
                         if let Some((dir, path)) = transfer::scp_direction(command) {
                             c.scp = Some(transfer::ScpTracker::new(dir, path));
                         }
@@ -653,6 +675,8 @@ impl RecorderTask {
                 data,
                 at,
             } => {
+                let hook = self.actions.clone();
+                let is_pg = self.info.protocol == "postgres";
                 let c = self.chan(ch, at);
                 let t = secs(at.saturating_duration_since(c.start));
                 if !c.header_done {
@@ -669,8 +693,18 @@ impl RecorderTask {
                     Stream::In => c.meta.bytes_in += data.len() as u64,
                     Stream::Out | Stream::Err => c.meta.bytes_out += data.len() as u64,
                 }
+                if let (Some(hook), true) = (&hook, stream == Stream::In) {
+                    if is_pg {
+                        for sql in crate::pg::log::statements(&data) {
+                            hook(ch, &sql, false);
+                        }
+                    }
+                }
                 if let Some(ed) = c.editor.as_mut().filter(|_| stream == Stream::In) {
                     for cmd in ed.feed(&data) {
+                        if let Some(hook) = &hook {
+                            hook(ch, &cmd.text, cmd.uncertain);
+                        }
                         c.meta.commands.push(CommandMeta {
                             time: t,
                             text: cmd.text,

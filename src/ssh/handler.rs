@@ -253,7 +253,7 @@ impl Handler {
             started_at: clock::rfc3339(now),
             deadline: clock::rfc3339(deadline),
         };
-        let recorder = match Recorder::open(
+        let recorder = match Recorder::open_with_actions(
             gw.recordings.clone(),
             prefix.clone(),
             info.clone(),
@@ -264,6 +264,7 @@ impl Handler {
                 spool_dir: gw.config.data_dir.join("spool"),
                 signer: gw.signer.clone(),
             },
+            gw.siem.action_hook(&info, grant.correlation_id()),
         )
         .await
         {
@@ -509,7 +510,7 @@ impl Drop for Handler {
                 let ev = self.denial_event(&d, None);
                 let siem = self.gw.siem.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = siem.emit(&ev).await {
+                    if let Err(e) = crate::siem::EventSink::emit(&siem, &ev).await {
                         tracing::error!(error = %e, "could not write SIEM denial event");
                     }
                 });

@@ -819,6 +819,9 @@ pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
             "/CN=127.0.0.1",
             "-addext",
             "subjectAltName=IP:127.0.0.1",
+            // An end-entity certificate (rustls refuses a CA certificate as a server's).
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
             "-keyout",
         ])
         .arg(&key)
