@@ -65,6 +65,15 @@ struct RawConfig {
 struct RawPostgres {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    max_message: Option<RawSize>,
+}
+
+/// A byte count: a number, or a string with a unit (`"64MiB"`, `"512 KiB"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -217,6 +226,9 @@ pub struct Config {
     pub pg_listen: Option<SocketAddr>,
     /// PEM certificate chain and key the PostgreSQL listener presents (TLS required when set).
     pub pg_tls: Option<(PathBuf, PathBuf)>,
+    /// Largest message a PostgreSQL client may send; a longer one ends the connection with
+    /// FATAL 08P01 before its body is read.
+    pub pg_max_message: usize,
     /// Everyone who may be admitted, keyed by name.
     pub people: BTreeMap<String, PersonConfig>,
     /// Everything people may be admitted to, keyed by name (the SSH login name).
@@ -405,6 +417,36 @@ pub struct Limits {
     pub checkpoint_interval: Duration,
 }
 
+/// `postgres.max_message` when unset.
+const DEFAULT_PG_MAX_MESSAGE: usize = 64 << 20;
+
+/// PostgreSQL itself refuses messages over 1 GiB.
+const MAX_PG_MAX_MESSAGE: usize = 1 << 30;
+
+/// A byte count: a plain number, or a number with B, KiB, MiB or GiB (kB, MB and GB, as
+/// PostgreSQL writes them, mean the same powers of 1024).
+fn parse_size(key: &str, raw: RawSize) -> Result<u64, ConfigError> {
+    let text = match raw {
+        RawSize::Bytes(n) => return Ok(n),
+        RawSize::Text(t) => t,
+    };
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "kB" => 1 << 10,
+        "MiB" | "MB" => 1 << 20,
+        "GiB" | "GB" => 1 << 30,
+        _ => 0,
+    };
+    num.parse::<u64>()
+        .ok()
+        .filter(|_| scale > 0)
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| invalid(key, format!("`{text}` is not a size like 64MiB or 65536")))
+}
+
 fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(s.trim())
         .map_err(|e| invalid(key, format!("`{s}` is not a duration like 30m or 4h: {e}")))
@@ -496,6 +538,19 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         (Some(c), Some(k)) => Some((expand_home(&c), expand_home(&k))),
         (None, None) => None,
         _ => return Err(invalid("postgres.tls_key", "set both tls_cert and tls_key")),
+    };
+    let pg_max_message = match raw.postgres.max_message {
+        None => DEFAULT_PG_MAX_MESSAGE,
+        Some(size) => {
+            let n = parse_size("postgres.max_message", size)?;
+            if !(1024..=MAX_PG_MAX_MESSAGE as u64).contains(&n) {
+                return Err(invalid(
+                    "postgres.max_message",
+                    "must be at least 1KiB and at most 1GiB (PostgreSQL's own limit)",
+                ));
+            }
+            n as usize
+        }
     };
     let mut people = BTreeMap::new();
     let mut seen_keys: BTreeMap<String, String> = BTreeMap::new();
@@ -862,6 +917,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         http_listen,
         pg_listen,
         pg_tls,
+        pg_max_message,
         people,
         targets,
         storage_dir,
@@ -1117,6 +1173,36 @@ login = "root"
             let text = base().replacen(from, to, 1);
             let err = Config::from_toml(&text).expect_err(key).to_string();
             assert!(err.contains(key), "error `{err}` should name `{key}`");
+        }
+    }
+
+    #[test]
+    fn postgres_max_message_takes_bytes_or_units() {
+        let with =
+            |v: &str| Config::from_toml(&format!("{}\n[postgres]\nmax_message = {v}\n", base()));
+        assert_eq!(
+            Config::from_toml(&base()).expect("valid").pg_max_message,
+            64 << 20
+        );
+        for (v, want) in [
+            ("65536", 65536),
+            ("\"64MiB\"", 64 << 20),
+            ("\"512 KiB\"", 512 << 10),
+            ("\"1kB\"", 1024),
+            ("\"1GiB\"", 1 << 30),
+        ] {
+            assert_eq!(with(v).expect(v).pg_max_message, want, "{v}");
+        }
+        for v in [
+            "1023",
+            "\"2GiB\"",
+            "\"lots\"",
+            "\"5 parsecs\"",
+            "\"MiB\"",
+            "-1",
+        ] {
+            let err = with(v).expect_err(v).to_string();
+            assert!(err.contains("max_message"), "{v}: {err}");
         }
     }
 

@@ -33,8 +33,8 @@ use wire::{Message, WireError};
 trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
 
-/// Largest message accepted from either side.
-const MAX_MESSAGE: usize = 64 << 20;
+/// Largest message accepted from the target (the client's limit is `postgres.max_message`).
+const MAX_UPSTREAM_MESSAGE: usize = 64 << 20;
 
 /// Accepts PostgreSQL connections until aborted.
 pub async fn serve(
@@ -543,7 +543,7 @@ async fn upstream_login(
     let mut scram: Option<scram::ClientExchange> = None;
     let mut after = Vec::new();
     loop {
-        let m = wire::read_message(&mut up, MAX_MESSAGE)
+        let m = wire::read_message(&mut up, MAX_UPSTREAM_MESSAGE)
             .await
             .map_err(|e| e.to_string())?;
         match m.tag {
@@ -682,12 +682,13 @@ async fn tap(
 }
 
 /// Reads one message and every further message already complete in the buffer, as one
-/// batch (at most 256 KiB): one record, one write, one flush per burst. Returns the batch and
-/// whether it holds a Terminate.
+/// batch (at most 256 KiB): one record, one write, one flush per burst. Messages longer than
+/// `limit` are refused. Returns the batch and whether it holds a Terminate.
 async fn read_batch<R: AsyncRead + Unpin>(
     r: &mut tokio::io::BufReader<R>,
+    limit: usize,
 ) -> Result<(Vec<u8>, bool), WireError> {
-    let first = wire::read_message(r, MAX_MESSAGE).await?;
+    let first = wire::read_message(r, limit).await?;
     let mut terminate = first.tag == b'X';
     let mut batch = first.frame;
     while batch.len() < 256 * 1024 && !terminate {
@@ -702,7 +703,7 @@ async fn read_batch<R: AsyncRead + Unpin>(
             break;
         }
         // The whole message is buffered: this read cannot block.
-        let m = wire::read_message(r, MAX_MESSAGE).await?;
+        let m = wire::read_message(r, limit).await?;
         terminate |= m.tag == b'X';
         batch.extend_from_slice(&m.frame);
     }
@@ -734,7 +735,8 @@ async fn relay(
     let client_to_up = async {
         let mut r = tokio::io::BufReader::with_capacity(64 * 1024, client_r);
         loop {
-            let (batch, terminate) = match read_batch(&mut r).await.and_then(|(b, t)| {
+            let limit = gw.config.pg_max_message;
+            let (batch, terminate) = match read_batch(&mut r, limit).await.and_then(|(b, t)| {
                 // Only frontend message types reach the target.
                 match first_unknown_frontend_tag(&b) {
                     Some(tag) => Err(WireError::Malformed(format!(
@@ -746,7 +748,11 @@ async fn relay(
             }) {
                 Ok(x) => x,
                 Err(e @ (WireError::TooLong { .. } | WireError::Malformed(_))) => {
-                    let msg = format!("terminating connection: protocol violation: {e}");
+                    let hint = match e {
+                        WireError::TooLong { .. } => " (postgres.max_message)",
+                        _ => "",
+                    };
+                    let msg = format!("terminating connection: protocol violation: {e}{hint}");
                     let _ = wire::send(
                         &mut *client_w.lock().await,
                         &wire::error("FATAL", "08P01", &msg),
@@ -775,7 +781,7 @@ async fn relay(
     let up_to_client = async {
         let mut r = tokio::io::BufReader::with_capacity(64 * 1024, up_r);
         loop {
-            let Ok((batch, _)) = read_batch(&mut r).await else {
+            let Ok((batch, _)) = read_batch(&mut r, MAX_UPSTREAM_MESSAGE).await else {
                 return (
                     "upstream_closed",
                     "the target closed the connection".to_string(),

@@ -2283,12 +2283,41 @@ async fn psql_through_the_gateway_with_tls_scram_and_a_jit_credential() {
     validate_all_events(&w);
 }
 
+/// How [`pg_world_with`] sets up the cluster and the gateway.
+#[derive(Default)]
+struct PgOpts<'a> {
+    /// Extra `[limits]` lines.
+    limits: &'a str,
+    /// Whether the gateway's PostgreSQL listener presents a certificate (and requires TLS).
+    client_tls: bool,
+    /// Extra `[postgres]` lines.
+    postgres: &'a str,
+}
+
 /// A PostgreSQL target behind the gateway: a real cluster, a TLS certificate, the vault
 /// password, and alice approved with a fetched JIT credential. Returns (cluster, world,
 /// gateway, certificate dir).
 async fn pg_world(
     extra_limits: &str,
     tls: bool,
+) -> (
+    Postgres,
+    tempfile::TempDir,
+    World,
+    InProcess,
+    tempfile::TempDir,
+) {
+    pg_world_with(PgOpts {
+        limits: extra_limits,
+        client_tls: tls,
+        ..Default::default()
+    })
+    .await
+}
+
+/// [`pg_world`] with more options.
+async fn pg_world_with(
+    opts: PgOpts<'_>,
 ) -> (
     Postgres,
     tempfile::TempDir,
@@ -2307,14 +2336,15 @@ async fn pg_world(
     let certs = tempfile::tempdir().expect("tempdir");
     let (cert, key) = self_signed_cert(certs.path());
     let w = World::with(Opts {
-        extra_limits: extra_limits.to_string(),
+        extra_limits: opts.limits.to_string(),
         extra_config: format!(
-            "{}\n[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
-            if tls {
-                format!("[postgres]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n", cert.display(), key.display())
+            "[postgres]\n{}{}\n\n[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
+            if opts.client_tls {
+                format!("tls_cert = \"{}\"\ntls_key = \"{}\"\n", cert.display(), key.display())
             } else {
                 String::new()
             },
+            opts.postgres,
             pg.port
         ),
         ..Default::default()
@@ -2638,7 +2668,11 @@ async fn extended_protocol_with_binary_parameters_and_copy_in_are_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_and_oversized_messages_after_login_get_fatal_08p01() {
     use breakglass::pg::{scram, wire};
-    let (_pg, _pgdir, w, gw, _certs) = pg_world("", false).await;
+    let (_pg, _pgdir, w, gw, _certs) = pg_world_with(PgOpts {
+        postgres: "max_message = \"4KiB\"",
+        ..Default::default()
+    })
+    .await;
     let (_req, secret) = pg_credential(&w, "30m").await;
     // A hand-rolled client: startup, SCRAM, then a bad message.
     async fn login(port: u16, secret: &str) -> tokio::net::TcpStream {
@@ -2697,18 +2731,66 @@ async fn unknown_and_oversized_messages_after_login_get_fatal_08p01() {
         got.contains("08P01") && got.contains("unknown frontend message type"),
         "{got:?}"
     );
+    // postgres.max_message = 4KiB: a query whose message is exactly 4096 bytes long (the
+    // length field counts itself, not the type byte) runs; one byte more ends the session.
+    let query = |marker: &str, len: usize| {
+        let head = format!("select '{marker}' as m, '");
+        let pad = len - 4 - head.len() - 2;
+        let sql = format!("{head}{}'\0", "x".repeat(pad));
+        let m = wire::message(b'Q', sql.as_bytes());
+        assert_eq!(m.len(), len + 1);
+        m
+    };
+    let mut s = login(w.pg_port, &secret).await;
+    wire::send(&mut s, &query("fits-the-limit", 4096))
+        .await
+        .expect("send");
+    let mut said = Vec::new();
+    loop {
+        let m = wire::read_message(&mut s, 1 << 20).await.expect("reply");
+        said.push(m.tag);
+        if m.tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(said, b"TDCZ", "row description, row, complete, ready");
+    let got = fatal_after(s, &query("over-the-limit", 4097)).await;
+    assert!(
+        got.contains("08P01")
+            && got.contains("message of 4097 bytes is over the 4096-byte limit")
+            && got.contains("postgres.max_message"),
+        "{got:?}"
+    );
     let s = login(w.pg_port, &secret).await;
     let mut huge = vec![b'Q'];
     huge.extend_from_slice(&(200_000_000i32).to_be_bytes());
     let got = fatal_after(s, &huge).await;
     assert!(got.contains("08P01") && got.contains("limit"), "{got:?}");
-    w.wait_ended(2);
+    w.wait_ended(3);
     gw.stop().await;
+    // What came before the oversized message is on the record; the message itself is not.
+    let recorded: String = w
+        .sessions()
+        .iter()
+        .map(|s| export(&w, s["id"].as_str().expect("id")))
+        .collect();
+    assert!(
+        recorded.contains("select 'fits-the-limit' as m"),
+        "{recorded}"
+    );
+    assert!(!recorded.contains("over-the-limit"), "{recorded}");
     let ended: Vec<String> = w
         .siem_events()
         .iter()
         .filter(|e| e["action"] == "session_end")
         .map(|e| e["reason"].as_str().unwrap_or("").to_string())
         .collect();
-    assert_eq!(ended, vec!["protocol_violation", "protocol_violation"]);
+    assert_eq!(
+        ended,
+        vec![
+            "protocol_violation",
+            "protocol_violation",
+            "protocol_violation"
+        ]
+    );
 }
