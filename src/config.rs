@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use russh::keys::PublicKey;
@@ -165,6 +166,11 @@ struct RawTarget {
     emergency_self_service: bool,
     /// auth = "key": the authorized_keys file on the target that rotation rewrites.
     authorized_keys: Option<String>,
+    /// PostgreSQL targets: "disable" (default), "require" or "verify-full".
+    tls: Option<String>,
+    /// PostgreSQL targets: the PEM CA certificate(s), or the server's own certificate, trusted
+    /// for upstream TLS.
+    ca_file: Option<PathBuf>,
 }
 
 fn default_auth() -> String {
@@ -335,6 +341,30 @@ pub enum Protocol {
     Postgres,
 }
 
+/// Whether and how the gateway encrypts its connection to a PostgreSQL target. The trust root
+/// is always the target's own `ca_file`, never the public roots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamTls {
+    /// Plain TCP (the default).
+    Disable,
+    /// TLS; the server's certificate must chain to a certificate in the file (or be one of
+    /// them), but its name is not checked: for targets reached by an address the certificate
+    /// does not name.
+    Require(PathBuf),
+    /// TLS; as `Require`, and the certificate must name the host part of the target's address.
+    VerifyFull(PathBuf),
+}
+
+impl UpstreamTls {
+    /// The file of trusted certificates, when TLS is on.
+    pub fn ca_file(&self) -> Option<&Path> {
+        match self {
+            UpstreamTls::Disable => None,
+            UpstreamTls::Require(f) | UpstreamTls::VerifyFull(f) => Some(f),
+        }
+    }
+}
+
 /// Where the vault's key-encryption key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KekSource {
@@ -351,8 +381,10 @@ pub struct TargetConfig {
     pub protocol: Protocol,
     /// PostgreSQL targets: the database to connect to (default `postgres`).
     pub database: String,
-    /// `host:port` of the target's sshd.
+    /// `host:port` of the target's sshd or PostgreSQL server.
     pub address: String,
+    /// PostgreSQL targets: TLS to the target and what it trusts.
+    pub tls: UpstreamTls,
     /// SSH targets: the pinned host key (PostgreSQL targets have none).
     pub host_key: Option<HostKeySource>,
     /// The break-glass account on the target.
@@ -661,6 +693,35 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 ))
             }
         };
+        let tls = match (t.tls.as_deref(), t.ca_file) {
+            (Some(_), _) | (_, Some(_)) if protocol != Protocol::Postgres => {
+                return Err(invalid(
+                    format!("{base}.tls"),
+                    "tls and ca_file are for PostgreSQL targets (SSH targets pin host_key)",
+                ))
+            }
+            (None | Some("disable"), None) => UpstreamTls::Disable,
+            (None | Some("disable"), Some(_)) => {
+                return Err(invalid(
+                    format!("{base}.ca_file"),
+                    "only used with tls = \"require\" or \"verify-full\"",
+                ))
+            }
+            (Some("require"), Some(f)) => UpstreamTls::Require(expand_home(&f)),
+            (Some("verify-full"), Some(f)) => UpstreamTls::VerifyFull(expand_home(&f)),
+            (Some(mode @ ("require" | "verify-full")), None) => {
+                return Err(invalid(
+                    format!("{base}.ca_file"),
+                    format!("tls = \"{mode}\" needs ca_file, the CA or server certificate to trust (the gateway never trusts public roots or an unverified server)"),
+                ))
+            }
+            (Some(other), _) => {
+                return Err(invalid(
+                    format!("{base}.tls"),
+                    format!("`{other}` is not one of \"disable\", \"require\", \"verify-full\""),
+                ))
+            }
+        };
         if t.login.is_empty() {
             return Err(invalid(
                 format!("{base}.login"),
@@ -720,6 +781,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             protocol,
             database: t.database.unwrap_or_else(|| "postgres".into()),
             address: t.address,
+            tls,
             host_key,
             login: t.login,
             auth,
@@ -1006,6 +1068,8 @@ pub struct Built {
     pub warnings: Vec<String>,
     /// Target name → pinned host key.
     pub host_keys: BTreeMap<String, PublicKey>,
+    /// PostgreSQL target name → TLS client settings trusting only the target's `ca_file`.
+    pub pg_tls: BTreeMap<String, Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 impl Config {
@@ -1048,6 +1112,27 @@ impl Config {
             }
         }
         let mut host_keys = BTreeMap::new();
+        let mut pg_tls = BTreeMap::new();
+        for t in self.targets.values() {
+            let Some(f) = t.tls.ca_file() else {
+                continue;
+            };
+            let key = format!("targets.{}.ca_file", t.name);
+            if !f.exists() {
+                warnings.push(format!(
+                    "config key `{key}`: {} does not exist; sessions to {} are refused until it does",
+                    f.display(),
+                    t.name
+                ));
+                continue;
+            }
+            let pem = std::fs::read(f)
+                .map_err(|e| invalid(&key, format!("cannot read {}: {e}", f.display())))?;
+            let verify_name = matches!(t.tls, UpstreamTls::VerifyFull(_));
+            let cfg = crate::pg::upstream::tls_config(&pem, verify_name)
+                .map_err(|e| invalid(&key, format!("{}: {e}", f.display())))?;
+            pg_tls.insert(t.name.clone(), cfg);
+        }
         for t in self.targets.values() {
             let key = format!("targets.{}.host_key_file", t.name);
             let pk = match &t.host_key {
@@ -1082,6 +1167,7 @@ impl Config {
             keys: KeyIndex { by_fingerprint },
             warnings,
             host_keys,
+            pg_tls,
         })
     }
 
@@ -1168,6 +1254,11 @@ login = "root"
                 "[limits]\nflush_interval = \"5s\"\n[[targets]]",
                 "limits.flush_interval",
             ),
+            (
+                "login = \"root\"",
+                "login = \"root\"\ntls = \"require\"\nca_file = \"/ca.pem\"",
+                "targets[0].tls",
+            ),
         ];
         for (from, to, key) in cases {
             let text = base().replacen(from, to, 1);
@@ -1203,6 +1294,55 @@ login = "root"
         ] {
             let err = with(v).expect_err(v).to_string();
             assert!(err.contains("max_message"), "{v}: {err}");
+        }
+    }
+
+    #[test]
+    fn postgres_target_tls_needs_a_ca_file() {
+        let pg = |extra: &str| {
+            Config::from_toml(&format!(
+                "{}\n[[targets]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"db.internal:5432\"\nlogin = \"bg\"\n{extra}\n",
+                base()
+            ))
+        };
+        assert_eq!(
+            pg("").expect("valid").targets["db"].tls,
+            UpstreamTls::Disable
+        );
+        assert_eq!(
+            pg("tls = \"verify-full\"\nca_file = \"/etc/ca.pem\"")
+                .expect("valid")
+                .targets["db"]
+                .tls,
+            UpstreamTls::VerifyFull("/etc/ca.pem".into())
+        );
+        assert_eq!(
+            pg("tls = \"require\"\nca_file = \"/etc/ca.pem\"")
+                .expect("valid")
+                .targets["db"]
+                .tls,
+            UpstreamTls::Require("/etc/ca.pem".into())
+        );
+        for (extra, key, why) in [
+            ("tls = \"require\"", "targets[1].ca_file", "needs ca_file"),
+            (
+                "tls = \"verify-full\"",
+                "targets[1].ca_file",
+                "needs ca_file",
+            ),
+            (
+                "ca_file = \"/etc/ca.pem\"",
+                "targets[1].ca_file",
+                "only used with",
+            ),
+            (
+                "tls = \"prefer\"\nca_file = \"/ca\"",
+                "targets[1].tls",
+                "not one of",
+            ),
+        ] {
+            let err = pg(extra).expect_err(extra).to_string();
+            assert!(err.contains(key) && err.contains(why), "{extra}: {err}");
         }
     }
 

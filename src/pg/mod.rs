@@ -6,6 +6,7 @@
 
 pub mod log;
 pub mod scram;
+pub mod upstream;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -29,7 +30,7 @@ use crate::state::{Grant, SessionEnd, SessionRow};
 use crate::storage::key;
 use wire::{Message, WireError};
 
-/// Anything the client connection can be (plain TCP or TLS).
+/// Anything a client or upstream connection can be (plain TCP or TLS).
 trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
 
@@ -117,7 +118,9 @@ async fn handle(
     .map_err(|_| WireError::Malformed("startup timed out".into()))??;
     if startup.code == wire::CANCEL_REQUEST {
         // Map the client's key to the upstream backend; unknown keys are ignored silently,
-        // as PostgreSQL does.
+        // as PostgreSQL does. The cancel goes on a new plain TCP connection even to a target
+        // with `tls`: PostgreSQL reads a CancelRequest before pg_hba.conf applies, and the
+        // packet carries only the backend's key, which is good for this one session.
         let Ok(key) = <[u8; 8]>::try_from(startup.body.as_slice()) else {
             return Ok(());
         };
@@ -501,12 +504,13 @@ async fn server_scram(conn: &mut Box<dyn Conn>, v: scram::Verifier) -> Result<()
         .map_err(|e| e.to_string())
 }
 
-/// Logs in to the target as its break-glass role with the vault's password; returns the
-/// connection and the messages it sent up to ReadyForQuery.
+/// Logs in to the target as its break-glass role with the vault's password (over TLS when
+/// the target's `tls` says so); returns the connection and the messages it sent up to
+/// ReadyForQuery.
 async fn upstream_login(
     gw: &Gateway,
     t: &TargetConfig,
-) -> Result<(TcpStream, Vec<Message>), String> {
+) -> Result<(Box<dyn Conn>, Vec<Message>), String> {
     let kek = crate::rotation::kek(&gw.config.kek).map_err(|e| e.to_string())?;
     let blob = gw
         .store
@@ -520,11 +524,7 @@ async fn upstream_login(
             )
         })?;
     let password = kek.open(&t.name, &blob).map_err(|e| e.to_string())?;
-    let mut up = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&t.address))
-        .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let _ = up.set_nodelay(true);
+    let mut up = upstream::connect(t, gw.built.pg_tls.get(&t.name)).await?;
     let mut body = wire::PROTOCOL_3.to_be_bytes().to_vec();
     for (k, v) in [
         ("user", t.login.as_str()),
@@ -715,7 +715,7 @@ async fn read_batch<R: AsyncRead + Unpin>(
 async fn relay(
     gw: &Arc<Gateway>,
     conn: &mut Box<dyn Conn>,
-    up: &mut TcpStream,
+    up: &mut Box<dyn Conn>,
     recorder: &Recorder,
     (grant, deadline): (&Grant, chrono::DateTime<chrono::Utc>),
     hello: Vec<u8>,
@@ -723,7 +723,7 @@ async fn relay(
 ) -> (&'static str, String) {
     let (client_r, client_w) = tokio::io::split(conn);
     let client_w = tokio::sync::Mutex::new(client_w);
-    let (up_r, mut up_w) = up.split();
+    let (up_r, mut up_w) = tokio::io::split(up);
     if wire::send(&mut *client_w.lock().await, &hello)
         .await
         .is_err()

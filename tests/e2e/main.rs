@@ -2292,6 +2292,18 @@ struct PgOpts<'a> {
     client_tls: bool,
     /// Extra `[postgres]` lines.
     postgres: &'a str,
+    /// The cluster runs with `ssl = on` and this certificate and key.
+    server_tls: Option<(&'a std::path::Path, &'a std::path::Path)>,
+    /// Lines before initdb's own in the cluster's `pg_hba.conf`.
+    hba_first: &'a str,
+    /// SQL the superuser runs once the cluster is up (more roles).
+    sql: &'a str,
+    /// Extra lines for the `orders-db` target.
+    target: &'a str,
+    /// More config (e.g. `[[targets]]`); `{pg_port}` becomes the cluster's port.
+    more: &'a str,
+    /// More (target, password) pairs for the vault.
+    vault: &'a [(&'a str, &'a str)],
 }
 
 /// A PostgreSQL target behind the gateway: a real cluster, a TLS certificate, the vault
@@ -2326,41 +2338,61 @@ async fn pg_world_with(
     tempfile::TempDir,
 ) {
     let pgdir = tempfile::tempdir().expect("tempdir");
-    let pg = Postgres::start(pgdir.path());
-    let out = pg.psql(
-        "postgres",
-        &pg.superuser_password,
-        "CREATE ROLE bg_dba LOGIN SUPERUSER PASSWORD 'initial-bg-password'",
+    let pg = Postgres::start_with(
+        pgdir.path(),
+        PgServerOpts {
+            tls: opts.server_tls,
+            hba_first: opts.hba_first,
+        },
     );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    for sql in [
+        "CREATE ROLE bg_dba LOGIN SUPERUSER PASSWORD 'initial-bg-password'",
+        opts.sql,
+    ] {
+        if sql.is_empty() {
+            continue;
+        }
+        let out = pg.psql("postgres", &pg.superuser_password, sql);
+        assert!(out.status.success(), "{sql}: {}", text(&out.stderr));
+    }
     let certs = tempfile::tempdir().expect("tempdir");
     let (cert, key) = self_signed_cert(certs.path());
     let w = World::with(Opts {
         extra_limits: opts.limits.to_string(),
         extra_config: format!(
-            "[postgres]\n{}{}\n\n[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
+            "[postgres]\n{}{}\n\n[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n{}\n\n{}\n",
             if opts.client_tls {
                 format!("tls_cert = \"{}\"\ntls_key = \"{}\"\n", cert.display(), key.display())
             } else {
                 String::new()
             },
             opts.postgres,
-            pg.port
+            pg.port,
+            opts.target,
+            opts.more.replace("{pg_port}", &pg.port.to_string()),
         ),
         ..Default::default()
     });
     w.vault_set("orders-db", "initial-bg-password");
+    for (target, password) in opts.vault {
+        w.vault_set(target, password);
+    }
     let gw = InProcess::start(&w).await;
     (pg, pgdir, w, gw, certs)
 }
 
 /// alice's JIT credential for a fresh approved request on orders-db lasting `duration`.
 async fn pg_credential(w: &World, duration: &str) -> (String, String) {
+    pg_credential_for(w, "orders-db", duration).await
+}
+
+/// alice's JIT credential for a fresh approved request on `target` lasting `duration`.
+async fn pg_credential_for(w: &World, target: &str, duration: &str) -> (String, String) {
     let (_, out, _) = control(
         w,
         "alice",
         "breakglass",
-        &format!("request orders-db --reason locked table --incident INC-61 --for {duration}"),
+        &format!("request {target} --reason locked table --incident INC-61 --for {duration}"),
     )
     .await;
     let req = request_id(&out);
@@ -2376,9 +2408,14 @@ async fn pg_credential(w: &World, duration: &str) -> (String, String) {
 }
 
 fn psql_cmd(w: &World, password: &str, sql: &str) -> Command {
+    psql_cmd_to(w, "orders-db", password, sql)
+}
+
+/// `psql -XAtc SQL` as alice through the gateway (TLS) to `target`.
+fn psql_cmd_to(w: &World, target: &str, password: &str, sql: &str) -> Command {
     let mut c = Command::new(require("psql", "postgresql-client"));
     c.arg(format!(
-        "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode=require",
+        "host=127.0.0.1 port={} user=alice dbname={target} sslmode=require",
         w.pg_port
     ))
     .args(["-XAtc", sql])
@@ -2461,11 +2498,18 @@ async fn postgres_sessions_get_warnings_and_are_cut_at_the_deadline_and_on_revok
 async fn psql_cancel_reaches_the_backend_through_the_gateway() {
     let (pg, _pgdir, w, gw, _certs) = pg_world("", true).await;
     let (_req, secret) = pg_credential(&w, "30m").await;
-    let mut child = psql_cmd(&w, &secret, "select pg_sleep(30)")
+    cancel_through_the_gateway(&pg, &w, "orders-db", &secret);
+    gw.stop().await;
+}
+
+/// Runs `select pg_sleep(30)` with psql through the gateway to `target`, presses Ctrl-C once
+/// it runs upstream, and checks that the backend cancelled it.
+fn cancel_through_the_gateway(pg: &Postgres, w: &World, target: &str, secret: &str) {
+    let mut child = psql_cmd_to(w, target, secret, "select pg_sleep(30)")
         .spawn()
         .expect("psql");
     w.wait_event("pg session start", |e| {
-        e["action"] == "session_start" && e["protocol"] == "postgres"
+        e["action"] == "session_start" && e["protocol"] == "postgres" && e["target"] == target
     });
     // Wait until the query runs upstream, then press Ctrl-C (SIGINT) in psql.
     wait_for("pg_sleep to run", Duration::from_secs(10), || {
@@ -2492,7 +2536,153 @@ async fn psql_cancel_reaches_the_backend_through_the_gateway() {
         err.contains("canceling statement due to user request"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_with_a_pinned_certificate_reaches_a_hostssl_only_target() {
+    // The cluster has ssl = on with a self-signed certificate for 127.0.0.1 and refuses
+    // bg_dba without TLS; the target pins that certificate as its ca_file.
+    let tls = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed_cert(tls.path());
+    let pinned = |name: &str, address: &str, mode: &str| {
+        format!(
+            "[[targets]]\nname = \"{name}\"\nprotocol = \"postgres\"\naddress = \"{address}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\ntls = \"{mode}\"\nca_file = \"{}\"\n",
+            cert.display()
+        )
+    };
+    let more = format!(
+        "{}\n[[targets]]\nname = \"orders-plain\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{{pg_port}}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
+        // The certificate names 127.0.0.1, not localhost: `require` does not check the name.
+        pinned("orders-by-name", "localhost:{pg_port}", "require"),
+    );
+    let (pg, _pgdir, w, gw, _certs) = pg_world_with(PgOpts {
+        client_tls: true,
+        server_tls: Some((&cert, &key)),
+        hba_first: "hostnossl all bg_dba all reject",
+        target: &format!("tls = \"verify-full\"\nca_file = \"{}\"", cert.display()),
+        more: &more,
+        vault: &[
+            ("orders-by-name", "initial-bg-password"),
+            ("orders-plain", "initial-bg-password"),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let ssl = "select ssl from pg_stat_ssl where pid = pg_backend_pid()";
+    for target in ["orders-db", "orders-by-name"] {
+        let (_req, secret) = pg_credential_for(&w, target, "30m").await;
+        let out = output(psql_cmd_to(&w, target, &secret, ssl)).await;
+        assert_eq!(
+            text(&out.stdout).trim(),
+            "t",
+            "{target}: the target sees an encrypted connection: {}",
+            text(&out.stderr)
+        );
+    }
+    // Without tls, the target's pg_hba.conf refuses the gateway, and the client is told.
+    let (_req, secret) = pg_credential_for(&w, "orders-plain", "30m").await;
+    let out = output(psql_cmd_to(&w, "orders-plain", &secret, "select 1")).await;
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot reach target orders-plain") && err.contains("no encryption"),
+        "{err}"
+    );
+    // Cancel goes to the target on a plain connection, which it accepts even so.
+    let (_req, secret) = pg_credential(&w, "30m").await;
+    cancel_through_the_gateway(&pg, &w, "orders-db", &secret);
+    w.wait_ended(3);
     gw.stop().await;
+    validate_all_events(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_refuses_a_certificate_outside_ca_file_with_a_clear_fatal() {
+    let tls = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed_cert(tls.path());
+    let other = tempfile::tempdir().expect("tempdir");
+    let (wrong, _) = self_signed_cert(other.path());
+    // A server that answers N to SSLRequest, as PostgreSQL with ssl = off does.
+    let no_tls = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let no_tls_port = no_tls.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut s in no_tls.incoming().flatten() {
+            let mut req = [0u8; 8];
+            if s.read_exact(&mut req).is_ok() {
+                let _ = s.write_all(b"N");
+            }
+            let _ = s.read_to_end(&mut Vec::new());
+        }
+    });
+    let target = |name: &str, address: &str, ca: &std::path::Path| {
+        format!(
+            "[[targets]]\nname = \"{name}\"\nprotocol = \"postgres\"\naddress = \"{address}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\ntls = \"verify-full\"\nca_file = \"{}\"\n",
+            ca.display()
+        )
+    };
+    let more = [
+        target("orders-wrong-ca", "127.0.0.1:{pg_port}", &wrong),
+        target("orders-by-name", "localhost:{pg_port}", &cert),
+        target("orders-no-tls", &format!("127.0.0.1:{no_tls_port}"), &cert),
+    ]
+    .join("\n");
+    let (_pg, _pgdir, w, gw, _certs) = pg_world_with(PgOpts {
+        client_tls: true,
+        server_tls: Some((&cert, &key)),
+        target: &format!("tls = \"verify-full\"\nca_file = \"{}\"", cert.display()),
+        more: &more,
+        vault: &[
+            ("orders-wrong-ca", "initial-bg-password"),
+            ("orders-by-name", "initial-bg-password"),
+            ("orders-no-tls", "initial-bg-password"),
+        ],
+        ..Default::default()
+    })
+    .await;
+    for (target, want) in [
+        ("orders-wrong-ca", "invalid peer certificate: UnknownIssuer"),
+        ("orders-by-name", "not valid for name"),
+        (
+            "orders-no-tls",
+            "does not accept TLS (it answered 'N' to SSLRequest)",
+        ),
+    ] {
+        let (_req, secret) = pg_credential_for(&w, target, "30m").await;
+        let out = output(psql_cmd_to(&w, target, &secret, "select 1")).await;
+        let err = text(&out.stderr);
+        eprintln!("{target}: {}", err.trim());
+        assert!(!out.status.success(), "{target} must be refused");
+        assert!(
+            err.contains(&format!("FATAL:  cannot reach target {target}")) && err.contains(want),
+            "{target}: {err}"
+        );
+    }
+    // No session started, each refusal is on the SIEM record as the upstream's doing, and the
+    // gateway still serves the correctly pinned target.
+    let (_req, secret) = pg_credential(&w, "30m").await;
+    let out = output(psql_cmd(&w, &secret, "select 6*7")).await;
+    assert_eq!(text(&out.stdout).trim(), "42", "{}", text(&out.stderr));
+    w.wait_ended(1);
+    gw.stop().await;
+    let events = w.siem_events();
+    let denied: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["action"] == "session_denied" && e["reason"] == "upstream_unreachable")
+        .collect();
+    assert_eq!(denied.len(), 3, "{denied:#?}");
+    assert!(
+        denied.iter().all(|e| e["side"] == "upstream"),
+        "{denied:#?}"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["action"] == "session_start")
+            .count(),
+        1
+    );
+    validate_all_events(&w);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
