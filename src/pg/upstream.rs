@@ -9,11 +9,16 @@
 //!
 //! Cancel requests do not come through here: they go to the target on a new plain TCP
 //! connection, which PostgreSQL accepts whatever `pg_hba.conf` says (see `pg::handle`).
+//! [`PostgresTls`] gives tokio-postgres (rotation, `vault verify`) the same TLS settings.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::client::danger::{
@@ -247,6 +252,89 @@ pub(super) async fn connect(
             format!("TLS handshake with the target failed: {e}{hint}")
         })?;
     Ok(Box::new(stream))
+}
+
+/// A target's TLS settings for tokio-postgres (with `SslMode::Require`), so that rotation
+/// and `vault verify` reach a target the way the relay does. No channel binding: SCRAM runs
+/// without `-PLUS`, as the relay's own login does.
+#[derive(Clone)]
+pub struct PostgresTls(pub Arc<rustls::ClientConfig>);
+
+impl<S> tokio_postgres::tls::MakeTlsConnect<S> for PostgresTls
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = PostgresTlsStream<S>;
+    type TlsConnect = PostgresTlsConnect;
+    type Error = rustls::pki_types::InvalidDnsNameError;
+
+    fn make_tls_connect(&mut self, host: &str) -> Result<PostgresTlsConnect, Self::Error> {
+        Ok(PostgresTlsConnect {
+            cfg: self.0.clone(),
+            name: ServerName::try_from(host.to_string())?,
+        })
+    }
+}
+
+/// One handshake to a named host.
+pub struct PostgresTlsConnect {
+    cfg: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+}
+
+impl<S> tokio_postgres::tls::TlsConnect<S> for PostgresTlsConnect
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = PostgresTlsStream<S>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<PostgresTlsStream<S>>> + Send>>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        Box::pin(async move {
+            let s = tokio_rustls::TlsConnector::from(self.cfg)
+                .connect(self.name, stream)
+                .await?;
+            Ok(PostgresTlsStream(s))
+        })
+    }
+}
+
+/// A TLS stream as tokio-postgres wants it.
+pub struct PostgresTlsStream<S>(tokio_rustls::client::TlsStream<S>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for PostgresTlsStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for PostgresTlsStream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for PostgresTlsStream<S> {
+    fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
+        tokio_postgres::tls::ChannelBinding::none()
+    }
 }
 
 #[cfg(test)]

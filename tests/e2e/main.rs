@@ -2589,10 +2589,26 @@ async fn upstream_tls_with_a_pinned_certificate_reaches_a_hostssl_only_target() 
         "{err}"
     );
     // Cancel goes to the target on a plain connection, which it accepts even so.
-    let (_req, secret) = pg_credential(&w, "30m").await;
+    let (req, secret) = pg_credential(&w, "30m").await;
     cancel_through_the_gateway(&pg, &w, "orders-db", &secret);
     w.wait_ended(3);
+    // Rotation after the grant ends logs in over TLS too (the target refuses it otherwise).
+    let (code, _, _) = control(
+        &w,
+        "alice",
+        "breakglass",
+        &format!("revoke {req} --reason done"),
+    )
+    .await;
+    assert_eq!(code, 0);
+    let ev = w.wait_event("rotation", |e| {
+        e["action"] == "credential_rotated" && e["target"] == "orders-db"
+    });
+    assert_eq!(ev["outcome"], "success", "{ev}");
     gw.stop().await;
+    let old = pg.psql("bg_dba", "initial-bg-password", "select 1");
+    assert!(!old.status.success(), "the old password no longer logs in");
+    w.cli_ok(&["vault", "verify", "orders-db"]);
     validate_all_events(&w);
 }
 
