@@ -2702,6 +2702,51 @@ async fn upstream_tls_refuses_a_certificate_outside_ca_file_with_a_clear_fatal()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn md5_and_trust_upstream_logins_work() {
+    let target = |name: &str, login: &str| {
+        format!(
+            "[[targets]]\nname = \"{name}\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{{pg_port}}\"\nlogin = \"{login}\"\napprovers = [\"bob\"]\n"
+        )
+    };
+    let more = target("orders-md5", "bg_md5") + &target("orders-trust", "bg_trust");
+    let (pg, _pgdir, w, gw, _certs) = pg_world_with(PgOpts {
+        client_tls: true,
+        // The first matching line wins: md5 for bg_md5, no password at all for bg_trust.
+        hba_first: "host all bg_md5 127.0.0.1/32 md5\nhost all bg_trust 127.0.0.1/32 trust",
+        sql: "SET password_encryption = 'md5'; \
+              CREATE ROLE bg_md5 LOGIN PASSWORD 'md5-bg-password'; \
+              CREATE ROLE bg_trust LOGIN",
+        more: &more,
+        vault: &[
+            ("orders-md5", "md5-bg-password"),
+            ("orders-trust", "not-asked-for"),
+        ],
+        ..Default::default()
+    })
+    .await;
+    // With an md5 hash stored and an md5 line, the server asks for md5 (not SCRAM).
+    let out = pg.psql(
+        "postgres",
+        &pg.superuser_password,
+        "select rolpassword like 'md5%' from pg_authid where rolname = 'bg_md5'",
+    );
+    assert_eq!(text(&out.stdout).trim(), "t", "{}", text(&out.stderr));
+    for (target, role) in [("orders-md5", "bg_md5"), ("orders-trust", "bg_trust")] {
+        let (_req, secret) = pg_credential_for(&w, target, "30m").await;
+        let out = output(psql_cmd_to(&w, target, &secret, "select current_user")).await;
+        assert_eq!(
+            text(&out.stdout).trim(),
+            role,
+            "{target}: {}",
+            text(&out.stderr)
+        );
+    }
+    w.wait_ended(2);
+    gw.stop().await;
+    validate_all_events(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_postgres_input_gets_a_clear_error_and_no_panic() {
     use std::io::{Read, Write};
     let (_pg, _pgdir, w, gw, _certs) =
