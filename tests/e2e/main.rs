@@ -2747,6 +2747,81 @@ async fn md5_and_trust_upstream_logins_work() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_notify_passes_through_the_relay_and_is_recorded() {
+    let (pg, _pgdir, w, gw, _certs) = pg_world("", false).await;
+    let (_req, secret) = pg_credential(&w, "30m").await;
+    // psql: the notification comes back in the same session.
+    let mut c = Command::new(require("psql", "postgresql-client"));
+    c.arg(format!(
+        "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode=disable",
+        w.pg_port
+    ))
+    .args(["-X", "-c", "LISTEN ch", "-c", "NOTIFY ch, 'hi'"])
+    .env("PGPASSWORD", &secret)
+    .stdin(std::process::Stdio::null());
+    let out = output(c).await;
+    let said = text(&out.stdout) + &text(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("Asynchronous notification \"ch\" with payload \"hi\" received"),
+        "{said}"
+    );
+    // tokio-postgres: an idle listener gets a NOTIFY sent by another backend, outside the
+    // gateway — the target speaks first, with no request to answer.
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(w.pg_port)
+        .user("alice")
+        .password(secret.as_str())
+        .dbname("orders-db");
+    let (client, mut conn) = cfg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("tokio-postgres through the gateway");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let task = tokio::spawn(async move {
+        while let Some(m) = futures::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = m {
+                let _ = tx
+                    .send((n.channel().to_string(), n.payload().to_string()))
+                    .await;
+            }
+        }
+    });
+    client.batch_execute("LISTEN jobs").await.expect("listen");
+    let out = pg.psql(
+        "postgres",
+        &pg.superuser_password,
+        "NOTIFY jobs, 'from-another-backend'",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the notification arrives within 10 s");
+    assert_eq!(
+        got,
+        Some(("jobs".to_string(), "from-another-backend".to_string()))
+    );
+    drop(client);
+    let _ = task.await;
+    w.wait_ended(2);
+    gw.stop().await;
+    let mut queries = Vec::new();
+    for s in w.sessions() {
+        for line in export(&w, s["id"].as_str().expect("id")).lines() {
+            let e: Value = serde_json::from_str(line).expect("json");
+            validate("sql-event.schema.json", &e);
+            if e["event"] == "query" {
+                queries.push(e["sql"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    }
+    for q in ["LISTEN ch", "NOTIFY ch, 'hi'", "LISTEN jobs"] {
+        assert!(queries.iter().any(|s| s == q), "{q} in {queries:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_postgres_input_gets_a_clear_error_and_no_panic() {
     use std::io::{Read, Write};
     let (_pg, _pgdir, w, gw, _certs) =
