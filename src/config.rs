@@ -429,7 +429,7 @@ pub struct Limits {
     pub max_grant_ttl: Duration,
     /// When to warn the user before the deadline, longest first.
     pub warn_before: Vec<Duration>,
-    /// Concurrent SSH connections; more are refused at accept.
+    /// Concurrent connections per listener (SSH, PostgreSQL); more are refused at accept.
     pub max_connections: usize,
     /// Environment variables a client may pass (`*` suffix = prefix match).
     pub env_allow: Vec<String>,

@@ -46,6 +46,9 @@ pub async fn serve(
     let permits = Arc::new(tokio::sync::Semaphore::new(
         gw.config.limits.max_connections,
     ));
+    // Connections over the limit being refused (each for at most two seconds); past this many,
+    // one is closed without a word.
+    let refusals = Arc::new(tokio::sync::Semaphore::new(REFUSALS));
     loop {
         let Ok((socket, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -53,6 +56,13 @@ pub async fn serve(
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "postgres connection limit reached, refusing");
+            if let Ok(r) = refusals.clone().try_acquire_owned() {
+                let (gw, tls) = (gw.clone(), tls.clone());
+                tokio::spawn(async move {
+                    refuse_over_limit(gw, socket, peer, tls).await;
+                    drop(r);
+                });
+            }
             continue;
         };
         let _ = socket.set_nodelay(true);
@@ -64,6 +74,81 @@ pub async fn serve(
             drop(permit);
         });
     }
+}
+
+/// Maps a client's cancel key to the upstream backend and cancels there; unknown keys are
+/// ignored silently, as PostgreSQL does. The cancel goes on a new plain TCP connection even
+/// to a target with `tls`: PostgreSQL reads a CancelRequest before pg_hba.conf applies, and
+/// the packet carries only the backend's key, which is good for this one session.
+async fn forward_cancel(gw: &Gateway, body: &[u8], peer: SocketAddr) {
+    let Ok(key) = <[u8; 8]>::try_from(body) else {
+        return;
+    };
+    let found = gw
+        .pg_cancel
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .cloned();
+    if let Some((addr, upstream_key)) = found {
+        if let Ok(Ok(mut up)) =
+            tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&addr)).await
+        {
+            let mut pkt = 16i32.to_be_bytes().to_vec();
+            pkt.extend_from_slice(&wire::CANCEL_REQUEST.to_be_bytes());
+            pkt.extend_from_slice(&upstream_key);
+            let _ = wire::send(&mut up, &pkt).await;
+        }
+        tracing::info!(%peer, "forwarded a cancel request");
+    }
+}
+
+/// Connections over the limit that are handled at the same time, at most.
+const REFUSALS: usize = 64;
+
+/// Handles a connection over the limit within two seconds: a cancel request is still
+/// forwarded (Ctrl-C must work during a flood), anything else gets FATAL 53300. The client's
+/// SSLRequest is answered first (with TLS when configured), because since the fix for
+/// CVE-2024-10977 libpq does not show an error sent in place of that answer. A client that
+/// sends nothing within a second gets the error in plain.
+async fn refuse_over_limit(
+    gw: Arc<Gateway>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limit = gw.config.limits.max_connections;
+    let e = wire::error(
+        "FATAL",
+        "53300",
+        &format!("sorry, too many clients already: the breakglass gateway is at its limit of {limit} connections (limits.max_connections)"),
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut first = [0u8; 1];
+        let spoke = tokio::time::timeout(Duration::from_secs(1), socket.peek(&mut first)).await;
+        let mut conn: Box<dyn Conn> = match spoke {
+            Ok(Ok(n)) if n > 0 => {
+                let (conn, startup, _) = negotiate(Box::new(socket), tls)
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                if startup.code == wire::CANCEL_REQUEST {
+                    forward_cancel(&gw, &startup.body, peer).await;
+                    return Ok(());
+                }
+                conn
+            }
+            _ => Box::new(socket),
+        };
+        conn.write_all(&e).await?;
+        conn.shutdown().await?;
+        // Read until the client closes: closing with its data unread would reset the
+        // connection, and a reset can discard the error before the client reads it.
+        let mut sink = [0u8; 1024];
+        while conn.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 /// Reads startup packets, answering SSLRequest (TLS when configured) and GSSENCRequest ('N'),
@@ -117,30 +202,7 @@ async fn handle(
     .await
     .map_err(|_| WireError::Malformed("startup timed out".into()))??;
     if startup.code == wire::CANCEL_REQUEST {
-        // Map the client's key to the upstream backend; unknown keys are ignored silently,
-        // as PostgreSQL does. The cancel goes on a new plain TCP connection even to a target
-        // with `tls`: PostgreSQL reads a CancelRequest before pg_hba.conf applies, and the
-        // packet carries only the backend's key, which is good for this one session.
-        let Ok(key) = <[u8; 8]>::try_from(startup.body.as_slice()) else {
-            return Ok(());
-        };
-        let found = gw
-            .pg_cancel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .cloned();
-        if let Some((addr, upstream_key)) = found {
-            if let Ok(Ok(mut up)) =
-                tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&addr)).await
-            {
-                let mut pkt = 16i32.to_be_bytes().to_vec();
-                pkt.extend_from_slice(&wire::CANCEL_REQUEST.to_be_bytes());
-                pkt.extend_from_slice(&upstream_key);
-                let _ = wire::send(&mut up, &pkt).await;
-            }
-            tracing::info!(%peer, "forwarded a cancel request");
-        }
+        forward_cancel(&gw, &startup.body, peer).await;
         return Ok(());
     }
     if startup.code != wire::PROTOCOL_3 {

@@ -2505,7 +2505,14 @@ async fn psql_cancel_reaches_the_backend_through_the_gateway() {
 /// Runs `select pg_sleep(30)` with psql through the gateway to `target`, presses Ctrl-C once
 /// it runs upstream, and checks that the backend cancelled it.
 fn cancel_through_the_gateway(pg: &Postgres, w: &World, target: &str, secret: &str) {
-    let mut child = psql_cmd_to(w, target, secret, "select pg_sleep(30)")
+    let child = sleep_upstream(pg, w, target, secret);
+    press_ctrl_c(child);
+}
+
+/// psql running `select pg_sleep(30)` through the gateway to `target`, once the query runs
+/// upstream.
+fn sleep_upstream(pg: &Postgres, w: &World, target: &str, secret: &str) -> std::process::Child {
+    let child = psql_cmd_to(w, target, secret, "select pg_sleep(30)")
         .spawn()
         .expect("psql");
     w.wait_event("pg session start", |e| {
@@ -2520,6 +2527,11 @@ fn cancel_through_the_gateway(pg: &Postgres, w: &World, target: &str, secret: &s
         );
         (text(&out.stdout).trim() == "1").then_some(())
     });
+    child
+}
+
+/// Sends psql SIGINT (Ctrl-C) and checks that the backend cancelled its query.
+fn press_ctrl_c(mut child: std::process::Child) {
     let sent = Instant::now();
     let st = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -2819,6 +2831,75 @@ async fn listen_notify_passes_through_the_relay_and_is_recorded() {
     for q in ["LISTEN ch", "NOTIFY ch, 'hi'", "LISTEN jobs"] {
         assert!(queries.iter().any(|s| s == q), "{q} in {queries:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_gets_fatal_53300_and_service_resumes_after_it() {
+    use std::io::Read;
+    use std::io::Write;
+    let (pg, _pgdir, w, gw, _certs) = pg_world("max_connections = 3", true).await;
+    let (_req, secret) = pg_credential(&w, "30m").await;
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", w.pg_port)).expect("connect");
+    let read_all = |mut s: std::net::TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    // A running session and two idle connections (waiting in the startup phase) take every
+    // slot.
+    let sleeper = sleep_upstream(&pg, &w, "orders-db", &secret);
+    let idle: Vec<std::net::TcpStream> = (0..2).map(|_| connect()).collect();
+    // The next is told why at once.
+    let mut s = connect();
+    let t = Instant::now();
+    let body = b"user\0alice\0database\0orders-db\0\0";
+    let mut startup = ((8 + body.len()) as i32).to_be_bytes().to_vec();
+    startup.extend_from_slice(&[0, 3, 0, 0]);
+    startup.extend_from_slice(body);
+    s.write_all(&startup).expect("startup");
+    let got = read_all(s);
+    assert!(
+        got.starts_with('E') && got.contains("53300") && got.contains("too many clients already"),
+        "{got:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // So is one that sends nothing, after a second.
+    let got = read_all(connect());
+    assert!(got.contains("53300"), "{got:?}");
+    // psql says so too, whether it starts with an SSLRequest or a plain startup packet.
+    for mode in ["require", "disable"] {
+        let mut c = Command::new(require("psql", "postgresql-client"));
+        c.arg(format!(
+            "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode={mode}",
+            w.pg_port
+        ))
+        .args(["-XAtc", "select 1"])
+        .env("PGPASSWORD", &secret)
+        .stdin(std::process::Stdio::null());
+        let out = output(c).await;
+        let err = text(&out.stderr);
+        eprintln!("sslmode={mode}: {}", err.trim());
+        assert!(!out.status.success());
+        assert!(err.contains("too many clients already"), "{mode}: {err}");
+    }
+    // Ctrl-C still works: the cancel request is over the limit too, and is forwarded.
+    press_ctrl_c(sleeper);
+    // Once the idle ones are gone, the gateway serves again.
+    drop(idle);
+    let t = Instant::now();
+    let said = wait_for("psql to get through again", Duration::from_secs(10), || {
+        let out = psql_cmd(&w, &secret, "select 6*7").output().expect("psql");
+        out.status.success().then(|| text(&out.stdout))
+    });
+    assert_eq!(said.trim(), "42");
+    eprintln!(
+        "served again {:?} after the idle connections closed",
+        t.elapsed()
+    );
+    w.wait_ended(2);
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
