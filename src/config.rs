@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use russh::keys::PublicKey;
@@ -65,6 +66,15 @@ struct RawConfig {
 struct RawPostgres {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    max_message: Option<RawSize>,
+}
+
+/// A byte count: a number, or a string with a unit (`"64MiB"`, `"512 KiB"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,6 +166,11 @@ struct RawTarget {
     emergency_self_service: bool,
     /// auth = "key": the authorized_keys file on the target that rotation rewrites.
     authorized_keys: Option<String>,
+    /// PostgreSQL targets: "disable" (default), "require" or "verify-full".
+    tls: Option<String>,
+    /// PostgreSQL targets: the PEM CA certificate(s), or the server's own certificate, trusted
+    /// for upstream TLS.
+    ca_file: Option<PathBuf>,
 }
 
 fn default_auth() -> String {
@@ -261,6 +276,9 @@ pub struct Config {
     pub pg_listen: Option<SocketAddr>,
     /// PEM certificate chain and key the PostgreSQL listener presents (TLS required when set).
     pub pg_tls: Option<(PathBuf, PathBuf)>,
+    /// Largest message a PostgreSQL client may send; a longer one ends the connection with
+    /// FATAL 08P01 before its body is read.
+    pub pg_max_message: usize,
     /// Everyone who may be admitted, keyed by name.
     pub people: BTreeMap<String, PersonConfig>,
     /// Everything people may be admitted to, keyed by name (the SSH login name).
@@ -369,6 +387,30 @@ pub enum Protocol {
     Postgres,
 }
 
+/// Whether and how the gateway encrypts its connection to a PostgreSQL target. The trust root
+/// is always the target's own `ca_file`, never the public roots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamTls {
+    /// Plain TCP (the default).
+    Disable,
+    /// TLS; the server's certificate must chain to a certificate in the file (or be one of
+    /// them), but its name is not checked: for targets reached by an address the certificate
+    /// does not name.
+    Require(PathBuf),
+    /// TLS; as `Require`, and the certificate must name the host part of the target's address.
+    VerifyFull(PathBuf),
+}
+
+impl UpstreamTls {
+    /// The file of trusted certificates, when TLS is on.
+    pub fn ca_file(&self) -> Option<&Path> {
+        match self {
+            UpstreamTls::Disable => None,
+            UpstreamTls::Require(f) | UpstreamTls::VerifyFull(f) => Some(f),
+        }
+    }
+}
+
 /// Where the vault's key-encryption key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KekSource {
@@ -385,8 +427,10 @@ pub struct TargetConfig {
     pub protocol: Protocol,
     /// PostgreSQL targets: the database to connect to (default `postgres`).
     pub database: String,
-    /// `host:port` of the target's sshd.
+    /// `host:port` of the target's sshd or PostgreSQL server.
     pub address: String,
+    /// PostgreSQL targets: TLS to the target and what it trusts.
+    pub tls: UpstreamTls,
     /// SSH targets: the pinned host key (PostgreSQL targets have none).
     pub host_key: Option<HostKeySource>,
     /// The break-glass account on the target.
@@ -431,7 +475,7 @@ pub struct Limits {
     pub max_grant_ttl: Duration,
     /// When to warn the user before the deadline, longest first.
     pub warn_before: Vec<Duration>,
-    /// Concurrent SSH connections; more are refused at accept.
+    /// Concurrent connections per listener (SSH, PostgreSQL); more are refused at accept.
     pub max_connections: usize,
     /// Environment variables a client may pass (`*` suffix = prefix match).
     pub env_allow: Vec<String>,
@@ -451,31 +495,34 @@ pub struct Limits {
     pub checkpoint_interval: Duration,
 }
 
-/// A size such as `100MiB`, `64KiB`, `1GB` or a plain byte count.
-fn parse_size(key: &str, s: &str) -> Result<u64, ConfigError> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| invalid(key, format!("`{s}` is not a size like \"100MiB\"")))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "KB" | "kB" => 1000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        other => {
-            return Err(invalid(
-                key,
-                format!("unknown unit `{other}` (use B, KiB, MiB, GiB, KB, MB or GB)"),
-            ))
-        }
+/// `postgres.max_message` when unset.
+const DEFAULT_PG_MAX_MESSAGE: usize = 64 << 20;
+
+/// PostgreSQL itself refuses messages over 1 GiB.
+const MAX_PG_MAX_MESSAGE: usize = 1 << 30;
+
+/// A byte count: a plain number, or a number with B, KiB, MiB or GiB (kB, MB and GB, as
+/// PostgreSQL writes them, mean the same powers of 1024).
+fn parse_size(key: &str, raw: RawSize) -> Result<u64, ConfigError> {
+    let text = match raw {
+        RawSize::Bytes(n) => return Ok(n),
+        RawSize::Text(t) => t,
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| invalid(key, format!("`{s}` is too large")))
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "kB" => 1 << 10,
+        "MiB" | "MB" => 1 << 20,
+        "GiB" | "GB" => 1 << 30,
+        _ => 0,
+    };
+    num.parse::<u64>()
+        .ok()
+        .filter(|_| scale > 0)
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| invalid(key, format!("`{text}` is not a size like 64MiB or 65536")))
 }
 
 /// A secret given inline or, better, through an environment variable.
@@ -519,7 +566,7 @@ fn siem_settings(
         match v {
             None => Ok(100 << 20),
             Some(v) => {
-                let n = parse_size(key, &v)?;
+                let n = parse_size(key, RawSize::Text(v))?;
                 if n < 4096 {
                     return Err(invalid(key, "must be at least 4KiB"));
                 }
@@ -759,6 +806,19 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         (None, None) => None,
         _ => return Err(invalid("postgres.tls_key", "set both tls_cert and tls_key")),
     };
+    let pg_max_message = match raw.postgres.max_message {
+        None => DEFAULT_PG_MAX_MESSAGE,
+        Some(size) => {
+            let n = parse_size("postgres.max_message", size)?;
+            if !(1024..=MAX_PG_MAX_MESSAGE as u64).contains(&n) {
+                return Err(invalid(
+                    "postgres.max_message",
+                    "must be at least 1KiB and at most 1GiB (PostgreSQL's own limit)",
+                ));
+            }
+            n as usize
+        }
+    };
     let mut people = BTreeMap::new();
     let mut seen_keys: BTreeMap<String, String> = BTreeMap::new();
     for (i, p) in raw.people.into_iter().enumerate() {
@@ -868,6 +928,35 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 ))
             }
         };
+        let tls = match (t.tls.as_deref(), t.ca_file) {
+            (Some(_), _) | (_, Some(_)) if protocol != Protocol::Postgres => {
+                return Err(invalid(
+                    format!("{base}.tls"),
+                    "tls and ca_file are for PostgreSQL targets (SSH targets pin host_key)",
+                ))
+            }
+            (None | Some("disable"), None) => UpstreamTls::Disable,
+            (None | Some("disable"), Some(_)) => {
+                return Err(invalid(
+                    format!("{base}.ca_file"),
+                    "only used with tls = \"require\" or \"verify-full\"",
+                ))
+            }
+            (Some("require"), Some(f)) => UpstreamTls::Require(expand_home(&f)),
+            (Some("verify-full"), Some(f)) => UpstreamTls::VerifyFull(expand_home(&f)),
+            (Some(mode @ ("require" | "verify-full")), None) => {
+                return Err(invalid(
+                    format!("{base}.ca_file"),
+                    format!("tls = \"{mode}\" needs ca_file, the CA or server certificate to trust (the gateway never trusts public roots or an unverified server)"),
+                ))
+            }
+            (Some(other), _) => {
+                return Err(invalid(
+                    format!("{base}.tls"),
+                    format!("`{other}` is not one of \"disable\", \"require\", \"verify-full\""),
+                ))
+            }
+        };
         if t.login.is_empty() {
             return Err(invalid(
                 format!("{base}.login"),
@@ -927,6 +1016,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             protocol,
             database: t.database.unwrap_or_else(|| "postgres".into()),
             address: t.address,
+            tls,
             host_key,
             login: t.login,
             auth,
@@ -1126,6 +1216,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         http_listen,
         pg_listen,
         pg_tls,
+        pg_max_message,
         people,
         targets,
         storage_dir,
@@ -1215,6 +1306,8 @@ pub struct Built {
     pub warnings: Vec<String>,
     /// Target name → pinned host key.
     pub host_keys: BTreeMap<String, PublicKey>,
+    /// PostgreSQL target name → TLS client settings trusting only the target's `ca_file`.
+    pub pg_tls: BTreeMap<String, Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 impl Config {
@@ -1257,6 +1350,27 @@ impl Config {
             }
         }
         let mut host_keys = BTreeMap::new();
+        let mut pg_tls = BTreeMap::new();
+        for t in self.targets.values() {
+            let Some(f) = t.tls.ca_file() else {
+                continue;
+            };
+            let key = format!("targets.{}.ca_file", t.name);
+            if !f.exists() {
+                warnings.push(format!(
+                    "config key `{key}`: {} does not exist; sessions to {} are refused until it does",
+                    f.display(),
+                    t.name
+                ));
+                continue;
+            }
+            let pem = std::fs::read(f)
+                .map_err(|e| invalid(&key, format!("cannot read {}: {e}", f.display())))?;
+            let verify_name = matches!(t.tls, UpstreamTls::VerifyFull(_));
+            let cfg = crate::pg::upstream::tls_config(&pem, verify_name)
+                .map_err(|e| invalid(&key, format!("{}: {e}", f.display())))?;
+            pg_tls.insert(t.name.clone(), cfg);
+        }
         for t in self.targets.values() {
             let key = format!("targets.{}.host_key_file", t.name);
             let pk = match &t.host_key {
@@ -1291,6 +1405,7 @@ impl Config {
             keys: KeyIndex { by_fingerprint },
             warnings,
             host_keys,
+            pg_tls,
         })
     }
 
@@ -1377,11 +1492,95 @@ login = "root"
                 "[limits]\nflush_interval = \"5s\"\n[[targets]]",
                 "limits.flush_interval",
             ),
+            (
+                "login = \"root\"",
+                "login = \"root\"\ntls = \"require\"\nca_file = \"/ca.pem\"",
+                "targets[0].tls",
+            ),
         ];
         for (from, to, key) in cases {
             let text = base().replacen(from, to, 1);
             let err = Config::from_toml(&text).expect_err(key).to_string();
             assert!(err.contains(key), "error `{err}` should name `{key}`");
+        }
+    }
+
+    #[test]
+    fn postgres_max_message_takes_bytes_or_units() {
+        let with =
+            |v: &str| Config::from_toml(&format!("{}\n[postgres]\nmax_message = {v}\n", base()));
+        assert_eq!(
+            Config::from_toml(&base()).expect("valid").pg_max_message,
+            64 << 20
+        );
+        for (v, want) in [
+            ("65536", 65536),
+            ("\"64MiB\"", 64 << 20),
+            ("\"512 KiB\"", 512 << 10),
+            ("\"1kB\"", 1024),
+            ("\"1GiB\"", 1 << 30),
+        ] {
+            assert_eq!(with(v).expect(v).pg_max_message, want, "{v}");
+        }
+        for v in [
+            "1023",
+            "\"2GiB\"",
+            "\"lots\"",
+            "\"5 parsecs\"",
+            "\"MiB\"",
+            "-1",
+        ] {
+            let err = with(v).expect_err(v).to_string();
+            assert!(err.contains("max_message"), "{v}: {err}");
+        }
+    }
+
+    #[test]
+    fn postgres_target_tls_needs_a_ca_file() {
+        let pg = |extra: &str| {
+            Config::from_toml(&format!(
+                "{}\n[[targets]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"db.internal:5432\"\nlogin = \"bg\"\n{extra}\n",
+                base()
+            ))
+        };
+        assert_eq!(
+            pg("").expect("valid").targets["db"].tls,
+            UpstreamTls::Disable
+        );
+        assert_eq!(
+            pg("tls = \"verify-full\"\nca_file = \"/etc/ca.pem\"")
+                .expect("valid")
+                .targets["db"]
+                .tls,
+            UpstreamTls::VerifyFull("/etc/ca.pem".into())
+        );
+        assert_eq!(
+            pg("tls = \"require\"\nca_file = \"/etc/ca.pem\"")
+                .expect("valid")
+                .targets["db"]
+                .tls,
+            UpstreamTls::Require("/etc/ca.pem".into())
+        );
+        for (extra, key, why) in [
+            ("tls = \"require\"", "targets[1].ca_file", "needs ca_file"),
+            (
+                "tls = \"verify-full\"",
+                "targets[1].ca_file",
+                "needs ca_file",
+            ),
+            (
+                "ca_file = \"/etc/ca.pem\"",
+                "targets[1].ca_file",
+                "only used with",
+            ),
+            (
+                "tls = \"prefer\"\nca_file = \"/ca\"",
+                "targets[1].tls",
+                "not one of",
+            ),
+        ] {
+            let err = pg(extra).expect_err(extra).to_string();
+            assert!(err.contains(key) && err.contains(why), "{extra}: {err}");
         }
     }
 

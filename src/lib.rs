@@ -19,7 +19,8 @@
 //! - [`verify`]: checks recordings against chain, manifest and signature: OK / INCOMPLETE / TAMPERED.
 //! - [`siem`]: audit events (separate from operational logs) and their sinks.
 //! - [`ssh`]: the SSH listener (russh server), the upstream client, and the per-channel relay.
-//! - [`pg`]: the PostgreSQL listener: TLS, SCRAM with JIT credentials, recorded relay.
+//! - [`pg`]: the PostgreSQL listener: TLS, SCRAM with JIT credentials, recorded relay;
+//!   `pg::upstream` connects to targets (TLS trusting only the target's `ca_file`).
 //! - [`server`]: `run(config, shutdown)`, the whole gateway as a library function.
 //! - [`shutdown`]: one cancellation token and task tracker with a documented drain order.
 //! - [`clock`]: the one wall-clock function.

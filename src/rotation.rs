@@ -1,8 +1,8 @@
 //! Rotation after use: when a grant ends (expiry, revoke), the break-glass credentials it
 //! could have exposed are replaced within `limits.rotation_window`.
 //!
-//! - PostgreSQL targets: the gateway logs in as the break-glass role with the vault's current
-//!   password and sets a new random one with `ALTER ROLE … PASSWORD 'SCRAM-SHA-256$…'` — a
+//! - PostgreSQL targets: the gateway logs in as the break-glass role (over TLS when the
+//!   target's `tls` says so, trusting its `ca_file` only) with the vault's current password and sets a new random one with `ALTER ROLE … PASSWORD 'SCRAM-SHA-256$…'` — a
 //!   verifier computed here, so the new password never appears in the server's logs. The new
 //!   password is sealed in the vault as `pending` first, checked by logging in with it, then
 //!   promoted to `current`; a crash in between leaves both, and the next run tries `pending`.
@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock;
-use crate::config::{KekSource, Protocol, TargetConfig, UpstreamAuth};
+use crate::config::{KekSource, Protocol, TargetConfig, UpstreamAuth, UpstreamTls};
 use crate::server::Gateway;
 use crate::siem::{AccessEvent, Action};
 use crate::vault::{Kek, Secret};
@@ -67,14 +67,38 @@ fn pg_config(t: &TargetConfig, password: &str) -> Result<tokio_postgres::Config,
     Ok(c)
 }
 
-async fn pg_login(t: &TargetConfig, password: &str) -> Result<tokio_postgres::Client, RotateError> {
-    let (client, conn) = pg_config(t, password)?
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| RotateError::Target {
+/// Logs in as the target's break-glass role, over TLS when the target's `tls` says so (with
+/// the same trust as the relay).
+async fn pg_login(
+    gw: &Gateway,
+    t: &TargetConfig,
+    password: &str,
+) -> Result<tokio_postgres::Client, RotateError> {
+    let failed = |e: tokio_postgres::Error| RotateError::Target {
+        target: t.name.clone(),
+        why: format!("login as {} failed: {e}", t.login),
+    };
+    let mut c = pg_config(t, password)?;
+    if t.tls == UpstreamTls::Disable {
+        let (client, conn) = c.connect(tokio_postgres::NoTls).await.map_err(failed)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        return Ok(client);
+    }
+    let tls = gw
+        .built
+        .pg_tls
+        .get(&t.name)
+        .ok_or_else(|| RotateError::Target {
             target: t.name.clone(),
-            why: format!("login as {} failed: {e}", t.login),
+            why: "the target's ca_file was not loaded when the gateway started".into(),
         })?;
+    c.ssl_mode(tokio_postgres::config::SslMode::Require);
+    let (client, conn) = c
+        .connect(crate::pg::upstream::PostgresTls(tls.clone()))
+        .await
+        .map_err(failed)?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -95,7 +119,7 @@ pub async fn verify_pg(gw: &Gateway, t: &TargetConfig) -> Result<(), RotateError
         .await?
         .ok_or_else(|| RotateError::NoPassword(t.name.clone()))?;
     let pw = kek.open(&t.name, &blob)?;
-    pg_login(t, pw.expose()).await.map(|_| ())
+    pg_login(gw, t, pw.expose()).await.map(|_| ())
 }
 
 /// Rotates a PostgreSQL target's break-glass password.
@@ -105,7 +129,7 @@ pub async fn rotate_pg(gw: &Gateway, t: &TargetConfig) -> Result<(), RotateError
     // A pending password from an interrupted rotation may be the live one.
     if let Some(pending) = gw.store.vault_get(&t.name, "pending").await? {
         let pw = kek.open(&t.name, &pending)?;
-        if pg_login(t, pw.expose()).await.is_ok() {
+        if pg_login(gw, t, pw.expose()).await.is_ok() {
             gw.store.vault_promote(&t.name, now).await?;
         }
     }
@@ -115,7 +139,7 @@ pub async fn rotate_pg(gw: &Gateway, t: &TargetConfig) -> Result<(), RotateError
         .await?
         .ok_or_else(|| RotateError::NoPassword(t.name.clone()))?;
     let current = kek.open(&t.name, &blob)?;
-    let client = pg_login(t, current.expose()).await?;
+    let client = pg_login(gw, t, current.expose()).await?;
     let new = Secret::new(crate::credential::new_secret());
     gw.store
         .vault_put(&t.name, "pending", &kek.seal(&t.name, &new)?, now)
@@ -131,7 +155,7 @@ pub async fn rotate_pg(gw: &Gateway, t: &TargetConfig) -> Result<(), RotateError
             target: t.name.clone(),
             why: format!("ALTER ROLE failed: {e}"),
         })?;
-    pg_login(t, new.expose()).await?;
+    pg_login(gw, t, new.expose()).await?;
     gw.store.vault_promote(&t.name, clock::now()).await?;
     Ok(())
 }

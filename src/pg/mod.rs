@@ -6,6 +6,7 @@
 
 pub mod log;
 pub mod scram;
+pub mod upstream;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -29,12 +30,12 @@ use crate::state::{Grant, SessionEnd, SessionRow};
 use crate::storage::key;
 use wire::{Message, WireError};
 
-/// Anything the client connection can be (plain TCP or TLS).
+/// Anything a client or upstream connection can be (plain TCP or TLS).
 trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
 
-/// Largest message accepted from either side.
-const MAX_MESSAGE: usize = 64 << 20;
+/// Largest message accepted from the target (the client's limit is `postgres.max_message`).
+const MAX_UPSTREAM_MESSAGE: usize = 64 << 20;
 
 /// Accepts PostgreSQL connections until aborted.
 pub async fn serve(
@@ -45,6 +46,9 @@ pub async fn serve(
     let permits = Arc::new(tokio::sync::Semaphore::new(
         gw.config.limits.max_connections,
     ));
+    // Connections over the limit being refused (each for at most two seconds); past this many,
+    // one is closed without a word.
+    let refusals = Arc::new(tokio::sync::Semaphore::new(REFUSALS));
     loop {
         let Ok((socket, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -52,6 +56,13 @@ pub async fn serve(
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "postgres connection limit reached, refusing");
+            if let Ok(r) = refusals.clone().try_acquire_owned() {
+                let (gw, tls) = (gw.clone(), tls.clone());
+                tokio::spawn(async move {
+                    refuse_over_limit(gw, socket, peer, tls).await;
+                    drop(r);
+                });
+            }
             continue;
         };
         let _ = socket.set_nodelay(true);
@@ -63,6 +74,81 @@ pub async fn serve(
             drop(permit);
         });
     }
+}
+
+/// Maps a client's cancel key to the upstream backend and cancels there; unknown keys are
+/// ignored silently, as PostgreSQL does. The cancel goes on a new plain TCP connection even
+/// to a target with `tls`: PostgreSQL reads a CancelRequest before pg_hba.conf applies, and
+/// the packet carries only the backend's key, which is good for this one session.
+async fn forward_cancel(gw: &Gateway, body: &[u8], peer: SocketAddr) {
+    let Ok(key) = <[u8; 8]>::try_from(body) else {
+        return;
+    };
+    let found = gw
+        .pg_cancel
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .cloned();
+    if let Some((addr, upstream_key)) = found {
+        if let Ok(Ok(mut up)) =
+            tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&addr)).await
+        {
+            let mut pkt = 16i32.to_be_bytes().to_vec();
+            pkt.extend_from_slice(&wire::CANCEL_REQUEST.to_be_bytes());
+            pkt.extend_from_slice(&upstream_key);
+            let _ = wire::send(&mut up, &pkt).await;
+        }
+        tracing::info!(%peer, "forwarded a cancel request");
+    }
+}
+
+/// Connections over the limit that are handled at the same time, at most.
+const REFUSALS: usize = 64;
+
+/// Handles a connection over the limit within two seconds: a cancel request is still
+/// forwarded (Ctrl-C must work during a flood), anything else gets FATAL 53300. The client's
+/// SSLRequest is answered first (with TLS when configured), because since the fix for
+/// CVE-2024-10977 libpq does not show an error sent in place of that answer. A client that
+/// sends nothing within a second gets the error in plain.
+async fn refuse_over_limit(
+    gw: Arc<Gateway>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limit = gw.config.limits.max_connections;
+    let e = wire::error(
+        "FATAL",
+        "53300",
+        &format!("sorry, too many clients already: the breakglass gateway is at its limit of {limit} connections (limits.max_connections)"),
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut first = [0u8; 1];
+        let spoke = tokio::time::timeout(Duration::from_secs(1), socket.peek(&mut first)).await;
+        let mut conn: Box<dyn Conn> = match spoke {
+            Ok(Ok(n)) if n > 0 => {
+                let (conn, startup, _) = negotiate(Box::new(socket), tls)
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                if startup.code == wire::CANCEL_REQUEST {
+                    forward_cancel(&gw, &startup.body, peer).await;
+                    return Ok(());
+                }
+                conn
+            }
+            _ => Box::new(socket),
+        };
+        conn.write_all(&e).await?;
+        conn.shutdown().await?;
+        // Read until the client closes: closing with its data unread would reset the
+        // connection, and a reset can discard the error before the client reads it.
+        let mut sink = [0u8; 1024];
+        while conn.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 /// Reads startup packets, answering SSLRequest (TLS when configured) and GSSENCRequest ('N'),
@@ -116,28 +202,7 @@ async fn handle(
     .await
     .map_err(|_| WireError::Malformed("startup timed out".into()))??;
     if startup.code == wire::CANCEL_REQUEST {
-        // Map the client's key to the upstream backend; unknown keys are ignored silently,
-        // as PostgreSQL does.
-        let Ok(key) = <[u8; 8]>::try_from(startup.body.as_slice()) else {
-            return Ok(());
-        };
-        let found = gw
-            .pg_cancel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .cloned();
-        if let Some((addr, upstream_key)) = found {
-            if let Ok(Ok(mut up)) =
-                tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&addr)).await
-            {
-                let mut pkt = 16i32.to_be_bytes().to_vec();
-                pkt.extend_from_slice(&wire::CANCEL_REQUEST.to_be_bytes());
-                pkt.extend_from_slice(&upstream_key);
-                let _ = wire::send(&mut up, &pkt).await;
-            }
-            tracing::info!(%peer, "forwarded a cancel request");
-        }
+        forward_cancel(&gw, &startup.body, peer).await;
         return Ok(());
     }
     if startup.code != wire::PROTOCOL_3 {
@@ -231,11 +296,12 @@ async fn handle(
         spool_dir: gw.config.data_dir.join("spool"),
         signer: gw.signer.clone(),
     };
-    let recorder = match Recorder::open(
+    let recorder = match Recorder::open_with_actions(
         gw.recordings.clone(),
         prefix.clone(),
         info.clone(),
         settings,
+        gw.siem.action_hook(&info, grant.correlation_id()),
     )
     .await
     {
@@ -501,12 +567,13 @@ async fn server_scram(conn: &mut Box<dyn Conn>, v: scram::Verifier) -> Result<()
         .map_err(|e| e.to_string())
 }
 
-/// Logs in to the target as its break-glass role with the vault's password; returns the
-/// connection and the messages it sent up to ReadyForQuery.
+/// Logs in to the target as its break-glass role with the vault's password (over TLS when
+/// the target's `tls` says so); returns the connection and the messages it sent up to
+/// ReadyForQuery.
 async fn upstream_login(
     gw: &Gateway,
     t: &TargetConfig,
-) -> Result<(TcpStream, Vec<Message>), String> {
+) -> Result<(Box<dyn Conn>, Vec<Message>), String> {
     let kek = crate::rotation::kek(&gw.config.kek).map_err(|e| e.to_string())?;
     let blob = gw
         .store
@@ -520,11 +587,7 @@ async fn upstream_login(
             )
         })?;
     let password = kek.open(&t.name, &blob).map_err(|e| e.to_string())?;
-    let mut up = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&t.address))
-        .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let _ = up.set_nodelay(true);
+    let mut up = upstream::connect(t, gw.built.pg_tls.get(&t.name)).await?;
     let mut body = wire::PROTOCOL_3.to_be_bytes().to_vec();
     for (k, v) in [
         ("user", t.login.as_str()),
@@ -543,7 +606,7 @@ async fn upstream_login(
     let mut scram: Option<scram::ClientExchange> = None;
     let mut after = Vec::new();
     loop {
-        let m = wire::read_message(&mut up, MAX_MESSAGE)
+        let m = wire::read_message(&mut up, MAX_UPSTREAM_MESSAGE)
             .await
             .map_err(|e| e.to_string())?;
         match m.tag {
@@ -682,12 +745,13 @@ async fn tap(
 }
 
 /// Reads one message and every further message already complete in the buffer, as one
-/// batch (at most 256 KiB): one record, one write, one flush per burst. Returns the batch and
-/// whether it holds a Terminate.
+/// batch (at most 256 KiB): one record, one write, one flush per burst. Messages longer than
+/// `limit` are refused. Returns the batch and whether it holds a Terminate.
 async fn read_batch<R: AsyncRead + Unpin>(
     r: &mut tokio::io::BufReader<R>,
+    limit: usize,
 ) -> Result<(Vec<u8>, bool), WireError> {
-    let first = wire::read_message(r, MAX_MESSAGE).await?;
+    let first = wire::read_message(r, limit).await?;
     let mut terminate = first.tag == b'X';
     let mut batch = first.frame;
     while batch.len() < 256 * 1024 && !terminate {
@@ -702,7 +766,7 @@ async fn read_batch<R: AsyncRead + Unpin>(
             break;
         }
         // The whole message is buffered: this read cannot block.
-        let m = wire::read_message(r, MAX_MESSAGE).await?;
+        let m = wire::read_message(r, limit).await?;
         terminate |= m.tag == b'X';
         batch.extend_from_slice(&m.frame);
     }
@@ -714,7 +778,7 @@ async fn read_batch<R: AsyncRead + Unpin>(
 async fn relay(
     gw: &Arc<Gateway>,
     conn: &mut Box<dyn Conn>,
-    up: &mut TcpStream,
+    up: &mut Box<dyn Conn>,
     recorder: &Recorder,
     (grant, deadline): (&Grant, chrono::DateTime<chrono::Utc>),
     hello: Vec<u8>,
@@ -722,7 +786,7 @@ async fn relay(
 ) -> (&'static str, String) {
     let (client_r, client_w) = tokio::io::split(conn);
     let client_w = tokio::sync::Mutex::new(client_w);
-    let (up_r, mut up_w) = up.split();
+    let (up_r, mut up_w) = tokio::io::split(up);
     if wire::send(&mut *client_w.lock().await, &hello)
         .await
         .is_err()
@@ -734,7 +798,8 @@ async fn relay(
     let client_to_up = async {
         let mut r = tokio::io::BufReader::with_capacity(64 * 1024, client_r);
         loop {
-            let (batch, terminate) = match read_batch(&mut r).await.and_then(|(b, t)| {
+            let limit = gw.config.pg_max_message;
+            let (batch, terminate) = match read_batch(&mut r, limit).await.and_then(|(b, t)| {
                 // Only frontend message types reach the target.
                 match first_unknown_frontend_tag(&b) {
                     Some(tag) => Err(WireError::Malformed(format!(
@@ -746,7 +811,11 @@ async fn relay(
             }) {
                 Ok(x) => x,
                 Err(e @ (WireError::TooLong { .. } | WireError::Malformed(_))) => {
-                    let msg = format!("terminating connection: protocol violation: {e}");
+                    let hint = match e {
+                        WireError::TooLong { .. } => " (postgres.max_message)",
+                        _ => "",
+                    };
+                    let msg = format!("terminating connection: protocol violation: {e}{hint}");
                     let _ = wire::send(
                         &mut *client_w.lock().await,
                         &wire::error("FATAL", "08P01", &msg),
@@ -775,7 +844,7 @@ async fn relay(
     let up_to_client = async {
         let mut r = tokio::io::BufReader::with_capacity(64 * 1024, up_r);
         loop {
-            let Ok((batch, _)) = read_batch(&mut r).await else {
+            let Ok((batch, _)) = read_batch(&mut r, MAX_UPSTREAM_MESSAGE).await else {
                 return (
                     "upstream_closed",
                     "the target closed the connection".to_string(),

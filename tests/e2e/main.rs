@@ -2284,6 +2284,29 @@ async fn psql_through_the_gateway_with_tls_scram_and_a_jit_credential() {
     validate_all_events(&w);
 }
 
+/// How [`pg_world_with`] sets up the cluster and the gateway.
+#[derive(Default)]
+struct PgOpts<'a> {
+    /// Extra `[limits]` lines.
+    limits: &'a str,
+    /// Whether the gateway's PostgreSQL listener presents a certificate (and requires TLS).
+    client_tls: bool,
+    /// Extra `[postgres]` lines.
+    postgres: &'a str,
+    /// The cluster runs with `ssl = on` and this certificate and key.
+    server_tls: Option<(&'a std::path::Path, &'a std::path::Path)>,
+    /// Lines before initdb's own in the cluster's `pg_hba.conf`.
+    hba_first: &'a str,
+    /// SQL the superuser runs once the cluster is up (more roles).
+    sql: &'a str,
+    /// Extra lines for the `orders-db` target.
+    target: &'a str,
+    /// More config (e.g. `[[targets]]`); `{pg_port}` becomes the cluster's port.
+    more: &'a str,
+    /// More (target, password) pairs for the vault.
+    vault: &'a [(&'a str, &'a str)],
+}
+
 /// A PostgreSQL target behind the gateway: a real cluster, a TLS certificate, the vault
 /// password, and alice approved with a fetched JIT credential. Returns (cluster, world,
 /// gateway, certificate dir).
@@ -2297,41 +2320,80 @@ async fn pg_world(
     InProcess,
     tempfile::TempDir,
 ) {
+    pg_world_with(PgOpts {
+        limits: extra_limits,
+        client_tls: tls,
+        ..Default::default()
+    })
+    .await
+}
+
+/// [`pg_world`] with more options.
+async fn pg_world_with(
+    opts: PgOpts<'_>,
+) -> (
+    Postgres,
+    tempfile::TempDir,
+    World,
+    InProcess,
+    tempfile::TempDir,
+) {
     let pgdir = tempfile::tempdir().expect("tempdir");
-    let pg = Postgres::start(pgdir.path());
-    let out = pg.psql(
-        "postgres",
-        &pg.superuser_password,
-        "CREATE ROLE bg_dba LOGIN SUPERUSER PASSWORD 'initial-bg-password'",
+    let pg = Postgres::start_with(
+        pgdir.path(),
+        PgServerOpts {
+            tls: opts.server_tls,
+            hba_first: opts.hba_first,
+        },
     );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    for sql in [
+        "CREATE ROLE bg_dba LOGIN SUPERUSER PASSWORD 'initial-bg-password'",
+        opts.sql,
+    ] {
+        if sql.is_empty() {
+            continue;
+        }
+        let out = pg.psql("postgres", &pg.superuser_password, sql);
+        assert!(out.status.success(), "{sql}: {}", text(&out.stderr));
+    }
     let certs = tempfile::tempdir().expect("tempdir");
     let (cert, key) = self_signed_cert(certs.path());
     let w = World::with(Opts {
-        extra_limits: extra_limits.to_string(),
+        extra_limits: opts.limits.to_string(),
         extra_config: format!(
-            "{}\n[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
-            if tls {
-                format!("[postgres]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n", cert.display(), key.display())
+            "[siem]\nactions = true\n\n[postgres]\n{}{}\n\n[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n{}\n\n{}\n",
+            if opts.client_tls {
+                format!("tls_cert = \"{}\"\ntls_key = \"{}\"\n", cert.display(), key.display())
             } else {
                 String::new()
             },
-            pg.port
+            opts.postgres,
+            pg.port,
+            opts.target,
+            opts.more.replace("{pg_port}", &pg.port.to_string()),
         ),
         ..Default::default()
     });
     w.vault_set("orders-db", "initial-bg-password");
+    for (target, password) in opts.vault {
+        w.vault_set(target, password);
+    }
     let gw = InProcess::start(&w).await;
     (pg, pgdir, w, gw, certs)
 }
 
 /// alice's JIT credential for a fresh approved request on orders-db lasting `duration`.
 async fn pg_credential(w: &World, duration: &str) -> (String, String) {
+    pg_credential_for(w, "orders-db", duration).await
+}
+
+/// alice's JIT credential for a fresh approved request on `target` lasting `duration`.
+async fn pg_credential_for(w: &World, target: &str, duration: &str) -> (String, String) {
     let (_, out, _) = control(
         w,
         "alice",
         "breakglass",
-        &format!("request orders-db --reason locked table --incident INC-61 --for {duration}"),
+        &format!("request {target} --reason locked table --incident INC-61 --for {duration}"),
     )
     .await;
     let req = request_id(&out);
@@ -2347,9 +2409,14 @@ async fn pg_credential(w: &World, duration: &str) -> (String, String) {
 }
 
 fn psql_cmd(w: &World, password: &str, sql: &str) -> Command {
+    psql_cmd_to(w, "orders-db", password, sql)
+}
+
+/// `psql -XAtc SQL` as alice through the gateway (TLS) to `target`.
+fn psql_cmd_to(w: &World, target: &str, password: &str, sql: &str) -> Command {
     let mut c = Command::new(require("psql", "postgresql-client"));
     c.arg(format!(
-        "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode=require",
+        "host=127.0.0.1 port={} user=alice dbname={target} sslmode=require",
         w.pg_port
     ))
     .args(["-XAtc", sql])
@@ -2432,11 +2499,25 @@ async fn postgres_sessions_get_warnings_and_are_cut_at_the_deadline_and_on_revok
 async fn psql_cancel_reaches_the_backend_through_the_gateway() {
     let (pg, _pgdir, w, gw, _certs) = pg_world("", true).await;
     let (_req, secret) = pg_credential(&w, "30m").await;
-    let mut child = psql_cmd(&w, &secret, "select pg_sleep(30)")
+    cancel_through_the_gateway(&pg, &w, "orders-db", &secret);
+    gw.stop().await;
+}
+
+/// Runs `select pg_sleep(30)` with psql through the gateway to `target`, presses Ctrl-C once
+/// it runs upstream, and checks that the backend cancelled it.
+fn cancel_through_the_gateway(pg: &Postgres, w: &World, target: &str, secret: &str) {
+    let child = sleep_upstream(pg, w, target, secret);
+    press_ctrl_c(child);
+}
+
+/// psql running `select pg_sleep(30)` through the gateway to `target`, once the query runs
+/// upstream.
+fn sleep_upstream(pg: &Postgres, w: &World, target: &str, secret: &str) -> std::process::Child {
+    let child = psql_cmd_to(w, target, secret, "select pg_sleep(30)")
         .spawn()
         .expect("psql");
     w.wait_event("pg session start", |e| {
-        e["action"] == "session_start" && e["protocol"] == "postgres"
+        e["action"] == "session_start" && e["protocol"] == "postgres" && e["target"] == target
     });
     // Wait until the query runs upstream, then press Ctrl-C (SIGINT) in psql.
     wait_for("pg_sleep to run", Duration::from_secs(10), || {
@@ -2447,6 +2528,11 @@ async fn psql_cancel_reaches_the_backend_through_the_gateway() {
         );
         (text(&out.stdout).trim() == "1").then_some(())
     });
+    child
+}
+
+/// Sends psql SIGINT (Ctrl-C) and checks that the backend cancelled its query.
+fn press_ctrl_c(mut child: std::process::Child) {
     let sent = Instant::now();
     let st = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -2463,6 +2549,358 @@ async fn psql_cancel_reaches_the_backend_through_the_gateway() {
         err.contains("canceling statement due to user request"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_with_a_pinned_certificate_reaches_a_hostssl_only_target() {
+    // The cluster has ssl = on with a self-signed certificate for 127.0.0.1 and refuses
+    // bg_dba without TLS; the target pins that certificate as its ca_file.
+    let tls = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed_cert(tls.path());
+    let pinned = |name: &str, address: &str, mode: &str| {
+        format!(
+            "[[targets]]\nname = \"{name}\"\nprotocol = \"postgres\"\naddress = \"{address}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\ntls = \"{mode}\"\nca_file = \"{}\"\n",
+            cert.display()
+        )
+    };
+    let more = format!(
+        "{}\n[[targets]]\nname = \"orders-plain\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{{pg_port}}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
+        // The certificate names 127.0.0.1, not localhost: `require` does not check the name.
+        pinned("orders-by-name", "localhost:{pg_port}", "require"),
+    );
+    let (pg, _pgdir, w, gw, _certs) = pg_world_with(PgOpts {
+        client_tls: true,
+        server_tls: Some((&cert, &key)),
+        hba_first: "hostnossl all bg_dba all reject",
+        target: &format!("tls = \"verify-full\"\nca_file = \"{}\"", cert.display()),
+        more: &more,
+        vault: &[
+            ("orders-by-name", "initial-bg-password"),
+            ("orders-plain", "initial-bg-password"),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let ssl = "select ssl from pg_stat_ssl where pid = pg_backend_pid()";
+    for target in ["orders-db", "orders-by-name"] {
+        let (_req, secret) = pg_credential_for(&w, target, "30m").await;
+        let out = output(psql_cmd_to(&w, target, &secret, ssl)).await;
+        assert_eq!(
+            text(&out.stdout).trim(),
+            "t",
+            "{target}: the target sees an encrypted connection: {}",
+            text(&out.stderr)
+        );
+    }
+    // Without tls, the target's pg_hba.conf refuses the gateway, and the client is told.
+    let (_req, secret) = pg_credential_for(&w, "orders-plain", "30m").await;
+    let out = output(psql_cmd_to(&w, "orders-plain", &secret, "select 1")).await;
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot reach target orders-plain") && err.contains("no encryption"),
+        "{err}"
+    );
+    // Cancel goes to the target on a plain connection, which it accepts even so.
+    let (req, secret) = pg_credential(&w, "30m").await;
+    cancel_through_the_gateway(&pg, &w, "orders-db", &secret);
+    w.wait_ended(3);
+    // Rotation after the grant ends logs in over TLS too (the target refuses it otherwise).
+    let (code, _, _) = control(
+        &w,
+        "alice",
+        "breakglass",
+        &format!("revoke {req} --reason done"),
+    )
+    .await;
+    assert_eq!(code, 0);
+    let ev = w.wait_event("rotation", |e| {
+        e["action"] == "credential_rotated" && e["target"] == "orders-db"
+    });
+    assert_eq!(ev["outcome"], "success", "{ev}");
+    gw.stop().await;
+    let old = pg.psql("bg_dba", "initial-bg-password", "select 1");
+    assert!(!old.status.success(), "the old password no longer logs in");
+    w.cli_ok(&["vault", "verify", "orders-db"]);
+    validate_all_events(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_refuses_a_certificate_outside_ca_file_with_a_clear_fatal() {
+    let tls = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed_cert(tls.path());
+    let other = tempfile::tempdir().expect("tempdir");
+    let (wrong, _) = self_signed_cert(other.path());
+    // A server that answers N to SSLRequest, as PostgreSQL with ssl = off does.
+    let no_tls = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let no_tls_port = no_tls.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut s in no_tls.incoming().flatten() {
+            let mut req = [0u8; 8];
+            if s.read_exact(&mut req).is_ok() {
+                let _ = s.write_all(b"N");
+            }
+            let _ = s.read_to_end(&mut Vec::new());
+        }
+    });
+    let target = |name: &str, address: &str, ca: &std::path::Path| {
+        format!(
+            "[[targets]]\nname = \"{name}\"\nprotocol = \"postgres\"\naddress = \"{address}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\ntls = \"verify-full\"\nca_file = \"{}\"\n",
+            ca.display()
+        )
+    };
+    let more = [
+        target("orders-wrong-ca", "127.0.0.1:{pg_port}", &wrong),
+        target("orders-by-name", "localhost:{pg_port}", &cert),
+        target("orders-no-tls", &format!("127.0.0.1:{no_tls_port}"), &cert),
+    ]
+    .join("\n");
+    let (_pg, _pgdir, w, gw, _certs) = pg_world_with(PgOpts {
+        client_tls: true,
+        server_tls: Some((&cert, &key)),
+        target: &format!("tls = \"verify-full\"\nca_file = \"{}\"", cert.display()),
+        more: &more,
+        vault: &[
+            ("orders-wrong-ca", "initial-bg-password"),
+            ("orders-by-name", "initial-bg-password"),
+            ("orders-no-tls", "initial-bg-password"),
+        ],
+        ..Default::default()
+    })
+    .await;
+    for (target, want) in [
+        // UnknownIssuer or BadSignature, depending on whether the other CA shares the name.
+        ("orders-wrong-ca", "invalid peer certificate: "),
+        ("orders-by-name", "not valid for name"),
+        (
+            "orders-no-tls",
+            "does not accept TLS (it answered 'N' to SSLRequest)",
+        ),
+    ] {
+        let (_req, secret) = pg_credential_for(&w, target, "30m").await;
+        let out = output(psql_cmd_to(&w, target, &secret, "select 1")).await;
+        let err = text(&out.stderr);
+        eprintln!("{target}: {}", err.trim());
+        assert!(!out.status.success(), "{target} must be refused");
+        assert!(
+            err.contains(&format!("FATAL:  cannot reach target {target}")) && err.contains(want),
+            "{target}: {err}"
+        );
+    }
+    // No session started, each refusal is on the SIEM record as the upstream's doing, and the
+    // gateway still serves the correctly pinned target.
+    let (_req, secret) = pg_credential(&w, "30m").await;
+    let out = output(psql_cmd(&w, &secret, "select 6*7")).await;
+    assert_eq!(text(&out.stdout).trim(), "42", "{}", text(&out.stderr));
+    w.wait_ended(1);
+    gw.stop().await;
+    let events = w.siem_events();
+    let denied: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["action"] == "session_denied" && e["reason"] == "upstream_unreachable")
+        .collect();
+    assert_eq!(denied.len(), 3, "{denied:#?}");
+    assert!(
+        denied.iter().all(|e| e["side"] == "upstream"),
+        "{denied:#?}"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["action"] == "session_start")
+            .count(),
+        1
+    );
+    validate_all_events(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn md5_and_trust_upstream_logins_work() {
+    let target = |name: &str, login: &str| {
+        format!(
+            "[[targets]]\nname = \"{name}\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{{pg_port}}\"\nlogin = \"{login}\"\napprovers = [\"bob\"]\n"
+        )
+    };
+    let more = target("orders-md5", "bg_md5") + &target("orders-trust", "bg_trust");
+    let (pg, _pgdir, w, gw, _certs) = pg_world_with(PgOpts {
+        client_tls: true,
+        // The first matching line wins: md5 for bg_md5, no password at all for bg_trust.
+        hba_first: "host all bg_md5 127.0.0.1/32 md5\nhost all bg_trust 127.0.0.1/32 trust",
+        sql: "SET password_encryption = 'md5'; \
+              CREATE ROLE bg_md5 LOGIN PASSWORD 'md5-bg-password'; \
+              CREATE ROLE bg_trust LOGIN",
+        more: &more,
+        vault: &[
+            ("orders-md5", "md5-bg-password"),
+            ("orders-trust", "not-asked-for"),
+        ],
+        ..Default::default()
+    })
+    .await;
+    // With an md5 hash stored and an md5 line, the server asks for md5 (not SCRAM).
+    let out = pg.psql(
+        "postgres",
+        &pg.superuser_password,
+        "select rolpassword like 'md5%' from pg_authid where rolname = 'bg_md5'",
+    );
+    assert_eq!(text(&out.stdout).trim(), "t", "{}", text(&out.stderr));
+    for (target, role) in [("orders-md5", "bg_md5"), ("orders-trust", "bg_trust")] {
+        let (_req, secret) = pg_credential_for(&w, target, "30m").await;
+        let out = output(psql_cmd_to(&w, target, &secret, "select current_user")).await;
+        assert_eq!(
+            text(&out.stdout).trim(),
+            role,
+            "{target}: {}",
+            text(&out.stderr)
+        );
+    }
+    w.wait_ended(2);
+    gw.stop().await;
+    validate_all_events(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_notify_passes_through_the_relay_and_is_recorded() {
+    let (pg, _pgdir, w, gw, _certs) = pg_world("", false).await;
+    let (_req, secret) = pg_credential(&w, "30m").await;
+    // psql: the notification comes back in the same session.
+    let mut c = Command::new(require("psql", "postgresql-client"));
+    c.arg(format!(
+        "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode=disable",
+        w.pg_port
+    ))
+    .args(["-X", "-c", "LISTEN ch", "-c", "NOTIFY ch, 'hi'"])
+    .env("PGPASSWORD", &secret)
+    .stdin(std::process::Stdio::null());
+    let out = output(c).await;
+    let said = text(&out.stdout) + &text(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("Asynchronous notification \"ch\" with payload \"hi\" received"),
+        "{said}"
+    );
+    // tokio-postgres: an idle listener gets a NOTIFY sent by another backend, outside the
+    // gateway — the target speaks first, with no request to answer.
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(w.pg_port)
+        .user("alice")
+        .password(secret.as_str())
+        .dbname("orders-db");
+    let (client, mut conn) = cfg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("tokio-postgres through the gateway");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let task = tokio::spawn(async move {
+        while let Some(m) = futures::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = m {
+                let _ = tx
+                    .send((n.channel().to_string(), n.payload().to_string()))
+                    .await;
+            }
+        }
+    });
+    client.batch_execute("LISTEN jobs").await.expect("listen");
+    let out = pg.psql(
+        "postgres",
+        &pg.superuser_password,
+        "NOTIFY jobs, 'from-another-backend'",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the notification arrives within 10 s");
+    assert_eq!(
+        got,
+        Some(("jobs".to_string(), "from-another-backend".to_string()))
+    );
+    drop(client);
+    let _ = task.await;
+    w.wait_ended(2);
+    gw.stop().await;
+    let mut queries = Vec::new();
+    for s in w.sessions() {
+        for line in export(&w, s["id"].as_str().expect("id")).lines() {
+            let e: Value = serde_json::from_str(line).expect("json");
+            validate("sql-event.schema.json", &e);
+            if e["event"] == "query" {
+                queries.push(e["sql"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    }
+    for q in ["LISTEN ch", "NOTIFY ch, 'hi'", "LISTEN jobs"] {
+        assert!(queries.iter().any(|s| s == q), "{q} in {queries:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_gets_fatal_53300_and_service_resumes_after_it() {
+    use std::io::Read;
+    use std::io::Write;
+    let (pg, _pgdir, w, gw, _certs) = pg_world("max_connections = 3", true).await;
+    let (_req, secret) = pg_credential(&w, "30m").await;
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", w.pg_port)).expect("connect");
+    let read_all = |mut s: std::net::TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    // A running session and two idle connections (waiting in the startup phase) take every
+    // slot.
+    let sleeper = sleep_upstream(&pg, &w, "orders-db", &secret);
+    let idle: Vec<std::net::TcpStream> = (0..2).map(|_| connect()).collect();
+    // The next is told why at once.
+    let mut s = connect();
+    let t = Instant::now();
+    let body = b"user\0alice\0database\0orders-db\0\0";
+    let mut startup = ((8 + body.len()) as i32).to_be_bytes().to_vec();
+    startup.extend_from_slice(&[0, 3, 0, 0]);
+    startup.extend_from_slice(body);
+    s.write_all(&startup).expect("startup");
+    let got = read_all(s);
+    assert!(
+        got.starts_with('E') && got.contains("53300") && got.contains("too many clients already"),
+        "{got:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // So is one that sends nothing, after a second.
+    let got = read_all(connect());
+    assert!(got.contains("53300"), "{got:?}");
+    // psql says so too, whether it starts with an SSLRequest or a plain startup packet.
+    for mode in ["require", "disable"] {
+        let mut c = Command::new(require("psql", "postgresql-client"));
+        c.arg(format!(
+            "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode={mode}",
+            w.pg_port
+        ))
+        .args(["-XAtc", "select 1"])
+        .env("PGPASSWORD", &secret)
+        .stdin(std::process::Stdio::null());
+        let out = output(c).await;
+        let err = text(&out.stderr);
+        eprintln!("sslmode={mode}: {}", err.trim());
+        assert!(!out.status.success());
+        assert!(err.contains("too many clients already"), "{mode}: {err}");
+    }
+    // Ctrl-C still works: the cancel request is over the limit too, and is forwarded.
+    press_ctrl_c(sleeper);
+    // Once the idle ones are gone, the gateway serves again.
+    drop(idle);
+    let t = Instant::now();
+    let said = wait_for("psql to get through again", Duration::from_secs(10), || {
+        let out = psql_cmd(&w, &secret, "select 6*7").output().expect("psql");
+        out.status.success().then(|| text(&out.stdout))
+    });
+    assert_eq!(said.trim(), "42");
+    eprintln!(
+        "served again {:?} after the idle connections closed",
+        t.elapsed()
+    );
+    w.wait_ended(2);
     gw.stop().await;
 }
 
@@ -2617,6 +3055,28 @@ async fn extended_protocol_with_binary_parameters_and_copy_in_are_recorded() {
             all.push(e);
         }
     }
+    // Each statement is also a BREAK_GLASS_ACTION SIEM event ([siem] actions = true).
+    let sqls = [
+        "select $1::int4 + 1, $2::text",
+        "create table c(x int)",
+        "select sum(x) from c",
+    ];
+    // Action events are spooled in batches, beside the session's own events.
+    let statements: Vec<Value> = wait_for("statement events", Duration::from_secs(15), || {
+        let s: Vec<Value> = w
+            .siem_events()
+            .into_iter()
+            .filter(|e| e["action"] == "statement")
+            .collect();
+        sqls.iter()
+            .all(|q| s.iter().any(|e| e["command"] == *q))
+            .then_some(s)
+    });
+    for e in &statements {
+        validate("siem-event.schema.json", e);
+        assert_eq!(e["event_type"], "BREAK_GLASS_ACTION");
+        assert_eq!(e["protocol"], "postgres");
+    }
     let bind = all
         .iter()
         .find(|e| e["event"] == "bind" && e["params"].as_array().is_some_and(|p| p.len() == 2))
@@ -2639,7 +3099,11 @@ async fn extended_protocol_with_binary_parameters_and_copy_in_are_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_and_oversized_messages_after_login_get_fatal_08p01() {
     use breakglass::pg::{scram, wire};
-    let (_pg, _pgdir, w, gw, _certs) = pg_world("", false).await;
+    let (_pg, _pgdir, w, gw, _certs) = pg_world_with(PgOpts {
+        postgres: "max_message = \"4KiB\"",
+        ..Default::default()
+    })
+    .await;
     let (_req, secret) = pg_credential(&w, "30m").await;
     // A hand-rolled client: startup, SCRAM, then a bad message.
     async fn login(port: u16, secret: &str) -> tokio::net::TcpStream {
@@ -2698,18 +3162,66 @@ async fn unknown_and_oversized_messages_after_login_get_fatal_08p01() {
         got.contains("08P01") && got.contains("unknown frontend message type"),
         "{got:?}"
     );
+    // postgres.max_message = 4KiB: a query whose message is exactly 4096 bytes long (the
+    // length field counts itself, not the type byte) runs; one byte more ends the session.
+    let query = |marker: &str, len: usize| {
+        let head = format!("select '{marker}' as m, '");
+        let pad = len - 4 - head.len() - 2;
+        let sql = format!("{head}{}'\0", "x".repeat(pad));
+        let m = wire::message(b'Q', sql.as_bytes());
+        assert_eq!(m.len(), len + 1);
+        m
+    };
+    let mut s = login(w.pg_port, &secret).await;
+    wire::send(&mut s, &query("fits-the-limit", 4096))
+        .await
+        .expect("send");
+    let mut said = Vec::new();
+    loop {
+        let m = wire::read_message(&mut s, 1 << 20).await.expect("reply");
+        said.push(m.tag);
+        if m.tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(said, b"TDCZ", "row description, row, complete, ready");
+    let got = fatal_after(s, &query("over-the-limit", 4097)).await;
+    assert!(
+        got.contains("08P01")
+            && got.contains("message of 4097 bytes is over the 4096-byte limit")
+            && got.contains("postgres.max_message"),
+        "{got:?}"
+    );
     let s = login(w.pg_port, &secret).await;
     let mut huge = vec![b'Q'];
     huge.extend_from_slice(&(200_000_000i32).to_be_bytes());
     let got = fatal_after(s, &huge).await;
     assert!(got.contains("08P01") && got.contains("limit"), "{got:?}");
-    w.wait_ended(2);
+    w.wait_ended(3);
     gw.stop().await;
+    // What came before the oversized message is on the record; the message itself is not.
+    let recorded: String = w
+        .sessions()
+        .iter()
+        .map(|s| export(&w, s["id"].as_str().expect("id")))
+        .collect();
+    assert!(
+        recorded.contains("select 'fits-the-limit' as m"),
+        "{recorded}"
+    );
+    assert!(!recorded.contains("over-the-limit"), "{recorded}");
     let ended: Vec<String> = w
         .siem_events()
         .iter()
         .filter(|e| e["action"] == "session_end")
         .map(|e| e["reason"].as_str().unwrap_or("").to_string())
         .collect();
-    assert_eq!(ended, vec!["protocol_violation", "protocol_violation"]);
+    assert_eq!(
+        ended,
+        vec![
+            "protocol_violation",
+            "protocol_violation",
+            "protocol_violation"
+        ]
+    );
 }

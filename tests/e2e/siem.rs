@@ -356,8 +356,16 @@ actions = true
     assert!(out.status.success(), "{}", text(&out.stderr));
     w.wait_ended(1);
 
-    // The seed-shaped file: every event valid, the exec command as a BREAK_GLASS_ACTION.
-    let file = w.siem_events();
+    // The seed-shaped file: every event valid, the exec command as a BREAK_GLASS_ACTION
+    // (action events are spooled in batches, beside the session's own events).
+    let file = wait_for(
+        "the command event in the file",
+        Duration::from_secs(15),
+        || {
+            let f = w.siem_events();
+            f.iter().any(|e| e["action"] == "command").then_some(f)
+        },
+    );
     for e in &file {
         validate("siem-event.schema.json", e);
     }
@@ -558,7 +566,14 @@ batch = 5
     assert!(out.status.success(), "{}", text(&out.stderr));
     w.wait_ended(2);
 
-    let file = w.siem_events();
+    let file = wait_for(
+        "both command events in the file",
+        Duration::from_secs(15),
+        || {
+            let f = w.siem_events();
+            (f.iter().filter(|e| e["action"] == "command").count() == 2).then_some(f)
+        },
+    );
     let ids: Vec<String> = file
         .iter()
         .map(|e| e["event_id"].as_str().expect("id").to_string())

@@ -620,8 +620,21 @@ fn as_postgres(program: PathBuf) -> Command {
     }
 }
 
+/// Server-side options for [`Postgres::start_with`].
+#[derive(Default)]
+pub struct PgServerOpts<'a> {
+    /// `ssl = on` with this certificate and key (PEM); copied into the cluster directory.
+    pub tls: Option<(&'a Path, &'a Path)>,
+    /// Lines put before initdb's own in `pg_hba.conf` (the first matching line wins).
+    pub hba_first: &'a str,
+}
+
 impl Postgres {
     pub fn start(parent: &Path) -> Postgres {
+        Postgres::start_with(parent, PgServerOpts::default())
+    }
+
+    pub fn start_with(parent: &Path, opts: PgServerOpts) -> Postgres {
         use std::os::unix::fs::PermissionsExt;
         let dir = parent.join("pg");
         std::fs::create_dir_all(&dir).expect("pg dir");
@@ -656,6 +669,32 @@ impl Postgres {
             .output()
             .expect("run initdb");
         assert!(out.status.success(), "initdb failed: {}", text(&out.stderr));
+        if !opts.hba_first.is_empty() {
+            let hba = data.join("pg_hba.conf");
+            let old = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+            std::fs::write(&hba, format!("{}\n{old}", opts.hba_first)).expect("pg_hba.conf");
+        }
+        let mut tls_args = Vec::new();
+        if let Some((cert, key)) = opts.tls {
+            // The server reads them as `postgres`; the key must be 0600 and its own.
+            let (c, k) = (dir.join("server.crt"), dir.join("server.key"));
+            std::fs::copy(cert, &c).expect("copy cert");
+            std::fs::copy(key, &k).expect("copy key");
+            std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            let _ = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&c)
+                .arg(&k)
+                .status();
+            tls_args = vec![
+                "-c".to_string(),
+                "ssl=on".to_string(),
+                "-c".to_string(),
+                format!("ssl_cert_file={}", c.display()),
+                "-c".to_string(),
+                format!("ssl_key_file={}", k.display()),
+            ];
+        }
         let port = free_port();
         let child = as_postgres(pg_bin("postgres"))
             .arg("-D")
@@ -669,6 +708,7 @@ impl Postgres {
             ])
             .arg(&dir)
             .args(["-c", "fsync=off"])
+            .args(&tls_args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(parent.join("postgres.log")).expect("pg log"))
             .spawn()
