@@ -302,10 +302,21 @@ async fn post(
 pub fn tls_config(
     extra_ca: Option<&std::path::Path>,
 ) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, String> {
+    client_tls(extra_ca, false)
+}
+
+/// A rustls client config (ring provider). With `pinned`, the CA file (PEM) is the only trust
+/// root; otherwise it is added to the Mozilla roots.
+pub fn client_tls(
+    ca: Option<&std::path::Path>,
+    pinned: bool,
+) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, String> {
     use tokio_rustls::rustls;
     let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = extra_ca {
+    if !pinned {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    if let Some(path) = ca {
         let pem =
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         use rustls::pki_types::pem::PemObject;
@@ -315,6 +326,9 @@ pub fn tls_config(
                 .add(cert)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
         }
+    }
+    if roots.is_empty() {
+        return Err("no trusted certificate (is the CA file empty?)".into());
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider)

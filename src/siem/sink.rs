@@ -446,33 +446,12 @@ pub fn sign(secret: &str, timestamp: &str, body: &[u8]) -> String {
     hex::encode(ctx.sign().as_ref())
 }
 
+/// A configured CA is the only trust root (the collector is pinned to it); without one, the
+/// Mozilla roots.
 fn tls_config(
     ca: Option<&std::path::Path>,
 ) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, String> {
-    use tokio_rustls::rustls;
-    let Some(path) = ca else {
-        return crate::alerts::tls_config(None);
-    };
-    // A configured CA is the only trust root: the collector is pinned to it.
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::pem::PemObject;
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    if roots.is_empty() {
-        return Err(format!("{}: no certificate in the file", path.display()));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
+    crate::alerts::client_tls(ca, ca.is_some())
 }
 
 /// Delivers from the spool until `stop` fires: batches in spool order, jittered exponential

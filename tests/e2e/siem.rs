@@ -143,7 +143,7 @@ impl Drop for Hec {
 
 impl Hec {
     async fn start(port: u16, script: Vec<Step>, token: &'static str) -> Hec {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind HEC");
@@ -167,34 +167,9 @@ impl Hec {
                 busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 tokio::spawn(async move {
                     let _done = Done(busy);
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 8192];
-                    let (head_end, len) = loop {
-                        let Ok(m) = sock.read(&mut chunk).await else {
-                            return;
-                        };
-                        if m == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..m]);
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
-                            let len = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length:"))
-                                .and_then(|v| v.trim().parse::<usize>().ok())
-                                .unwrap_or(0);
-                            break (i + 4, len);
-                        }
+                    let Some((head, body)) = read_request(&mut sock).await else {
+                        return;
                     };
-                    while buf.len() < head_end + len {
-                        match sock.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(m) => buf.extend_from_slice(&chunk[..m]),
-                        }
-                    }
-                    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-                    let body = String::from_utf8_lossy(&buf[head_end..]).into_owned();
                     let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
                     let authorized = head
                         .lines()

@@ -498,9 +498,39 @@ impl Drop for HttpReceiver {
     }
 }
 
+/// Reads one HTTP/1.1 request: the head, then Content-Length bytes of body.
+pub async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<(String, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let (head_end, len) = loop {
+        let m = sock.read(&mut chunk).await.ok().filter(|m| *m > 0)?;
+        buf.extend_from_slice(&chunk[..m]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            break (i + 4, len);
+        }
+    };
+    while buf.len() < head_end + len {
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(m) => buf.extend_from_slice(&chunk[..m]),
+        }
+    }
+    Some((
+        String::from_utf8_lossy(&buf[..head_end]).into_owned(),
+        String::from_utf8_lossy(&buf[head_end..]).into_owned(),
+    ))
+}
+
 impl HttpReceiver {
     pub async fn start(statuses: Vec<u16>) -> HttpReceiver {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind receiver");
@@ -517,38 +547,9 @@ impl HttpReceiver {
                 n += 1;
                 let h = h.clone();
                 tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    // Read the head, then Content-Length bytes of body.
-                    let (head_end, len) = loop {
-                        let Ok(m) = sock.read(&mut chunk).await else {
-                            return;
-                        };
-                        if m == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..m]);
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
-                            let len = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length:"))
-                                .and_then(|v| v.trim().parse::<usize>().ok())
-                                .unwrap_or(0);
-                            break (i + 4, len);
-                        }
+                    let Some((head, body)) = read_request(&mut sock).await else {
+                        return;
                     };
-                    while buf.len() < head_end + len {
-                        let Ok(m) = sock.read(&mut chunk).await else {
-                            return;
-                        };
-                        if m == 0 {
-                            break;
-                        }
-                        buf.extend_from_slice(&chunk[..m]);
-                    }
-                    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-                    let body = String::from_utf8_lossy(&buf[head_end..]).into_owned();
                     h.lock().expect("lock").push((Instant::now(), head, body));
                     let resp = format!(
                         "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
