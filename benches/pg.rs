@@ -1,6 +1,8 @@
 //! PostgreSQL benchmark, side by side in one run: `pgbench -S` (select-only) TPS direct to
-//! PostgreSQL, through pgbouncer (session pooling, no recording) and through the gateway
-//! (TLS + SCRAM, every message recorded). Prints TPS and the ratios; asserts nothing.
+//! PostgreSQL, through pgbouncer (session pooling, no recording) without and with client TLS,
+//! and through the gateway (TLS + SCRAM, every message recorded). The gateway/pgbouncer+TLS
+//! ratio is the like-for-like one: both terminate TLS from the client and talk plain TCP to
+//! PostgreSQL. Prints TPS and the ratios; asserts nothing.
 //!
 //! Run with `cargo bench --bench pg` (needs Debian's `pgbouncer`; BENCH_SECONDS, BENCH_CLIENTS
 //! override 10 s and 8 clients).
@@ -79,21 +81,38 @@ fn main() {
         .expect("pgbench -i");
     assert!(out.status.success(), "{}", text(&out.stderr));
 
-    // pgbouncer in session pooling mode, no recording.
-    let bouncer_port = free_port();
-    let ini = dir.path().join("pgbouncer.ini");
+    // pgbouncer in session pooling mode, no recording: one instance in plain TCP, one that
+    // requires client TLS with the same certificate as the gateway.
+    let (cert, key) = self_signed_cert(dir.path());
     let users = dir.path().join("userlist.txt");
     std::fs::write(&users, "\"bg_dba\" \"bench-password\"\n").expect("userlist");
-    std::fs::write(
-        &ini,
-        format!(
-            "[databases]\npostgres = host=127.0.0.1 port={} dbname=postgres\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {bouncer_port}\nauth_type = scram-sha-256\nauth_file = {}\npool_mode = session\nmax_client_conn = 100\ndefault_pool_size = 20\nunix_socket_dir =\nlogfile = {}\n",
-            pg.port,
-            users.display(),
-            dir.path().join("pgbouncer.log").display()
+    let bouncer_ini = |name: &str, port: u16, extra: &str| {
+        let ini = dir.path().join(format!("{name}.ini"));
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\npostgres = host=127.0.0.1 port={} dbname=postgres\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = scram-sha-256\nauth_file = {}\npool_mode = session\nmax_client_conn = 100\ndefault_pool_size = 20\nunix_socket_dir =\nlogfile = {}\npidfile = {}\n{extra}",
+                pg.port,
+                users.display(),
+                dir.path().join(format!("{name}.log")).display(),
+                dir.path().join(format!("{name}.pid")).display(),
+            ),
+        )
+        .expect("ini");
+        ini
+    };
+    let bouncer_port = free_port();
+    let ini = bouncer_ini("pgbouncer", bouncer_port, "");
+    let tls_bouncer_port = free_port();
+    let tls_ini = bouncer_ini(
+        "pgbouncer-tls",
+        tls_bouncer_port,
+        &format!(
+            "client_tls_sslmode = require\nclient_tls_cert_file = {}\nclient_tls_key_file = {}\n",
+            cert.display(),
+            key.display()
         ),
-    )
-    .expect("ini");
+    );
     let find = || {
         ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
             .into_iter()
@@ -113,19 +132,37 @@ fn main() {
         .args(["-R", "postgres:postgres"])
         .arg(dir.path())
         .status();
-    let mut bouncer = Command::new("runuser")
-        .args(["-u", "postgres", "--", pgbouncer])
-        .arg(&ini)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start pgbouncer");
-    wait_port(bouncer_port);
+    let start_bouncer = |ini: &std::path::Path, port: u16| {
+        let child = Command::new("runuser")
+            .args(["-u", "postgres", "--", pgbouncer])
+            .arg(ini)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pgbouncer");
+        wait_port(port);
+        child
+    };
+    let mut bouncer = start_bouncer(&ini, bouncer_port);
+    let mut tls_bouncer = start_bouncer(&tls_ini, tls_bouncer_port);
     let via_bouncer =
         format!("host=127.0.0.1 port={bouncer_port} user=bg_dba dbname=postgres sslmode=disable");
+    let via_tls_bouncer = format!(
+        "host=127.0.0.1 port={tls_bouncer_port} user=bg_dba dbname=postgres sslmode=require"
+    );
+    // It really requires TLS.
+    let out = Command::new(pg_bin("pgbench"))
+        .args(["-n", "-S", "-t", "1"])
+        .arg(via_tls_bouncer.replace("sslmode=require", "sslmode=disable"))
+        .env("PGPASSWORD", "bench-password")
+        .output()
+        .expect("pgbench");
+    assert!(
+        !out.status.success(),
+        "pgbouncer-tls must refuse plain clients"
+    );
 
-    // The gateway, release build, with a TLS certificate and the break-glass password.
-    let (cert, key) = self_signed_cert(dir.path());
+    // The gateway, release build, with the same TLS certificate and the break-glass password.
     let w = World::with(Opts {
         extra_config: format!(
             "[postgres]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
@@ -172,35 +209,41 @@ fn main() {
     );
 
     println!("pgbench -S -M prepared, {clients} clients, {seconds} s per run, interleaved");
-    let mut results = vec![
-        (Vec::new(), "direct"),
-        (Vec::new(), "pgbouncer"),
-        (Vec::new(), "gateway+rec"),
+    let runs: [(&str, &str, &str); 4] = [
+        ("direct", &direct, "bench-password"),
+        ("pgbouncer", &via_bouncer, "bench-password"),
+        ("pgbouncer+tls", &via_tls_bouncer, "bench-password"),
+        ("gateway+rec", &via_gateway, &secret),
     ];
+    let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); runs.len()];
     for _ in 0..2 {
-        results[0]
-            .0
-            .push(tps(&direct, "bench-password", seconds, clients));
-        results[1]
-            .0
-            .push(tps(&via_bouncer, "bench-password", seconds, clients));
-        results[2]
-            .0
-            .push(tps(&via_gateway, &secret, seconds, clients));
+        for (i, (_, conn, password)) in runs.iter().enumerate() {
+            results[i].push(tps(conn, password, seconds, clients));
+        }
     }
     let best = |v: &Vec<(f64, f64)>| v.iter().map(|r| r.0).fold(0.0, f64::max);
-    for (v, name) in &results {
+    for (v, (name, _, _)) in results.iter().zip(&runs) {
         let lat: f64 = v.iter().map(|r| r.1).sum::<f64>() / v.len() as f64;
         println!(
-            "  {name:<12} best {:>9.0} TPS  avg latency {lat:.3} ms  runs {v:?}",
+            "  {name:<14} best {:>9.0} TPS  avg latency {lat:.3} ms  runs {v:?}",
             best(v)
         );
     }
+    let [direct, bouncer_plain, bouncer_tls, gateway] = [0, 1, 2, 3].map(|i| best(&results[i]));
     println!(
-        "  ratio gateway/pgbouncer = {:.2}x, gateway/direct = {:.2}x",
-        best(&results[2].0) / best(&results[1].0),
-        best(&results[2].0) / best(&results[0].0)
+        "  ratio gateway/pgbouncer+tls = {:.2}x (both TLS), gateway/pgbouncer = {:.2}x (pgbouncer plain), gateway/direct = {:.2}x",
+        gateway / bouncer_tls,
+        gateway / bouncer_plain,
+        gateway / direct
     );
-    let _ = bouncer.kill();
-    let _ = bouncer.wait();
+    // runuser forks: stop pgbouncer itself (by its pid file), then reap runuser.
+    for (b, name) in [
+        (&mut bouncer, "pgbouncer"),
+        (&mut tls_bouncer, "pgbouncer-tls"),
+    ] {
+        if let Ok(pid) = std::fs::read_to_string(dir.path().join(format!("{name}.pid"))) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+        let _ = b.wait();
+    }
 }
