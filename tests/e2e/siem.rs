@@ -269,6 +269,25 @@ fn hec_id(env: &Value) -> String {
         .to_string()
 }
 
+/// The SIEM file once it holds `n` command events (action events are spooled in batches,
+/// beside the session's own events).
+fn file_with_commands(w: &World, n: usize) -> Vec<Value> {
+    wait_for(
+        &format!("{n} command events in the SIEM file"),
+        Duration::from_secs(15),
+        || {
+            let f = w.siem_events();
+            (f.iter().filter(|e| e["action"] == "command").count() >= n).then_some(f)
+        },
+    )
+}
+
+/// `breakglass siem status --format json`.
+fn siem_status(w: &World) -> Vec<Value> {
+    let out = w.cli_ok(&["siem", "status", "--format", "json"]);
+    serde_json::from_str::<Vec<Value>>(&out).expect("siem status is a JSON array")
+}
+
 async fn http_get(port: u16, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -333,14 +352,7 @@ actions = true
 
     // The seed-shaped file: every event valid, the exec command as a BREAK_GLASS_ACTION
     // (action events are spooled in batches, beside the session's own events).
-    let file = wait_for(
-        "the command event in the file",
-        Duration::from_secs(15),
-        || {
-            let f = w.siem_events();
-            f.iter().any(|e| e["action"] == "command").then_some(f)
-        },
-    );
+    let file = file_with_commands(&w, 1);
     for e in &file {
         validate("siem-event.schema.json", e);
     }
@@ -453,10 +465,7 @@ actions = true
             .then_some(())
     });
     wait_for("nothing queued", Duration::from_secs(15), || {
-        let s: Value =
-            serde_json::from_str(&w.cli_ok(&["siem", "status", "--format", "json"])).expect("json");
-        s.as_array()
-            .expect("array")
+        siem_status(&w)
             .iter()
             .all(|x| x["queued"] == 0)
             .then_some(())
@@ -509,15 +518,10 @@ batch = 5
     assert!(out.status.success(), "{}", text(&out.stderr));
     w.wait_ended(1);
     gw.stop().await;
-    let status: Value =
-        serde_json::from_str(&w.cli_ok(&["siem", "status", "--format", "json"])).expect("json");
-    let hec_status = status
-        .as_array()
-        .expect("array")
-        .iter()
+    let hec_status = siem_status(&w)
+        .into_iter()
         .find(|s| s["sink"] == "hec")
-        .expect("hec status")
-        .clone();
+        .expect("hec status");
     assert!(
         hec_status["queued"].as_u64().unwrap_or(0) >= 4,
         "{hec_status}"
@@ -541,14 +545,7 @@ batch = 5
     assert!(out.status.success(), "{}", text(&out.stderr));
     w.wait_ended(2);
 
-    let file = wait_for(
-        "both command events in the file",
-        Duration::from_secs(15),
-        || {
-            let f = w.siem_events();
-            (f.iter().filter(|e| e["action"] == "command").count() == 2).then_some(f)
-        },
-    );
+    let file = file_with_commands(&w, 2);
     let ids: Vec<String> = file
         .iter()
         .map(|e| e["event_id"].as_str().expect("id").to_string())
