@@ -122,9 +122,14 @@ pub fn alertable(e: &AccessEvent) -> bool {
         Action::ReviewOverdue => true,
         Action::ReviewOpened | Action::ReviewSigned | Action::CredentialIssued => false,
         Action::CredentialRotated => e.outcome == "failure",
-        Action::RecordingCheckpoint | Action::Command | Action::Statement | Action::SiemTest => {
-            false
-        }
+        Action::RecordingCheckpoint
+        | Action::Command
+        | Action::Statement
+        | Action::SiemTest
+        | Action::RecordingViewed
+        | Action::RecordingExported
+        | Action::MetadataExported
+        | Action::WebLogin => false,
         Action::SessionEnd
         | Action::SessionDenied
         | Action::SessionExpired
@@ -188,7 +193,11 @@ pub fn summary(e: &AccessEvent) -> String {
         | Action::RecordingCheckpoint
         | Action::Command
         | Action::Statement
-        | Action::SiemTest => {
+        | Action::SiemTest
+        | Action::RecordingViewed
+        | Action::RecordingExported
+        | Action::MetadataExported
+        | Action::WebLogin => {
             format!("[breakglass] {} {who} {target} ({incident})", e.action.as_str())
         }
     }

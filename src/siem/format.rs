@@ -65,7 +65,7 @@ pub fn ocsf_class(e: &AccessEvent) -> (u32, &'static str, u32, &'static str, u32
             (6005, "Datastore Activity", APP, 99, "Terminate")
         }
         Action::SessionExpired | Action::SessionRevoked => (4007, "SSH Activity", NET, 3, "Reset"),
-        Action::SessionDenied => (3002, "Authentication", IAM, 1, "Logon"),
+        Action::SessionDenied | Action::WebLogin => (3002, "Authentication", IAM, 1, "Logon"),
         Action::ForwardingRefused => (4007, "SSH Activity", NET, 5, "Refuse"),
         Action::Command => (4007, "SSH Activity", NET, 99, "Command"),
         Action::Statement => (6005, "Datastore Activity", APP, 4, "Query"),
@@ -83,7 +83,10 @@ pub fn ocsf_class(e: &AccessEvent) -> (u32, &'static str, u32, &'static str, u32
         | Action::ReviewSigned
         | Action::ReviewOverdue
         | Action::RecordingCheckpoint
-        | Action::SiemTest => (0, "Base Event", (0, "Uncategorized"), 99, "Other"),
+        | Action::SiemTest
+        | Action::RecordingViewed
+        | Action::RecordingExported
+        | Action::MetadataExported => (0, "Base Event", (0, "Uncategorized"), 99, "Other"),
     };
     (class, cname, cat, catname, act, aname)
 }
@@ -397,6 +400,10 @@ mod tests {
             Action::Command,
             Action::Statement,
             Action::SiemTest,
+            Action::RecordingViewed,
+            Action::RecordingExported,
+            Action::MetadataExported,
+            Action::WebLogin,
         ];
         let mut out = Vec::new();
         for proto in ["ssh", "postgres"] {

@@ -49,6 +49,15 @@ pub enum Action {
     Statement,
     /// `breakglass siem test`.
     SiemTest,
+    /// Someone looked at a recording: its session page, a replay of a channel or its SQL
+    /// timeline (web UI, API or `breakglass replay`). Auditing the auditors.
+    RecordingViewed,
+    /// Someone exported a recording (`breakglass export`, a download from the web UI).
+    RecordingExported,
+    /// An auditor exported session metadata for a period (`breakglass audit-export`, web UI).
+    MetadataExported,
+    /// A person logged in to the web UI with a single-use link.
+    WebLogin,
 }
 
 impl Action {
@@ -76,6 +85,10 @@ impl Action {
             Action::Command => "command",
             Action::Statement => "statement",
             Action::SiemTest => "siem_test",
+            Action::RecordingViewed => "recording_viewed",
+            Action::RecordingExported => "recording_exported",
+            Action::MetadataExported => "metadata_exported",
+            Action::WebLogin => "web_login",
         }
     }
 }
