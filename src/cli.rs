@@ -714,6 +714,7 @@ async fn sessions(config: &Path, cmd: SessionsCmd) -> Result<ExitCode> {
                 since: since.as_deref().map(parse_when).transpose()?,
                 until: until.as_deref().map(parse_when).transpose()?,
                 limit,
+                ..Default::default()
             };
             let rows = store.list_sessions(&f).await?;
             if format == Format::Json {

@@ -237,6 +237,54 @@ pub struct SessionFilter {
     pub since: Option<DateTime<Utc>>,
     pub until: Option<DateTime<Utc>>,
     pub limit: Option<u32>,
+    /// `ssh` or `postgres`.
+    pub protocol: Option<String>,
+    /// The incident id of the session's grant.
+    pub incident: Option<String>,
+    /// The review state of the session's grant at `now`.
+    pub review: Option<ReviewFilter>,
+    /// Rows to skip (paging).
+    pub offset: Option<u32>,
+}
+
+/// Sessions by the state of their grant's post-incident review.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReviewFilter {
+    /// No review was opened for the grant.
+    None,
+    /// Open and not yet due.
+    Open,
+    /// Open and past due at the given moment.
+    Overdue(DateTime<Utc>),
+    Signed,
+}
+
+/// What became of a single-use web login link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkUse {
+    /// The link was good; it is now spent.
+    Person(String),
+    Unknown,
+    Expired,
+    AlreadyUsed,
+}
+
+/// One searchable line of a recording: a shell command or a SQL statement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchEntry {
+    pub channel: u32,
+    /// Seconds since the channel started.
+    pub time: f64,
+    /// `command` or `sql`.
+    pub kind: String,
+    pub text: String,
+}
+
+/// A search result: where in which session the text was.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchHit {
+    pub session: SessionRow,
+    pub entry: SearchEntry,
 }
 
 /// The end of a session, as written to the index.
@@ -373,6 +421,33 @@ pub trait Store: Send + Sync {
         hash: &str,
         at: DateTime<Utc>,
     ) -> Result<Option<String>, StateError>;
+
+    /// Stores a single-use web login link's hash for a person until `expires_at`.
+    async fn put_login_link(
+        &self,
+        hash: &str,
+        person: &str,
+        at: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StateError>;
+    /// Spends a login link in one transaction: it works once, before it expires.
+    async fn use_login_link(&self, hash: &str, at: DateTime<Utc>) -> Result<LinkUse, StateError>;
+
+    /// Stores the searchable text of an ended session (once; later calls are no-ops).
+    async fn index_session_text(
+        &self,
+        session_id: &str,
+        entries: Vec<SearchEntry>,
+        at: DateTime<Utc>,
+    ) -> Result<(), StateError>;
+    /// Ended sessions whose text is not indexed yet, oldest first.
+    async fn unindexed_sessions(&self, limit: u32) -> Result<Vec<SessionRow>, StateError>;
+    /// Case-insensitive substring search over indexed commands and SQL, newest session first.
+    async fn search_text(
+        &self,
+        needle: &str,
+        f: &SessionFilter,
+    ) -> Result<Vec<SearchHit>, StateError>;
 
     /// Stores an encrypted vault entry (`slot` is `current` or `pending`).
     async fn vault_put(

@@ -8,8 +8,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    Approval, Grant, NewGrant, NewRequest, Request, RequestStatus, Review, SessionEnd,
-    SessionFilter, SessionRow, StateError, Store, StoredEvent,
+    Approval, Grant, LinkUse, NewGrant, NewRequest, Request, RequestStatus, Review, ReviewFilter,
+    SearchEntry, SearchHit, SessionEnd, SessionFilter, SessionRow, StateError, Store, StoredEvent,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -141,6 +141,26 @@ const MIGRATIONS: &[&str] = &[
         outcome TEXT NOT NULL,
         done_at INTEGER NOT NULL
      );",
+    // 7: single-use web login links and the search index over commands and SQL.
+    "CREATE TABLE login_links (
+        hash TEXT PRIMARY KEY,
+        person TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at INTEGER
+     );
+     CREATE TABLE search_text (
+        session_id TEXT NOT NULL,
+        channel INTEGER NOT NULL,
+        t REAL NOT NULL,
+        kind TEXT NOT NULL,
+        text TEXT NOT NULL
+     );
+     CREATE INDEX search_text_session ON search_text(session_id);
+     CREATE TABLE search_indexed (
+        session_id TEXT PRIMARY KEY,
+        indexed_at INTEGER NOT NULL
+     );",
 ];
 
 /// SQLite behind a mutex; calls run on the blocking pool.
@@ -266,6 +286,50 @@ fn session_row(r: &Row<'_>) -> rusqlite::Result<SessionRow> {
 }
 
 /// Escapes `%`, `_` and `\` so user input is a literal LIKE prefix.
+/// The WHERE clause of a session filter over the `sessions` table, using parameters ?1..?9
+/// (given back in order).
+fn session_where(f: &SessionFilter) -> (&'static str, [rusqlite::types::Value; 9]) {
+    use rusqlite::types::Value as V;
+    let text = |o: &Option<String>| o.clone().map(V::Text).unwrap_or(V::Null);
+    let time = |o: Option<DateTime<Utc>>| o.map(|t| V::Integer(ms(t))).unwrap_or(V::Null);
+    let (review, due) = match f.review {
+        None => (V::Null, V::Null),
+        Some(ReviewFilter::None) => (V::Text("none".into()), V::Null),
+        Some(ReviewFilter::Open) => (V::Text("open".into()), V::Null),
+        Some(ReviewFilter::Overdue(at)) => (V::Text("overdue".into()), V::Integer(ms(at))),
+        Some(ReviewFilter::Signed) => (V::Text("signed".into()), V::Null),
+    };
+    (
+        "(?1 IS NULL OR person = ?1) AND (?2 IS NULL OR target = ?2) \
+         AND (?3 IS NULL OR started_at >= ?3) AND (?4 IS NULL OR started_at < ?4) \
+         AND (?5 IS NULL OR protocol = ?5) \
+         AND (?6 IS NULL OR grant_id IN (SELECT id FROM grants WHERE incident_id = ?6)) \
+         AND (?7 IS NULL \
+              OR (?7 = 'none' AND grant_id NOT IN (SELECT grant_id FROM reviews)) \
+              OR (?7 = 'signed' AND grant_id IN \
+                    (SELECT grant_id FROM reviews WHERE signed_at IS NOT NULL)) \
+              OR (?7 = 'open' AND grant_id IN (SELECT grant_id FROM reviews \
+                    WHERE signed_at IS NULL AND (?9 IS NULL OR due_at > ?9))) \
+              OR (?7 = 'overdue' AND grant_id IN (SELECT grant_id FROM reviews \
+                    WHERE signed_at IS NULL AND due_at <= ?8))) \
+",
+        [
+            text(&f.person),
+            text(&f.target),
+            time(f.since),
+            time(f.until),
+            text(&f.protocol),
+            text(&f.incident),
+            review,
+            due,
+            match f.review {
+                Some(ReviewFilter::Open) => V::Integer(ms(crate::clock::now())),
+                _ => V::Null,
+            },
+        ],
+    )
+}
+
 fn like_prefix(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 1);
     for c in s.chars() {
@@ -664,22 +728,27 @@ impl Store for SqliteStore {
     async fn list_sessions(&self, f: &SessionFilter) -> Result<Vec<SessionRow>, StateError> {
         let f = f.clone();
         self.with(move |c| {
+            let (where_sql, p) = session_where(&f);
             let mut stmt = c
                 .prepare(&format!(
-                    "SELECT {SESSION_COLS} FROM sessions \
-                     WHERE (?1 IS NULL OR person = ?1) AND (?2 IS NULL OR target = ?2) \
-                       AND (?3 IS NULL OR started_at >= ?3) AND (?4 IS NULL OR started_at < ?4) \
-                     ORDER BY started_at DESC LIMIT ?5"
+                    "SELECT {SESSION_COLS} FROM sessions WHERE {where_sql} \
+                     ORDER BY started_at DESC LIMIT ?10 OFFSET ?11"
                 ))
                 .map_err(db)?;
             let rows = stmt
                 .query_map(
                     params![
-                        f.person,
-                        f.target,
-                        f.since.map(ms),
-                        f.until.map(ms),
-                        f.limit.map(i64::from).unwrap_or(-1)
+                        p[0],
+                        p[1],
+                        p[2],
+                        p[3],
+                        p[4],
+                        p[5],
+                        p[6],
+                        p[7],
+                        p[8],
+                        f.limit.map(i64::from).unwrap_or(-1),
+                        f.offset.map(i64::from).unwrap_or(0)
                     ],
                     session_row,
                 )
@@ -1188,6 +1257,177 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn put_login_link(
+        &self,
+        hash: &str,
+        person: &str,
+        at: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StateError> {
+        let (h, p) = (hash.to_string(), person.to_string());
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO login_links (hash, person, created_at, expires_at) VALUES (?1,?2,?3,?4)",
+                params![h, p, ms(at), ms(expires_at)],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn use_login_link(&self, hash: &str, at: DateTime<Utc>) -> Result<LinkUse, StateError> {
+        let h = hash.to_string();
+        self.with(move |c| {
+            let tx = c.unchecked_transaction().map_err(db)?;
+            let row = tx
+                .query_row(
+                    "SELECT person, expires_at, used_at FROM login_links WHERE hash = ?1",
+                    [&h],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, Option<i64>>(2)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(db)?;
+            let outcome = match row {
+                None => LinkUse::Unknown,
+                Some((_, _, Some(_))) => LinkUse::AlreadyUsed,
+                Some((_, exp, None)) if exp <= ms(at) => LinkUse::Expired,
+                Some((person, _, None)) => {
+                    let n = tx
+                        .execute(
+                            "UPDATE login_links SET used_at = ?2 WHERE hash = ?1 AND used_at IS NULL",
+                            params![h, ms(at)],
+                        )
+                        .map_err(db)?;
+                    if n == 1 {
+                        LinkUse::Person(person)
+                    } else {
+                        LinkUse::AlreadyUsed
+                    }
+                }
+            };
+            tx.commit().map_err(db)?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn index_session_text(
+        &self,
+        session_id: &str,
+        entries: Vec<SearchEntry>,
+        at: DateTime<Utc>,
+    ) -> Result<(), StateError> {
+        let id = session_id.to_string();
+        self.with(move |c| {
+            let tx = c.unchecked_transaction().map_err(db)?;
+            let fresh = tx
+                .execute(
+                    "INSERT OR IGNORE INTO search_indexed (session_id, indexed_at) VALUES (?1, ?2)",
+                    params![id, ms(at)],
+                )
+                .map_err(db)?;
+            if fresh == 1 {
+                let mut stmt = tx
+                    .prepare(
+                        "INSERT INTO search_text (session_id, channel, t, kind, text) \
+                         VALUES (?1,?2,?3,?4,?5)",
+                    )
+                    .map_err(db)?;
+                for e in &entries {
+                    stmt.execute(params![id, e.channel, e.time, e.kind, e.text])
+                        .map_err(db)?;
+                }
+            }
+            tx.commit().map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn unindexed_sessions(&self, limit: u32) -> Result<Vec<SessionRow>, StateError> {
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare(&format!(
+                    "SELECT {SESSION_COLS} FROM sessions WHERE ended_at IS NOT NULL \
+                     AND id NOT IN (SELECT session_id FROM search_indexed) \
+                     ORDER BY started_at LIMIT ?1"
+                ))
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([i64::from(limit)], session_row)
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn search_text(
+        &self,
+        needle: &str,
+        f: &SessionFilter,
+    ) -> Result<Vec<SearchHit>, StateError> {
+        let pattern = format!("%{}", like_prefix(needle));
+        let f = f.clone();
+        self.with(move |c| {
+            let (where_sql, p) = session_where(&f);
+            let cols = SESSION_COLS
+                .split(", ")
+                .map(|c| format!("s.{}", c.trim()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut stmt = c
+                .prepare(&format!(
+                    "SELECT {cols}, x.channel, x.t, x.kind, x.text \
+                     FROM search_text x JOIN (SELECT * FROM sessions WHERE {where_sql}) s \
+                       ON s.id = x.session_id \
+                     WHERE x.text LIKE ?10 ESCAPE '\\' \
+                     ORDER BY s.started_at DESC, x.channel, x.t LIMIT ?11"
+                ))
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        p[0],
+                        p[1],
+                        p[2],
+                        p[3],
+                        p[4],
+                        p[5],
+                        p[6],
+                        p[7],
+                        p[8],
+                        pattern,
+                        f.limit.map(i64::from).unwrap_or(200)
+                    ],
+                    |r| {
+                        Ok(SearchHit {
+                            session: session_row(r)?,
+                            entry: SearchEntry {
+                                channel: r.get(13)?,
+                                time: r.get(14)?,
+                                kind: r.get(15)?,
+                                text: r.get(16)?,
+                            },
+                        })
+                    },
+                )
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
     async fn vault_put(
         &self,
         name: &str,
@@ -1435,5 +1675,165 @@ mod tests {
         assert_eq!(store.unfinished_sessions().await.expect("u").len(), 2);
         let s = store.find_session("s2").await.expect("find").expect("some");
         assert_eq!((s.bytes_in, s.bytes_out), (5, 7));
+    }
+
+    #[tokio::test]
+    async fn login_links_work_once_and_only_before_they_expire() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("open");
+        let now = Utc::now();
+        let exp = now + Duration::minutes(5);
+        store
+            .put_login_link("h1", "alice", now, exp)
+            .await
+            .expect("put");
+        store
+            .put_login_link("h2", "bob", now, exp)
+            .await
+            .expect("put");
+        let cases = [
+            ("h1", now, LinkUse::Person("alice".into())),
+            ("h1", now, LinkUse::AlreadyUsed),
+            ("nope", now, LinkUse::Unknown),
+            ("h2", exp, LinkUse::Expired),
+        ];
+        for (hash, at, want) in cases {
+            assert_eq!(
+                store.use_login_link(hash, at).await.expect("use"),
+                want,
+                "{hash}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn search_and_session_filters_find_the_right_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("open");
+        let now = Utc::now();
+        let g = store
+            .create_grant(NewGrant {
+                incident_id: "INC-9".into(),
+                ..new_grant("alice", "db-01", now, 60)
+            })
+            .await
+            .expect("grant");
+        for (i, (proto, grant)) in [("ssh", "other"), ("postgres", g.id.as_str())]
+            .iter()
+            .enumerate()
+        {
+            store
+                .insert_session(&SessionRow {
+                    id: format!("s{i}"),
+                    protocol: (*proto).into(),
+                    person: "alice".into(),
+                    target: "db-01".into(),
+                    grant_id: (*grant).into(),
+                    client_addr: "127.0.0.1:1".into(),
+                    started_at: now + Duration::minutes(i as i64),
+                    deadline: now + Duration::hours(1),
+                    ended_at: None,
+                    end_reason: None,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    recording_prefix: format!("p/{i}"),
+                })
+                .await
+                .expect("insert");
+            store
+                .finish_session(
+                    &format!("s{i}"),
+                    &SessionEnd {
+                        ended_at: now + Duration::minutes(10),
+                        end_reason: "closed".into(),
+                        bytes_in: 1,
+                        bytes_out: 1,
+                    },
+                )
+                .await
+                .expect("finish");
+        }
+        let ids = |rows: Vec<SessionRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        let cases = [
+            (SessionFilter::default(), vec!["s1", "s0"]),
+            (
+                SessionFilter {
+                    protocol: Some("ssh".into()),
+                    ..Default::default()
+                },
+                vec!["s0"],
+            ),
+            (
+                SessionFilter {
+                    incident: Some("INC-9".into()),
+                    ..Default::default()
+                },
+                vec!["s1"],
+            ),
+            (
+                SessionFilter {
+                    review: Some(ReviewFilter::None),
+                    ..Default::default()
+                },
+                vec!["s1", "s0"],
+            ),
+            (
+                SessionFilter {
+                    limit: Some(1),
+                    offset: Some(1),
+                    ..Default::default()
+                },
+                vec!["s0"],
+            ),
+        ];
+        for (f, want) in cases {
+            assert_eq!(
+                ids(store.list_sessions(&f).await.expect("list")),
+                want,
+                "{f:?}"
+            );
+        }
+
+        assert_eq!(store.unindexed_sessions(10).await.expect("u").len(), 2);
+        let entry = |t: f64, kind: &str, text: &str| SearchEntry {
+            channel: 0,
+            time: t,
+            kind: kind.into(),
+            text: text.into(),
+        };
+        store
+            .index_session_text("s0", vec![entry(1.5, "command", "rm -rf /tmp/x_1")], now)
+            .await
+            .expect("index");
+        store
+            .index_session_text("s1", vec![entry(2.0, "sql", "DROP TABLE orders")], now)
+            .await
+            .expect("index");
+        // A second index of the same session is a no-op.
+        store
+            .index_session_text("s1", vec![entry(3.0, "sql", "DROP TABLE twice")], now)
+            .await
+            .expect("index");
+        assert!(store.unindexed_sessions(10).await.expect("u").is_empty());
+        let hits = store
+            .search_text("drop table", &SessionFilter::default())
+            .await
+            .expect("search");
+        assert_eq!(hits.len(), 1);
+        assert_eq!(
+            (hits[0].session.id.as_str(), hits[0].entry.time),
+            ("s1", 2.0)
+        );
+        // LIKE wildcards in the needle are literal.
+        let hits = store
+            .search_text("x_1", &SessionFilter::default())
+            .await
+            .expect("search");
+        assert_eq!(hits.len(), 1);
+        assert!(store
+            .search_text("x%", &SessionFilter::default())
+            .await
+            .expect("search")
+            .is_empty());
     }
 }
