@@ -17,6 +17,12 @@ command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 [ -x /usr/sbin/rsyslogd ] || need+=(rsyslog)
 ls /usr/lib/*/rsyslog/lmnsd_ossl.so >/dev/null 2>&1 || need+=(rsyslog-openssl)
+# The web UI tests drive Debian's headless Chromium; npm fetches asciinema-player and
+# playwright-core (pinned by web/package-lock.json).
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   SUDO=""
@@ -33,6 +39,13 @@ fi
 if ! command -v moto_server >/dev/null 2>&1 || ! python3 -c "import boto3" >/dev/null 2>&1; then
   echo "installing: moto[server] (PyPI)" >&2
   python3 -m pip install -q --disable-pip-version-check 'moto[server]' >&2
+fi
+
+# Front-end packages from the npm registry, exactly as locked; nothing third-party is committed.
+if ! [ -f web/node_modules/.package-lock.json ] || ! cmp -s web/package-lock.json web/node_modules/.lock-installed; then
+  echo "installing: web/ front-end packages (npm ci)" >&2
+  npm ci --prefix web --no-audit --no-fund --loglevel=error >&2
+  cp web/package-lock.json web/node_modules/.lock-installed
 fi
 
 cargo test "$@"

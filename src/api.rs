@@ -27,8 +27,21 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// The cookie that carries a web UI session (a token like the API's, set by the login link).
+pub const SESSION_COOKIE: &str = "bg_session";
+
+/// The header the web UI sends on every write; a cross-site form cannot set it, so a cookie
+/// alone never authorizes a change (CSRF).
+pub const CSRF_HEADER: &str = "x-breakglass-csrf";
+
 /// An API error: a status and a message.
-struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(pub StatusCode, pub String);
+
+impl ApiError {
+    pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -36,28 +49,82 @@ impl IntoResponse for ApiError {
     }
 }
 
-struct Who {
-    person: String,
-    roles: Vec<String>,
+/// The verified person behind a request.
+pub(crate) struct Who {
+    pub person: String,
+    pub roles: Vec<String>,
+    /// Authenticated by the web UI's cookie rather than a bearer token.
+    pub via_cookie: bool,
 }
 
-async fn who(gw: &Gateway, headers: &HeaderMap) -> Result<Who, ApiError> {
-    let token = headers
+impl Who {
+    pub(crate) fn has(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+
+    /// Reviewers, auditors and admins see every session; others see their own.
+    pub(crate) fn sees_all_sessions(&self) -> bool {
+        self.has("reviewer") || self.has("auditor") || self.has("admin")
+    }
+
+    /// Refuses a change the person may not make here: auditors are read-only, and a browser
+    /// session must show the CSRF header.
+    pub(crate) fn may_write(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        if self.has("auditor") {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!("{} is an auditor; auditors are read-only", self.person),
+            ));
+        }
+        if self.via_cookie && !headers.contains_key(CSRF_HEADER) {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!("a change from the browser needs the {CSRF_HEADER} header"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The value of one cookie.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Who is asking: a bearer token (`ssh GATEWAY token`) or the web UI's session cookie.
+pub(crate) async fn who(gw: &Gateway, headers: &HeaderMap) -> Result<Who, ApiError> {
+    let bearer = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            ApiError(
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let (token, via_cookie) = match (bearer, cookie(headers, SESSION_COOKIE)) {
+        (Some(t), _) => (t, false),
+        (None, Some(c)) => (c, true),
+        (None, None) => {
+            return Err(ApiError(
                 StatusCode::UNAUTHORIZED,
-                "missing bearer token; get one with `ssh breakglass@GATEWAY token`".into(),
-            )
-        })?;
+                "not logged in: get a login link with `ssh breakglass@GATEWAY login`, or a bearer token with `ssh breakglass@GATEWAY token`".into(),
+            ))
+        }
+    };
     let person = gw
         .store
         .api_token_person(&token_hash(token.trim()), clock::now())
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "unknown or expired token".into()))?;
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::UNAUTHORIZED,
+                "unknown or expired token; log in again".into(),
+            )
+        })?;
     let roles = gw
         .config
         .people
@@ -69,7 +136,11 @@ async fn who(gw: &Gateway, headers: &HeaderMap) -> Result<Who, ApiError> {
                 format!("{person} is no longer configured"),
             )
         })?;
-    Ok(Who { person, roles })
+    Ok(Who {
+        person,
+        roles,
+        via_cookie,
+    })
 }
 
 /// Maps a control outcome to HTTP: 200 with its data, or 409/403/404/400 with the message.
@@ -83,6 +154,7 @@ fn outcome(o: control::Outcome) -> Response {
         return (StatusCode::OK, Json(body)).into_response();
     }
     let status = if message.contains("cannot approve your own")
+        || message.contains("read-only")
         || message.contains("is not an approver")
         || message.contains("may not")
         || message.contains("not yours")
@@ -144,6 +216,7 @@ fn parsed(
 /// Runs a workflow action as the token's person.
 async fn act(gw: &Gateway, headers: &HeaderMap, p: Parsed) -> Result<Response, ApiError> {
     let w = who(gw, headers).await?;
+    w.may_write(headers)?;
     let caller = Caller {
         person: &w.person,
         roles: &w.roles,
@@ -215,7 +288,7 @@ async fn revoke(
 
 fn may_see(gw: &Gateway, w: &Who, person: &str, target: &str) -> bool {
     person == w.person
-        || w.roles.iter().any(|r| r == "admin" || r == "auditor")
+        || w.sees_all_sessions()
         || gw
             .config
             .targets
@@ -294,6 +367,29 @@ async fn status(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Re
         })
         .collect();
     Ok(Json(json!({ "person": w.person, "roles": w.roles, "targets": targets })).into_response())
+}
+
+/// Runs a workflow action as the person (for the other HTTP modules).
+pub(crate) async fn act_as(
+    gw: &Gateway,
+    w: &Who,
+    headers: &HeaderMap,
+    p: Parsed,
+) -> Result<Response, ApiError> {
+    w.may_write(headers)?;
+    let caller = Caller {
+        person: &w.person,
+        roles: &w.roles,
+    };
+    Ok(outcome(control::run_parsed(gw, &caller, &p).await))
+}
+
+pub(crate) fn parsed_command(
+    command: &str,
+    args: Vec<String>,
+    opts: Vec<(&str, Option<String>)>,
+) -> Parsed {
+    parsed(command, args, opts, vec![])
 }
 
 async fn healthz() -> impl IntoResponse {

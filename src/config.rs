@@ -59,6 +59,19 @@ struct RawConfig {
     vault: RawVault,
     #[serde(default)]
     postgres: RawPostgres,
+    #[serde(default)]
+    web: RawWeb,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWeb {
+    public_url: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    player_dir: Option<PathBuf>,
+    login_link_ttl: Option<String>,
+    session_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -276,6 +289,8 @@ pub struct Config {
     pub pg_listen: Option<SocketAddr>,
     /// PEM certificate chain and key the PostgreSQL listener presents (TLS required when set).
     pub pg_tls: Option<(PathBuf, PathBuf)>,
+    /// The web UI and its login links.
+    pub web: WebConfig,
     /// Largest message a PostgreSQL client may send; a longer one ends the connection with
     /// FATAL 08P01 before its body is read.
     pub pg_max_message: usize,
@@ -462,6 +477,22 @@ impl TargetConfig {
                 None => a == person,
             })
     }
+}
+
+/// The web UI on the HTTP listener.
+#[derive(Debug, Clone)]
+pub struct WebConfig {
+    /// The base URL people reach the UI at, used in login links (default: the listener's
+    /// address, http or https by `tls`).
+    pub public_url: Option<String>,
+    /// PEM certificate chain and key: the HTTP listener speaks TLS (rustls) when set.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Where asciinema-player's bundle (from npm, `npm ci --prefix web`) is served from.
+    pub player_dir: PathBuf,
+    /// How long a login link from `ssh GATEWAY login` stays usable (it works once).
+    pub login_link_ttl: Duration,
+    /// How long a browser stays logged in after using a link.
+    pub session_ttl: Duration,
 }
 
 /// Session and grant limits.
@@ -817,6 +848,52 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 ));
             }
             n as usize
+        }
+    };
+    let web = {
+        let w = raw.web;
+        let tls = match (w.tls_cert, w.tls_key) {
+            (Some(c), Some(k)) => Some((expand_home(&c), expand_home(&k))),
+            (None, None) => None,
+            _ => return Err(invalid("web.tls_key", "set both tls_cert and tls_key")),
+        };
+        if let Some(u) = &w.public_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(invalid(
+                    "web.public_url",
+                    format!("`{u}` must start with http:// or https://"),
+                ));
+            }
+        }
+        let login_link_ttl = match &w.login_link_ttl {
+            Some(s) => parse_duration("web.login_link_ttl", s)?,
+            None => Duration::from_secs(300),
+        };
+        if login_link_ttl > Duration::from_secs(3600) || login_link_ttl.is_zero() {
+            return Err(invalid(
+                "web.login_link_ttl",
+                "must be more than 0 and at most 1h: a login link is a bearer secret",
+            ));
+        }
+        let session_ttl = match &w.session_ttl {
+            Some(s) => parse_duration("web.session_ttl", s)?,
+            None => Duration::from_secs(8 * 3600),
+        };
+        if session_ttl > Duration::from_secs(24 * 3600) || session_ttl.is_zero() {
+            return Err(invalid(
+                "web.session_ttl",
+                "must be more than 0 and at most 24h",
+            ));
+        }
+        WebConfig {
+            public_url: w.public_url.map(|u| u.trim_end_matches('/').to_string()),
+            tls,
+            player_dir: w
+                .player_dir
+                .map(|d| expand_home(&d))
+                .unwrap_or_else(|| PathBuf::from("web/node_modules/asciinema-player/dist/bundle")),
+            login_link_ttl,
+            session_ttl,
         }
     };
     let mut people = BTreeMap::new();
@@ -1217,6 +1294,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         pg_listen,
         pg_tls,
         pg_max_message,
+        web,
         people,
         targets,
         storage_dir,

@@ -146,6 +146,7 @@ breakglass control commands (ssh -p PORT breakglass@GATEWAY COMMAND ...):
   requests                   pending requests you can see
   credential GRANT|REQUEST    a one-time database password for your grant (shown once)
   token                      a bearer token for the JSON API (1 hour, shown once)
+  login                      a single-use link that logs you in to the web UI (5 minutes)
   reviews                    open post-incident reviews (overdue first)
   review REVIEW|REQUEST --findings TEXT --root-cause TEXT   sign off (reviewers)
 Then connect with: ssh -p PORT TARGET@GATEWAY
@@ -173,6 +174,16 @@ pub async fn run(gw: &Gateway, caller: &Caller<'_>, line: &str) -> Outcome {
 
 /// Runs one parsed command (the SSH control channel and the JSON API both end here).
 pub async fn run_parsed(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Outcome {
+    let writes = matches!(
+        p.command.as_str(),
+        "request" | "approve" | "deny" | "revoke" | "review" | "credential"
+    );
+    if writes && caller.roles.iter().any(|r| r == "auditor") {
+        return fail(format!(
+            "{} is an auditor; auditors are read-only and cannot {}",
+            caller.person, p.command
+        ));
+    }
     let res = match p.command.as_str() {
         "" | "help" | "--help" => Ok(ok(HELP.to_string())),
         "request" => request(gw, caller, p).await,
@@ -185,6 +196,7 @@ pub async fn run_parsed(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Outcom
         "reviews" => reviews(gw).await,
         "credential" => credential(gw, caller, p).await,
         "token" => token(gw, caller).await,
+        "login" => login(gw, caller).await,
         "review" => review(gw, caller, p).await,
         other => Ok(fail(format!("unknown command `{other}`\n\n{HELP}"))),
     };
@@ -779,6 +791,29 @@ async fn token(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError>
         "token: {secret}\nvalid until: {}\nuse: curl -H 'Authorization: Bearer {secret}' http://GATEWAY/api/v1/status\n",
         clock::rfc3339(until)
     )))
+}
+
+/// Issues a single-use, short-lived link that logs the person in to the web UI.
+async fn login(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError> {
+    let Some(base) = crate::web::public_url(&gw.config) else {
+        return Ok(fail(
+            "the web UI is not enabled on this gateway (set listeners.http)",
+        ));
+    };
+    let secret = crate::credential::new_secret();
+    let now = clock::now();
+    let until = now + chrono::Duration::from_std(gw.config.web.login_link_ttl).unwrap_or_default();
+    gw.store
+        .put_login_link(&crate::api::token_hash(&secret), caller.person, now, until)
+        .await?;
+    let url = format!("{base}/login#{secret}");
+    Ok(ok_with(
+        format!(
+            "open this link in your browser; it works once, until {}:\n{url}\n",
+            clock::rfc3339(until)
+        ),
+        serde_json::json!({ "url": url, "expires_at": clock::rfc3339(until) }),
+    ))
 }
 
 async fn reviews(gw: &Gateway) -> Result<Outcome, StateError> {

@@ -24,7 +24,10 @@
 //! - [`server`]: `run(config, shutdown)`, the whole gateway as a library function.
 //! - [`shutdown`]: one cancellation token and task tracker with a documented drain order.
 //! - [`clock`]: the one wall-clock function.
-//! - [`api`]: the JSON API (bearer tokens fetched over SSH) for the workflow actions.
+//! - [`api`]: the JSON API (bearer tokens fetched over SSH, or the web UI's cookie) for the
+//!   workflow actions.
+//! - [`web`]: the web UI: login links, our UI files, asciinema-player, OpenAPI, TLS, and the
+//!   evidence API (sessions, replay, SQL timelines, search, reviews, reports, exports).
 //! - [`alerts`]: webhooks (generic JSON, Slack) for requests, approvals, sessions, revocations.
 #![forbid(unsafe_code)]
 
@@ -50,3 +53,4 @@ pub mod state;
 pub mod storage;
 pub mod vault;
 pub mod verify;
+pub mod web;

@@ -176,7 +176,7 @@ pub async fn start(
         None => None,
     };
     let pg_tls = match &gw.config.pg_tls {
-        Some((cert, key)) => Some(pg_tls_acceptor(cert, key)?),
+        Some((cert, key)) => Some(tls_acceptor("postgres", cert, key, &[])?),
         None => None,
     };
     let http = match &http_listener {
@@ -184,6 +184,10 @@ pub async fn start(
             l.local_addr()
                 .map_err(|source| StartError::Bind { addr, source })?,
         ),
+        None => None,
+    };
+    let web_tls = match &gw.config.web.tls {
+        Some((cert, key)) => Some(tls_acceptor("web", cert, key, &[b"http/1.1"])?),
         None => None,
     };
     if let Some(s3) = &gw.config.s3 {
@@ -207,11 +211,25 @@ pub async fn start(
         let pg = pg_listener.map(|l| tokio::spawn(crate::pg::serve(l, gw.clone(), pg_tls)));
         let api = http_listener.map(|l| {
             let token = gw.shutdown.token.clone();
-            let app = crate::api::router(gw.clone());
+            let app = crate::web::router(gw.clone());
             tokio::spawn(async move {
-                let served = axum::serve(l, app)
-                    .with_graceful_shutdown(async move { token.cancelled().await })
-                    .await;
+                let served = match web_tls {
+                    Some(acceptor) => {
+                        match crate::web::tls::TlsListener::new(l, acceptor, token.clone()) {
+                            Ok(l) => {
+                                axum::serve(l, app)
+                                    .with_graceful_shutdown(async move { token.cancelled().await })
+                                    .await
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                    None => {
+                        axum::serve(l, app)
+                            .with_graceful_shutdown(async move { token.cancelled().await })
+                            .await
+                    }
+                };
                 if let Err(e) = served {
                     tracing::error!(error = %e, "HTTP listener failed");
                 }
@@ -264,9 +282,13 @@ pub async fn start(
 }
 
 /// The PostgreSQL listener's TLS acceptor (ring provider) from PEM files.
-fn pg_tls_acceptor(
+/// A TLS acceptor from PEM files; `section` names the config table in errors and `alpn` the
+/// protocols offered.
+fn tls_acceptor(
+    section: &str,
     cert: &std::path::Path,
     key: &std::path::Path,
+    alpn: &[&[u8]],
 ) -> Result<tokio_rustls::TlsAcceptor, StartError> {
     use tokio_rustls::rustls;
     use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -277,18 +299,33 @@ fn pg_tls_acceptor(
         })
     };
     let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(cert)
-        .map_err(|e| bad("postgres.tls_cert", format!("{}: {e}", cert.display())))?
+        .map_err(|e| {
+            bad(
+                &format!("{section}.tls_cert"),
+                format!("{}: {e}", cert.display()),
+            )
+        })?
         .collect::<Result<_, _>>()
-        .map_err(|e| bad("postgres.tls_cert", format!("{}: {e}", cert.display())))?;
-    let key_der = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| bad("postgres.tls_key", format!("{}: {e}", key.display())))?;
+        .map_err(|e| {
+            bad(
+                &format!("{section}.tls_cert"),
+                format!("{}: {e}", cert.display()),
+            )
+        })?;
+    let key_der = rustls::pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        bad(
+            &format!("{section}.tls_key"),
+            format!("{}: {e}", key.display()),
+        )
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| bad("postgres.tls_cert", e.to_string()))?
+        .map_err(|e| bad(&format!("{section}.tls_cert"), e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key_der)
-        .map_err(|e| bad("postgres.tls_cert", e.to_string()))?;
+        .map_err(|e| bad(&format!("{section}.tls_cert"), e.to_string()))?;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 

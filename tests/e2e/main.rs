@@ -3,6 +3,7 @@
 
 mod siem;
 mod support;
+mod web;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

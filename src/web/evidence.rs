@@ -1,0 +1,592 @@
+//! The evidence API behind the web UI: the session list and page (metadata, grant, approvals,
+//! review, integrity), channel replays as asciicast, PostgreSQL statement timelines, search
+//! over commands and SQL, and post-incident reviews. Every look at a recording is itself an
+//! audit event (`recording_viewed` / `recording_exported`): who watched what, and when.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::api::{act_as, parsed_command, who, ApiError, Who};
+use crate::clock;
+use crate::record::export::{self, Loaded};
+use crate::record::ChannelKind;
+use crate::server::Gateway;
+use crate::siem::{AccessEvent, Action};
+use crate::state::{ReviewFilter, SearchEntry, SessionFilter, SessionRow, StateError};
+
+/// Sessions indexed for search per request, so one search never stalls on a huge backlog.
+const INDEX_BATCH: u32 = 200;
+
+/// The most sessions one page lists.
+const MAX_PER_PAGE: u32 = 200;
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn state_err(e: StateError) -> ApiError {
+    match e {
+        StateError::Ambiguous(_) => bad(e.to_string()),
+        StateError::NoSuchReview(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+        _ => ApiError::internal(e),
+    }
+}
+
+/// An RFC 3339 time, a YYYY-MM-DD date, or an age like `7d` (meaning that long ago).
+pub(crate) fn when(key: &str, s: &str) -> Result<DateTime<Utc>, ApiError> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        if let Some(t) = d.and_hms_opt(0, 0, 0) {
+            return Ok(t.and_utc());
+        }
+    }
+    let age = humantime::parse_duration(s).map_err(|_| {
+        bad(format!(
+            "{key}: `{s}` is not an RFC 3339 time, a YYYY-MM-DD date or an age like 2h or 30d"
+        ))
+    })?;
+    let age =
+        chrono::Duration::from_std(age).map_err(|_| bad(format!("{key}: `{s}` is too long")))?;
+    Ok(clock::now() - age)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    person: Option<String>,
+    target: Option<String>,
+    protocol: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    incident: Option<String>,
+    /// none | open | overdue | signed
+    review: Option<String>,
+    page: Option<u32>,
+    per_page: Option<u32>,
+    /// Search only: the text to find.
+    q: Option<String>,
+}
+
+fn nonempty(o: &Option<String>) -> Option<String> {
+    o.as_ref()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// The filter a query asks for, narrowed to what the person may see.
+fn filter(w: &Who, q: &ListQuery) -> Result<SessionFilter, ApiError> {
+    let mut f = SessionFilter {
+        person: nonempty(&q.person),
+        target: nonempty(&q.target),
+        protocol: nonempty(&q.protocol),
+        incident: nonempty(&q.incident),
+        since: nonempty(&q.since).map(|s| when("since", &s)).transpose()?,
+        until: nonempty(&q.until).map(|s| when("until", &s)).transpose()?,
+        review: match nonempty(&q.review).as_deref() {
+            None => None,
+            Some("none") => Some(ReviewFilter::None),
+            Some("open") => Some(ReviewFilter::Open),
+            Some("overdue") => Some(ReviewFilter::Overdue(clock::now())),
+            Some("signed") => Some(ReviewFilter::Signed),
+            Some(other) => {
+                return Err(bad(format!(
+                    "review: `{other}` is not one of none, open, overdue, signed"
+                )))
+            }
+        },
+        ..Default::default()
+    };
+    if let Some(p) = &f.protocol {
+        if p != "ssh" && p != "postgres" {
+            return Err(bad(format!("protocol: `{p}` is not ssh or postgres")));
+        }
+    }
+    if !w.sees_all_sessions() {
+        match &f.person {
+            Some(p) if p != &w.person => return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{} may see only their own sessions (reviewers, auditors and admins see all)",
+                    w.person
+                ),
+            )),
+            _ => f.person = Some(w.person.clone()),
+        }
+    }
+    Ok(f)
+}
+
+fn row_json(r: &SessionRow) -> Value {
+    json!({
+        "id": r.id, "protocol": r.protocol, "person": r.person, "target": r.target,
+        "grant_id": r.grant_id, "client_addr": r.client_addr,
+        "started_at": clock::rfc3339(r.started_at), "deadline": clock::rfc3339(r.deadline),
+        "ended_at": r.ended_at.map(clock::rfc3339), "end_reason": r.end_reason,
+        "bytes_in": r.bytes_in, "bytes_out": r.bytes_out, "recording": r.recording_prefix,
+    })
+}
+
+async fn list_sessions(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    let mut f = filter(&w, &q)?;
+    let per_page = q.per_page.unwrap_or(50).clamp(1, MAX_PER_PAGE);
+    let page = q.page.unwrap_or(1).max(1);
+    // One extra row tells whether there is a next page.
+    f.limit = Some(per_page + 1);
+    f.offset = Some((page - 1).saturating_mul(per_page));
+    let mut rows = gw.store.list_sessions(&f).await.map_err(state_err)?;
+    let has_more = rows.len() > per_page as usize;
+    rows.truncate(per_page as usize);
+    let mut items = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let mut v = row_json(r);
+        let (incident, review) = grant_context(&gw, r).await;
+        v["incident_id"] = json!(incident);
+        v["review"] = review;
+        items.push(v);
+    }
+    Ok(
+        Json(
+            json!({ "sessions": items, "page": page, "per_page": per_page, "has_more": has_more }),
+        )
+        .into_response(),
+    )
+}
+
+/// The incident id and review state of a session's grant.
+async fn grant_context(gw: &Gateway, r: &SessionRow) -> (Option<String>, Value) {
+    let incident = gw
+        .store
+        .find_grant(&r.grant_id)
+        .await
+        .ok()
+        .map(|g| g.incident_id);
+    let review = match gw.store.find_review(&r.grant_id).await {
+        Ok(v) => review_json(&v),
+        Err(_) => Value::Null,
+    };
+    (incident, review)
+}
+
+fn review_json(r: &crate::state::Review) -> Value {
+    let now = clock::now();
+    json!({
+        "id": r.id, "correlation_id": r.correlation_id, "grant_id": r.grant_id,
+        "person": r.person, "target": r.target, "scenario": r.scenario, "emergency": r.emergency,
+        "approvers": r.approvers, "opened_at": clock::rfc3339(r.opened_at),
+        "due_at": clock::rfc3339(r.due_at), "signed_by": r.signed_by,
+        "signed_at": r.signed_at.map(clock::rfc3339), "findings": r.findings,
+        "root_cause": r.root_cause,
+        "state": if r.signed_at.is_some() { "signed" } else if r.due_at <= now { "overdue" } else { "open" },
+    })
+}
+
+/// The session a person asked for, if they may see it.
+async fn visible_session(gw: &Gateway, w: &Who, id: &str) -> Result<SessionRow, ApiError> {
+    let row = gw
+        .store
+        .find_session(id)
+        .await
+        .map_err(state_err)?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no session matches `{id}`")))?;
+    if !w.sees_all_sessions() && row.person != w.person {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("{} may not see {}'s sessions", w.person, row.person),
+        ));
+    }
+    Ok(row)
+}
+
+/// Records that someone looked at (or took away) a recording.
+async fn audit_view(
+    gw: &Gateway,
+    w: &Who,
+    row: &SessionRow,
+    action: Action,
+    what: String,
+) -> Result<(), ApiError> {
+    let mut e = AccessEvent::new(action, &w.person);
+    e.person = Some(row.person.clone());
+    e.target = Some(row.target.clone());
+    e.protocol = row.protocol.clone();
+    e.session_id = Some(row.id.clone());
+    e.grant_id = Some(row.grant_id.clone());
+    e.correlation_id = Some(match gw.store.find_grant(&row.grant_id).await {
+        Ok(g) => g.correlation_id().to_string(),
+        Err(_) => row.grant_id.clone(),
+    });
+    e.recording = Some(row.recording_prefix.clone());
+    e.reason = Some(what.clone());
+    e.message = Some(format!("{} {what} of session {}", w.person, row.id));
+    // No view without its audit record: if the event cannot be spooled, the view fails.
+    gw.audit(&e).await.map_err(ApiError::internal)
+}
+
+async fn load(gw: &Gateway, row: &SessionRow) -> Result<Loaded, ApiError> {
+    export::load(&gw.recordings, &row.recording_prefix)
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, format!("recording store: {e}")))
+}
+
+fn is_pg_kind(k: &Option<ChannelKind>) -> bool {
+    matches!(k, Some(ChannelKind::Postgres { .. }))
+}
+
+async fn session_page(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    let row = visible_session(&gw, &w, &id).await?;
+    audit_view(
+        &gw,
+        &w,
+        &row,
+        Action::RecordingViewed,
+        "viewed the session page".into(),
+    )
+    .await?;
+    let loaded = load(&gw, &row).await?;
+    let grant = gw.store.find_grant(&row.grant_id).await.ok();
+    let request = match grant.as_ref().and_then(|g| g.request_id.clone()) {
+        Some(rid) => gw.store.find_request(&rid).await.ok(),
+        None => None,
+    };
+    let review = gw.store.find_review(&row.grant_id).await.ok();
+    let integrity = match crate::verify::verify_session(
+        &gw.recordings,
+        &row.recording_prefix,
+        &gw.signer.all,
+        None,
+    )
+    .await
+    {
+        Ok(v) => json!({
+            "verdict": match v { crate::verify::Verdict::Ok { .. } => "ok", crate::verify::Verdict::Incomplete { .. } => "incomplete", crate::verify::Verdict::Tampered { .. } => "tampered" },
+            "summary": v.summary(),
+        }),
+        Err(e) => json!({ "verdict": "error", "summary": e.to_string() }),
+    };
+    let channels: Vec<Value> = match &loaded.meta {
+        Some(m) => m
+            .channels
+            .iter()
+            .map(|c| {
+                json!({
+                    "channel": c.channel, "kind": c.kind, "pty": c.pty, "format": c.format,
+                    "postgres": is_pg_kind(&c.kind), "started_at": c.started_at,
+                    "exit_status": c.exit_status, "exit_signal": c.exit_signal,
+                    "bytes_in": c.bytes_in, "bytes_out": c.bytes_out,
+                    "commands": c.commands, "transfers": c.transfers, "notes": c.notes,
+                })
+            })
+            .collect(),
+        // Not sealed (the gateway died, or the session is live): what the store holds.
+        None => loaded
+            .channels
+            .iter()
+            .map(|(ch, d)| {
+                json!({
+                    "channel": ch, "kind": Value::Null, "pty": Value::Null,
+                    "format": match d.format { export::Format::Cast => "cast", export::Format::Raw => "raw" },
+                    "postgres": export::is_postgres(d), "commands": [], "transfers": [], "notes": ["not sealed"],
+                })
+            })
+            .collect(),
+    };
+    let incident = grant.as_ref().map(|g| g.incident_id.clone());
+    Ok(Json(json!({
+        "session": row_json(&row),
+        "incident_id": incident,
+        "sealed": loaded.meta.is_some(),
+        "meta": loaded.meta.as_ref().map(|m| json!({
+            "session": m.session, "end": m.end, "markers": m.markers, "chain_head": m.chain_head,
+            "recovered": m.recovered, "objects": m.objects.len(),
+        })),
+        "grant": grant.map(|g| json!({
+            "id": g.id, "person": g.person, "target": g.target, "reason": g.reason,
+            "incident_id": g.incident_id, "created_by": g.created_by,
+            "created_at": clock::rfc3339(g.created_at), "expires_at": clock::rfc3339(g.expires_at),
+            "revoked_at": g.revoked_at.map(clock::rfc3339), "revoked_by": g.revoked_by,
+            "revoke_reason": g.revoke_reason, "request_id": g.request_id,
+            "emergency": g.review_required,
+        })),
+        "request": request.map(|r| json!({
+            "id": r.id, "person": r.person, "justification": r.justification,
+            "incident_id": r.incident_id, "severity": r.severity, "scenario": r.scenario,
+            "created_at": clock::rfc3339(r.created_at), "status": r.status.as_str(),
+            "emergency": r.emergency,
+            "approvals": r.approvals.iter().map(|(a, t)| json!({"approver": a, "at": clock::rfc3339(*t)})).collect::<Vec<_>>(),
+        })),
+        "review": review.as_ref().map(review_json),
+        "integrity": integrity,
+        "channels": channels,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CastQuery {
+    /// Set to download the file (an export) rather than play it.
+    download: Option<bool>,
+}
+
+async fn channel_cast(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path((id, ch)): Path<(String, u32)>,
+    Query(q): Query<CastQuery>,
+) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    let row = visible_session(&gw, &w, &id).await?;
+    let download = q.download.unwrap_or(false);
+    let (action, what) = if download {
+        (
+            Action::RecordingExported,
+            format!("downloaded channel {ch}"),
+        )
+    } else {
+        (Action::RecordingViewed, format!("replayed channel {ch}"))
+    };
+    audit_view(&gw, &w, &row, action, what).await?;
+    let loaded = load(&gw, &row).await?;
+    let (ch, data) = loaded
+        .pick(Some(ch))
+        .map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))?;
+    let body = if export::is_postgres(data) {
+        export::to_sql_jsonl(ch, data, &row.id)
+    } else {
+        export::to_asciicast(ch, data)
+    }
+    .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    let mut resp = ([(header::CONTENT_TYPE, "application/x-asciicast")], body).into_response();
+    if download {
+        let ext = if export::is_postgres(data) {
+            "sql.jsonl"
+        } else {
+            "cast"
+        };
+        if let Ok(v) = format!("attachment; filename=\"{}-ch{ch}.{ext}\"", row.id).parse() {
+            resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+        }
+    }
+    Ok(resp)
+}
+
+async fn channel_sql(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path((id, ch)): Path<(String, u32)>,
+) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    let row = visible_session(&gw, &w, &id).await?;
+    audit_view(
+        &gw,
+        &w,
+        &row,
+        Action::RecordingViewed,
+        format!("read the SQL timeline of channel {ch}"),
+    )
+    .await?;
+    let loaded = load(&gw, &row).await?;
+    let (ch, data) = loaded
+        .pick(Some(ch))
+        .map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))?;
+    if !export::is_postgres(data) {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("channel {ch} is not a PostgreSQL session"),
+        ));
+    }
+    let jsonl = export::to_sql_jsonl(ch, data, &row.id)
+        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    let events: Vec<Value> = jsonl
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    Ok(Json(json!({ "session_id": row.id, "channel": ch, "events": events })).into_response())
+}
+
+/// The searchable lines of a loaded recording: commands from the metadata, SQL from the
+/// PostgreSQL channels.
+pub fn search_entries(loaded: &Loaded) -> Vec<SearchEntry> {
+    let mut out = Vec::new();
+    if let Some(m) = &loaded.meta {
+        for c in &m.channels {
+            for cmd in &c.commands {
+                out.push(SearchEntry {
+                    channel: c.channel,
+                    time: cmd.time,
+                    kind: "command".into(),
+                    text: cmd.text.clone(),
+                });
+            }
+            if let Some(ChannelKind::Exec { command }) = &c.kind {
+                out.push(SearchEntry {
+                    channel: c.channel,
+                    time: 0.0,
+                    kind: "command".into(),
+                    text: command.clone(),
+                });
+            }
+        }
+    }
+    for (ch, data) in &loaded.channels {
+        if !export::is_postgres(data) {
+            continue;
+        }
+        let Ok(jsonl) = export::to_sql_jsonl(*ch, data, "") else {
+            continue;
+        };
+        for e in jsonl
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        {
+            if let (Some(sql), Some(t)) = (e["sql"].as_str(), e["time"].as_f64()) {
+                if matches!(e["event"].as_str(), Some("query" | "parse")) && !sql.trim().is_empty()
+                {
+                    out.push(SearchEntry {
+                        channel: *ch,
+                        time: t,
+                        kind: "sql".into(),
+                        text: sql.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Indexes ended sessions that are not indexed yet (a batch per call).
+pub async fn index_pending(gw: &Gateway) -> Result<usize, StateError> {
+    let rows = gw.store.unindexed_sessions(INDEX_BATCH).await?;
+    let mut n = 0;
+    for r in rows {
+        match export::load(&gw.recordings, &r.recording_prefix).await {
+            Ok(loaded) => {
+                gw.store
+                    .index_session_text(&r.id, search_entries(&loaded), clock::now())
+                    .await?;
+                n += 1;
+            }
+            // Left for the next search: the store may be back by then.
+            Err(e) => {
+                tracing::warn!(session_id = %r.id, error = %e, "cannot index session for search")
+            }
+        }
+    }
+    Ok(n)
+}
+
+async fn search(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    let needle = nonempty(&q.q).ok_or_else(|| bad("q: give the text to search for"))?;
+    let mut f = filter(&w, &q)?;
+    f.limit = Some(q.per_page.unwrap_or(100).clamp(1, 500));
+    index_pending(&gw).await.map_err(state_err)?;
+    let hits = gw.store.search_text(&needle, &f).await.map_err(state_err)?;
+    let items: Vec<Value> = hits
+        .iter()
+        .map(|h| {
+            json!({
+                "session_id": h.session.id, "person": h.session.person, "target": h.session.target,
+                "protocol": h.session.protocol, "started_at": clock::rfc3339(h.session.started_at),
+                "channel": h.entry.channel, "time": h.entry.time, "kind": h.entry.kind,
+                "text": h.entry.text,
+                "at": clock::rfc3339(h.session.started_at + chrono::Duration::milliseconds((h.entry.time * 1000.0) as i64)),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "q": needle, "hits": items })).into_response())
+}
+
+async fn list_reviews(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    let reviews = gw.store.open_reviews().await.map_err(state_err)?;
+    let items: Vec<Value> = reviews
+        .iter()
+        .filter(|r| w.sees_all_sessions() || r.person == w.person)
+        .map(|r| {
+            let mut v = review_json(r);
+            v["you_may_sign"] = json!(
+                (w.has("reviewer") || w.has("admin"))
+                    && !w.has("auditor")
+                    && (gw.config.reviews.reviewer_may_be_participant
+                        || (r.person != w.person && !r.approvers.contains(&w.person)))
+            );
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "reviews": items })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignBody {
+    findings: String,
+    root_cause: String,
+}
+
+async fn sign_review(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(b): Json<SignBody>,
+) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    act_as(
+        &gw,
+        &w,
+        &headers,
+        parsed_command(
+            "review",
+            vec![id],
+            vec![
+                ("findings", Some(b.findings)),
+                ("root-cause", Some(b.root_cause)),
+            ],
+        ),
+    )
+    .await
+}
+
+/// The evidence routes.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/api/v1/sessions", get(list_sessions))
+        .route("/api/v1/sessions/{id}", get(session_page))
+        .route(
+            "/api/v1/sessions/{id}/channels/{ch}/cast",
+            get(channel_cast),
+        )
+        .route("/api/v1/sessions/{id}/channels/{ch}/sql", get(channel_sql))
+        .route("/api/v1/search", get(search))
+        .route("/api/v1/reviews", get(list_reviews))
+        .route("/api/v1/reviews/{id}/sign", post(sign_review))
+        .with_state(gw)
+}

@@ -1,0 +1,403 @@
+//! The web UI and its API: login links, roles, CSRF, the OpenAPI document, and the UI itself
+//! driven in Debian's headless Chromium (tests/e2e/web_ui.mjs, playwright-core from npm).
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::support::*;
+use super::{api, control, request_id};
+
+/// One HTTP call with the real `curl`: (status, Set-Cookie session value if any, JSON body).
+async fn call(
+    w: &World,
+    cookie: Option<&str>,
+    csrf: bool,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Option<String>, Value) {
+    let mut c = Command::new(require("curl", "curl"));
+    c.args(["-s", "-i", "-X", method])
+        .arg(format!("http://127.0.0.1:{}{path}", w.http_port));
+    if let Some(k) = cookie {
+        c.args(["-H", &format!("Cookie: bg_session={k}")]);
+    }
+    if csrf {
+        c.args(["-H", "X-Breakglass-CSRF: 1"]);
+    }
+    if let Some(b) = body {
+        c.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &b.to_string(),
+        ]);
+    }
+    let out = output(c).await;
+    let raw = text(&out.stdout);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let code: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("a status line in {raw}"));
+    let set = head.lines().find_map(|l| {
+        let l = l
+            .strip_prefix("set-cookie: ")
+            .or_else(|| l.strip_prefix("Set-Cookie: "))?;
+        let v = l.strip_prefix("bg_session=")?.split(';').next()?;
+        (!v.is_empty()).then(|| v.to_string())
+    });
+    (code, set, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// `ssh breakglass@gw login` as `person`: the link's URL and its secret.
+async fn login_link(w: &World, person: &str) -> (String, String) {
+    let (code, out, err) = control(w, person, "breakglass", "login").await;
+    assert_eq!(code, 0, "login link for {person}: {out}{err}");
+    let url = out
+        .lines()
+        .find(|l| l.starts_with("http://"))
+        .unwrap_or_else(|| panic!("a link in {out}"))
+        .trim()
+        .to_string();
+    let secret = url
+        .split_once("/login#")
+        .expect("a /login# link")
+        .1
+        .to_string();
+    (url, secret)
+}
+
+/// Logs in with a fresh link; returns the session cookie.
+async fn log_in(w: &World, person: &str) -> String {
+    let (_, secret) = login_link(w, person).await;
+    let (code, cookie, body) = call(
+        w,
+        None,
+        false,
+        "POST",
+        "/api/v1/login",
+        Some(serde_json::json!({ "token": secret })),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    cookie.expect("a session cookie")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_links_work_once_and_expire_and_roles_hold_on_the_api() {
+    let w = World::new();
+    // mallory is an auditor here; the world's config is written before its dir is known.
+    let cfg = std::fs::read_to_string(&w.config_path).expect("config");
+    std::fs::write(
+        &w.config_path,
+        format!(
+            "{cfg}\n[[people]]\nname = \"mallory\"\nssh_key_files = [\"{}\"]\nroles = [\"auditor\"]\n\n[web]\nlogin_link_ttl = \"2s\"\n",
+            w.path("mallory.pub").display()
+        ),
+    )
+    .expect("config");
+    let gw = InProcess::start(&w).await;
+
+    // Nobody gets in without logging in.
+    let (code, _, body) = call(&w, None, false, "GET", "/api/v1/sessions", None).await;
+    assert_eq!(code, 401, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("login"),
+        "{body}"
+    );
+
+    // A link works once.
+    let (_, secret) = login_link(&w, "bob").await;
+    let login = Some(serde_json::json!({ "token": secret }));
+    let (code, cookie, body) = call(&w, None, false, "POST", "/api/v1/login", login.clone()).await;
+    assert_eq!(code, 200, "{body}");
+    let bob = cookie.expect("cookie");
+    let (code, cookie, body) = call(&w, None, false, "POST", "/api/v1/login", login).await;
+    assert_eq!(code, 401, "{body}");
+    assert!(cookie.is_none());
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("already used"),
+        "{body}"
+    );
+    // A forged one never.
+    let (code, _, body) = call(
+        &w,
+        None,
+        false,
+        "POST",
+        "/api/v1/login",
+        Some(serde_json::json!({ "token": "forged" })),
+    )
+    .await;
+    assert_eq!(code, 401, "{body}");
+    // A link expires: wait out its two seconds (time must pass; nothing to synchronise with).
+    let (_, secret) = login_link(&w, "alice").await;
+    std::thread::sleep(Duration::from_millis(2300));
+    let (code, cookie, body) = call(
+        &w,
+        None,
+        false,
+        "POST",
+        "/api/v1/login",
+        Some(serde_json::json!({ "token": secret })),
+    )
+    .await;
+    assert_eq!(code, 401, "{body}");
+    assert!(cookie.is_none());
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("expired"),
+        "{body}"
+    );
+    // The login is on the record, with the person it names.
+    w.wait_event("web_login event", |e| {
+        e["action"] == "web_login" && e["actor"] == "bob"
+    });
+
+    // alice asks for access.
+    let (code, out, err) = control(
+        &w,
+        "alice",
+        "breakglass",
+        "request web-01 --reason disk full --incident INC-77",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let req = request_id(&out);
+    let approve = format!("/api/v1/requests/{req}/approve");
+
+    // An auditor cannot approve: not from the browser, not with a token, not over SSH.
+    let mallory = log_in(&w, "mallory").await;
+    let (code, _, body) = call(&w, Some(&mallory), true, "POST", &approve, None).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("read-only"),
+        "{body}"
+    );
+    let (code, out, err) = control(&w, "mallory", "breakglass", &format!("approve {req}")).await;
+    assert_ne!(code, 0, "{out}");
+    assert!(format!("{out}{err}").contains("read-only"), "{out}{err}");
+    let (code, out, err) = control(&w, "mallory", "breakglass", "token").await;
+    assert_eq!(code, 0, "{err}");
+    let token = out
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .expect("token");
+    let (code, body) = api(&w, Some(token), "POST", &approve, None).await;
+    assert_eq!(code, 403, "{body}");
+    // ... but reads everything.
+    let (code, _, body) = call(&w, Some(&mallory), false, "GET", "/api/v1/sessions", None).await;
+    assert_eq!(code, 200, "{body}");
+
+    // Nobody approves their own request through the UI.
+    let (_, secret) = login_link(&w, "alice").await;
+    let (code, alice, body) = call(
+        &w,
+        None,
+        false,
+        "POST",
+        "/api/v1/login",
+        Some(serde_json::json!({ "token": secret })),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let alice = alice.expect("cookie");
+    let (code, _, body) = call(&w, Some(&alice), true, "POST", &approve, None).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("own request"),
+        "{body}"
+    );
+    // alice sees only her own sessions.
+    let (code, _, body) = call(
+        &w,
+        Some(&alice),
+        false,
+        "GET",
+        "/api/v1/sessions?person=bob",
+        None,
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+
+    // A cookie alone never writes: the browser must send the CSRF header.
+    let (code, _, body) = call(&w, Some(&bob), false, "POST", &approve, None).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("x-breakglass-csrf"),
+        "{body}"
+    );
+    let (code, _, body) = call(&w, Some(&bob), true, "POST", &approve, None).await;
+    assert_eq!(code, 200, "{body}");
+    w.wait_event("approval by bob", |e| {
+        e["action"] == "request_approved" && e["actor"] == "bob"
+    });
+
+    // Every path in the OpenAPI document is served (a 401/400/404-with-message, never a
+    // router 404 or 405), and the document is the one the server serves.
+    let (code, _, doc) = call(&w, None, false, "GET", "/api/v1/openapi.json", None).await;
+    assert_eq!(code, 200);
+    assert!(
+        doc["openapi"].as_str().unwrap_or("").starts_with("3."),
+        "{doc}"
+    );
+    let paths = doc["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 15, "{}", paths.len());
+    for (path, ops) in paths {
+        for method in ops.as_object().expect("operations").keys() {
+            let concrete = path.replace("{id}", "nope").replace("{ch}", "0");
+            let (code, _, body) = call(
+                &w,
+                Some(&bob),
+                true,
+                &method.to_uppercase(),
+                &concrete,
+                Some(serde_json::json!({})),
+            )
+            .await;
+            assert_ne!(code, 405, "{method} {path}: {body}");
+            assert!(
+                code != 404 || body["error"].is_string(),
+                "{method} {path} is not routed: {body}"
+            );
+        }
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
+    let chromium = require("chromium", "chromium");
+    let node = require("node", "nodejs");
+    let web_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("web");
+    assert!(
+        web_dir.join("node_modules/playwright-core").is_dir()
+            && web_dir
+                .join("node_modules/asciinema-player/dist/bundle/asciinema-player.min.js")
+                .is_file(),
+        "front-end packages missing: run `npm ci --prefix web` (scripts/test.sh does)"
+    );
+    let w = World::with(Opts {
+        extra_config: format!(
+            "[web]\nplayer_dir = \"{}\"\n",
+            web_dir
+                .join("node_modules/asciinema-player/dist/bundle")
+                .display()
+        ),
+        ..Default::default()
+    });
+    let gw = InProcess::start(&w).await;
+    w.grant("alice", "30m");
+
+    // alice works in a shell on web-01 through the gateway.
+    let mut args = vec!["ssh".to_string()];
+    args.extend(w.ssh_args("alice"));
+    args.extend([
+        "-tt".into(),
+        "-p".into(),
+        w.gw_port.to_string(),
+        "web-01@127.0.0.1".into(),
+    ]);
+    let steps = serde_json::json!([
+        {"expect": "[$#] $", "timeout": 15},
+        {"send": "export PS1='bg$ '\r"},
+        {"expect": "bg\\$ $"},
+        {"send": "echo web-$((6*7))-ok\r"},
+        {"expect": "web-42-ok"},
+        {"send": "exit\r"},
+        {"wait_exit": 10}
+    ]);
+    let mut c = Command::new("python3");
+    c.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/e2e/pty_drive.py"
+    ))
+    .arg(steps.to_string())
+    .arg("--")
+    .args(&args);
+    let out = output(c).await;
+    assert!(out.status.success(), "pty session: {}", text(&out.stdout));
+    w.wait_ended(1);
+    let session = super::last_session_id(&w);
+
+    // A request waiting for bob, and the review of alice's grant.
+    let (code, out, err) = control(
+        &w,
+        "alice",
+        "breakglass",
+        "request web-01 --reason follow-up check --incident INC-78",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let req = request_id(&out);
+    let (code, out, err) = control(&w, "bob", "breakglass", "reviews").await;
+    assert_eq!(code, 0, "{err}");
+    let review = out
+        .lines()
+        .find(|l| l.contains("alice") && l.contains("web-01"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("a review of alice's grant in {out}"))
+        .to_string();
+
+    let (url, _) = login_link(&w, "bob").await;
+    let artifacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/web-artifacts");
+    let mut c = Command::new(node);
+    c.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/web_ui.mjs"))
+        .env("BASE", format!("http://127.0.0.1:{}", w.http_port))
+        .env("LOGIN_URL", &url)
+        .env("SESSION_ID", &session)
+        .env("OUTPUT_TEXT", "web-42-ok")
+        .env("COMMAND_TEXT", "echo web-$((6*7))-ok")
+        .env("REQUEST_ID", &req)
+        .env("REVIEW_ID", &review)
+        .env("ARTIFACTS", &artifacts)
+        .env("WEB_DIR", &web_dir)
+        .env("CHROMIUM", &chromium);
+    let out = output(c).await;
+    assert!(
+        out.status.success(),
+        "web UI test failed (screenshots in {}):\n{}{}",
+        artifacts.display(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    for shot in [
+        "1-login",
+        "2-session-replay",
+        "3-search-results",
+        "4-approve",
+        "5-sign-off",
+    ] {
+        assert!(
+            artifacts.join(format!("{shot}.png")).is_file(),
+            "{shot}.png"
+        );
+    }
+
+    // What bob did in the browser is on the record, as bob.
+    w.wait_event("bob's replay", |e| {
+        e["action"] == "recording_viewed"
+            && e["actor"] == "bob"
+            && e["session_id"] == session.as_str()
+            && e["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("replayed channel")
+    });
+    w.wait_event("bob's approval", |e| {
+        e["action"] == "request_approved" && e["actor"] == "bob" && e["request_id"] == req.as_str()
+    });
+    w.wait_event("bob's sign-off", |e| {
+        e["action"] == "review_signed" && e["actor"] == "bob"
+    });
+    gw.stop().await;
+}

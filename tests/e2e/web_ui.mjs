@@ -1,0 +1,132 @@
+// Drives the breakglass web UI in Debian's headless Chromium through playwright-core, like a
+// reviewer would: log in with a single-use link, open a recorded session and see the player
+// render its output, search for a command and jump to it, approve a request, sign off a review.
+//
+// Run by tests/e2e/web.rs with: BASE LOGIN_URL SESSION_ID OUTPUT_TEXT COMMAND_TEXT REQUEST_ID
+// REVIEW_ID ARTIFACTS WEB_DIR. Exits 1 with the reason on the first failed step; screenshots
+// of every step (and of the failure) go to ARTIFACTS.
+import { createRequire } from "node:module";
+import { mkdirSync } from "node:fs";
+import path from "node:path";
+
+const env = (k) => {
+  const v = process.env[k];
+  if (!v) throw new Error(`missing environment variable ${k}`);
+  return v;
+};
+const require = createRequire(path.join(env("WEB_DIR"), "package.json"));
+const { chromium } = require("playwright-core");
+
+const artifacts = env("ARTIFACTS");
+mkdirSync(artifacts, { recursive: true });
+const TIMEOUT = 20000;
+
+function check(cond, msg) {
+  if (!cond) throw new Error(msg);
+}
+
+const browser = await chromium.launch({
+  executablePath: "/usr/bin/chromium",
+  headless: true,
+  args: [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  ],
+});
+const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
+page.setDefaultTimeout(TIMEOUT);
+const pageErrors = [];
+page.on("pageerror", (e) => pageErrors.push(String(e)));
+page.on("console", (m) => { if (m.type() === "error") pageErrors.push(`console: ${m.text()}`); });
+let step = "start";
+const shot = (name) => page.screenshot({ path: path.join(artifacts, `${name}.png`), fullPage: true });
+
+try {
+  step = "1-login";
+  await page.goto(env("LOGIN_URL"));
+  await page.waitForURL(/\/#\/sessions$/);
+  await page.locator("#sessions").waitFor();
+  const me = await page.locator("#me").textContent();
+  check(me.includes("bob"), `the header should name bob, got ${me}`);
+  // The link's secret must not stay in the address bar or history.
+  check(!page.url().includes("login#"), `the login secret is still in the URL: ${page.url()}`);
+  await shot(step);
+
+  step = "2-session-replay";
+  const sessionId = env("SESSION_ID");
+  await page.locator(`a.session-link[href="#/session/${sessionId}"]`).click();
+  await page.locator("#integrity").waitFor();
+  const integrity = await page.locator("#integrity").textContent();
+  check(integrity === "OK", `integrity should be OK, got ${integrity}`);
+  const term = page.locator(".ap-term-text").first();
+  await term.waitFor();
+  const output = env("OUTPUT_TEXT");
+  await page.waitForFunction(
+    (want) => [...document.querySelectorAll(".ap-term-text")].some((e) => e.textContent.includes(want)),
+    output,
+  );
+  // Speed control: switching speed remounts the player and it still renders the recording.
+  await page.locator("select.speed").first().selectOption("4");
+  await page.waitForFunction(
+    (want) => [...document.querySelectorAll(".ap-term-text")].some((e) => e.textContent.includes(want)),
+    output,
+  );
+  await shot(step);
+
+  step = "3-search";
+  await page.goto(`${env("BASE")}/#/search`);
+  const command = env("COMMAND_TEXT");
+  await page.locator("#q").fill(command);
+  await page.locator("#search-form button").click();
+  const hit = page.locator("#hits a.hit-link").first();
+  await hit.waitFor();
+  const hitRow = await page.locator("#hits tbody tr").first().textContent();
+  check(hitRow.includes(command), `the first hit should show ${command}, got ${hitRow}`);
+  await shot(`${step}-results`);
+  await hit.click();
+  await page.waitForURL(new RegExp(`#/session/${sessionId}\\?ch=\\d+&t=`));
+  await page.waitForFunction(
+    (want) => [...document.querySelectorAll(".ap-term-text")].some((e) => e.textContent.includes(want)),
+    command,
+  );
+  await shot(`${step}-jump`);
+
+  step = "4-approve";
+  await page.goto(`${env("BASE")}/#/requests`);
+  const req = env("REQUEST_ID");
+  await page.locator(`tr[data-id="${req}"] button.approve`).click();
+  await page.locator("#decision").waitFor();
+  const decision = await page.locator("#decision").textContent();
+  check(/approv|grant/i.test(decision), `approval outcome: ${decision}`);
+  check((await page.locator(`tr[data-id="${req}"]`).count()) === 0, "the approved request is still listed as pending");
+  await shot(step);
+
+  step = "5-sign-off";
+  await page.goto(`${env("BASE")}/#/reviews`);
+  const review = env("REVIEW_ID");
+  const form = page.locator(`form.sign[data-id="${review}"]`);
+  await form.locator("textarea[name=findings]").fill("Replayed the session; one echo, nothing else. No policy breach.");
+  await form.locator("textarea[name=root_cause]").fill("Disk alert during the incident drill.");
+  await form.locator("button").click();
+  await page.locator("#signed").waitFor();
+  const signed = await page.locator("#signed").textContent();
+  check(signed.includes("signed off"), `sign-off outcome: ${signed}`);
+  await shot(step);
+
+  step = "6-reports";
+  await page.goto(`${env("BASE")}/#/reports?since=1d&period=day`);
+  await page.locator("#totals").waitFor();
+  await page.locator("#chart").waitFor();
+  const perSystem = await page.locator("#per-system").textContent();
+  check(perSystem.includes("web-01"), `the per-system table should list web-01: ${perSystem}`);
+  await shot(step);
+
+  check(pageErrors.length === 0, `the page reported errors: ${pageErrors.join(" | ")}`);
+  console.log("web UI: all steps passed");
+  await browser.close();
+} catch (e) {
+  await shot(`FAILED-${step}`).catch(() => {});
+  console.error(`web UI step ${step} failed: ${e.message}\npage errors: ${pageErrors.join(" | ")}`);
+  await browser.close();
+  process.exit(1);
+}
