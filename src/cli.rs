@@ -1081,25 +1081,13 @@ async fn access_review(config: &Path, since: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
 fn print_rows(format: Format, headers: &[&str], rows: &[Vec<String>]) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match format {
         Format::Csv => {
-            writeln!(out, "{}", headers.join(","))?;
+            write!(out, "{}", breakglass::csv::line(headers))?;
             for r in rows {
-                writeln!(
-                    out,
-                    "{}",
-                    r.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(",")
-                )?;
+                write!(out, "{}", breakglass::csv::line(r))?;
             }
         }
         Format::Json => {
