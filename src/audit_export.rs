@@ -34,9 +34,9 @@ pub const SIGNATURE_FILE: &str = "manifest.json.sig";
 pub enum ExportError {
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("cannot encode the export: {0}")]
+    #[error("cannot encode the export")]
     Encode(#[from] serde_json::Error),
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -388,7 +388,8 @@ impl Context {
 }
 
 /// Writes the bundle into `dir` (created if needed) as `<file_name>`, `manifest.json` and
-/// `manifest.json.sig`, each create-new and fsync'd: an export never replaces a file.
+/// `manifest.json.sig`, each create-new, fsync'd and read-only: an export never replaces a
+/// file.
 /// Returns the paths written.
 pub fn write(bundle: &Bundle, dir: &Path) -> Result<Vec<PathBuf>, ExportError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -418,6 +419,10 @@ pub fn write(bundle: &Bundle, dir: &Path) -> Result<Vec<PathBuf>, ExportError> {
             })?;
         f.write_all(bytes).map_err(io_err(&path))?;
         f.sync_all().map_err(io_err(&path))?;
+        // Read-only, like the local recording store's objects.
+        let mut perms = f.metadata().map_err(io_err(&path))?.permissions();
+        perms.set_readonly(true);
+        std::fs::set_permissions(&path, perms).map_err(io_err(&path))?;
         written.push(path);
     }
     // The new names are durable only once the directory is synced.
