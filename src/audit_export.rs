@@ -607,6 +607,26 @@ mod tests {
             crate::state::Approval::Granted { grant, .. } => grant,
             other => panic!("one approval grants: {other:?}"),
         };
+        store
+            .open_review(&Review {
+                id: "V-1".into(),
+                correlation_id: req.id.clone(),
+                grant_id: granted.id.clone(),
+                person: "alice".into(),
+                target: "web-01".into(),
+                scenario: "production_outage".into(),
+                emergency: false,
+                approvers: vec!["bob".into()],
+                opened_at: now,
+                due_at: now + chrono::Duration::hours(48),
+                overdue_alerted: false,
+                signed_by: None,
+                signed_at: None,
+                findings: None,
+                root_cause: None,
+            })
+            .await
+            .expect("review");
         let op = store
             .create_grant(NewGrant {
                 person: "alice".into(),
@@ -650,6 +670,10 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&b.content).expect("JSON");
         assert_eq!(v["schema_version"], 1);
+        validate(
+            include_str!("../recordings-schema/metadata-export.schema.json"),
+            &v,
+        );
         let ids: Vec<&str> = v["sessions"]
             .as_array()
             .expect("sessions")
@@ -662,11 +686,14 @@ mod tests {
         assert_eq!(s1["justification"], "disk full");
         assert_eq!(s1["approvers"], serde_json::json!(["bob"]));
         assert!(s1["request_id"].as_str().expect("request").starts_with('R'));
-        assert_eq!(s1["review"], serde_json::Value::Null);
+        assert_eq!(s1["review"]["review_id"], "V-1");
+        assert_eq!(s1["review"]["state"], "open");
+        assert_eq!(s1["review"]["due_at"], "2024-06-05T09:00:00.000Z");
         let s3 = &v["sessions"][2];
         assert_eq!(s3["incident_id"], "INC-8");
         assert_eq!(s3["approvers"], serde_json::json!([]));
         assert_eq!(s3["granted_by"], "operator:root");
+        assert_eq!(s3["review"], serde_json::Value::Null);
         assert_eq!(b.manifest["rows"], 3);
         assert_eq!(b.manifest["exported_by"], "operator:auditor");
         assert_eq!(b.manifest["key_id"], signer.current_public.id.as_str());
@@ -836,10 +863,14 @@ mod tests {
     }
 
     fn validate_manifest(m: &serde_json::Value) {
-        let schema: serde_json::Value = serde_json::from_str(include_str!(
-            "../recordings-schema/metadata-export-manifest.schema.json"
-        ))
-        .expect("schema is JSON");
+        validate(
+            include_str!("../recordings-schema/metadata-export-manifest.schema.json"),
+            m,
+        );
+    }
+
+    fn validate(schema: &str, m: &serde_json::Value) {
+        let schema: serde_json::Value = serde_json::from_str(schema).expect("schema is JSON");
         let v = jsonschema::validator_for(&schema).expect("schema compiles");
         let errors: Vec<String> = v.iter_errors(m).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "{m}: {errors:?}");

@@ -589,6 +589,12 @@ maintenance_windows = {windows:?}
         );
         assert_eq!(db.mean_time_between_events_seconds, None);
         let json = serde_json::to_value(&r).expect("serialize");
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../recordings-schema/report.schema.json"))
+                .expect("schema is JSON");
+        let v = jsonschema::validator_for(&schema).expect("schema compiles");
+        let errors: Vec<String> = v.iter_errors(&json).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{json}: {errors:?}");
         assert_eq!(json["period"], "week");
         assert_eq!(json["since"], "2024-06-01T00:00:00.000Z");
         assert!(json["totals"]["outside_windows_pct"].is_number());

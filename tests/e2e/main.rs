@@ -3243,6 +3243,7 @@ async fn report_counts_real_sessions_and_the_audit_export_is_signed_and_audited(
         "report", "--since", "1d", "--period", "day", "--format", "json",
     ]))
     .expect("report --format json is JSON");
+    validate("report.schema.json", &r);
     assert_eq!(r["totals"]["events"], 2, "{r:#}");
     assert_eq!(r["totals"]["grants"], 1);
     assert_eq!(r["totals"]["unique_users"], 1);
@@ -3307,6 +3308,7 @@ async fn report_counts_real_sessions_and_the_audit_export_is_signed_and_audited(
     let content: Value =
         serde_json::from_str(&std::fs::read_to_string(&content_path).expect("content"))
             .expect("content is JSON");
+    validate("metadata-export.schema.json", &content);
     for s in content["sessions"].as_array().expect("sessions") {
         assert_eq!(s["grant_id"], grant.as_str());
         assert_eq!(s["incident_id"], "INC-7");
