@@ -1,5 +1,5 @@
 //! The operator's and auditor's commands: serve, check-config, grant, sessions, replay,
-//! export, keys.
+//! export, events, access-review, report, audit-export, vault, siem, verify, keys.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -128,6 +128,59 @@ enum Command {
         #[arg(long, default_value = "90d")]
         since: String,
     },
+    /// Break-glass metrics for a period: totals, one row per system, one row per day, week
+    /// or month (empty ones included), and how many sessions started outside the
+    /// `[reports] maintenance_windows`.
+    ///
+    /// `--format csv` prints one tidy CSV: a `section` column says whether a row is the
+    /// `total`, a `system` or a `period`; columns that do not apply to a section are empty.
+    Report {
+        #[arg(
+            long,
+            short,
+            env = "BREAKGLASS_CONFIG",
+            default_value = "config/breakglass.toml"
+        )]
+        config: PathBuf,
+        /// Start of the period: RFC 3339, a date, or an age like 90d.
+        #[arg(long, default_value = "90d")]
+        since: String,
+        /// End of the period (default: now).
+        #[arg(long)]
+        until: Option<String>,
+        /// Bucket width of the per-period rows (weeks start on Monday, UTC).
+        #[arg(long, default_value = "week", value_parser = parse_period)]
+        period: breakglass::report::Period,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Export every session of a period with its grant, incident, approvers and review for
+    /// auditors, next to a manifest signed by the gateway: writes `<file>`, `manifest.json`
+    /// and `manifest.json.sig` into --out (never overwriting). `audit-export verify DIR`
+    /// checks one: exit 0 OK, 3 TAMPERED, 1 error.
+    AuditExport {
+        #[arg(
+            long,
+            short,
+            env = "BREAKGLASS_CONFIG",
+            global = true,
+            default_value = "config/breakglass.toml"
+        )]
+        config: PathBuf,
+        /// Start of the period: RFC 3339, a date, or an age like 30d.
+        #[arg(long, default_value = "30d")]
+        since: String,
+        /// End of the period (default: now).
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, value_enum, default_value_t = ExportFormatArg::Json)]
+        format: ExportFormatArg,
+        /// Directory to write the export into (created if needed).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: Option<AuditExportCmd>,
+    },
     /// Break-glass credentials the gateway holds (encrypted under the KEK).
     Vault {
         #[arg(
@@ -249,6 +302,29 @@ enum SessionsCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum AuditExportCmd {
+    /// Check an export directory: the manifest's signature and the content's SHA-256.
+    /// Exit 0 OK, 3 TAMPERED, 1 error.
+    Verify {
+        dir: PathBuf,
+        /// Offline: the signing public keys (`breakglass keys show --signing`) instead of
+        /// the gateway's key directory.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum ExportFormatArg {
+    Json,
+    Csv,
+}
+
+fn parse_period(s: &str) -> Result<breakglass::report::Period, String> {
+    s.parse()
+}
+
+#[derive(Subcommand, Debug)]
 enum SiemCmd {
     /// Send a `siem_test` event straight to every sink and report each result (exit 1 if
     /// any failed). The event does not go through the spool.
@@ -356,6 +432,33 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::AccessReview { config, since } => access_review(&config, &since).await,
+        Command::Report {
+            config,
+            since,
+            until,
+            period,
+            format,
+        } => report(&config, &since, until.as_deref(), period, format).await,
+        Command::AuditExport {
+            config,
+            since,
+            until,
+            format,
+            out,
+            cmd,
+        } => match cmd {
+            Some(AuditExportCmd::Verify { dir, public_key }) => {
+                audit_export_verify(&config, &dir, public_key.as_deref())
+            }
+            None => {
+                let out = out.ok_or_else(|| anyhow!("--out DIR is required"))?;
+                let format = match format {
+                    ExportFormatArg::Json => breakglass::audit_export::ExportFormat::Json,
+                    ExportFormatArg::Csv => breakglass::audit_export::ExportFormat::Csv,
+                };
+                audit_export(&config, &since, until.as_deref(), format, &out).await
+            }
+        },
         Command::Vault { config, cmd } => vault(&config, cmd).await,
         Command::Siem { config, cmd } => siem(&config, cmd).await,
         Command::Verify {
@@ -1082,25 +1185,13 @@ async fn access_review(config: &Path, since: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
 fn print_rows(format: Format, headers: &[&str], rows: &[Vec<String>]) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match format {
         Format::Csv => {
-            writeln!(out, "{}", headers.join(","))?;
+            write!(out, "{}", breakglass::csv::line(headers))?;
             for r in rows {
-                writeln!(
-                    out,
-                    "{}",
-                    r.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(",")
-                )?;
+                write!(out, "{}", breakglass::csv::line(r))?;
             }
         }
         Format::Json => {
@@ -1238,4 +1329,251 @@ async fn export_cmd(
         output.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Formats an optional float for tables and CSV (empty when there is no value).
+fn opt_f64(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.1}")).unwrap_or_default()
+}
+
+async fn report(
+    config: &Path,
+    since: &str,
+    until: Option<&str>,
+    period: breakglass::report::Period,
+    format: Format,
+) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let store = open_state(&cfg)?;
+    let since = parse_when(since)?;
+    let until = until
+        .map(parse_when)
+        .transpose()?
+        .unwrap_or_else(clock::now);
+    if since > until {
+        bail!("--since is after --until");
+    }
+    let r = breakglass::report::compute(&store, &cfg, since, until, period).await?;
+    let t = &r.totals;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+        Format::Csv => {
+            let headers = [
+                "section",
+                "target",
+                "protocol",
+                "start",
+                "end",
+                "events",
+                "grants",
+                "unique_users",
+                "mean_time_between_events_seconds",
+                "outside_windows",
+                "outside_windows_pct",
+                "last_event",
+            ];
+            let mut rows = vec![vec![
+                "total".into(),
+                String::new(),
+                String::new(),
+                r.since.clone(),
+                r.until.clone(),
+                t.events.to_string(),
+                t.grants.to_string(),
+                t.unique_users.to_string(),
+                opt_f64(t.mean_time_between_events_seconds),
+                t.outside_windows.to_string(),
+                opt_f64(t.outside_windows_pct),
+                String::new(),
+            ]];
+            for s in &r.per_system {
+                rows.push(vec![
+                    "system".into(),
+                    s.target.clone(),
+                    s.protocol.clone(),
+                    String::new(),
+                    String::new(),
+                    s.events.to_string(),
+                    String::new(),
+                    s.unique_users.to_string(),
+                    opt_f64(s.mean_time_between_events_seconds),
+                    s.outside_windows.to_string(),
+                    opt_f64(s.outside_windows_pct),
+                    s.last_event.clone(),
+                ]);
+            }
+            for p in &r.per_period {
+                rows.push(vec![
+                    "period".into(),
+                    String::new(),
+                    String::new(),
+                    p.start.clone(),
+                    p.end.clone(),
+                    p.events.to_string(),
+                    String::new(),
+                    p.unique_users.to_string(),
+                    String::new(),
+                    p.outside_windows.to_string(),
+                    String::new(),
+                    String::new(),
+                ]);
+            }
+            print_rows(Format::Csv, &headers, &rows)?;
+        }
+        Format::Table => {
+            println!(
+                "breakglass report, {} to {}, per {}",
+                r.since, r.until, r.period
+            );
+            println!(
+                "maintenance windows (UTC): {}\n",
+                if r.maintenance_windows.is_empty() {
+                    "none configured".to_string()
+                } else {
+                    r.maintenance_windows.join(", ")
+                }
+            );
+            print_rows(
+                Format::Table,
+                &[
+                    "events",
+                    "grants",
+                    "unique_users",
+                    "mean_between_s",
+                    "outside_windows",
+                    "outside_pct",
+                ],
+                &[vec![
+                    t.events.to_string(),
+                    t.grants.to_string(),
+                    t.unique_users.to_string(),
+                    opt_f64(t.mean_time_between_events_seconds),
+                    t.outside_windows.to_string(),
+                    opt_f64(t.outside_windows_pct),
+                ]],
+            )?;
+            println!("\nper system:");
+            let systems: Vec<Vec<String>> = r
+                .per_system
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.target.clone(),
+                        s.protocol.clone(),
+                        s.events.to_string(),
+                        s.unique_users.to_string(),
+                        opt_f64(s.mean_time_between_events_seconds),
+                        s.outside_windows.to_string(),
+                        opt_f64(s.outside_windows_pct),
+                        s.last_event.clone(),
+                    ]
+                })
+                .collect();
+            print_rows(
+                Format::Table,
+                &[
+                    "target",
+                    "protocol",
+                    "events",
+                    "unique_users",
+                    "mean_between_s",
+                    "outside_windows",
+                    "outside_pct",
+                    "last_event",
+                ],
+                &systems,
+            )?;
+            println!("\nper {}:", r.period);
+            let periods: Vec<Vec<String>> = r
+                .per_period
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.start.clone(),
+                        p.end.clone(),
+                        p.events.to_string(),
+                        p.unique_users.to_string(),
+                        p.outside_windows.to_string(),
+                    ]
+                })
+                .collect();
+            print_rows(
+                Format::Table,
+                &["start", "end", "events", "unique_users", "outside_windows"],
+                &periods,
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn audit_export(
+    config: &Path,
+    since: &str,
+    until: Option<&str>,
+    format: breakglass::audit_export::ExportFormat,
+    out: &Path,
+) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let store = open_state(&cfg)?;
+    let siem = std::sync::Arc::new(Siem::open(cfg.siem.clone())?);
+    let signer = breakglass::signing::Signer::load_or_create(&cfg.data_dir)?;
+    let since = parse_when(since)?;
+    let until = until
+        .map(parse_when)
+        .transpose()?
+        .unwrap_or_else(clock::now);
+    if since > until {
+        bail!("--since is after --until");
+    }
+    let by = operator();
+    let bundle =
+        breakglass::audit_export::build(&store, &signer, since, until, format, &by).await?;
+    let written = breakglass::audit_export::write(&bundle, out)?;
+    // Auditing the auditors: the export itself is an audit event.
+    let mut e = AccessEvent::new(Action::MetadataExported, &by);
+    e.message = Some(format!(
+        "{by} exported the metadata of {} sessions from {} to {} ({}) to {}",
+        bundle.rows,
+        clock::rfc3339(since),
+        clock::rfc3339(until),
+        format.as_str(),
+        out.display()
+    ));
+    breakglass::siem::audit(&siem, &store, &e).await?;
+    for p in &written {
+        println!("{}", p.display());
+    }
+    eprintln!(
+        "exported {} sessions, manifest signed with key {}",
+        bundle.rows, bundle.signature.key_id
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit_export_verify(config: &Path, dir: &Path, public_key: Option<&Path>) -> Result<ExitCode> {
+    let keys = match public_key {
+        Some(pk) => breakglass::signing::PublicKey::parse_lines(&std::fs::read_to_string(pk)?)
+            .map_err(|e| anyhow!("{}: {e}", pk.display()))?,
+        None => {
+            let cfg = Config::load(config)?;
+            breakglass::signing::Signer::load_or_create(&cfg.data_dir)?.all
+        }
+    };
+    let v = breakglass::audit_export::verify_dir(dir, &keys)?;
+    let what = v
+        .manifest
+        .as_ref()
+        .map(|m| format!(" ({}, {} rows, {} to {})", m.file, m.rows, m.since, m.until))
+        .unwrap_or_default();
+    if v.is_ok() {
+        println!("{}  OK{what}", dir.display());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{}  TAMPERED{what}", dir.display());
+        for f in &v.findings {
+            println!("  {f}");
+        }
+        Ok(ExitCode::from(3))
+    }
 }

@@ -61,6 +61,8 @@ struct RawConfig {
     postgres: RawPostgres,
     #[serde(default)]
     web: RawWeb,
+    #[serde(default)]
+    reports: RawReports,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +74,13 @@ struct RawWeb {
     player_dir: Option<PathBuf>,
     login_link_ttl: Option<String>,
     session_ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReports {
+    #[serde(default)]
+    maintenance_windows: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -316,6 +325,122 @@ pub struct Config {
     pub reviews: ReviewRules,
     /// Where the vault's key-encryption key comes from.
     pub kek: KekSource,
+    /// What the break-glass reports compare sessions against.
+    pub reports: ReportsConfig,
+}
+
+/// The `[reports]` table.
+#[derive(Debug, Clone, Default)]
+pub struct ReportsConfig {
+    /// Planned maintenance (UTC). A break-glass session that starts outside every window is
+    /// counted as `outside_windows`; with no windows, every session is.
+    pub maintenance_windows: Vec<MaintenanceWindow>,
+}
+
+/// One recurring maintenance window, `DAYS HH:MM-HH:MM` in UTC: DAYS is `daily`, a day
+/// (`Mon`..`Sun`) or a range (`Mon-Fri`; `Fri-Mon` wraps over the weekend). An end before
+/// the start wraps past midnight into the next day; `24:00` is allowed as an end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaintenanceWindow {
+    /// The text as configured, for reports and error messages.
+    source: String,
+    /// Days the window opens on, bit 0 = Monday .. bit 6 = Sunday.
+    days: u8,
+    /// Opening and closing minute of the day (`end` may be 1440, and less than `start` when
+    /// the window wraps past midnight).
+    start: u32,
+    end: u32,
+}
+
+const DAY_NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+impl MaintenanceWindow {
+    /// Parses `DAYS HH:MM-HH:MM`; the error says what is wrong, without the key.
+    pub fn parse(text: &str) -> Result<MaintenanceWindow, String> {
+        let shape = "expected `DAYS HH:MM-HH:MM` like `Sat 02:00-06:00` or `Mon-Fri 22:00-02:00`";
+        let mut parts = text.split_whitespace();
+        let (Some(days), Some(times), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(format!("`{text}`: {shape}"));
+        };
+        let day = |d: &str| -> Result<u32, String> {
+            DAY_NAMES
+                .iter()
+                .position(|n| n.eq_ignore_ascii_case(d))
+                .map(|i| i as u32)
+                .ok_or_else(|| {
+                    format!(
+                        "`{text}`: `{d}` is not `daily` or a day Mon, Tue, Wed, Thu, Fri, Sat, Sun"
+                    )
+                })
+        };
+        let days = if days.eq_ignore_ascii_case("daily") {
+            0x7f
+        } else if let Some((from, to)) = days.split_once('-') {
+            let (from, to) = (day(from)?, day(to)?);
+            let mut set = 0u8;
+            let mut d = from;
+            loop {
+                set |= 1 << d;
+                if d == to {
+                    break;
+                }
+                d = (d + 1) % 7;
+            }
+            set
+        } else {
+            1 << day(days)?
+        };
+        let (start, end) = times
+            .split_once('-')
+            .ok_or_else(|| format!("`{text}`: {shape}"))?;
+        let minute = |t: &str, end: bool| -> Result<u32, String> {
+            let bad = || format!("`{text}`: `{t}` is not a time HH:MM (00:00 to 23:59)");
+            let (h, m) = t.split_once(':').ok_or_else(bad)?;
+            if h.len() != 2 || m.len() != 2 {
+                return Err(bad());
+            }
+            let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+            match (h, m) {
+                (24, 0) if end => Ok(1440),
+                (0..=23, 0..=59) => Ok(h * 60 + m),
+                _ => Err(bad()),
+            }
+        };
+        let (start, end) = (minute(start, false)?, minute(end, true)?);
+        if start == end {
+            return Err(format!("`{text}`: the window is empty (start equals end)"));
+        }
+        Ok(MaintenanceWindow {
+            source: text.to_string(),
+            days,
+            start,
+            end,
+        })
+    }
+
+    /// Whether `at` falls in the window (start inclusive, end exclusive).
+    pub fn contains(&self, at: chrono::DateTime<chrono::Utc>) -> bool {
+        use chrono::{Datelike, Timelike};
+        let day = at.weekday().num_days_from_monday();
+        let yesterday = (day + 6) % 7;
+        let open_on = |d: u32| self.days & (1 << d) != 0;
+        // Seconds of the day, so 05:59:59 is before a 06:00 end.
+        let t = at.num_seconds_from_midnight();
+        let (start, end) = (self.start * 60, self.end * 60);
+        if start < end {
+            open_on(day) && start <= t && t < end
+        } else {
+            // Wraps past midnight: the evening part belongs to today, the morning part to
+            // the window that opened yesterday.
+            (open_on(day) && t >= start) || (open_on(yesterday) && t < end)
+        }
+    }
+}
+
+impl std::fmt::Display for MaintenanceWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.source)
+    }
 }
 
 /// Post-incident review deadlines (by scenario) and who may sign off.
@@ -1348,6 +1473,18 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             (None, Some(v)) => KekSource::Env(v),
             (None, None) => KekSource::File(data_dir.join("keys").join("vault.kek")),
         },
+        reports: ReportsConfig {
+            maintenance_windows: raw
+                .reports
+                .maintenance_windows
+                .iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    MaintenanceWindow::parse(w)
+                        .map_err(|why| invalid(format!("reports.maintenance_windows[{i}]"), why))
+                })
+                .collect::<Result<_, _>>()?,
+        },
         data_dir,
     })
 }
@@ -1659,6 +1796,81 @@ login = "root"
         ] {
             let err = pg(extra).expect_err(extra).to_string();
             assert!(err.contains(key) && err.contains(why), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn maintenance_window_errors_name_the_key_and_the_problem() {
+        let cases: &[(&str, &str)] = &[
+            ("Sat", "expected `DAYS HH:MM-HH:MM`"),
+            ("Sat 02:00-06:00 extra", "expected `DAYS HH:MM-HH:MM`"),
+            ("Someday 02:00-06:00", "`Someday` is not `daily` or a day"),
+            ("Mon-Funday 02:00-06:00", "`Funday` is not `daily` or a day"),
+            ("Sat 02:00", "expected `DAYS HH:MM-HH:MM`"),
+            ("Sat 2:00-06:00", "`2:00` is not a time HH:MM"),
+            ("Sat 02:60-06:00", "`02:60` is not a time HH:MM"),
+            ("Sat 24:00-06:00", "`24:00` is not a time HH:MM"),
+            ("Sat 02:00-25:00", "`25:00` is not a time HH:MM"),
+            ("Sat 0a:00-06:00", "`0a:00` is not a time HH:MM"),
+            ("daily 03:00-03:00", "the window is empty"),
+        ];
+        for (window, want) in cases {
+            let text = format!(
+                "{}\n[reports]\nmaintenance_windows = [\"daily 01:00-01:30\", \"{window}\"]\n",
+                base()
+            );
+            let err = Config::from_toml(&text).expect_err(window).to_string();
+            assert!(
+                err.contains("reports.maintenance_windows[1]") && err.contains(want),
+                "{window}: error `{err}` should name the key and say `{want}`"
+            );
+        }
+        let text = format!("{}\n[reports]\nwindows = []\n", base());
+        assert!(
+            Config::from_toml(&text).is_err(),
+            "unknown key in [reports]"
+        );
+    }
+
+    #[test]
+    fn maintenance_windows_contain_the_right_times() {
+        use chrono::TimeZone;
+        // 2024-06-03 is a Monday.
+        let at = |day: u32, h: u32, m: u32, s: u32| {
+            chrono::Utc
+                .with_ymd_and_hms(2024, 6, day, h, m, s)
+                .single()
+                .expect("valid time")
+        };
+        let cases: &[(&str, chrono::DateTime<chrono::Utc>, bool)] = &[
+            ("Sat 02:00-06:00", at(8, 2, 0, 0), true),
+            ("Sat 02:00-06:00", at(8, 5, 59, 59), true),
+            ("Sat 02:00-06:00", at(8, 6, 0, 0), false),
+            ("Sat 02:00-06:00", at(8, 1, 59, 59), false),
+            ("Sat 02:00-06:00", at(9, 3, 0, 0), false),
+            ("daily 01:00-01:30", at(4, 1, 15, 0), true),
+            ("DAILY 01:00-01:30", at(9, 1, 29, 0), true),
+            ("daily 01:00-01:30", at(4, 1, 30, 0), false),
+            // Mon-Fri evenings, wrapping into the next morning.
+            ("Mon-Fri 22:00-02:00", at(3, 22, 0, 0), true),
+            ("Mon-Fri 22:00-02:00", at(4, 1, 59, 0), true),
+            ("Mon-Fri 22:00-02:00", at(3, 1, 0, 0), false),
+            ("Mon-Fri 22:00-02:00", at(8, 1, 0, 0), true),
+            ("Mon-Fri 22:00-02:00", at(8, 22, 30, 0), false),
+            ("Mon-Fri 22:00-02:00", at(9, 1, 0, 0), false),
+            ("Mon-Fri 22:00-02:00", at(5, 12, 0, 0), false),
+            // A day range that wraps over the weekend.
+            ("Fri-Mon 10:00-11:00", at(9, 10, 30, 0), true),
+            ("Fri-Mon 10:00-11:00", at(3, 10, 30, 0), true),
+            ("Fri-Mon 10:00-11:00", at(4, 10, 30, 0), false),
+            ("sun 23:00-24:00", at(9, 23, 59, 59), true),
+            ("sun 23:00-24:00", at(10, 0, 0, 0), false),
+            ("daily 00:00-24:00", at(5, 17, 0, 0), true),
+        ];
+        for (window, t, want) in cases {
+            let w = MaintenanceWindow::parse(window).expect(window);
+            assert_eq!(w.contains(*t), *want, "{window} at {t}");
+            assert_eq!(w.to_string(), *window, "Display gives back the source");
         }
     }
 

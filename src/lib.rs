@@ -29,19 +29,27 @@
 //! - [`web`]: the web UI: login links, our UI files, asciinema-player, OpenAPI, TLS, and the
 //!   evidence API (sessions, replay, SQL timelines, search, reviews, reports, exports).
 //! - [`alerts`]: webhooks (generic JSON, Slack) for requests, approvals, sessions, revocations.
+//! - [`report`]: break-glass metrics for a period (per system, per day/week/month, outside
+//!   maintenance windows).
+//! - [`audit_export`]: the auditor's metadata export of every session in a period, with a
+//!   signed manifest, and its verification.
+//! - [`csv`]: CSV quoting shared by the CLI, reports and exports.
 #![forbid(unsafe_code)]
 
 pub mod alerts;
 pub mod api;
+pub mod audit_export;
 pub mod clock;
 pub mod config;
 pub mod control;
 pub mod credential;
+pub mod csv;
 pub mod grant;
 pub mod httpc;
 pub mod keys;
 pub mod pg;
 pub mod record;
+pub mod report;
 pub mod review;
 pub mod rotation;
 pub mod server;

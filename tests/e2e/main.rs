@@ -3226,3 +3226,146 @@ async fn unknown_and_oversized_messages_after_login_get_fatal_08p01() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_counts_real_sessions_and_the_audit_export_is_signed_and_audited() {
+    let w = World::new();
+    let gw = InProcess::start(&w).await;
+    let grant = w.grant("alice", "30m");
+    for n in 0..2 {
+        let out = output(w.ssh("alice", "web-01", &[], &[&format!("echo run-{n}")])).await;
+        assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    }
+    w.wait_ended(2);
+    gw.stop().await;
+
+    // The report sees both sessions on web-01, by one person, from one grant.
+    let r: Value = serde_json::from_str(&w.cli_ok(&[
+        "report", "--since", "1d", "--period", "day", "--format", "json",
+    ]))
+    .expect("report --format json is JSON");
+    validate("report.schema.json", &r);
+    assert_eq!(r["totals"]["events"], 2, "{r:#}");
+    assert_eq!(r["totals"]["grants"], 1);
+    assert_eq!(r["totals"]["unique_users"], 1);
+    assert!(r["totals"]["mean_time_between_events_seconds"].is_number());
+    assert_eq!(r["totals"]["outside_windows"], 2, "no windows configured");
+    assert_eq!(r["per_system"].as_array().map(Vec::len), Some(1));
+    let web = &r["per_system"][0];
+    assert_eq!(web["target"], "web-01");
+    assert_eq!(web["protocol"], "ssh");
+    assert_eq!(web["events"], 2);
+    assert_eq!(web["unique_users"], 1);
+    let buckets = r["per_period"].as_array().expect("per_period");
+    assert!(
+        (1..=2).contains(&buckets.len()),
+        "a day's range: {buckets:?}"
+    );
+    let bucketed: u64 = buckets
+        .iter()
+        .map(|b| b["events"].as_u64().expect("n"))
+        .sum();
+    assert_eq!(bucketed, 2);
+
+    // The CSV is one tidy table: every row has the header's columns.
+    let csv = w.cli_ok(&["report", "--since", "1d", "--format", "csv"]);
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().expect("header").split(',').collect();
+    assert_eq!(header[0], "section");
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    for row in &rows {
+        assert_eq!(row.len(), header.len(), "{row:?}");
+    }
+    let events = header.iter().position(|h| *h == "events").expect("events");
+    let system = rows
+        .iter()
+        .find(|r| r[0] == "system")
+        .expect("a system row");
+    assert_eq!((system[1], system[events]), ("web-01", "2"));
+    assert_eq!(rows.iter().filter(|r| r[0] == "total").count(), 1);
+    w.cli_ok(&["report", "--since", "1d"]);
+
+    // The export: content, manifest and signature; verify says OK.
+    let out = w.path("export");
+    let out_s = out.to_str().expect("utf-8 path");
+    let listed = w.cli_ok(&[
+        "audit-export",
+        "--since",
+        "1d",
+        "--format",
+        "json",
+        "--out",
+        out_s,
+    ]);
+    assert_eq!(listed.lines().count(), 3, "{listed}");
+    let manifest: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("manifest.json")).expect("manifest.json"),
+    )
+    .expect("manifest is JSON");
+    validate("metadata-export-manifest.schema.json", &manifest);
+    assert_eq!(manifest["rows"], 2);
+    assert!(out.join("manifest.json.sig").exists());
+    let content_path = out.join(manifest["file"].as_str().expect("file"));
+    let content: Value =
+        serde_json::from_str(&std::fs::read_to_string(&content_path).expect("content"))
+            .expect("content is JSON");
+    validate("metadata-export.schema.json", &content);
+    for s in content["sessions"].as_array().expect("sessions") {
+        assert_eq!(s["grant_id"], grant.as_str());
+        assert_eq!(s["incident_id"], "INC-7");
+        assert_eq!(s["justification"], "disk full on /var");
+        assert_eq!(s["end_reason"], "client_closed");
+    }
+    let ok = w.cli(&["audit-export", "verify", out_s]);
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok.stderr));
+    assert!(text(&ok.stdout).contains("OK"), "{}", text(&ok.stdout));
+
+    // Evidence is never overwritten.
+    let again = w.cli(&[
+        "audit-export",
+        "--since",
+        "1d",
+        "--format",
+        "csv",
+        "--out",
+        out_s,
+    ]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        text(&again.stderr).contains("never overwritten"),
+        "{}",
+        text(&again.stderr)
+    );
+
+    // One flipped byte in the content is TAMPERED, exit 3.
+    writable(&content_path);
+    let mut bytes = std::fs::read(&content_path).expect("read");
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x01;
+    std::fs::write(&content_path, bytes).expect("tamper");
+    let bad = w.cli(&["audit-export", "verify", out_s]);
+    assert_eq!(bad.status.code(), Some(3), "{}", text(&bad.stderr));
+    assert!(
+        text(&bad.stdout).contains("TAMPERED"),
+        "{}",
+        text(&bad.stdout)
+    );
+    assert!(text(&bad.stdout).contains("content modified"));
+
+    // Auditing the auditors: each export that was written is a SIEM event.
+    let exported: Vec<Value> = w
+        .siem_events()
+        .into_iter()
+        .filter(|e| e["action"] == "metadata_exported")
+        .collect();
+    assert_eq!(exported.len(), 1, "only the export that was written");
+    assert!(exported[0]["actor"]
+        .as_str()
+        .expect("actor")
+        .starts_with("operator:"));
+    assert!(exported[0]["message"]
+        .as_str()
+        .expect("message")
+        .contains("2 sessions"));
+    validate_all_events(&w);
+}
