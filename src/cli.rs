@@ -1242,12 +1242,35 @@ fn print_rows(format: Format, headers: &[&str], rows: &[Vec<String>]) -> Result<
     Ok(())
 }
 
-async fn load_recording(config: &Path, session: &str) -> Result<(String, export::Loaded)> {
+/// Loads a session's recording for `what` (`replayed` or `exported`), after putting that on
+/// the record: auditing the auditors covers the CLI as much as the web UI.
+async fn load_recording(
+    config: &Path,
+    session: &str,
+    action: Action,
+    what: &str,
+) -> Result<(String, export::Loaded)> {
     let cfg = Config::load(config)?;
     let store = open_state(&cfg)?;
     let row = store.find_session(session).await?.ok_or_else(|| {
         anyhow!("no session matches `{session}` (see `breakglass sessions list`)")
     })?;
+    let by = operator();
+    let mut e = AccessEvent::new(action, &by);
+    e.person = Some(row.person.clone());
+    e.target = Some(row.target.clone());
+    e.protocol = row.protocol.clone();
+    e.session_id = Some(row.id.clone());
+    e.grant_id = Some(row.grant_id.clone());
+    e.correlation_id = Some(match store.find_grant(&row.grant_id).await {
+        Ok(g) => g.correlation_id().to_string(),
+        Err(_) => row.grant_id.clone(),
+    });
+    e.recording = Some(row.recording_prefix.clone());
+    e.reason = Some(format!("{what} with the CLI"));
+    e.message = Some(format!("{by} {what} session {} with the CLI", row.id));
+    let siem = std::sync::Arc::new(Siem::open(cfg.siem.clone())?);
+    breakglass::siem::audit(&siem, &store, &e).await?;
     let rec = RecordingStore::from_config(&cfg)?;
     let loaded = export::load(&rec, &row.recording_prefix).await?;
     Ok((row.id, loaded))
@@ -1260,7 +1283,7 @@ async fn replay(
     speed: f64,
     idle: Option<f64>,
 ) -> Result<ExitCode> {
-    let (id, loaded) = load_recording(config, session).await?;
+    let (id, loaded) = load_recording(config, session, Action::RecordingViewed, "replayed").await?;
     let (ch, data) = loaded.pick(channel)?;
     if export::is_postgres(data) {
         // A PostgreSQL session replays as its statement timeline.
@@ -1302,7 +1325,8 @@ async fn export_cmd(
     output: &Path,
     channel: Option<u32>,
 ) -> Result<ExitCode> {
-    let (id, loaded) = load_recording(config, session).await?;
+    let (id, loaded) =
+        load_recording(config, session, Action::RecordingExported, "exported").await?;
     let (ch, data) = loaded.pick(channel)?;
     // PostgreSQL sessions export as their SQL timeline (JSONL); terminals as asciicast v2.
     let cast = if export::is_postgres(data) {

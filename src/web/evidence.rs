@@ -113,13 +113,15 @@ fn filter(w: &Who, q: &ListQuery) -> Result<SessionFilter, ApiError> {
     }
     if !w.sees_all_sessions() {
         match &f.person {
-            Some(p) if p != &w.person => return Err(ApiError(
-                StatusCode::FORBIDDEN,
-                format!(
+            Some(p) if p != &w.person => {
+                return Err(ApiError(
+                    StatusCode::FORBIDDEN,
+                    format!(
                     "{} may see only their own sessions (reviewers, auditors and admins see all)",
                     w.person
                 ),
-            )),
+                ))
+            }
             _ => f.person = Some(w.person.clone()),
         }
     }
@@ -575,6 +577,119 @@ async fn sign_review(
     .await
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReportQuery {
+    since: Option<String>,
+    until: Option<String>,
+    period: Option<String>,
+    format: Option<String>,
+}
+
+/// The range a report or export covers: `since` (default 90 days ago) to `until` (now).
+fn range(q: &ReportQuery) -> Result<(DateTime<Utc>, DateTime<Utc>), ApiError> {
+    let since = when("since", nonempty(&q.since).as_deref().unwrap_or("90d"))?;
+    let until = match nonempty(&q.until) {
+        Some(u) => when("until", &u)?,
+        None => clock::now(),
+    };
+    if until <= since {
+        return Err(bad("until must be after since"));
+    }
+    Ok((since, until))
+}
+
+async fn report(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Query(q): Query<ReportQuery>,
+) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    if !w.sees_all_sessions() && !w.has("approver") {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} may not see reports (reviewers, auditors and admins may)",
+                w.person
+            ),
+        ));
+    }
+    let (since, until) = range(&q)?;
+    let period: crate::report::Period = nonempty(&q.period)
+        .as_deref()
+        .unwrap_or("week")
+        .parse()
+        .map_err(|e: String| bad(format!("period: {e}")))?;
+    // A chart of more than this many bars helps nobody, and it bounds the work.
+    let per = match period {
+        crate::report::Period::Day => 86_400,
+        crate::report::Period::Week => 7 * 86_400,
+        crate::report::Period::Month => 28 * 86_400,
+    };
+    if (until - since).num_seconds() / per > 1000 {
+        return Err(bad(
+            "that range has more than 1000 periods; pick a longer period",
+        ));
+    }
+    let r = crate::report::compute(gw.store.as_ref(), &gw.config, since, until, period)
+        .await
+        .map_err(state_err)?;
+    Ok(Json(r).into_response())
+}
+
+async fn audit_export(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Query(q): Query<ReportQuery>,
+) -> Result<Response, ApiError> {
+    use crate::audit_export::{self, ExportFormat};
+    let w = who(&gw, &headers).await?;
+    if !(w.has("auditor") || w.has("admin")) {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} may not export session metadata (auditors and admins may)",
+                w.person
+            ),
+        ));
+    }
+    let (since, until) = range(&q)?;
+    let format = match nonempty(&q.format).as_deref().unwrap_or("json") {
+        "json" => ExportFormat::Json,
+        "csv" => ExportFormat::Csv,
+        other => return Err(bad(format!("format: `{other}` is not json or csv"))),
+    };
+    let b = audit_export::build(
+        gw.store.as_ref(),
+        &gw.signer,
+        since,
+        until,
+        format,
+        &w.person,
+    )
+    .await
+    .map_err(ApiError::internal)?;
+    // Auditing the auditors: no export leaves without its audit event.
+    let mut e = AccessEvent::new(Action::MetadataExported, &w.person);
+    e.message = Some(format!(
+        "{} exported the metadata of {} sessions from {} to {} ({}) from the web UI",
+        w.person,
+        b.rows,
+        clock::rfc3339(since),
+        clock::rfc3339(until),
+        format.as_str()
+    ));
+    gw.audit(&e).await.map_err(ApiError::internal)?;
+    Ok(Json(json!({
+        "file_name": b.file_name,
+        "content": b.content,
+        "manifest": b.manifest,
+        "manifest_text": String::from_utf8_lossy(&b.manifest_bytes),
+        "signature": b.signature,
+    }))
+    .into_response())
+}
+
 /// The evidence routes.
 pub fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
@@ -588,5 +703,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/api/v1/search", get(search))
         .route("/api/v1/reviews", get(list_reviews))
         .route("/api/v1/reviews/{id}/sign", post(sign_review))
+        .route("/api/v1/reports", get(report))
+        .route("/api/v1/audit-export", get(audit_export))
         .with_state(gw)
 }

@@ -11,7 +11,7 @@ pub mod tls;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -46,14 +46,16 @@ pub fn public_url(cfg: &Config) -> Option<String> {
     Some(format!("{scheme}://{addr}"))
 }
 
-/// Security headers on every UI response: no framing, no sniffing, scripts only from us.
+/// Security headers on every UI response: no framing, no sniffing, scripts only from us
+/// (asciinema-player's terminal emulator is WebAssembly, hence `wasm-unsafe-eval`, which allows
+/// compiling WebAssembly but not `eval`).
 fn ui_headers(content_type: &'static str) -> [(header::HeaderName, HeaderValue); 5] {
     [
         (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
         (
             header::CONTENT_SECURITY_POLICY,
             HeaderValue::from_static(
-                "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+                "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
             ),
         ),
         (
@@ -176,8 +178,7 @@ async fn login(
         .into_response())
 }
 
-async fn logout(headers: HeaderMap) -> Response {
-    let _ = headers;
+async fn logout() -> Response {
     (
         [(
             header::SET_COOKIE,
@@ -193,6 +194,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
     let ui = Router::new()
         .route("/", get(index))
         .route("/login", get(index))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/ui/app.js", get(app_js))
         .route("/ui/app.css", get(app_css))
         .route("/ui/player/{file}", get(player))

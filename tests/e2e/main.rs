@@ -49,6 +49,16 @@ fn last_session_id(w: &World) -> String {
 fn export(w: &World, session: &str) -> String {
     let out = w.path(&format!("{session}.cast"));
     w.cli_ok(&["export", session, "-o", out.to_str().expect("utf-8 path")]);
+    // Auditing the auditors: the export is on the record.
+    assert!(
+        w.siem_events()
+            .iter()
+            .any(|e| e["action"] == "recording_exported"
+                && e["session_id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with(session))),
+        "no recording_exported event for {session}"
+    );
     std::fs::read_to_string(out).expect("export written")
 }
 

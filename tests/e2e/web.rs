@@ -59,7 +59,7 @@ async fn login_link(w: &World, person: &str) -> (String, String) {
     assert_eq!(code, 0, "login link for {person}: {out}{err}");
     let url = out
         .lines()
-        .find(|l| l.starts_with("http://"))
+        .find(|l| l.starts_with("http://") || l.starts_with("https://"))
         .unwrap_or_else(|| panic!("a link in {out}"))
         .trim()
         .to_string();
@@ -242,6 +242,51 @@ async fn login_links_work_once_and_expire_and_roles_hold_on_the_api() {
         e["action"] == "request_approved" && e["actor"] == "bob"
     });
 
+    // Auditors export session metadata with a signed manifest; others may not.
+    let (code, _, body) = call(
+        &w,
+        Some(&bob),
+        false,
+        "GET",
+        "/api/v1/audit-export?since=1d",
+        None,
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    let (code, _, body) = call(
+        &w,
+        Some(&mallory),
+        false,
+        "GET",
+        "/api/v1/audit-export?since=1d&format=csv",
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let manifest: Value =
+        serde_json::from_str(body["manifest_text"].as_str().expect("manifest text")).expect("json");
+    validate("metadata-export-manifest.schema.json", &manifest);
+    assert_eq!(manifest, body["manifest"]);
+    // The manifest's signature verifies with the gateway's keys, and the content matches it.
+    let keys = breakglass::signing::Signer::load_or_create(&w.path("data"))
+        .expect("keys")
+        .all;
+    let sig = serde_json::to_vec(&body["signature"]).expect("sig");
+    let content = body["content"].as_str().expect("content");
+    let verdict = breakglass::audit_export::verify(
+        body["manifest_text"].as_str().expect("manifest").as_bytes(),
+        Some(&sig),
+        Some((
+            body["file_name"].as_str().expect("name"),
+            content.as_bytes(),
+        )),
+        &keys,
+    );
+    assert!(verdict.is_ok(), "{verdict:?}");
+    w.wait_event("the auditor's export", |e| {
+        e["action"] == "metadata_exported" && e["actor"] == "mallory"
+    });
+
     // Every path in the OpenAPI document is served (a 401/400/404-with-message, never a
     // router 404 or 405), and the document is the one the server serves.
     let (code, _, doc) = call(&w, None, false, "GET", "/api/v1/openapi.json", None).await;
@@ -350,6 +395,8 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
 
     let (url, _) = login_link(&w, "bob").await;
     let artifacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/web-artifacts");
+    // Screenshots of an earlier run must not pass for this one's.
+    let _ = std::fs::remove_dir_all(&artifacts);
     let mut c = Command::new(node);
     c.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/web_ui.mjs"))
         .env("BASE", format!("http://127.0.0.1:{}", w.http_port))
@@ -399,5 +446,77 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
     w.wait_event("bob's sign-off", |e| {
         e["action"] == "review_signed" && e["actor"] == "bob"
     });
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_listener_speaks_tls_and_login_links_are_https() {
+    let w = World::new();
+    let (cert, key) = self_signed_cert(w.path("").as_path());
+    let cfg = std::fs::read_to_string(&w.config_path).expect("config");
+    std::fs::write(
+        &w.config_path,
+        format!(
+            "{cfg}\n[web]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .expect("config");
+    let gw = InProcess::start(&w).await;
+    let (url, secret) = login_link(&w, "bob").await;
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let curl = |args: &[&str]| {
+        let mut c = Command::new(require("curl", "curl"));
+        c.args(["-s", "-i", "--cacert"]).arg(&cert).args(args);
+        c
+    };
+    let base = format!("https://127.0.0.1:{}", w.http_port);
+    let out = output(curl(&[&format!("{base}/healthz")])).await;
+    let got = text(&out.stdout);
+    assert!(
+        got.starts_with("HTTP/1.1 200"),
+        "{got}{}",
+        text(&out.stderr)
+    );
+    let out = output(curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        &serde_json::json!({ "token": secret }).to_string(),
+        &format!("{base}/api/v1/login"),
+    ]))
+    .await;
+    let got = text(&out.stdout);
+    let cookie = got
+        .lines()
+        .find(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie: bg_session=")
+        })
+        .unwrap_or_else(|| panic!("a session cookie in {got}"));
+    // Over TLS the cookie is Secure, HttpOnly and SameSite=Strict.
+    for attr in ["Secure", "HttpOnly", "SameSite=Strict"] {
+        assert!(cookie.contains(attr), "{cookie}");
+    }
+    // Plain HTTP on the TLS port gets nowhere.
+    let out = output({
+        let mut c = Command::new(require("curl", "curl"));
+        c.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
+        .arg(format!("http://127.0.0.1:{}/healthz", w.http_port));
+        c
+    })
+    .await;
+    assert_eq!(text(&out.stdout), "000");
     gw.stop().await;
 }

@@ -126,6 +126,14 @@ try {
   await browser.close();
 } catch (e) {
   await shot(`FAILED-${step}`).catch(() => {});
+  const terms = await page.locator(".ap-term-text").allTextContents().catch(() => []);
+  console.error(`url: ${page.url()}\nterminal: ${JSON.stringify(terms)}`);
+  if (process.env.DEBUG_CAST) {
+    const cast = await page.evaluate((id) => fetch(`/api/v1/sessions/${id}/channels/0/cast`).then((r) => r.text()), env("SESSION_ID")).catch((e) => String(e));
+    console.error(`cast:\n${cast}`);
+    const cmds = await page.evaluate((id) => fetch(`/api/v1/sessions/${id}`).then((r) => r.json()).then((d) => JSON.stringify(d.channels[0].commands)), env("SESSION_ID")).catch((e) => String(e));
+    console.error(`commands: ${cmds}`);
+  }
   console.error(`web UI step ${step} failed: ${e.message}\npage errors: ${pageErrors.join(" | ")}`);
   await browser.close();
   process.exit(1);

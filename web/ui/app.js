@@ -126,6 +126,19 @@ function reviewBadge(r) {
 // ------------------------------------------------------------------ session page
 
 const players = {};
+const cmdTimes = {};
+
+// Where a jump to the command submitted at `t` lands: just before the next command, so the
+// command and all of its output are on screen (the end of the recording for the last one).
+async function jumpTarget(ch, t) {
+  const next = (cmdTimes[ch] || []).find((x) => x > t + 1e-6);
+  if (next != null) return Math.max(t, next - 0.0001);
+  try {
+    const d = await players[ch].getDuration();
+    if (Number.isFinite(d)) return d;
+  } catch { /* fall through */ }
+  return t + 1;
+}
 
 async function sessionPage(id, q) {
   const d = await api(`/api/v1/sessions/${encodeURIComponent(id)}`);
@@ -167,6 +180,7 @@ async function sessionPage(id, q) {
   if (!d.channels.length) html += `<p>The session opened no channels.</p>`;
   $main().innerHTML = html;
   const wantCh = q.get("ch"), wantT = q.get("t");
+  for (const c of d.channels) cmdTimes[c.channel] = (c.commands || []).map((m) => m.time).sort((a, b) => a - b);
   for (const c of d.channels) {
     if (c.postgres) await sqlTimeline(s.id, c.channel, wantCh == c.channel ? Number(wantT) : null);
     else await mountPlayer(s.id, c.channel, 1, wantCh == c.channel && wantT ? Number(wantT) : null);
@@ -175,7 +189,7 @@ async function sessionPage(id, q) {
     sel.onchange = async () => {
       const ch = sel.dataset.ch;
       const at = players[ch] ? await players[ch].getCurrentTime() : 0;
-      await mountPlayer(s.id, ch, Number(sel.value), at);
+      await mountPlayer(s.id, ch, Number(sel.value), at, true);
     };
   }
   for (const b of document.querySelectorAll("button.jump")) {
@@ -199,7 +213,7 @@ function commandsTable(c) {
     <td class="mono">${esc(m.text)}${m.uncertain ? ` <span class="badge warn" title="completion or history keys were used">uncertain</span>` : ""}${m.complete ? "" : ` <span class="badge">not submitted</span>`}</td></tr>`).join("")}</tbody></table>`;
 }
 
-async function mountPlayer(sessionId, ch, speed, at) {
+async function mountPlayer(sessionId, ch, speed, at, exact = false) {
   const el = document.getElementById(`player-${ch}`);
   if (!window.AsciinemaPlayer) {
     el.innerHTML = `<div class="notice">asciinema-player is not installed on the gateway: run <code>npm ci --prefix web</code>.</div>`;
@@ -215,14 +229,13 @@ async function mountPlayer(sessionId, ch, speed, at) {
   // Without a jump target, show the last frame so the outcome is visible before playing.
   opts.poster = at == null ? "npt:99:59:59" : `npt:${at}`;
   players[ch] = AsciinemaPlayer.create({ data: text }, el, opts);
-  if (at != null) await players[ch].seek(at);
+  if (at != null) await players[ch].seek(exact ? at : await jumpTarget(ch, at));
 }
 
 async function jump(ch, t) {
   const p = players[ch];
   if (!p) return;
-  // Land just after the command was submitted, so its first output is on screen.
-  await p.seek(t + 0.05);
+  await p.seek(await jumpTarget(ch, t));
   document.getElementById(`ch-${ch}`)?.scrollIntoView();
 }
 
@@ -329,11 +342,12 @@ async function reportsPage(q) {
     <label>Until<input name="until" value="${esc(f.until)}"></label>
     <label>Period<select name="period">${["day", "week", "month"].map((p) => `<option ${f.period === p ? "selected" : ""}>${p}</option>`).join("")}</select></label>
     <button class="primary">Show</button></form><div id="report">Loading…</div>
+  <section id="export-section" ${me && me.roles.some((r) => r === "auditor" || r === "admin") ? "" : "hidden"}>
   <h2>Auditor export</h2>
   <form class="filters" id="export-form">
     <label>Since<input name="since" value="${esc(f.since)}"></label><label>Until<input name="until" value="${esc(f.until)}"></label>
     <label>Format<select name="format"><option>json</option><option>csv</option></select></label>
-    <button>Export session metadata</button></form><div id="export"></div>`;
+    <button>Export session metadata</button></form><div id="export"></div></section>`;
   document.getElementById("report-form").onsubmit = (ev) => { ev.preventDefault(); go("/reports", formValues(ev.target)); };
   document.getElementById("export-form").onsubmit = (ev) => { ev.preventDefault(); auditExport(formValues(ev.target)); };
   const r = await api(`/api/v1/reports?${new URLSearchParams(f)}`);
