@@ -2292,6 +2292,71 @@ async fn psql_through_the_gateway_with_tls_scram_and_a_jit_credential() {
         timeline.contains("->"),
         "replay prints the statement timeline: {timeline}"
     );
+
+    // A reviewer finds the statement by its text, and the hit says where in which session.
+    let gw = InProcess::start(&w).await;
+    let bob = api_token(&w, "bob").await;
+    let (code, body) = api(
+        &w,
+        Some(&bob),
+        "GET",
+        "/api/v1/search?q=CREATE%20TABLE%20t",
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let hits = body["hits"].as_array().expect("hits");
+    assert_eq!(hits.len(), 1, "{body}");
+    let hit = &hits[0];
+    assert_eq!(
+        (hit["kind"].as_str(), hit["protocol"].as_str()),
+        (Some("sql"), Some("postgres"))
+    );
+    let sid = hit["session_id"].as_str().expect("session");
+    let (code, body) = api(
+        &w,
+        Some(&bob),
+        "GET",
+        &format!("/api/v1/sessions/{sid}/channels/{}/sql", hit["channel"]),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let at = body["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .find(|e| {
+            e["sql"]
+                .as_str()
+                .is_some_and(|q| q.contains("create table t"))
+        })
+        .expect("the statement in the timeline");
+    assert_eq!(
+        at["time"], hit["time"],
+        "the hit points at the statement's moment"
+    );
+    // An error is in the timeline of its session, for the UI to highlight.
+    let (code, body) = api(&w, Some(&bob), "GET", "/api/v1/search?q=nosuch", None).await;
+    assert_eq!(code, 200, "{body}");
+    let sid = body["hits"][0]["session_id"]
+        .as_str()
+        .expect("a hit for nosuch");
+    let (_, body) = api(
+        &w,
+        Some(&bob),
+        "GET",
+        &format!("/api/v1/sessions/{sid}/channels/0/sql"),
+        None,
+    )
+    .await;
+    assert!(
+        body["events"]
+            .as_array()
+            .is_some_and(|ev| ev.iter().any(|e| e["event"] == "error")),
+        "{body}"
+    );
+    gw.stop().await;
     validate_all_events(&w);
 }
 
