@@ -609,6 +609,17 @@ async fn check_config(file: &Path, offline: bool) -> Result<ExitCode> {
             .map(|_| String::new())
             .map_err(Into::into),
     );
+    if cfg.http_listen.is_some() {
+        let player = cfg.web.player_dir.join("asciinema-player.min.js");
+        if player.is_file() {
+            println!("  ok    web UI player {}", cfg.web.player_dir.display());
+        } else {
+            warnings.push(format!(
+                "web UI: {} is missing, so sessions cannot be replayed in the browser; run `npm ci --prefix web` or set [web] player_dir",
+                player.display()
+            ));
+        }
+    }
     for t in cfg.targets.values() {
         let addr = t.address.clone();
         let res = tokio::time::timeout(
