@@ -415,6 +415,8 @@ pub trait Store: Send + Sync {
         at: DateTime<Utc>,
         expires_at: DateTime<Utc>,
     ) -> Result<(), StateError>;
+    /// Ends an API token or web session now (logout).
+    async fn end_api_token(&self, hash: &str, at: DateTime<Utc>) -> Result<(), StateError>;
     /// The person an unexpired API token hash belongs to.
     async fn api_token_person(
         &self,

@@ -1239,6 +1239,19 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn end_api_token(&self, hash: &str, at: DateTime<Utc>) -> Result<(), StateError> {
+        let h = hash.to_string();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE api_tokens SET expires_at = ?2 WHERE hash = ?1 AND expires_at > ?2",
+                params![h, ms(at)],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn api_token_person(
         &self,
         hash: &str,

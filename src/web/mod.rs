@@ -11,7 +11,7 @@ pub mod tls;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -178,15 +178,22 @@ async fn login(
         .into_response())
 }
 
-async fn logout() -> Response {
-    (
+/// Ends the browser session: the token stops working now, and the cookie is cleared.
+async fn logout(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if let Some(token) = crate::api::cookie(&headers, SESSION_COOKIE) {
+        gw.store
+            .end_api_token(&token_hash(token), clock::now())
+            .await
+            .map_err(ApiError::internal)?;
+    }
+    Ok((
         [(
             header::SET_COOKIE,
             format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
         )],
         Json(json!({ "ok": true })),
     )
-        .into_response()
+        .into_response())
 }
 
 /// Every HTTP route: the workflow API, the evidence API and the UI.

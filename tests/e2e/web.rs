@@ -287,6 +287,12 @@ async fn login_links_work_once_and_expire_and_roles_hold_on_the_api() {
         e["action"] == "metadata_exported" && e["actor"] == "mallory"
     });
 
+    // Logging out ends the session on the server, not just in the browser.
+    let (code, _, body) = call(&w, Some(&mallory), true, "POST", "/api/v1/logout", None).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, _, body) = call(&w, Some(&mallory), false, "GET", "/api/v1/sessions", None).await;
+    assert_eq!(code, 401, "{body}");
+
     // Every path in the OpenAPI document is served (a 401/400/404-with-message, never a
     // router 404 or 405), and the document is the one the server serves.
     let (code, _, doc) = call(&w, None, false, "GET", "/api/v1/openapi.json", None).await;

@@ -416,5 +416,14 @@ async function route() {
   }
 }
 
+async function logout() {
+  await api("/api/v1/logout", { method: "POST" }).catch(() => {});
+  me = null;
+  location.replace("/login");
+}
+
 window.addEventListener("hashchange", route);
+window.addEventListener("DOMContentLoaded", () => {
+  document.getElementById("logout").onclick = logout;
+});
 window.addEventListener("DOMContentLoaded", route);
