@@ -13,7 +13,7 @@ use breakglass::siem::{AccessEvent, Action, Siem};
 use breakglass::state::{NewGrant, SessionFilter, SqliteStore, Store};
 use breakglass::storage::RecordingStore;
 use breakglass::{clock, keys};
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// Break-glass access gateway: time-boxed, recorded SSH sessions.
@@ -795,19 +795,7 @@ async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
 
 /// Parses `--since`/`--until`: RFC 3339, a date, or an age ("2h", "7d").
 fn parse_when(s: &str) -> Result<DateTime<Utc>> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
-    }
-    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        let t = d
-            .and_hms_opt(0, 0, 0)
-            .ok_or_else(|| anyhow!("bad date `{s}`"))?;
-        return Ok(t.and_utc());
-    }
-    let age = humantime::parse_duration(s).map_err(|_| {
-        anyhow!("`{s}` is not an RFC 3339 time, a YYYY-MM-DD date or an age like 2h or 7d")
-    })?;
-    Ok(clock::now() - chrono::Duration::from_std(age)?)
+    clock::parse_when(s).map_err(|e| anyhow!(e))
 }
 
 async fn sessions(config: &Path, cmd: SessionsCmd) -> Result<ExitCode> {
@@ -1266,20 +1254,8 @@ async fn load_recording(
     let row = store.find_session(session).await?.ok_or_else(|| {
         anyhow!("no session matches `{session}` (see `breakglass sessions list`)")
     })?;
-    let by = operator();
-    let mut e = AccessEvent::new(action, &by);
-    e.person = Some(row.person.clone());
-    e.target = Some(row.target.clone());
-    e.protocol = row.protocol.clone();
-    e.session_id = Some(row.id.clone());
-    e.grant_id = Some(row.grant_id.clone());
-    e.correlation_id = Some(match store.find_grant(&row.grant_id).await {
-        Ok(g) => g.correlation_id().to_string(),
-        Err(_) => row.grant_id.clone(),
-    });
-    e.recording = Some(row.recording_prefix.clone());
-    e.reason = Some(format!("{what} with the CLI"));
-    e.message = Some(format!("{by} {what} session {} with the CLI", row.id));
+    let what = format!("{what} with the CLI");
+    let e = breakglass::siem::recording_access(&store, action, &operator(), &row, &what).await;
     let siem = std::sync::Arc::new(Siem::open(cfg.siem.clone())?);
     breakglass::siem::audit(&siem, &store, &e).await?;
     let rec = RecordingStore::from_config(&cfg)?;

@@ -226,6 +226,31 @@ impl AccessEvent {
     }
 }
 
+/// The event for someone looking at (or taking away) a session's recording: `what` says what
+/// they did ("replayed channel 0"); the correlation id is the session's grant's.
+pub async fn recording_access(
+    store: &dyn crate::state::Store,
+    action: Action,
+    actor: &str,
+    row: &crate::state::SessionRow,
+    what: &str,
+) -> AccessEvent {
+    let mut e = AccessEvent::new(action, actor);
+    e.person = Some(row.person.clone());
+    e.target = Some(row.target.clone());
+    e.protocol = row.protocol.clone();
+    e.session_id = Some(row.id.clone());
+    e.grant_id = Some(row.grant_id.clone());
+    e.correlation_id = Some(match store.find_grant(&row.grant_id).await {
+        Ok(g) => g.correlation_id().to_string(),
+        Err(_) => row.grant_id.clone(),
+    });
+    e.recording = Some(row.recording_prefix.clone());
+    e.reason = Some(what.to_string());
+    e.message = Some(format!("{actor} {what}: session {}", row.id));
+    e
+}
+
 /// Writes an audit event to the SIEM sink and, when it has a correlation id, to the incident
 /// event store (`breakglass events --correlation ID`). The SIEM write decides the result; an
 /// event-store failure is logged, since the SIEM copy is the durable one.

@@ -40,24 +40,9 @@ fn state_err(e: StateError) -> ApiError {
     }
 }
 
-/// An RFC 3339 time, a YYYY-MM-DD date, or an age like `7d` (meaning that long ago).
+/// A moment from a query parameter (see `clock::parse_when`).
 pub(crate) fn when(key: &str, s: &str) -> Result<DateTime<Utc>, ApiError> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
-    }
-    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        if let Some(t) = d.and_hms_opt(0, 0, 0) {
-            return Ok(t.and_utc());
-        }
-    }
-    let age = humantime::parse_duration(s).map_err(|_| {
-        bad(format!(
-            "{key}: `{s}` is not an RFC 3339 time, a YYYY-MM-DD date or an age like 2h or 30d"
-        ))
-    })?;
-    let age =
-        chrono::Duration::from_std(age).map_err(|_| bad(format!("{key}: `{s}` is too long")))?;
-    Ok(clock::now() - age)
+    clock::parse_when(s).map_err(|e| bad(format!("{key}: {e}")))
 }
 
 #[derive(Deserialize, Default)]
@@ -222,19 +207,7 @@ async fn audit_view(
     action: Action,
     what: String,
 ) -> Result<(), ApiError> {
-    let mut e = AccessEvent::new(action, &w.person);
-    e.person = Some(row.person.clone());
-    e.target = Some(row.target.clone());
-    e.protocol = row.protocol.clone();
-    e.session_id = Some(row.id.clone());
-    e.grant_id = Some(row.grant_id.clone());
-    e.correlation_id = Some(match gw.store.find_grant(&row.grant_id).await {
-        Ok(g) => g.correlation_id().to_string(),
-        Err(_) => row.grant_id.clone(),
-    });
-    e.recording = Some(row.recording_prefix.clone());
-    e.reason = Some(what.clone());
-    e.message = Some(format!("{} {what} of session {}", w.person, row.id));
+    let e = crate::siem::recording_access(gw.store.as_ref(), action, &w.person, row, &what).await;
     // No view without its audit record: if the event cannot be spooled, the view fails.
     gw.audit(&e).await.map_err(ApiError::internal)
 }

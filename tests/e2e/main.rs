@@ -137,14 +137,6 @@ async fn interactive_shell_with_resize_replays_in_asciinema() {
     let w = World::new();
     let gw = InProcess::start(&w).await;
     w.grant("alice", "30m");
-    let mut args = vec!["ssh".to_string()];
-    args.extend(w.ssh_args("alice"));
-    args.extend([
-        "-tt".into(),
-        "-p".into(),
-        w.gw_port.to_string(),
-        "web-01@127.0.0.1".into(),
-    ]);
     let steps = serde_json::json!([
         {"expect": "[$#] $", "timeout": 15},
         {"send": "export PS1='bg$ '\r"},
@@ -159,15 +151,7 @@ async fn interactive_shell_with_resize_replays_in_asciinema() {
         {"send": "exit\r"},
         {"wait_exit": 10}
     ]);
-    let mut c = Command::new("python3");
-    c.arg(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/e2e/pty_drive.py"
-    ))
-    .arg(steps.to_string())
-    .arg("--")
-    .args(&args);
-    let out = output(c).await;
+    let out = w.pty_ssh("alice", "web-01", steps).await;
     let transcript = text(&out.stdout);
     assert!(
         out.status.success(),

@@ -296,6 +296,23 @@ max_session_ttl = "1h"
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Drives `ssh -tt LOGIN@gateway` as `person` in a real pty through `pty_drive.py`'s
+    /// steps (send / expect / resize / wait_exit); returns the driver's output.
+    pub async fn pty_ssh(&self, person: &str, login: &str, steps: serde_json::Value) -> Output {
+        let mut c = Command::new("python3");
+        c.arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/e2e/pty_drive.py"
+        ))
+        .arg(steps.to_string())
+        .arg("--")
+        .arg("ssh")
+        .args(self.ssh_args(person))
+        .args(["-tt", "-p", &self.gw_port.to_string()])
+        .arg(format!("{login}@127.0.0.1"));
+        output(c).await
+    }
+
     /// Adds a grant through the operator CLI; returns its id.
     pub fn grant(&self, person: &str, duration: &str) -> String {
         self.cli_ok(&[

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::support::*;
-use super::{api, control, request_id};
+use super::{api, api_token, control, request_id};
 
 /// One HTTP call with the real `curl`: (status, Set-Cookie session value if any, JSON body).
 async fn call(
@@ -183,13 +183,8 @@ async fn login_links_work_once_and_expire_and_roles_hold_on_the_api() {
     let (code, out, err) = control(&w, "mallory", "breakglass", &format!("approve {req}")).await;
     assert_ne!(code, 0, "{out}");
     assert!(format!("{out}{err}").contains("read-only"), "{out}{err}");
-    let (code, out, err) = control(&w, "mallory", "breakglass", "token").await;
-    assert_eq!(code, 0, "{err}");
-    let token = out
-        .lines()
-        .find_map(|l| l.strip_prefix("token: "))
-        .expect("token");
-    let (code, body) = api(&w, Some(token), "POST", &approve, None).await;
+    let token = api_token(&w, "mallory").await;
+    let (code, body) = api(&w, Some(&token), "POST", &approve, None).await;
     assert_eq!(code, 403, "{body}");
     // ... but reads everything.
     let (code, _, body) = call(&w, Some(&mallory), false, "GET", "/api/v1/sessions", None).await;
@@ -350,14 +345,6 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
     w.grant("alice", "30m");
 
     // alice works in a shell on web-01 through the gateway.
-    let mut args = vec!["ssh".to_string()];
-    args.extend(w.ssh_args("alice"));
-    args.extend([
-        "-tt".into(),
-        "-p".into(),
-        w.gw_port.to_string(),
-        "web-01@127.0.0.1".into(),
-    ]);
     let steps = serde_json::json!([
         {"expect": "[$#] $", "timeout": 15},
         {"send": "export PS1='bg$ '\r"},
@@ -367,15 +354,7 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
         {"send": "exit\r"},
         {"wait_exit": 10}
     ]);
-    let mut c = Command::new("python3");
-    c.arg(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/e2e/pty_drive.py"
-    ))
-    .arg(steps.to_string())
-    .arg("--")
-    .args(&args);
-    let out = output(c).await;
+    let out = w.pty_ssh("alice", "web-01", steps).await;
     assert!(out.status.success(), "pty session: {}", text(&out.stdout));
     w.wait_ended(1);
     let session = super::last_session_id(&w);
