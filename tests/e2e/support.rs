@@ -22,10 +22,34 @@ pub fn require(program: &str, package: &str) -> PathBuf {
     );
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1 for a server a test starts.
+///
+/// Asking the kernel for port 0 and handing the number on races: between closing the probe and
+/// the server binding, any outgoing connection may be given that same ephemeral port (CI saw
+/// `AddrInUse` this way). So ports come from below the kernel's ephemeral range (which starts
+/// at 32768 by default), each handed out once per process, starting at an offset from the pid
+/// so two test processes rarely probe the same ports. Each one is still checked by binding.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 613) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!(
+        "no free TCP port on 127.0.0.1 between {LOW} and {}",
+        LOW + SPAN
+    )
 }
 
 /// Polls `f` until it returns Some or the deadline passes.
