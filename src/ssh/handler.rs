@@ -528,6 +528,13 @@ async fn pump(
     pending: Pending,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
+    // The target's EOF is held back until its exit status (or the close) has been relayed.
+    // sshd sends EOF before the exit status; a client whose own input is already at EOF (a
+    // ControlMaster with `-S` clients, `ssh host cmd </dev/null`) answers our EOF with a
+    // close at once, and a channel that is closed on both sides takes no exit status: the
+    // client would report 255 instead of the command's status. The client keeps its own
+    // stdout open until the channel closes, so nobody sees the EOF arrive later.
+    let mut eof_held = false;
     while let Some(msg) = read.wait().await {
         match msg {
             ChannelMsg::Data { data } => {
@@ -568,10 +575,11 @@ async fn pump(
                     break;
                 }
             }
-            ChannelMsg::Eof => {
-                let _ = s.client.eof(client_id).await;
-            }
+            ChannelMsg::Eof => eof_held = true,
             ChannelMsg::Close => {
+                if std::mem::take(&mut eof_held) {
+                    let _ = s.client.eof(client_id).await;
+                }
                 let _ = s.client.close(client_id).await;
                 break;
             }
@@ -585,6 +593,9 @@ async fn pump(
                     })
                     .await;
                 let _ = s.client.exit_status_request(client_id, exit_status).await;
+                if std::mem::take(&mut eof_held) {
+                    let _ = s.client.eof(client_id).await;
+                }
             }
             ChannelMsg::ExitSignal {
                 signal_name,
@@ -610,6 +621,9 @@ async fn pump(
                         lang_tag,
                     )
                     .await;
+                if std::mem::take(&mut eof_held) {
+                    let _ = s.client.eof(client_id).await;
+                }
             }
             ChannelMsg::Success | ChannelMsg::Failure => {
                 let ok = matches!(msg, ChannelMsg::Success);
@@ -624,6 +638,9 @@ async fn pump(
             // Flow control and requests a server never sends to a client are not relayed.
             _ => {}
         }
+    }
+    if eof_held {
+        let _ = s.client.eof(client_id).await;
     }
 }
 
