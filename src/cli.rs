@@ -448,6 +448,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             cmd,
         } => match cmd {
             Some(AuditExportCmd::Verify { dir, public_key }) => {
+                if out.is_some() || until.is_some() {
+                    bail!("`audit-export verify DIR` takes no --out or --until: it checks DIR");
+                }
                 audit_export_verify(&config, &dir, public_key.as_deref())
             }
             None => {
