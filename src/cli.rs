@@ -1367,6 +1367,9 @@ async fn report(
     if since > until {
         bail!("--since is after --until");
     }
+    period
+        .check_range(since, until)
+        .map_err(|e| anyhow!("{e}"))?;
     let r = breakglass::report::compute(&store, &cfg, since, until, period).await?;
     let t = &r.totals;
     match format {

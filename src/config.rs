@@ -1564,6 +1564,13 @@ impl Config {
                 }
             }
         }
+        if let (Some(a), None) = (self.http_listen, &self.web.public_url) {
+            if a.ip().is_unspecified() {
+                warnings.push(format!(
+                    "config key `web.public_url` is not set and listeners.http is {a}: login links will name {a}, which browsers cannot reach; set it to the address people use"
+                ));
+            }
+        }
         let mut host_keys = BTreeMap::new();
         let mut pg_tls = BTreeMap::new();
         for t in self.targets.values() {
@@ -1872,6 +1879,37 @@ login = "root"
             assert_eq!(w.contains(*t), *want, "{window} at {t}");
             assert_eq!(w.to_string(), *window, "Display gives back the source");
         }
+    }
+
+    #[test]
+    fn a_wildcard_http_listener_without_public_url_warns_about_login_links() {
+        let with = |extra: &str| {
+            let text = base().replace(
+                "ssh = \"127.0.0.1:2222\"",
+                &format!("ssh = \"127.0.0.1:2222\"\n{extra}"),
+            );
+            Config::from_toml(&text)
+                .expect("valid")
+                .build()
+                .expect("builds")
+                .warnings
+        };
+        let w = with("http = \"0.0.0.0:8080\"");
+        assert!(
+            w.iter()
+                .any(|w| w.contains("web.public_url") && w.contains("0.0.0.0:8080")),
+            "{w:?}"
+        );
+        assert!(with("http = \"127.0.0.1:8080\"").is_empty());
+        let text = format!(
+            "{}\n[web]\npublic_url = \"https://gw.example\"\n",
+            base().replace(
+                "ssh = \"127.0.0.1:2222\"",
+                "ssh = \"127.0.0.1:2222\"\nhttp = \"0.0.0.0:8080\""
+            )
+        );
+        let c = Config::from_toml(&text).expect("valid");
+        assert!(c.build().expect("builds").warnings.is_empty());
     }
 
     #[test]

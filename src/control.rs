@@ -795,7 +795,7 @@ async fn token(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError>
 
 /// Issues a single-use, short-lived link that logs the person in to the web UI.
 async fn login(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError> {
-    let Some(base) = crate::web::public_url(&gw.config) else {
+    let Some(base) = crate::web::public_url(gw) else {
         return Ok(fail(
             "the web UI is not enabled on this gateway (set listeners.http)",
         ));

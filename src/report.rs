@@ -14,6 +14,9 @@ use crate::state::{SessionFilter, SessionRow, StateError, Store};
 /// Version of the [`Report`] shape.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// The most `per_period` buckets one report may have.
+pub const MAX_BUCKETS: i64 = 1000;
+
 /// The width of one `per_period` bucket. Weeks start Monday 00:00 UTC, months on the 1st.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -30,6 +33,23 @@ impl Period {
             Period::Week => "week",
             Period::Month => "month",
         }
+    }
+
+    /// Refuses a range that would need more than [`MAX_BUCKETS`] buckets: a chart of more bars
+    /// helps nobody, and the limit bounds the work for the CLI and the web alike.
+    pub fn check_range(self, since: DateTime<Utc>, until: DateTime<Utc>) -> Result<(), String> {
+        let per = match self {
+            Period::Day => 86_400,
+            Period::Week => 7 * 86_400,
+            Period::Month => 28 * 86_400,
+        };
+        if (until - since).num_seconds() / per > MAX_BUCKETS {
+            return Err(format!(
+                "that range has more than {MAX_BUCKETS} {}s; pick a longer period or a shorter range",
+                self.as_str()
+            ));
+        }
+        Ok(())
     }
 
     /// The start of the bucket holding `t`.
@@ -380,6 +400,23 @@ maintenance_windows = {windows:?}
             );
             assert_eq!(r.totals.events, starts.len() as u64);
         }
+    }
+
+    #[test]
+    fn ranges_needing_too_many_buckets_are_refused() {
+        let since = "2020-01-01T00:00:00Z"
+            .parse::<DateTime<Utc>>()
+            .expect("since");
+        let days = |n| since + chrono::Duration::days(n);
+        assert!(Period::Day.check_range(since, days(MAX_BUCKETS)).is_ok());
+        let e = Period::Day
+            .check_range(since, days(MAX_BUCKETS + 1))
+            .expect_err("1001 days");
+        assert!(e.contains("more than 1000 days"), "{e}");
+        assert!(Period::Week
+            .check_range(since, days(MAX_BUCKETS + 1))
+            .is_ok());
+        assert!(Period::Month.check_range(since, days(28 * 1001)).is_err());
     }
 
     #[tokio::test]

@@ -40,6 +40,8 @@ pub struct Gateway {
     /// The upstream key never leaves the gateway.
     pub pg_cancel: Mutex<HashMap<[u8; 8], CancelTarget>>,
     pub shutdown: Shutdown,
+    /// The address the HTTP listener got (the configured one may have port 0), for links.
+    pub http_bound: std::sync::OnceLock<SocketAddr>,
 }
 
 /// A startup failure.
@@ -111,6 +113,7 @@ impl Gateway {
             live: Mutex::new(HashMap::new()),
             pg_cancel: Mutex::new(HashMap::new()),
             shutdown: Shutdown::new(),
+            http_bound: std::sync::OnceLock::new(),
         }))
     }
 
@@ -186,6 +189,9 @@ pub async fn start(
         ),
         None => None,
     };
+    if let Some(a) = http {
+        let _ = gw.http_bound.set(a);
+    }
     let web_tls = match &gw.config.web.tls {
         Some((cert, key)) => Some(tls_acceptor("web", cert, key, &[b"http/1.1"])?),
         None => None,

@@ -593,17 +593,7 @@ async fn report(
         .unwrap_or("week")
         .parse()
         .map_err(|e: String| bad(format!("period: {e}")))?;
-    // A chart of more than this many bars helps nobody, and it bounds the work.
-    let per = match period {
-        crate::report::Period::Day => 86_400,
-        crate::report::Period::Week => 7 * 86_400,
-        crate::report::Period::Month => 28 * 86_400,
-    };
-    if (until - since).num_seconds() / per > 1000 {
-        return Err(bad(
-            "that range has more than 1000 periods; pick a longer period",
-        ));
-    }
+    period.check_range(since, until).map_err(bad)?;
     let r = crate::report::compute(gw.store.as_ref(), &gw.config, since, until, period)
         .await
         .map_err(state_err)?;

@@ -20,7 +20,6 @@ use serde_json::json;
 
 use crate::api::{token_hash, ApiError, SESSION_COOKIE};
 use crate::clock;
-use crate::config::Config;
 use crate::server::Gateway;
 use crate::siem::{AccessEvent, Action};
 use crate::state::LinkUse;
@@ -32,12 +31,14 @@ const INDEX_HTML: &str = include_str!("../../web/ui/index.html");
 const APP_JS: &str = include_str!("../../web/ui/app.js");
 const APP_CSS: &str = include_str!("../../web/ui/app.css");
 
-/// The base URL of the UI for login links: `[web] public_url`, else the listener's address.
-pub fn public_url(cfg: &Config) -> Option<String> {
+/// The base URL of the UI for login links: `[web] public_url`, else the address the listener
+/// is bound to.
+pub fn public_url(gw: &Gateway) -> Option<String> {
+    let cfg = &gw.config;
     if let Some(u) = &cfg.web.public_url {
         return Some(u.clone());
     }
-    let addr = cfg.http_listen?;
+    let addr = gw.http_bound.get().copied().or(cfg.http_listen)?;
     let scheme = if cfg.web.tls.is_some() {
         "https"
     } else {
@@ -161,7 +162,7 @@ async fn login(
     ));
     gw.audit(&e).await.map_err(ApiError::internal)?;
     let secure = if gw.config.web.tls.is_some()
-        || public_url(&gw.config).is_some_and(|u| u.starts_with("https://"))
+        || public_url(&gw).is_some_and(|u| u.starts_with("https://"))
     {
         "; Secure"
     } else {
