@@ -213,4 +213,46 @@ pub fn router(gw: Arc<Gateway>) -> Router {
     crate::api::router(gw.clone())
         .merge(evidence::router(gw))
         .merge(ui)
+        .fallback(|uri: axum::http::Uri| async move {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no such path: {}", uri.path()),
+            )
+        })
+        .layer(axum::middleware::from_fn(json_errors))
+}
+
+/// The framework answers some errors itself in plain text: a malformed JSON body, an unknown
+/// query parameter, a path or method with no route. Under `/api/` every error is the
+/// documented `{"ok": false, "error": ...}` object instead, with the same status and reason.
+async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let api = req.uri().path().starts_with("/api/");
+    let res = next.run(req).await;
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !api || is_json || !(res.status().is_client_error() || res.status().is_server_error()) {
+        return res;
+    }
+    let (parts, body) = res.into_parts();
+    let bytes = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    let error = if text.is_empty() {
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_lowercase()
+    } else {
+        text
+    };
+    let mut out = (parts.status, Json(json!({ "ok": false, "error": error }))).into_response();
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out
 }

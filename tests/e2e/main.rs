@@ -1313,7 +1313,9 @@ async fn api(
     let text = text(&out.stdout);
     let (body, code) = text.rsplit_once('\n').expect("status line");
     let code: u16 = code.trim().parse().expect("status code");
-    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+    let body = serde_json::from_str(body).unwrap_or(Value::Null);
+    check_openapi(method, path, code, &body);
+    (code, body)
 }
 
 async fn api_token(w: &World, person: &str) -> String {

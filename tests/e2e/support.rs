@@ -525,6 +525,94 @@ pub fn validate(schema_file: &str, instance: &serde_json::Value) {
     );
 }
 
+/// Checks one API response against the OpenAPI document the server serves
+/// (src/web/openapi.json): the path and method are documented, so is the status (a success
+/// status explicitly, an error at least by `default`), and a JSON body matches the declared
+/// schema, formats included. Schemas from recordings-schema/ are resolved by their `$id`.
+pub fn check_openapi(method: &str, path: &str, status: u16, body: &serde_json::Value) {
+    use serde_json::{json, Value};
+    static DOC: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    let doc = DOC.get_or_init(|| {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/web/openapi.json");
+        serde_json::from_str(&std::fs::read_to_string(p).expect("read openapi.json"))
+            .expect("openapi.json is JSON")
+    });
+    let path = path.split('?').next().unwrap_or(path);
+    let segs: Vec<&str> = path.split('/').collect();
+    let found = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .find(|(tpl, _)| {
+            let t: Vec<&str> = tpl.split('/').collect();
+            t.len() == segs.len()
+                && t.iter()
+                    .zip(&segs)
+                    .all(|(t, s)| t == s || (t.starts_with('{') && !s.is_empty()))
+        });
+    let Some((tpl, ops)) = found else {
+        // The one answer for a path the document does not have.
+        let unrouted = status == 404
+            && body["ok"] == false
+            && body["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("no such path"));
+        assert!(unrouted, "{method} {path} is not in the OpenAPI document");
+        return;
+    };
+    let op = &ops[method.to_lowercase()];
+    assert!(
+        op.is_object(),
+        "{method} {tpl} is not in the OpenAPI document"
+    );
+    let mut resp = &op["responses"][status.to_string()];
+    if resp.is_null() {
+        assert!(
+            status >= 400,
+            "{method} {tpl} answered {status}, which the OpenAPI document does not list: {body}"
+        );
+        resp = &op["responses"]["default"];
+    }
+    assert!(
+        !resp.is_null(),
+        "{method} {tpl}: no response for {status} or default in the OpenAPI document"
+    );
+    if let Some(r) = resp["$ref"].as_str() {
+        resp = doc
+            .pointer(r.trim_start_matches('#'))
+            .unwrap_or_else(|| panic!("{r} resolves"));
+    }
+    let Some(schema) = resp.pointer("/content/application~1json/schema") else {
+        return;
+    };
+    let mut root = doc.clone();
+    root["$defs"] = json!({ "response": schema });
+    root["$ref"] = json!("#/$defs/response");
+    let mut opts = jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft202012)
+        .should_validate_formats(true);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recordings-schema");
+    for e in std::fs::read_dir(&dir).expect("recordings-schema") {
+        let text = std::fs::read_to_string(e.expect("entry").path()).expect("read schema");
+        let s: Value = serde_json::from_str(&text).expect("schema is JSON");
+        let id = s["$id"]
+            .as_str()
+            .expect("every schema has an $id")
+            .to_string();
+        opts = opts.with_resource(id, jsonschema::Resource::from_contents(s));
+    }
+    let v = opts.build(&root).expect("the OpenAPI schemas compile");
+    let errors: Vec<String> = v
+        .iter_errors(body)
+        .take(5)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {path} answered {status} with a body the OpenAPI document rejects: {errors:?}\n{body}"
+    );
+}
+
 /// A local HTTP server that records every request body and answers with a scripted status
 /// sequence (the last status repeats).
 pub struct HttpReceiver {

@@ -50,7 +50,9 @@ async fn call(
         let v = l.strip_prefix("bg_session=")?.split(';').next()?;
         (!v.is_empty()).then(|| v.to_string())
     });
-    (code, set, serde_json::from_str(body).unwrap_or(Value::Null))
+    let body = serde_json::from_str(body).unwrap_or(Value::Null);
+    check_openapi(method, path, code, &body);
+    (code, set, body)
 }
 
 /// `ssh breakglass@gw login` as `person`: the link's URL and its secret.
@@ -137,6 +139,28 @@ async fn login_links_work_once_and_expire_and_roles_hold_on_the_api() {
     )
     .await;
     assert_eq!(code, 401, "{body}");
+    // A malformed body, an unknown query parameter and an unknown path get the same JSON error
+    // object as every other refusal, with the reason.
+    let (code, _, body) = call(
+        &w,
+        None,
+        false,
+        "POST",
+        "/api/v1/login",
+        Some(serde_json::json!({ "token": "x", "admin": true })),
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unknown field"),
+        "{body}"
+    );
+    let (code, _, body) = call(&w, None, false, "GET", "/api/v1/nope", None).await;
+    assert_eq!(code, 404, "{body}");
+    assert_eq!(body["error"], "no such path: /api/v1/nope", "{body}");
     // A link expires: wait out its two seconds (time must pass; nothing to synchronise with).
     let (_, secret) = login_link(&w, "alice").await;
     std::thread::sleep(Duration::from_millis(2300));
@@ -312,7 +336,10 @@ async fn login_links_work_once_and_expire_and_roles_hold_on_the_api() {
             .await;
             assert_ne!(code, 405, "{method} {path}: {body}");
             assert!(
-                code != 404 || body["error"].is_string(),
+                !body["error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("no such path"),
                 "{method} {path} is not routed: {body}"
             );
         }
@@ -414,6 +441,44 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
             "{shot}.png"
         );
     }
+
+    // The API behind those pages answers what its OpenAPI document says (`call` checks every
+    // body against it): the session page, the signed review, the report, the person's status.
+    let bob = log_in(&w, "bob").await;
+    let (code, _, page) = call(
+        &w,
+        Some(&bob),
+        false,
+        "GET",
+        &format!("/api/v1/sessions/{session}"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{page}");
+    assert_eq!(page["integrity"]["verdict"], "ok", "{page}");
+    assert_eq!(page["grant"]["person"], "alice", "{page}");
+    assert!(
+        page["channels"][0]["commands"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c.to_string().contains("web-$((6*7))-ok"))),
+        "{page}"
+    );
+    let (code, _, reviews) = call(&w, Some(&bob), false, "GET", "/api/v1/reviews", None).await;
+    assert_eq!(code, 200, "{reviews}");
+    let (code, _, report) = call(
+        &w,
+        Some(&bob),
+        false,
+        "GET",
+        "/api/v1/reports?since=1d&period=day",
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(report["totals"]["events"], 1, "{report}");
+    let (code, _, status) = call(&w, Some(&bob), false, "GET", "/api/v1/status", None).await;
+    assert_eq!(code, 200, "{status}");
+    assert_eq!(status["person"], "bob", "{status}");
 
     // What bob did in the browser is on the record, as bob.
     w.wait_event("bob's replay", |e| {
