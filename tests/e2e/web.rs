@@ -359,16 +359,19 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
                 .is_file(),
         "front-end packages missing: run `npm ci --prefix web` (scripts/test.sh does)"
     );
-    let w = World::with(Opts {
-        extra_config: format!(
-            "[web]\nplayer_dir = \"{}\"\n",
-            web_dir
-                .join("node_modules/asciinema-player/dist/bundle")
-                .display()
-        ),
+    // A PostgreSQL target next to the SSH one, so the page shows both kinds of session.
+    let web_config = format!(
+        "[web]\nplayer_dir = \"{}\"\n",
+        web_dir
+            .join("node_modules/asciinema-player/dist/bundle")
+            .display()
+    );
+    let (_pg, _pgdir, w, gw, _certs) = super::pg_world_with(super::PgOpts {
+        client_tls: true,
+        more: &web_config,
         ..Default::default()
-    });
-    let gw = InProcess::start(&w).await;
+    })
+    .await;
     w.grant("alice", "30m");
 
     // alice works in a shell on web-01 through the gateway.
@@ -385,6 +388,27 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
     assert!(out.status.success(), "pty session: {}", text(&out.stdout));
     w.wait_ended(1);
     let session = super::last_session_id(&w);
+
+    // alice runs a statement and a failing one through the gateway with psql, two queries.
+    let (_, secret) = super::pg_credential(&w, "30m").await;
+    let mut psql = Command::new(require("psql", "postgresql-client"));
+    psql.arg(format!(
+        "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode=require",
+        w.pg_port
+    ))
+    .args(["-XAt", "-c", "select 40+2", "-c", "select * from nosuch"])
+    .env("PGPASSWORD", &secret)
+    .stdin(std::process::Stdio::null());
+    let out = output(psql).await;
+    assert_eq!(text(&out.stdout).trim(), "42", "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("\"nosuch\" does not exist"),
+        "{}",
+        text(&out.stderr)
+    );
+    w.wait_ended(2);
+    let pg_session = super::last_session_id(&w);
+    assert_ne!(pg_session, session);
 
     // A request waiting for bob, and the review of alice's grant.
     let (code, out, err) = control(
@@ -416,6 +440,9 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
         .env("SESSION_ID", &session)
         .env("OUTPUT_TEXT", "web-42-ok")
         .env("COMMAND_TEXT", "echo web-$((6*7))-ok")
+        .env("PG_SESSION_ID", &pg_session)
+        .env("PG_SQL", "select 40+2")
+        .env("PG_ERROR", "42P01")
         .env("REQUEST_ID", &req)
         .env("REVIEW_ID", &review)
         .env("ARTIFACTS", &artifacts)
@@ -433,6 +460,8 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
         "1-login",
         "2-session-replay",
         "3-search-results",
+        "3b-sql-timeline",
+        "3b-sql-timeline-search-hit",
         "4-approve",
         "5-sign-off",
     ] {
@@ -475,7 +504,7 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
     )
     .await;
     assert_eq!(code, 200, "{report}");
-    assert_eq!(report["totals"]["events"], 1, "{report}");
+    assert_eq!(report["totals"]["events"], 2, "{report}");
     let (code, _, status) = call(&w, Some(&bob), false, "GET", "/api/v1/status", None).await;
     assert_eq!(code, 200, "{status}");
     assert_eq!(status["person"], "bob", "{status}");

@@ -1,9 +1,11 @@
 // Drives the breakglass web UI in Debian's headless Chromium through playwright-core, like a
 // reviewer would: log in with a single-use link, open a recorded session and see the player
-// render its output, search for a command and jump to it, approve a request, sign off a review.
+// render its output, search for a command and jump to it, read a PostgreSQL session's statement
+// timeline with its error highlighted and find a statement by search, approve a request, sign
+// off a review.
 //
-// Run by tests/e2e/web.rs with: BASE LOGIN_URL SESSION_ID OUTPUT_TEXT COMMAND_TEXT REQUEST_ID
-// REVIEW_ID ARTIFACTS WEB_DIR. Exits 1 with the reason on the first failed step; screenshots
+// Run by tests/e2e/web.rs with: BASE LOGIN_URL SESSION_ID OUTPUT_TEXT COMMAND_TEXT
+// PG_SESSION_ID PG_SQL PG_ERROR REQUEST_ID REVIEW_ID ARTIFACTS WEB_DIR. Exits 1 with the reason on the first failed step; screenshots
 // of every step (and of the failure) go to ARTIFACTS.
 import { createRequire } from "node:module";
 import { mkdirSync } from "node:fs";
@@ -90,6 +92,39 @@ try {
     command,
   );
   await shot(`${step}-jump`);
+
+  step = "3b-sql-timeline";
+  const pgSession = env("PG_SESSION_ID");
+  const pgSql = env("PG_SQL");
+  await page.goto(`${env("BASE")}/#/session/${pgSession}`);
+  await page.locator("#integrity").waitFor();
+  const pgIntegrity = await page.locator("#integrity").textContent();
+  check(pgIntegrity === "OK", `the PostgreSQL session's integrity should be OK, got ${pgIntegrity}`);
+  const sqlTable = page.locator("table.sql").first();
+  await sqlTable.waitFor();
+  const stmtRows = await sqlTable.locator("tbody tr").allTextContents();
+  check(stmtRows.some((r) => r.includes(pgSql)), `the timeline should list ${pgSql}: ${JSON.stringify(stmtRows)}`);
+  const errRows = await sqlTable.locator("tbody tr.err").allTextContents();
+  check(errRows.length === 1 && errRows[0].includes(env("PG_ERROR")), `exactly one highlighted error row with ${env("PG_ERROR")}: ${JSON.stringify(errRows)}`);
+  const colour = (e) => getComputedStyle(e.querySelector("td")).backgroundColor;
+  const errColour = await sqlTable.locator("tbody tr.err").first().evaluate(colour);
+  const okColour = await sqlTable.locator("tbody tr:not(.err)").first().evaluate(colour);
+  check(errColour !== okColour, `the error row should stand out: ${errColour} vs ${okColour}`);
+  await shot(step);
+  // Search finds the statement and the hit lands on its row.
+  await page.goto(`${env("BASE")}/#/search`);
+  await page.locator("#q").fill("nosuch");
+  await page.locator("#search-form button").click();
+  const sqlHit = page.locator("#hits a.hit-link").first();
+  await sqlHit.waitFor();
+  await sqlHit.click();
+  await page.waitForURL(new RegExp(`#/session/${pgSession}\\?ch=\\d+&t=`));
+  const focused = page.locator("table.sql tbody tr.hit");
+  await focused.waitFor();
+  check((await focused.count()) === 1, `exactly one row should be marked, got ${await focused.count()}`);
+  const focusedText = await focused.textContent();
+  check(focusedText.includes("nosuch"), `the search hit should highlight the statement, got ${focusedText}`);
+  await shot(`${step}-search-hit`);
 
   step = "4-approve";
   await page.goto(`${env("BASE")}/#/requests`);

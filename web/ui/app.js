@@ -15,10 +15,10 @@ function fmtTime(t) {
   return esc(t.replace("T", " ").replace(/\.\d+Z$/, "Z"));
 }
 
-function fmtSecs(s) {
+function fmtSecs(s, digits = 1) {
   if (s === null || s === undefined) return "–";
-  const m = Math.floor(s / 60), sec = (s % 60).toFixed(1);
-  return m ? `${m}m${sec.padStart(4, "0")}s` : `${sec}s`;
+  const m = Math.floor(s / 60), sec = (s % 60).toFixed(digits);
+  return m ? `${m}m${sec.padStart(digits + 3, "0")}s` : `${sec}s`;
 }
 
 async function api(path, opts = {}) {
@@ -243,11 +243,19 @@ async function sqlTimeline(sessionId, ch, focus) {
   const el = document.getElementById(`sql-${ch}`);
   const d = await api(`/api/v1/sessions/${encodeURIComponent(sessionId)}/channels/${ch}/sql`);
   const rows = d.events.filter((e) => ["query", "parse", "bind", "complete", "error", "copy_in", "copy_out", "function_call"].includes(e.event) || e.sql);
+  // A search hit names a statement by its time; statements and outcomes can be microseconds
+  // apart, so exactly one row is marked: the statement nearest that time.
+  let focusRow = null;
+  if (focus != null) {
+    for (const e of rows) {
+      if (e.sql != null && (focusRow == null || Math.abs(e.time - focus) < Math.abs(focusRow.time - focus))) focusRow = e;
+    }
+  }
   el.innerHTML = `<table class="sql"><thead><tr><th>Time</th><th>Event</th><th>Statement / outcome</th></tr></thead><tbody>${rows.map((e) => {
     const isErr = e.event === "error";
     const what = e.sql ?? (isErr ? `ERROR ${e.error?.sqlstate ?? ""} ${e.error?.message ?? ""}` : e.command_tag ? `${e.command_tag}${e.rows_returned != null ? ` (${e.rows_returned} rows)` : ""}` : "");
-    const hit = focus != null && Math.abs(e.time - focus) < 0.0005 ? " hit" : "";
-    return `<tr class="${isErr ? "err" : ""}${hit}" data-t="${e.time}"><td>${fmtSecs(e.time)}</td><td>${esc(e.event)}</td><td class="mono">${esc(what)}</td></tr>`;
+    const hit = e === focusRow ? " hit" : "";
+    return `<tr class="${isErr ? "err" : ""}${hit}" data-t="${e.time}"><td>${fmtSecs(e.time, 3)}</td><td>${esc(e.event)}</td><td class="mono">${esc(what)}</td></tr>`;
   }).join("")}</tbody></table>`;
   el.querySelector("tr.hit")?.scrollIntoView();
 }
