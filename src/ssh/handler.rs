@@ -535,6 +535,7 @@ async fn pump(
     // client would report 255 instead of the command's status. The client keeps its own
     // stdout open until the channel closes, so nobody sees the EOF arrive later.
     let mut eof_held = false;
+    let mut closed = false;
     while let Some(msg) = read.wait().await {
         match msg {
             ChannelMsg::Data { data } => {
@@ -577,10 +578,7 @@ async fn pump(
             }
             ChannelMsg::Eof => eof_held = true,
             ChannelMsg::Close => {
-                if std::mem::take(&mut eof_held) {
-                    let _ = s.client.eof(client_id).await;
-                }
-                let _ = s.client.close(client_id).await;
+                closed = true;
                 break;
             }
             ChannelMsg::ExitStatus { exit_status } => {
@@ -593,9 +591,7 @@ async fn pump(
                     })
                     .await;
                 let _ = s.client.exit_status_request(client_id, exit_status).await;
-                if std::mem::take(&mut eof_held) {
-                    let _ = s.client.eof(client_id).await;
-                }
+                release_eof(&s, client_id, &mut eof_held).await;
             }
             ChannelMsg::ExitSignal {
                 signal_name,
@@ -621,9 +617,7 @@ async fn pump(
                         lang_tag,
                     )
                     .await;
-                if std::mem::take(&mut eof_held) {
-                    let _ = s.client.eof(client_id).await;
-                }
+                release_eof(&s, client_id, &mut eof_held).await;
             }
             ChannelMsg::Success | ChannelMsg::Failure => {
                 let ok = matches!(msg, ChannelMsg::Success);
@@ -639,7 +633,15 @@ async fn pump(
             _ => {}
         }
     }
-    if eof_held {
+    release_eof(&s, client_id, &mut eof_held).await;
+    if closed {
+        let _ = s.client.close(client_id).await;
+    }
+}
+
+/// Sends the target's held-back EOF to the client, once.
+async fn release_eof(s: &LiveSession, client_id: ChannelId, held: &mut bool) {
+    if std::mem::take(held) {
         let _ = s.client.eof(client_id).await;
     }
 }
