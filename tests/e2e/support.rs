@@ -588,18 +588,27 @@ pub fn check_openapi(method: &str, path: &str, status: u16, body: &serde_json::V
     let mut root = doc.clone();
     root["$defs"] = json!({ "response": schema });
     root["$ref"] = json!("#/$defs/response");
+    static SCHEMAS: std::sync::OnceLock<Vec<(String, Value)>> = std::sync::OnceLock::new();
+    let schemas = SCHEMAS.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recordings-schema");
+        std::fs::read_dir(&dir)
+            .expect("recordings-schema")
+            .map(|e| {
+                let text = std::fs::read_to_string(e.expect("entry").path()).expect("read schema");
+                let s: Value = serde_json::from_str(&text).expect("schema is JSON");
+                let id = s["$id"]
+                    .as_str()
+                    .expect("every schema has an $id")
+                    .to_string();
+                (id, s)
+            })
+            .collect()
+    });
     let mut opts = jsonschema::options()
         .with_draft(jsonschema::Draft::Draft202012)
         .should_validate_formats(true);
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recordings-schema");
-    for e in std::fs::read_dir(&dir).expect("recordings-schema") {
-        let text = std::fs::read_to_string(e.expect("entry").path()).expect("read schema");
-        let s: Value = serde_json::from_str(&text).expect("schema is JSON");
-        let id = s["$id"]
-            .as_str()
-            .expect("every schema has an $id")
-            .to_string();
-        opts = opts.with_resource(id, jsonschema::Resource::from_contents(s));
+    for (id, s) in schemas {
+        opts = opts.with_resource(id.clone(), jsonschema::Resource::from_contents(s.clone()));
     }
     let v = opts.build(&root).expect("the OpenAPI schemas compile");
     let errors: Vec<String> = v
