@@ -186,6 +186,9 @@ struct RawTarget {
     custodians: Vec<String>,
     #[serde(default)]
     emergency_self_service: bool,
+    /// SSH targets: keep input typed without echo (passwords) out of the record.
+    #[serde(default = "yes")]
+    redact_no_echo: bool,
     /// auth = "key": the authorized_keys file on the target that rotation rewrites.
     authorized_keys: Option<String>,
     /// PostgreSQL targets: "disable" (default), "require" or "verify-full".
@@ -193,6 +196,10 @@ struct RawTarget {
     /// PostgreSQL targets: the PEM CA certificate(s), or the server's own certificate, trusted
     /// for upstream TLS.
     ca_file: Option<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_auth() -> String {
@@ -587,6 +594,10 @@ pub struct TargetConfig {
     /// Whether a person may grant themselves access in an emergency (loud alert, mandatory
     /// review).
     pub emergency_self_service: bool,
+    /// Input typed while the target does not echo it (a password at a prompt) is kept out of
+    /// the recording, the extracted commands, the SIEM and the search index (default true;
+    /// see `record::echo` for the rule).
+    pub redact_no_echo: bool,
     /// auth = "key": the target's authorized_keys file (relative to the login's home), which
     /// rotation rewrites to swap the gateway-held key.
     pub authorized_keys: String,
@@ -1227,6 +1238,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             max_duration,
             custodians: t.custodians,
             emergency_self_service: t.emergency_self_service,
+            redact_no_echo: t.redact_no_echo,
             authorized_keys: t
                 .authorized_keys
                 .unwrap_or_else(|| ".ssh/authorized_keys".into()),

@@ -295,6 +295,8 @@ async fn handle(
         grace: gw.config.limits.storage_grace,
         spool_dir: gw.config.data_dir.join("spool"),
         signer: gw.signer.clone(),
+        // No pty channels here; PostgreSQL secrets are masked by the relay.
+        redact_no_echo: true,
     };
     let recorder = match Recorder::open_with_actions(
         gw.recordings.clone(),

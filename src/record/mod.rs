@@ -9,6 +9,7 @@
 
 pub mod asciicast;
 pub mod commands;
+pub mod echo;
 pub mod export;
 pub mod raw;
 pub mod transfer;
@@ -176,6 +177,25 @@ pub struct CommandMeta {
     pub complete: bool,
     /// True when completion or history keys were used, so the text may differ from what ran.
     pub uncertain: bool,
+    /// Set when the line was typed without echo (a password): `text` is then a placeholder
+    /// and the input itself was never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redacted: Option<Redaction>,
+}
+
+/// What was kept out of the record, and how much of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Redaction {
+    /// `no-echo`: typed while the target did not echo (see [`echo`]).
+    pub kind: String,
+    pub bytes: u64,
+}
+
+impl Redaction {
+    /// The text that stands in for redacted input, in commands and in `i` events.
+    pub fn placeholder(kind: &str, bytes: usize) -> String {
+        format!("[redacted {kind}: {bytes} bytes]")
+    }
 }
 
 /// Per-channel metadata.
@@ -314,6 +334,8 @@ pub struct RecorderSettings {
     pub spool_dir: std::path::PathBuf,
     /// Signs the manifest.
     pub signer: Arc<crate::signing::Signer>,
+    /// Keep input typed without echo out of the record (the target's `redact_no_echo`).
+    pub redact_no_echo: bool,
 }
 
 /// Called by the recorder for every command it sees (channel, text, uncertain): SSH exec
@@ -346,6 +368,7 @@ impl Recorder {
             grace,
             spool_dir,
             signer,
+            redact_no_echo,
         } = settings;
         let start = serde_json::to_vec_pretty(&serde_json::json!({
             "schema_version": SESSION_SCHEMA_VERSION,
@@ -385,6 +408,7 @@ impl Recorder {
             outage_since: None,
             checkpoint: checkpoint.clone(),
             actions,
+            redact_no_echo,
         };
         tokio::spawn(task.run(rx, flush_interval));
         Ok(Recorder {
@@ -455,7 +479,9 @@ struct ChanRec {
     buf: Vec<u8>,
     seq: u64,
     cast: Option<CastState>,
-    editor: Option<commands::LineEditor>,
+    /// Pty channels: command extraction and no-echo redaction; every cast event of the
+    /// channel passes through it (other events as encoded bytes) so order is kept.
+    guard: Option<echo::EchoGuard<Vec<u8>>>,
     sftp: Option<transfer::SftpTracker>,
     scp: Option<transfer::ScpTracker>,
     header_done: bool,
@@ -490,6 +516,8 @@ struct RecorderTask {
     checkpoint: Arc<Mutex<(String, usize)>>,
     /// Per-action SIEM events.
     actions: Option<ActionHook>,
+    /// Whether pty channels redact input typed without echo.
+    redact_no_echo: bool,
 }
 
 fn secs(d: Duration) -> f64 {
@@ -520,9 +548,24 @@ impl RecorderTask {
                     self.note_flush(r);
                 }
                 _ = tick.tick() => {
+                    self.tick_guards();
                     let r = self.flush_all().await;
                     self.note_flush(r);
                 }
+            }
+        }
+    }
+
+    /// Lets every pty channel judge lines that waited too long for their echo.
+    fn tick_guards(&mut self) {
+        let hook = self.actions.clone();
+        let now = Instant::now();
+        for (&ch, c) in self.channels.iter_mut() {
+            let t = secs(now.saturating_duration_since(c.start));
+            if let Some(g) = c.guard.as_mut() {
+                let mut evs = Vec::new();
+                g.tick(t, &mut evs);
+                apply_guarded(c, evs, hook.as_ref(), ch);
             }
         }
     }
@@ -579,7 +622,7 @@ impl RecorderTask {
             buf: Vec::new(),
             seq: 0,
             cast: None,
-            editor: None,
+            guard: None,
             sftp: None,
             scp: None,
             header_done: false,
@@ -598,6 +641,7 @@ impl RecorderTask {
             } => {
                 let info = self.info.clone();
                 let hook = self.actions.clone();
+                let redact_no_echo = self.redact_no_echo;
                 let c = self.chan(ch, at);
                 c.start = at;
                 c.meta.started_at = crate::clock::rfc3339(crate::clock::now());
@@ -624,9 +668,8 @@ impl RecorderTask {
                         out: asciicast::Utf8Carry::default(),
                         inp: asciicast::Utf8Carry::default(),
                     });
-                    if matches!(kind, ChannelKind::Shell) {
-                        c.editor = Some(commands::LineEditor::new());
-                    }
+                    // Every pty channel: a shell, or `ssh -t host bash -i`.
+                    c.guard = Some(echo::EchoGuard::new(redact_no_echo));
                     let header = asciicast::Header {
                         // A client without a real terminal (ssh -tt < file) reports 0x0.
                         width: if p.cols == 0 { 80 } else { p.cols },
@@ -700,19 +743,6 @@ impl RecorderTask {
                         }
                     }
                 }
-                if let Some(ed) = c.editor.as_mut().filter(|_| stream == Stream::In) {
-                    for cmd in ed.feed(&data) {
-                        if let Some(hook) = &hook {
-                            hook(ch, &cmd.text, cmd.uncertain);
-                        }
-                        c.meta.commands.push(CommandMeta {
-                            time: t,
-                            text: cmd.text,
-                            complete: cmd.complete,
-                            uncertain: cmd.uncertain,
-                        });
-                    }
-                }
                 if let Some(s) = c.sftp.as_mut() {
                     let done = match stream {
                         Stream::In => s.from_client(&data),
@@ -735,30 +765,35 @@ impl RecorderTask {
                     };
                     c.meta.transfers.extend(done.into_iter().map(transfer_meta));
                 }
-                match c.cast.as_mut() {
-                    Some(cs) => {
-                        let (kind, text) = match stream {
-                            Stream::In => (asciicast::EventKind::Input, cs.inp.push(&data)),
-                            Stream::Out | Stream::Err => {
-                                (asciicast::EventKind::Output, cs.out.push(&data))
-                            }
-                        };
-                        if !text.is_empty() {
-                            c.buf
-                                .extend_from_slice(&asciicast::encode_event(t, kind, &text));
+                if let Some(g) = c.guard.as_mut() {
+                    let mut evs = Vec::new();
+                    match stream {
+                        Stream::In => g.input(t, &data, &mut evs),
+                        Stream::Out | Stream::Err => g.output(t, &data, &mut evs),
+                    }
+                    apply_guarded(c, evs, hook.as_ref(), ch);
+                } else if let Some(cs) = c.cast.as_mut() {
+                    let (kind, text) = match stream {
+                        Stream::In => (asciicast::EventKind::Input, cs.inp.push(&data)),
+                        Stream::Out | Stream::Err => {
+                            (asciicast::EventKind::Output, cs.out.push(&data))
                         }
+                    };
+                    if !text.is_empty() {
+                        c.buf
+                            .extend_from_slice(&asciicast::encode_event(t, kind, &text));
                     }
-                    None => {
-                        raw::encode_frame(
-                            &mut c.buf,
-                            stream,
-                            at.saturating_duration_since(c.start),
-                            &data,
-                        );
-                    }
+                } else {
+                    raw::encode_frame(
+                        &mut c.buf,
+                        stream,
+                        at.saturating_duration_since(c.start),
+                        &data,
+                    );
                 }
             }
             RecMsg::Resize { ch, cols, rows, at } => {
+                let hook = self.actions.clone();
                 let c = self.chan(ch, at);
                 let t = secs(at.saturating_duration_since(c.start));
                 if let Some(p) = c.meta.pty.as_mut() {
@@ -766,27 +801,26 @@ impl RecorderTask {
                     p.rows = rows;
                 }
                 if c.cast.is_some() {
-                    c.buf.extend_from_slice(&asciicast::encode_event(
+                    let ev = asciicast::encode_event(
                         t,
                         asciicast::EventKind::Resize,
                         &format!("{cols}x{rows}"),
-                    ));
+                    );
+                    push_cast_event(c, t, ev, hook.as_ref(), ch);
                 } else {
                     c.meta.notes.push(format!("{t:.3}s resize {cols}x{rows}"));
                 }
             }
             RecMsg::Marker { ch, label, at } => {
+                let hook = self.actions.clone();
                 let since = secs(at.saturating_duration_since(self.session_start));
                 self.markers.push(format!("{since:.3}s {label}"));
                 if let Some(ch) = ch {
                     let c = self.chan(ch, at);
                     let t = secs(at.saturating_duration_since(c.start));
                     if c.cast.is_some() {
-                        c.buf.extend_from_slice(&asciicast::encode_event(
-                            t,
-                            asciicast::EventKind::Marker,
-                            &label,
-                        ));
+                        let ev = asciicast::encode_event(t, asciicast::EventKind::Marker, &label);
+                        push_cast_event(c, t, ev, hook.as_ref(), ch);
                     } else {
                         c.meta.notes.push(format!("{t:.3}s {label}"));
                     }
@@ -802,8 +836,9 @@ impl RecorderTask {
                 }
             }
             RecMsg::Close { ch } => {
+                let hook = self.actions.clone();
                 let c = self.chan(ch, Instant::now());
-                close_channel(c);
+                close_channel(c, hook.as_ref());
             }
             RecMsg::Finish { .. } => {
                 // Handled by `run` before `handle` is called.
@@ -899,8 +934,9 @@ impl RecorderTask {
     }
 
     async fn seal(&mut self, end: SessionEndInfo) -> Result<SessionMeta, StorageError> {
+        let hook = self.actions.clone();
         for c in self.channels.values_mut() {
-            close_channel(c);
+            close_channel(c, hook.as_ref());
         }
         // Within the grace period, keep retrying a failing store before giving up.
         loop {
@@ -1005,12 +1041,18 @@ pub async fn drain_spool(dir: &std::path::Path, store: &RecordingStore) -> usize
 }
 
 /// Flushes a channel's decoders and trackers into its buffer and metadata.
-fn close_channel(c: &mut ChanRec) {
+fn close_channel(c: &mut ChanRec, hook: Option<&ActionHook>) {
+    let ch = c.meta.channel;
     if c.closed {
         return;
     }
     c.closed = true;
     let t = secs(Instant::now().saturating_duration_since(c.start));
+    if let Some(mut g) = c.guard.take() {
+        let mut evs = Vec::new();
+        g.finish(t, &mut evs);
+        apply_guarded(c, evs, hook, ch);
+    }
     if let Some(cs) = c.cast.as_mut() {
         let rest = cs.out.finish();
         if !rest.is_empty() {
@@ -1027,16 +1069,6 @@ fn close_channel(c: &mut ChanRec) {
                 asciicast::EventKind::Input,
                 &rest,
             ));
-        }
-    }
-    if let Some(ed) = c.editor.as_mut() {
-        if let Some(cmd) = ed.finish() {
-            c.meta.commands.push(CommandMeta {
-                time: t,
-                text: cmd.text,
-                complete: cmd.complete,
-                uncertain: cmd.uncertain,
-            });
         }
     }
     if let Some(s) = c.sftp.take() {
@@ -1068,5 +1100,91 @@ fn transfer_meta(t: transfer::Transfer) -> TransferMeta {
         size: t.size,
         sha256: t.sha256,
         complete: t.complete,
+    }
+}
+
+/// Writes what the channel's [`echo::EchoGuard`] released: cast events, commands (with their
+/// action events) and redactions, in order.
+fn apply_guarded(
+    c: &mut ChanRec,
+    evs: Vec<(f64, echo::Ev<Vec<u8>>)>,
+    hook: Option<&ActionHook>,
+    ch: u32,
+) {
+    for (t, ev) in evs {
+        match ev {
+            echo::Ev::Input(b) => {
+                if let Some(cs) = c.cast.as_mut() {
+                    let text = cs.inp.push(&b);
+                    if !text.is_empty() {
+                        c.buf.extend_from_slice(&asciicast::encode_event(
+                            t,
+                            asciicast::EventKind::Input,
+                            &text,
+                        ));
+                    }
+                }
+            }
+            echo::Ev::Redacted(n) => {
+                c.buf.extend_from_slice(&asciicast::encode_event(
+                    t,
+                    asciicast::EventKind::Input,
+                    &Redaction::placeholder("no-echo", n),
+                ));
+            }
+            echo::Ev::Output(b) => {
+                if let Some(cs) = c.cast.as_mut() {
+                    let text = cs.out.push(&b);
+                    if !text.is_empty() {
+                        c.buf.extend_from_slice(&asciicast::encode_event(
+                            t,
+                            asciicast::EventKind::Output,
+                            &text,
+                        ));
+                    }
+                }
+            }
+            echo::Ev::Other(encoded) => c.buf.extend_from_slice(&encoded),
+            echo::Ev::Command(cmd) => {
+                if let Some(hook) = hook {
+                    hook(ch, &cmd.text, cmd.uncertain);
+                }
+                c.meta.commands.push(CommandMeta {
+                    time: t,
+                    text: cmd.text,
+                    complete: cmd.complete,
+                    uncertain: cmd.uncertain,
+                    redacted: None,
+                });
+            }
+            echo::Ev::RedactedLine(n) => {
+                let text = Redaction::placeholder("no-echo", n);
+                if let Some(hook) = hook {
+                    hook(ch, &text, false);
+                }
+                c.meta.commands.push(CommandMeta {
+                    time: t,
+                    text,
+                    complete: true,
+                    uncertain: false,
+                    redacted: Some(Redaction {
+                        kind: "no-echo".into(),
+                        bytes: n as u64,
+                    }),
+                });
+            }
+        }
+    }
+}
+
+/// A resize or marker on a cast channel: in order behind anything the guard holds.
+fn push_cast_event(c: &mut ChanRec, t: f64, encoded: Vec<u8>, hook: Option<&ActionHook>, ch: u32) {
+    match c.guard.as_mut() {
+        Some(g) => {
+            let mut evs = Vec::new();
+            g.other(t, encoded, &mut evs);
+            apply_guarded(c, evs, hook, ch);
+        }
+        None => c.buf.extend_from_slice(&encoded),
     }
 }

@@ -263,6 +263,7 @@ impl Handler {
                 grace: gw.config.limits.storage_grace,
                 spool_dir: gw.config.data_dir.join("spool"),
                 signer: gw.signer.clone(),
+                redact_no_echo: target.redact_no_echo,
             },
             gw.siem.action_hook(&info, grant.correlation_id()),
         )

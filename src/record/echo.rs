@@ -1,0 +1,878 @@
+//! No-echo redaction: keeps what a person types at a password prompt out of the record.
+//!
+//! The gateway cannot see the target's terminal mode, so it infers it from the two streams of a
+//! pty channel. Input is split into lines at Enter (CR, or LF not right after CR). A line is
+//! **secret** when either
+//!
+//! - **the prompt says so**: when its first byte was typed, the last output line (after ANSI
+//!   escape sequences are removed and trailing blanks trimmed) ends with `:` or `?` and holds
+//!   one of the words `password`, `passwd`, `passphrase`, `pass phrase`, `passcode`, `pin`,
+//!   `token` or `secret` (case-insensitive, whole words) — `Password: `, `[sudo] password for
+//!   alice: `, `Enter PEM pass phrase:`, `Verifying - Password: `; or
+//! - **the target did not echo it**: it has printable characters, no output at all arrived
+//!   between its first keystroke and its Enter, and the output that followed did not contain
+//!   the typed characters (in order, other output interleaved) before the target ended the
+//!   line (a newline in the output), before the next line was typed, or within
+//!   [`HOLD_LIMIT`].
+//!
+//! Until a line is judged, its input and everything recorded after it on the channel are held
+//! in memory (at most [`MAX_HELD_BYTES`]); then they are released in order. A secret line's
+//! input bytes are replaced by [`Ev::Redacted`] events with the same timing and byte count, and
+//! the command the line editor extracted from it is replaced by a redaction entry. Enter itself
+//! is kept, so a reviewer sees when the secret was submitted.
+//!
+//! Where it can be wrong:
+//! - A prompt that does not use those words (`Enter code:`) is caught only by the echo test,
+//!   and a program that echoes something other than the typed text (`*` per key, as `sudo`
+//!   with `pwfeedback`) defeats the echo test; such a line is redacted only if its prompt
+//!   matches.
+//! - A prompt that uses those words but echoes (`Enter token (visible): `) is redacted anyway.
+//! - Full-screen programs (editors, pagers) that neither echo nor end lines can make ordinary
+//!   keys look like a secret line; that loses a command from the extracted list, never a
+//!   secret.
+//! - A secret typed ahead, before its prompt appeared, while the terminal still echoed, is
+//!   echoed by the terminal and is therefore in the output stream, as on the person's screen.
+//! - A line held when the gateway crashes is lost from the recording (at most
+//!   [`MAX_HELD_BYTES`], or what [`HOLD_LIMIT`] lets accumulate).
+
+use std::collections::VecDeque;
+
+use super::commands::{ExtractedCommand, LineEditor};
+
+/// The most bytes held back while lines wait for a verdict; beyond it the oldest line is
+/// judged on what is known.
+pub const MAX_HELD_BYTES: usize = 1 << 20;
+
+/// A submitted line whose echo has not been settled after this many seconds is judged on what
+/// is known (no output after Enter counts as no echo).
+pub const HOLD_LIMIT: f64 = 2.0;
+
+/// The longest tail of the last output line kept for the prompt test.
+const PROMPT_TAIL: usize = 256;
+
+/// Output characters an echo may skip (redraws, completions), plus half the typed length.
+const MAX_GAP: usize = 4;
+
+/// The line id of keystrokes that belong to no line (a lone Enter).
+const NO_LINE: u64 = u64::MAX;
+
+/// The most typed characters kept per line for the echo test.
+const MAX_TYPED: usize = 64 * 1024;
+
+/// An event released in recording order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ev<T> {
+    /// Keystrokes as typed.
+    Input(Vec<u8>),
+    /// Keystrokes of a secret line: how many bytes, never which.
+    Redacted(usize),
+    /// Output from the target.
+    Output(Vec<u8>),
+    /// Anything else the channel records (resizes, markers), kept in order.
+    Other(T),
+    /// A command line the editor extracted.
+    Command(ExtractedCommand),
+    /// A secret line was entered here (its input byte count, Enter not included).
+    RedactedLine(usize),
+}
+
+/// A strip of ANSI escape sequences, fed one byte at a time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Ansi {
+    #[default]
+    Ground,
+    Esc,
+    Csi,
+    /// OSC, DCS, APC, PM, SOS: until BEL or ST.
+    Str,
+    StrEsc,
+}
+
+impl Ansi {
+    /// Returns the byte if it is text (printable or a control byte), None inside a sequence.
+    fn feed(&mut self, b: u8) -> Option<u8> {
+        match *self {
+            Ansi::Ground => {
+                if b == 0x1b {
+                    *self = Ansi::Esc;
+                    None
+                } else {
+                    Some(b)
+                }
+            }
+            Ansi::Esc => {
+                *self = match b {
+                    b'[' => Ansi::Csi,
+                    b']' | b'P' | b'_' | b'^' | b'X' => Ansi::Str,
+                    0x1b => Ansi::Esc,
+                    // A two-byte sequence (ESC c, ESC O x is close enough: x is then dropped
+                    // as the final byte of this one).
+                    b'O' => Ansi::Csi,
+                    _ => Ansi::Ground,
+                };
+                None
+            }
+            Ansi::Csi => {
+                if (0x40..=0x7e).contains(&b) {
+                    *self = Ansi::Ground;
+                } else if b == 0x1b {
+                    *self = Ansi::Esc;
+                } else if !(0x20..=0x3f).contains(&b) {
+                    // A stray control byte aborts the sequence.
+                    *self = Ansi::Ground;
+                    return Some(b);
+                }
+                None
+            }
+            Ansi::Str => {
+                if b == 0x07 {
+                    *self = Ansi::Ground;
+                } else if b == 0x1b {
+                    *self = Ansi::StrEsc;
+                }
+                None
+            }
+            Ansi::StrEsc => {
+                *self = if b == b'\\' { Ansi::Ground } else { Ansi::Str };
+                None
+            }
+        }
+    }
+}
+
+fn printable(b: u8) -> bool {
+    b >= 0x20 && b != 0x7f
+}
+
+/// Whether an output line reads as a prompt for a secret (see the module docs).
+pub fn is_secret_prompt(line: &str) -> bool {
+    let t = line.trim_end();
+    if !(t.ends_with(':') || t.ends_with('?')) {
+        return false;
+    }
+    let lower = t.to_lowercase();
+    let words: Vec<&str> = lower
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    const WORDS: [&str; 7] = [
+        "password",
+        "passwd",
+        "passphrase",
+        "passcode",
+        "pin",
+        "token",
+        "secret",
+    ];
+    words.iter().any(|w| WORDS.contains(w))
+        || words.windows(2).any(|p| p[0] == "pass" && p[1] == "phrase")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Clear,
+    Secret,
+}
+
+#[derive(Debug)]
+struct Line {
+    id: u64,
+    /// The prompt test passed when the line began.
+    prompt: bool,
+    /// Printable typed bytes, escape sequences removed.
+    typed: Vec<u8>,
+    /// How many of `typed` the output has shown, in order.
+    matched: usize,
+    /// No output arrived between the first keystroke and Enter.
+    quiet: bool,
+    /// When Enter was typed, if it was.
+    entered: Option<f64>,
+    /// Output arrived after Enter.
+    out_after_enter: bool,
+    /// An older line was still waiting for its echo when this one began (typed ahead or
+    /// pasted): output can be that line's, so only a full echo or time decides this one.
+    queued: bool,
+    /// Output characters skipped since the echo match began.
+    gap: usize,
+    /// Input bytes of the line, Enter not included.
+    bytes: usize,
+    verdict: Option<Verdict>,
+    /// Escape-sequence state of the typed stream.
+    ansi: Ansi,
+}
+
+impl Line {
+    /// The verdict on what is known, when no more evidence will come in time.
+    fn judge_now(&self) -> Verdict {
+        if self.prompt || (self.quiet && !self.typed.is_empty() && self.matched < self.typed.len())
+        {
+            Verdict::Secret
+        } else {
+            Verdict::Clear
+        }
+    }
+
+    /// The verdict once the output showed every typed character.
+    fn echoed(&self) -> Verdict {
+        if self.prompt {
+            Verdict::Secret
+        } else {
+            Verdict::Clear
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Held<T> {
+    /// Keystrokes of a line.
+    Input {
+        line: u64,
+        bytes: Vec<u8>,
+    },
+    /// The end of a line: its Enter byte (none when the channel closed mid-line) and the
+    /// commands the editor extracted from it.
+    End {
+        line: u64,
+        bytes: Vec<u8>,
+        commands: Vec<ExtractedCommand>,
+    },
+    Output(Vec<u8>),
+    Other(T),
+}
+
+impl<T> Held<T> {
+    fn line(&self) -> Option<u64> {
+        match self {
+            Held::Input { line, .. } | Held::End { line, .. } => Some(*line),
+            Held::Output(_) | Held::Other(_) => None,
+        }
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Held::Input { bytes, .. } | Held::End { bytes, .. } | Held::Output(bytes) => {
+                bytes.len()
+            }
+            Held::Other(_) => 0,
+        }
+    }
+}
+
+/// The per-channel redaction state machine. Feed it the channel's input and output in the
+/// order they were recorded; it returns what to record, in that order, with the times given.
+#[derive(Debug)]
+pub struct EchoGuard<T> {
+    editor: LineEditor,
+    /// False: only extract commands, redact nothing (the target opted out).
+    redact: bool,
+    /// The last output line, escape sequences removed.
+    tail: String,
+    out_ansi: Ansi,
+    /// Lines whose end has not been released, oldest first; the last may still be typed.
+    lines: VecDeque<Line>,
+    /// The last line in `lines` is still being typed.
+    line_open: bool,
+    /// Events waiting behind an undecided line.
+    held: VecDeque<(f64, Held<T>)>,
+    held_bytes: usize,
+    after_cr: bool,
+    next_id: u64,
+}
+
+impl<T> EchoGuard<T> {
+    pub fn new(redact: bool) -> Self {
+        EchoGuard {
+            editor: LineEditor::new(),
+            redact,
+            tail: String::new(),
+            out_ansi: Ansi::Ground,
+            lines: VecDeque::new(),
+            line_open: false,
+            held: VecDeque::new(),
+            held_bytes: 0,
+            after_cr: false,
+            next_id: 0,
+        }
+    }
+
+    /// How many bytes are held back waiting for a verdict.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
+    }
+
+    /// Keystrokes at time `t` (seconds since the channel started).
+    pub fn input(&mut self, t: f64, data: &[u8], out: &mut Vec<(f64, Ev<T>)>) {
+        let mut start = 0;
+        for (i, &b) in data.iter().enumerate() {
+            let submits = b == b'\r' || (b == b'\n' && !self.after_cr);
+            let lf_of_crlf = b == b'\n' && self.after_cr;
+            self.after_cr = b == b'\r';
+            if submits || lf_of_crlf {
+                if start < i {
+                    self.typed(t, &data[start..i], out);
+                }
+                self.enter(t, &data[i..=i], submits, out);
+                start = i + 1;
+            }
+        }
+        if start < data.len() {
+            self.typed(t, &data[start..], out);
+        }
+        self.bound(out);
+    }
+
+    /// Output from the target at time `t`.
+    pub fn output(&mut self, t: f64, data: &[u8], out: &mut Vec<(f64, Ev<T>)>) {
+        for &b in data {
+            if let Some(c) = self.out_ansi.feed(b) {
+                self.observe(c);
+            }
+        }
+        self.push(t, Held::Output(data.to_vec()), out);
+        self.bound(out);
+    }
+
+    /// Anything else recorded on the channel, kept in order with the rest.
+    pub fn other(&mut self, t: f64, item: T, out: &mut Vec<(f64, Ev<T>)>) {
+        self.push(t, Held::Other(item), out);
+    }
+
+    /// Judges lines whose Enter is older than [`HOLD_LIMIT`] at time `now`.
+    pub fn tick(&mut self, now: f64, out: &mut Vec<(f64, Ev<T>)>) {
+        let mut changed = false;
+        for l in self.lines.iter_mut() {
+            if l.verdict.is_none() && l.entered.is_some_and(|e| now - e >= HOLD_LIMIT) {
+                l.verdict = Some(l.judge_now());
+                changed = true;
+            }
+        }
+        if changed {
+            self.release(out);
+        }
+    }
+
+    /// The channel ends at `t`: every line is judged and everything is released; a partly
+    /// typed line becomes an incomplete command (or its redaction).
+    pub fn finish(&mut self, t: f64, out: &mut Vec<(f64, Ev<T>)>) {
+        let partial: Vec<ExtractedCommand> = self.editor.finish().into_iter().collect();
+        if self.line_open {
+            self.line_open = false;
+            if let Some(id) = self.lines.back().map(|l| l.id) {
+                self.held.push_back((
+                    t,
+                    Held::End {
+                        line: id,
+                        bytes: Vec::new(),
+                        commands: partial,
+                    },
+                ));
+            }
+        } else {
+            // Nothing was typed since the last Enter that the editor kept.
+            out.extend(partial.into_iter().map(|c| (t, Ev::Command(c))));
+        }
+        for l in self.lines.iter_mut() {
+            if l.verdict.is_none() {
+                l.verdict = Some(l.judge_now());
+            }
+        }
+        self.release(out);
+    }
+
+    /// Bytes of the line being typed (no Enter among them).
+    fn typed(&mut self, t: f64, bytes: &[u8], out: &mut Vec<(f64, Ev<T>)>) {
+        if !self.line_open {
+            self.line_open = true;
+            let prompt = self.redact && is_secret_prompt(&self.tail);
+            let queued = self.lines.iter().any(|l| l.verdict.is_none());
+            // An older line still waiting for its echo after output followed its Enter gets
+            // no evidence that could be told apart from this line's echo: judge it now.
+            for l in self.lines.iter_mut() {
+                if l.verdict.is_none() && l.out_after_enter {
+                    l.verdict = Some(l.judge_now());
+                }
+            }
+            self.lines.push_back(Line {
+                id: self.next_id,
+                prompt,
+                typed: Vec::new(),
+                matched: 0,
+                quiet: true,
+                entered: None,
+                out_after_enter: false,
+                queued,
+                gap: 0,
+                bytes: 0,
+                verdict: (!self.redact).then_some(Verdict::Clear),
+                ansi: Ansi::Ground,
+            });
+            self.next_id += 1;
+            self.release(out);
+        }
+        // Commands come only at Enter, so nothing is extracted from bytes without one.
+        let _ = self.editor.feed(bytes);
+        let Some(l) = self.lines.back_mut() else {
+            return;
+        };
+        l.bytes += bytes.len();
+        for &b in bytes {
+            if let Some(c) = l.ansi.feed(b) {
+                if printable(c) && l.typed.len() < MAX_TYPED {
+                    l.typed.push(c);
+                }
+            }
+        }
+        let line = l.id;
+        self.push(
+            t,
+            Held::Input {
+                line,
+                bytes: bytes.to_vec(),
+            },
+            out,
+        );
+    }
+
+    /// An Enter byte, or the LF of a CR LF (`submits` false).
+    fn enter(&mut self, t: f64, byte: &[u8], submits: bool, out: &mut Vec<(f64, Ev<T>)>) {
+        let commands = self.editor.feed(byte);
+        if submits && self.line_open {
+            self.line_open = false;
+            if let Some(l) = self.lines.back_mut() {
+                l.entered = Some(t);
+                if l.typed.is_empty() && l.verdict.is_none() {
+                    l.verdict = Some(l.echoed());
+                }
+                let line = l.id;
+                self.push(
+                    t,
+                    Held::End {
+                        line,
+                        bytes: byte.to_vec(),
+                        commands,
+                    },
+                    out,
+                );
+                return;
+            }
+        }
+        // Enter on an empty line, or the LF of CR LF: nothing secret in it.
+        self.push(
+            t,
+            Held::End {
+                line: NO_LINE,
+                bytes: byte.to_vec(),
+                commands,
+            },
+            out,
+        );
+    }
+
+    /// Output text byte `c` (escape sequences removed): the prompt tail, and evidence for the
+    /// oldest undecided line.
+    fn observe(&mut self, c: u8) {
+        match c {
+            b'\n' | b'\r' => self.tail.clear(),
+            0x08 => {
+                self.tail.pop();
+            }
+            _ if printable(c) => {
+                if self.tail.len() >= PROMPT_TAIL {
+                    let cut = self.tail.char_indices().nth(1).map_or(0, |(i, _)| i);
+                    self.tail.drain(..cut);
+                }
+                // Bytes of a multi-byte character go in as Latin-1: the prompt test only
+                // looks for ASCII words.
+                self.tail.push(char::from(c));
+            }
+            _ => {}
+        }
+        let Some(l) = self.lines.iter_mut().find(|l| l.verdict.is_none()) else {
+            return;
+        };
+        if l.entered.is_none() {
+            l.quiet = false;
+        } else {
+            l.out_after_enter = true;
+        }
+        if !printable(c) {
+            if c == b'\n' && l.entered.is_some() && !l.queued {
+                l.verdict = Some(l.judge_now());
+            }
+            return;
+        }
+        if l.matched < l.typed.len() && l.typed[l.matched] == c {
+            l.matched += 1;
+            if l.matched == l.typed.len() {
+                l.verdict = Some(l.echoed());
+            }
+        } else if l.matched > 0 {
+            // An echo may be broken up by a redraw or a completion, but not by much: else
+            // the characters of a long output would pass for an echo of anything.
+            l.gap += 1;
+            if l.gap > MAX_GAP + l.typed.len() / 2 {
+                l.gap = 0;
+                l.matched = usize::from(l.typed.first() == Some(&c));
+            }
+        }
+    }
+
+    /// Emits `h` now if nothing is held and it waits for no verdict, else holds it; then
+    /// releases whatever verdicts allow.
+    fn push(&mut self, t: f64, h: Held<T>, out: &mut Vec<(f64, Ev<T>)>) {
+        self.release(out);
+        let blocked = h.line().is_some_and(|id| self.verdict(id).is_none());
+        if self.held.is_empty() && !blocked {
+            self.emit(t, h, out);
+        } else {
+            self.held_bytes += h.size();
+            self.held.push_back((t, h));
+        }
+    }
+
+    fn verdict(&self, id: u64) -> Option<Verdict> {
+        if id == NO_LINE {
+            return Some(Verdict::Clear);
+        }
+        self.lines
+            .iter()
+            .find(|l| l.id == id)
+            .and_then(|l| l.verdict)
+    }
+
+    /// Releases held events up to the first one whose line is undecided.
+    fn release(&mut self, out: &mut Vec<(f64, Ev<T>)>) {
+        while let Some((_, front)) = self.held.front() {
+            if front.line().is_some_and(|id| self.verdict(id).is_none()) {
+                break;
+            }
+            let Some((t, h)) = self.held.pop_front() else {
+                break;
+            };
+            self.held_bytes = self.held_bytes.saturating_sub(h.size());
+            self.emit(t, h, out);
+        }
+    }
+
+    /// Turns one event into what is recorded, by its line's verdict.
+    fn emit(&mut self, t: f64, h: Held<T>, out: &mut Vec<(f64, Ev<T>)>) {
+        match h {
+            Held::Output(b) => {
+                if !b.is_empty() {
+                    out.push((t, Ev::Output(b)));
+                }
+            }
+            Held::Other(x) => out.push((t, Ev::Other(x))),
+            Held::Input { line, bytes } => match self.verdict(line) {
+                Some(Verdict::Secret) => out.push((t, Ev::Redacted(bytes.len()))),
+                _ => out.push((t, Ev::Input(bytes))),
+            },
+            Held::End {
+                line,
+                bytes,
+                commands,
+            } => {
+                let verdict = self.verdict(line);
+                if !bytes.is_empty() {
+                    out.push((t, Ev::Input(bytes)));
+                }
+                let pos = self.lines.iter().position(|l| l.id == line);
+                let removed = pos.and_then(|i| self.lines.remove(i));
+                match (verdict, removed) {
+                    (Some(Verdict::Secret), Some(l)) => out.push((t, Ev::RedactedLine(l.bytes))),
+                    _ => out.extend(commands.into_iter().map(|c| (t, Ev::Command(c)))),
+                }
+            }
+        }
+    }
+
+    /// Keeps the held bytes bounded: the oldest undecided line is judged on what is known.
+    fn bound(&mut self, out: &mut Vec<(f64, Ev<T>)>) {
+        while self.held_bytes > MAX_HELD_BYTES {
+            let Some(l) = self.lines.iter_mut().find(|l| l.verdict.is_none()) else {
+                break;
+            };
+            l.verdict = Some(l.judge_now());
+            self.release(out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One step of a terminal conversation.
+    enum S<'a> {
+        In(&'a [u8]),
+        Out(&'a [u8]),
+        Tick(f64),
+    }
+    use S::{In, Out, Tick};
+
+    /// Runs the steps one per 10 ms and finishes.
+    fn run(redact: bool, steps: &[S<'_>]) -> Vec<(f64, Ev<()>)> {
+        let mut g = EchoGuard::<()>::new(redact);
+        let mut out = Vec::new();
+        for (i, s) in steps.iter().enumerate() {
+            let t = i as f64 * 0.01;
+            match s {
+                In(b) => g.input(t, b, &mut out),
+                Out(b) => g.output(t, b, &mut out),
+                Tick(at) => g.tick(*at, &mut out),
+            }
+        }
+        g.finish(steps.len() as f64 * 0.01, &mut out);
+        assert_eq!(g.held_bytes(), 0);
+        out
+    }
+
+    fn commands(evs: &[(f64, Ev<()>)]) -> Vec<String> {
+        evs.iter()
+            .filter_map(|(_, e)| match e {
+                Ev::Command(c) => Some(c.text.clone()),
+                Ev::RedactedLine(n) => Some(format!("<redacted {n}>")),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn input_text(evs: &[(f64, Ev<()>)]) -> String {
+        let mut s = String::new();
+        for (_, e) in evs {
+            match e {
+                Ev::Input(b) => s.push_str(&String::from_utf8_lossy(b)),
+                Ev::Redacted(n) => s.push_str(&format!("<{n}>")),
+                _ => {}
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn echoed_typing_is_a_command() {
+        let evs = run(
+            true,
+            &[
+                Out(b"$ "),
+                In(b"l"),
+                Out(b"l"),
+                In(b"s"),
+                Out(b"s"),
+                In(b"\r"),
+                Out(b"\r\nfile\r\n$ "),
+            ],
+        );
+        assert_eq!(commands(&evs), ["ls"]);
+        assert_eq!(input_text(&evs), "ls\r");
+    }
+
+    #[test]
+    fn scripted_and_pasted_lines_are_commands() {
+        let evs = run(
+            true,
+            &[
+                Out(b"$ "),
+                In(b"echo a\rls -l\r"),
+                Out(b"echo a\r\n"),
+                Out(b"a\r\n$ "),
+                Out(b"ls -l\r\nf\r\n$ "),
+            ],
+        );
+        assert_eq!(commands(&evs), ["echo a", "ls -l"]);
+        // Readline redraws and escape sequences between echoed characters still count.
+        let evs = run(
+            true,
+            &[
+                Out(b"\x1b[01;32mroot@h\x1b[00m:~# "),
+                In(b"echo world\x1b[D\x1b[D\x1b[D\x1b[D\x1b[Dhello \r"),
+                Out(b"echo world\x08\x08\x08\x08\x08\x1b[1@h\x1b[1@e\x1b[1@llo \r\n"),
+            ],
+        );
+        assert_eq!(commands(&evs), ["echo hello world"]);
+    }
+
+    #[test]
+    fn a_secret_prompt_redacts_the_line() {
+        for prompt in [
+            &b"Password: "[..],
+            b"[sudo] password for alice: ",
+            b"Enter PEM pass phrase:",
+            b"Verifying - Password: ",
+            b"\x1b[1mEnter passphrase for key '/root/.ssh/id':\x1b[0m ",
+            b"PIN? ",
+        ] {
+            let evs = run(
+                true,
+                &[
+                    Out(b"$ "),
+                    In(b"sudo -k id\r"),
+                    Out(b"sudo -k id\r\n"),
+                    Out(prompt),
+                    In(b"h"),
+                    In(b"unter2"),
+                    In(b"\r"),
+                    Out(b"\r\n"),
+                    Out(b"uid=0(root)\r\n$ "),
+                ],
+            );
+            assert_eq!(commands(&evs), ["sudo -k id", "<redacted 7>"], "{prompt:?}");
+            assert_eq!(input_text(&evs), "sudo -k id\r<1><6>\r");
+        }
+    }
+
+    #[test]
+    fn input_the_target_did_not_echo_is_redacted_without_a_prompt_word() {
+        // `read -s` with a prompt the words miss; the shell prompt follows with no newline.
+        let evs = run(
+            true,
+            &[
+                Out(b"Enter code> "),
+                In(b"s3cr"),
+                In(b"et\r"),
+                Out(b"$ "),
+                In(b"ls\r"),
+                Out(b"ls\r\nf\r\n$ "),
+            ],
+        );
+        assert_eq!(commands(&evs), ["<redacted 6>", "ls"]);
+        assert_eq!(input_text(&evs), "<4><2>\rls\r");
+        // Nothing at all comes back: judged after HOLD_LIMIT.
+        let evs = run(true, &[Out(b"> "), In(b"abc\r"), Tick(HOLD_LIMIT + 1.0)]);
+        assert_eq!(commands(&evs), ["<redacted 3>"]);
+    }
+
+    #[test]
+    fn feedback_stars_do_not_hide_a_prompted_secret() {
+        let evs = run(
+            true,
+            &[
+                Out(b"[sudo] password for bob: "),
+                In(b"p"),
+                Out(b"*"),
+                In(b"w"),
+                Out(b"*"),
+                In(b"\r"),
+                Out(b"\r\n"),
+            ],
+        );
+        assert_eq!(commands(&evs), ["<redacted 2>"]);
+        assert!(!input_text(&evs).contains('p'));
+    }
+
+    #[test]
+    fn opting_out_keeps_the_text() {
+        let evs = run(false, &[Out(b"Password: "), In(b"hunter2\r"), Out(b"\r\n")]);
+        assert_eq!(commands(&evs), ["hunter2"]);
+        assert_eq!(input_text(&evs), "hunter2\r");
+    }
+
+    #[test]
+    fn order_is_kept_and_a_partial_secret_is_redacted_at_close() {
+        let evs = run(
+            true,
+            &[Out(b"Password: "), In(b"abc"), Out(b"\x1b]0;title\x07")],
+        );
+        let kinds: Vec<&str> = evs
+            .iter()
+            .map(|(_, e)| match e {
+                Ev::Output(_) => "o",
+                Ev::Redacted(_) => "r",
+                Ev::Input(_) => "i",
+                Ev::RedactedLine(_) => "R",
+                Ev::Command(_) => "c",
+                Ev::Other(_) => "x",
+            })
+            .collect();
+        assert_eq!(kinds, ["o", "r", "o", "R"]);
+        for w in evs.windows(2) {
+            assert!(w[0].0 <= w[1].0, "{evs:?}");
+        }
+    }
+
+    #[test]
+    fn prompt_words() {
+        assert!(is_secret_prompt("Password: "));
+        assert!(is_secret_prompt("Vault token (will be hidden): "));
+        assert!(!is_secret_prompt("root@host:/srv/secret# "));
+        assert!(!is_secret_prompt("Mapping: "));
+        assert!(!is_secret_prompt("password reset done"));
+    }
+
+    /// A small deterministic xorshift generator.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    #[test]
+    fn random_streams_lose_no_byte_and_keep_order() {
+        let pieces: [&[u8]; 10] = [
+            b"ls",
+            b"\r",
+            b"\n",
+            b"Password: ",
+            b"\x1b[",
+            b"\x1b]0;",
+            b"\x07",
+            b"$ ",
+            b"ab",
+            b"\x7f",
+        ];
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        for _ in 0..3000 {
+            let mut g = EchoGuard::<u32>::new(true);
+            let mut out = Vec::new();
+            let (mut sent_in, mut sent_out, mut others) = (0usize, Vec::new(), 0u32);
+            let steps = rng.next() % 40;
+            for i in 0..steps {
+                let t = i as f64 * 0.5;
+                let mut data = Vec::new();
+                for _ in 0..(rng.next() % 4) {
+                    if rng.next() % 4 == 0 {
+                        data.push(rng.next() as u8);
+                    } else {
+                        data.extend_from_slice(pieces[(rng.next() % 10) as usize]);
+                    }
+                }
+                match rng.next() % 5 {
+                    0 | 1 => {
+                        sent_in += data.len();
+                        g.input(t, &data, &mut out);
+                    }
+                    2 | 3 => {
+                        sent_out.extend_from_slice(&data);
+                        g.output(t, &data, &mut out);
+                    }
+                    _ => {
+                        others += 1;
+                        g.other(t, others, &mut out);
+                        g.tick(t, &mut out);
+                    }
+                }
+            }
+            g.finish(steps as f64 * 0.5, &mut out);
+            let (mut got_in, mut got_out, mut got_others) = (0usize, Vec::new(), Vec::new());
+            for (_, e) in &out {
+                match e {
+                    Ev::Input(b) => got_in += b.len(),
+                    Ev::Redacted(n) => got_in += n,
+                    Ev::Output(b) => got_out.extend_from_slice(b),
+                    Ev::Other(x) => got_others.push(*x),
+                    Ev::Command(_) | Ev::RedactedLine(_) => {}
+                }
+            }
+            assert_eq!(got_in, sent_in);
+            assert_eq!(got_out, sent_out);
+            assert_eq!(got_others, (1..=others).collect::<Vec<_>>());
+            for w in out.windows(2) {
+                assert!(w[0].0 <= w[1].0);
+            }
+        }
+    }
+}
