@@ -5,6 +5,7 @@
 //! Login mapping: user name = the person, database name = the target.
 
 pub mod log;
+pub mod redact;
 pub mod scram;
 pub mod upstream;
 pub mod wire;
@@ -296,12 +297,14 @@ async fn handle(
         spool_dir: gw.config.data_dir.join("spool"),
         signer: gw.signer.clone(),
     };
-    let recorder = match Recorder::open_with_actions(
+    // Per-statement SIEM events come from the relay, which sees whole messages (the recorder
+    // may get a large one in pieces) and only ever the masked copy.
+    let actions = gw.siem.action_hook(&info, grant.correlation_id());
+    let recorder = match Recorder::open(
         gw.recordings.clone(),
         prefix.clone(),
         info.clone(),
         settings,
-        gw.siem.action_hook(&info, grant.correlation_id()),
     )
     .await
     {
@@ -396,6 +399,7 @@ async fn handle(
         (&grant, deadline),
         hello,
         &counts,
+        actions.as_ref(),
     )
     .await;
     let bytes_in = counts.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
@@ -726,22 +730,40 @@ struct Counts {
     bytes_out: std::sync::atomic::AtomicU64,
 }
 
-/// Counts a batch and hands it to the recorder (a reference-counted copy, no byte copy).
-/// False means the recorder refused it and the session must end.
+/// Counts a batch and hands it to the recorder: in pieces of at most `raw::MAX_FRAME_DATA`
+/// (reference-counted slices, no byte copy), so the recorder can cut a chunk between the pieces
+/// of a message larger than a chunk, and, from the client, with its secrets masked
+/// (`redact::mask_frontend`). Returns the recorded bytes, or `None` when the recorder refused
+/// them and the session must end.
 async fn tap(
     recorder: &Recorder,
     counter: &std::sync::atomic::AtomicU64,
     stream: Stream,
     batch: &Bytes,
-) -> bool {
+) -> Option<Bytes> {
     counter.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    let rec = RecMsg::Data {
-        ch: 0,
-        stream,
-        data: batch.clone(),
-        at: Instant::now(),
+    let recorded = match stream {
+        Stream::In => redact::mask_frontend(batch).map_or_else(|| batch.clone(), Bytes::from),
+        Stream::Out | Stream::Err => batch.clone(),
     };
-    recorder.send(rec).await.is_ok()
+    let at = Instant::now();
+    let mut from = 0;
+    loop {
+        let to = recorded
+            .len()
+            .min(from + crate::record::raw::MAX_FRAME_DATA);
+        let rec = RecMsg::Data {
+            ch: 0,
+            stream,
+            data: recorded.slice(from..to),
+            at,
+        };
+        recorder.send(rec).await.ok()?;
+        from = to;
+        if from >= recorded.len() {
+            return Some(recorded);
+        }
+    }
 }
 
 /// Reads one message and every further message already complete in the buffer, as one
@@ -783,6 +805,7 @@ async fn relay(
     (grant, deadline): (&Grant, chrono::DateTime<chrono::Utc>),
     hello: Vec<u8>,
     counts: &Counts,
+    actions: Option<&crate::record::ActionHook>,
 ) -> (&'static str, String) {
     let (client_r, client_w) = tokio::io::split(conn);
     let client_w = tokio::sync::Mutex::new(client_w);
@@ -826,13 +849,18 @@ async fn relay(
                 Err(_) => return ("client_closed", "session closed by the client".to_string()),
             };
             let batch = Bytes::from(batch);
-            if !tap(recorder, &counts.bytes_in, Stream::In, &batch).await {
+            let Some(recorded) = tap(recorder, &counts.bytes_in, Stream::In, &batch).await else {
                 return fatal_end(
                     &mut *client_w.lock().await,
                     "recording_failed",
                     recording_failed,
                 )
                 .await;
+            };
+            if let Some(hook) = actions {
+                for sql in log::statements(&recorded) {
+                    hook(0, &sql, false);
+                }
             }
             if wire::send(&mut up_w, &batch).await.is_err() || terminate {
                 return ("client_closed", "session closed by the client".to_string());
@@ -851,7 +879,10 @@ async fn relay(
                 );
             };
             let batch = Bytes::from(batch);
-            if !tap(recorder, &counts.bytes_out, Stream::Out, &batch).await {
+            if tap(recorder, &counts.bytes_out, Stream::Out, &batch)
+                .await
+                .is_none()
+            {
                 return fatal_end(
                     &mut *client_w.lock().await,
                     "recording_failed",

@@ -676,7 +676,6 @@ impl RecorderTask {
                 at,
             } => {
                 let hook = self.actions.clone();
-                let is_pg = self.info.protocol == "postgres";
                 let c = self.chan(ch, at);
                 let t = secs(at.saturating_duration_since(c.start));
                 if !c.header_done {
@@ -693,13 +692,8 @@ impl RecorderTask {
                     Stream::In => c.meta.bytes_in += data.len() as u64,
                     Stream::Out | Stream::Err => c.meta.bytes_out += data.len() as u64,
                 }
-                if let (Some(hook), true) = (&hook, stream == Stream::In) {
-                    if is_pg {
-                        for sql in crate::pg::log::statements(&data) {
-                            hook(ch, &sql, false);
-                        }
-                    }
-                }
+                // PostgreSQL statements reach the action hook from the relay (pg::relay), which
+                // sees whole messages; here a large one may arrive in pieces.
                 if let Some(ed) = c.editor.as_mut().filter(|_| stream == Stream::In) {
                     for cmd in ed.feed(&data) {
                         if let Some(hook) = &hook {
