@@ -598,4 +598,44 @@ mod tests {
         b.extend(crate::pg::wire::message(b'Q', b"select 1;\0"));
         assert_eq!(statements(&b), ["select 1;"]);
     }
+
+    #[test]
+    fn random_frames_never_panic_the_timeline() {
+        let mut seed = 0x51_7cc1_b727_220au64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        const TAGS: &[u8] = b"QPBECFdcfGHDNXpSZT";
+        for _ in 0..20_000 {
+            let mut frames = Vec::new();
+            for _ in 0..(next() % 8) {
+                let r = next();
+                let mut data = Vec::new();
+                for _ in 0..(r % 4) {
+                    let body: Vec<u8> = (0..(next() % 24)).map(|_| next() as u8).collect();
+                    let mut m =
+                        crate::pg::wire::message(TAGS[(next() as usize) % TAGS.len()], &body);
+                    if next() % 5 == 0 {
+                        // A lying length, or a cut message.
+                        let at = 1 + (next() as usize) % 4;
+                        m[at] = next() as u8;
+                        m.truncate((next() as usize) % (m.len() + 1));
+                    }
+                    data.extend(m);
+                }
+                frames.push(Frame {
+                    stream: if r & 16 == 0 { Stream::In } else { Stream::Out },
+                    time_us: r >> 40,
+                    data,
+                });
+            }
+            let _ = events(&frames);
+            if let Some(f) = frames.first() {
+                let _ = statements(&f.data);
+            }
+        }
+    }
 }
