@@ -68,7 +68,6 @@ pub fn statements(batch: &[u8]) -> Vec<String> {
         }
         at += 1 + len as usize;
     }
-    drop(push);
     out
 }
 

@@ -395,11 +395,10 @@ async fn handle(
         &gw,
         &mut conn,
         &mut up,
-        &recorder,
+        (&recorder, actions.as_ref()),
         (&grant, deadline),
         hello,
         &counts,
-        actions.as_ref(),
     )
     .await;
     let bytes_in = counts.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
@@ -801,11 +800,11 @@ async fn relay(
     gw: &Arc<Gateway>,
     conn: &mut Box<dyn Conn>,
     up: &mut Box<dyn Conn>,
-    recorder: &Recorder,
+    // The recorder, and the per-statement SIEM hook fed from what it recorded.
+    (recorder, actions): (&Recorder, Option<&crate::record::ActionHook>),
     (grant, deadline): (&Grant, chrono::DateTime<chrono::Utc>),
     hello: Vec<u8>,
     counts: &Counts,
-    actions: Option<&crate::record::ActionHook>,
 ) -> (&'static str, String) {
     let (client_r, client_w) = tokio::io::split(conn);
     let client_w = tokio::sync::Mutex::new(client_w);
