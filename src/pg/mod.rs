@@ -741,11 +741,29 @@ async fn tap(
     batch: &Bytes,
 ) -> Option<Bytes> {
     counter.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    let recorded = match stream {
-        Stream::In => redact::mask_frontend(batch).map_or_else(|| batch.clone(), Bytes::from),
-        Stream::Out | Stream::Err => batch.clone(),
-    };
     let at = Instant::now();
+    let masked = match stream {
+        Stream::In => redact::mask_frontend(batch),
+        Stream::Out | Stream::Err => None,
+    };
+    let recorded = match masked {
+        Some(m) => {
+            // The redaction itself goes on the record (session.json notes), where and how much.
+            for (kind, bytes) in &m.redacted {
+                let label = format!("redacted {kind} ({bytes} bytes) in the next client batch");
+                recorder
+                    .send(RecMsg::Marker {
+                        ch: Some(0),
+                        label,
+                        at,
+                    })
+                    .await
+                    .ok()?;
+            }
+            Bytes::from(m.bytes)
+        }
+        None => batch.clone(),
+    };
     let mut from = 0;
     loop {
         let to = recorded

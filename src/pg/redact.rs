@@ -295,11 +295,21 @@ pub fn mask_sql(sql: &mut [u8]) -> Vec<usize> {
     found.iter().map(|r| r.len()).collect()
 }
 
+/// A client batch with its secrets masked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Masked {
+    /// The batch, same length, secrets replaced by [`MASK`].
+    pub bytes: Vec<u8>,
+    /// What was masked, in order: kind (`password-literal`, `password-message`) and byte count.
+    pub redacted: Vec<(&'static str, usize)>,
+}
+
 /// A batch of whole frontend messages with its secrets masked, or `None` when it holds none
 /// (the caller then records the batch as it is). Anything that does not frame cleanly ends
 /// the scan; the relay only hands over batches it framed itself.
-pub fn mask_frontend(batch: &[u8]) -> Option<Vec<u8>> {
+pub fn mask_frontend(batch: &[u8]) -> Option<Masked> {
     let mut out: Option<Vec<u8>> = None;
+    let mut redacted = Vec::new();
     let mut at = 0usize;
     while let (Some(&tag), Some(l)) = (batch.get(at), batch.get(at + 1..at + 5)) {
         let len = i32::from_be_bytes([l[0], l[1], l[2], l[3]]);
@@ -325,6 +335,7 @@ pub fn mask_frontend(batch: &[u8]) -> Option<Vec<u8>> {
         if let Some(sql) = sql {
             let found = batch.get(sql.clone()).map(password_literals);
             for r in found.into_iter().flatten() {
+                redacted.push(("password-literal", r.len()));
                 let o = out.get_or_insert_with(|| batch.to_vec());
                 if let Some(s) = o.get_mut(sql.start + r.start..sql.start + r.end) {
                     s.fill(MASK);
@@ -332,6 +343,7 @@ pub fn mask_frontend(batch: &[u8]) -> Option<Vec<u8>> {
             }
         }
         if tag == b'p' && !body.is_empty() {
+            redacted.push(("password-message", body.len()));
             let o = out.get_or_insert_with(|| batch.to_vec());
             if let Some(s) = o.get_mut(body) {
                 s.fill(MASK);
@@ -339,7 +351,7 @@ pub fn mask_frontend(batch: &[u8]) -> Option<Vec<u8>> {
         }
         at = end;
     }
-    out
+    out.map(|bytes| Masked { bytes, redacted })
 }
 
 /// Where the C string starting at `r.start` ends (its NUL, or `r.end` without one).
@@ -478,6 +490,15 @@ mod tests {
         batch.extend(crate::pg::wire::message(b'p', b"clear-text\0"));
         batch.extend(crate::pg::wire::message(b'S', b""));
         let m = mask_frontend(&batch).expect("secrets found");
+        assert_eq!(
+            m.redacted,
+            [
+                ("password-literal", 12),
+                ("password-literal", 2),
+                ("password-message", 11)
+            ]
+        );
+        let m = m.bytes;
         assert_eq!(m.len(), batch.len());
         let s = String::from_utf8_lossy(&m);
         assert!(!s.contains("TopSecret-77") && !s.contains("p2'") && !s.contains("clear-text"));
@@ -547,7 +568,7 @@ mod tests {
                 batch.truncate((next() as usize) % (batch.len() + 1));
             }
             if let Some(m) = mask_frontend(&batch) {
-                assert_eq!(m.len(), batch.len());
+                assert_eq!(m.bytes.len(), batch.len());
             }
         }
     }

@@ -6,7 +6,9 @@ use serde_json::Value;
 use std::process::{Command, Stdio};
 
 use super::support::*;
-use super::{api, api_token, export, pg_credential, pg_world, psql_cmd, validate_all_events};
+use super::{
+    api, api_token, export, pg_credential, pg_world, psql_cmd, session_meta, validate_all_events,
+};
 
 /// Every file under `dir`, with LZ4 chunks also decompressed (a compressed chunk could hide a
 /// clear secret from a plain grep).
@@ -201,6 +203,30 @@ async fn password_literals_never_reach_the_record_in_clear() {
         let out = w.cli(&["verify", s["id"].as_str().expect("id")]);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
     }
+    // The signed session metadata says when a secret was masked, and how many bytes.
+    let notes: Vec<String> = w
+        .sessions()
+        .iter()
+        .flat_map(|s| {
+            let meta = session_meta(&w, s["id"].as_str().expect("id"));
+            meta["channels"][0]["notes"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|n| n.as_str().map(str::to_string))
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .filter(|n| n.contains("redacted password-literal (12 bytes)"))
+            .count()
+            >= 3,
+        "{notes:#?}"
+    );
+    assert!(notes
+        .iter()
+        .any(|n| n.contains("redacted password-literal (17 bytes)")));
     let marked = |event: &str, sql: &str, bytes: u64| {
         timeline.iter().any(|e| {
             e["event"] == event
