@@ -548,7 +548,7 @@ mod tests {
             b"\0",
             b"\xff",
         ];
-        for _ in 0..200_000 {
+        for _ in 0..1_000_000 {
             let n = (next() % 24) as usize;
             let mut sql = Vec::new();
             for _ in 0..n {

@@ -31,7 +31,7 @@ pub const MAX_FRAME_DATA: usize = 1 << 20;
 pub const FRAME_OVERHEAD: usize = 13;
 
 /// The largest encoding one recorder message adds to a chunk buffer: a header line (at most one
-/// SSH packet of 256 KiB, JSON-escaped at most sixfold, plus the session facts) or one frame.
+/// SSH packet of 256 KiB, JSON-escaped at most sixfold, plus the session id) or one frame.
 pub const MAX_MESSAGE_ENCODING: usize = 2 << 20;
 
 /// The largest plain (decompressed) chunk a writer produces: the recorder stops taking messages
