@@ -111,6 +111,9 @@ struct Copy {
     /// CSV with a HEADER line.
     header: bool,
     in_quotes: bool,
+    /// Text format: the previous byte was a backslash, so this one is data (`\` then a
+    /// newline is a newline inside a value, not the end of a row).
+    escaped: bool,
     rows: u64,
     bytes: u64,
     /// Bytes of the current (unterminated) line, and its first two, to spot the `\.` marker.
@@ -129,10 +132,14 @@ impl Copy {
             return;
         }
         for &c in b {
+            let escaped = std::mem::take(&mut self.escaped);
             if self.csv && c == b'"' {
                 self.in_quotes = !self.in_quotes;
             }
-            if c == b'\n' && !self.in_quotes {
+            if !self.csv && c == b'\\' && !escaped {
+                self.escaped = true;
+            }
+            if c == b'\n' && !self.in_quotes && !escaped {
                 self.end_line();
                 continue;
             }
@@ -516,6 +523,11 @@ mod tests {
         }
         // No final newline; the old `\.` end marker is not a row.
         assert_eq!(copy_in("copy t from stdin", 0, b"1\n2\n3", 2)["rows"], 3);
+        // A backslash before a newline makes it data, not a row end; `\\` is one backslash.
+        assert_eq!(
+            copy_in("copy t from stdin", 0, b"a\\\nb\nc\\\\\nd\n", 1)["rows"],
+            3
+        );
         assert_eq!(
             copy_in("copy t from stdin", 0, b"1\n2\n3\n\\.\n", 3)["rows"],
             3
