@@ -20,7 +20,8 @@
 //! - [`siem`]: audit events (separate from operational logs) and their sinks.
 //! - [`ssh`]: the SSH listener (russh server), the upstream client, and the per-channel relay.
 //! - [`pg`]: the PostgreSQL listener: TLS, SCRAM with JIT credentials, recorded relay;
-//!   `pg::upstream` connects to targets (TLS trusting only the target's `ca_file`).
+//!   `pg::upstream` connects to targets (TLS trusting only the target's `ca_file`);
+//!   `pg::redact` masks `PASSWORD` literals and password messages before they are recorded.
 //! - [`server`]: `run(config, shutdown)`, the whole gateway as a library function.
 //! - [`shutdown`]: one cancellation token and task tracker with a documented drain order.
 //! - [`clock`]: the one wall-clock function.

@@ -5,6 +5,7 @@
 //! Login mapping: user name = the person, database name = the target.
 
 pub mod log;
+pub mod redact;
 pub mod scram;
 pub mod upstream;
 pub mod wire;
@@ -298,12 +299,14 @@ async fn handle(
         // No pty channels here; PostgreSQL secrets are masked by the relay.
         redact_no_echo: true,
     };
-    let recorder = match Recorder::open_with_actions(
+    // Per-statement SIEM events come from the relay, which sees whole messages (the recorder
+    // may get a large one in pieces) and only ever the masked copy.
+    let actions = gw.siem.action_hook(&info, grant.correlation_id());
+    let recorder = match Recorder::open(
         gw.recordings.clone(),
         prefix.clone(),
         info.clone(),
         settings,
-        gw.siem.action_hook(&info, grant.correlation_id()),
     )
     .await
     {
@@ -394,7 +397,7 @@ async fn handle(
         &gw,
         &mut conn,
         &mut up,
-        &recorder,
+        (&recorder, actions.as_ref()),
         (&grant, deadline),
         hello,
         &counts,
@@ -728,22 +731,58 @@ struct Counts {
     bytes_out: std::sync::atomic::AtomicU64,
 }
 
-/// Counts a batch and hands it to the recorder (a reference-counted copy, no byte copy).
-/// False means the recorder refused it and the session must end.
+/// Counts a batch and hands it to the recorder: in pieces of at most `raw::MAX_FRAME_DATA`
+/// (reference-counted slices, no byte copy), so the recorder can cut a chunk between the pieces
+/// of a message larger than a chunk, and, from the client, with its secrets masked
+/// (`redact::mask_frontend`). Returns the recorded bytes, or `None` when the recorder refused
+/// them and the session must end.
 async fn tap(
     recorder: &Recorder,
     counter: &std::sync::atomic::AtomicU64,
     stream: Stream,
     batch: &Bytes,
-) -> bool {
+) -> Option<Bytes> {
     counter.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    let rec = RecMsg::Data {
-        ch: 0,
-        stream,
-        data: batch.clone(),
-        at: Instant::now(),
+    let at = Instant::now();
+    let masked = match stream {
+        Stream::In => redact::mask_frontend(batch),
+        Stream::Out | Stream::Err => None,
     };
-    recorder.send(rec).await.is_ok()
+    let recorded = match masked {
+        Some(m) => {
+            // The redaction itself goes on the record (session.json notes), where and how much.
+            for (kind, bytes) in &m.redacted {
+                let label = format!("redacted {kind} ({bytes} bytes) in the next client batch");
+                recorder
+                    .send(RecMsg::Marker {
+                        ch: Some(0),
+                        label,
+                        at,
+                    })
+                    .await
+                    .ok()?;
+            }
+            Bytes::from(m.bytes)
+        }
+        None => batch.clone(),
+    };
+    let mut from = 0;
+    loop {
+        let to = recorded
+            .len()
+            .min(from + crate::record::raw::MAX_FRAME_DATA);
+        let rec = RecMsg::Data {
+            ch: 0,
+            stream,
+            data: recorded.slice(from..to),
+            at,
+        };
+        recorder.send(rec).await.ok()?;
+        from = to;
+        if from >= recorded.len() {
+            return Some(recorded);
+        }
+    }
 }
 
 /// Reads one message and every further message already complete in the buffer, as one
@@ -781,7 +820,8 @@ async fn relay(
     gw: &Arc<Gateway>,
     conn: &mut Box<dyn Conn>,
     up: &mut Box<dyn Conn>,
-    recorder: &Recorder,
+    // The recorder, and the per-statement SIEM hook fed from what it recorded.
+    (recorder, actions): (&Recorder, Option<&crate::record::ActionHook>),
     (grant, deadline): (&Grant, chrono::DateTime<chrono::Utc>),
     hello: Vec<u8>,
     counts: &Counts,
@@ -828,13 +868,18 @@ async fn relay(
                 Err(_) => return ("client_closed", "session closed by the client".to_string()),
             };
             let batch = Bytes::from(batch);
-            if !tap(recorder, &counts.bytes_in, Stream::In, &batch).await {
+            let Some(recorded) = tap(recorder, &counts.bytes_in, Stream::In, &batch).await else {
                 return fatal_end(
                     &mut *client_w.lock().await,
                     "recording_failed",
                     recording_failed,
                 )
                 .await;
+            };
+            if let Some(hook) = actions {
+                for sql in log::statements(&recorded) {
+                    hook(0, &sql, false);
+                }
             }
             if wire::send(&mut up_w, &batch).await.is_err() || terminate {
                 return ("client_closed", "session closed by the client".to_string());
@@ -853,7 +898,10 @@ async fn relay(
                 );
             };
             let batch = Bytes::from(batch);
-            if !tap(recorder, &counts.bytes_out, Stream::Out, &batch).await {
+            if tap(recorder, &counts.bytes_out, Stream::Out, &batch)
+                .await
+                .is_none()
+            {
                 return fatal_end(
                     &mut *client_w.lock().await,
                     "recording_failed",

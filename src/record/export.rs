@@ -80,8 +80,8 @@ pub async fn load(store: &RecordingStore, prefix: &str) -> Result<Loaded, Export
         };
         let stored = store.get(&obj.key).await?;
         let bytes = if compressed {
-            // A recorder chunk holds at most 4 MiB plus one SSH packet before it is flushed.
-            raw::decompress(&stored, 64 << 20)
+            // The writer's own bound (see `raw::MAX_CHUNK_PLAIN`): nothing it wrote is larger.
+            raw::decompress(&stored, raw::MAX_CHUNK_PLAIN as u64)
                 .map_err(|e| ExportError::BadChannel(ch, format!("{}: {e}", obj.key)))?
         } else {
             stored.to_vec()

@@ -338,8 +338,9 @@ pub struct RecorderSettings {
     pub redact_no_echo: bool,
 }
 
-/// Called by the recorder for every command it sees (channel, text, uncertain): SSH exec
-/// requests, lines typed at a shell, and PostgreSQL Query/Parse SQL. Must not block.
+/// Called for every action (channel, text, uncertain): by the recorder for SSH exec requests,
+/// lines typed at a pty (and the placeholder of a redacted no-echo line), by the PostgreSQL
+/// relay for each masked Query/Parse statement. Must not block.
 pub type ActionHook = Arc<dyn Fn(u32, &str, bool) + Send + Sync>;
 
 impl Recorder {
@@ -719,7 +720,6 @@ impl RecorderTask {
                 at,
             } => {
                 let hook = self.actions.clone();
-                let is_pg = self.info.protocol == "postgres";
                 let c = self.chan(ch, at);
                 let t = secs(at.saturating_duration_since(c.start));
                 if !c.header_done {
@@ -736,13 +736,8 @@ impl RecorderTask {
                     Stream::In => c.meta.bytes_in += data.len() as u64,
                     Stream::Out | Stream::Err => c.meta.bytes_out += data.len() as u64,
                 }
-                if let (Some(hook), true) = (&hook, stream == Stream::In) {
-                    if is_pg {
-                        for sql in crate::pg::log::statements(&data) {
-                            hook(ch, &sql, false);
-                        }
-                    }
-                }
+                // PostgreSQL statements reach the action hook from the relay (pg::relay), which
+                // sees whole messages; here a large one may arrive in pieces.
                 if let Some(s) = c.sftp.as_mut() {
                     let done = match stream {
                         Stream::In => s.from_client(&data),

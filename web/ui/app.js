@@ -242,7 +242,7 @@ async function jump(ch, t) {
 async function sqlTimeline(sessionId, ch, focus) {
   const el = document.getElementById(`sql-${ch}`);
   const d = await api(`/api/v1/sessions/${encodeURIComponent(sessionId)}/channels/${ch}/sql`);
-  const rows = d.events.filter((e) => ["query", "parse", "bind", "complete", "error", "copy_in", "copy_out", "function_call"].includes(e.event) || e.sql);
+  const rows = d.events.filter((e) => ["query", "parse", "bind", "complete", "error", "copy", "function_call", "password_message"].includes(e.event) || e.sql);
   // A search hit names a statement by its time; statements and outcomes can be microseconds
   // apart, so exactly one row is marked: the statement nearest that time.
   let focusRow = null;
@@ -253,7 +253,12 @@ async function sqlTimeline(sessionId, ch, focus) {
   }
   el.innerHTML = `<table class="sql"><thead><tr><th>Time</th><th>Event</th><th>Statement / outcome</th></tr></thead><tbody>${rows.map((e) => {
     const isErr = e.event === "error";
-    const what = e.sql ?? (isErr ? `ERROR ${e.error?.sqlstate ?? ""} ${e.error?.message ?? ""}` : e.command_tag ? `${e.command_tag}${e.rows_returned != null ? ` (${e.rows_returned} rows)` : ""}` : "");
+    const outcome = isErr ? `ERROR ${e.error?.sqlstate ?? ""} ${e.error?.message ?? ""}`
+      : e.command_tag ? `${e.command_tag}${e.rows_returned != null ? ` (${e.rows_returned} rows)` : ""}`
+      : e.event === "copy" ? `COPY ${e.copy_direction} ${e.format ?? ""}: ${e.rows ?? "unknown"} rows, ${e.bytes} bytes` : "";
+    // The gateway masked a secret before recording: say so next to the statement.
+    const redacted = (e.redacted ?? []).map((r) => ` [${r.kind} redacted, ${r.bytes} bytes]`).join("");
+    const what = (e.sql ?? outcome) + redacted;
     const hit = e === focusRow ? " hit" : "";
     return `<tr class="${isErr ? "err" : ""}${hit}" data-t="${e.time}"><td>${fmtSecs(e.time, 3)}</td><td>${esc(e.event)}</td><td class="mono">${esc(what)}</td></tr>`;
   }).join("")}</tbody></table>`;
