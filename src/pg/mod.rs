@@ -298,6 +298,7 @@ async fn handle(
         signer: gw.signer.clone(),
         // No pty channels here; PostgreSQL secrets are masked by the relay.
         redact_no_echo: true,
+        ledger: Some(gw.store.clone()),
     };
     // Per-statement SIEM events come from the relay, which sees whole messages (the recorder
     // may get a large one in pieces) and only ever the masked copy.

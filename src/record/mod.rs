@@ -336,6 +336,9 @@ pub struct RecorderSettings {
     pub signer: Arc<crate::signing::Signer>,
     /// Keep input typed without echo out of the record (the target's `redact_no_echo`).
     pub redact_no_echo: bool,
+    /// The evidence ledger: every object written (or spooled) is committed here, so crash
+    /// recovery adopts only what the gateway wrote. None only in unit tests.
+    pub ledger: Option<Arc<dyn crate::state::Store>>,
 }
 
 /// Called for every action (channel, text, uncertain): by the recorder for SSH exec requests,
@@ -370,6 +373,7 @@ impl Recorder {
             spool_dir,
             signer,
             redact_no_echo,
+            ledger,
         } = settings;
         let start = serde_json::to_vec_pretty(&serde_json::json!({
             "schema_version": SESSION_SCHEMA_VERSION,
@@ -382,6 +386,12 @@ impl Recorder {
         store.put_new(&start_key, Bytes::from(start)).await?;
         let seed = chain_seed(&info.session_id);
         let link = chain_link(&seed, &start_key, &sha);
+        let start_entry = crate::state::LedgerEntry {
+            key: start_key.clone(),
+            size,
+            sha256: sha.clone(),
+            chained: Some((0, link.clone())),
+        };
         let objects = vec![ObjectEntry {
             key: start_key,
             size,
@@ -410,8 +420,14 @@ impl Recorder {
             checkpoint: checkpoint.clone(),
             actions,
             redact_no_echo,
+            ledger,
+            ledger_pending: vec![start_entry],
         };
-        tokio::spawn(task.run(rx, flush_interval));
+        tokio::spawn(async move {
+            let mut task = task;
+            task.commit_ledger().await;
+            task.run(rx, flush_interval).await
+        });
         Ok(Recorder {
             tx,
             stall,
@@ -519,6 +535,10 @@ struct RecorderTask {
     actions: Option<ActionHook>,
     /// Whether pty channels redact input typed without echo.
     redact_no_echo: bool,
+    /// Where every written or spooled object is committed (see [`RecorderSettings::ledger`]).
+    ledger: Option<Arc<dyn crate::state::Store>>,
+    /// Entries not committed yet (the state store was failing).
+    ledger_pending: Vec<crate::state::LedgerEntry>,
 }
 
 fn secs(d: Duration) -> f64 {
@@ -537,6 +557,7 @@ impl RecorderTask {
                         // Every sender is gone without a Finish: flush what we have so a crash
                         // of the session task loses nothing already tapped.
                         let _ = self.flush_all().await;
+                        self.commit_ledger().await;
                         return;
                     };
                     if let RecMsg::Finish { end, reply } = msg {
@@ -547,12 +568,36 @@ impl RecorderTask {
                     self.handle(msg);
                     let r = self.flush_big().await;
                     self.note_flush(r);
+                    self.commit_ledger().await;
                 }
                 _ = tick.tick() => {
                     self.tick_guards();
                     let r = self.flush_all().await;
                     self.note_flush(r);
+                    self.commit_ledger().await;
                 }
+            }
+        }
+    }
+
+    /// Commits pending ledger entries; on failure they wait for the next flush. A state store
+    /// that hangs does not hold up recording.
+    async fn commit_ledger(&mut self) {
+        let Some(ledger) = self.ledger.clone() else {
+            self.ledger_pending.clear();
+            return;
+        };
+        if self.ledger_pending.is_empty() {
+            return;
+        }
+        let fut = ledger.record_objects(&self.info.session_id, &self.ledger_pending);
+        match tokio::time::timeout(Duration::from_secs(2), fut).await {
+            Ok(Ok(())) => self.ledger_pending.clear(),
+            Ok(Err(e)) => {
+                tracing::warn!(session_id = %self.info.session_id, error = %e, "evidence ledger not updated yet; retried at the next flush")
+            }
+            Err(_) => {
+                tracing::warn!(session_id = %self.info.session_id, "evidence ledger timed out; retried at the next flush")
             }
         }
     }
@@ -901,8 +946,17 @@ impl RecorderTask {
         };
         if let Err(e) = put {
             // Keep the data for the retry, and a durable copy in the local spool.
-            if let Err(se) = spool_write(&self.spool_dir, &k, &plain_for_spool(&plain, ext)) {
-                tracing::error!(key = %k, error = %se, "could not spool a chunk to local disk");
+            let spooled = plain_for_spool(&plain, ext);
+            match spool_write(&self.spool_dir, &k, &spooled) {
+                Ok(()) => self.ledger_pending.push(crate::state::LedgerEntry {
+                    key: k.clone(),
+                    size: spooled.len() as u64,
+                    sha256: hex::encode(Sha256::digest(&spooled)),
+                    chained: None,
+                }),
+                Err(se) => {
+                    tracing::error!(key = %k, error = %se, "could not spool a chunk to local disk")
+                }
             }
             if let Some(c) = self.channels.get_mut(&ch) {
                 let mut restored = plain;
@@ -919,6 +973,12 @@ impl RecorderTask {
         self.head = chain_link(&self.head, &k, &sha);
         *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) =
             (self.head.clone(), self.objects.len() + 1);
+        self.ledger_pending.push(crate::state::LedgerEntry {
+            key: k.clone(),
+            size,
+            sha256: sha.clone(),
+            chained: Some((self.objects.len() as u64, self.head.clone())),
+        });
         self.objects.push(ObjectEntry {
             key: k,
             size,
@@ -957,7 +1017,13 @@ impl RecorderTask {
             chain_head: self.head.clone(),
             recovered: false,
         };
+        self.commit_ledger().await;
         write_manifest(&self.store, &self.prefix, &meta, &self.signer).await?;
+        if let Some(ledger) = &self.ledger {
+            if let Err(e) = ledger.set_sealed(&self.info.session_id, true).await {
+                tracing::warn!(session_id = %self.info.session_id, error = %e, "could not mark the recording sealed");
+            }
+        }
         Ok(meta)
     }
 }

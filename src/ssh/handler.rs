@@ -264,6 +264,7 @@ impl Handler {
                 spool_dir: gw.config.data_dir.join("spool"),
                 signer: gw.signer.clone(),
                 redact_no_echo: target.redact_no_echo,
+                ledger: Some(gw.store.clone()),
             },
             gw.siem.action_hook(&info, grant.correlation_id()),
         )

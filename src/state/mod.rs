@@ -229,6 +229,18 @@ pub struct SessionRow {
     pub recording_prefix: String,
 }
 
+/// One recording object as the gateway wrote it: the evidence ledger that crash recovery and
+/// late sealing trust, never the listing of the store (which its owner can change).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEntry {
+    pub key: String,
+    pub size: u64,
+    pub sha256: String,
+    /// Position in the session's hash chain and the link after it; None while the object
+    /// waits in the local outage spool (written there, not yet stored).
+    pub chained: Option<(u64, String)>,
+}
+
 /// Filters for `sessions list`.
 #[derive(Debug, Clone, Default)]
 pub struct SessionFilter {
@@ -332,6 +344,19 @@ pub trait Store: Send + Sync {
     async fn find_session(&self, id_or_prefix: &str) -> Result<Option<SessionRow>, StateError>;
     /// Sessions with no end: left by a gateway that died.
     async fn unfinished_sessions(&self) -> Result<Vec<SessionRow>, StateError>;
+    /// Adds (or, for a spooled object now stored, completes) ledger entries of a session.
+    async fn record_objects(
+        &self,
+        session_id: &str,
+        entries: &[LedgerEntry],
+    ) -> Result<(), StateError>;
+    /// A session's ledger: chained entries in chain order, then spooled ones in the order
+    /// they were spooled.
+    async fn recorded_objects(&self, session_id: &str) -> Result<Vec<LedgerEntry>, StateError>;
+    /// Marks a session's recording sealed (its manifest is written) or not.
+    async fn set_sealed(&self, session_id: &str, sealed: bool) -> Result<(), StateError>;
+    /// Ended sessions whose recording is not sealed (the store failed at the end).
+    async fn unsealed_sessions(&self) -> Result<Vec<SessionRow>, StateError>;
 
     async fn create_request(&self, r: NewRequest) -> Result<Request, StateError>;
     /// A request by id or unique id prefix.

@@ -8,8 +8,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    Approval, Grant, LinkUse, NewGrant, NewRequest, Request, RequestStatus, Review, ReviewFilter,
-    SearchEntry, SearchHit, SessionEnd, SessionFilter, SessionRow, StateError, Store, StoredEvent,
+    Approval, Grant, LedgerEntry, LinkUse, NewGrant, NewRequest, Request, RequestStatus, Review,
+    ReviewFilter, SearchEntry, SearchHit, SessionEnd, SessionFilter, SessionRow, StateError, Store,
+    StoredEvent,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -161,6 +162,18 @@ const MIGRATIONS: &[&str] = &[
         session_id TEXT PRIMARY KEY,
         indexed_at INTEGER NOT NULL
      );",
+    // 8: the evidence ledger: every recording object the gateway wrote (or spooled), with its
+    // hash and chain link, and whether the session's manifest is written.
+    "CREATE TABLE recording_objects (
+        session_id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        pos INTEGER,
+        chain TEXT,
+        PRIMARY KEY (session_id, key)
+     );
+     ALTER TABLE sessions ADD COLUMN sealed INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// SQLite behind a mutex; calls run on the blocking pool.
@@ -787,6 +800,94 @@ impl Store for SqliteStore {
             let mut stmt = c
                 .prepare(&format!(
                     "SELECT {SESSION_COLS} FROM sessions WHERE ended_at IS NULL"
+                ))
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], session_row)
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn record_objects(
+        &self,
+        session_id: &str,
+        entries: &[LedgerEntry],
+    ) -> Result<(), StateError> {
+        let (id, entries) = (session_id.to_string(), entries.to_vec());
+        self.with(move |c| {
+            let tx = c.unchecked_transaction().map_err(db)?;
+            for e in &entries {
+                let (pos, chain) = match &e.chained {
+                    Some((p, l)) => (Some(*p as i64), Some(l.clone())),
+                    None => (None, None),
+                };
+                // A chained entry is final. A spooled one is replaced while it waits (a
+                // retried flush spools the same key with more data) and when it is stored.
+                tx.execute(
+                    "INSERT INTO recording_objects (session_id, key, size, sha256, pos, chain) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                     ON CONFLICT (session_id, key) DO UPDATE SET size = excluded.size, \
+                        sha256 = excluded.sha256, pos = excluded.pos, chain = excluded.chain \
+                     WHERE recording_objects.chain IS NULL",
+                    params![id, e.key, e.size as i64, e.sha256, pos, chain],
+                )
+                .map_err(db)?;
+            }
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn recorded_objects(&self, session_id: &str) -> Result<Vec<LedgerEntry>, StateError> {
+        let id = session_id.to_string();
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT key, size, sha256, pos, chain FROM recording_objects \
+                     WHERE session_id = ?1 ORDER BY pos IS NULL, pos, rowid",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(params![id], |r| {
+                    let pos: Option<i64> = r.get(3)?;
+                    let chain: Option<String> = r.get(4)?;
+                    Ok(LedgerEntry {
+                        key: r.get(0)?,
+                        size: r.get::<_, i64>(1)?.max(0) as u64,
+                        sha256: r.get(2)?,
+                        chained: pos.zip(chain).map(|(p, l)| (p.max(0) as u64, l)),
+                    })
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn set_sealed(&self, session_id: &str, sealed: bool) -> Result<(), StateError> {
+        let id = session_id.to_string();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE sessions SET sealed = ?2 WHERE id = ?1",
+                params![id, i64::from(sealed)],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn unsealed_sessions(&self) -> Result<Vec<SessionRow>, StateError> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare(&format!(
+                    "SELECT {SESSION_COLS} FROM sessions WHERE ended_at IS NOT NULL AND sealed = 0"
                 ))
                 .map_err(db)?;
             let rows = stmt
