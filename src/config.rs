@@ -63,6 +63,18 @@ struct RawConfig {
     web: RawWeb,
     #[serde(default)]
     reports: RawReports,
+    #[serde(default)]
+    signing: RawSigning,
+}
+
+/// `[signing]`: which manifest signing keys verification trusts.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSigning {
+    /// `ed25519 BASE64 [ID]` lines, as `breakglass keys show --signing` prints them.
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+    trusted_keys_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -327,6 +339,31 @@ pub struct Config {
     pub kek: KekSource,
     /// What the break-glass reports compare sessions against.
     pub reports: ReportsConfig,
+    /// Which manifest signing keys `verify` (online) trusts.
+    pub signing: SigningConfig,
+}
+
+/// The `[signing]` table: the trust anchors of online verification. Keys found in
+/// `<data_dir>/keys/signing/` are not among them unless pinned here or certified by a key that
+/// is (see `crate::signing`).
+#[derive(Debug, Clone)]
+pub struct SigningConfig {
+    /// Keys given inline (`trusted_keys`).
+    pub trusted_keys: Vec<crate::signing::PublicKey>,
+    /// A file of trusted keys (and rotation certificates); default
+    /// `<data_dir>/keys/trusted-signing.pub`, where the gateway pins its first key when it
+    /// creates it and the file does not exist yet.
+    pub trusted_keys_file: PathBuf,
+}
+
+impl SigningConfig {
+    /// The trust these settings give, with the rotation certificates of `data_dir`.
+    pub fn trust(
+        &self,
+        data_dir: &Path,
+    ) -> Result<crate::signing::TrustSet, crate::signing::SigningError> {
+        crate::signing::configured_trust(&self.trusted_keys, &self.trusted_keys_file, data_dir)
+    }
 }
 
 /// The `[reports]` table.
@@ -1484,6 +1521,29 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                         .map_err(|why| invalid(format!("reports.maintenance_windows[{i}]"), why))
                 })
                 .collect::<Result<_, _>>()?,
+        },
+        signing: SigningConfig {
+            trusted_keys: raw
+                .signing
+                .trusted_keys
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    let bad = |why: String| invalid(format!("signing.trusted_keys[{i}]"), why);
+                    match crate::signing::PublicKey::parse_lines(l)
+                        .map_err(bad)?
+                        .as_slice()
+                    {
+                        [k] => Ok(k.clone()),
+                        _ => Err(bad("expected one `ed25519 BASE64 [ID]` key".into())),
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+            trusted_keys_file: raw
+                .signing
+                .trusted_keys_file
+                .map(|p| expand_home(&p))
+                .unwrap_or_else(|| crate::signing::default_pin_file(&data_dir)),
         },
         data_dir,
     })

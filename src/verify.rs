@@ -1,9 +1,11 @@
 //! Verification of recordings for auditors who do not trust the gateway's operator: every
-//! object against the hash chain, the manifest (`session.json`) against its Ed25519 signature,
-//! and the chain head against the SIEM copy when one is given.
+//! object against the hash chain (at the version the manifest pinned, on versioned stores),
+//! the manifest (`session.json`) against its Ed25519 signature by a trusted key, and the chain
+//! against what the SIEM copy recorded: the end head and every `recording_checkpoint` head.
 //!
 //! Verdicts: OK; INCOMPLETE (the gateway died: intact up to chunk N); TAMPERED (which object,
-//! how).
+//! how); MISSING (the SIEM or the state store says the session started, the store has none of
+//! it).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -20,6 +22,7 @@ pub enum Verdict {
     Ok { objects: usize, head: String },
     Incomplete { chunks: usize, why: String },
     Tampered { findings: Vec<String> },
+    Missing { why: String },
 }
 
 impl Verdict {
@@ -29,6 +32,7 @@ impl Verdict {
             Verdict::Ok { .. } => 0,
             Verdict::Incomplete { .. } => 2,
             Verdict::Tampered { .. } => 3,
+            Verdict::Missing { .. } => 4,
         }
     }
 
@@ -42,6 +46,7 @@ impl Verdict {
                 format!("INCOMPLETE: {why}; the recording is intact up to chunk {chunks}")
             }
             Verdict::Tampered { findings } => format!("TAMPERED: {}", findings.join("; ")),
+            Verdict::Missing { why } => format!("MISSING: {why}"),
         }
     }
 }
@@ -53,39 +58,172 @@ pub enum VerifyError {
     Storage(#[from] StorageError),
     #[error("no recording found for session {0}")]
     NotFound(String),
+    #[error("session id prefix `{0}` is ambiguous: it matches {1}")]
+    Ambiguous(String, String),
 }
 
 fn sha(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
-/// Finds a session's key prefix by listing the store (for offline verification without the
-/// state file).
-pub async fn find_prefix(store: &RecordingStore, session_id: &str) -> Result<String, VerifyError> {
+/// Every session in the store: session id → key prefix. A session is found by the directory
+/// its objects are in (`sessions/YYYY/MM/DD/<id>/...`), so one whose `session-start.json` was
+/// deleted is still found.
+pub async fn store_sessions(
+    store: &RecordingStore,
+) -> Result<BTreeMap<String, String>, VerifyError> {
+    let mut out = BTreeMap::new();
     for o in store.list("sessions").await? {
-        if let Some(p) = o.key.strip_suffix("/session-start.json") {
-            if p.ends_with(session_id)
-                || p.rsplit('/')
-                    .next()
-                    .is_some_and(|id| id.starts_with(session_id))
-            {
-                return Ok(p.to_string());
-            }
+        let parts: Vec<&str> = o.key.split('/').collect();
+        if let [root, y, m, d, id, _, ..] = parts.as_slice() {
+            out.entry(id.to_string())
+                .or_insert_with(|| format!("{root}/{y}/{m}/{d}/{id}"));
         }
     }
-    Err(VerifyError::NotFound(session_id.to_string()))
+    Ok(out)
+}
+
+/// Resolves an id or unique id prefix to the full session id among `known` ids (from the
+/// store, the state store and the SIEM copy together), before any cross-check. An exact match
+/// wins; several matches are an error.
+pub fn resolve_id<'a>(
+    given: &str,
+    known: impl IntoIterator<Item = &'a String>,
+) -> Result<String, VerifyError> {
+    let mut matches: BTreeSet<&String> = BTreeSet::new();
+    for id in known {
+        if id == given {
+            return Ok(id.clone());
+        }
+        if !given.is_empty() && id.starts_with(given) {
+            matches.insert(id);
+        }
+    }
+    let mut it = matches.iter();
+    match (it.next(), it.next()) {
+        (Some(one), None) => Ok((*one).clone()),
+        (None, _) => Err(VerifyError::NotFound(given.to_string())),
+        (Some(_), Some(_)) => Err(VerifyError::Ambiguous(
+            given.to_string(),
+            matches
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        )),
+    }
+}
+
+/// A `recording_checkpoint` the SIEM received: the chain head after `objects` objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub event_id: String,
+    pub timestamp: String,
+    pub objects: usize,
+    pub head: String,
+}
+
+impl Checkpoint {
+    fn name(&self) -> String {
+        format!(
+            "recording_checkpoint {} at {} ({} objects, chain head {})",
+            self.event_id, self.timestamp, self.objects, self.head
+        )
+    }
+}
+
+/// What the SIEM copy says about one session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SiemSession {
+    /// The `session_start` event: (event id, timestamp).
+    pub started: Option<(String, String)>,
+    /// The chain head of the `session_end` event.
+    pub end_head: Option<String>,
+    pub checkpoints: Vec<Checkpoint>,
+}
+
+/// The SIEM JSONL copy (seed format), by session id. Lines that are not such events are
+/// skipped: the copy is input from outside and must never stop a verification.
+#[derive(Debug, Clone, Default)]
+pub struct SiemCopy {
+    pub sessions: BTreeMap<String, SiemSession>,
+}
+
+impl SiemCopy {
+    pub fn parse(text: &str) -> SiemCopy {
+        let mut c = SiemCopy::default();
+        for l in text.lines() {
+            let Ok(e) = serde_json::from_str::<serde_json::Value>(l) else {
+                continue;
+            };
+            let Some(id) = e["session_id"].as_str() else {
+                continue;
+            };
+            let str_of = |k: &str| e[k].as_str().unwrap_or("").to_string();
+            match e["action"].as_str() {
+                Some("session_start") => {
+                    c.sessions.entry(id.to_string()).or_default().started =
+                        Some((str_of("event_id"), str_of("timestamp")));
+                }
+                Some("session_end") => {
+                    if let Some(h) = e["chain_head"].as_str() {
+                        c.sessions.entry(id.to_string()).or_default().end_head =
+                            Some(h.to_string());
+                    }
+                }
+                Some("recording_checkpoint") => {
+                    // Older events carry the count only in their message.
+                    let objects = e["objects"]
+                        .as_u64()
+                        .or_else(|| {
+                            e["message"]
+                                .as_str()?
+                                .strip_prefix("recording checkpoint: ")?
+                                .split(' ')
+                                .next()?
+                                .parse()
+                                .ok()
+                        })
+                        .and_then(|n| usize::try_from(n).ok());
+                    if let (Some(objects), Some(head)) = (objects, e["chain_head"].as_str()) {
+                        c.sessions
+                            .entry(id.to_string())
+                            .or_default()
+                            .checkpoints
+                            .push(Checkpoint {
+                                event_id: str_of("event_id"),
+                                timestamp: str_of("timestamp"),
+                                objects,
+                                head: head.to_string(),
+                            });
+                    }
+                }
+                _ => {}
+            }
+        }
+        c
+    }
+
+    /// Sessions the SIEM saw start: id → (event id, timestamp).
+    pub fn started(&self) -> impl Iterator<Item = (&String, &(String, String))> {
+        self.sessions
+            .iter()
+            .filter_map(|(id, s)| s.started.as_ref().map(|st| (id, st)))
+    }
 }
 
 /// Verifies one session's recording.
 ///
-/// `keys`: the public keys the manifest may be signed with. `siem_head`: the chain head the
-/// SIEM received in the session-end event, if known.
+/// `keys`: the trusted public keys (pinned or certified; never merely found) the manifest may
+/// be signed with. `siem`: what the SIEM copy recorded for this session, if there is a copy.
 pub async fn verify_session(
     store: &RecordingStore,
     prefix: &str,
     keys: &[PublicKey],
-    siem_head: Option<&str>,
+    siem: Option<&SiemSession>,
 ) -> Result<Verdict, VerifyError> {
+    let siem_head = siem.and_then(|s| s.end_head.as_deref());
+    let checkpoints: &[Checkpoint] = siem.map(|s| s.checkpoints.as_slice()).unwrap_or(&[]);
     let listed: BTreeMap<String, u64> = store
         .list(prefix)
         .await?
@@ -93,7 +231,17 @@ pub async fn verify_session(
         .map(|o| (o.key, o.size))
         .collect();
     if listed.is_empty() {
-        return Err(VerifyError::NotFound(prefix.to_string()));
+        let said = match siem.and_then(|s| s.started.as_ref()) {
+            Some((event, at)) => {
+                format!("the SIEM recorded its session_start at {at} (event {event})")
+            }
+            None => "the gateway's state store lists it".to_string(),
+        };
+        return Ok(Verdict::Missing {
+            why: format!(
+                "{said}, but the store has no object under {prefix}/ (session-start.json and every chunk are gone: session deleted)"
+            ),
+        });
     }
     let manifest_key = key::session_end(prefix);
     let sig_key = key::manifest_signature(prefix);
@@ -107,7 +255,7 @@ pub async fn verify_session(
                     "session.json is missing, but the SIEM recorded the session as sealed with chain head {h} (manifest deleted)"
                 ));
             }
-            return Ok(unsealed(prefix, &listed, findings));
+            return Ok(unsealed(prefix, &listed, checkpoints, findings));
         }
         Err(e) => return Err(e.into()),
     };
@@ -153,7 +301,25 @@ pub async fn verify_session(
     let mut expected: BTreeSet<String> = BTreeSet::new();
     for (i, o) in meta.objects.iter().enumerate() {
         expected.insert(o.key.clone());
-        match store.get(&o.key).await {
+        if let Some(pinned) = &o.version {
+            match store.current_version(&o.key).await {
+                Ok(Some(current)) if current == *pinned => {}
+                Ok(Some(current)) => findings.push(format!(
+                    "{} (object {i}) has a newer version {current} over the pinned version {pinned} (overwritten; the pinned version is what the gateway wrote)",
+                    o.key
+                )),
+                Ok(None) => findings.push(format!(
+                    "{} (object {i}): the store reports no version, but the manifest pinned version {pinned}",
+                    o.key
+                )),
+                Err(StorageError::NotFound(_)) => findings.push(format!(
+                    "{} (object {i}) was deleted (its current version is gone; pinned version {pinned})",
+                    o.key
+                )),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match store.get_version(&o.key, o.version.as_deref()).await {
             Ok(content) => {
                 let h = sha(&content);
                 if h != o.sha256 {
@@ -183,6 +349,38 @@ pub async fn verify_session(
     }
     if link != meta.chain_head {
         findings.push("the chain head in session.json does not match its objects".into());
+    }
+    let channels: BTreeSet<&str> = meta
+        .objects
+        .iter()
+        .filter_map(|o| {
+            o.key
+                .strip_prefix(prefix)?
+                .strip_prefix('/')?
+                .split_once('/')
+        })
+        .map(|(ch, _)| ch)
+        .collect();
+    // A recovered manifest chains in key order, which is write order only with one channel.
+    let heads_comparable = !meta.recovered || channels.len() <= 1;
+    for cp in checkpoints {
+        if cp.objects > meta.objects.len() {
+            findings.push(format!(
+                "{} covers more than the {} objects session.json lists (recording truncated)",
+                cp.name(),
+                meta.objects.len()
+            ));
+        } else if let Some(at) = cp.objects.checked_sub(1).and_then(|i| meta.objects.get(i)) {
+            if at.chain != cp.head && heads_comparable {
+                findings.push(format!(
+                    "{} does not match the chain after {} (object {}), which is {} (objects before it replaced, removed or reordered)",
+                    cp.name(),
+                    at.key,
+                    cp.objects - 1,
+                    at.chain
+                ));
+            }
+        }
     }
     if let Some(h) = siem_head {
         if h != meta.chain_head {
@@ -215,7 +413,23 @@ pub async fn verify_session(
 }
 
 /// A session without a manifest: live, or left by a crash not yet recovered.
-fn unsealed(prefix: &str, listed: &BTreeMap<String, u64>, mut findings: Vec<String>) -> Verdict {
+fn unsealed(
+    prefix: &str,
+    listed: &BTreeMap<String, u64>,
+    checkpoints: &[Checkpoint],
+    mut findings: Vec<String>,
+) -> Verdict {
+    // Without a manifest the write order is unknown, so a checkpoint can be held only to its
+    // object count.
+    for cp in checkpoints {
+        if cp.objects > listed.len() {
+            findings.push(format!(
+                "{} covers more than the {} objects in the store (recording truncated)",
+                cp.name(),
+                listed.len()
+            ));
+        }
+    }
     // Chunks are written in order per channel: a gap is not a crash, it is a deletion.
     let mut per_channel: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for k in listed.keys() {
