@@ -875,21 +875,19 @@ impl RecorderTask {
             Ok(r) => r,
             Err(_) => Err(StorageError::Backend(format!("write of {k} timed out"))),
         };
-        let version = match put {
-            Ok(v) => v,
-            Err(e) => {
-                // Keep the data for the retry, and a durable copy in the local spool.
-                if let Err(se) = spool_write(&self.spool_dir, &k, &plain_for_spool(&plain, ext)) {
-                    tracing::error!(key = %k, error = %se, "could not spool a chunk to local disk");
-                }
-                if let Some(c) = self.channels.get_mut(&ch) {
-                    let mut restored = plain;
-                    restored.append(&mut c.buf);
-                    c.buf = restored;
-                }
-                return Err(e);
+        let version = put.as_ref().ok().cloned().flatten();
+        if let Err(e) = put {
+            // Keep the data for the retry, and a durable copy in the local spool.
+            if let Err(se) = spool_write(&self.spool_dir, &k, &plain_for_spool(&plain, ext)) {
+                tracing::error!(key = %k, error = %se, "could not spool a chunk to local disk");
             }
-        };
+            if let Some(c) = self.channels.get_mut(&ch) {
+                let mut restored = plain;
+                restored.append(&mut c.buf);
+                c.buf = restored;
+            }
+            return Err(e);
+        }
         spool_remove(&self.spool_dir, &k);
         if let Some(c) = self.channels.get_mut(&ch) {
             c.seq += 1;

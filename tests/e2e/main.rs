@@ -3,6 +3,7 @@
 
 mod siem;
 mod support;
+mod tamper;
 mod web;
 
 use std::process::Command;
