@@ -1095,6 +1095,16 @@ async fn verify(
         (RecordingStore::from_config(&cfg)?, trust, copy)
     };
     warnings.extend(trust.warnings.iter().cloned());
+    if let Some(copy) = &siem_copy {
+        for c in &trust.chain {
+            if !copy.rotated_keys.contains(&c.key.id) {
+                warnings.push(format!(
+                    "signing key {} is certified by key {}, but the SIEM copy has no signing_key_rotated event for it (a certificate not made by `breakglass keys rotate-signing`, or an older SIEM file)",
+                    c.key.id, c.signed_by
+                ));
+            }
+        }
+    }
     let keys = trust.keys();
     if keys.is_empty() {
         warnings.push("no trusted signing keys: every sealed manifest verifies as TAMPERED; pin keys in [signing] trusted_keys or trusted_keys_file, or pass --public-key".into());

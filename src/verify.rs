@@ -137,6 +137,9 @@ impl Checkpoint {
 pub struct SiemSession {
     /// The `session_start` event: (event id, timestamp).
     pub started: Option<(String, String)>,
+    /// What the `session_start` event said about the session (person, target, grant_id,
+    /// incident_id): the manifest must say the same.
+    pub facts: Vec<(&'static str, String)>,
     /// The chain head of the `session_end` event.
     pub end_head: Option<String>,
     pub checkpoints: Vec<Checkpoint>,
@@ -147,6 +150,8 @@ pub struct SiemSession {
 #[derive(Debug, Clone, Default)]
 pub struct SiemCopy {
     pub sessions: BTreeMap<String, SiemSession>,
+    /// Signing keys announced by `signing_key_rotated` events.
+    pub rotated_keys: BTreeSet<String>,
 }
 
 impl SiemCopy {
@@ -156,22 +161,29 @@ impl SiemCopy {
             let Ok(e) = serde_json::from_str::<serde_json::Value>(l) else {
                 continue;
             };
-            let Some(id) = e["session_id"].as_str() else {
-                continue;
-            };
+            let id = e["session_id"].as_str().unwrap_or("");
             let str_of = |k: &str| e[k].as_str().unwrap_or("").to_string();
             match e["action"].as_str() {
-                Some("session_start") => {
-                    c.sessions.entry(id.to_string()).or_default().started =
-                        Some((str_of("event_id"), str_of("timestamp")));
+                Some("session_start") if !id.is_empty() => {
+                    let s = c.sessions.entry(id.to_string()).or_default();
+                    s.started = Some((str_of("event_id"), str_of("timestamp")));
+                    s.facts = ["person", "target", "grant_id", "incident_id"]
+                        .into_iter()
+                        .filter_map(|k| Some((k, e[k].as_str()?.to_string())))
+                        .collect();
                 }
-                Some("session_end") => {
+                Some("signing_key_rotated") => {
+                    if let Some(k) = e["signing_key_id"].as_str() {
+                        c.rotated_keys.insert(k.to_string());
+                    }
+                }
+                Some("session_end") if !id.is_empty() => {
                     if let Some(h) = e["chain_head"].as_str() {
                         c.sessions.entry(id.to_string()).or_default().end_head =
                             Some(h.to_string());
                     }
                 }
-                Some("recording_checkpoint") => {
+                Some("recording_checkpoint") if !id.is_empty() => {
                     // Older events carry the count only in their message.
                     let objects = e["objects"]
                         .as_u64()
@@ -295,6 +307,24 @@ pub async fn verify_session(
             return Ok(Verdict::Tampered { findings });
         }
     };
+
+    // The facts the SIEM received when the session started are what the manifest says.
+    if let Some(s) = siem {
+        for (field, said) in &s.facts {
+            let ours = match *field {
+                "person" => &meta.session.person,
+                "target" => &meta.session.target,
+                "grant_id" => &meta.session.grant_id,
+                "incident_id" => &meta.session.incident_id,
+                _ => continue,
+            };
+            if ours != said {
+                findings.push(format!(
+                    "session.json says {field} `{ours}`, but the SIEM's session_start event says `{said}` (manifest edited)"
+                ));
+            }
+        }
+    }
 
     // Every object against its hash and the chain.
     let mut link = chain_seed(&meta.session.session_id);
@@ -465,5 +495,231 @@ fn unsealed(
     Verdict::Incomplete {
         chunks,
         why: "no manifest: the session is live or the gateway died before sealing it".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{ObjectEntry, SessionEndInfo, SessionInfo};
+    use bytes::Bytes;
+
+    fn info(id: &str) -> SessionInfo {
+        SessionInfo {
+            session_id: id.into(),
+            protocol: "ssh".into(),
+            person: "alice".into(),
+            target: "web-01".into(),
+            login: "root".into(),
+            grant_id: "G-1".into(),
+            justification: "disk full".into(),
+            incident_id: "INC-7".into(),
+            client_addr: "127.0.0.1:1".into(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+            deadline: "2026-01-01T01:00:00Z".into(),
+        }
+    }
+
+    /// A sealed recording of three objects in an in-memory store; returns its chain links.
+    async fn recording(
+        store: &RecordingStore,
+        prefix: &str,
+        signer: &crate::signing::Signer,
+    ) -> Vec<String> {
+        let mut objects = Vec::new();
+        let mut link = chain_seed("s-1");
+        for (k, body) in [
+            (key::session_start(prefix), "start"),
+            (key::chunk(prefix, 0, 0, "cast"), "chunk 0"),
+            (key::chunk(prefix, 0, 1, "cast"), "chunk 1"),
+        ] {
+            store
+                .put_new(&k, Bytes::from(body.as_bytes().to_vec()))
+                .await
+                .expect("put");
+            let h = sha(body.as_bytes());
+            link = chain_link(&link, &k, &h);
+            objects.push(ObjectEntry {
+                key: k,
+                size: body.len() as u64,
+                sha256: h,
+                chain: link.clone(),
+                version: None,
+            });
+        }
+        let links = objects.iter().map(|o| o.chain.clone()).collect();
+        let meta = SessionMeta {
+            schema_version: 1,
+            session: info("s-1"),
+            end: SessionEndInfo {
+                ended_at: "2026-01-01T00:10:00Z".into(),
+                end_reason: "client_closed".into(),
+                end_message: String::new(),
+                bytes_in: 0,
+                bytes_out: 0,
+            },
+            channels: Vec::new(),
+            markers: Vec::new(),
+            objects,
+            chain_algorithm: "test".into(),
+            chain_head: link,
+            recovered: false,
+        };
+        crate::record::write_manifest(store, prefix, &meta, signer)
+            .await
+            .expect("seal");
+        links
+    }
+
+    fn checkpoint(objects: usize, head: &str) -> Checkpoint {
+        Checkpoint {
+            event_id: format!("ev-{objects}"),
+            timestamp: "2026-01-01T00:05:00Z".into(),
+            objects,
+            head: head.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn every_checkpoint_is_held_against_the_chain() {
+        let store = RecordingStore::from_object_store(std::sync::Arc::new(
+            object_store::memory::InMemory::new(),
+        ));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = crate::signing::Signer::load_or_create(dir.path()).expect("key");
+        let keys = vec![signer.current_public.clone()];
+        let prefix = "sessions/2026/01/01/s-1";
+        let links = recording(&store, prefix, &signer).await;
+        let verdict = |s: SiemSession| {
+            let store = store.clone();
+            let keys = keys.clone();
+            async move {
+                verify_session(&store, prefix, &keys, Some(&s))
+                    .await
+                    .expect("verify")
+            }
+        };
+        let good = SiemSession {
+            checkpoints: vec![checkpoint(1, &links[0]), checkpoint(2, &links[1])],
+            end_head: Some(links[2].clone()),
+            ..Default::default()
+        };
+        assert!(matches!(verdict(good).await, Verdict::Ok { .. }));
+
+        let longer = SiemSession {
+            checkpoints: vec![checkpoint(4, &links[2])],
+            ..Default::default()
+        };
+        let v = verdict(longer).await;
+        assert_eq!(v.exit_code(), 3);
+        assert!(
+            v.summary().contains("recording_checkpoint ev-4")
+                && v.summary().contains("recording truncated"),
+            "{}",
+            v.summary()
+        );
+
+        let other = SiemSession {
+            checkpoints: vec![checkpoint(2, &links[0])],
+            ..Default::default()
+        };
+        let v = verdict(other).await;
+        assert!(
+            v.summary().contains("recording_checkpoint ev-2")
+                && v.summary().contains("00000000.cast (object 1)"),
+            "{}",
+            v.summary()
+        );
+
+        let renamed = SiemSession {
+            facts: vec![("person", "mallory".into())],
+            ..Default::default()
+        };
+        let v = verdict(renamed).await;
+        assert!(v.summary().contains("person `alice`"), "{}", v.summary());
+
+        // Nothing under the prefix, though the SIEM saw the session start: MISSING.
+        let gone = SiemSession {
+            started: Some(("ev-start".into(), "2026-01-01T00:00:00Z".into())),
+            ..Default::default()
+        };
+        let v = verify_session(&store, "sessions/2026/01/01/s-2", &keys, Some(&gone))
+            .await
+            .expect("verify");
+        assert_eq!(v.exit_code(), 4);
+        assert!(v.summary().contains("ev-start"), "{}", v.summary());
+
+        // Found by its directory even without session-start.json.
+        let found = store_sessions(&store).await.expect("list");
+        assert_eq!(found.get("s-1").map(String::as_str), Some(prefix));
+    }
+
+    #[test]
+    fn ids_resolve_to_one_full_id_or_an_error() {
+        let ids: Vec<String> = ["abc-1", "abc-2", "abd-3"].map(String::from).to_vec();
+        assert_eq!(resolve_id("abd", &ids).expect("unique"), "abd-3");
+        assert_eq!(resolve_id("abc-1", &ids).expect("exact"), "abc-1");
+        assert!(matches!(
+            resolve_id("abc", &ids),
+            Err(VerifyError::Ambiguous(_, m)) if m == "abc-1, abc-2"
+        ));
+        assert!(matches!(
+            resolve_id("x", &ids),
+            Err(VerifyError::NotFound(_))
+        ));
+        assert!(matches!(
+            resolve_id("", &ids),
+            Err(VerifyError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn the_siem_copy_parser_takes_any_input() {
+        let text = concat!(
+            "{\"action\":\"recording_checkpoint\",\"session_id\":\"s\",\"chain_head\":\"h1\",\"objects\":3,\"event_id\":\"e1\"}\n",
+            "{\"action\":\"recording_checkpoint\",\"session_id\":\"s\",\"chain_head\":\"h2\",\"message\":\"recording checkpoint: 7 objects stored\"}\n",
+            "{\"action\":\"recording_checkpoint\",\"session_id\":\"s\",\"chain_head\":5,\"objects\":-1}\n",
+            "{\"action\":\"session_end\",\"session_id\":\"s\",\"chain_head\":\"h3\"}\n",
+            "{\"action\":\"session_start\",\"session_id\":\"s\",\"person\":\"alice\",\"timestamp\":\"t\"}\n",
+            "{\"action\":\"signing_key_rotated\",\"signing_key_id\":\"0123456789abcdef\"}\n",
+            "not json\n[1,2]\nnull\n{\"session_id\":{}}\n",
+        );
+        let c = SiemCopy::parse(text);
+        let s = &c.sessions["s"];
+        let counts: Vec<usize> = s.checkpoints.iter().map(|c| c.objects).collect();
+        assert_eq!(counts, vec![3, 7]);
+        assert_eq!(s.end_head.as_deref(), Some("h3"));
+        assert_eq!(s.facts, vec![("person", "alice".to_string())]);
+        assert!(c.rotated_keys.contains("0123456789abcdef"));
+        // Random bytes and mangled events never panic.
+        let pieces = [
+            "{",
+            "}",
+            "\"action\"",
+            ":",
+            "\"recording_checkpoint\"",
+            "\"session_id\"",
+            "\"s\"",
+            ",",
+            "\"objects\"",
+            "18446744073709551615",
+            "\"message\"",
+            "\"recording checkpoint: 99999999999999999999999 objects\"",
+            "\n",
+            "\u{0}",
+            "é",
+        ];
+        for seed in 0..20_000u64 {
+            let mut x = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let mut line = String::new();
+            for _ in 0..(seed % 40) {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                line.push_str(pieces[(x >> 33) as usize % pieces.len()]);
+            }
+            let _ = SiemCopy::parse(&line);
+            let _ = crate::signing::parse_trust(&line);
+        }
     }
 }

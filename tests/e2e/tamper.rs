@@ -399,6 +399,23 @@ async fn every_attack_on_a_recording_is_tampered_or_missing() {
             warns: None,
         },
         Attack {
+            name: "rename the person in the manifest, re-signed with the gateway's real key (online)",
+            mode: Mode::Online,
+            all: false,
+            abbreviated: false,
+            tamper: {
+                let p = prefix.clone();
+                Box::new(move |d| {
+                    let mut meta = read_json(&store(d).join(&p).join("session.json"));
+                    meta["session"]["person"] = Value::String("mallory".into());
+                    sign_manifest(&store(d), &p, &meta, &real_key(d));
+                })
+            },
+            verdict: "TAMPERED",
+            names: "session.json says person `mallory`".into(),
+            warns: None,
+        },
+        Attack {
             name: "crashed session truncated below a checkpoint, sealed as recovered with the real key",
             mode: Mode::Offline(SiemCopy::WithoutEnd),
             all: false,
