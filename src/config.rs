@@ -1788,6 +1788,42 @@ login = "root"
     }
 
     #[test]
+    fn signing_trust_is_pinned_in_the_config() {
+        let c = Config::from_toml(&base()).expect("valid");
+        assert!(c.signing.trusted_keys.is_empty());
+        assert_eq!(
+            c.signing.trusted_keys_file,
+            PathBuf::from("/tmp/bg/keys/trusted-signing.pub")
+        );
+        let key = crate::signing::PublicKey::from_raw(vec![7; 32]);
+        let c = Config::from_toml(&format!(
+            "{}\n[signing]\ntrusted_keys = [\"{}\"]\ntrusted_keys_file = \"/etc/bg/trust.pub\"\n",
+            base(),
+            key.line()
+        ))
+        .expect("valid");
+        assert_eq!(c.signing.trusted_keys, vec![key.clone()]);
+        assert_eq!(
+            c.signing.trusted_keys_file,
+            PathBuf::from("/etc/bg/trust.pub")
+        );
+        for bad in [
+            "ed25519 AAAA".to_string(),
+            format!("{} \\n{}", key.line(), key.line()),
+            key.line().replace(&key.id, "0000000000000000"),
+            String::new(),
+        ] {
+            let err = Config::from_toml(&format!(
+                "{}\n[signing]\ntrusted_keys = [\"{bad}\"]\n",
+                base()
+            ))
+            .expect_err(&bad)
+            .to_string();
+            assert!(err.contains("signing.trusted_keys[0]"), "{err}");
+        }
+    }
+
+    #[test]
     fn postgres_max_message_takes_bytes_or_units() {
         let with =
             |v: &str| Config::from_toml(&format!("{}\n[postgres]\nmax_message = {v}\n", base()));

@@ -460,7 +460,7 @@ impl Signer {
             return Err(SigningError::Key {
                 path: PathBuf::from("keys/signing"),
                 why: format!(
-                    "none of the signing keys ({}) is trusted: pin one in [signing] trusted_keys or trusted_keys_file (`breakglass keys show --signing` prints them)",
+                    "none of the signing keys ({}) is trusted, so the gateway will not sign manifests verify would reject: pin one in [signing] trusted_keys or trusted_keys_file (`breakglass keys show --signing` lists them as NOT TRUSTED; check the id first)",
                     self.all.iter().map(|k| k.id.as_str()).collect::<Vec<_>>().join(", ")
                 ),
             });
