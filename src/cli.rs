@@ -1096,6 +1096,9 @@ async fn verify(
     };
     warnings.extend(trust.warnings.iter().cloned());
     if let Some(copy) = &siem_copy {
+        if copy.lines > 0 && copy.events == 0 {
+            warnings.push("the SIEM copy holds no seed-format events (only `format = \"seed\"` is read, not OCSF or CEF): nothing to cross-check against".into());
+        }
         for c in &trust.chain {
             if !copy.rotated_keys.contains(&c.key.id) {
                 warnings.push(format!(

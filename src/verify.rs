@@ -152,15 +152,26 @@ pub struct SiemCopy {
     pub sessions: BTreeMap<String, SiemSession>,
     /// Signing keys announced by `signing_key_rotated` events.
     pub rotated_keys: BTreeSet<String>,
+    /// Non-empty lines, and how many of them were seed-format events (an `action` field): a
+    /// copy in another format (OCSF, CEF) gives nothing to compare against.
+    pub lines: usize,
+    pub events: usize,
 }
 
 impl SiemCopy {
     pub fn parse(text: &str) -> SiemCopy {
         let mut c = SiemCopy::default();
         for l in text.lines() {
+            if l.trim().is_empty() {
+                continue;
+            }
+            c.lines += 1;
             let Ok(e) = serde_json::from_str::<serde_json::Value>(l) else {
                 continue;
             };
+            if e["action"].is_string() {
+                c.events += 1;
+            }
             let id = e["session_id"].as_str().unwrap_or("");
             let str_of = |k: &str| e[k].as_str().unwrap_or("").to_string();
             match e["action"].as_str() {
@@ -691,6 +702,7 @@ mod tests {
         assert_eq!(s.end_head.as_deref(), Some("h3"));
         assert_eq!(s.facts, vec![("person", "alice".to_string())]);
         assert!(c.rotated_keys.contains("0123456789abcdef"));
+        assert_eq!((c.lines, c.events), (10, 6));
         // Random bytes and mangled events never panic.
         let pieces = [
             "{",
