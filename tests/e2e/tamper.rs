@@ -4,6 +4,7 @@
 //! printed (run with `--nocapture` to read it).
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -574,6 +575,65 @@ async fn every_attack_on_a_recording_is_tampered_or_missing() {
     );
     table.push((
         "S3: put a new version over a locked chunk (export still yields the original)",
+        line,
+    ));
+
+    // A real crash: kill -9 mid-session, delete a chunk older than the last checkpoint, and
+    // let the restart seal what is left as a `recovered` manifest with the gateway's own key.
+    let wc = World::with(Opts {
+        extra_limits: "flush_interval = \"100ms\"\ncheckpoint_interval = \"300ms\"".into(),
+        ..Default::default()
+    });
+    let mut gw = Process::start(&wc);
+    wc.grant("alice", "30m");
+    let mut child = wc
+        .ssh(
+            "alice",
+            "web-01",
+            &[],
+            &["for i in $(seq 1 400); do echo line-$i; sleep 0.02; done; sleep 60"],
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start ssh");
+    let cp = wc.wait_event("a checkpoint covering three chunks", |e| {
+        e["action"] == "recording_checkpoint" && e["objects"].as_u64().is_some_and(|n| n >= 4)
+    });
+    gw.kill9();
+    let _ = child.kill();
+    let _ = child.wait();
+    let cid = last_session_id(&wc);
+    let cprefix = wc.sessions()[0]["recording"]
+        .as_str()
+        .expect("prefix")
+        .to_string();
+    let cdir = wc.path("data/recordings").join(&cprefix);
+    let mut chunks: Vec<std::path::PathBuf> = std::fs::read_dir(cdir.join("ch0000"))
+        .expect("chunks")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    chunks.sort();
+    std::fs::remove_file(&chunks[1]).expect("delete a chunk the checkpoint covers");
+    let _gw2 = Process::start(&wc);
+    wait_for(
+        "the restart seals the crashed session",
+        Duration::from_secs(15),
+        || cdir.join("session.json.sig").exists().then_some(()),
+    );
+    let out = wc.cli(&["verify", &cid]);
+    let line = text(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with(&cid))
+        .expect("verdict line")
+        .to_string();
+    assert_eq!(out.status.code(), Some(3), "{line}{}", text(&out.stderr));
+    let cp_id = cp["event_id"].as_str().expect("event id");
+    assert!(
+        line.contains(&format!("recording_checkpoint {cp_id} at")),
+        "the checkpoint is named: {line}"
+    );
+    table.push((
+        "kill -9, delete a chunk older than the last checkpoint, restart seals the rest as recovered",
         line,
     ));
 
