@@ -1041,7 +1041,6 @@ fn prefix_day_end(prefix: &str) -> Option<DateTime<Utc>> {
     Some(day.succ_opt()?.and_hms_opt(0, 0, 0)?.and_utc())
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn verify(
     config: &Path,
     session: Option<String>,

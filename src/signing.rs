@@ -289,7 +289,8 @@ pub fn configured_trust(
             Err(e) => warnings.push(format!("{}: {e}", f.display())),
         }
     }
-    pinned.dedup_by(|a, b| a.id == b.id);
+    let mut seen = std::collections::BTreeSet::new();
+    pinned.retain(|k| seen.insert(k.id.clone()));
     let mut t = TrustSet::build(pinned, certs);
     t.warnings.extend(warnings);
     Ok(t)
@@ -330,6 +331,8 @@ pub struct Signer {
     /// Every key found, newest first (the current one included). Found is not trusted: see
     /// [`TrustSet`].
     pub all: Vec<PublicKey>,
+    /// The key directory, for messages.
+    dir: PathBuf,
 }
 
 impl std::fmt::Debug for Signer {
@@ -407,7 +410,7 @@ impl Signer {
     /// later keys are trusted through rotation certificates.
     pub fn load_or_create_pinned(data_dir: &Path, pin: &Path) -> Result<Signer, SigningError> {
         let d = dir(data_dir);
-        let mut files = files_with(&d, "pk8");
+        let files = files_with(&d, "pk8");
         if files.is_empty() {
             new_key_file(&d, 1)?;
             let s = Signer::load(&d, files_with(&d, "pk8"))?;
@@ -424,15 +427,13 @@ impl Signer {
             }
             return Ok(s);
         }
-        files.reverse();
         Signer::load(&d, files)
     }
 
-    /// `files` newest first.
-    fn load(d: &Path, files: Vec<PathBuf>) -> Result<Signer, SigningError> {
+    /// Loads `files` (key files of the directory `d`), ordering them newest first.
+    fn load(d: &Path, mut files: Vec<PathBuf>) -> Result<Signer, SigningError> {
         let mut all = Vec::new();
         let mut pairs = Vec::new();
-        let mut files = files;
         files.sort();
         files.reverse();
         for f in &files {
@@ -450,6 +451,7 @@ impl Signer {
             current: 0,
             current_public,
             all,
+            dir: d.to_path_buf(),
         })
     }
 
@@ -458,7 +460,7 @@ impl Signer {
     pub fn use_trusted(mut self, trust: &TrustSet) -> Result<Signer, SigningError> {
         let Some(i) = self.all.iter().position(|k| trust.trusts(&k.id)) else {
             return Err(SigningError::Key {
-                path: PathBuf::from("keys/signing"),
+                path: self.dir.clone(),
                 why: format!(
                     "none of the signing keys ({}) is trusted, so the gateway will not sign manifests verify would reject: pin one in [signing] trusted_keys or trusted_keys_file (`breakglass keys show --signing` lists them as NOT TRUSTED; check the id first)",
                     self.all.iter().map(|k| k.id.as_str()).collect::<Vec<_>>().join(", ")
