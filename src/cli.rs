@@ -591,6 +591,19 @@ async fn rotate_signing(config: &Path) -> Result<ExitCode> {
                 cert.key.id
             )
         })?;
+    // Kept with the evidence too (write-once), so offline verification finds the chain.
+    let key = breakglass::storage::key::signing_certificate(&cert.key.id);
+    match RecordingStore::from_config(&cfg) {
+        Ok(rec) => {
+            if let Err(err) = rec
+                .put_new(&key, bytes::Bytes::from(cert.line() + "\n"))
+                .await
+            {
+                eprintln!("warning: the certificate is in {} but could not be stored as {key}: {err}; `keys show --signing` prints it", breakglass::signing::key_dir(&cfg.data_dir).display());
+            }
+        }
+        Err(err) => eprintln!("warning: the certificate could not be stored as {key}: {err}"),
+    }
     println!("{}", cert.key.line());
     println!("{}", cert.line());
     eprintln!(
@@ -1093,6 +1106,10 @@ async fn verify(
         };
         (RecordingStore::from_config(&cfg)?, trust, copy)
     };
+    // Rotation certificates kept with the evidence: an auditor who pinned only the first key
+    // still follows the chain in a copy of the store.
+    let (store_certs, cert_warnings) = breakglass::verify::store_certificates(&store).await?;
+    let trust = trust.with_certificates(store_certs, cert_warnings);
     warnings.extend(trust.warnings.iter().cloned());
     if let Some(copy) = &siem_copy {
         if copy.lines > 0 && copy.events == 0 {

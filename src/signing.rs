@@ -181,8 +181,12 @@ pub struct TrustSet {
     pub pinned: Vec<PublicKey>,
     /// Accepted certificates, in the order they chain.
     pub chain: Vec<KeyCertificate>,
-    /// Certificates that were not accepted, and why.
+    /// Certificates that were not accepted, and files that could not be read, and why.
     pub warnings: Vec<String>,
+    /// Every certificate given, accepted or not, so more can be added later.
+    given: Vec<KeyCertificate>,
+    /// Warnings that are not about certificates (unreadable certificate files).
+    read_warnings: Vec<String>,
 }
 
 impl TrustSet {
@@ -190,6 +194,7 @@ impl TrustSet {
     pub fn build(pinned: Vec<PublicKey>, certs: Vec<KeyCertificate>) -> TrustSet {
         let mut t = TrustSet {
             pinned,
+            given: certs.clone(),
             ..Default::default()
         };
         let mut pending = certs;
@@ -231,6 +236,23 @@ impl TrustSet {
                 )
             });
         }
+        t
+    }
+
+    /// The same pinned keys with more certificates to follow (from the recording store) and
+    /// more read problems to report.
+    pub fn with_certificates(self, more: Vec<KeyCertificate>, problems: Vec<String>) -> TrustSet {
+        let mut certs = self.given;
+        for c in more {
+            if !certs.contains(&c) {
+                certs.push(c);
+            }
+        }
+        let mut read_warnings = self.read_warnings;
+        read_warnings.extend(problems);
+        let mut t = TrustSet::build(self.pinned, certs);
+        t.warnings.splice(0..0, read_warnings.iter().cloned());
+        t.read_warnings = read_warnings;
         t
     }
 
@@ -291,9 +313,7 @@ pub fn configured_trust(
     }
     let mut seen = std::collections::BTreeSet::new();
     pinned.retain(|k| seen.insert(k.id.clone()));
-    let mut t = TrustSet::build(pinned, certs);
-    t.warnings.extend(warnings);
-    Ok(t)
+    Ok(TrustSet::build(pinned, Vec::new()).with_certificates(certs, warnings))
 }
 
 /// The public keys of the key files in `<data_dir>/keys/signing/`, newest first, without
@@ -576,7 +596,15 @@ mod tests {
         // The printed chain round-trips: the first key alone plus the certificates.
         let (keys, certs) = parse_trust(&t.lines()).expect("parse");
         assert_eq!(keys.len(), 1);
-        assert_eq!(TrustSet::build(keys, certs).keys().len(), 3);
+        assert_eq!(TrustSet::build(keys.clone(), certs.clone()).keys().len(), 3);
+        // Certificates found later (in the recording store) extend the chain; stale warnings
+        // about them go.
+        let first = TrustSet::build(keys, certs[1..].to_vec());
+        assert_eq!(first.keys().len(), 1);
+        assert_eq!(first.warnings.len(), 1, "{:?}", first.warnings);
+        let later = first.with_certificates(certs[..1].to_vec(), vec!["unreadable".into()]);
+        assert_eq!(later.keys().len(), 3);
+        assert_eq!(later.warnings, vec!["unreadable".to_string()]);
         // Nothing is trusted without a pinned key.
         assert!(configured_trust(&[], &d.path().join("none"), d.path())
             .expect("trust")

@@ -278,6 +278,15 @@ pub mod key {
         format!("{prefix}/session.json.sig")
     }
 
+    /// Where rotation certificates are kept with the evidence (one per certified key), so an
+    /// offline verifier with only the first pinned key finds the chain in a copy of the store.
+    pub const SIGNING_CERTIFICATES: &str = ".breakglass/signing-keys";
+
+    /// The rotation certificate of signing key `key_id`.
+    pub fn signing_certificate(key_id: &str) -> String {
+        format!("{SIGNING_CERTIFICATES}/{key_id}.cert")
+    }
+
     /// A signed-off post-incident review, kept with the evidence.
     pub fn review(correlation_id: &str, review_id: &str) -> String {
         format!("reviews/{correlation_id}/{review_id}.json")

@@ -83,6 +83,35 @@ pub async fn store_sessions(
     Ok(out)
 }
 
+/// The rotation certificates kept in the store (`storage::key::SIGNING_CERTIFICATES`). They
+/// prove themselves (each must chain from a trusted key), so where they come from does not
+/// matter; unreadable ones come back as warnings.
+pub async fn store_certificates(
+    store: &RecordingStore,
+) -> Result<(Vec<crate::signing::KeyCertificate>, Vec<String>), VerifyError> {
+    let mut certs = Vec::new();
+    let mut warnings = Vec::new();
+    for o in store.list(key::SIGNING_CERTIFICATES).await? {
+        // A certificate is one line of a few hundred bytes; anything bigger is not one.
+        if o.size > 4096 {
+            warnings.push(format!(
+                "{} is not a rotation certificate ({} bytes)",
+                o.key, o.size
+            ));
+            continue;
+        }
+        let body = store.get(&o.key).await?;
+        match std::str::from_utf8(&body)
+            .map_err(|e| e.to_string())
+            .and_then(crate::signing::parse_trust)
+        {
+            Ok((_, c)) => certs.extend(c),
+            Err(e) => warnings.push(format!("{}: {e}", o.key)),
+        }
+    }
+    Ok((certs, warnings))
+}
+
 /// Resolves an id or unique id prefix to the full session id among `known` ids (from the
 /// store, the state store and the SIEM copy together), before any cross-check. An exact match
 /// wins; several matches are an error.

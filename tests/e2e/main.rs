@@ -1912,7 +1912,7 @@ async fn verify_detects_every_kind_of_tampering() {
     std::fs::write(&chain_file, &chain).expect("write");
     std::fs::write(&old_file, &old_key).expect("write");
     let store = w.path("data/recordings");
-    let offline = |keys: &std::path::Path| {
+    let offline = |keys: &std::path::Path, store: &std::path::Path| {
         w.cli(&[
             "verify",
             &id2,
@@ -1922,9 +1922,16 @@ async fn verify_detects_every_kind_of_tampering() {
             keys.to_str().expect("p"),
         ])
     };
-    let out = offline(&chain_file);
+    let out = offline(&chain_file, &store);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
-    let out = offline(&old_file);
+    // The certificate is kept with the evidence, so the key pinned at install time is enough.
+    let out = offline(&old_file, &store);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    // Without the certificate, the old key alone does not vouch for the new one.
+    let no_cert = w.path("store-without-certificates");
+    copy_tree(&store, &no_cert);
+    std::fs::remove_dir_all(no_cert.join(".breakglass/signing-keys")).expect("rm certificates");
+    let out = offline(&old_file, &no_cert);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stdout));
     assert!(
         text(&out.stdout).contains(&format!(
