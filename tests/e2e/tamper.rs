@@ -400,6 +400,44 @@ async fn every_attack_on_a_recording_is_tampered_or_missing() {
             warns: None,
         },
         Attack {
+            name: "re-sign with a dropped-in key and plant a forged rotation certificate for it (data dir and store)",
+            mode: Mode::Online,
+            all: false,
+            abbreviated: false,
+            tamper: {
+                let p = prefix.clone();
+                Box::new(move |d| {
+                    let stranger = tempfile::tempdir().expect("tempdir");
+                    breakglass::signing::Signer::load_or_create(stranger.path()).expect("key");
+                    std::fs::copy(
+                        stranger.path().join("keys/signing/000001.pk8"),
+                        d.join("keys/signing/000002.pk8"),
+                    )
+                    .expect("drop the key in");
+                    let dropped = breakglass::signing::Signer::load_or_create(d).expect("load");
+                    let forged = breakglass::signing::KeyCertificate {
+                        key: dropped.current_public.clone(),
+                        signed_by: dropped.all[1].id.clone(),
+                        issued_at: "2026-01-01T00:00:00Z".into(),
+                        signature: dropped.sign(b"not the old key's signature"),
+                    };
+                    let line = forged.line() + "\n";
+                    write_file(&d.join("keys/signing/000002.cert"), line.as_bytes());
+                    let in_store = store(d).join(breakglass::storage::key::signing_certificate(
+                        &forged.key.id,
+                    ));
+                    std::fs::create_dir_all(in_store.parent().expect("dir")).expect("mkdir");
+                    write_file(&in_store, line.as_bytes());
+                    let mut meta = read_json(&store(d).join(&p).join("session.json"));
+                    meta["session"]["target"] = Value::String("web-99".into());
+                    sign_manifest(&store(d), &p, &meta, &dropped);
+                })
+            },
+            verdict: "TAMPERED",
+            names: "session.json is signed by key".into(),
+            warns: Some("the signature is invalid".into()),
+        },
+        Attack {
             name: "rename the person in the manifest, re-signed with the gateway's real key (online)",
             mode: Mode::Online,
             all: false,
