@@ -1139,8 +1139,9 @@ async fn verify(
     for (id, (_, t)) in &indexed {
         known.insert(id.clone(), Some(*t));
     }
-    for (id, p) in &in_store {
-        known.entry(id.clone()).or_insert_with(|| prefix_day_end(p));
+    for (id, st) in &in_store {
+        let day = st.prefixes.keys().next().and_then(|p| prefix_day_end(p));
+        known.entry(id.clone()).or_insert(day);
     }
     for (id, (_, at)) in copy.started() {
         let t = DateTime::parse_from_rfc3339(at)
@@ -1167,13 +1168,13 @@ async fn verify(
         if all {
             eprint!("\r[{}/{total}] verifying {id} ", i + 1);
         }
-        let prefix = indexed
-            .get(id)
-            .map(|(p, _)| p.clone())
-            .or_else(|| in_store.get(id).cloned());
+        let stored = in_store.get(id).cloned().unwrap_or_default();
+        let prefix = stored.pick(indexed.get(id).map(|(p, _)| p.as_str()));
         let from_siem = copy.sessions.get(id);
         let verdict = match prefix {
-            Some(p) => verify_session(&store, &p, &keys, from_siem).await,
+            Some(p) => verify_session(&store, &p, &keys, from_siem)
+                .await
+                .map(|v| breakglass::verify::with_findings(v, stored.strays(&p))),
             None => Ok(Verdict::Missing {
                 why: match from_siem.and_then(|s| s.started.as_ref()) {
                     Some((event, at)) => format!(

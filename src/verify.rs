@@ -66,21 +66,77 @@ fn sha(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
-/// Every session in the store: session id → key prefix. A session is found by the directory
-/// its objects are in (`sessions/YYYY/MM/DD/<id>/...`), so one whose `session-start.json` was
-/// deleted is still found.
+/// A session as the store holds it: every key prefix its id appears under (a session has
+/// exactly one; more mean objects were planted under another date).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// Prefix → whether a `session.json` lies under it.
+    pub prefixes: BTreeMap<String, bool>,
+}
+
+impl Stored {
+    /// The prefix to verify: `known` (the state store's) when given, else the sealed one, else
+    /// the first.
+    pub fn pick(&self, known: Option<&str>) -> Option<String> {
+        known
+            .map(str::to_string)
+            .or_else(|| {
+                self.prefixes
+                    .iter()
+                    .find(|(_, sealed)| **sealed)
+                    .map(|(p, _)| p.clone())
+            })
+            .or_else(|| self.prefixes.keys().next().cloned())
+    }
+
+    /// Findings for objects of this session under any prefix but `chosen`.
+    pub fn strays(&self, chosen: &str) -> Vec<String> {
+        self.prefixes
+            .keys()
+            .filter(|p| p.as_str() != chosen)
+            .map(|p| format!("{p}/ holds objects of this session too, but a session has one prefix, {chosen}/ (objects planted)"))
+            .collect()
+    }
+}
+
+/// Every session in the store, by session id. A session is found by the directory its objects
+/// are in (`sessions/YYYY/MM/DD/<id>/...`), so one whose `session-start.json` was deleted is
+/// still found.
 pub async fn store_sessions(
     store: &RecordingStore,
-) -> Result<BTreeMap<String, String>, VerifyError> {
-    let mut out = BTreeMap::new();
+) -> Result<BTreeMap<String, Stored>, VerifyError> {
+    let mut out: BTreeMap<String, Stored> = BTreeMap::new();
     for o in store.list("sessions").await? {
         let parts: Vec<&str> = o.key.split('/').collect();
-        if let [root, y, m, d, id, _, ..] = parts.as_slice() {
-            out.entry(id.to_string())
-                .or_insert_with(|| format!("{root}/{y}/{m}/{d}/{id}"));
+        if let [root, y, m, d, id, rest @ ..] = parts.as_slice() {
+            if rest.is_empty() {
+                continue;
+            }
+            let sealed = out
+                .entry(id.to_string())
+                .or_default()
+                .prefixes
+                .entry(format!("{root}/{y}/{m}/{d}/{id}"))
+                .or_insert(false);
+            *sealed |= rest == ["session.json"];
         }
     }
     Ok(out)
+}
+
+/// Adds findings to a verdict: any finding makes it TAMPERED (MISSING stays MISSING).
+pub fn with_findings(v: Verdict, more: Vec<String>) -> Verdict {
+    if more.is_empty() {
+        return v;
+    }
+    match v {
+        Verdict::Tampered { mut findings } => {
+            findings.extend(more);
+            Verdict::Tampered { findings }
+        }
+        Verdict::Missing { why } => Verdict::Missing { why },
+        Verdict::Ok { .. } | Verdict::Incomplete { .. } => Verdict::Tampered { findings: more },
+    }
 }
 
 /// The rotation certificates kept in the store (`storage::key::SIGNING_CERTIFICATES`). They
@@ -689,9 +745,30 @@ mod tests {
         assert_eq!(v.exit_code(), 4);
         assert!(v.summary().contains("ev-start"), "{}", v.summary());
 
-        // Found by its directory even without session-start.json.
+        // Found by its directory even without session-start.json; a second prefix is planted.
+        store
+            .put_new(
+                "sessions/2020/01/01/s-1/ch0000/00000000.cast",
+                Bytes::from_static(b"x"),
+            )
+            .await
+            .expect("put");
         let found = store_sessions(&store).await.expect("list");
-        assert_eq!(found.get("s-1").map(String::as_str), Some(prefix));
+        let s1 = &found["s-1"];
+        assert_eq!(s1.pick(None).as_deref(), Some(prefix), "the sealed prefix");
+        let strays = s1.strays(prefix);
+        assert!(
+            strays[0].starts_with("sessions/2020/01/01/s-1/"),
+            "{strays:?}"
+        );
+        let v = with_findings(
+            Verdict::Incomplete {
+                chunks: 1,
+                why: "x".into(),
+            },
+            strays,
+        );
+        assert_eq!(v.exit_code(), 3);
     }
 
     #[test]

@@ -355,6 +355,24 @@ async fn every_attack_on_a_recording_is_tampered_or_missing() {
             warns: None,
         },
         Attack {
+            name: "plant objects of the session under another date's prefix (offline, no SIEM copy)",
+            mode: Mode::Offline(SiemCopy::None),
+            all: false,
+            abbreviated: false,
+            tamper: {
+                let (id, c) = (id.clone(), c1.clone());
+                Box::new(move |d| {
+                    let planted = store(d).join(format!("sessions/2020/01/01/{id}/ch0000"));
+                    std::fs::create_dir_all(&planted).expect("mkdir");
+                    std::fs::copy(store(d).join(&c), planted.join("00000000.cast"))
+                        .expect("plant");
+                })
+            },
+            verdict: "TAMPERED",
+            names: format!("sessions/2020/01/01/{id}/ holds objects of this session too"),
+            warns: None,
+        },
+        Attack {
             name: "edit the manifest, re-sign it with a key dropped into data_dir/keys/signing/ (online)",
             mode: Mode::Online,
             all: false,
