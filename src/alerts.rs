@@ -122,6 +122,8 @@ pub fn alertable(e: &AccessEvent) -> bool {
         Action::ReviewOverdue => true,
         Action::ReviewOpened | Action::ReviewSigned | Action::CredentialIssued => false,
         Action::CredentialRotated => e.outcome == "failure",
+        // A new manifest signing key changes what verification trusts: custodians hear of it.
+        Action::SigningKeyRotated => true,
         Action::RecordingCheckpoint
         | Action::Command
         | Action::Statement
@@ -179,6 +181,12 @@ pub fn summary(e: &AccessEvent) -> String {
         Action::CredentialRotated => format!(
             "[breakglass] credential rotation for {target}: {}",
             e.message.as_deref().unwrap_or(&e.outcome)
+        ),
+        Action::SigningKeyRotated => format!(
+            "[breakglass] {} rotated the manifest signing key: {} is certified by {}",
+            e.actor,
+            e.signing_key_id.as_deref().unwrap_or("?"),
+            e.previous_signing_key_id.as_deref().unwrap_or("?")
         ),
         // Not alertable (see `alertable`), but a webhook test or a future rule may send them.
         Action::GrantCreated

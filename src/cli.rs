@@ -208,9 +208,21 @@ enum Command {
         cmd: SiemCmd,
     },
     /// Check recordings against their hash chain, signed manifest and the SIEM copy.
-    /// Exit 0 OK, 2 INCOMPLETE, 3 TAMPERED, 1 error.
+    ///
+    /// Trusted keys: online, those of the config's `[signing]` table (`trusted_keys`, the
+    /// `trusted_keys_file`) and keys certified by them through rotation certificates;
+    /// offline, only `--public-key`. A key file found in `<data_dir>/keys/signing/` is never
+    /// trusted by being there (verify warns about it).
+    ///
+    /// The chain is compared with the SIEM's session-end head and with every
+    /// `recording_checkpoint` head at its object count. With a SIEM copy, `--all` also lists
+    /// sessions the SIEM saw start that the store lacks, as MISSING.
+    ///
+    /// Exit codes: 0 OK; 1 error (verification could not run); 2 INCOMPLETE (the gateway
+    /// died; intact up to chunk N); 3 TAMPERED; 4 MISSING. With several sessions, the highest
+    /// code of any session.
     Verify {
-        /// Session id (or unique prefix).
+        /// Session id (or unique prefix; an ambiguous prefix is an error).
         session: Option<String>,
         #[arg(
             long,
@@ -227,10 +239,12 @@ enum Command {
         /// Offline: a recording store directory (a copy of the recordings), no config needed.
         #[arg(long, requires = "public_key")]
         store: Option<PathBuf>,
-        /// Offline: the signing public keys (`breakglass keys show --signing`).
+        /// The signing keys to trust, and rotation certificates (`breakglass keys show
+        /// --signing`, checked by you). Required offline; online it replaces `[signing]`.
         #[arg(long)]
         public_key: Option<PathBuf>,
-        /// A SIEM JSONL file to cross-check chain heads (default: the configured one, online).
+        /// A SIEM JSONL copy (seed format) to cross-check chain heads and checkpoints and to
+        /// find missing sessions (default online: the configured SIEM file and its rotations).
         #[arg(long)]
         siem: Option<PathBuf>,
     },
@@ -352,11 +366,14 @@ enum KeysCmd {
         /// Print only the user CA public key line.
         #[arg(long)]
         ca: bool,
-        /// Print only the signing public keys (newest first), the file `verify --public-key` reads.
+        /// Print only the signing trust chain (the pinned keys, then each rotation
+        /// certificate), the file `verify --public-key` reads.
         #[arg(long)]
         signing: bool,
     },
-    /// Start signing with a new key; older keys keep verifying older recordings.
+    /// Start signing with a new key, certified by the current one (the certificate is kept
+    /// and announced to the SIEM as `signing_key_rotated`); older keys keep verifying older
+    /// recordings. A running gateway signs with the new key after its next start.
     RotateSigning,
 }
 
@@ -474,32 +491,20 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             siem,
         } => verify(&config, session, all, since, store, public_key, siem).await,
         Command::Keys { config, cmd } => match cmd {
-            KeysCmd::RotateSigning => {
-                let cfg = Config::load(&config)?;
-                let s = breakglass::signing::Signer::rotate(&cfg.data_dir)?;
-                println!("{}", s.current_public.line());
-                eprintln!(
-                    "new manifests are signed with key {}; {} key(s) kept for verification",
-                    s.current_public.id,
-                    s.all.len()
-                );
-                Ok(ExitCode::SUCCESS)
-            }
+            KeysCmd::RotateSigning => rotate_signing(&config).await,
             KeysCmd::Show { ca, signing } => {
                 let cfg = Config::load(&config)?;
                 let k = keys::GatewayKeys::load_or_create(&cfg.data_dir)?;
-                let s = breakglass::signing::Signer::load_or_create(&cfg.data_dir)?;
+                breakglass::signing::Signer::load_or_create_pinned(
+                    &cfg.data_dir,
+                    &cfg.signing.trusted_keys_file,
+                )?;
                 if ca {
                     println!("{}", keys::openssh_line(k.user_ca.public_key()));
                 } else if signing {
-                    for p in &s.all {
-                        println!("{}", p.line());
-                    }
+                    print!("{}", signing_chain(&cfg)?);
                 } else {
-                    println!("# manifest signing keys, newest first (breakglass verify --public-key FILE)");
-                    for p in &s.all {
-                        println!("{}", p.line());
-                    }
+                    print!("{}", signing_chain(&cfg)?);
                     println!("# host key (clients pin it in known_hosts)");
                     println!("{}", keys::openssh_line(k.host.public_key()));
                     println!("# user CA (targets trust it with TrustedUserCAKeys)");
@@ -509,6 +514,104 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             }
         },
     }
+}
+
+/// The signing trust chain as `verify --public-key` reads it: pinned keys, then each rotation
+/// certificate. Keys found in the key directory but not trusted appear only as comments (and
+/// a warning), so a file made from this output never trusts them.
+fn signing_chain(cfg: &Config) -> Result<String> {
+    let trust = cfg.signing.trust(&cfg.data_dir)?;
+    let mut out = String::from(
+        "# manifest signing keys `breakglass verify` trusts (verify --public-key FILE):\n# pinned keys, then rotation certificates, each signed by the key before it\n",
+    );
+    for k in &trust.pinned {
+        out.push_str(&format!("# pinned: key {}\n{}\n", k.id, k.line()));
+    }
+    for c in &trust.chain {
+        out.push_str(&format!(
+            "# key {} certified by key {} at {}\n{}\n",
+            c.key.id,
+            c.signed_by,
+            c.issued_at,
+            c.line()
+        ));
+    }
+    for w in untrusted_key_warnings(cfg, &trust) {
+        out.push_str(&format!("# NOT TRUSTED: {w}\n"));
+        eprintln!("warning: {w}");
+    }
+    for w in &trust.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(out)
+}
+
+/// One sentence per key file in `<data_dir>/keys/signing/` that nothing trusts.
+fn untrusted_key_warnings(cfg: &Config, trust: &breakglass::signing::TrustSet) -> Vec<String> {
+    let dir = breakglass::signing::key_dir(&cfg.data_dir);
+    breakglass::signing::found_keys(&cfg.data_dir)
+        .into_iter()
+        .filter(|k| !trust.trusts(&k.id))
+        .map(|k| {
+            format!(
+                "signing key {} in {} is not trusted (not pinned in [signing], no valid rotation certificate from a trusted key): it is never used to verify, and what it signed verifies as TAMPERED",
+                k.id,
+                dir.display()
+            )
+        })
+        .collect()
+}
+
+/// `keys rotate-signing`: a new key certified by the newest trusted one, announced to the SIEM.
+async fn rotate_signing(config: &Path) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let trust = cfg.signing.trust(&cfg.data_dir)?;
+    let current = breakglass::signing::Signer::load_or_create_pinned(
+        &cfg.data_dir,
+        &cfg.signing.trusted_keys_file,
+    )?
+    .use_trusted(&trust)?;
+    let previous = current.current_public.id.clone();
+    let store = open_state(&cfg)?;
+    let siem = std::sync::Arc::new(Siem::open(cfg.siem.clone())?);
+    let (s, cert) = breakglass::signing::Signer::rotate_from(&cfg.data_dir, current)?;
+    let by = operator();
+    let mut e = AccessEvent::new(Action::SigningKeyRotated, &by);
+    e.signing_key_id = Some(cert.key.id.clone());
+    e.previous_signing_key_id = Some(previous.clone());
+    e.message = Some(format!(
+        "{by} rotated the manifest signing key: key {} is certified by key {previous} ({})",
+        cert.key.id, cert.issued_at
+    ));
+    breakglass::siem::audit(&siem, &store, &e)
+        .await
+        .with_context(|| {
+            format!(
+                "key {} was created and certified, but the SIEM event could not be written",
+                cert.key.id
+            )
+        })?;
+    // Kept with the evidence too (write-once), so offline verification finds the chain.
+    let key = breakglass::storage::key::signing_certificate(&cert.key.id);
+    match RecordingStore::from_config(&cfg) {
+        Ok(rec) => {
+            if let Err(err) = rec
+                .put_new(&key, bytes::Bytes::from(cert.line() + "\n"))
+                .await
+            {
+                eprintln!("warning: the certificate is in {} but could not be stored as {key}: {err}; `keys show --signing` prints it", breakglass::signing::key_dir(&cfg.data_dir).display());
+            }
+        }
+        Err(err) => eprintln!("warning: the certificate could not be stored as {key}: {err}"),
+    }
+    println!("{}", cert.key.line());
+    println!("{}", cert.line());
+    eprintln!(
+        "new manifests are signed with key {} (certified by {previous}) after the gateway's next start; {} key(s) kept for verification",
+        cert.key.id,
+        s.all.len()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn shutdown_signal() {
@@ -568,6 +671,38 @@ async fn check_config(file: &Path, offline: bool) -> Result<ExitCode> {
             })
             .map_err(Into::into),
     );
+    let mut signing_warnings = Vec::new();
+    check(
+        format!(
+            "manifest signing trust ([signing], {})",
+            cfg.signing.trusted_keys_file.display()
+        ),
+        cfg.signing
+            .trust(&cfg.data_dir)
+            .map(|t| {
+                signing_warnings.extend(t.warnings.iter().cloned());
+                signing_warnings.extend(untrusted_key_warnings(&cfg, &t));
+                let found = breakglass::signing::found_keys(&cfg.data_dir);
+                if t.keys().is_empty() && !found.is_empty() {
+                    signing_warnings.push("none of the signing keys is trusted: the gateway will not start; pin one in [signing] trusted_keys or trusted_keys_file".into());
+                }
+                if t.keys().is_empty() {
+                    " (no key yet: the first one is pinned when the gateway creates it)".into()
+                } else {
+                    format!(
+                        " ({} trusted: {})",
+                        t.keys().len(),
+                        t.keys()
+                            .iter()
+                            .map(|k| k.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            })
+            .map_err(Into::into),
+    );
+    warnings.extend(signing_warnings);
     check(
         format!("data dir {}", cfg.data_dir.display()),
         writable(&cfg.data_dir).map(|_| String::new()),
@@ -878,19 +1013,45 @@ async fn sessions(config: &Path, cmd: SessionsCmd) -> Result<ExitCode> {
     }
 }
 
-/// Chain heads the SIEM received, by session id.
-fn siem_heads(path: &Path) -> std::collections::BTreeMap<String, String> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["action"] == "session_end")
-        .filter_map(|e| {
-            Some((
-                e["session_id"].as_str()?.to_string(),
-                e["chain_head"].as_str()?.to_string(),
-            ))
-        })
-        .collect()
+/// Reads a SIEM copy: `path` and, when `rotations`, the rotated files beside it
+/// (`<name>.<stamp>`), so sessions older than the last rotation are still cross-checked.
+fn read_siem(path: &Path, rotations: bool) -> Result<breakglass::verify::SiemCopy> {
+    let mut text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the SIEM copy {}", path.display()))?;
+    if rotations {
+        if let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str()))
+        {
+            let mut rotated: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .map(|e| e.path())
+                        .filter(|p| {
+                            p.file_name()
+                                .and_then(|n| n.to_str())
+                                .is_some_and(|n| n.starts_with(&format!("{name}.")))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            rotated.sort();
+            for r in rotated {
+                if let Ok(t) = std::fs::read_to_string(&r) {
+                    text.push('\n');
+                    text.push_str(&t);
+                }
+            }
+        }
+    }
+    Ok(breakglass::verify::SiemCopy::parse(&text))
+}
+
+/// The start time a session's key prefix implies (`sessions/YYYY/MM/DD/<id>`): the end of
+/// that day, so `--since` never drops a session it should keep.
+fn prefix_day_end(prefix: &str) -> Option<DateTime<Utc>> {
+    let mut p = prefix.split('/').skip(1);
+    let (y, m, d) = (p.next()?, p.next()?, p.next()?);
+    let day = chrono::NaiveDate::parse_from_str(&format!("{y}-{m}-{d}"), "%Y-%m-%d").ok()?;
+    Some(day.succ_opt()?.and_hms_opt(0, 0, 0)?.and_utc())
 }
 
 async fn verify(
@@ -902,65 +1063,128 @@ async fn verify(
     public_key: Option<PathBuf>,
     siem: Option<PathBuf>,
 ) -> Result<ExitCode> {
-    use breakglass::verify::{find_prefix, verify_session};
-    // Offline: a store directory and public keys, nothing from the gateway.
-    let (store, keys, prefixes, siem_file) = if let Some(dir) = store_dir {
+    use breakglass::signing::{parse_trust, TrustSet};
+    use breakglass::verify::{resolve_id, store_sessions, verify_session, Verdict};
+    use std::collections::BTreeMap;
+    let since = since.as_deref().map(parse_when).transpose()?;
+    let trust_file = |pk: &Path| -> Result<TrustSet> {
+        let (keys, certs) =
+            parse_trust(&std::fs::read_to_string(pk).with_context(|| pk.display().to_string())?)
+                .map_err(|e| anyhow!("{}: {e}", pk.display()))?;
+        Ok(TrustSet::build(keys, certs))
+    };
+    // The session index (online): id → (key prefix, start).
+    let mut indexed: BTreeMap<String, (String, DateTime<Utc>)> = BTreeMap::new();
+    let mut warnings = Vec::new();
+    let (store, trust, siem_copy) = if let Some(dir) = store_dir {
+        // Offline: a store copy and the keys the auditor trusts, nothing from the gateway.
         let pk = public_key.ok_or_else(|| anyhow!("--store needs --public-key"))?;
-        let keys = breakglass::signing::PublicKey::parse_lines(&std::fs::read_to_string(&pk)?)
-            .map_err(|e| anyhow!("{}: {e}", pk.display()))?;
-        let store = RecordingStore::local(&dir)?;
-        let mut prefixes = Vec::new();
-        if all {
-            for o in store.list("sessions").await? {
-                if let Some(p) = o.key.strip_suffix("/session-start.json") {
-                    prefixes.push((p.rsplit('/').next().unwrap_or(p).to_string(), p.to_string()));
-                }
-            }
-        } else {
-            let id = session.ok_or_else(|| anyhow!("give a session id or --all"))?;
-            let p = find_prefix(&store, &id).await?;
-            prefixes.push((id, p));
-        }
-        (store, keys, prefixes, siem)
+        let trust = trust_file(&pk)?;
+        let copy = siem.as_deref().map(|p| read_siem(p, false)).transpose()?;
+        (RecordingStore::local(&dir)?, trust, copy)
     } else {
         let cfg = Config::load(config)?;
         let state = open_state(&cfg)?;
-        let keys = breakglass::signing::Signer::load_or_create(&cfg.data_dir)?.all;
-        let store = RecordingStore::from_config(&cfg)?;
-        let rows = if all {
-            state
-                .list_sessions(&SessionFilter {
-                    since: since.as_deref().map(parse_when).transpose()?,
-                    ..Default::default()
-                })
-                .await?
-        } else {
-            let id = session.ok_or_else(|| anyhow!("give a session id or --all"))?;
-            vec![state
-                .find_session(&id)
-                .await?
-                .ok_or_else(|| anyhow!("no session matches `{id}`"))?]
+        let trust = match &public_key {
+            Some(pk) => trust_file(pk)?,
+            None => cfg.signing.trust(&cfg.data_dir)?,
         };
-        let prefixes = rows
-            .into_iter()
-            .map(|r| (r.id, r.recording_prefix))
-            .collect();
-        (
-            store,
-            keys,
-            prefixes,
-            Some(siem.unwrap_or(cfg.siem_file.clone())),
-        )
+        warnings.extend(untrusted_key_warnings(&cfg, &trust));
+        for r in state.list_sessions(&SessionFilter::default()).await? {
+            indexed.insert(r.id, (r.recording_prefix, r.started_at));
+        }
+        let copy = match siem {
+            Some(p) => Some(read_siem(&p, false)?),
+            None if cfg.siem_file.exists() => Some(read_siem(&cfg.siem_file, true)?),
+            None => {
+                warnings.push(format!(
+                    "the SIEM file {} does not exist: no chain heads, checkpoints or missing sessions to compare against",
+                    cfg.siem_file.display()
+                ));
+                None
+            }
+        };
+        (RecordingStore::from_config(&cfg)?, trust, copy)
     };
-    let heads = siem_file.as_deref().map(siem_heads).unwrap_or_default();
+    // Rotation certificates kept with the evidence: an auditor who pinned only the first key
+    // still follows the chain in a copy of the store.
+    let (store_certs, cert_warnings) = breakglass::verify::store_certificates(&store).await?;
+    let trust = trust.with_certificates(store_certs, cert_warnings);
+    warnings.extend(trust.warnings.iter().cloned());
+    if let Some(copy) = &siem_copy {
+        if copy.lines > 0 && copy.events == 0 {
+            warnings.push("the SIEM copy holds no seed-format events (only `format = \"seed\"` is read, not OCSF or CEF): nothing to cross-check against".into());
+        }
+        for c in &trust.chain {
+            if !copy.rotated_keys.contains(&c.key.id) {
+                warnings.push(format!(
+                    "signing key {} is certified by key {}, but the SIEM copy has no signing_key_rotated event for it (a certificate not made by `breakglass keys rotate-signing`, or an older SIEM file)",
+                    c.key.id, c.signed_by
+                ));
+            }
+        }
+    }
+    let keys = trust.keys();
+    if keys.is_empty() {
+        warnings.push("no trusted signing keys: every sealed manifest verifies as TAMPERED; pin keys in [signing] trusted_keys or trusted_keys_file, or pass --public-key".into());
+    }
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    let in_store = store_sessions(&store).await?;
+    let empty = breakglass::verify::SiemCopy::default();
+    let copy = siem_copy.as_ref().unwrap_or(&empty);
+    // Every id any source knows: the index, the store and the SIEM copy.
+    let mut known: BTreeMap<String, Option<DateTime<Utc>>> = BTreeMap::new();
+    for (id, (_, t)) in &indexed {
+        known.insert(id.clone(), Some(*t));
+    }
+    for (id, st) in &in_store {
+        let day = st.prefixes.keys().next().and_then(|p| prefix_day_end(p));
+        known.entry(id.clone()).or_insert(day);
+    }
+    for (id, (_, at)) in copy.started() {
+        let t = DateTime::parse_from_rfc3339(at)
+            .ok()
+            .map(|t| t.with_timezone(&Utc));
+        known.entry(id.clone()).or_insert(t);
+    }
+    let ids: Vec<String> = if all {
+        known
+            .iter()
+            .filter(|(_, t)| match (since, t) {
+                (Some(s), Some(t)) => *t >= s,
+                _ => true,
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    } else {
+        let given = session.ok_or_else(|| anyhow!("give a session id or --all"))?;
+        vec![resolve_id(&given, known.keys())?]
+    };
     let mut worst = 0u8;
-    let total = prefixes.len();
-    for (i, (id, prefix)) in prefixes.iter().enumerate() {
+    let total = ids.len();
+    for (i, id) in ids.iter().enumerate() {
         if all {
             eprint!("\r[{}/{total}] verifying {id} ", i + 1);
         }
-        let head = heads.get(id).map(String::as_str);
-        let (code, line) = match verify_session(&store, prefix, &keys, head).await {
+        let stored = in_store.get(id).cloned().unwrap_or_default();
+        let prefix = stored.pick(indexed.get(id).map(|(p, _)| p.as_str()));
+        let from_siem = copy.sessions.get(id);
+        let verdict = match prefix {
+            Some(p) => verify_session(&store, &p, &keys, from_siem)
+                .await
+                .map(|v| breakglass::verify::with_findings(v, stored.strays(&p))),
+            None => Ok(Verdict::Missing {
+                why: match from_siem.and_then(|s| s.started.as_ref()) {
+                    Some((event, at)) => format!(
+                        "the SIEM recorded its session_start at {at} (event {event}), but the store has no object of it (session deleted)"
+                    ),
+                    None => "no recording of it is in the store".into(),
+                },
+            }),
+        };
+        let (code, line) = match verdict {
             Ok(v) => (v.exit_code(), v.summary()),
             Err(e) => (1, format!("ERROR: {e}")),
         };
@@ -1534,7 +1758,11 @@ async fn audit_export(
     let cfg = Config::load(config)?;
     let store = open_state(&cfg)?;
     let siem = std::sync::Arc::new(Siem::open(cfg.siem.clone())?);
-    let signer = breakglass::signing::Signer::load_or_create(&cfg.data_dir)?;
+    let signer = breakglass::signing::Signer::load_or_create_pinned(
+        &cfg.data_dir,
+        &cfg.signing.trusted_keys_file,
+    )?
+    .use_trusted(&cfg.signing.trust(&cfg.data_dir)?)?;
     let since = parse_when(since)?;
     let until = until
         .map(parse_when)
@@ -1569,12 +1797,16 @@ async fn audit_export(
 }
 
 fn audit_export_verify(config: &Path, dir: &Path, public_key: Option<&Path>) -> Result<ExitCode> {
+    // Trusted keys only (as for `verify`): never a key file found in the data dir.
     let keys = match public_key {
-        Some(pk) => breakglass::signing::PublicKey::parse_lines(&std::fs::read_to_string(pk)?)
-            .map_err(|e| anyhow!("{}: {e}", pk.display()))?,
+        Some(pk) => {
+            let (keys, certs) = breakglass::signing::parse_trust(&std::fs::read_to_string(pk)?)
+                .map_err(|e| anyhow!("{}: {e}", pk.display()))?;
+            breakglass::signing::TrustSet::build(keys, certs).keys()
+        }
         None => {
             let cfg = Config::load(config)?;
-            breakglass::signing::Signer::load_or_create(&cfg.data_dir)?.all
+            cfg.signing.trust(&cfg.data_dir)?.keys()
         }
     };
     let v = breakglass::audit_export::verify_dir(dir, &keys)?;

@@ -63,6 +63,18 @@ struct RawConfig {
     web: RawWeb,
     #[serde(default)]
     reports: RawReports,
+    #[serde(default)]
+    signing: RawSigning,
+}
+
+/// `[signing]`: which manifest signing keys verification trusts.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSigning {
+    /// `ed25519 BASE64 [ID]` lines, as `breakglass keys show --signing` prints them.
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+    trusted_keys_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -334,6 +346,31 @@ pub struct Config {
     pub kek: KekSource,
     /// What the break-glass reports compare sessions against.
     pub reports: ReportsConfig,
+    /// Which manifest signing keys `verify` (online) trusts.
+    pub signing: SigningConfig,
+}
+
+/// The `[signing]` table: the trust anchors of online verification. Keys found in
+/// `<data_dir>/keys/signing/` are not among them unless pinned here or certified by a key that
+/// is (see `crate::signing`).
+#[derive(Debug, Clone)]
+pub struct SigningConfig {
+    /// Keys given inline (`trusted_keys`).
+    pub trusted_keys: Vec<crate::signing::PublicKey>,
+    /// A file of trusted keys (and rotation certificates); default
+    /// `<data_dir>/keys/trusted-signing.pub`, where the gateway pins its first key when it
+    /// creates it and the file does not exist yet.
+    pub trusted_keys_file: PathBuf,
+}
+
+impl SigningConfig {
+    /// The trust these settings give, with the rotation certificates of `data_dir`.
+    pub fn trust(
+        &self,
+        data_dir: &Path,
+    ) -> Result<crate::signing::TrustSet, crate::signing::SigningError> {
+        crate::signing::configured_trust(&self.trusted_keys, &self.trusted_keys_file, data_dir)
+    }
 }
 
 /// The `[reports]` table.
@@ -1497,6 +1534,29 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 })
                 .collect::<Result<_, _>>()?,
         },
+        signing: SigningConfig {
+            trusted_keys: raw
+                .signing
+                .trusted_keys
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    let bad = |why: String| invalid(format!("signing.trusted_keys[{i}]"), why);
+                    match crate::signing::PublicKey::parse_lines(l)
+                        .map_err(bad)?
+                        .as_slice()
+                    {
+                        [k] => Ok(k.clone()),
+                        _ => Err(bad("expected one `ed25519 BASE64 [ID]` key".into())),
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+            trusted_keys_file: raw
+                .signing
+                .trusted_keys_file
+                .map(|p| expand_home(&p))
+                .unwrap_or_else(|| crate::signing::default_pin_file(&data_dir)),
+        },
         data_dir,
     })
 }
@@ -1736,6 +1796,42 @@ login = "root"
             let text = base().replacen(from, to, 1);
             let err = Config::from_toml(&text).expect_err(key).to_string();
             assert!(err.contains(key), "error `{err}` should name `{key}`");
+        }
+    }
+
+    #[test]
+    fn signing_trust_is_pinned_in_the_config() {
+        let c = Config::from_toml(&base()).expect("valid");
+        assert!(c.signing.trusted_keys.is_empty());
+        assert_eq!(
+            c.signing.trusted_keys_file,
+            PathBuf::from("/tmp/bg/keys/trusted-signing.pub")
+        );
+        let key = crate::signing::PublicKey::from_raw(vec![7; 32]);
+        let c = Config::from_toml(&format!(
+            "{}\n[signing]\ntrusted_keys = [\"{}\"]\ntrusted_keys_file = \"/etc/bg/trust.pub\"\n",
+            base(),
+            key.line()
+        ))
+        .expect("valid");
+        assert_eq!(c.signing.trusted_keys, vec![key.clone()]);
+        assert_eq!(
+            c.signing.trusted_keys_file,
+            PathBuf::from("/etc/bg/trust.pub")
+        );
+        for bad in [
+            "ed25519 AAAA".to_string(),
+            format!("{} \\n{}", key.line(), key.line()),
+            key.line().replace(&key.id, "0000000000000000"),
+            String::new(),
+        ] {
+            let err = Config::from_toml(&format!(
+                "{}\n[signing]\ntrusted_keys = [\"{bad}\"]\n",
+                base()
+            ))
+            .expect_err(&bad)
+            .to_string();
+            assert!(err.contains("signing.trusted_keys[0]"), "{err}");
         }
     }
 

@@ -92,7 +92,16 @@ impl Gateway {
         let recordings = RecordingStore::from_config(&config)?;
         let siem_stop = tokio_util::sync::CancellationToken::new();
         let siem = Siem::open(config.siem.clone())?.start(siem_stop.clone())?;
-        let signer = Arc::new(crate::signing::Signer::load_or_create(&config.data_dir)?);
+        // The newest *trusted* key signs: a key dropped into the key directory is never used.
+        let signer = crate::signing::Signer::load_or_create_pinned(
+            &config.data_dir,
+            &config.signing.trusted_keys_file,
+        )?;
+        let trust = config.signing.trust(&config.data_dir)?;
+        for w in &trust.warnings {
+            tracing::warn!("{w}");
+        }
+        let signer = Arc::new(signer.use_trusted(&trust)?);
         let tls = crate::alerts::tls_config(config.alerts_ca_file.as_deref()).map_err(|e| {
             crate::config::ConfigError::Invalid {
                 key: "alerts.ca_file".into(),

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 /// A recording-store failure. Always fatal for the session that hit it (fail closed).
 #[derive(Debug, thiserror::Error)]
@@ -140,11 +140,14 @@ impl RecordingStore {
     /// `.breakglass/lock-probe/`.
     pub async fn check_object_lock(&self) -> Result<(), StorageError> {
         let key = format!(".breakglass/lock-probe/{}", uuid::Uuid::new_v4());
-        self.put_new(&key, Bytes::from_static(b"object lock probe")).await.map_err(|e| {
-            StorageError::Backend(format!(
+        self.put_new(&key, Bytes::from_static(b"object lock probe"))
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                StorageError::Backend(format!(
                 "the bucket refused a locked write, so Object Lock is not enabled or not allowed: {e}"
             ))
-        })
+            })
     }
 
     /// Any object_store backend (tests use the in-memory one).
@@ -169,8 +172,10 @@ impl RecordingStore {
         }
     }
 
-    /// Writes a new object; refuses to overwrite an existing one.
-    pub async fn put_new(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
+    /// Writes a new object; refuses to overwrite an existing one. Returns the version id the
+    /// store gave the object (S3 with versioning, which Object Lock requires), so a manifest
+    /// can pin exactly what was written; `None` on unversioned stores (the local directory).
+    pub async fn put_new(&self, key: &str, bytes: Bytes) -> Result<Option<String>, StorageError> {
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
@@ -180,9 +185,9 @@ impl RecordingStore {
             .put_opts(&ObjPath::from(key), PutPayload::from_bytes(bytes), opts)
             .await
         {
-            Ok(_) => {
+            Ok(r) => {
                 self.seal_local(key);
-                Ok(())
+                Ok(r.version)
             }
             Err(object_store::Error::AlreadyExists { .. }) => {
                 Err(StorageError::AlreadyExists(key.into()))
@@ -195,6 +200,37 @@ impl RecordingStore {
     pub async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
         match self.inner.get(&ObjPath::from(key)).await {
             Ok(r) => r.bytes().await.map_err(backend),
+            Err(object_store::Error::NotFound { .. }) => Err(StorageError::NotFound(key.into())),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    /// Reads one version of an object: the pinned `version` when given (a newer version put
+    /// over it is not what the gateway wrote), else the current one.
+    pub async fn get_version(
+        &self,
+        key: &str,
+        version: Option<&str>,
+    ) -> Result<Bytes, StorageError> {
+        let Some(v) = version else {
+            return self.get(key).await;
+        };
+        let opts = GetOptions {
+            version: Some(v.to_string()),
+            ..Default::default()
+        };
+        match self.inner.get_opts(&ObjPath::from(key), opts).await {
+            Ok(r) => r.bytes().await.map_err(backend),
+            Err(object_store::Error::NotFound { .. }) => Err(StorageError::NotFound(key.into())),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    /// The version id of the current (newest) version of an object; `None` on unversioned
+    /// stores.
+    pub async fn current_version(&self, key: &str) -> Result<Option<String>, StorageError> {
+        match self.inner.head(&ObjPath::from(key)).await {
+            Ok(m) => Ok(m.version),
             Err(object_store::Error::NotFound { .. }) => Err(StorageError::NotFound(key.into())),
             Err(e) => Err(backend(e)),
         }
@@ -240,6 +276,15 @@ pub mod key {
     /// The detached Ed25519 signature of `session.json`.
     pub fn manifest_signature(prefix: &str) -> String {
         format!("{prefix}/session.json.sig")
+    }
+
+    /// Where rotation certificates are kept with the evidence (one per certified key), so an
+    /// offline verifier with only the first pinned key finds the chain in a copy of the store.
+    pub const SIGNING_CERTIFICATES: &str = ".breakglass/signing-keys";
+
+    /// The rotation certificate of signing key `key_id`.
+    pub fn signing_certificate(key_id: &str) -> String {
+        format!("{SIGNING_CERTIFICATES}/{key_id}.cert")
     }
 
     /// A signed-off post-incident review, kept with the evidence.

@@ -1,5 +1,6 @@
-//! Reading recordings back: load a session's chunks from the store and turn any channel into
-//! one asciicast v2 document for `breakglass export` and `breakglass replay`.
+//! Reading recordings back: load a session's chunks from the store (a sealed session's at the
+//! versions its manifest pinned) and turn any channel into one asciicast v2 document for
+//! `breakglass export` and `breakglass replay`.
 
 use std::collections::BTreeMap;
 
@@ -54,10 +55,26 @@ pub async fn load(store: &RecordingStore, prefix: &str) -> Result<Loaded, Export
         Err(StorageError::NotFound(_)) => None,
         Err(e) => return Err(e.into()),
     };
+    // A sealed session is read from its manifest, each object at the version it pinned: a
+    // newer version put over a locked original (S3) is not what the gateway wrote, and an
+    // object the manifest does not list is not part of the recording. An unsealed one is read
+    // from what the store lists.
+    let objects: Vec<(String, Option<String>)> = match &meta {
+        Some(m) => m
+            .objects
+            .iter()
+            .map(|o| (o.key.clone(), o.version.clone()))
+            .collect(),
+        None => store
+            .list(prefix)
+            .await?
+            .into_iter()
+            .map(|o| (o.key, None))
+            .collect(),
+    };
     let mut channels: BTreeMap<u32, ChannelData> = BTreeMap::new();
-    for obj in store.list(prefix).await? {
-        let Some(rest) = obj
-            .key
+    for (obj_key, version) in objects {
+        let Some(rest) = obj_key
             .strip_prefix(prefix)
             .and_then(|r| r.strip_prefix('/'))
         else {
@@ -78,11 +95,16 @@ pub async fn load(store: &RecordingStore, prefix: &str) -> Result<Loaded, Export
         } else {
             continue;
         };
-        let stored = store.get(&obj.key).await?;
+        let stored = match store.get_version(&obj_key, version.as_deref()).await {
+            Ok(b) => b,
+            // A deleted chunk: export what is left; `verify` reports the deletion.
+            Err(StorageError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
         let bytes = if compressed {
             // The writer's own bound (see `raw::MAX_CHUNK_PLAIN`): nothing it wrote is larger.
             raw::decompress(&stored, raw::MAX_CHUNK_PLAIN as u64)
-                .map_err(|e| ExportError::BadChannel(ch, format!("{}: {e}", obj.key)))?
+                .map_err(|e| ExportError::BadChannel(ch, format!("{obj_key}: {e}")))?
         } else {
             stored.to_vec()
         };

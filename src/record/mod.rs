@@ -155,6 +155,10 @@ pub struct ObjectEntry {
     pub sha256: String,
     /// Chain link after this object.
     pub chain: String,
+    /// The version id the store gave this object (S3 with versioning): verify and export read
+    /// exactly this version, and a newer one over it is reported as tampering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// A file moved over scp or sftp.
@@ -269,6 +273,7 @@ pub async fn write_manifest(
     store
         .put_new(&key::manifest_signature(prefix), Bytes::from(sig))
         .await
+        .map(|_| ())
 }
 
 /// First link of a session's hash chain.
@@ -383,7 +388,7 @@ impl Recorder {
         let start_key = key::session_start(&prefix);
         let sha = hex::encode(Sha256::digest(&start));
         let size = start.len() as u64;
-        store.put_new(&start_key, Bytes::from(start)).await?;
+        let version = store.put_new(&start_key, Bytes::from(start)).await?;
         let seed = chain_seed(&info.session_id);
         let link = chain_link(&seed, &start_key, &sha);
         let start_entry = crate::state::LedgerEntry {
@@ -397,6 +402,7 @@ impl Recorder {
             size,
             sha256: sha,
             chain: link.clone(),
+            version,
         }];
         // 4096 messages of at most one SSH packet (32 KiB) each bounds the queue at 128 MiB in
         // the worst case; in practice data messages are much smaller.
@@ -944,6 +950,7 @@ impl RecorderTask {
             Ok(r) => r,
             Err(_) => Err(StorageError::Backend(format!("write of {k} timed out"))),
         };
+        let version = put.as_ref().ok().cloned().flatten();
         if let Err(e) = put {
             // Keep the data for the retry, and a durable copy in the local spool.
             let spooled = plain_for_spool(&plain, ext);
@@ -984,6 +991,7 @@ impl RecorderTask {
             size,
             sha256: sha,
             chain: self.head.clone(),
+            version,
         });
         Ok(1)
     }
@@ -1091,7 +1099,7 @@ pub async fn drain_spool(dir: &std::path::Path, store: &RecordingStore) -> usize
             continue;
         };
         match store.put_new(&key, Bytes::from(bytes)).await {
-            Ok(()) | Err(StorageError::AlreadyExists(_)) => {
+            Ok(_) | Err(StorageError::AlreadyExists(_)) => {
                 let _ = std::fs::remove_file(&p);
                 n += 1;
             }

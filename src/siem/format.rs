@@ -83,6 +83,7 @@ pub fn ocsf_class(e: &AccessEvent) -> (u32, &'static str, u32, &'static str, u32
         | Action::ReviewSigned
         | Action::ReviewOverdue
         | Action::RecordingCheckpoint
+        | Action::SigningKeyRotated
         | Action::SiemTest
         | Action::RecordingViewed
         | Action::RecordingExported
@@ -397,6 +398,7 @@ mod tests {
             Action::CredentialIssued,
             Action::CredentialRotated,
             Action::RecordingCheckpoint,
+            Action::SigningKeyRotated,
             Action::Command,
             Action::Statement,
             Action::SiemTest,

@@ -43,6 +43,8 @@ pub enum Action {
     CredentialIssued,
     CredentialRotated,
     RecordingCheckpoint,
+    /// `breakglass keys rotate-signing`: a new manifest signing key, certified by the old one.
+    SigningKeyRotated,
     /// A command: an SSH exec request or a line typed at a shell (`BREAK_GLASS_ACTION`).
     Command,
     /// A SQL statement sent through the PostgreSQL gateway (`BREAK_GLASS_ACTION`).
@@ -82,6 +84,7 @@ impl Action {
             Action::CredentialIssued => "credential_issued",
             Action::CredentialRotated => "credential_rotated",
             Action::RecordingCheckpoint => "recording_checkpoint",
+            Action::SigningKeyRotated => "signing_key_rotated",
             Action::Command => "command",
             Action::Statement => "statement",
             Action::SiemTest => "siem_test",
@@ -169,6 +172,16 @@ pub struct AccessEvent {
     /// from what ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uncertain: Option<bool>,
+    /// Checkpoint events: how many objects of the recording `chain_head` covers, so `verify`
+    /// can compare the chain at exactly that point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objects: Option<u64>,
+    /// Key rotation events: the new manifest signing key's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key_id: Option<String>,
+    /// Key rotation events: the id of the key that certified the new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_signing_key_id: Option<String>,
 }
 
 impl AccessEvent {
@@ -217,6 +230,9 @@ impl AccessEvent {
             command: None,
             channel: None,
             uncertain: None,
+            objects: None,
+            signing_key_id: None,
+            previous_signing_key_id: None,
         }
     }
 

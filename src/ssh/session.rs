@@ -249,6 +249,7 @@ pub async fn checkpoints(gw: Arc<Gateway>, s: Arc<LiveSession>) {
         let (head, objects) = s.recorder.checkpoint();
         let mut e = s.event(Action::RecordingCheckpoint);
         e.chain_head = Some(head);
+        e.objects = Some(objects as u64);
         e.message = Some(format!("recording checkpoint: {objects} objects stored"));
         if let Err(err) = gw.audit(&e).await {
             tracing::error!(session_id = %s.id, error = %err, "could not write checkpoint event");
@@ -474,6 +475,7 @@ async fn seal_recovered(
             size: content.len() as u64,
             sha256: sha,
             chain: head.clone(),
+            version: None,
         });
     }
     let n = objects.len();

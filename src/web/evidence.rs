@@ -244,19 +244,29 @@ async fn session_page(
         None => None,
     };
     let review = gw.store.find_review(&row.grant_id).await.ok();
-    let integrity = match crate::verify::verify_session(
-        &gw.recordings,
-        &row.recording_prefix,
-        &gw.signer.all,
-        None,
-    )
-    .await
-    {
+    // Only trusted keys (pinned in the config, or certified by one): never the key files found.
+    let verdict = match gw.config.signing.trust(&gw.config.data_dir) {
+        Ok(trust) => crate::verify::verify_session(
+            &gw.recordings,
+            &row.recording_prefix,
+            &trust.keys(),
+            None,
+        )
+        .await
+        .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let integrity = match verdict {
         Ok(v) => json!({
-            "verdict": match v { crate::verify::Verdict::Ok { .. } => "ok", crate::verify::Verdict::Incomplete { .. } => "incomplete", crate::verify::Verdict::Tampered { .. } => "tampered" },
+            "verdict": match v {
+                crate::verify::Verdict::Ok { .. } => "ok",
+                crate::verify::Verdict::Incomplete { .. } => "incomplete",
+                crate::verify::Verdict::Tampered { .. } => "tampered",
+                crate::verify::Verdict::Missing { .. } => "missing",
+            },
             "summary": v.summary(),
         }),
-        Err(e) => json!({ "verdict": "error", "summary": e.to_string() }),
+        Err(e) => json!({ "verdict": "error", "summary": e }),
     };
     let channels: Vec<Value> = match &loaded.meta {
         Some(m) => m

@@ -5,6 +5,7 @@ mod pg_secrets;
 mod secrets;
 mod siem;
 mod support;
+mod tamper;
 mod web;
 
 use std::process::Command;
@@ -1858,9 +1859,89 @@ async fn verify_detects_every_kind_of_tampering() {
     }
 
     // A rotated signing key still verifies what the old key signed; a stranger's key does not.
+    let old_key = text(&w.cli(&["keys", "show", "--signing"]).stdout);
     w.cli_ok(&["keys", "rotate-signing"]);
     let out = w.cli(&["verify", &id]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    // The rotation is announced with both key ids, and the new key is certified by the old.
+    let rotated = w.wait_event("the rotation event", |e| {
+        e["action"] == "signing_key_rotated"
+    });
+    validate("siem-event.schema.json", &rotated);
+    let (new_id, old_id) = (
+        rotated["signing_key_id"]
+            .as_str()
+            .expect("new id")
+            .to_string(),
+        rotated["previous_signing_key_id"]
+            .as_str()
+            .expect("old id")
+            .to_string(),
+    );
+    assert!(old_key.contains(&old_id), "{old_key}");
+    let chain = w.cli_ok(&["keys", "show", "--signing"]);
+    assert!(
+        chain.contains(&format!("# key {new_id} certified by key {old_id}"))
+            && chain.contains("ed25519-cert "),
+        "keys show --signing prints the chain: {chain}"
+    );
+    // A session signed by the new key verifies through the chain: online, and offline with the
+    // printed chain; offline with only the old key (no certificate) it does not.
+    let gw = InProcess::start(&w).await;
+    w.grant("bob", "30m");
+    let out = output(w.ssh("bob", "web-01", &[], &["echo after-rotation"])).await;
+    assert!(out.status.success());
+    w.wait_ended(2);
+    gw.stop().await;
+    let id2 = last_session_id(&w);
+    let sig2 = w.sessions()[0]["recording"]
+        .as_str()
+        .expect("prefix")
+        .to_string();
+    let sig2: Value = serde_json::from_slice(
+        &std::fs::read(
+            w.path("data/recordings")
+                .join(sig2)
+                .join("session.json.sig"),
+        )
+        .expect("sig"),
+    )
+    .expect("json");
+    assert_eq!(sig2["key_id"], new_id.as_str(), "signed by the new key");
+    let out = w.cli(&["verify", &id2]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let (chain_file, old_file) = (w.path("chain.pub"), w.path("old.pub"));
+    std::fs::write(&chain_file, &chain).expect("write");
+    std::fs::write(&old_file, &old_key).expect("write");
+    let store = w.path("data/recordings");
+    let offline = |keys: &std::path::Path, store: &std::path::Path| {
+        w.cli(&[
+            "verify",
+            &id2,
+            "--store",
+            store.to_str().expect("p"),
+            "--public-key",
+            keys.to_str().expect("p"),
+        ])
+    };
+    let out = offline(&chain_file, &store);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    // The certificate is kept with the evidence, so the key pinned at install time is enough.
+    let out = offline(&old_file, &store);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    // Without the certificate, the old key alone does not vouch for the new one.
+    let no_cert = w.path("store-without-certificates");
+    copy_tree(&store, &no_cert);
+    std::fs::remove_dir_all(no_cert.join(".breakglass/signing-keys")).expect("rm certificates");
+    let out = offline(&old_file, &no_cert);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains(&format!(
+            "signed by key {new_id} which is not among the trusted keys"
+        )),
+        "{}",
+        text(&out.stdout)
+    );
     let stranger = w.path("stranger.pub");
     std::fs::write(
         &stranger,
