@@ -124,6 +124,8 @@ pub fn alertable(e: &AccessEvent) -> bool {
         Action::CredentialRotated => e.outcome == "failure",
         // A new manifest signing key changes what verification trusts: custodians hear of it.
         Action::SigningKeyRotated => true,
+        // Planted or removed evidence: custodians hear of it at once.
+        Action::EvidenceRefused => true,
         Action::RecordingCheckpoint
         | Action::Command
         | Action::Statement
@@ -187,6 +189,10 @@ pub fn summary(e: &AccessEvent) -> String {
             e.actor,
             e.signing_key_id.as_deref().unwrap_or("?"),
             e.previous_signing_key_id.as_deref().unwrap_or("?")
+        ),
+        Action::EvidenceRefused => format!(
+            "[breakglass] evidence refused for {who} on {target}: {}",
+            e.message.as_deref().unwrap_or("?")
         ),
         // Not alertable (see `alertable`), but a webhook test or a future rule may send them.
         Action::GrantCreated

@@ -208,18 +208,12 @@ pub async fn start(
     if let Some(s3) = &gw.config.s3 {
         check_worm(s3, &gw.recordings).await?;
     }
-    let drained =
-        crate::record::drain_spool(&gw.config.data_dir.join("spool"), &gw.recordings).await;
-    if drained > 0 {
-        tracing::warn!(
-            chunks = drained,
-            "uploaded chunks spooled during an earlier store outage"
-        );
-    }
     crate::ssh::session::recover_unfinished(&gw).await;
+    crate::ssh::session::seal_pending(&gw).await;
     let serve = async move {
         let accept = tokio::spawn(crate::ssh::serve(listener, gw.clone()));
         let watcher = tokio::spawn(crate::ssh::session::revocation_watcher(gw.clone()));
+        let sealer = tokio::spawn(crate::ssh::session::seal_pending_worker(gw.clone()));
         let expiry = tokio::spawn(crate::control::request_expiry(gw.clone()));
         let overdue = tokio::spawn(crate::review::overdue_watcher(gw.clone()));
         let rotation = tokio::spawn(crate::rotation::worker(gw.clone()));
@@ -279,6 +273,7 @@ pub async fn start(
         }
         gw.siem_stop.cancel();
         watcher.abort();
+        sealer.abort();
         expiry.abort();
         overdue.abort();
         rotation.abort();

@@ -516,6 +516,13 @@ pub async fn verify_session(
             ));
         }
     }
+    // Sealed from the evidence ledger: what the gateway wrote but the store no longer held.
+    for m in &meta.missing {
+        findings.push(format!(
+            "{} was written by the gateway (SHA-256 {}, {} bytes) but was {} before the recording was sealed",
+            m.key, m.sha256, m.size, m.why
+        ));
+    }
     for k in listed.keys() {
         if *k != manifest_key && *k != sig_key && !expected.contains(k) {
             findings.push(format!(
@@ -657,6 +664,7 @@ mod tests {
             channels: Vec::new(),
             markers: Vec::new(),
             objects,
+            missing: Vec::new(),
             chain_algorithm: "test".into(),
             chain_head: link,
             recovered: false,

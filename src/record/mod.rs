@@ -238,6 +238,21 @@ pub struct SessionMeta {
     /// True when a restarted gateway sealed what a crashed one left (INCOMPLETE).
     #[serde(default)]
     pub recovered: bool,
+    /// Objects the evidence ledger says the gateway wrote, which were gone or altered when
+    /// the recording was sealed after a crash or an outage: `verify` says TAMPERED.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<MissingObject>,
+}
+
+/// An object the gateway wrote that was not found as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingObject {
+    pub key: String,
+    /// What the gateway wrote.
+    pub sha256: String,
+    pub size: u64,
+    /// `deleted` or `altered`.
+    pub why: String,
 }
 
 /// The detached signature next to `session.json`.
@@ -1008,6 +1023,9 @@ impl RecorderTask {
                 Err(e) => {
                     let since = *self.outage_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= self.grace {
+                        // What waits in the spool is on the ledger, so the gateway seals it
+                        // once the store is back.
+                        self.commit_ledger().await;
                         return Err(e);
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1024,6 +1042,7 @@ impl RecorderTask {
             chain_algorithm: "sha256(prev \\n key \\n sha256hex(content)), seeded with sha256(\"breakglass-chain-v1\\n\" session_id)".into(),
             chain_head: self.head.clone(),
             recovered: false,
+            missing: Vec::new(),
         };
         self.commit_ledger().await;
         write_manifest(&self.store, &self.prefix, &meta, &self.signer).await?;
@@ -1066,9 +1085,33 @@ fn spool_remove(dir: &std::path::Path, key: &str) {
     }
 }
 
-/// Uploads chunks a previous run left in the spool (create-only; an object already stored is
-/// fine) and removes them. Runs at start, before crashed sessions are sealed.
-pub async fn drain_spool(dir: &std::path::Path, store: &RecordingStore) -> usize {
+/// What a pass over the outage spool did.
+#[derive(Debug, Default)]
+pub struct Drained {
+    /// Chunks uploaded (or found already stored) and removed from the spool.
+    pub uploaded: usize,
+    /// Spool files the evidence ledger does not list with that content: planted or altered.
+    /// They are moved to `spool-refused/` next to the spool, never uploaded.
+    pub refused: Vec<String>,
+}
+
+/// The session id in a recording key (`sessions/YYYY/MM/DD/ID/...`).
+pub fn session_of_key(key: &str) -> Option<&str> {
+    let mut parts = key.split('/');
+    (parts.next()? == "sessions").then_some(())?;
+    parts.nth(3)
+}
+
+/// Uploads spooled chunks (create-only; an object already stored is fine) and removes them —
+/// but only those the evidence ledger lists with the same SHA-256: the spool is a local
+/// directory anyone with the data dir can write. Sessions for which `skip` is true (live here:
+/// their recorder retries its own chunks) are left alone.
+pub async fn drain_spool(
+    dir: &std::path::Path,
+    store: &RecordingStore,
+    ledger: &dyn crate::state::Store,
+    skip: &(dyn Fn(&str) -> bool + Send + Sync),
+) -> Drained {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -1085,7 +1128,8 @@ pub async fn drain_spool(dir: &std::path::Path, store: &RecordingStore) -> usize
         }
     }
     files.sort();
-    let mut n = 0;
+    let mut out = Drained::default();
+    let mut ledgers: BTreeMap<String, Vec<crate::state::LedgerEntry>> = BTreeMap::new();
     for p in files {
         let Some(key) = p
             .strip_prefix(dir)
@@ -1095,18 +1139,58 @@ pub async fn drain_spool(dir: &std::path::Path, store: &RecordingStore) -> usize
         else {
             continue;
         };
+        let Some(session) = session_of_key(&key).map(str::to_string) else {
+            out.refused.push(key.clone());
+            refuse_spooled(dir, &p, &key);
+            continue;
+        };
+        if skip(&session) {
+            continue;
+        }
+        if !ledgers.contains_key(&session) {
+            match ledger.recorded_objects(&session).await {
+                Ok(l) => {
+                    ledgers.insert(session.clone(), l);
+                }
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "evidence ledger unavailable; spooled chunk kept");
+                    continue;
+                }
+            }
+        }
         let Ok(bytes) = std::fs::read(&p) else {
             continue;
         };
+        let sha = hex::encode(Sha256::digest(&bytes));
+        let listed = ledgers
+            .get(&session)
+            .is_some_and(|l| l.iter().any(|e| e.key == key && e.sha256 == sha));
+        if !listed {
+            tracing::error!(key = %key, sha256 = %sha, "spooled file is not what the gateway wrote; refused");
+            out.refused.push(key.clone());
+            refuse_spooled(dir, &p, &key);
+            continue;
+        }
         match store.put_new(&key, Bytes::from(bytes)).await {
             Ok(_) | Err(StorageError::AlreadyExists(_)) => {
                 let _ = std::fs::remove_file(&p);
-                n += 1;
+                out.uploaded += 1;
             }
             Err(e) => tracing::warn!(key = %key, error = %e, "spooled chunk not uploaded yet"),
         }
     }
-    n
+    out
+}
+
+/// Moves a refused spool file out of the spool, keeping it for the investigation.
+fn refuse_spooled(dir: &std::path::Path, path: &std::path::Path, key: &str) {
+    let refused = dir.with_file_name("spool-refused").join(key);
+    if let Some(parent) = refused.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    if std::fs::rename(path, &refused).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// Flushes a channel's decoders and trackers into its buffer and metadata.

@@ -84,6 +84,7 @@ pub fn ocsf_class(e: &AccessEvent) -> (u32, &'static str, u32, &'static str, u32
         | Action::ReviewOverdue
         | Action::RecordingCheckpoint
         | Action::SigningKeyRotated
+        | Action::EvidenceRefused
         | Action::SiemTest
         | Action::RecordingViewed
         | Action::RecordingExported
@@ -406,6 +407,7 @@ mod tests {
             Action::RecordingExported,
             Action::MetadataExported,
             Action::WebLogin,
+            Action::EvidenceRefused,
         ];
         let mut out = Vec::new();
         for proto in ["ssh", "postgres"] {

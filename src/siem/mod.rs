@@ -60,6 +60,9 @@ pub enum Action {
     MetadataExported,
     /// A person logged in to the web UI with a single-use link.
     WebLogin,
+    /// The store or the outage spool held an object the gateway did not write as found (planted,
+    /// altered or deleted evidence); it was not adopted.
+    EvidenceRefused,
 }
 
 impl Action {
@@ -92,6 +95,7 @@ impl Action {
             Action::RecordingExported => "recording_exported",
             Action::MetadataExported => "metadata_exported",
             Action::WebLogin => "web_login",
+            Action::EvidenceRefused => "evidence_refused",
         }
     }
 }

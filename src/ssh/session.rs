@@ -441,67 +441,280 @@ pub async fn revocation_watcher(gw: Arc<Gateway>) {
     }
 }
 
-/// Writes a signed manifest over what a crashed session left in the store, marked
-/// `recovered` (verify reports INCOMPLETE). Objects are chained in key order: the start object,
-/// then each channel's chunks in sequence.
-async fn seal_recovered(
+/// A base event about a session known only from its index row.
+async fn row_event(gw: &Gateway, row: &crate::state::SessionRow, action: Action) -> AccessEvent {
+    let mut e = AccessEvent::new(action, &row.person);
+    e.person = Some(row.person.clone());
+    e.target = Some(row.target.clone());
+    e.protocol = row.protocol.clone();
+    e.session_id = Some(row.id.clone());
+    e.grant_id = Some(row.grant_id.clone());
+    e.correlation_id = Some(match gw.store.find_grant(&row.grant_id).await {
+        Ok(g) => g.correlation_id().to_string(),
+        Err(_) => row.grant_id.clone(),
+    });
+    e.recording = Some(row.recording_prefix.clone());
+    e
+}
+
+/// What sealing a session from its evidence ledger found.
+struct LedgerSeal {
+    objects: usize,
+    head: String,
+    /// Written by the gateway, gone or altered.
+    missing: Vec<crate::record::MissingObject>,
+    /// Under the session's prefix, never written by the gateway: not adopted.
+    foreign: Vec<String>,
+}
+
+/// Writes a signed manifest, marked `recovered` (verify reports INCOMPLETE), over what a
+/// session left when its own recorder could not seal it (a crash, or a store outage at its
+/// end). Only objects the evidence ledger lists with the same hash are adopted, in the order
+/// the gateway chained them (so every checkpoint the SIEM holds still matches); objects the
+/// ledger lists but the store lacks or holds altered are named in `missing`; anything else
+/// under the prefix is left out, so `verify` reports it. None: already sealed.
+async fn seal_from_ledger(
     gw: &Gateway,
     row: &crate::state::SessionRow,
-) -> Result<usize, crate::storage::StorageError> {
-    use crate::storage::key;
+) -> Result<Option<LedgerSeal>, crate::storage::StorageError> {
+    use crate::storage::{key, StorageError};
     use sha2::Digest;
     let prefix = &row.recording_prefix;
     if gw.recordings.get(&key::session_end(prefix)).await.is_ok() {
-        return Ok(0);
+        return Ok(None);
     }
-    let start = gw.recordings.get(&key::session_start(prefix)).await?;
+    let ledger = gw
+        .store
+        .recorded_objects(&row.id)
+        .await
+        .map_err(|e| StorageError::Backend(format!("evidence ledger: {e}")))?;
+    let start_key = key::session_start(prefix);
+    let start = gw.recordings.get(&start_key).await?;
     let info: SessionInfo = serde_json::from_slice::<serde_json::Value>(&start)
         .ok()
         .and_then(|v| serde_json::from_value(v["session"].clone()).ok())
-        .ok_or_else(|| {
-            crate::storage::StorageError::Backend("session-start.json is unreadable".into())
-        })?;
-    let mut listed = gw.recordings.list(prefix).await?;
-    let start_key = key::session_start(prefix);
-    listed.sort_by_key(|o| (o.key != start_key, o.key.clone()));
+        .ok_or_else(|| StorageError::Backend("session-start.json is unreadable".into()))?;
+    let listed: Vec<String> = gw
+        .recordings
+        .list(prefix)
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    // A session from before the ledger existed: adopt what is stored, in key order.
+    let entries: Vec<crate::state::LedgerEntry> = if ledger.is_empty() {
+        tracing::warn!(session_id = %row.id, "no evidence ledger for this session (written by an older gateway); adopting the stored objects as listed");
+        let mut keys = listed.clone();
+        keys.sort_by_key(|k| (*k != start_key, k.clone()));
+        let mut v = Vec::new();
+        for k in keys {
+            let content = gw.recordings.get(&k).await?;
+            v.push(crate::state::LedgerEntry {
+                key: k,
+                size: content.len() as u64,
+                sha256: hex::encode(sha2::Sha256::digest(&content)),
+                chained: None,
+            });
+        }
+        v
+    } else {
+        ledger
+    };
     let mut head = crate::record::chain_seed(&info.session_id);
     let mut objects = Vec::new();
-    for o in listed {
-        let content = gw.recordings.get(&o.key).await?;
-        let sha = hex::encode(sha2::Sha256::digest(&content));
-        head = crate::record::chain_link(&head, &o.key, &sha);
-        objects.push(crate::record::ObjectEntry {
-            key: o.key,
-            size: content.len() as u64,
-            sha256: sha,
-            chain: head.clone(),
-            version: None,
-        });
+    let mut missing = Vec::new();
+    for e in &entries {
+        let why = match gw.recordings.get(&e.key).await {
+            Ok(content) if hex::encode(sha2::Sha256::digest(&content)) == e.sha256 => None,
+            Ok(_) => Some("altered"),
+            Err(StorageError::NotFound(_)) => Some("deleted"),
+            Err(err) => return Err(err),
+        };
+        match why {
+            None => {
+                head = crate::record::chain_link(&head, &e.key, &e.sha256);
+                objects.push(crate::record::ObjectEntry {
+                    key: e.key.clone(),
+                    size: e.size,
+                    sha256: e.sha256.clone(),
+                    chain: head.clone(),
+                    version: None,
+                });
+            }
+            Some(why) => missing.push(crate::record::MissingObject {
+                key: e.key.clone(),
+                sha256: e.sha256.clone(),
+                size: e.size,
+                why: why.into(),
+            }),
+        }
     }
-    let n = objects.len();
+    let foreign: Vec<String> = listed
+        .into_iter()
+        .filter(|k| !entries.iter().any(|e| e.key == *k))
+        .collect();
+    let ended_at = row.ended_at.unwrap_or_else(clock::now);
+    let (end_reason, end_message) = match row.end_reason.as_deref() {
+        Some("gateway_crashed") | None => (
+            "gateway_crashed".to_string(),
+            "the gateway stopped during this session; sealed from the evidence ledger".to_string(),
+        ),
+        Some(r) => (
+            r.to_string(),
+            "the recording store failed as the session ended; sealed from the evidence ledger once it was back".to_string(),
+        ),
+    };
     let meta = crate::record::SessionMeta {
         schema_version: crate::record::SESSION_SCHEMA_VERSION,
         session: info,
         end: SessionEndInfo {
-            ended_at: clock::rfc3339(clock::now()),
-            end_reason: "gateway_crashed".into(),
-            end_message: "the gateway stopped during this session; sealed on restart".into(),
+            ended_at: clock::rfc3339(ended_at),
+            end_reason,
+            end_message,
             bytes_in: row.bytes_in,
             bytes_out: row.bytes_out,
         },
         channels: Vec::new(),
         markers: Vec::new(),
         objects,
-        chain_algorithm: "sha256(prev \\n key \\n sha256hex(content)), seeded with sha256(\"breakglass-chain-v1\\n\" session_id); recovered: key order".into(),
-        chain_head: head,
+        chain_algorithm: "sha256(prev \\n key \\n sha256hex(content)), seeded with sha256(\"breakglass-chain-v1\\n\" session_id); recovered: the evidence ledger's order".into(),
+        chain_head: head.clone(),
         recovered: true,
+        missing: missing.clone(),
     };
+    let n = meta.objects.len();
     crate::record::write_manifest(&gw.recordings, prefix, &meta, &gw.signer).await?;
-    Ok(n)
+    Ok(Some(LedgerSeal {
+        objects: n,
+        head,
+        missing,
+        foreign,
+    }))
+}
+
+/// Puts on the record that the store or the spool held something the gateway did not write
+/// as found (log and an alerting SIEM event naming the object).
+async fn report_refused(
+    gw: &Gateway,
+    row: Option<&crate::state::SessionRow>,
+    key: &str,
+    what: &str,
+) {
+    tracing::error!(key = %key, "{what}");
+    let mut e = match row {
+        Some(r) => row_event(gw, r, Action::EvidenceRefused).await,
+        None => AccessEvent::new(Action::EvidenceRefused, "gateway"),
+    };
+    e.recording = Some(key.to_string());
+    e.outcome = "failure".into();
+    e.side = Some("internal".into());
+    e.message = Some(format!("{key}: {what}"));
+    if let Err(err) = gw.audit(&e).await {
+        tracing::error!(error = %err, "could not write SIEM event");
+    }
+}
+
+/// Uploads spooled chunks the ledger vouches for (refusing planted ones) and seals every ended
+/// session whose recording is not sealed yet. Runs at start and then every few seconds, so a
+/// session that ended during a store outage is sealed as soon as the store is back.
+pub async fn seal_pending(gw: &Gateway) {
+    let live: std::collections::HashSet<String> = match gw.store.unfinished_sessions().await {
+        Ok(rows) => rows.into_iter().map(|r| r.id).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list live sessions; spool and sealing wait");
+            return;
+        }
+    };
+    let spool = gw.config.data_dir.join("spool");
+    let skip = move |id: &str| live.contains(id);
+    let drained = crate::record::drain_spool(&spool, &gw.recordings, &*gw.store, &skip).await;
+    if drained.uploaded > 0 {
+        tracing::warn!(
+            chunks = drained.uploaded,
+            "uploaded chunks spooled during a store outage"
+        );
+    }
+    for key in &drained.refused {
+        let row = match crate::record::session_of_key(key) {
+            Some(id) => gw.store.find_session(id).await.ok().flatten(),
+            None => None,
+        };
+        report_refused(
+            gw,
+            row.as_ref(),
+            key,
+            "a file in the outage spool is not what the gateway wrote (not in the evidence ledger with that hash); refused and moved to spool-refused/",
+        )
+        .await;
+    }
+    let rows = match gw.store.unsealed_sessions().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look for unsealed sessions");
+            return;
+        }
+    };
+    for row in rows {
+        match seal_from_ledger(gw, &row).await {
+            Ok(None) => {}
+            Ok(Some(sealed)) => {
+                tracing::warn!(session_id = %row.id, objects = sealed.objects, "sealed a recording its session could not seal (INCOMPLETE)");
+                for m in &sealed.missing {
+                    report_refused(
+                        gw,
+                        Some(&row),
+                        &m.key,
+                        &format!(
+                            "the gateway wrote this object (SHA-256 {}), but at sealing it was {}",
+                            m.sha256, m.why
+                        ),
+                    )
+                    .await;
+                }
+                for k in &sealed.foreign {
+                    report_refused(
+                        gw,
+                        Some(&row),
+                        k,
+                        "this object is under the session's prefix but the gateway never wrote it; not adopted",
+                    )
+                    .await;
+                }
+                // The head of the sealed chain reaches the SIEM, so a later cut is caught.
+                let mut e = row_event(gw, &row, Action::RecordingCheckpoint).await;
+                e.chain_head = Some(sealed.head.clone());
+                e.objects = Some(sealed.objects as u64);
+                e.message = Some(format!(
+                    "recording sealed from the evidence ledger: {} objects",
+                    sealed.objects
+                ));
+                if let Err(err) = gw.audit(&e).await {
+                    tracing::error!(error = %err, "could not write SIEM event");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(session_id = %row.id, error = %e, "recording not sealed yet; retried");
+                continue;
+            }
+        }
+        if let Err(e) = gw.store.set_sealed(&row.id, true).await {
+            tracing::warn!(session_id = %row.id, error = %e, "could not mark the recording sealed");
+        }
+    }
+}
+
+/// Runs [`seal_pending`] every few seconds until shutdown.
+pub async fn seal_pending_worker(gw: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        seal_pending(&gw).await;
+    }
 }
 
 /// Closes index rows left open by a gateway that died, so `sessions list` tells the truth.
-/// The chunks written before the crash stay in the store and export as they are.
+/// [`seal_pending`] then seals their recordings from the evidence ledger.
 pub async fn recover_unfinished(gw: &Gateway) {
     let rows = match gw.store.unfinished_sessions().await {
         Ok(r) => r,
@@ -539,14 +752,6 @@ pub async fn recover_unfinished(gw: &Gateway) {
             Some("the gateway stopped during this session; the recording is incomplete".into());
         if let Err(err) = gw.audit(&e).await {
             tracing::error!(error = %err, "could not write SIEM event");
-        }
-        match seal_recovered(gw, &row).await {
-            Ok(n) => {
-                tracing::warn!(session_id = %row.id, objects = n, "sealed a recording left by a crash as INCOMPLETE")
-            }
-            Err(e) => {
-                tracing::error!(session_id = %row.id, error = %e, "could not seal a crashed session's recording")
-            }
         }
     }
 }

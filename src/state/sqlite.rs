@@ -173,7 +173,8 @@ const MIGRATIONS: &[&str] = &[
         chain TEXT,
         PRIMARY KEY (session_id, key)
      );
-     ALTER TABLE sessions ADD COLUMN sealed INTEGER NOT NULL DEFAULT 0;",
+     ALTER TABLE sessions ADD COLUMN sealed INTEGER NOT NULL DEFAULT 0;
+     CREATE INDEX sessions_unsealed ON sessions(sealed) WHERE sealed = 0;",
 ];
 
 /// SQLite behind a mutex; calls run on the blocking pool.
