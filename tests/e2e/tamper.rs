@@ -670,6 +670,24 @@ async fn every_attack_on_a_recording_is_tampered_or_missing() {
         .collect();
     chunks.sort();
     std::fs::remove_file(&chunks[1]).expect("delete a chunk the checkpoint covers");
+    let deleted_key = chunks[1]
+        .strip_prefix(wc.path("data/recordings"))
+        .expect("in the store")
+        .display()
+        .to_string();
+    // Plant a chunk in the store and one in the outage spool before the restart.
+    let planted_store = format!("{cprefix}/ch0000/00009998.cast");
+    write_file(
+        &wc.path("data/recordings").join(&planted_store),
+        b"[0.1, \"o\", \"planted-in-store\"]\n",
+    );
+    let planted_spool = format!("{cprefix}/ch0000/00009999.cast");
+    let spool_file = wc.path("data/spool").join(&planted_spool);
+    std::fs::create_dir_all(spool_file.parent().expect("dir")).expect("spool dir");
+    write_file(
+        &wc.path("data/spool").join(&planted_spool),
+        b"[0.2, \"o\", \"planted-in-spool\"]\n",
+    );
     let _gw2 = Process::start(&wc);
     wait_for(
         "the restart seals the crashed session",
@@ -688,8 +706,34 @@ async fn every_attack_on_a_recording_is_tampered_or_missing() {
         line.contains(&format!("recording_checkpoint {cp_id} at")),
         "the checkpoint is named: {line}"
     );
+    assert!(
+        line.contains(&format!(
+            "{deleted_key} was written by the gateway"
+        )) && line.contains("but was deleted before the recording was sealed"),
+        "the evidence ledger names the deleted chunk: {line}"
+    );
+    assert!(
+        line.contains(&format!("{planted_store} is not in the manifest")),
+        "the planted store object is not adopted: {line}"
+    );
+    // The planted spool file was refused: never uploaded, moved aside, on the record.
+    assert!(!wc.path("data/recordings").join(&planted_spool).exists());
+    assert!(!wc.path("data/spool").join(&planted_spool).exists());
+    assert!(wc.path("data/spool-refused").join(&planted_spool).exists());
+    for (key, what) in [
+        (&planted_spool, "outage spool"),
+        (&planted_store, "never wrote it"),
+        (&deleted_key, "deleted"),
+    ] {
+        wc.wait_event(&format!("evidence_refused for {key}"), |e| {
+            e["action"] == "evidence_refused"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(key.as_str()) && m.contains(what))
+        });
+    }
     table.push((
-        "kill -9, delete a chunk older than the last checkpoint, restart seals the rest as recovered",
+        "kill -9, delete a chunk older than the last checkpoint, plant a chunk in the store and one in the spool; restart seals from the evidence ledger",
         line,
     ));
 
