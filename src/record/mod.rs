@@ -1093,6 +1093,9 @@ pub struct Drained {
     /// Spool files the evidence ledger does not list with that content: planted or altered.
     /// They are moved to `spool-refused/` next to the spool, never uploaded.
     pub refused: Vec<String>,
+    /// Sessions with chunks still in the spool (the store is still failing, or they are live):
+    /// not to be sealed yet.
+    pub waiting: std::collections::BTreeSet<String>,
 }
 
 /// The session id in a recording key (`sessions/YYYY/MM/DD/ID/...`).
@@ -1145,6 +1148,7 @@ pub async fn drain_spool(
             continue;
         };
         if skip(&session) {
+            out.waiting.insert(session);
             continue;
         }
         if !ledgers.contains_key(&session) {
@@ -1154,11 +1158,13 @@ pub async fn drain_spool(
                 }
                 Err(e) => {
                     tracing::warn!(key = %key, error = %e, "evidence ledger unavailable; spooled chunk kept");
+                    out.waiting.insert(session);
                     continue;
                 }
             }
         }
         let Ok(bytes) = std::fs::read(&p) else {
+            out.waiting.insert(session);
             continue;
         };
         let sha = hex::encode(Sha256::digest(&bytes));
@@ -1176,7 +1182,10 @@ pub async fn drain_spool(
                 let _ = std::fs::remove_file(&p);
                 out.uploaded += 1;
             }
-            Err(e) => tracing::warn!(key = %key, error = %e, "spooled chunk not uploaded yet"),
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "spooled chunk not uploaded yet");
+                out.waiting.insert(session);
+            }
         }
     }
     out

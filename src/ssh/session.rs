@@ -655,6 +655,10 @@ pub async fn seal_pending(gw: &Gateway) {
         }
     };
     for row in rows {
+        // Its spooled chunks first: sealing without them would call them deleted.
+        if drained.waiting.contains(&row.id) {
+            continue;
+        }
         match seal_from_ledger(gw, &row).await {
             Ok(None) => {}
             Ok(Some(sealed)) => {

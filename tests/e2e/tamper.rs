@@ -707,9 +707,8 @@ async fn every_attack_on_a_recording_is_tampered_or_missing() {
         "the checkpoint is named: {line}"
     );
     assert!(
-        line.contains(&format!(
-            "{deleted_key} was written by the gateway"
-        )) && line.contains("but was deleted before the recording was sealed"),
+        line.contains(&format!("{deleted_key} was written by the gateway"))
+            && line.contains("but was deleted before the recording was sealed"),
         "the evidence ledger names the deleted chunk: {line}"
     );
     assert!(

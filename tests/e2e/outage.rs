@@ -1,0 +1,99 @@
+//! A store outage that ends a session: its spooled chunks go up and its recording is sealed
+//! (signed, chain head to the SIEM) by the running gateway as soon as the store is back — not
+//! at the next restart, and never left unsealed with a tail anyone could cut unnoticed.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_by_a_store_outage_is_sealed_once_the_store_is_back() {
+    let w = World::with(Opts {
+        extra_limits:
+            "flush_interval = \"100ms\"\nstorage_grace = \"1s\"\ncheckpoint_interval = \"300ms\""
+                .into(),
+        ..Default::default()
+    });
+    let gw = InProcess::start(&w).await;
+    w.grant("alice", "30m");
+    let mut child = super::start_long_session(
+        &w,
+        &[],
+        "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.05; done",
+    );
+    let id = super::last_session_id(&w);
+    let prefix = w.sessions()[0]["recording"]
+        .as_str()
+        .expect("prefix")
+        .to_string();
+    let dir = w.path("data/recordings").join(&prefix);
+    let chdir = dir.join("ch0000");
+    let stored_before = wait_for("three stored chunks", Duration::from_secs(10), || {
+        let n = std::fs::read_dir(&chdir).ok()?.count();
+        (n >= 3).then_some(n)
+    });
+    // The outage: the channel's directory is replaced by a file, so every write fails.
+    let away = dir.join("ch0000.away");
+    std::fs::rename(&chdir, &away).expect("move the channel dir away");
+    std::fs::write(&chdir, b"blocked").expect("block the path");
+    let (code, _out, err) = super::wait_exit(&mut child, Duration::from_secs(15));
+    assert_ne!(code, Some(0));
+    assert!(err.contains("recording failed"), "{err}");
+    let end = w.wait_event("the failed end", |e| e["action"] == "session_end");
+    assert_eq!(end["reason"], "recording_failed");
+    assert!(end["chain_head"].is_null(), "not sealed yet: {end}");
+    assert!(!dir.join("session.json").exists());
+    let spooled = w.path("data/spool").join(&prefix).join("ch0000");
+    let waiting = std::fs::read_dir(&spooled).map(|r| r.count()).unwrap_or(0);
+    assert!(waiting >= 1, "the outage's data waits in the spool");
+
+    // The store comes back; the running gateway uploads the spool and seals the session.
+    std::fs::remove_file(&chdir).expect("unblock");
+    std::fs::rename(&away, &chdir).expect("move the channel dir back");
+    wait_for("the late seal", Duration::from_secs(20), || {
+        dir.join("session.json.sig").exists().then_some(())
+    });
+    let meta = super::session_meta(&w, &id);
+    assert_eq!(meta["recovered"], true, "{meta}");
+    let objects = meta["objects"].as_array().expect("objects").len();
+    assert!(
+        objects > stored_before + 1,
+        "the spooled chunks are adopted: {objects} objects, {stored_before} chunks before"
+    );
+    assert!(meta["missing"].is_null(), "nothing missing: {meta}");
+    let head = meta["chain_head"].as_str().expect("head").to_string();
+    w.wait_event("the sealed chain head in the SIEM", |e| {
+        e["action"] == "recording_checkpoint"
+            && e["session_id"] == id.as_str()
+            && e["chain_head"] == head.as_str()
+    });
+    assert_eq!(
+        std::fs::read_dir(&spooled).map(|r| r.count()).unwrap_or(0),
+        0,
+        "the spool is drained"
+    );
+    gw.stop().await;
+
+    let out = w.cli(&["verify", &id]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "INCOMPLETE, nothing tampered: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    // The tail written during the outage is in the export.
+    let cast = super::export(&w, &id);
+    let last = cast
+        .lines()
+        .filter_map(|l| l.split("tick-").nth(1))
+        .filter_map(|t| {
+            t.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
+        .max()
+        .expect("ticks in the export");
+    assert!(last > 10, "the export runs to tick {last}");
+}
