@@ -38,6 +38,18 @@ const MAX_CHUNK_BYTES: usize = 4 << 20;
 /// ends (fail closed).
 const SPOOL_LIMIT: usize = 64 << 20;
 
+/// The most payload bytes queued for the recorder (data messages not yet taken in). With the
+/// recorder's own buffers (at most [`SPOOL_LIMIT`] plus one message) and a pty channel's held
+/// input ([`echo::MAX_HELD_BYTES`]), this bounds a session's recording memory.
+pub const QUEUE_BYTES: usize = 16 << 20;
+
+/// A queued message and its share of [`QUEUE_BYTES`].
+#[derive(Debug)]
+struct Queued {
+    msg: RecMsg,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// Messages queued for the recorder. The queue is bounded; when it is full the relay waits
 /// (backpressure) up to `recorder_stall_timeout`, then the session ends (fail closed). Nothing
 /// is ever dropped.
@@ -334,7 +346,9 @@ impl Failure {
 /// The relay's handle to the session recorder.
 #[derive(Clone)]
 pub struct Recorder {
-    tx: mpsc::Sender<RecMsg>,
+    tx: mpsc::Sender<Queued>,
+    /// Payload bytes the queue may hold ([`QUEUE_BYTES`]).
+    budget: Arc<tokio::sync::Semaphore>,
     stall: Duration,
     pub failure: Failure,
     /// The chain head and object count after the last stored object (for checkpoints).
@@ -419,9 +433,10 @@ impl Recorder {
             chain: link.clone(),
             version,
         }];
-        // 4096 messages of at most one SSH packet (32 KiB) each bounds the queue at 128 MiB in
-        // the worst case; in practice data messages are much smaller.
+        // Bounded twice: 4096 messages, and QUEUE_BYTES of payload (a permit per byte travels
+        // with each data message until the recorder has taken it in).
         let (tx, rx) = mpsc::channel(4096);
+        let budget = Arc::new(tokio::sync::Semaphore::new(QUEUE_BYTES));
         let failure = Failure::default();
         let checkpoint = Arc::new(Mutex::new((link.clone(), 1usize)));
         let task = RecorderTask {
@@ -451,6 +466,7 @@ impl Recorder {
         });
         Ok(Recorder {
             tx,
+            budget,
             stall,
             failure,
             checkpoint,
@@ -463,10 +479,40 @@ impl Recorder {
         if self.failure.token.is_cancelled() {
             return Err(());
         }
-        match self.tx.try_send(msg) {
+        let permit = match &msg {
+            RecMsg::Data { data, .. } => {
+                let n = u32::try_from(data.len().clamp(1, QUEUE_BYTES)).unwrap_or(u32::MAX);
+                match self.budget.clone().try_acquire_many_owned(n) {
+                    Ok(p) => Some(p),
+                    Err(_) => match tokio::time::timeout(
+                        self.stall,
+                        self.budget.clone().acquire_many_owned(n),
+                    )
+                    .await
+                    {
+                        Ok(Ok(p)) => Some(p),
+                        Ok(Err(_)) => {
+                            self.failure.fail("recorder stopped".into());
+                            return Err(());
+                        }
+                        Err(_) => {
+                            self.failure
+                                .fail(format!("recorder could not keep up for {:?}", self.stall));
+                            return Err(());
+                        }
+                    },
+                }
+            }
+            _ => None,
+        };
+        let item = Queued {
+            msg,
+            _permit: permit,
+        };
+        match self.tx.try_send(item) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                match tokio::time::timeout(self.stall, self.tx.send(msg)).await {
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                match tokio::time::timeout(self.stall, self.tx.send(item)).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(_)) => {
                         self.failure.fail("recorder stopped".into());
@@ -498,7 +544,10 @@ impl Recorder {
     pub async fn finish(&self, end: SessionEndInfo) -> Result<SessionMeta, StorageError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(RecMsg::Finish { end, reply })
+            .send(Queued {
+                msg: RecMsg::Finish { end, reply },
+                _permit: None,
+            })
             .await
             .map_err(|_| {
                 StorageError::Backend("recorder stopped before the session was sealed".into())
@@ -567,14 +616,16 @@ fn secs(d: Duration) -> f64 {
 }
 
 impl RecorderTask {
-    async fn run(mut self, mut rx: mpsc::Receiver<RecMsg>, flush_interval: Duration) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Queued>, flush_interval: Duration) {
         let mut tick = tokio::time::interval(flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let room = self.buffered() < SPOOL_LIMIT;
             tokio::select! {
-                msg = rx.recv(), if room => {
-                    let Some(msg) = msg else {
+                item = rx.recv(), if room => {
+                    // The permit goes when the message is taken in: its bytes are in the
+                    // recorder's buffers (bounded by SPOOL_LIMIT) from then on.
+                    let Some(Queued { msg, .. }) = item else {
                         // Every sender is gone without a Finish: flush what we have so a crash
                         // of the session task loses nothing already tapped.
                         let _ = self.flush_all().await;
