@@ -42,6 +42,8 @@ pub struct Gateway {
     pub shutdown: Shutdown,
     /// The address the HTTP listener got (the configured one may have port 0), for links.
     pub http_bound: std::sync::OnceLock<SocketAddr>,
+    /// The outage spool's authentication key, from the vault (set at start).
+    pub spool_mac: std::sync::OnceLock<Arc<crate::record::SpoolMac>>,
 }
 
 /// A startup failure.
@@ -123,6 +125,7 @@ impl Gateway {
             pg_cancel: Mutex::new(HashMap::new()),
             shutdown: Shutdown::new(),
             http_bound: std::sync::OnceLock::new(),
+            spool_mac: std::sync::OnceLock::new(),
         }))
     }
 
@@ -207,6 +210,15 @@ pub async fn start(
     };
     if let Some(s3) = &gw.config.s3 {
         check_worm(s3, &gw.recordings).await?;
+    }
+    match spool_key(&gw).await {
+        Ok(k) => {
+            let _ = gw.spool_mac.set(Arc::new(k));
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "the outage spool is not authenticated (no vault key); only the evidence ledger vouches for it"
+        ),
     }
     crate::ssh::session::recover_unfinished(&gw).await;
     crate::ssh::session::seal_pending(&gw).await;
@@ -371,4 +383,34 @@ pub async fn run(
     tracing::info!(ssh = %bound.ssh, http = ?bound.http, "breakglass listening");
     serve.await;
     Ok(())
+}
+
+/// Loads the outage spool's authentication key from the vault, creating it on first start.
+async fn spool_key(gw: &Gateway) -> Result<crate::record::SpoolMac, String> {
+    use crate::record::SpoolMac;
+    let kek = crate::rotation::kek(&gw.config.kek).map_err(|e| e.to_string())?;
+    let name = SpoolMac::VAULT_NAME;
+    let hex_key = match gw
+        .store
+        .vault_get(name, "current")
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Some(blob) => kek.open(name, &blob).map_err(|e| e.to_string())?,
+        None => {
+            let mut raw = [0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+                .map_err(|_| "no randomness".to_string())?;
+            let secret = crate::vault::Secret::new(hex::encode(raw));
+            let blob = kek.seal(name, &secret).map_err(|e| e.to_string())?;
+            gw.store
+                .vault_put(name, "current", &blob, crate::clock::now())
+                .await
+                .map_err(|e| e.to_string())?;
+            secret
+        }
+    };
+    let raw = hex::decode(hex_key.expose())
+        .map_err(|_| "the spool key in the vault is malformed".to_string())?;
+    Ok(SpoolMac::new(&raw))
 }

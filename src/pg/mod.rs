@@ -295,6 +295,7 @@ async fn handle(
         stall: gw.config.limits.recorder_stall_timeout,
         grace: gw.config.limits.storage_grace,
         spool_dir: gw.config.data_dir.join("spool"),
+        spool_mac: gw.spool_mac.get().cloned(),
         signer: gw.signer.clone(),
         // No pty channels here; PostgreSQL secrets are masked by the relay.
         redact_no_echo: true,

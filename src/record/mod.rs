@@ -366,6 +366,9 @@ pub struct RecorderSettings {
     pub grace: Duration,
     /// Where refused chunks wait on local disk.
     pub spool_dir: std::path::PathBuf,
+    /// Authenticates each spooled chunk (a `.mac` file beside it); None when the vault's KEK
+    /// is unavailable, and then only the evidence ledger vouches for the spool.
+    pub spool_mac: Option<Arc<SpoolMac>>,
     /// Signs the manifest.
     pub signer: Arc<crate::signing::Signer>,
     /// Keep input typed without echo out of the record (the target's `redact_no_echo`).
@@ -405,6 +408,7 @@ impl Recorder {
             stall,
             grace,
             spool_dir,
+            spool_mac,
             signer,
             redact_no_echo,
             ledger,
@@ -452,6 +456,7 @@ impl Recorder {
             signer,
             grace,
             spool_dir,
+            spool_mac,
             outage_since: None,
             checkpoint: checkpoint.clone(),
             actions,
@@ -597,6 +602,7 @@ struct RecorderTask {
     /// Where chunks the store refused wait on local disk (fsync'd), so a crash during an
     /// outage still loses at most one flush interval; drained at the next start.
     spool_dir: std::path::PathBuf,
+    spool_mac: Option<Arc<SpoolMac>>,
     /// When the current store outage began.
     outage_since: Option<Instant>,
     /// Shared with the session for periodic checkpoint events.
@@ -1020,7 +1026,7 @@ impl RecorderTask {
         if let Err(e) = put {
             // Keep the data for the retry, and a durable copy in the local spool.
             let spooled = plain_for_spool(&plain, ext);
-            match spool_write(&self.spool_dir, &k, &spooled) {
+            match spool_write(&self.spool_dir, &k, &spooled, self.spool_mac.as_deref()) {
                 Ok(()) => self.ledger_pending.push(crate::state::LedgerEntry {
                     key: k.clone(),
                     size: spooled.len() as u64,
@@ -1116,23 +1122,85 @@ fn plain_for_spool(plain: &[u8], ext: &str) -> Vec<u8> {
 }
 
 /// Writes (replacing) a spooled chunk atomically and durably.
-fn spool_write(dir: &std::path::Path, key: &str, bytes: &[u8]) -> std::io::Result<()> {
+fn spool_write(
+    dir: &std::path::Path,
+    key: &str,
+    bytes: &[u8],
+    mac: Option<&SpoolMac>,
+) -> std::io::Result<()> {
     use std::io::Write;
     let path = dir.join(key);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let tmp = path.with_extension("spooling");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)
+    let write = |path: &std::path::Path, bytes: &[u8]| -> std::io::Result<()> {
+        let tmp = path.with_extension("spooling");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    // The tag first: a chunk without a valid tag beside it is never uploaded.
+    if let Some(mac) = mac {
+        let sha = hex::encode(Sha256::digest(bytes));
+        write(&mac_path(&path), mac.tag(key, &sha).as_bytes())?;
+    }
+    write(&path, bytes)
+}
+
+/// The authentication tag file of a spooled chunk.
+fn mac_path(chunk: &std::path::Path) -> std::path::PathBuf {
+    let mut p = chunk.as_os_str().to_owned();
+    p.push(".mac");
+    std::path::PathBuf::from(p)
 }
 
 fn spool_remove(dir: &std::path::Path, key: &str) {
     let path = dir.join(key);
     if path.exists() {
-        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(&path);
+    }
+    let _ = std::fs::remove_file(mac_path(&path));
+}
+
+/// The spool's authenticated index: an HMAC-SHA256 over each spooled chunk's key and content
+/// hash, under a key the vault holds (sealed with the KEK), so a file planted in the spool
+/// directory without the KEK is refused even if the state store were edited too.
+pub struct SpoolMac(ring::hmac::Key);
+
+impl SpoolMac {
+    /// The vault entry that holds the key.
+    pub const VAULT_NAME: &'static str = "spool-index-key";
+
+    pub fn new(secret: &[u8]) -> SpoolMac {
+        SpoolMac(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret))
+    }
+
+    /// The hex tag of a chunk.
+    pub fn tag(&self, key: &str, sha256: &str) -> String {
+        hex::encode(ring::hmac::sign(
+            &self.0,
+            format!("breakglass-spool-v1\n{key}\n{sha256}").as_bytes(),
+        ))
+    }
+
+    /// Whether `tag` (hex) authenticates the chunk.
+    pub fn check(&self, key: &str, sha256: &str, tag: &str) -> bool {
+        let Ok(raw) = hex::decode(tag.trim()) else {
+            return false;
+        };
+        ring::hmac::verify(
+            &self.0,
+            format!("breakglass-spool-v1\n{key}\n{sha256}").as_bytes(),
+            &raw,
+        )
+        .is_ok()
+    }
+}
+
+impl std::fmt::Debug for SpoolMac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SpoolMac(<redacted>)")
     }
 }
 
@@ -1157,13 +1225,14 @@ pub fn session_of_key(key: &str) -> Option<&str> {
 }
 
 /// Uploads spooled chunks (create-only; an object already stored is fine) and removes them —
-/// but only those the evidence ledger lists with the same SHA-256: the spool is a local
-/// directory anyone with the data dir can write. Sessions for which `skip` is true (live here:
+/// but only those the evidence ledger lists with the same SHA-256 and, with `mac`, whose tag
+/// file authenticates them: the spool is a local directory anyone with the data dir can write. Sessions for which `skip` is true (live here:
 /// their recorder retries its own chunks) are left alone.
 pub async fn drain_spool(
     dir: &std::path::Path,
     store: &RecordingStore,
     ledger: &dyn crate::state::Store,
+    mac: Option<&SpoolMac>,
     skip: &(dyn Fn(&str) -> bool + Send + Sync),
 ) -> Drained {
     let mut files = Vec::new();
@@ -1176,7 +1245,7 @@ pub async fn drain_spool(
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.extension().is_none_or(|x| x != "spooling") {
+            } else if p.extension().is_none_or(|x| x != "spooling" && x != "mac") {
                 files.push(p);
             }
         }
@@ -1222,7 +1291,10 @@ pub async fn drain_spool(
         let listed = ledgers
             .get(&session)
             .is_some_and(|l| l.iter().any(|e| e.key == key && e.sha256 == sha));
-        if !listed {
+        let tagged = mac.is_none_or(|m| {
+            std::fs::read_to_string(mac_path(&p)).is_ok_and(|t| m.check(&key, &sha, &t))
+        });
+        if !listed || !tagged {
             tracing::error!(key = %key, sha256 = %sha, "spooled file is not what the gateway wrote; refused");
             out.refused.push(key.clone());
             refuse_spooled(dir, &p, &key);
@@ -1231,6 +1303,7 @@ pub async fn drain_spool(
         match store.put_new(&key, Bytes::from(bytes)).await {
             Ok(_) | Err(StorageError::AlreadyExists(_)) => {
                 let _ = std::fs::remove_file(&p);
+                let _ = std::fs::remove_file(mac_path(&p));
                 out.uploaded += 1;
             }
             Err(e) => {
@@ -1251,6 +1324,7 @@ fn refuse_spooled(dir: &std::path::Path, path: &std::path::Path, key: &str) {
     if std::fs::rename(path, &refused).is_err() {
         let _ = std::fs::remove_file(path);
     }
+    let _ = std::fs::rename(mac_path(path), mac_path(&refused));
 }
 
 /// Flushes a channel's decoders and trackers into its buffer and metadata.
@@ -1399,5 +1473,65 @@ fn push_cast_event(c: &mut ChanRec, t: f64, encoded: Vec<u8>, hook: Option<&Acti
             apply_guarded(c, evs, hook, ch);
         }
         None => c.buf.extend_from_slice(&encoded),
+    }
+}
+
+#[cfg(test)]
+mod spool_tests {
+    use super::*;
+    use crate::state::{LedgerEntry, SqliteStore, Store};
+
+    fn entry(key: &str, bytes: &[u8]) -> LedgerEntry {
+        LedgerEntry {
+            key: key.into(),
+            size: bytes.len() as u64,
+            sha256: hex::encode(Sha256::digest(bytes)),
+            chained: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_ledger_listed_and_tagged_spool_files_are_uploaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = dir.path().join("spool");
+        let store = RecordingStore::local(&dir.path().join("store")).expect("store");
+        let ledger = SqliteStore::open(&dir.path().join("state.db")).expect("state");
+        let mac = SpoolMac::new(&[7u8; 32]);
+        let other = SpoolMac::new(&[8u8; 32]);
+        let p = "sessions/2026/12/02/s-1/ch0000";
+        let good = format!("{p}/00000001.cast");
+        let wrong_tag = format!("{p}/00000002.cast");
+        let unlisted = format!("{p}/00000003.cast");
+        let not_a_session = "elsewhere/x.cast".to_string();
+        spool_write(&spool, &good, b"good", Some(&mac)).expect("spool");
+        spool_write(&spool, &wrong_tag, b"forged", Some(&other)).expect("spool");
+        spool_write(&spool, &unlisted, b"planted", Some(&mac)).expect("spool");
+        spool_write(&spool, &not_a_session, b"x", Some(&mac)).expect("spool");
+        ledger
+            .record_objects(
+                "s-1",
+                &[entry(&good, b"good"), entry(&wrong_tag, b"forged")],
+            )
+            .await
+            .expect("ledger");
+        let out = drain_spool(&spool, &store, &ledger, Some(&mac), &|_| false).await;
+        assert_eq!(out.uploaded, 1);
+        let mut refused = out.refused.clone();
+        refused.sort();
+        let mut want = vec![wrong_tag.clone(), unlisted.clone(), not_a_session.clone()];
+        want.sort();
+        assert_eq!(refused, want);
+        assert_eq!(store.get(&good).await.expect("uploaded").as_ref(), b"good");
+        for k in [&wrong_tag, &unlisted] {
+            assert!(store.get(k).await.is_err(), "{k} must not be uploaded");
+            assert!(!spool.join(k).exists());
+            assert!(dir.path().join("spool-refused").join(k).exists());
+        }
+        assert!(!spool.join(&good).exists() && !mac_path(&spool.join(&good)).exists());
+        // A live session's chunks are left for its recorder.
+        spool_write(&spool, &format!("{p}/00000004.cast"), b"live", Some(&mac)).expect("spool");
+        let out = drain_spool(&spool, &store, &ledger, Some(&mac), &|id| id == "s-1").await;
+        assert_eq!((out.uploaded, out.refused.len()), (0, 0));
+        assert!(out.waiting.contains("s-1"));
     }
 }

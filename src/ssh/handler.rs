@@ -262,6 +262,7 @@ impl Handler {
                 stall: gw.config.limits.recorder_stall_timeout,
                 grace: gw.config.limits.storage_grace,
                 spool_dir: gw.config.data_dir.join("spool"),
+                spool_mac: gw.spool_mac.get().cloned(),
                 signer: gw.signer.clone(),
                 redact_no_echo: target.redact_no_echo,
                 ledger: Some(gw.store.clone()),

@@ -627,7 +627,9 @@ pub async fn seal_pending(gw: &Gateway) {
     };
     let spool = gw.config.data_dir.join("spool");
     let skip = move |id: &str| live.contains(id);
-    let drained = crate::record::drain_spool(&spool, &gw.recordings, &*gw.store, &skip).await;
+    let mac = gw.spool_mac.get().cloned();
+    let drained =
+        crate::record::drain_spool(&spool, &gw.recordings, &*gw.store, mac.as_deref(), &skip).await;
     if drained.uploaded > 0 {
         tracing::warn!(
             chunks = drained.uploaded,
@@ -643,7 +645,7 @@ pub async fn seal_pending(gw: &Gateway) {
             gw,
             row.as_ref(),
             key,
-            "a file in the outage spool is not what the gateway wrote (not in the evidence ledger with that hash); refused and moved to spool-refused/",
+            "a file in the outage spool is not what the gateway wrote (not in the evidence ledger with that hash, or without a valid spool index tag); refused and moved to spool-refused/",
         )
         .await;
     }
