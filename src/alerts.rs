@@ -129,7 +129,9 @@ pub fn alertable(e: &AccessEvent) -> bool {
         | Action::RecordingViewed
         | Action::RecordingExported
         | Action::MetadataExported
-        | Action::WebLogin => false,
+        | Action::WebLogin
+        | Action::ActionsDropped
+        | Action::RecordingSearched => false,
         Action::SessionEnd
         | Action::SessionDenied
         | Action::SessionExpired
@@ -197,7 +199,9 @@ pub fn summary(e: &AccessEvent) -> String {
         | Action::RecordingViewed
         | Action::RecordingExported
         | Action::MetadataExported
-        | Action::WebLogin => {
+        | Action::WebLogin
+        | Action::ActionsDropped
+        | Action::RecordingSearched => {
             format!("[breakglass] {} {who} {target} ({incident})", e.action.as_str())
         }
     }

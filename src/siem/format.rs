@@ -86,7 +86,9 @@ pub fn ocsf_class(e: &AccessEvent) -> (u32, &'static str, u32, &'static str, u32
         | Action::SiemTest
         | Action::RecordingViewed
         | Action::RecordingExported
-        | Action::MetadataExported => (0, "Base Event", (0, "Uncategorized"), 99, "Other"),
+        | Action::MetadataExported
+        | Action::ActionsDropped
+        | Action::RecordingSearched => (0, "Base Event", (0, "Uncategorized"), 99, "Other"),
     };
     (class, cname, cat, catname, act, aname)
 }
@@ -197,6 +199,10 @@ pub fn ocsf(e: &AccessEvent) -> Value {
     if let Some(d) = e.duration_ms {
         o.insert("duration".into(), json!(d));
     }
+    // OCSF's `count`: how many events this one stands for (the lost action events).
+    if let Some(n) = e.actions_dropped {
+        o.insert("count".into(), json!(n));
+    }
     match class_uid {
         6005 => {
             if let Some(t) = &e.target {
@@ -304,11 +310,22 @@ pub fn cef(e: &AccessEvent) -> String {
     if let Some(b) = e.bytes_out {
         ext.push(("out", b.to_string()));
     }
+    if let Some(n) = e.actions_dropped {
+        ext.push(("cnt", n.to_string()));
+    }
+    if let Some(q) = &e.query {
+        ext.push(("cs5", q.clone()));
+    }
+    if let Some(ids) = &e.session_ids {
+        ext.push(("cs6", ids.join(",")));
+    }
     for (k, label) in [
         ("cs1Label", "sessionId"),
         ("cs2Label", "correlationId"),
         ("cs3Label", "incidentId"),
         ("cs4Label", "justification"),
+        ("cs5Label", "searchQuery"),
+        ("cs6Label", "sessionIds"),
     ] {
         let base = &k[..3];
         if ext.iter().any(|(n, _)| *n == base) {
@@ -404,6 +421,8 @@ mod tests {
             Action::RecordingExported,
             Action::MetadataExported,
             Action::WebLogin,
+            Action::ActionsDropped,
+            Action::RecordingSearched,
         ];
         let mut out = Vec::new();
         for proto in ["ssh", "postgres"] {
