@@ -271,6 +271,32 @@ pub async fn recording_access(
     e
 }
 
+/// The event for a search over recordings (`recording_searched`): who searched, for what,
+/// under which filter (`narrowed`, e.g. "person=bob"), and every session whose hits were
+/// served. A search spans sessions, so it has no session or correlation id of its own.
+pub fn recording_search(
+    actor: &str,
+    query: &str,
+    narrowed: &[String],
+    hits: usize,
+    session_ids: Vec<String>,
+) -> AccessEvent {
+    let mut e = AccessEvent::new(Action::RecordingSearched, actor);
+    e.reason = Some("searched".into());
+    let within = if narrowed.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", narrowed.join(", "))
+    };
+    e.message = Some(format!(
+        "{actor} searched recordings for {query:?}{within}: {hits} hit(s) in {} session(s)",
+        session_ids.len()
+    ));
+    e.query = Some(query.to_string());
+    e.session_ids = Some(session_ids);
+    e
+}
+
 /// Writes an audit event to the SIEM sink and, when it has a correlation id, to the incident
 /// event store (`breakglass events --correlation ID`). The SIEM write decides the result; an
 /// event-store failure is logged, since the SIEM copy is the durable one.
