@@ -1,7 +1,8 @@
 //! The evidence API behind the web UI: the session list and page (metadata, grant, approvals,
 //! review, integrity), channel replays as asciicast, PostgreSQL statement timelines, search
 //! over commands and SQL, and post-incident reviews. Every look at a recording is itself an
-//! audit event (`recording_viewed` / `recording_exported`): who watched what, and when.
+//! audit event (`recording_viewed` / `recording_exported` / `recording_searched`): who watched or
+//! searched for what, and when.
 
 use std::sync::Arc;
 
