@@ -486,6 +486,46 @@ mod tests {
     }
 
     #[test]
+    fn audit_pipeline_fields_reach_ocsf_and_cef() {
+        let mut dropped = AccessEvent::new(Action::ActionsDropped, "alice");
+        dropped.outcome = "failure".into();
+        dropped.actions_dropped = Some(7);
+        let mut searched = AccessEvent::new(Action::RecordingSearched, "bob");
+        searched.query = Some("rm -rf|x=y".into());
+        searched.session_ids = Some(vec!["s-1".into(), "s-2".into()]);
+        let table: [(&AccessEvent, &str, &[&str]); 2] = [
+            (&dropped, "actions_dropped", &["cnt=7", "outcome=failure"]),
+            (
+                &searched,
+                "recording_searched",
+                &[
+                    "cs5=rm -rf|x\\=y",
+                    "cs5Label=searchQuery",
+                    "cs6=s-1,s-2",
+                    "cs6Label=sessionIds",
+                ],
+            ),
+        ];
+        for (e, code, cef_has) in table {
+            let o = ocsf(e);
+            assert_eq!(o["metadata"]["event_code"], code);
+            assert_eq!(o["unmapped"]["action"], code);
+            let c = cef(e);
+            for want in cef_has {
+                assert!(c.contains(want), "{want} in {c}");
+            }
+        }
+        assert_eq!(ocsf(&dropped)["count"], 7);
+        assert_eq!(ocsf(&dropped)["severity_id"], 3, "a loss is a failure");
+        assert_eq!(ocsf(&searched)["unmapped"]["query"], "rm -rf|x=y");
+        assert_eq!(
+            ocsf(&searched)["unmapped"]["session_ids"],
+            json!(["s-1", "s-2"])
+        );
+        assert!(ocsf(&searched).get("count").is_none());
+    }
+
+    #[test]
     fn syslog_lines_follow_rfc5424() {
         let mut e = AccessEvent::new(Action::SessionDenied, "alice");
         e.outcome = "failure".into();

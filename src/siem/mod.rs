@@ -391,9 +391,11 @@ fn opening(a: Action) -> bool {
 /// session; the count goes on the record as an `actions_dropped` event at session end.
 pub const ACTION_QUEUE_EVENTS: usize = 65_536;
 
-/// The most bytes (estimated, see [`queued_size`]) of action events waiting for the batcher;
-/// same full-queue policy as [`ACTION_QUEUE_EVENTS`].
-pub const ACTION_QUEUE_BYTES: usize = 16 << 20;
+/// The most bytes (counted by [`queued_size`]) of action events waiting for the batcher;
+/// same full-queue policy as [`ACTION_QUEUE_EVENTS`]. An event costs over 1 KB even with a
+/// short command, so for short commands this bound, not the event count, is reached first
+/// (at some 25,000 to 30,000 queued events).
+pub const ACTION_QUEUE_BYTES: usize = 32 << 20;
 
 /// How long a session end waits for its queued action events to be spooled before it
 /// reports what it knows.
@@ -425,15 +427,36 @@ impl SessionActions {
 /// What waits in the action queue.
 enum Queued {
     /// An action event, its estimated size and the session it counts against.
-    Event(AccessEvent, usize, Arc<SessionActions>),
+    Event(Box<AccessEvent>, usize, Arc<SessionActions>),
     /// Answered once everything queued before it is spooled (or counted as dropped).
     Drain(tokio::sync::oneshot::Sender<()>),
 }
 
-/// The size an action event is charged in the queue: its text plus a fixed allowance for
-/// the session fields it carries.
+/// The size an action event is charged in the queue: the event itself, its box, and the
+/// text of every field an action hook fills.
 fn queued_size(e: &AccessEvent) -> usize {
-    512 + e.command.as_ref().map_or(0, |c| c.len())
+    let opt = |o: &Option<String>| o.as_ref().map_or(0, String::len);
+    std::mem::size_of::<AccessEvent>()
+        + e.event_id.len()
+        + e.event_type.len()
+        + e.timestamp.len()
+        + e.actor.len()
+        + e.protocol.len()
+        + e.outcome.len()
+        + [
+            &e.person,
+            &e.target,
+            &e.session_id,
+            &e.grant_id,
+            &e.correlation_id,
+            &e.justification,
+            &e.incident_id,
+            &e.client_addr,
+            &e.command,
+        ]
+        .into_iter()
+        .map(opt)
+        .sum::<usize>()
 }
 
 /// The bounded queue in front of the action batcher.
@@ -540,7 +563,7 @@ impl Siem {
             return;
         }
         if q.tx
-            .try_send(Queued::Event(e, size, session.clone()))
+            .try_send(Queued::Event(Box::new(e), size, session.clone()))
             .is_err()
         {
             q.bytes.fetch_sub(size, Ordering::SeqCst);
@@ -790,7 +813,7 @@ async fn batch_actions(
             match q {
                 Queued::Event(e, size, s) => {
                     bytes.fetch_sub(size, std::sync::atomic::Ordering::SeqCst);
-                    batch.push(e);
+                    batch.push(*e);
                     sessions.push(s);
                 }
                 Queued::Drain(ack) => {
@@ -1014,11 +1037,11 @@ mod tests {
     #[tokio::test]
     async fn the_action_queue_is_bounded_in_bytes() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let siem = action_siem(dir.path(), 1000, 8 * 1024);
+        let siem = action_siem(dir.path(), 1000, 25_000);
         let hook = siem
             .action_hook(&info("s-1"), "g-1")
             .expect("actions wanted");
-        let big = "x".repeat(3000);
+        let big = "x".repeat(10_000);
         for _ in 0..5 {
             hook(0, &big, false);
         }
@@ -1026,7 +1049,7 @@ mod tests {
             .settle_actions("s-1")
             .await
             .expect("a loss is reported");
-        // 3512 bytes each against 8 KiB: two fit.
+        // Some 11 KB each (the text and the event around it) against 25 KB: two fit.
         assert_eq!(e.actions_dropped, Some(3));
         assert_eq!(spooled(&siem).len(), 2);
     }

@@ -528,7 +528,12 @@ async fn search(
     .chain(f.since.map(|t| format!("since={}", clock::rfc3339(t))))
     .chain(f.until.map(|t| format!("until={}", clock::rfc3339(t))))
     .collect();
-    let e = crate::siem::recording_search(&w.person, &needle, &narrowed, hits.len(), session_ids);
+    let mut e =
+        crate::siem::recording_search(&w.person, &needle, &narrowed, hits.len(), session_ids);
+    // The schema needs one protocol: the filter's, else the default (`ssh`).
+    if let Some(p) = &f.protocol {
+        e.protocol = p.clone();
+    }
     audit_or_refuse(&gw, &e).await?;
     let items: Vec<Value> = hits
         .iter()
