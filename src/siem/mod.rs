@@ -1035,6 +1035,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_session_that_never_settles_is_forgotten_only_if_it_lost_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let siem = action_siem(dir.path(), 1, 1 << 20);
+        let tracked = |siem: &Siem| {
+            let mut ids: Vec<String> = siem
+                .actions
+                .as_ref()
+                .expect("queue")
+                .sessions
+                .lock()
+                .expect("lock")
+                .keys()
+                .cloned()
+                .collect();
+            ids.sort();
+            ids
+        };
+        // Refused after their hooks were made: one lost nothing, one lost an event.
+        drop(siem.action_hook(&info("quiet"), "g-1"));
+        let lossy = siem.action_hook(&info("lossy"), "g-2").expect("hook");
+        lossy(0, "SELECT 1", false);
+        lossy(0, "SELECT 2", false);
+        drop(lossy);
+        let _live = siem.action_hook(&info("live"), "g-3").expect("hook");
+        assert_eq!(tracked(&siem), ["live", "lossy"]);
+        let e = siem
+            .settle_actions("lossy")
+            .await
+            .expect("its loss is still reported");
+        assert_eq!(e.actions_dropped, Some(1));
+        assert_eq!(tracked(&siem), ["live"]);
+    }
+
+    #[tokio::test]
     async fn the_action_queue_is_bounded_in_bytes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let siem = action_siem(dir.path(), 1000, 25_000);
