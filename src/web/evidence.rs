@@ -218,14 +218,15 @@ async fn audit_view(
 /// Spools an audit event of a look at evidence. No view without its audit record: if the
 /// event cannot be spooled, the view fails.
 async fn audit_or_refuse(gw: &Gateway, e: &AccessEvent) -> Result<(), ApiError> {
+    let what = match e.action {
+        Action::RecordingSearched => "search",
+        _ => "view",
+    };
     gw.audit(e).await.map_err(|err| {
         tracing::error!(error = %err, action = e.action.as_str(), "evidence not served: its audit event could not be spooled");
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not served: the audit record of this {} could not be written ({err})", match e.action {
-                Action::RecordingSearched => "search",
-                _ => "view",
-            }),
+            format!("not served: the audit record of this {what} could not be written ({err})"),
         )
     })
 }

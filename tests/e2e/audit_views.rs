@@ -134,6 +134,29 @@ async fn a_search_is_on_the_record_before_its_results_and_fails_closed() {
     );
     assert!(!body.to_string().contains("needle-"), "{body}");
     assert_eq!(searched(&w).len(), before, "nothing was recorded");
+    // Views fail the same way, through the same path.
+    refuse(
+        &w,
+        "refuse_views",
+        "NEW.body LIKE '%\"action\":\"recording_viewed\"%'",
+    );
+    let sid = served[0];
+    let (code, body) = api(
+        &w,
+        Some(&bob),
+        "GET",
+        &format!("/api/v1/sessions/{sid}"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("audit record of this view could not be written")),
+        "{body}"
+    );
+    allow(&w, "refuse_views");
     allow(&w, "refuse_searches");
     let (code, body) = api(&w, Some(&bob), "GET", "/api/v1/search?q=needle", None).await;
     assert_eq!(code, 200, "{body}");
