@@ -27,8 +27,18 @@ fn allow(w: &World, name: &str) {
         .expect("drop trigger");
 }
 
-fn searched(w: &World) -> Vec<Value> {
+/// The SIEM file's events, each once: delivery is at-least-once, and a duplicate carries the
+/// same `event_id`.
+fn events(w: &World) -> Vec<Value> {
+    let mut seen = std::collections::HashSet::new();
     w.siem_events()
+        .into_iter()
+        .filter(|e| seen.insert(e["event_id"].as_str().unwrap_or_default().to_string()))
+        .collect()
+}
+
+fn searched(w: &World) -> Vec<Value> {
+    events(w)
         .into_iter()
         .filter(|e| e["action"] == "recording_searched")
         .collect()
@@ -192,7 +202,7 @@ async fn action_events_the_spool_refuses_are_counted_on_the_record() {
     w.wait_ended(1);
     gw.stop().await;
 
-    let events = w.siem_events();
+    let events = events(&w);
     let id = events
         .iter()
         .find(|e| e["action"] == "session_end")
@@ -240,6 +250,59 @@ async fn action_events_the_spool_refuses_are_counted_on_the_record() {
     assert!(
         history.iter().any(|e| e["event_type"] == "actions_dropped"),
         "{history:#?}"
+    );
+    validate_all_events(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_psql_statement_is_a_siem_event_or_counted_as_dropped() {
+    let (_pg, _pgdir, w, gw, _certs) = super::pg_world("", true).await;
+    let (_req, secret) = super::pg_credential(&w, "30m").await;
+    // The spool refuses the batches holding `select 150` to `select 159` (as a full disk
+    // would, now and then); whatever else shared a batch with them is lost with them.
+    refuse(
+        &w,
+        "refuse_some",
+        "NEW.is_action = 1 AND NEW.body LIKE '%\"command\":\"select 15_\"%'",
+    );
+    let mut c = super::psql_cmd(&w, &secret, "select 0");
+    for i in 1..300 {
+        c.args(["-c", &format!("select {i}")]);
+    }
+    let out = output(c).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 300);
+    w.wait_ended(1);
+    gw.stop().await;
+
+    let sessions = w.sessions();
+    let id = sessions[0]["id"].as_str().expect("id").to_string();
+    let timeline = super::export(&w, &id);
+    let recorded = timeline
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["event"] == "query")
+        .count();
+    assert_eq!(recorded, 300, "the recording holds every statement");
+    let events = events(&w);
+    let shipped = events
+        .iter()
+        .filter(|e| e["action"] == "statement" && e["session_id"] == id.as_str())
+        .count();
+    let dropped: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["action"] == "actions_dropped" && e["session_id"] == id.as_str())
+        .collect();
+    assert_eq!(dropped.len(), 1, "{dropped:#?}");
+    let lost = dropped[0]["actions_dropped"].as_u64().expect("count") as usize;
+    println!(
+        "{recorded} statements recorded, {shipped} shipped to the SIEM, {lost} counted as dropped"
+    );
+    assert!(lost >= 10, "select 150..159 were refused: {lost}");
+    assert_eq!(
+        shipped + lost,
+        recorded,
+        "every statement is shipped or counted ({shipped} shipped, {lost} lost)"
     );
     validate_all_events(&w);
 }
