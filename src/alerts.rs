@@ -133,7 +133,9 @@ pub fn alertable(e: &AccessEvent) -> bool {
         | Action::RecordingViewed
         | Action::RecordingExported
         | Action::MetadataExported
-        | Action::WebLogin => false,
+        | Action::WebLogin
+        | Action::ActionsDropped
+        | Action::RecordingSearched => false,
         Action::SessionEnd
         | Action::SessionDenied
         | Action::SessionExpired
@@ -211,7 +213,9 @@ pub fn summary(e: &AccessEvent) -> String {
         | Action::RecordingViewed
         | Action::RecordingExported
         | Action::MetadataExported
-        | Action::WebLogin => {
+        | Action::WebLogin
+        | Action::ActionsDropped
+        | Action::RecordingSearched => {
             format!("[breakglass] {} {who} {target} ({incident})", e.action.as_str())
         }
     }

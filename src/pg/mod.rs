@@ -434,6 +434,12 @@ async fn handle(
             },
         )
         .await;
+    // SIEM copies of statements that were lost go on the record before the end event.
+    if let Some(e) = gw.siem.settle_actions(&session_id).await {
+        if let Err(err) = gw.audit(&e).await {
+            tracing::error!(session_id = %session_id, error = %err, "could not write SIEM event");
+        }
+    }
     match code {
         "deadline" => {
             let _ = gw.audit(&base(Action::SessionExpired)).await;

@@ -649,7 +649,11 @@ impl RecorderTask {
                     self.commit_ledger().await;
                 }
                 _ = tick.tick() => {
-                    self.tick_guards();
+                    // Lines are judged by the clock only when no message waits: a backlog
+                    // may hold the very echo that would clear them.
+                    if rx.is_empty() {
+                        self.tick_guards();
+                    }
                     let r = self.flush_all().await;
                     self.note_flush(r);
                     self.commit_ledger().await;

@@ -88,7 +88,9 @@ pub fn ocsf_class(e: &AccessEvent) -> (u32, &'static str, u32, &'static str, u32
         | Action::SiemTest
         | Action::RecordingViewed
         | Action::RecordingExported
-        | Action::MetadataExported => (0, "Base Event", (0, "Uncategorized"), 99, "Other"),
+        | Action::MetadataExported
+        | Action::ActionsDropped
+        | Action::RecordingSearched => (0, "Base Event", (0, "Uncategorized"), 99, "Other"),
     };
     (class, cname, cat, catname, act, aname)
 }
@@ -199,6 +201,10 @@ pub fn ocsf(e: &AccessEvent) -> Value {
     if let Some(d) = e.duration_ms {
         o.insert("duration".into(), json!(d));
     }
+    // OCSF's `count`: how many events this one stands for (the lost action events).
+    if let Some(n) = e.actions_dropped {
+        o.insert("count".into(), json!(n));
+    }
     match class_uid {
         6005 => {
             if let Some(t) = &e.target {
@@ -306,11 +312,22 @@ pub fn cef(e: &AccessEvent) -> String {
     if let Some(b) = e.bytes_out {
         ext.push(("out", b.to_string()));
     }
+    if let Some(n) = e.actions_dropped {
+        ext.push(("cnt", n.to_string()));
+    }
+    if let Some(q) = &e.query {
+        ext.push(("cs5", q.clone()));
+    }
+    if let Some(ids) = &e.session_ids {
+        ext.push(("cs6", ids.join(",")));
+    }
     for (k, label) in [
         ("cs1Label", "sessionId"),
         ("cs2Label", "correlationId"),
         ("cs3Label", "incidentId"),
         ("cs4Label", "justification"),
+        ("cs5Label", "searchQuery"),
+        ("cs6Label", "sessionIds"),
     ] {
         let base = &k[..3];
         if ext.iter().any(|(n, _)| *n == base) {
@@ -408,6 +425,8 @@ mod tests {
             Action::MetadataExported,
             Action::WebLogin,
             Action::EvidenceRefused,
+            Action::ActionsDropped,
+            Action::RecordingSearched,
         ];
         let mut out = Vec::new();
         for proto in ["ssh", "postgres"] {
@@ -468,6 +487,46 @@ mod tests {
             "pipes are literal in extensions: {c}"
         );
         assert!(!c.contains('\n'));
+    }
+
+    #[test]
+    fn audit_pipeline_fields_reach_ocsf_and_cef() {
+        let mut dropped = AccessEvent::new(Action::ActionsDropped, "alice");
+        dropped.outcome = "failure".into();
+        dropped.actions_dropped = Some(7);
+        let mut searched = AccessEvent::new(Action::RecordingSearched, "bob");
+        searched.query = Some("rm -rf|x=y".into());
+        searched.session_ids = Some(vec!["s-1".into(), "s-2".into()]);
+        let table: [(&AccessEvent, &str, &[&str]); 2] = [
+            (&dropped, "actions_dropped", &["cnt=7", "outcome=failure"]),
+            (
+                &searched,
+                "recording_searched",
+                &[
+                    "cs5=rm -rf|x\\=y",
+                    "cs5Label=searchQuery",
+                    "cs6=s-1,s-2",
+                    "cs6Label=sessionIds",
+                ],
+            ),
+        ];
+        for (e, code, cef_has) in table {
+            let o = ocsf(e);
+            assert_eq!(o["metadata"]["event_code"], code);
+            assert_eq!(o["unmapped"]["action"], code);
+            let c = cef(e);
+            for want in cef_has {
+                assert!(c.contains(want), "{want} in {c}");
+            }
+        }
+        assert_eq!(ocsf(&dropped)["count"], 7);
+        assert_eq!(ocsf(&dropped)["severity_id"], 3, "a loss is a failure");
+        assert_eq!(ocsf(&searched)["unmapped"]["query"], "rm -rf|x=y");
+        assert_eq!(
+            ocsf(&searched)["unmapped"]["session_ids"],
+            json!(["s-1", "s-2"])
+        );
+        assert!(ocsf(&searched).get("count").is_none());
     }
 
     #[test]

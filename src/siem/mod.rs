@@ -63,6 +63,12 @@ pub enum Action {
     /// The store or the outage spool held an object the gateway did not write as found (planted,
     /// altered or deleted evidence); it was not adopted.
     EvidenceRefused,
+    /// `BREAK_GLASS_ACTION` events of a session that never reached the spool (the action
+    /// queue was full, or spooling them failed); `actions_dropped` holds the count. The
+    /// recording still holds every command and statement.
+    ActionsDropped,
+    /// Someone searched the commands and SQL of recordings (`query`, `session_ids`).
+    RecordingSearched,
 }
 
 impl Action {
@@ -96,6 +102,8 @@ impl Action {
             Action::MetadataExported => "metadata_exported",
             Action::WebLogin => "web_login",
             Action::EvidenceRefused => "evidence_refused",
+            Action::ActionsDropped => "actions_dropped",
+            Action::RecordingSearched => "recording_searched",
         }
     }
 }
@@ -186,6 +194,15 @@ pub struct AccessEvent {
     /// Key rotation events: the id of the key that certified the new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_signing_key_id: Option<String>,
+    /// `actions_dropped`: how many action events of the session never reached the spool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actions_dropped: Option<u64>,
+    /// `recording_searched`: the text searched for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// `recording_searched`: every session with a hit that was served, in hit order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_ids: Option<Vec<String>>,
 }
 
 impl AccessEvent {
@@ -237,6 +254,9 @@ impl AccessEvent {
             objects: None,
             signing_key_id: None,
             previous_signing_key_id: None,
+            actions_dropped: None,
+            query: None,
+            session_ids: None,
         }
     }
 
@@ -268,6 +288,32 @@ pub async fn recording_access(
     e.recording = Some(row.recording_prefix.clone());
     e.reason = Some(what.to_string());
     e.message = Some(format!("{actor} {what}: session {}", row.id));
+    e
+}
+
+/// The event for a search over recordings (`recording_searched`): who searched, for what,
+/// under which filter (`narrowed`, e.g. "person=bob"), and every session whose hits were
+/// served. A search spans sessions, so it has no session or correlation id of its own.
+pub fn recording_search(
+    actor: &str,
+    query: &str,
+    narrowed: &[String],
+    hits: usize,
+    session_ids: Vec<String>,
+) -> AccessEvent {
+    let mut e = AccessEvent::new(Action::RecordingSearched, actor);
+    e.reason = Some("searched".into());
+    let within = if narrowed.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", narrowed.join(", "))
+    };
+    e.message = Some(format!(
+        "{actor} searched recordings for {query:?}{within}: {hits} hit(s) in {} session(s)",
+        session_ids.len()
+    ));
+    e.query = Some(query.to_string());
+    e.session_ids = Some(session_ids);
     e
 }
 
@@ -360,6 +406,89 @@ fn opening(a: Action) -> bool {
     matches!(a, Action::SessionStart | Action::RequestCreated)
 }
 
+/// The most action events waiting for the batcher. Full-queue policy: the event is not
+/// queued (the recorder must never wait on the SIEM) and is counted as dropped for its
+/// session; the count goes on the record as an `actions_dropped` event at session end.
+pub const ACTION_QUEUE_EVENTS: usize = 65_536;
+
+/// The most bytes (counted by [`queued_size`]) of action events waiting for the batcher;
+/// same full-queue policy as [`ACTION_QUEUE_EVENTS`]. An event costs over 1 KB even with a
+/// short command, so for short commands this bound, not the event count, is reached first
+/// (at some 25,000 to 30,000 queued events).
+pub const ACTION_QUEUE_BYTES: usize = 32 << 20;
+
+/// How long a session end waits for its queued action events to be spooled before it
+/// reports what it knows.
+const ACTION_SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The action events of one session that did not reach the spool. Shared by the session's
+/// hook (drops at the queue), the batcher (events whose spooling failed) and the session end
+/// (which reports the count).
+struct SessionActions {
+    /// Who and where, for the `actions_dropped` event.
+    info: crate::record::SessionInfo,
+    correlation_id: String,
+    /// Events lost so far.
+    dropped: std::sync::atomic::AtomicU64,
+    /// Set once the count has been reported; a later loss can then only be logged.
+    settled: std::sync::atomic::AtomicBool,
+}
+
+impl SessionActions {
+    fn drop_one(&self) {
+        self.dropped
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.settled.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::error!(session_id = %self.info.session_id, "a SIEM action event was lost after its session's actions_dropped count was reported (it is in the recording)");
+        }
+    }
+}
+
+/// What waits in the action queue.
+enum Queued {
+    /// An action event, its estimated size and the session it counts against.
+    Event(Box<AccessEvent>, usize, Arc<SessionActions>),
+    /// Answered once everything queued before it is spooled (or counted as dropped).
+    Drain(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The size an action event is charged in the queue: the event itself, its box, and the
+/// text of every field an action hook fills.
+fn queued_size(e: &AccessEvent) -> usize {
+    let opt = |o: &Option<String>| o.as_ref().map_or(0, String::len);
+    std::mem::size_of::<AccessEvent>()
+        + e.event_id.len()
+        + e.event_type.len()
+        + e.timestamp.len()
+        + e.actor.len()
+        + e.protocol.len()
+        + e.outcome.len()
+        + [
+            &e.person,
+            &e.target,
+            &e.session_id,
+            &e.grant_id,
+            &e.correlation_id,
+            &e.justification,
+            &e.incident_id,
+            &e.client_addr,
+            &e.command,
+        ]
+        .into_iter()
+        .map(opt)
+        .sum::<usize>()
+}
+
+/// The bounded queue in front of the action batcher.
+struct ActionQueue {
+    tx: tokio::sync::mpsc::Sender<Queued>,
+    /// Estimated bytes queued, bounded by `max_bytes`.
+    bytes: Arc<std::sync::atomic::AtomicUsize>,
+    max_bytes: usize,
+    /// Sessions whose action hook exists; removed when the session settles.
+    sessions: std::sync::Mutex<std::collections::HashMap<String, Arc<SessionActions>>>,
+}
+
 /// The SIEM pipeline: every event is committed to the durable spool, then local files get
 /// it inline and every sink's worker delivers it in spool order.
 pub struct Siem {
@@ -368,7 +497,8 @@ pub struct Siem {
     names: Vec<String>,
     wake: tokio::sync::watch::Sender<i64>,
     full_alarm: std::sync::atomic::AtomicBool,
-    actions: Option<tokio::sync::mpsc::Sender<AccessEvent>>,
+    /// Present when some sink takes action events.
+    actions: Option<ActionQueue>,
 }
 
 impl Siem {
@@ -395,11 +525,7 @@ impl Siem {
         stop: tokio_util::sync::CancellationToken,
     ) -> Result<Arc<Siem>, SiemError> {
         if self.settings.sinks.iter().any(|s| s.actions) {
-            let (tx, rx) = tokio::sync::mpsc::channel(65_536);
-            self.actions = Some(tx);
-            let spool = self.spool.clone();
-            let wake = self.wake.clone();
-            tokio::spawn(batch_actions(rx, spool, wake));
+            self.start_actions(ACTION_QUEUE_EVENTS, ACTION_QUEUE_BYTES);
         }
         for cfg in &self.settings.sinks {
             let d = Deliverer::new(Arc::new(cfg.clone())).map_err(|why| SiemError::File {
@@ -422,30 +548,74 @@ impl Siem {
         self.actions.is_some()
     }
 
+    /// Opens the action queue (`events` and `max_bytes` bound it) and starts its batcher.
+    fn start_actions(&mut self, events: usize, max_bytes: usize) {
+        let (tx, rx) = tokio::sync::mpsc::channel(events);
+        let bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(batch_actions(
+            rx,
+            bytes.clone(),
+            self.spool.clone(),
+            self.wake.clone(),
+        ));
+        self.actions = Some(ActionQueue {
+            tx,
+            bytes,
+            max_bytes,
+            sessions: Default::default(),
+        });
+    }
+
     /// Queues a per-action event (command, SQL statement) without waiting: action events
-    /// are spooled in batches. The recording holds the same facts durably; a crash can lose
-    /// at most the last batch of these copies.
-    pub fn action(&self, e: AccessEvent) {
-        if let Some(tx) = &self.actions {
-            if tx.try_send(e).is_err() {
-                tracing::error!("SIEM action queue full; an action event was not spooled (it is in the recording)");
-            }
+    /// are spooled in batches. When the queue is full (in events or bytes) the event is
+    /// counted as dropped for its session instead; [`Siem::settle_actions`] puts the count
+    /// on the record. The recording holds the same facts durably; a crash can lose at most
+    /// the queued copies.
+    fn action(&self, e: AccessEvent, session: &Arc<SessionActions>) {
+        use std::sync::atomic::Ordering;
+        let Some(q) = &self.actions else {
+            return;
+        };
+        let size = queued_size(&e);
+        if q.bytes.fetch_add(size, Ordering::SeqCst) + size > q.max_bytes {
+            q.bytes.fetch_sub(size, Ordering::SeqCst);
+            session.drop_one();
+            return;
+        }
+        if q.tx
+            .try_send(Queued::Event(Box::new(e), size, session.clone()))
+            .is_err()
+        {
+            q.bytes.fetch_sub(size, Ordering::SeqCst);
+            session.drop_one();
         }
     }
 
     /// A recorder hook that turns each command or statement of the session described by
     /// `info` into a `BREAK_GLASS_ACTION` event; None when no sink takes action events.
+    /// The session must end with [`Siem::settle_actions`].
     pub fn action_hook(
         self: &Arc<Self>,
         info: &crate::record::SessionInfo,
         correlation_id: &str,
     ) -> Option<crate::record::ActionHook> {
-        if !self.wants_actions() {
-            return None;
+        let q = self.actions.as_ref()?;
+        let session = Arc::new(SessionActions {
+            info: info.clone(),
+            correlation_id: correlation_id.to_string(),
+            dropped: Default::default(),
+            settled: Default::default(),
+        });
+        {
+            let mut sessions = q.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            // A session refused after its hook was made never settles: once nothing but
+            // this map holds its tally and it lost nothing, there is nothing to report.
+            sessions.retain(|_, s| {
+                Arc::strong_count(s) > 1 || s.dropped.load(std::sync::atomic::Ordering::SeqCst) > 0
+            });
+            sessions.insert(info.session_id.clone(), session.clone());
         }
         let siem = self.clone();
-        let info = info.clone();
-        let correlation_id = correlation_id.to_string();
         let action = if info.protocol == "postgres" {
             Action::Statement
         } else {
@@ -453,22 +623,76 @@ impl Siem {
         };
         Some(Arc::new(
             move |channel: u32, text: &str, uncertain: bool| {
+                let info = &session.info;
                 let mut e = AccessEvent::new(action, &info.person);
                 e.person = Some(info.person.clone());
                 e.target = Some(info.target.clone());
                 e.protocol = info.protocol.clone();
                 e.session_id = Some(info.session_id.clone());
                 e.grant_id = Some(info.grant_id.clone());
-                e.correlation_id = Some(correlation_id.clone());
+                e.correlation_id = Some(session.correlation_id.clone());
                 e.justification = Some(info.justification.clone());
                 e.incident_id = Some(info.incident_id.clone());
                 e.client_addr = Some(info.client_addr.clone());
                 e.command = Some(text.to_string());
                 e.channel = Some(channel);
                 e.uncertain = uncertain.then_some(true);
-                siem.action(e);
+                siem.action(e, &session);
             },
         ))
+    }
+
+    /// Ends the action accounting of a session whose recorder has finished (so its hook
+    /// fires no more): waits until every action event it queued is spooled or counted as
+    /// lost, then returns the `actions_dropped` event to audit when any was lost. A caller
+    /// emits it through the durable audit path before the session's end event.
+    pub async fn settle_actions(&self, session_id: &str) -> Option<AccessEvent> {
+        use std::sync::atomic::Ordering;
+        let q = self.actions.as_ref()?;
+        let session = q
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session_id)?;
+        let (ack, acked) = tokio::sync::oneshot::channel();
+        let drained = tokio::time::timeout(ACTION_SETTLE_TIMEOUT, async {
+            q.tx.send(Queued::Drain(ack)).await.is_ok() && acked.await.is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        session.settled.store(true, Ordering::SeqCst);
+        let dropped = session.dropped.load(Ordering::SeqCst);
+        if dropped == 0 && drained {
+            return None;
+        }
+        let info = &session.info;
+        let mut e = AccessEvent::new(Action::ActionsDropped, &info.person);
+        e.person = Some(info.person.clone());
+        e.target = Some(info.target.clone());
+        e.protocol = info.protocol.clone();
+        e.session_id = Some(info.session_id.clone());
+        e.grant_id = Some(info.grant_id.clone());
+        e.correlation_id = Some(session.correlation_id.clone());
+        e.justification = Some(info.justification.clone());
+        e.incident_id = Some(info.incident_id.clone());
+        e.client_addr = Some(info.client_addr.clone());
+        e.outcome = "failure".into();
+        e.side = Some("internal".into());
+        e.actions_dropped = Some(dropped);
+        if drained {
+            e.reason = Some("action_queue".into());
+            e.message = Some(format!(
+                "{dropped} action event(s) of this session never reached the SIEM spool; the recording holds every command and statement"
+            ));
+        } else {
+            e.reason = Some("action_queue_undrained".into());
+            e.message = Some(format!(
+                "{dropped} action event(s) of this session never reached the SIEM spool, and its queued action events were not spooled within {}s of the session end (any later loss is only logged); the recording holds every command and statement",
+                ACTION_SETTLE_TIMEOUT.as_secs()
+            ));
+        }
+        tracing::error!(session_id = %info.session_id, dropped, drained, "SIEM action events lost; reported as actions_dropped");
+        Some(e)
     }
 
     /// Delivery figures per sink.
@@ -591,27 +815,61 @@ impl EventSink for Arc<Siem> {
     }
 }
 
-/// Spools action events in groups: one transaction per burst.
+/// Spools action events in groups: one transaction per burst. An event whose transaction
+/// fails is counted as dropped for its session; a drain marker is answered once the events
+/// queued before it are spooled or counted.
 async fn batch_actions(
-    mut rx: tokio::sync::mpsc::Receiver<AccessEvent>,
+    mut rx: tokio::sync::mpsc::Receiver<Queued>,
+    bytes: Arc<std::sync::atomic::AtomicUsize>,
     spool: Arc<Spool>,
     wake: tokio::sync::watch::Sender<i64>,
 ) {
     while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < 1000 {
-            match rx.try_recv() {
-                Ok(e) => batch.push(e),
-                Err(_) => break,
+        let mut batch = Vec::new();
+        let mut sessions = Vec::new();
+        let mut acks = Vec::new();
+        let mut next = Some(first);
+        while let Some(q) = next.take() {
+            match q {
+                Queued::Event(e, size, s) => {
+                    bytes.fetch_sub(size, std::sync::atomic::Ordering::SeqCst);
+                    batch.push(*e);
+                    sessions.push(s);
+                }
+                Queued::Drain(ack) => {
+                    acks.push(ack);
+                    break;
+                }
+            }
+            if batch.len() < 1000 {
+                next = rx.try_recv().ok();
             }
         }
-        let sp = spool.clone();
-        match tokio::task::spawn_blocking(move || sp.append(&batch, false)).await {
-            Ok(Ok(seq)) => {
-                wake.send_replace(seq);
+        if !batch.is_empty() {
+            let sp = spool.clone();
+            let failed = match tokio::task::spawn_blocking(move || sp.append(&batch, false)).await {
+                Ok(Ok(seq)) => {
+                    wake.send_replace(seq);
+                    false
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "SIEM action events not spooled; counted as dropped");
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "SIEM action batcher failed; events counted as dropped");
+                    true
+                }
+            };
+            if failed {
+                for s in &sessions {
+                    s.drop_one();
+                }
             }
-            Ok(Err(e)) => tracing::error!(error = %e, "SIEM action events not spooled"),
-            Err(e) => tracing::error!(error = %e, "SIEM action batcher failed"),
+        }
+        for ack in acks {
+            // The waiter may have given up (timeout); nothing to tell it then.
+            let _ = ack.send(());
         }
     }
 }
@@ -690,5 +948,194 @@ mod tests {
         siem.emit(&AccessEvent::new(Action::SessionEnd, "alice"))
             .await
             .expect("ends are never refused");
+    }
+
+    fn info(id: &str) -> crate::record::SessionInfo {
+        crate::record::SessionInfo {
+            session_id: id.into(),
+            protocol: "postgres".into(),
+            person: "alice".into(),
+            target: "db-01".into(),
+            login: "app".into(),
+            grant_id: "g-1".into(),
+            justification: "outage".into(),
+            incident_id: "INC-1".into(),
+            client_addr: "127.0.0.1:5555".into(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+            deadline: "2026-01-01T01:00:00Z".into(),
+        }
+    }
+
+    /// A pipeline whose file sink takes action events, with an action queue of `events`
+    /// events and `bytes` bytes; no delivery workers, so what is spooled stays spooled.
+    fn action_siem(dir: &Path, events: usize, bytes: usize) -> Arc<Siem> {
+        let mut settings =
+            SiemSettings::file_only(&dir.join("siem.jsonl"), &dir.join("spool.sqlite"));
+        settings.sinks[0].actions = true;
+        let mut siem = Siem::open(settings).expect("open");
+        siem.start_actions(events, bytes);
+        Arc::new(siem)
+    }
+
+    fn spooled(siem: &Siem) -> Vec<AccessEvent> {
+        siem.spool
+            .batch("file", 10_000, true)
+            .expect("batch")
+            .0
+            .into_iter()
+            .map(|s| s.event)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_full_action_queue_puts_the_loss_on_the_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let siem = action_siem(dir.path(), 3, 1 << 20);
+        let hook = siem
+            .action_hook(&info("s-1"), "g-1")
+            .expect("actions wanted");
+        let other = siem
+            .action_hook(&info("s-2"), "g-2")
+            .expect("actions wanted");
+        // The test runtime has one thread and nothing here yields, so the batcher cannot run
+        // until the session settles: the queue holds 3 and the rest are lost.
+        for i in 0..10 {
+            hook(0, &format!("SELECT {i}"), false);
+        }
+        other(0, "SELECT 'other'", false);
+        let e = siem
+            .settle_actions("s-1")
+            .await
+            .expect("a loss is reported");
+        assert_eq!(e.action, Action::ActionsDropped);
+        assert_eq!(e.event_type, "BREAK_GLASS_ACCESS", "goes to every sink");
+        assert_eq!(e.actions_dropped, Some(7));
+        assert_eq!(e.session_id.as_deref(), Some("s-1"));
+        assert_eq!(e.correlation_id.as_deref(), Some("g-1"));
+        assert_eq!(e.reason.as_deref(), Some("action_queue"));
+        assert_eq!(e.outcome, "failure");
+        let cmds: Vec<String> = spooled(&siem)
+            .into_iter()
+            .filter_map(|e| e.command)
+            .collect();
+        assert_eq!(
+            cmds,
+            ["SELECT 0", "SELECT 1", "SELECT 2"],
+            "queued ones are spooled before settle returns"
+        );
+        let e2 = siem
+            .settle_actions("s-2")
+            .await
+            .expect("the other session lost its only event");
+        assert_eq!(e2.actions_dropped, Some(1));
+        assert_eq!(e2.session_id.as_deref(), Some("s-2"));
+        assert!(
+            siem.settle_actions("s-1").await.is_none(),
+            "a session settles once"
+        );
+        // Once drained, the queue takes events again; a session that lost nothing reports
+        // nothing.
+        let third = siem
+            .action_hook(&info("s-3"), "g-3")
+            .expect("actions wanted");
+        third(0, "SELECT 3", false);
+        assert!(siem.settle_actions("s-3").await.is_none());
+        assert!(spooled(&siem)
+            .iter()
+            .any(|e| e.command.as_deref() == Some("SELECT 3")));
+        assert_eq!(
+            siem.actions
+                .as_ref()
+                .expect("queue")
+                .bytes
+                .load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "every queued byte is released"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_session_that_never_settles_is_forgotten_only_if_it_lost_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let siem = action_siem(dir.path(), 1, 1 << 20);
+        let tracked = |siem: &Siem| {
+            let mut ids: Vec<String> = siem
+                .actions
+                .as_ref()
+                .expect("queue")
+                .sessions
+                .lock()
+                .expect("lock")
+                .keys()
+                .cloned()
+                .collect();
+            ids.sort();
+            ids
+        };
+        // Refused after their hooks were made: one lost nothing, one lost an event.
+        drop(siem.action_hook(&info("quiet"), "g-1"));
+        let lossy = siem.action_hook(&info("lossy"), "g-2").expect("hook");
+        lossy(0, "SELECT 1", false);
+        lossy(0, "SELECT 2", false);
+        drop(lossy);
+        let _live = siem.action_hook(&info("live"), "g-3").expect("hook");
+        assert_eq!(tracked(&siem), ["live", "lossy"]);
+        let e = siem
+            .settle_actions("lossy")
+            .await
+            .expect("its loss is still reported");
+        assert_eq!(e.actions_dropped, Some(1));
+        assert_eq!(tracked(&siem), ["live"]);
+    }
+
+    #[tokio::test]
+    async fn the_action_queue_is_bounded_in_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let siem = action_siem(dir.path(), 1000, 25_000);
+        let hook = siem
+            .action_hook(&info("s-1"), "g-1")
+            .expect("actions wanted");
+        let big = "x".repeat(10_000);
+        for _ in 0..5 {
+            hook(0, &big, false);
+        }
+        let e = siem
+            .settle_actions("s-1")
+            .await
+            .expect("a loss is reported");
+        // Some 11 KB each (the text and the event around it) against 25 KB: two fit.
+        assert_eq!(e.actions_dropped, Some(3));
+        assert_eq!(spooled(&siem).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn action_events_the_spool_refuses_are_counted_as_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let siem = action_siem(dir.path(), 100, 1 << 20);
+        // The spool refuses action events (as a full disk would), and nothing else.
+        rusqlite::Connection::open(dir.path().join("spool.sqlite"))
+            .expect("open spool")
+            .execute_batch(
+                "CREATE TRIGGER refuse_actions BEFORE INSERT ON events WHEN NEW.is_action = 1 \
+                 BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+            )
+            .expect("trigger");
+        let hook = siem
+            .action_hook(&info("s-1"), "g-1")
+            .expect("actions wanted");
+        for i in 0..4 {
+            hook(0, &format!("SELECT {i}"), false);
+        }
+        let e = siem
+            .settle_actions("s-1")
+            .await
+            .expect("a loss is reported");
+        assert_eq!(e.actions_dropped, Some(4));
+        siem.emit(&e).await.expect("the report itself is spooled");
+        let text = std::fs::read_to_string(dir.path().join("siem.jsonl")).expect("siem file");
+        let last: AccessEvent =
+            serde_json::from_str(text.lines().last().expect("a line")).expect("an event");
+        assert_eq!(last.action, Action::ActionsDropped);
+        assert_eq!(last.actions_dropped, Some(4));
     }
 }

@@ -382,6 +382,8 @@ pub async fn finish(gw: &Gateway, s: &Arc<LiveSession>) {
         e
     };
     let mut events = Vec::new();
+    // SIEM copies of commands that were lost go on the record before the end event.
+    events.extend(gw.siem.settle_actions(&s.id).await);
     match &reason {
         EndReason::Deadline { .. } => events.push(base(Action::SessionExpired)),
         EndReason::Revoked { .. } => events.push(base(Action::SessionRevoked)),

@@ -1,7 +1,8 @@
 //! The evidence API behind the web UI: the session list and page (metadata, grant, approvals,
 //! review, integrity), channel replays as asciicast, PostgreSQL statement timelines, search
 //! over commands and SQL, and post-incident reviews. Every look at a recording is itself an
-//! audit event (`recording_viewed` / `recording_exported`): who watched what, and when.
+//! audit event (`recording_viewed` / `recording_exported` / `recording_searched`): who watched or
+//! searched for what, and when.
 
 use std::sync::Arc;
 
@@ -24,6 +25,9 @@ use crate::state::{ReviewFilter, SearchEntry, SessionFilter, SessionRow, StateEr
 
 /// Sessions indexed for search per request, so one search never stalls on a huge backlog.
 const INDEX_BATCH: u32 = 200;
+
+/// The longest search text, in characters: it goes into the `recording_searched` event.
+const MAX_QUERY_CHARS: usize = 1000;
 
 /// The most sessions one page lists.
 const MAX_PER_PAGE: u32 = 200;
@@ -208,8 +212,23 @@ async fn audit_view(
     what: String,
 ) -> Result<(), ApiError> {
     let e = crate::siem::recording_access(gw.store.as_ref(), action, &w.person, row, &what).await;
-    // No view without its audit record: if the event cannot be spooled, the view fails.
-    gw.audit(&e).await.map_err(ApiError::internal)
+    audit_or_refuse(gw, &e).await
+}
+
+/// Spools an audit event of a look at evidence. No view without its audit record: if the
+/// event cannot be spooled, the view fails.
+async fn audit_or_refuse(gw: &Gateway, e: &AccessEvent) -> Result<(), ApiError> {
+    let what = match e.action {
+        Action::RecordingSearched => "search",
+        _ => "view",
+    };
+    gw.audit(e).await.map_err(|err| {
+        tracing::error!(error = %err, action = e.action.as_str(), "evidence not served: its audit event could not be spooled");
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not served: the audit record of this {what} could not be written ({err})"),
+        )
+    })
 }
 
 async fn load(gw: &Gateway, row: &SessionRow) -> Result<Loaded, ApiError> {
@@ -410,12 +429,12 @@ async fn channel_sql(
 }
 
 /// The searchable lines of a loaded recording: commands from the metadata, SQL from the
-/// PostgreSQL channels.
+/// PostgreSQL channels. Blank commands and empty statements are not indexed.
 pub fn search_entries(loaded: &Loaded) -> Vec<SearchEntry> {
     let mut out = Vec::new();
     if let Some(m) = &loaded.meta {
         for c in &m.channels {
-            for cmd in &c.commands {
+            for cmd in c.commands.iter().filter(|c| !c.text.trim().is_empty()) {
                 out.push(SearchEntry {
                     channel: c.channel,
                     time: cmd.time,
@@ -445,7 +464,9 @@ pub fn search_entries(loaded: &Loaded) -> Vec<SearchEntry> {
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         {
             if let (Some(sql), Some(t)) = (e["sql"].as_str(), e["time"].as_f64()) {
-                if matches!(e["event"].as_str(), Some("query" | "parse")) && !sql.trim().is_empty()
+                // An empty statement (`;`, white space, comments only) says nothing to find.
+                if matches!(e["event"].as_str(), Some("query" | "parse"))
+                    && !crate::pg::redact::is_blank(sql.as_bytes())
                 {
                     out.push(SearchEntry {
                         channel: *ch,
@@ -488,10 +509,43 @@ async fn search(
 ) -> Result<Response, ApiError> {
     let w = who(&gw, &headers).await?;
     let needle = nonempty(&q.q).ok_or_else(|| bad("q: give the text to search for"))?;
+    if needle.chars().count() > MAX_QUERY_CHARS {
+        return Err(bad(format!(
+            "q: at most {MAX_QUERY_CHARS} characters can be searched for"
+        )));
+    }
+    if needle.chars().any(char::is_control) {
+        return Err(bad("q: control characters cannot be searched for"));
+    }
     let mut f = filter(&w, &q)?;
     f.limit = Some(q.per_page.unwrap_or(100).clamp(1, 500));
     index_pending(&gw).await.map_err(state_err)?;
     let hits = gw.store.search_text(&needle, &f).await.map_err(state_err)?;
+    // The search is itself on the record before anything is served.
+    let mut session_ids: Vec<String> = Vec::new();
+    for h in &hits {
+        if !session_ids.contains(&h.session.id) {
+            session_ids.push(h.session.id.clone());
+        }
+    }
+    let narrowed: Vec<String> = [
+        ("person", &f.person),
+        ("target", &f.target),
+        ("protocol", &f.protocol),
+        ("incident", &f.incident),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
+    .chain(f.since.map(|t| format!("since={}", clock::rfc3339(t))))
+    .chain(f.until.map(|t| format!("until={}", clock::rfc3339(t))))
+    .collect();
+    let mut e =
+        crate::siem::recording_search(&w.person, &needle, &narrowed, hits.len(), session_ids);
+    // The schema needs one protocol: the filter's, else the default (`ssh`).
+    if let Some(p) = &f.protocol {
+        e.protocol = p.clone();
+    }
+    audit_or_refuse(&gw, &e).await?;
     let items: Vec<Value> = hits
         .iter()
         .map(|h| {
@@ -679,4 +733,63 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/api/v1/reports", get(report))
         .route("/api/v1/audit-export", get(audit_export))
         .with_state(gw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::raw::{encode_frame, encode_header, RawHeader};
+    use crate::record::Stream;
+
+    /// A loaded PostgreSQL channel whose client sent each of `queries` as a simple Query.
+    fn pg_channel(queries: &[&str]) -> Loaded {
+        let mut bytes = encode_header(&RawHeader {
+            session_id: "s-1".into(),
+            channel: 0,
+            kind: ChannelKind::Postgres {
+                database: "d".into(),
+                role: "r".into(),
+            },
+        });
+        for (i, q) in queries.iter().enumerate() {
+            let mut body = q.as_bytes().to_vec();
+            body.push(0);
+            encode_frame(
+                &mut bytes,
+                Stream::In,
+                std::time::Duration::from_millis(i as u64),
+                &crate::pg::wire::message(b'Q', &body),
+            );
+        }
+        Loaded {
+            meta: None,
+            channels: [(
+                0,
+                export::ChannelData {
+                    format: export::Format::Raw,
+                    bytes,
+                    chunks: 1,
+                },
+            )]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn empty_statements_are_not_indexed() {
+        let loaded = pg_channel(&[
+            ";",
+            "  \n\t ",
+            "-- only a comment",
+            "/* a block */ ; ;",
+            "select 1",
+            "-- a note\nselect 2",
+        ]);
+        let texts: Vec<String> = search_entries(&loaded)
+            .into_iter()
+            .map(|e| e.text)
+            .collect();
+        assert_eq!(texts, ["select 1", "-- a note\nselect 2"]);
+    }
 }

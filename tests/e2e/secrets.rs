@@ -193,11 +193,13 @@ async fn secrets_typed_at_no_echo_prompts_never_reach_the_record() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["hits"].as_array().map(Vec::len), Some(1), "{body}");
     for secret in [read_secret, openssl_secret, su_secret] {
+        // The search text goes into the `recording_searched` SIEM event, so search for all
+        // but the first character: the index would match it, the data dir must not hold it.
         let (code, body) = super::api(
             &w,
             Some(&bob),
             "GET",
-            &format!("/api/v1/search?q={secret}"),
+            &format!("/api/v1/search?q={}", &secret[1..]),
             None,
         )
         .await;
