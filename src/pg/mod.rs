@@ -395,6 +395,26 @@ async fn handle(
         }
     }
     let counts = Counts::default();
+    // The recording's chain head reaches the SIEM every checkpoint_interval, as for SSH, so a
+    // truncation below any checkpoint is caught by `verify`.
+    let checkpoints = {
+        let (gw, recorder) = (gw.clone(), recorder.clone());
+        let template = base(Action::RecordingCheckpoint);
+        let every = gw.config.limits.checkpoint_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let (head, objects) = recorder.checkpoint();
+                let mut e = template.clone();
+                e.chain_head = Some(head);
+                e.objects = Some(objects as u64);
+                e.message = Some(format!("recording checkpoint: {objects} objects stored"));
+                if let Err(err) = gw.audit(&e).await {
+                    tracing::error!(session_id = ?e.session_id, error = %err, "could not write checkpoint event");
+                }
+            }
+        })
+    };
     let reason = relay(
         &gw,
         &mut conn,
@@ -411,6 +431,7 @@ async fn handle(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&client_key);
+    checkpoints.abort();
     let (code, message) = reason;
     let ended_at = clock::now();
     let sealed = recorder

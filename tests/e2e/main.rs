@@ -2577,7 +2577,11 @@ fn psql_cmd_to(w: &World, target: &str, password: &str, sql: &str) -> Command {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_sessions_get_warnings_and_are_cut_at_the_deadline_and_on_revoke() {
-    let (_pg, _pgdir, w, gw, _certs) = pg_world("warn_before = [\"2s\"]", true).await;
+    let (_pg, _pgdir, w, gw, _certs) = pg_world(
+        "warn_before = [\"2s\"]\ncheckpoint_interval = \"500ms\"",
+        true,
+    )
+    .await;
     // Deadline: a 4 s grant; a long query is cut with FATAL 57P01 after a NOTICE.
     let (_req, secret) = pg_credential(&w, "4s").await;
     let mut child = psql_cmd(&w, &secret, "select pg_sleep(30)")
@@ -2607,6 +2611,12 @@ async fn postgres_sessions_get_warnings_and_are_cut_at_the_deadline_and_on_revok
     let late = ended.signed_duration_since(deadline);
     eprintln!("postgres session ended {late} after its deadline");
     assert!(late <= chrono::Duration::milliseconds(1000), "{late}");
+    // Its chain head reached the SIEM while it ran, as for SSH.
+    let cp = w.wait_event("pg checkpoint", |e| {
+        e["action"] == "recording_checkpoint" && e["protocol"] == "postgres"
+    });
+    assert_eq!(cp["session_id"], end["session_id"]);
+    assert!(cp["objects"].as_u64().is_some_and(|n| n >= 1), "{cp}");
 
     // Revoke: the session ends within a second with the reason.
     let (req, secret) = pg_credential(&w, "30m").await;
