@@ -449,6 +449,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     ] {
         let _ = writeln!(out, "# TYPE {name} counter\n{name} {v}");
     }
+    gw.admission.metrics(&mut out);
     let _ = writeln!(
         out,
         "# TYPE breakglass_live_sessions gauge\nbreakglass_live_sessions {}",

@@ -292,6 +292,9 @@ struct RawLimits {
     max_grant_ttl: Option<String>,
     warn_before: Option<Vec<String>>,
     max_connections: Option<usize>,
+    preauth_max: Option<usize>,
+    preauth_per_source: Option<usize>,
+    http_max_connections: Option<usize>,
     env_allow: Option<Vec<String>>,
     recorder_stall_timeout: Option<String>,
     flush_interval: Option<String>,
@@ -679,8 +682,15 @@ pub struct Limits {
     pub max_grant_ttl: Duration,
     /// When to warn the user before the deadline, longest first.
     pub warn_before: Vec<Duration>,
-    /// Concurrent connections per listener (SSH, PostgreSQL); more are refused at accept.
+    /// Authenticated connections per listener (SSH, PostgreSQL); more are refused after
+    /// authentication, with a message. Connections still authenticating do not count.
     pub max_connections: usize,
+    /// Connections per listener that have not authenticated yet (see `preauth`).
+    pub preauth_max: usize,
+    /// Of those, at most this many from one source address (IPv6: one /64).
+    pub preauth_per_source: usize,
+    /// Concurrent HTTP connections (API, web UI, metrics).
+    pub http_max_connections: usize,
     /// Environment variables a client may pass (`*` suffix = prefix match).
     pub env_allow: Vec<String>,
     /// How long the relay waits for the recorder before ending the session (fail closed).
@@ -1394,6 +1404,18 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     if max_connections == 0 {
         return Err(invalid("limits.max_connections", "must be at least 1"));
     }
+    let preauth_max = l.preauth_max.unwrap_or(512);
+    if preauth_max == 0 {
+        return Err(invalid("limits.preauth_max", "must be at least 1"));
+    }
+    let preauth_per_source = l.preauth_per_source.unwrap_or(32);
+    if preauth_per_source == 0 {
+        return Err(invalid("limits.preauth_per_source", "must be at least 1"));
+    }
+    let http_max_connections = l.http_max_connections.unwrap_or(256);
+    if http_max_connections == 0 {
+        return Err(invalid("limits.http_max_connections", "must be at least 1"));
+    }
     let env_allow = l
         .env_allow
         .unwrap_or_else(|| vec!["LANG".into(), "LC_*".into(), "TZ".into()]);
@@ -1481,6 +1503,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             max_grant_ttl,
             warn_before,
             max_connections,
+            preauth_max,
+            preauth_per_source,
+            http_max_connections,
             env_allow,
             recorder_stall_timeout,
             flush_interval,

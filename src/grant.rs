@@ -43,6 +43,10 @@ pub enum Denial {
     Internal {
         why: String,
     },
+    /// The listener holds `limits.max_connections` authenticated connections already.
+    AtCapacity {
+        limit: usize,
+    },
 }
 
 impl Denial {
@@ -59,6 +63,7 @@ impl Denial {
             Denial::Upstream { .. } => "upstream_unreachable",
             Denial::RecordingUnavailable { .. } => "recording_unavailable",
             Denial::Internal { .. } => "internal_error",
+            Denial::AtCapacity { .. } => "gateway_full",
         }
     }
 
@@ -72,7 +77,9 @@ impl Denial {
             | Denial::Expired { .. }
             | Denial::Revoked { .. } => "client",
             Denial::HostKeyMismatch { .. } | Denial::Upstream { .. } => "upstream",
-            Denial::RecordingUnavailable { .. } | Denial::Internal { .. } => "internal",
+            Denial::RecordingUnavailable { .. }
+            | Denial::Internal { .. }
+            | Denial::AtCapacity { .. } => "internal",
         }
     }
 }
@@ -117,6 +124,10 @@ impl std::fmt::Display for Denial {
                 "session refused: the recording cannot be opened ({why}); break-glass sessions never run unrecorded"
             ),
             Denial::Internal { why } => write!(f, "session refused: gateway error: {why}"),
+            Denial::AtCapacity { limit } => write!(
+                f,
+                "session refused: the gateway holds its limit of {limit} sessions (limits.max_connections); try again shortly"
+            ),
         }
     }
 }

@@ -49,6 +49,7 @@ pub mod grant;
 pub mod httpc;
 pub mod keys;
 pub mod pg;
+pub mod preauth;
 pub mod record;
 pub mod report;
 pub mod review;

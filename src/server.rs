@@ -44,6 +44,8 @@ pub struct Gateway {
     pub http_bound: std::sync::OnceLock<SocketAddr>,
     /// The outage spool's authentication key, from the vault (set at start).
     pub spool_mac: std::sync::OnceLock<Arc<crate::record::SpoolMac>>,
+    /// Pre-auth tables and session permits of the listeners.
+    pub admission: crate::preauth::Admission,
 }
 
 /// A startup failure.
@@ -111,7 +113,9 @@ impl Gateway {
             }
         })?;
         let alerter = crate::alerts::Alerter::start(config.webhooks.clone(), tls);
+        let admission = crate::preauth::Admission::new(&config.limits);
         Ok(Arc::new(Gateway {
+            admission,
             config,
             built,
             keys,
@@ -233,28 +237,7 @@ pub async fn start(
         let api = http_listener.map(|l| {
             let token = gw.shutdown.token.clone();
             let app = crate::web::router(gw.clone());
-            tokio::spawn(async move {
-                let served = match web_tls {
-                    Some(acceptor) => {
-                        match crate::web::tls::TlsListener::new(l, acceptor, token.clone()) {
-                            Ok(l) => {
-                                axum::serve(l, app)
-                                    .with_graceful_shutdown(async move { token.cancelled().await })
-                                    .await
-                            }
-                            Err(e) => Err(e),
-                        }
-                    }
-                    None => {
-                        axum::serve(l, app)
-                            .with_graceful_shutdown(async move { token.cancelled().await })
-                            .await
-                    }
-                };
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "HTTP listener failed");
-                }
-            })
+            tokio::spawn(crate::web::serve::serve(l, gw.clone(), app, web_tls, token))
         });
         shutdown.await;
         tracing::info!("shutting down: no new connections, ending live sessions");

@@ -38,41 +38,33 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
 /// Largest message accepted from the target (the client's limit is `postgres.max_message`).
 const MAX_UPSTREAM_MESSAGE: usize = 64 << 20;
 
-/// Accepts PostgreSQL connections until aborted.
+/// Accepts PostgreSQL connections until aborted. A connection takes a place in the
+/// listener's pre-auth table (see [`crate::preauth`]) until SCRAM succeeds, and a place among
+/// the `limits.max_connections` admitted sessions after.
 pub async fn serve(
     listener: TcpListener,
     gw: Arc<Gateway>,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(
-        gw.config.limits.max_connections,
-    ));
-    // Connections over the limit being refused (each for at most two seconds); past this many,
-    // one is closed without a word.
-    let refusals = Arc::new(tokio::sync::Semaphore::new(REFUSALS));
     loop {
         let Ok((socket, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "postgres connection limit reached, refusing");
-            if let Ok(r) = refusals.clone().try_acquire_owned() {
-                let (gw, tls) = (gw.clone(), tls.clone());
-                tokio::spawn(async move {
-                    refuse_over_limit(gw, socket, peer, tls).await;
-                    drop(r);
-                });
+        let ticket = match gw.admission.pg.admit(peer.ip()) {
+            Ok(t) => t,
+            Err(why) => {
+                tracing::debug!(%peer, ?why, "postgres pre-auth limit reached, closing");
+                drop(socket);
+                continue;
             }
-            continue;
         };
         let _ = socket.set_nodelay(true);
         let (gw, tls) = (gw.clone(), tls.clone());
         gw.shutdown.tracker.clone().spawn(async move {
-            if let Err(e) = handle(gw, socket, peer, tls).await {
+            if let Err(e) = handle(gw, socket, peer, tls, ticket).await {
                 tracing::info!(%peer, error = %e, "postgres connection ended");
             }
-            drop(permit);
         });
     }
 }
@@ -102,54 +94,6 @@ async fn forward_cancel(gw: &Gateway, body: &[u8], peer: SocketAddr) {
         }
         tracing::info!(%peer, "forwarded a cancel request");
     }
-}
-
-/// Connections over the limit that are handled at the same time, at most.
-const REFUSALS: usize = 64;
-
-/// Handles a connection over the limit within two seconds: a cancel request is still
-/// forwarded (Ctrl-C must work during a flood), anything else gets FATAL 53300. The client's
-/// SSLRequest is answered first (with TLS when configured), because since the fix for
-/// CVE-2024-10977 libpq does not show an error sent in place of that answer. A client that
-/// sends nothing within a second gets the error in plain.
-async fn refuse_over_limit(
-    gw: Arc<Gateway>,
-    socket: TcpStream,
-    peer: SocketAddr,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let limit = gw.config.limits.max_connections;
-    let e = wire::error(
-        "FATAL",
-        "53300",
-        &format!("sorry, too many clients already: the breakglass gateway is at its limit of {limit} connections (limits.max_connections)"),
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let mut first = [0u8; 1];
-        let spoke = tokio::time::timeout(Duration::from_secs(1), socket.peek(&mut first)).await;
-        let mut conn: Box<dyn Conn> = match spoke {
-            Ok(Ok(n)) if n > 0 => {
-                let (conn, startup, _) = negotiate(Box::new(socket), tls)
-                    .await
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
-                if startup.code == wire::CANCEL_REQUEST {
-                    forward_cancel(&gw, &startup.body, peer).await;
-                    return Ok(());
-                }
-                conn
-            }
-            _ => Box::new(socket),
-        };
-        conn.write_all(&e).await?;
-        conn.shutdown().await?;
-        // Read until the client closes: closing with its data unread would reset the
-        // connection, and a reset can discard the error before the client reads it.
-        let mut sink = [0u8; 1024];
-        while conn.read(&mut sink).await? > 0 {}
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
 }
 
 /// Reads startup packets, answering SSLRequest (TLS when configured) and GSSENCRequest ('N'),
@@ -189,22 +133,29 @@ fn fatal(code: &'static str, msg: impl Into<String>) -> Fatal {
     }
 }
 
-async fn handle(
+/// What the login phase ends with: an authenticated client, or nothing more to do.
+struct LoggedIn {
+    conn: Box<dyn Conn>,
+    ctx: Ctx,
+    grant: Grant,
+    target: TargetConfig,
+}
+
+/// Startup, TLS and SCRAM, all before trust. Refusals here say nothing about whether the
+/// person, the target or a grant exists: a client without a usable credential runs SCRAM
+/// against a dummy verifier and gets the same 28P01 as a wrong password. Only after SCRAM
+/// succeeds does a refusal say why (grant expired or revoked). The SIEM denial event always
+/// carries the real reason.
+async fn login(
     gw: Arc<Gateway>,
     socket: TcpStream,
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
-) -> Result<(), WireError> {
-    // A client that stalls before finishing its startup is dropped.
-    let (mut conn, startup, encrypted) = tokio::time::timeout(
-        gw.config.limits.login_grace,
-        negotiate(Box::new(socket), tls.clone()),
-    )
-    .await
-    .map_err(|_| WireError::Malformed("startup timed out".into()))??;
+) -> Result<Option<LoggedIn>, WireError> {
+    let (mut conn, startup, encrypted) = negotiate(Box::new(socket), tls.clone()).await?;
     if startup.code == wire::CANCEL_REQUEST {
         forward_cancel(&gw, &startup.body, peer).await;
-        return Ok(());
+        return Ok(None);
     }
     if startup.code != wire::PROTOCOL_3 {
         let e = wire::error(
@@ -212,13 +163,14 @@ async fn handle(
             "0A000",
             &format!("unsupported frontend protocol {}", startup.code),
         );
-        return wire::send(&mut conn, &e).await;
+        wire::send(&mut conn, &e).await?;
+        return Ok(None);
     }
     let params = wire::startup_params(&startup.body)?;
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let person = get("user").unwrap_or_default();
     let target_name = get("database").unwrap_or_else(|| person.clone());
-    let mut ctx = Ctx {
+    let ctx = Ctx {
         gw: gw.clone(),
         peer,
         person: person.clone(),
@@ -229,39 +181,124 @@ async fn handle(
             "28000",
             "the breakglass gateway requires TLS (sslmode=require)",
         );
-        return ctx.refuse(&mut conn, f, "tls_required").await;
+        ctx.refuse(&mut conn, f, "tls_required").await?;
+        return Ok(None);
     }
-    let (grant, target) = match ctx.admit().await {
-        Ok(x) => x,
-        Err((f, code)) => return ctx.refuse(&mut conn, f, code).await,
+    let found = ctx.lookup().await;
+    // An internal error (the state store is down) is said as it is: it tells an outsider
+    // nothing about people or targets, and the on-call engineer needs to know.
+    if let Lookup::Internal(f) = found {
+        ctx.refuse(&mut conn, f, "internal_error").await?;
+        return Ok(None);
+    }
+    let verifier = match &found {
+        Lookup::Found { grant, .. } => ctx
+            .gw
+            .store
+            .credential(&grant.id)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|(v, _)| scram::Verifier::parse(&v)),
+        _ => None,
     };
-    let Some(verifier) = ctx
-        .gw
-        .store
-        .credential(&grant.id)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|(v, _)| scram::Verifier::parse(&v))
+    let real = verifier.is_some();
+    let verifier = verifier.unwrap_or_else(|| scram::Verifier::dummy(&person));
+    let scram_result = server_scram(&mut conn, verifier).await;
+    let (why, code) = match (&found, scram_result) {
+        (Lookup::Found { .. }, Ok(())) if real => (None, ""),
+        (Lookup::Refused(f, code), _) => (Some(f.msg.clone()), *code),
+        (Lookup::Found { grant, .. }, _) if !real => (
+            Some(format!("no database credential for grant {}", grant.id)),
+            "no_credential",
+        ),
+        (_, Err(e)) => {
+            tracing::info!(%peer, error = %e, "scram failed");
+            (Some(format!("SCRAM failed: {e}")), "bad_password")
+        }
+        (_, Ok(())) => (
+            Some("SCRAM against a dummy verifier".into()),
+            "bad_password",
+        ),
+    };
+    if let Some(why) = why {
+        ctx.refuse_as(&mut conn, &why, code, generic_auth_failure())
+            .await?;
+        return Ok(None);
+    }
+    let Lookup::Found {
+        grant,
+        target,
+        denial,
+    } = found
     else {
-        let f = fatal(
-            "28P01",
-            format!(
-                "no database credential for grant {}; fetch one with `ssh breakglass@GATEWAY credential {}`",
-                grant.id,
-                grant.correlation_id()
-            ),
-        );
-        return ctx.refuse(&mut conn, f, "no_credential").await;
+        return Ok(None);
     };
-    if let Err(e) = server_scram(&mut conn, verifier).await {
-        let f = fatal(
-            "28P01",
-            format!("password authentication failed for user \"{person}\""),
-        );
-        tracing::info!(%peer, error = %e, "scram failed");
-        return ctx.refuse(&mut conn, f, "bad_password").await;
+    // Authenticated: now a refusal may say why.
+    if let Some((f, code)) = denial {
+        ctx.refuse(&mut conn, f, code).await?;
+        return Ok(None);
     }
+    Ok(Some(LoggedIn {
+        conn,
+        ctx,
+        grant,
+        target: *target,
+    }))
+}
+
+/// The one answer an unauthenticated client gets, whatever was wrong.
+fn generic_auth_failure() -> Fatal {
+    fatal(
+        "28P01",
+        "password authentication failed: use the credential from `ssh breakglass@GATEWAY credential REQUEST`, with an active grant for this target",
+    )
+}
+
+async fn handle(
+    gw: Arc<Gateway>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    ticket: crate::preauth::Ticket,
+) -> Result<(), WireError> {
+    // Everything before trust runs within login_grace of accept, and ends early when the
+    // pre-auth table evicts the connection.
+    let deadline = Instant::now() + gw.config.limits.login_grace;
+    let logged_in = tokio::select! {
+        r = tokio::time::timeout_at(deadline, login(gw.clone(), socket, peer, tls)) => match r {
+            Ok(r) => r?,
+            Err(_) => {
+                ticket.timed_out();
+                return Err(WireError::Malformed("login grace time exceeded".into()));
+            }
+        },
+        _ = ticket.evicted.cancelled() => return Ok(()),
+    };
+    let Some(LoggedIn {
+        mut conn,
+        ctx,
+        grant,
+        target,
+    }) = logged_in
+    else {
+        return Ok(());
+    };
+    ticket.promote();
+    let person = ctx.person.clone();
+    let Ok(_admitted) = gw.admission.pg_sessions.clone().try_acquire_owned() else {
+        gw.admission
+            .pg
+            .stats
+            .refused_sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let limit = gw.config.limits.max_connections;
+        let f = fatal(
+            "53300",
+            format!("sorry, too many clients already: the breakglass gateway is at its limit of {limit} sessions (limits.max_connections)"),
+        );
+        return ctx.refuse(&mut conn, f, "gateway_full").await;
+    };
     // Upstream with the gateway's credentials, before any client message is relayed.
     let (mut up, upstream_startup) = match upstream_login(&ctx.gw, &target).await {
         Ok(x) => x,
@@ -497,48 +534,82 @@ struct Ctx {
 }
 
 impl Ctx {
-    async fn admit(&mut self) -> Result<(Grant, TargetConfig), (Fatal, &'static str)> {
+    /// Finds the person, the target and their grant. A grant that is found but not active
+    /// is returned with its denial, since its holder may learn why once authenticated.
+    async fn lookup(&self) -> Lookup {
         if !self.gw.config.people.contains_key(&self.person) {
-            return Err((
+            return Lookup::Refused(
                 fatal(
                     "28000",
                     format!("\"{}\" is not a breakglass person", self.person),
                 ),
                 "unknown_person",
-            ));
+            );
         }
         let Some(t) = self.gw.config.targets.get(&self.target).cloned() else {
-            return Err((
+            return Lookup::Refused(
                 fatal(
                     "3D000",
                     format!("there is no target named \"{}\"", self.target),
                 ),
                 "unknown_target",
-            ));
+            );
         };
         if t.protocol != Protocol::Postgres {
-            return Err((
+            return Lookup::Refused(
                 fatal(
                     "28000",
                     format!("{} is an SSH target; connect with ssh", t.name),
                 ),
                 "wrong_protocol",
-            ));
+            );
         }
         let now = clock::now();
-        let found = self
-            .gw
-            .store
-            .grant_for(&self.person, &t.name, now)
-            .await
-            .map_err(|e| (fatal("XX000", e.to_string()), "internal_error"))?;
-        match grant::admit(&self.person, &t.name, found, now) {
-            Ok(g) => Ok((g, t)),
-            Err(d) => {
-                let code = d.code();
-                Err((fatal("28000", d.to_string()), code))
-            }
+        let found = match self.gw.store.grant_for(&self.person, &t.name, now).await {
+            Ok(g) => g,
+            Err(e) => return Lookup::Internal(fatal("XX000", e.to_string())),
+        };
+        let Some(g) = found else {
+            let d = grant::Denial::NoGrant {
+                person: self.person.clone(),
+                target: t.name.clone(),
+            };
+            return Lookup::Refused(fatal("28000", d.to_string()), d.code());
+        };
+        let denial = match grant::admit(&self.person, &t.name, Some(g.clone()), now) {
+            Ok(_) => None,
+            Err(d) => Some((fatal("28000", d.to_string()), d.code())),
+        };
+        Lookup::Found {
+            grant: g,
+            target: Box::new(t),
+            denial,
         }
+    }
+
+    /// Refuses with `client` on the wire while the SIEM event carries the real reason.
+    async fn refuse_as(
+        &self,
+        conn: &mut Box<dyn Conn>,
+        why: &str,
+        code: &str,
+        client: Fatal,
+    ) -> Result<(), WireError> {
+        self.audit_denial(why, code, "client").await;
+        wire::send(conn, &wire::error("FATAL", client.code, &client.msg)).await
+    }
+
+    async fn audit_denial(&self, why: &str, code: &str, side: &str) {
+        let mut e = AccessEvent::new(Action::SessionDenied, &self.person);
+        e.protocol = "postgres".into();
+        e.person = Some(self.person.clone());
+        e.target = Some(self.target.clone());
+        e.client_addr = Some(self.peer.to_string());
+        e.outcome = "failure".into();
+        e.reason = Some(code.to_string());
+        e.message = Some(why.to_string());
+        e.side = Some(side.into());
+        let _ = self.gw.audit(&e).await;
     }
 
     async fn refuse(
@@ -547,25 +618,28 @@ impl Ctx {
         f: Fatal,
         code: &str,
     ) -> Result<(), WireError> {
-        let mut e = AccessEvent::new(Action::SessionDenied, &self.person);
-        e.protocol = "postgres".into();
-        e.person = Some(self.person.clone());
-        e.target = Some(self.target.clone());
-        e.client_addr = Some(self.peer.to_string());
-        e.outcome = "failure".into();
-        e.reason = Some(code.to_string());
-        e.message = Some(f.msg.clone());
-        e.side = Some(
-            if f.code == "08006" {
-                "upstream"
-            } else {
-                "client"
-            }
-            .into(),
-        );
-        let _ = self.gw.audit(&e).await;
+        let side = match f.code {
+            "08006" => "upstream",
+            "XX000" | "58030" | "53300" => "internal",
+            _ => "client",
+        };
+        self.audit_denial(&f.msg, code, side).await;
         wire::send(conn, &wire::error("FATAL", f.code, &f.msg)).await
     }
+}
+
+/// What the login phase found for a (person, target). One lives per login, briefly.
+#[allow(clippy::large_enum_variant)]
+enum Lookup {
+    /// A grant exists (its denial, if not active, is said only after authentication).
+    Found {
+        grant: Grant,
+        target: Box<TargetConfig>,
+        denial: Option<(Fatal, &'static str)>,
+    },
+    /// No person, no target, no grant: said to nobody but the SIEM.
+    Refused(Fatal, &'static str),
+    Internal(Fatal),
 }
 
 async fn server_scram(conn: &mut Box<dyn Conn>, v: scram::Verifier) -> Result<(), String> {

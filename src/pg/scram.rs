@@ -27,6 +27,21 @@ pub struct Verifier {
 }
 
 impl Verifier {
+    /// A verifier no password matches, for a login the gateway will refuse anyway: the
+    /// exchange looks the same as a real one. Its salt is derived from the user name under a
+    /// key made at start, so repeated probes for one name see one salt, as for a real person.
+    pub fn dummy(user: &str) -> Verifier {
+        static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        let key = KEY.get_or_init(rand::random);
+        let salt = hmac_sha256(key, format!("salt\0{user}").as_bytes());
+        Verifier {
+            iterations: crate::credential::ITERATIONS,
+            salt: salt[..16].to_vec(),
+            stored_key: hmac_sha256(key, format!("stored\0{user}").as_bytes()),
+            server_key: hmac_sha256(key, format!("server\0{user}").as_bytes()),
+        }
+    }
+
     /// Parses `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`.
     pub fn parse(s: &str) -> Option<Verifier> {
         let rest = s.strip_prefix("SCRAM-SHA-256$")?;

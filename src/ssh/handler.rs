@@ -88,15 +88,25 @@ pub struct Handler {
     control_pty: std::collections::HashSet<ChannelId>,
     /// Channels opened after the session began to end; requests on them get the reason.
     ending: std::collections::HashSet<ChannelId>,
+    /// The connection's place in the pre-auth table, until it authenticates.
+    ticket: Option<crate::preauth::Ticket>,
+    /// Its place among admitted connections, from authentication on.
+    admitted: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-/// Runs one client connection to completion, then seals its session.
+/// Runs one client connection to completion, then seals its session. Until it authenticates,
+/// the connection is closed at its `login_grace` deadline (counted from accept, so the banner
+/// and the key exchange are inside it) or when the pre-auth table evicts it.
 pub async fn run_connection(
     gw: Arc<Gateway>,
     config: Arc<server::Config>,
     socket: TcpStream,
     peer: SocketAddr,
+    ticket: crate::preauth::Ticket,
 ) {
+    let deadline = tokio::time::Instant::now() + gw.config.limits.login_grace;
+    let evicted = ticket.evicted.clone();
+    let table = ticket.table().clone();
     let slot = Arc::new(Mutex::new(None));
     let authenticated = Arc::new(AtomicBool::new(false));
     let handler = Handler {
@@ -115,30 +125,52 @@ pub async fn run_connection(
         control: false,
         control_pty: Default::default(),
         ending: Default::default(),
+        ticket: Some(ticket),
+        admitted: None,
     };
-    match server::run_stream(config, socket, handler).await {
-        Ok(running) => {
-            let handle = running.handle();
-            let grace = gw.config.limits.login_grace;
-            let authed = authenticated.clone();
-            let guard = tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                if !authed.load(Ordering::SeqCst) {
-                    let _ = handle
-                        .disconnect(
-                            russh::Disconnect::ByApplication,
-                            "login grace time exceeded".into(),
-                            "en".into(),
-                        )
-                        .await;
-                }
-            });
-            if let Err(e) = running.await {
+    let timed_out = || {
+        table
+            .stats
+            .timed_out
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(%peer, "login grace time exceeded, closing");
+    };
+    // The client's banner is read inside `run_stream`.
+    let started = tokio::select! {
+        r = tokio::time::timeout_at(deadline, server::run_stream(config, socket, handler)) => r,
+        _ = evicted.cancelled() => return,
+    };
+    let running = match started {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "ssh handshake failed");
+            return;
+        }
+        Err(_) => return timed_out(),
+    };
+    let mut running = std::pin::pin!(running);
+    let preauth_over = async {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = evicted.cancelled() => {}
+        }
+        if authenticated.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        evicted.is_cancelled()
+    };
+    tokio::select! {
+        r = &mut running => {
+            if let Err(e) = r {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-            guard.abort();
         }
-        Err(e) => tracing::debug!(%peer, error = %e, "ssh handshake failed"),
+        was_evicted = preauth_over => {
+            // Dropping the session closes the socket; an unauthenticated peer is owed nothing.
+            if !was_evicted {
+                timed_out();
+            }
+        }
     }
     let live = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(s) = live {
@@ -725,6 +757,32 @@ impl server::Handler for Handler {
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         self.authenticated.store(true, Ordering::SeqCst);
+        if let Some(t) = self.ticket.take() {
+            t.promote();
+        }
+        match self.gw.admission.ssh_sessions.clone().try_acquire_owned() {
+            Ok(p) => self.admitted = Some(p),
+            Err(_) => {
+                self.gw
+                    .admission
+                    .ssh
+                    .stats
+                    .refused_sessions
+                    .fetch_add(1, Ordering::Relaxed);
+                let d = Denial::AtCapacity {
+                    limit: self.gw.config.limits.max_connections,
+                };
+                let msg = d.to_string();
+                self.report_denial(d, None).await;
+                let handle = session.handle();
+                tokio::spawn(async move {
+                    let _ = handle
+                        .disconnect(russh::Disconnect::TooManyConnections, msg, "en".into())
+                        .await;
+                });
+                return Ok(());
+            }
+        }
         let is_target = self.gw.config.targets.contains_key(&self.target);
         if !is_target
             && (self.target == crate::config::CONTROL_LOGIN

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use russh::server;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::server::Gateway;
 
@@ -27,8 +26,8 @@ pub fn server_config(gw: &Gateway) -> Arc<server::Config> {
         auth_rejection_time: Duration::from_millis(300),
         auth_rejection_time_initial: Some(Duration::ZERO),
         keys: vec![gw.keys.host.as_ref().clone()],
-        // The session deadline ends sessions; idle connections before auth are bounded by
-        // `login_grace` below.
+        // The session deadline ends sessions; before authentication, `login_grace` bounds
+        // the whole connection, banner and key exchange included (`handler::run_connection`).
         inactivity_timeout: None,
         keepalive_interval: Some(Duration::from_secs(30)),
         keepalive_max: 3,
@@ -40,10 +39,11 @@ pub fn server_config(gw: &Gateway) -> Arc<server::Config> {
 }
 
 /// Accepts connections until aborted. Each connection runs in its own task; an error ends that
-/// connection only. A semaphore caps concurrent connections.
+/// connection only. A connection first takes a place in the listener's pre-auth table (see
+/// [`crate::preauth`]), which it leaves when it authenticates; admitted connections are capped
+/// by `limits.max_connections` apart from it.
 pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
     let config = server_config(&gw);
-    let permits = Arc::new(Semaphore::new(gw.config.limits.max_connections));
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -53,17 +53,21 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached, refusing");
-            drop(socket);
-            continue;
+        let ticket = match gw.admission.ssh.admit(peer.ip()) {
+            Ok(t) => t,
+            Err(why) => {
+                // Counted in /metrics; a log line per refused connection would let a flood
+                // fill the disk.
+                tracing::debug!(%peer, ?why, "pre-auth limit reached, closing");
+                drop(socket);
+                continue;
+            }
         };
         let _ = socket.set_nodelay(true);
         let gw = gw.clone();
         let config = config.clone();
         gw.shutdown.tracker.clone().spawn(async move {
-            handler::run_connection(gw, config, socket, peer).await;
-            drop(permit);
+            handler::run_connection(gw, config, socket, peer, ticket).await;
         });
     }
 }

@@ -6,7 +6,7 @@
 //! otherwise keep it on loopback or behind a TLS-terminating proxy.
 
 pub mod evidence;
-pub mod tls;
+pub mod serve;
 
 use std::sync::Arc;
 

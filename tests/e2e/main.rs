@@ -2,6 +2,7 @@
 //! the real `asciinema` CLI replaying exports, all on 127.0.0.1.
 
 mod audit_views;
+mod flood;
 mod outage;
 mod pg_secrets;
 mod secrets;
@@ -2301,7 +2302,12 @@ async fn psql_through_the_gateway_with_tls_scram_and_a_jit_credential() {
             "password authentication failed",
         ),
         ("alice", secret.as_str(), "disable", "requires TLS"),
-        ("bob", "whatever", "require", "has no break-glass grant"),
+        (
+            "bob",
+            "whatever",
+            "require",
+            "password authentication failed",
+        ),
     ] {
         let out = output(psql(user, pw, mode, "select 1")).await;
         assert!(!out.status.success(), "{user}/{mode} must be refused");
@@ -2993,41 +2999,16 @@ async fn listen_notify_passes_through_the_relay_and_is_recorded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_flood_gets_fatal_53300_and_service_resumes_after_it() {
-    use std::io::Read;
-    use std::io::Write;
-    let (pg, _pgdir, w, gw, _certs) = pg_world("max_connections = 3", true).await;
+async fn sessions_over_the_limit_get_fatal_53300_and_logins_in_progress_do_not_count() {
+    let (pg, _pgdir, w, gw, _certs) = pg_world("max_connections = 1", true).await;
     let (_req, secret) = pg_credential(&w, "30m").await;
     let connect = || std::net::TcpStream::connect(("127.0.0.1", w.pg_port)).expect("connect");
-    let read_all = |mut s: std::net::TcpStream| {
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let mut got = Vec::new();
-        let _ = s.read_to_end(&mut got);
-        String::from_utf8_lossy(&got).into_owned()
-    };
-    // A running session and two idle connections (waiting in the startup phase) take every
-    // slot.
-    let sleeper = sleep_upstream(&pg, &w, "orders-db", &secret);
+    // Connections that have not logged in take no session place: with two of them idle, one
+    // session still gets in.
     let idle: Vec<std::net::TcpStream> = (0..2).map(|_| connect()).collect();
-    // The next is told why at once.
-    let mut s = connect();
-    let t = Instant::now();
-    let body = b"user\0alice\0database\0orders-db\0\0";
-    let mut startup = ((8 + body.len()) as i32).to_be_bytes().to_vec();
-    startup.extend_from_slice(&[0, 3, 0, 0]);
-    startup.extend_from_slice(body);
-    s.write_all(&startup).expect("startup");
-    let got = read_all(s);
-    assert!(
-        got.starts_with('E') && got.contains("53300") && got.contains("too many clients already"),
-        "{got:?}"
-    );
-    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
-    // So is one that sends nothing, after a second.
-    let got = read_all(connect());
-    assert!(got.contains("53300"), "{got:?}");
-    // psql says so too, whether it starts with an SSLRequest or a plain startup packet.
+    let sleeper = sleep_upstream(&pg, &w, "orders-db", &secret);
+    // The running session holds the only place: the next one is told why, after logging in,
+    // whether it starts with an SSLRequest or a plain startup packet.
     for mode in ["require", "disable"] {
         let mut c = Command::new(require("psql", "postgresql-client"));
         c.arg(format!(
@@ -3041,11 +3022,15 @@ async fn a_connection_flood_gets_fatal_53300_and_service_resumes_after_it() {
         let err = text(&out.stderr);
         eprintln!("sslmode={mode}: {}", err.trim());
         assert!(!out.status.success());
-        assert!(err.contains("too many clients already"), "{mode}: {err}");
+        if mode == "require" {
+            assert!(err.contains("too many clients already"), "{mode}: {err}");
+        } else {
+            // Without TLS the gateway refuses before that.
+            assert!(err.contains("requires TLS"), "{mode}: {err}");
+        }
     }
-    // Ctrl-C still works: the cancel request is over the limit too, and is forwarded.
+    // Ctrl-C still works: a cancel request is not a session.
     press_ctrl_c(sleeper);
-    // Once the idle ones are gone, the gateway serves again.
     drop(idle);
     let t = Instant::now();
     let said = wait_for("psql to get through again", Duration::from_secs(10), || {
@@ -3053,10 +3038,7 @@ async fn a_connection_flood_gets_fatal_53300_and_service_resumes_after_it() {
         out.status.success().then(|| text(&out.stdout))
     });
     assert_eq!(said.trim(), "42");
-    eprintln!(
-        "served again {:?} after the idle connections closed",
-        t.elapsed()
-    );
+    eprintln!("served again {:?} after the session ended", t.elapsed());
     w.wait_ended(2);
     gw.stop().await;
 }
