@@ -157,6 +157,23 @@ impl Gateway {
     }
 }
 
+/// The listen backlog of every listener (the kernel caps it at `net.core.somaxconn`). A flood
+/// that opens connections faster than the accept loop takes them must not fill the queue: a
+/// full queue drops the next SYN, and the person with a grant waits for its retransmission.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` with [`LISTEN_BACKLOG`] (`TcpListener::bind` would use 1024).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Binds the listeners and returns their addresses plus the future that serves until
 /// `shutdown` resolves. Tests bind `127.0.0.1:0` and read the port from [`Bound`].
 pub async fn start(
@@ -165,26 +182,16 @@ pub async fn start(
 ) -> Result<(Bound, impl Future<Output = ()> + Send), StartError> {
     let gw = Gateway::build(config)?;
     let addr = gw.config.ssh_listen;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
+    let listener = listen(addr).map_err(|source| StartError::Bind { addr, source })?;
     let ssh = listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
     let http_listener = match gw.config.http_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { addr, source })?,
-        ),
+        Some(addr) => Some(listen(addr).map_err(|source| StartError::Bind { addr, source })?),
         None => None,
     };
     let pg_listener = match gw.config.pg_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { addr, source })?,
-        ),
+        Some(addr) => Some(listen(addr).map_err(|source| StartError::Bind { addr, source })?),
         None => None,
     };
     let postgres = match &pg_listener {

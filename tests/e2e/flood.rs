@@ -177,9 +177,9 @@ async fn a_person_with_a_grant_gets_in_while_a_pre_auth_flood_is_held() {
     assert!(preauth > 100.0, "{preauth}");
 
     // login_grace closes everything the flood holds.
-    // KNOWN GAP (issue 13): when this test runs beside others, some flood connections (84 of
-    // 1,400 in one run) stayed open 30 s past the grace; alone, all close. Until the cause is
-    // found the count is printed, and only the per-listener counters below are asserted.
+    // (A connection the kernel dropped from a full accept queue would look open here forever,
+    // never having reached the gateway: the gateway listens with a backlog of 4,096 so that the
+    // 1,000 opened at once all queue; `net.core.somaxconn` caps it.)
     let mut times = Vec::new();
     let until = tokio::time::Instant::now() + grace + Duration::from_secs(30);
     let total = held.len();
@@ -190,6 +190,13 @@ async fn a_person_with_a_grant_gets_in_while_a_pre_auth_flood_is_held() {
     }
     let open = total - times.len();
     eprintln!("flood connections still open 30 s after login_grace: {open} of {total}");
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap_or_default();
+    assert_eq!(
+        open,
+        0,
+        "flood connections outlived login_grace (net.core.somaxconn is {})",
+        somaxconn.trim()
+    );
     times.sort();
     let evicted = metric(
         &w,
