@@ -759,6 +759,19 @@ async fn check_config(file: &Path, offline: bool) -> Result<ExitCode> {
         }
     }
     for t in cfg.targets.values() {
+        if t.protocol == breakglass::config::Protocol::Postgres {
+            match &t.tls {
+                breakglass::config::UpstreamTls::VerifyFull(_) => {}
+                breakglass::config::UpstreamTls::Require(_) => warnings.push(format!(
+                    "target {}: tls = \"require\" does not check the certificate's name; prefer tls = \"verify-full\"",
+                    t.name
+                )),
+                breakglass::config::UpstreamTls::Disable => warnings.push(format!(
+                    "target {}: the break-glass login goes over plain TCP (tls = \"disable\"); set tls = \"verify-full\" and ca_file",
+                    t.name
+                )),
+            }
+        }
         let addr = t.address.clone();
         let res = tokio::time::timeout(
             Duration::from_secs(3),

@@ -208,6 +208,10 @@ struct RawTarget {
     /// PostgreSQL targets: the PEM CA certificate(s), or the server's own certificate, trusted
     /// for upstream TLS.
     ca_file: Option<PathBuf>,
+    /// PostgreSQL targets: answer a cleartext or md5 password request (only with
+    /// tls = "verify-full"); off by default, so only SCRAM-SHA-256 is spoken upstream.
+    #[serde(default)]
+    allow_password_auth: bool,
 }
 
 fn yes() -> bool {
@@ -638,6 +642,10 @@ pub struct TargetConfig {
     /// the recording, the extracted commands, the SIEM and the search index (default true;
     /// see `record::echo` for the rule).
     pub redact_no_echo: bool,
+    /// PostgreSQL targets: whether the gateway answers a cleartext or md5 password request
+    /// with the vault's password. Off by default (SCRAM-SHA-256 only, -PLUS under TLS); only
+    /// allowed with `tls = "verify-full"`, so the password never goes to an unverified server.
+    pub allow_password_auth: bool,
     /// auth = "key": the target's authorized_keys file (relative to the login's home), which
     /// rotation rewrites to swap the gateway-held key.
     pub authorized_keys: String,
@@ -1217,6 +1225,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 ))
             }
         };
+        if t.allow_password_auth && !matches!(tls, UpstreamTls::VerifyFull(_)) {
+            return Err(invalid(
+                format!("{base}.allow_password_auth"),
+                "a cleartext or md5 password goes only to a verified server: set tls = \"verify-full\" and ca_file, or leave it off (SCRAM-SHA-256)",
+            ));
+        }
         if t.login.is_empty() {
             return Err(invalid(
                 format!("{base}.login"),
@@ -1286,6 +1300,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             custodians: t.custodians,
             emergency_self_service: t.emergency_self_service,
             redact_no_echo: t.redact_no_echo,
+            allow_password_auth: t.allow_password_auth,
             authorized_keys: t
                 .authorized_keys
                 .unwrap_or_else(|| ".ssh/authorized_keys".into()),
@@ -1741,13 +1756,13 @@ impl Config {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const KEY: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGb7mZ1Bq0Ckq8xN3sKZ0x0pXqk8iJ9C1m3xNnXo9b7c alice";
 
-    fn base() -> String {
+    pub(crate) fn base() -> String {
         format!(
             r#"
 data_dir = "/tmp/bg"
@@ -1932,6 +1947,16 @@ login = "root"
                 "tls = \"prefer\"\nca_file = \"/ca\"",
                 "targets[1].tls",
                 "not one of",
+            ),
+            (
+                "allow_password_auth = true",
+                "targets[1].allow_password_auth",
+                "verify-full",
+            ),
+            (
+                "allow_password_auth = true\ntls = \"require\"\nca_file = \"/ca\"",
+                "targets[1].allow_password_auth",
+                "verify-full",
             ),
         ] {
             let err = pg(extra).expect_err(extra).to_string();

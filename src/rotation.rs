@@ -76,11 +76,36 @@ async fn pg_login(
 ) -> Result<tokio_postgres::Client, RotateError> {
     let failed = |e: tokio_postgres::Error| RotateError::Target {
         target: t.name.clone(),
-        why: format!("login as {} failed: {e}", t.login),
+        why: match std::error::Error::source(&e) {
+            // tokio-postgres's own text hides the cause (a refused password request, a TLS
+            // failure) behind "error communicating with the server".
+            Some(cause) => format!("login as {} failed: {e}: {cause}", t.login),
+            None => format!("login as {} failed: {e}", t.login),
+        },
     };
     let mut c = pg_config(t, password)?;
     if t.tls == UpstreamTls::Disable {
-        let (client, conn) = c.connect(tokio_postgres::NoTls).await.map_err(failed)?;
+        // Connected here so that the guard reads the target's messages before tokio-postgres
+        // could answer a password request.
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(&t.address),
+        )
+        .await
+        .map_err(|_| RotateError::Target {
+            target: t.name.clone(),
+            why: "connect timed out".into(),
+        })?
+        .map_err(|e| RotateError::Target {
+            target: t.name.clone(),
+            why: format!("connect failed: {e}"),
+        })?;
+        let guarded = crate::pg::upstream::AuthGuard::new(tcp, t);
+        c.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        let (client, conn) = c
+            .connect_raw(guarded, tokio_postgres::NoTls)
+            .await
+            .map_err(failed)?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -96,7 +121,7 @@ async fn pg_login(
         })?;
     c.ssl_mode(tokio_postgres::config::SslMode::Require);
     let (client, conn) = c
-        .connect(crate::pg::upstream::PostgresTls(tls.clone()))
+        .connect(crate::pg::upstream::PostgresTls(tls.clone(), t.clone()))
         .await
         .map_err(failed)?;
     tokio::spawn(async move {

@@ -695,7 +695,7 @@ async fn upstream_login(
             )
         })?;
     let password = kek.open(&t.name, &blob).map_err(|e| e.to_string())?;
-    let mut up = upstream::connect(t, gw.built.pg_tls.get(&t.name)).await?;
+    let (mut up, binding) = upstream::connect(t, gw.built.pg_tls.get(&t.name)).await?;
     let mut body = wire::PROTOCOL_3.to_be_bytes().to_vec();
     for (k, v) in [
         ("user", t.login.as_str()),
@@ -725,6 +725,9 @@ async fn upstream_login(
                     .map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]))
                     .unwrap_or(-1);
                 let payload = b.get(4..).unwrap_or_default();
+                if let Some(why) = upstream::password_request(t, code) {
+                    return Err(why);
+                }
                 match code {
                     0 => {}
                     3 => {
@@ -751,8 +754,25 @@ async fn upstream_login(
                             .map_err(|e| e.to_string())?;
                     }
                     10 => {
-                        let (ex, first) = scram::ClientExchange::start(password.expose());
-                        let mut p = b"SCRAM-SHA-256\0".to_vec();
+                        let offered: Vec<&[u8]> = payload
+                            .split(|b| *b == 0)
+                            .filter(|m| !m.is_empty())
+                            .collect();
+                        let plus = offered.contains(&&b"SCRAM-SHA-256-PLUS"[..]);
+                        if !plus && !offered.contains(&&b"SCRAM-SHA-256"[..]) {
+                            return Err(format!(
+                                "the target offers no SCRAM-SHA-256 ({}); the gateway speaks no other SASL mechanism",
+                                offered.iter().map(|m| String::from_utf8_lossy(m)).collect::<Vec<_>>().join(" ")
+                            ));
+                        }
+                        let bind = scram::Binding::choose(binding.as_deref(), plus);
+                        let mechanism: &[u8] = if matches!(bind, scram::Binding::Used(_)) {
+                            b"SCRAM-SHA-256-PLUS\0"
+                        } else {
+                            b"SCRAM-SHA-256\0"
+                        };
+                        let (ex, first) = scram::ClientExchange::start(password.expose(), bind);
+                        let mut p = mechanism.to_vec();
                         p.extend_from_slice(&(first.len() as i32).to_be_bytes());
                         p.extend_from_slice(first.as_bytes());
                         wire::send(&mut up, &wire::message(b'p', &p))

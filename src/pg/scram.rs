@@ -1,6 +1,7 @@
 //! SCRAM-SHA-256 (RFC 5802/7677) for both legs: the server side checks a DBA's JIT credential
 //! against its stored verifier; the client side logs in upstream with the vault's password.
-//! No channel binding (`n,,`/`y,,` only).
+//! The server side takes no channel binding (`n,,`/`y,,`); the client side binds to the
+//! target's TLS certificate (`tls-server-end-point`, SCRAM-SHA-256-PLUS) when it can.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -168,26 +169,69 @@ impl ServerExchange {
     }
 }
 
+/// The client's channel binding for one exchange (RFC 5802 §6 gs2 header).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Binding {
+    /// No TLS, or no binding data for the certificate: `n,,`.
+    None,
+    /// The client could bind but the server offered no -PLUS: `y,,` (a server that does
+    /// support binding then refuses, which defeats a downgrade).
+    Unoffered,
+    /// SCRAM-SHA-256-PLUS with this `tls-server-end-point` data: `p=tls-server-end-point,,`.
+    Used(Vec<u8>),
+}
+
+impl Binding {
+    /// From the certificate's binding data (when under TLS) and whether -PLUS was offered.
+    pub fn choose(data: Option<&[u8]>, plus_offered: bool) -> Binding {
+        match (data, plus_offered) {
+            (Some(d), true) => Binding::Used(d.to_vec()),
+            (Some(_), false) => Binding::Unoffered,
+            (None, _) => Binding::None,
+        }
+    }
+
+    fn gs2(&self) -> &'static str {
+        match self {
+            Binding::None => "n,,",
+            Binding::Unoffered => "y,,",
+            Binding::Used(_) => "p=tls-server-end-point,,",
+        }
+    }
+
+    /// The `c=` attribute: base64 of the gs2 header and any binding data.
+    fn attribute(&self) -> String {
+        let mut b = self.gs2().as_bytes().to_vec();
+        if let Binding::Used(d) = self {
+            b.extend_from_slice(d);
+        }
+        B64.encode(b)
+    }
+}
+
 /// Client side of the exchange.
 pub struct ClientExchange {
     password: String,
+    binding: Binding,
     client_first_bare: String,
     auth_message: String,
     salted: Vec<u8>,
 }
 
 impl ClientExchange {
-    /// The client-first message (`n,,n=,r=...`).
-    pub fn start(password: &str) -> (ClientExchange, String) {
+    /// The client-first message (`<gs2 header>n=,r=...`).
+    pub fn start(password: &str, binding: Binding) -> (ClientExchange, String) {
         let bare = format!("n=,r={}", nonce());
+        let first = format!("{}{bare}", binding.gs2());
         (
             ClientExchange {
                 password: password.to_string(),
-                client_first_bare: bare.clone(),
+                binding,
+                client_first_bare: bare,
                 auth_message: String::new(),
                 salted: Vec::new(),
             },
-            format!("n,,{bare}"),
+            first,
         )
     }
 
@@ -223,7 +267,7 @@ impl ClientExchange {
         );
         let client_key = hmac_sha256(&salted, b"Client Key");
         let stored = digest::digest(&digest::SHA256, &client_key);
-        let without_proof = format!("c=biws,r={nonce}");
+        let without_proof = format!("c={},r={nonce}", self.binding.attribute());
         self.auth_message = format!("{},{server_first},{without_proof}", self.client_first_bare);
         let sig = hmac_sha256(stored.as_ref(), self.auth_message.as_bytes());
         let proof: Vec<u8> = client_key.iter().zip(&sig).map(|(a, b)| a ^ b).collect();
@@ -254,7 +298,7 @@ mod tests {
     fn client_and_server_agree_and_wrong_passwords_fail() {
         let v = Verifier::parse(&crate::credential::verifier("right-password")).expect("verifier");
         for (pw, ok) in [("right-password", true), ("wrong-password", false)] {
-            let (mut c, first) = ClientExchange::start(pw);
+            let (mut c, first) = ClientExchange::start(pw, Binding::None);
             let (s, server_first) = ServerExchange::start(&first, v.clone()).expect("start");
             let client_final = c.respond(&server_first).expect("respond");
             match s.finish(&client_final) {
@@ -269,6 +313,15 @@ mod tests {
             }
         }
         assert!(ServerExchange::start("p=tls-server-end-point,,n=,r=x", v.clone()).is_err());
+        let (_, first) = ClientExchange::start("pw", Binding::Used(vec![1, 2]));
+        assert!(
+            first.starts_with("p=tls-server-end-point,,n=,r="),
+            "{first}"
+        );
+        let (mut c, first) = ClientExchange::start("pw", Binding::Unoffered);
+        assert!(first.starts_with("y,,n=,r="), "{first}");
+        let fin = c.respond("r=abc,s=c2FsdA==,i=4096").expect("respond");
+        assert!(fin.starts_with("c=eSws,r=abc,p="), "{fin}");
         assert!(ServerExchange::start("garbage", v).is_err());
     }
 }

@@ -7,6 +7,12 @@
 //! the target's address; `require` does not. The public web roots are never trusted, and there
 //! is no mode that encrypts without verifying.
 //!
+//! Credentials stay home: the gateway answers only SCRAM-SHA-256, with channel binding
+//! (`SCRAM-SHA-256-PLUS`, `tls-server-end-point`) under TLS, unless a target opts in to
+//! cleartext or md5 with `allow_password_auth`, which needs `verify-full`. A rogue server at a
+//! target's address that asks for the password itself gets nothing ([`password_request`] for
+//! the relay's own login, [`AuthGuard`] under tokio-postgres).
+//!
 //! Cancel requests do not come through here: they go to the target on a new plain TCP
 //! connection, which PostgreSQL accepts whatever `pg_hba.conf` says (see `pg::handle`).
 //! [`PostgresTls`] gives tokio-postgres (rotation, `vault verify`) the same TLS settings.
@@ -198,14 +204,14 @@ fn host_of(address: &str) -> &str {
 pub(super) async fn connect(
     t: &TargetConfig,
     tls: Option<&Arc<rustls::ClientConfig>>,
-) -> Result<Box<dyn Conn>, String> {
+) -> Result<(Box<dyn Conn>, Option<Vec<u8>>), String> {
     let mut tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&t.address))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
     let mode = match &t.tls {
-        UpstreamTls::Disable => return Ok(Box::new(tcp)),
+        UpstreamTls::Disable => return Ok((Box::new(tcp), None)),
         UpstreamTls::Require(_) => "require",
         UpstreamTls::VerifyFull(_) => "verify-full",
     };
@@ -251,14 +257,193 @@ pub(super) async fn connect(
             };
             format!("TLS handshake with the target failed: {e}{hint}")
         })?;
-    Ok(Box::new(stream))
+    let binding = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| end_point_hash(c));
+    Ok((Box::new(stream), binding))
+}
+
+/// Why the gateway will not answer an authentication request from the target, if it will
+/// not: cleartext (3) and md5 (5) unless the target opted in (which needs `verify-full`).
+pub(super) fn password_request(t: &TargetConfig, code: i32) -> Option<String> {
+    let what = match code {
+        3 => "a cleartext password",
+        5 => "an md5 password",
+        _ => return None,
+    };
+    if t.allow_password_auth && matches!(t.tls, UpstreamTls::VerifyFull(_)) {
+        return None;
+    }
+    Some(format!(
+        "the target {} asked for {what}; refused: the gateway sends the break-glass password only by SCRAM-SHA-256 (allow_password_auth is off; it needs tls = \"verify-full\")",
+        t.name
+    ))
+}
+
+/// The `tls-server-end-point` channel binding (RFC 5929) of a DER certificate: its hash under
+/// the hash of its signature algorithm, SHA-256 for MD5 and SHA-1. `None` for an algorithm
+/// without one (Ed25519, RSA-PSS), as PostgreSQL has none then either.
+pub fn end_point_hash(der: &[u8]) -> Option<Vec<u8>> {
+    /// One DER TLV: (tag, contents, the rest).
+    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = b.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (first as usize, rest)
+        } else {
+            let n = (first & 0x7f) as usize;
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n].iter().fold(0usize, |a, &b| (a << 8) | b as usize);
+            (len, &rest[n..])
+        };
+        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+    }
+    let (0x30, cert, _) = tlv(der)? else {
+        return None;
+    };
+    let (0x30, _tbs, rest) = tlv(cert)? else {
+        return None;
+    };
+    let (0x30, alg, _) = tlv(rest)? else {
+        return None;
+    };
+    let (0x06, oid, _) = tlv(alg)? else {
+        return None;
+    };
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04];
+    let algorithm = match oid {
+        [r @ .., 0x04 | 0x05 | 0x0b] if r == RSA => &ring::digest::SHA256,
+        [r @ .., 0x0c] if r == RSA => &ring::digest::SHA384,
+        [r @ .., 0x0d] if r == RSA => &ring::digest::SHA512,
+        [e @ .., 0x01] if e == ECDSA => &ring::digest::SHA256,
+        [e @ .., 0x03, 0x02] if e == ECDSA => &ring::digest::SHA256,
+        [e @ .., 0x03, 0x03] if e == ECDSA => &ring::digest::SHA384,
+        [e @ .., 0x03, 0x04] if e == ECDSA => &ring::digest::SHA512,
+        _ => return None,
+    };
+    Some(ring::digest::digest(algorithm, der).as_ref().to_vec())
+}
+
+/// A stream under tokio-postgres (rotation, `vault verify`) that reads the target's messages
+/// until authentication is over and fails the connection, before tokio-postgres can answer,
+/// when the target asks for a password [`password_request`] refuses.
+pub struct AuthGuard<S> {
+    inner: S,
+    target: TargetConfig,
+    /// The current message's first bytes (tag, length, and for 'R' the code).
+    head: Vec<u8>,
+    /// Bytes of the current message still to pass unread.
+    skip: usize,
+    /// AuthenticationOk seen (or a message after which none can come): pass everything.
+    done: bool,
+}
+
+impl<S> AuthGuard<S> {
+    pub fn new(inner: S, target: &TargetConfig) -> AuthGuard<S> {
+        AuthGuard {
+            inner,
+            target: target.clone(),
+            head: Vec::with_capacity(9),
+            skip: 0,
+            done: false,
+        }
+    }
+
+    /// Follows the message framing over `bytes`.
+    fn scan(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !self.done && !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let want = if self.head.len() >= 5 && self.head[0] == b'R' {
+                9
+            } else {
+                5
+            };
+            let n = (want - self.head.len()).min(bytes.len());
+            self.head.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.head.len() < want || (self.head[0] == b'R' && self.head.len() < 9) {
+                continue;
+            }
+            let len = i32::from_be_bytes([self.head[1], self.head[2], self.head[3], self.head[4]]);
+            let body = usize::try_from(len).unwrap_or(0).saturating_sub(4);
+            if self.head[0] == b'R' {
+                let code =
+                    i32::from_be_bytes([self.head[5], self.head[6], self.head[7], self.head[8]]);
+                if let Some(why) = password_request(&self.target, code) {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        why,
+                    ));
+                }
+                self.done = code == 0;
+                self.skip = body.saturating_sub(4);
+            } else {
+                // ErrorResponse ends the login; anything else before AuthenticationOk is
+                // skipped whole.
+                self.done = self.head[0] == b'E';
+                self.skip = body;
+            }
+            self.head.clear();
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuthGuard<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &r {
+            if !self.done {
+                let new = buf.filled()[before..].to_vec();
+                if let Err(e) = self.scan(&new) {
+                    buf.set_filled(before);
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthGuard<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// A target's TLS settings for tokio-postgres (with `SslMode::Require`), so that rotation
-/// and `vault verify` reach a target the way the relay does. No channel binding: SCRAM runs
-/// without `-PLUS`, as the relay's own login does.
+/// and `vault verify` reach a target the way the relay does: the same trust, channel binding
+/// (`tls-server-end-point`) for SCRAM-SHA-256-PLUS, and the same [`AuthGuard`].
 #[derive(Clone)]
-pub struct PostgresTls(pub Arc<rustls::ClientConfig>);
+pub struct PostgresTls(pub Arc<rustls::ClientConfig>, pub TargetConfig);
 
 impl<S> tokio_postgres::tls::MakeTlsConnect<S> for PostgresTls
 where
@@ -271,6 +456,7 @@ where
     fn make_tls_connect(&mut self, host: &str) -> Result<PostgresTlsConnect, Self::Error> {
         Ok(PostgresTlsConnect {
             cfg: self.0.clone(),
+            target: self.1.clone(),
             name: ServerName::try_from(host.to_string())?,
         })
     }
@@ -279,6 +465,7 @@ where
 /// One handshake to a named host.
 pub struct PostgresTlsConnect {
     cfg: Arc<rustls::ClientConfig>,
+    target: TargetConfig,
     name: ServerName<'static>,
 }
 
@@ -295,13 +482,25 @@ where
             let s = tokio_rustls::TlsConnector::from(self.cfg)
                 .connect(self.name, stream)
                 .await?;
-            Ok(PostgresTlsStream(s))
+            let binding = s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| end_point_hash(c));
+            Ok(PostgresTlsStream {
+                inner: AuthGuard::new(s, &self.target),
+                binding,
+            })
         })
     }
 }
 
 /// A TLS stream as tokio-postgres wants it.
-pub struct PostgresTlsStream<S>(tokio_rustls::client::TlsStream<S>);
+pub struct PostgresTlsStream<S> {
+    inner: AuthGuard<tokio_rustls::client::TlsStream<S>>,
+    binding: Option<Vec<u8>>,
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for PostgresTlsStream<S> {
     fn poll_read(
@@ -309,7 +508,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for PostgresTlsStream<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
@@ -319,21 +518,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for PostgresTlsStream<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for PostgresTlsStream<S> {
     fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
-        tokio_postgres::tls::ChannelBinding::none()
+        match &self.binding {
+            Some(h) => tokio_postgres::tls::ChannelBinding::tls_server_end_point(h.clone()),
+            None => tokio_postgres::tls::ChannelBinding::none(),
+        }
     }
 }
 
@@ -438,6 +640,73 @@ EwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDRwAwRAIgeO6YvhLuLd7C2Nr9Fi2/mra3
         );
         assert!(tls_config(b"not pem", true).is_err());
         assert!(tls_config(b"", false).is_err());
+    }
+
+    #[test]
+    fn the_end_point_hash_of_an_ecdsa_sha256_certificate_is_its_sha256() {
+        let d = der(LEAF);
+        let want = ring::digest::digest(&ring::digest::SHA256, d.as_ref());
+        assert_eq!(end_point_hash(d.as_ref()).as_deref(), Some(want.as_ref()));
+        // Truncated, empty, or not a certificate: no binding, no panic.
+        for bad in [
+            &d.as_ref()[..d.as_ref().len() / 2],
+            &[][..],
+            b"\x30\x84\xff\xff\xff\xff",
+        ] {
+            assert_eq!(end_point_hash(bad), None);
+        }
+    }
+
+    fn target(allow: bool, tls: UpstreamTls) -> TargetConfig {
+        let cfg = crate::config::Config::from_toml(&format!(
+            "{}\n[[targets]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:5432\"\nlogin = \"bg\"\n",
+            crate::config::tests::base()
+        ));
+        let mut t = cfg
+            .map(|c| c.targets["db"].clone())
+            .unwrap_or_else(|e| panic!("{e}"));
+        t.allow_password_auth = allow;
+        t.tls = tls;
+        t
+    }
+
+    #[test]
+    fn the_guard_stops_a_password_request_wherever_the_bytes_split() {
+        let msg = |tag: u8, body: &[u8]| {
+            let mut m = vec![tag];
+            m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+            m.extend_from_slice(body);
+            m
+        };
+        let sasl = msg(b'R', b"\0\0\0\x0aSCRAM-SHA-256\0\0");
+        let ok = msg(b'R', &[0, 0, 0, 0]);
+        let clear = msg(b'R', &[0, 0, 0, 3]);
+        let md5 = msg(b'R', b"\0\0\0\x05salt");
+        let param = msg(b'S', b"a\0b\0");
+        let off = target(false, UpstreamTls::Disable);
+        let on = target(true, UpstreamTls::VerifyFull("/ca".into()));
+        let cases: Vec<(Vec<u8>, &TargetConfig, bool)> = vec![
+            (
+                [sasl.clone(), ok.clone(), clear.clone()].concat(),
+                &off,
+                true,
+            ),
+            ([sasl.clone(), clear.clone()].concat(), &off, false),
+            ([param.clone(), md5.clone()].concat(), &off, false),
+            (md5.clone(), &on, true),
+            (clear.clone(), &on, true),
+        ];
+        for (bytes, t, fine) in cases {
+            for step in [1, 2, 3, 5, 7, bytes.len()] {
+                let mut g = AuthGuard::new((), t);
+                let r: std::io::Result<()> = bytes.chunks(step).try_for_each(|c| g.scan(c));
+                assert_eq!(r.is_ok(), fine, "{bytes:?} in steps of {step}");
+            }
+        }
+        assert!(password_request(&off, 10).is_none());
+        assert!(password_request(&off, 3).is_some());
+        // The opt-in counts only with verify-full, whatever the config said.
+        assert!(password_request(&target(true, UpstreamTls::Require("/ca".into())), 5).is_some());
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod audit_views;
 mod flood;
 mod outage;
 mod pg_secrets;
+mod rogue;
 mod secrets;
 mod siem;
 mod support;
@@ -2879,15 +2880,24 @@ async fn upstream_tls_refuses_a_certificate_outside_ca_file_with_a_clear_fatal()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn md5_and_trust_upstream_logins_work() {
-    let target = |name: &str, login: &str| {
+async fn md5_upstream_needs_an_opt_in_and_verified_tls_and_trust_logins_work() {
+    let tls = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed_cert(tls.path());
+    let target = |name: &str, login: &str, extra: &str| {
         format!(
-            "[[targets]]\nname = \"{name}\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{{pg_port}}\"\nlogin = \"{login}\"\napprovers = [\"bob\"]\n"
+            "[[targets]]\nname = \"{name}\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{{pg_port}}\"\nlogin = \"{login}\"\napprovers = [\"bob\"]\n{extra}\n"
         )
     };
-    let more = target("orders-md5", "bg_md5") + &target("orders-trust", "bg_trust");
+    let opted_in = format!(
+        "tls = \"verify-full\"\nca_file = \"{}\"\nallow_password_auth = true",
+        cert.display()
+    );
+    let more = target("orders-md5", "bg_md5", "")
+        + &target("orders-md5-tls", "bg_md5", &opted_in)
+        + &target("orders-trust", "bg_trust", "");
     let (pg, _pgdir, w, gw, _certs) = pg_world_with(PgOpts {
         client_tls: true,
+        server_tls: Some((&cert, &key)),
         // The first matching line wins: md5 for bg_md5, no password at all for bg_trust.
         hba_first: "host all bg_md5 127.0.0.1/32 md5\nhost all bg_trust 127.0.0.1/32 trust",
         sql: "SET password_encryption = 'md5'; \
@@ -2896,6 +2906,7 @@ async fn md5_and_trust_upstream_logins_work() {
         more: &more,
         vault: &[
             ("orders-md5", "md5-bg-password"),
+            ("orders-md5-tls", "md5-bg-password"),
             ("orders-trust", "not-asked-for"),
         ],
         ..Default::default()
@@ -2908,7 +2919,22 @@ async fn md5_and_trust_upstream_logins_work() {
         "select rolpassword like 'md5%' from pg_authid where rolname = 'bg_md5'",
     );
     assert_eq!(text(&out.stdout).trim(), "t", "{}", text(&out.stderr));
-    for (target, role) in [("orders-md5", "bg_md5"), ("orders-trust", "bg_trust")] {
+    // Without the opt-in the gateway does not answer md5, and says why.
+    let (_req, secret) = pg_credential_for(&w, "orders-md5", "30m").await;
+    let out = output(psql_cmd_to(
+        &w,
+        "orders-md5",
+        &secret,
+        "select current_user",
+    ))
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("asked for an md5 password; refused"),
+        "{}",
+        text(&out.stderr)
+    );
+    for (target, role) in [("orders-md5-tls", "bg_md5"), ("orders-trust", "bg_trust")] {
         let (_req, secret) = pg_credential_for(&w, target, "30m").await;
         let out = output(psql_cmd_to(&w, target, &secret, "select current_user")).await;
         assert_eq!(
@@ -3264,7 +3290,7 @@ async fn unknown_and_oversized_messages_after_login_get_fatal_08p01() {
                     .map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]])),
             ) {
                 (b'R', Some(10)) => {
-                    let (e, first) = scram::ClientExchange::start(secret);
+                    let (e, first) = scram::ClientExchange::start(secret, scram::Binding::None);
                     let mut p = b"SCRAM-SHA-256\0".to_vec();
                     p.extend_from_slice(&(first.len() as i32).to_be_bytes());
                     p.extend_from_slice(first.as_bytes());
