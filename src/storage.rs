@@ -176,6 +176,9 @@ impl RecordingStore {
     /// store gave the object (S3 with versioning, which Object Lock requires), so a manifest
     /// can pin exactly what was written; `None` on unversioned stores (the local directory).
     pub async fn put_new(&self, key: &str, bytes: Bytes) -> Result<Option<String>, StorageError> {
+        if let Some(root) = &self.local_root {
+            keep_free(root, bytes.len()).map_err(|e| StorageError::Backend(e.to_string()))?;
+        }
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
@@ -297,6 +300,36 @@ pub mod key {
     pub fn chunk(prefix: &str, channel: u32, seq: u64, ext: &str) -> String {
         format!("{prefix}/ch{channel:04}/{seq:08}.{ext}")
     }
+}
+
+/// Space that recordings never take on a local disk: the state file and the SIEM spool, which
+/// end what runs on the record, keep it when recordings fill the disk.
+pub const KEEP_FREE_BYTES: u64 = 8 << 20;
+
+/// Refuses a write of `len` bytes under `dir` that would leave less than [`KEEP_FREE_BYTES`]
+/// available on its file system (an error that names the disk).
+pub fn keep_free(dir: &std::path::Path, len: usize) -> std::io::Result<()> {
+    let Some(avail) = available(dir) else {
+        return Ok(());
+    };
+    if avail < KEEP_FREE_BYTES + len as u64 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!(
+                "No space left on device for recordings: {} has {} KiB free, and the last {} MiB stay for the state and the SIEM spool",
+                dir.display(),
+                avail / 1024,
+                KEEP_FREE_BYTES >> 20
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes available to this process on the file system holding `dir` (`statvfs`).
+fn available(dir: &std::path::Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 #[cfg(test)]

@@ -458,6 +458,7 @@ impl Recorder {
             spool_dir,
             spool_mac,
             outage_since: None,
+            unrecorded: 0,
             checkpoint: checkpoint.clone(),
             actions,
             redact_no_echo,
@@ -605,6 +606,9 @@ struct RecorderTask {
     spool_mac: Option<Arc<SpoolMac>>,
     /// When the current store outage began.
     outage_since: Option<Instant>,
+    /// Messages dropped after the recording failed with its buffers full (the session is
+    /// being ended; the store could not take them). Noted in the manifest.
+    unrecorded: u64,
     /// Shared with the session for periodic checkpoint events.
     checkpoint: Arc<Mutex<(String, usize)>>,
     /// Per-action SIEM events.
@@ -626,9 +630,12 @@ impl RecorderTask {
         let mut tick = tokio::time::interval(flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let room = self.buffered() < SPOOL_LIMIT;
+            let full = self.buffered() >= SPOOL_LIMIT;
+            // Once the recording has failed the session is ending: its Finish must get
+            // through even when the buffers stay full (a full disk takes nothing back).
+            let failed = self.failure.reason().is_some();
             tokio::select! {
-                item = rx.recv(), if room => {
+                item = rx.recv(), if !full || failed => {
                     // The permit goes when the message is taken in: its bytes are in the
                     // recorder's buffers (bounded by SPOOL_LIMIT) from then on.
                     let Some(Queued { msg, .. }) = item else {
@@ -643,10 +650,19 @@ impl RecorderTask {
                         let _ = reply.send(res);
                         return;
                     }
+                    if full {
+                        self.unrecorded += 1;
+                        continue;
+                    }
                     self.handle(msg);
-                    let r = self.flush_big().await;
-                    self.note_flush(r);
-                    self.commit_ledger().await;
+                    // After a failure the session is ending: what is still queued is taken in
+                    // without a write per message (each would wait out the failing store), so
+                    // the Finish behind it comes through; the seal writes what it can.
+                    if !failed {
+                        let r = self.flush_big().await;
+                        self.note_flush(r);
+                        self.commit_ledger().await;
+                    }
                 }
                 _ = tick.tick() => {
                     // Lines are judged by the clock only when no message waits: a backlog
@@ -654,9 +670,12 @@ impl RecorderTask {
                     if rx.is_empty() {
                         self.tick_guards();
                     }
-                    let r = self.flush_all().await;
-                    self.note_flush(r);
-                    self.commit_ledger().await;
+                    // After a failure only the seal writes (the queue drains first).
+                    if !failed {
+                        let r = self.flush_all().await;
+                        self.note_flush(r);
+                        self.commit_ledger().await;
+                    }
                 }
             }
         }
@@ -1074,8 +1093,14 @@ impl RecorderTask {
 
     async fn seal(&mut self, end: SessionEndInfo) -> Result<SessionMeta, StorageError> {
         let hook = self.actions.clone();
+        let unrecorded = self.unrecorded;
         for c in self.channels.values_mut() {
             close_channel(c, hook.as_ref());
+            if unrecorded > 0 {
+                c.meta.notes.push(format!(
+                    "{unrecorded} message(s) after the recording failed were not recorded: the store took nothing more and the session was ended"
+                ));
+            }
         }
         // Within the grace period, keep retrying a failing store before giving up.
         loop {
@@ -1132,6 +1157,7 @@ fn spool_write(
     bytes: &[u8],
     mac: Option<&SpoolMac>,
 ) -> std::io::Result<()> {
+    crate::storage::keep_free(dir, bytes.len())?;
     use std::io::Write;
     let path = dir.join(key);
     if let Some(parent) = path.parent() {

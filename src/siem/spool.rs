@@ -50,6 +50,24 @@ pub struct Spool {
     path: PathBuf,
     conn: Mutex<Connection>,
     max_events: u64,
+    /// A file of [`RESERVE_BYTES`] beside the database, given up when the disk is full so that
+    /// the events closing what is running (session ends, denials) still commit; `None` while
+    /// it is spent, with when it was last tried again.
+    reserve: Mutex<Option<std::time::Instant>>,
+}
+
+/// Space the spool keeps back for a full disk (`<spool>.reserve`).
+pub const RESERVE_BYTES: usize = 4 << 20;
+
+/// How often a spent reserve is tried again.
+const RESERVE_RETRY: Duration = Duration::from_secs(5);
+
+/// Whether `e` says the disk (or the database's quota) is full.
+fn disk_full(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull
+    )
 }
 
 fn now_ms() -> i64 {
@@ -88,11 +106,72 @@ impl Spool {
                  last_error TEXT);",
         )
         .map_err(err)?;
-        Ok(Spool {
+        let spool = Spool {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
             max_events,
-        })
+            reserve: Mutex::new(None),
+        };
+        spool.refill_reserve();
+        Ok(spool)
+    }
+
+    fn reserve_path(&self) -> PathBuf {
+        self.path.with_extension("reserve")
+    }
+
+    /// Writes the reserve file if it is missing (a partial one is removed again: the disk is
+    /// still full). Returns whether it is in place.
+    fn refill_reserve(&self) -> bool {
+        let p = self.reserve_path();
+        if std::fs::metadata(&p).is_ok_and(|m| m.len() as usize >= RESERVE_BYTES) {
+            return true;
+        }
+        let written = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&p)?;
+            f.write_all(&vec![0u8; RESERVE_BYTES])?;
+            f.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&p);
+            tracing::warn!(path = %p.display(), error = %e, "the SIEM spool's disk reserve could not be written");
+            return false;
+        }
+        true
+    }
+
+    /// Gives up the reserve after a full-disk failure; true when there was one to give.
+    fn spend_reserve(&self) -> bool {
+        let mut r = self.reserve.lock().unwrap_or_else(|p| p.into_inner());
+        let had = std::fs::remove_file(self.reserve_path()).is_ok();
+        *r = Some(std::time::Instant::now());
+        if had {
+            tracing::error!(path = %self.path.display(), "the SIEM spool's disk is full: its reserve is spent so that running sessions can still end on the record; free space on it");
+        }
+        had
+    }
+
+    /// Puts a spent reserve back, at most every [`RESERVE_RETRY`].
+    fn maybe_refill(&self) {
+        let mut r = self.reserve.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = *r {
+            if at.elapsed() >= RESERVE_RETRY {
+                *r = if self.refill_reserve() {
+                    None
+                } else {
+                    Some(std::time::Instant::now())
+                };
+            }
+        }
+    }
+
+    /// Whether the reserve is spent (the disk filled and has not been freed since).
+    pub fn reserve_spent(&self) -> bool {
+        self.reserve
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     fn err(&self, e: impl std::fmt::Display) -> SpoolError {
@@ -134,30 +213,57 @@ impl Spool {
     /// that start something new: a session, a request) are refused when the backlog is at the
     /// limit; everything else is accepted so that what is already running is never lost.
     pub fn append(&self, events: &[AccessEvent], opening: bool) -> Result<i64, SpoolError> {
-        let mut conn = self.lock();
-        if opening {
-            let n: i64 = conn
-                .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
-                .map_err(|e| self.err(e))?;
-            if n as u64 >= self.max_events {
-                return Err(SpoolError::Full {
-                    events: n as u64,
-                    limit: self.max_events,
-                });
+        let r = self.append_once(events, opening);
+        match r {
+            // A full disk: what closes something running may use the reserve; something new
+            // is refused (it could not be recorded either).
+            Err(Fail::Sqlite(e)) if disk_full(&e) && !opening && self.spend_reserve() => self
+                .append_once(events, opening)
+                .map_err(|e| self.failure(e)),
+            Err(Fail::Sqlite(e)) if disk_full(&e) => {
+                self.spend_reserve();
+                Err(self.failure(Fail::Sqlite(e)))
+            }
+            Err(e) => Err(self.failure(e)),
+            Ok(seq) => {
+                self.maybe_refill();
+                Ok(seq)
             }
         }
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+    }
+
+    fn failure(&self, f: Fail) -> SpoolError {
+        match f {
+            Fail::Sqlite(e) if disk_full(&e) => self.err(format!(
+                "{e}: the disk is full (No space left on device); free space on it"
+            )),
+            Fail::Sqlite(e) => self.err(e),
+            Fail::Spool(e) => e,
+        }
+    }
+
+    fn append_once(&self, events: &[AccessEvent], opening: bool) -> Result<i64, Fail> {
+        let mut conn = self.lock();
+        if opening {
+            let n: i64 = conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
+            if n as u64 >= self.max_events {
+                return Err(Fail::Spool(SpoolError::Full {
+                    events: n as u64,
+                    limit: self.max_events,
+                }));
+            }
+        }
+        let tx = conn.transaction()?;
         let mut last = 0;
         for e in events {
-            let body = serde_json::to_string(e).map_err(|e| self.err(e))?;
+            let body = serde_json::to_string(e).map_err(|e| Fail::Spool(self.err(e)))?;
             tx.execute(
                 "INSERT OR IGNORE INTO events(id, spooled_ms, is_action, body) VALUES (?1, ?2, ?3, ?4)",
                 params![e.event_id, now_ms(), e.is_action() as i64, body],
-            )
-            .map_err(|e| self.err(e))?;
+            )?;
             last = tx.last_insert_rowid();
         }
-        tx.commit().map_err(|e| self.err(e))?;
+        tx.commit()?;
         Ok(last)
     }
 
@@ -296,6 +402,18 @@ impl Spool {
                 .unwrap_or(0.0),
             last_error,
         })
+    }
+}
+
+/// Why one append attempt failed.
+enum Fail {
+    Sqlite(rusqlite::Error),
+    Spool(SpoolError),
+}
+
+impl From<rusqlite::Error> for Fail {
+    fn from(e: rusqlite::Error) -> Fail {
+        Fail::Sqlite(e)
     }
 }
 
