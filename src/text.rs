@@ -65,12 +65,18 @@ pub fn terminal(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Text for Slack mrkdwn: `&`, `<` and `>` become `&amp;`, `&lt;` and `&gt;` as Slack
-/// documents, so `<!channel>` and `<https://x|Approve>` are shown, not acted on; control
-/// characters are shown as escapes as in [`terminal`].
+/// Text for Slack mrkdwn: control characters as escapes as in [`terminal`], then
+/// [`mrkdwn`].
 pub fn slack(s: &str) -> String {
+    mrkdwn(&terminal(s))
+}
+
+/// `&`, `<` and `>` as `&amp;`, `&lt;` and `&gt;`, the three escapes Slack documents, so
+/// `<!channel>` and `<https://x|Approve>` are shown, not acted on. For text whose control
+/// characters are already escaped.
+pub fn mrkdwn(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 8);
-    for c in terminal(s).chars() {
+    for c in s.chars() {
         match c {
             '&' => out.push_str("&amp;"),
             '<' => out.push_str("&lt;"),
