@@ -1417,8 +1417,8 @@ async fn access_review(config: &Path, since: &str) -> Result<ExitCode> {
             g.target,
             clock::rfc3339(g.created_at),
             clock::rfc3339(g.revoked_at.unwrap_or(g.expires_at)),
-            g.created_by,
-            g.incident_id,
+            text::terminal(&g.created_by),
+            text::terminal(&g.incident_id),
             if g.review_required { "  EMERGENCY" } else { "" }
         );
     }
@@ -1473,6 +1473,13 @@ fn print_rows(format: Format, headers: &[&str], rows: &[Vec<String>]) -> Result<
             writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         }
         Format::Table => {
+            // A table is read in a terminal: stored text shows its control characters as
+            // escapes (CSV and JSON carry the values unchanged, quoted for their format).
+            let rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| r.iter().map(|f| text::terminal(f).into_owned()).collect())
+                .collect();
+            let rows = &rows;
             let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
             for r in rows {
                 for (i, f) in r.iter().enumerate() {
@@ -1557,7 +1564,7 @@ async fn replay(
                 ),
                 other => other.to_string(),
             };
-            println!("{t:>10.3}s  {what}");
+            println!("{t:>10.3}s  {}", text::terminal(&what));
         }
         return Ok(ExitCode::SUCCESS);
     }
