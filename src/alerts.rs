@@ -144,8 +144,20 @@ pub fn alertable(e: &AccessEvent) -> bool {
     }
 }
 
-/// One line a human reads in a chat channel.
+/// One line a human reads in a chat channel. The event's text came from people (a reason, an
+/// incident id), so its control characters are shown as escapes (`text::terminal`); the Slack
+/// body escapes markup on top ([`slack_body`]).
 pub fn summary(e: &AccessEvent) -> String {
+    crate::text::terminal(&summary_raw(e)).into_owned()
+}
+
+/// The body posted to a Slack incoming webhook: the summary as mrkdwn text with `&`, `<` and
+/// `>` escaped, so `<!channel>` or `<https://x|Approve>` in a reason is shown, not acted on.
+pub fn slack_body(summary: &str) -> serde_json::Value {
+    serde_json::json!({ "text": crate::text::mrkdwn(summary) })
+}
+
+fn summary_raw(e: &AccessEvent) -> String {
     let who = e.person.as_deref().unwrap_or(&e.actor);
     let target = e.target.as_deref().unwrap_or("?");
     let incident = e.incident_id.as_deref().unwrap_or("-");
@@ -244,9 +256,7 @@ impl Alerter {
                 for hook in &hooks {
                     let body = match hook.format {
                         Format::Json => serde_json::to_vec(&alert),
-                        Format::Slack => {
-                            serde_json::to_vec(&serde_json::json!({ "text": alert.summary }))
-                        }
+                        Format::Slack => serde_json::to_vec(&slack_body(&alert.summary)),
                     };
                     let Ok(body) = body else { continue };
                     let (hook, st, tls) = (hook.clone(), st.clone(), tls.clone());
@@ -408,5 +418,24 @@ mod tests {
         assert!(summary(&e).contains("EMERGENCY"));
         assert!(alertable(&AccessEvent::new(Action::SessionStart, "alice")));
         assert!(!alertable(&AccessEvent::new(Action::SessionEnd, "alice")));
+    }
+
+    #[test]
+    fn slack_text_is_text() {
+        let mut e = AccessEvent::new(Action::RequestCreated, "alice");
+        e.justification =
+            Some("<!channel> \x1b]52;c;ZXZpbA==\x07 <https://evil|Approve> & co".into());
+        e.incident_id = Some("INC-\u{202E}1".into());
+        let s = summary(&e);
+        assert!(!s.chars().any(crate::text::is_refused), "{s:?}");
+        assert!(s.contains("\\u{1b}]52;c;ZXZpbA==\\u{7}"), "{s}");
+        let body = slack_body(&s);
+        let text = body["text"].as_str().expect("text");
+        assert!(
+            text.contains("&lt;!channel&gt; \\u{1b}]52;c;ZXZpbA==\\u{7} &lt;https://evil|Approve&gt; &amp; co"),
+            "{text}"
+        );
+        assert!(text.contains("INC-\\u{202e}1"), "{text}");
+        assert!(!text.contains('<') && !text.contains('>'), "{text}");
     }
 }

@@ -12,7 +12,7 @@ use breakglass::record::{asciicast, export};
 use breakglass::siem::{AccessEvent, Action, Siem};
 use breakglass::state::{NewGrant, SessionFilter, SqliteStore, Store};
 use breakglass::storage::RecordingStore;
-use breakglass::{clock, keys};
+use breakglass::{clock, keys, text};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -812,11 +812,47 @@ fn open_state(cfg: &Config) -> Result<SqliteStore> {
     Ok(SqliteStore::open(&cfg.state_path())?)
 }
 
+/// Who runs this command, as the OS says: `operator:NAME`, the user name of the real uid in
+/// `/etc/passwd` (or `operator:uid:N` without an entry). Under sudo (effective uid 0) the
+/// invoking user's `SUDO_UID` names the operator; sudo sets it, and whoever is root could
+/// name anyone anyway. `USER` and `SUDO_USER` are never read: anyone can set them.
 fn operator() -> String {
-    let user = std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "unknown".into());
-    format!("operator:{user}")
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let sudo_uid = std::env::var("SUDO_UID").ok();
+    operator_from(&status, &passwd, sudo_uid.as_deref())
+}
+
+/// The pure part of [`operator`]: `/proc/self/status` and `/etc/passwd` as text.
+fn operator_from(status: &str, passwd: &str, sudo_uid: Option<&str>) -> String {
+    let Some((real, effective)) = status_uids(status) else {
+        return "operator:unknown".into();
+    };
+    let uid = match sudo_uid.and_then(|u| u.trim().parse::<u32>().ok()) {
+        Some(u) if effective == 0 => u,
+        _ => real,
+    };
+    match passwd_name(passwd, uid) {
+        Some(name) => format!("operator:{}", text::terminal(name)),
+        None => format!("operator:uid:{uid}"),
+    }
+}
+
+/// The real and effective uid from the `Uid:` line of `/proc/<pid>/status`.
+fn status_uids(status: &str) -> Option<(u32, u32)> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let mut ids = line.split_whitespace().map(|v| v.parse::<u32>().ok());
+    Some((ids.next()??, ids.next()??))
+}
+
+/// The first user name with `uid` in `/etc/passwd` text.
+fn passwd_name(passwd: &str, uid: u32) -> Option<&str> {
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let _password = f.next()?;
+        (f.next()?.parse::<u32>().ok()? == uid && !name.is_empty()).then_some(name)
+    })
 }
 
 async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
@@ -840,6 +876,8 @@ async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
             if reason.trim().is_empty() || incident.trim().is_empty() {
                 bail!("--reason and --incident must not be empty");
             }
+            text::check("--reason", &reason, text::Lines::One).map_err(|e| anyhow!(e))?;
+            text::check("--incident", &incident, text::Lines::One).map_err(|e| anyhow!(e))?;
             let ttl = match duration {
                 Some(d) => humantime::parse_duration(&d)
                     .with_context(|| format!("--for `{d}` is not a duration like 30m"))?,
@@ -920,6 +958,7 @@ async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         GrantCmd::Revoke { id, reason } => {
+            text::check("--reason", &reason, text::Lines::One).map_err(|e| anyhow!(e))?;
             let by = operator();
             let g = store.revoke_grant(&id, &by, &reason, clock::now()).await?;
             let mut e = AccessEvent::new(Action::GrantRevoked, &by);
@@ -1391,8 +1430,8 @@ async fn access_review(config: &Path, since: &str) -> Result<ExitCode> {
             g.target,
             clock::rfc3339(g.created_at),
             clock::rfc3339(g.revoked_at.unwrap_or(g.expires_at)),
-            g.created_by,
-            g.incident_id,
+            text::terminal(&g.created_by),
+            text::terminal(&g.incident_id),
             if g.review_required { "  EMERGENCY" } else { "" }
         );
     }
@@ -1447,6 +1486,13 @@ fn print_rows(format: Format, headers: &[&str], rows: &[Vec<String>]) -> Result<
             writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         }
         Format::Table => {
+            // A table is read in a terminal: stored text shows its control characters as
+            // escapes (CSV and JSON carry the values unchanged, quoted for their format).
+            let rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| r.iter().map(|f| text::terminal(f).into_owned()).collect())
+                .collect();
+            let rows = &rows;
             let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
             for r in rows {
                 for (i, f) in r.iter().enumerate() {
@@ -1531,7 +1577,7 @@ async fn replay(
                 ),
                 other => other.to_string(),
             };
-            println!("{t:>10.3}s  {what}");
+            println!("{t:>10.3}s  {}", text::terminal(&what));
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -1837,5 +1883,66 @@ fn audit_export_verify(config: &Path, dir: &Path, public_key: Option<&Path>) -> 
             println!("  {f}");
         }
         Ok(ExitCode::from(3))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\n\
+        daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n\
+        alice:x:1000:1000:Alice:/home/alice:/bin/bash\n\
+        bob:x:1001:1001::/home/bob:/bin/sh\n";
+
+    fn status(real: u32, effective: u32) -> String {
+        format!("Name:\tbreakglass\nPid:\t42\nUid:\t{real}\t{effective}\t{effective}\t{effective}\nGid:\t0\t0\t0\t0\n")
+    }
+
+    #[test]
+    fn operator_comes_from_the_os() {
+        // (real uid, effective uid, SUDO_UID, operator)
+        let cases: &[(u32, u32, Option<&str>, &str)] = &[
+            (1000, 1000, None, "operator:alice"),
+            // SUDO_UID counts only when the effective uid is root.
+            (1000, 1000, Some("1001"), "operator:alice"),
+            (0, 0, Some("1001"), "operator:bob"),
+            (1000, 0, Some("1001"), "operator:bob"),
+            (0, 0, None, "operator:root"),
+            (0, 0, Some("not a number"), "operator:root"),
+            (4242, 4242, None, "operator:uid:4242"),
+        ];
+        for (real, effective, sudo, want) in cases {
+            assert_eq!(
+                operator_from(&status(*real, *effective), PASSWD, *sudo),
+                *want,
+                "{real} {effective} {sudo:?}"
+            );
+        }
+        assert_eq!(
+            operator_from("Name:\tx\n", PASSWD, None),
+            "operator:unknown"
+        );
+        assert_eq!(status_uids("Uid:\t7\t8\t9\t10\n"), Some((7, 8)));
+        assert_eq!(status_uids("Uid:\t7\n"), None);
+        assert_eq!(
+            passwd_name("broken line\n::5:5\nx:x:5:5::/:/bin/sh\n", 5),
+            Some("x")
+        );
+    }
+
+    #[test]
+    fn operator_ignores_user_and_sudo_user() {
+        // The real process: whatever USER says, the name is the real uid's.
+        let me = operator();
+        let status = std::fs::read_to_string("/proc/self/status").expect("linux /proc");
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        let (real, _) = status_uids(&status).expect("a Uid line");
+        let want = passwd_name(&passwd, real)
+            .map(|n| format!("operator:{n}"))
+            .unwrap_or_else(|| format!("operator:uid:{real}"));
+        if std::env::var("SUDO_UID").is_err() {
+            assert_eq!(me, want);
+        }
     }
 }

@@ -172,8 +172,73 @@ pub async fn run(gw: &Gateway, caller: &Caller<'_>, line: &str) -> Outcome {
     }
 }
 
+/// The options and flags each command takes; anything else is refused, so a misspelt
+/// `--severty` is an error rather than a silent default.
+fn known_options(command: &str) -> (&'static [&'static str], &'static [&'static str]) {
+    match command {
+        "request" => (
+            &["reason", "incident", "severity", "scenario", "for"],
+            &["emergency"],
+        ),
+        "deny" | "revoke" => (&["reason"], &[]),
+        "review" => (&["findings", "root-cause"], &[]),
+        _ => (&[], &[]),
+    }
+}
+
+/// Refuses options a command does not take and text holding control characters. Every
+/// surface (SSH control channel, JSON API, web UI) ends in [`run_parsed`], which calls this
+/// first, so what an approver is shown is what the requester typed, as text.
+pub fn check_input(p: &Parsed) -> Result<(), String> {
+    let (opts, flags) = known_options(&p.command);
+    for name in p.opts.keys().chain(p.flags.iter()) {
+        if !opts.contains(&name.as_str()) && !flags.contains(&name.as_str()) {
+            let known: Vec<String> = opts
+                .iter()
+                .chain(flags.iter())
+                .map(|o| format!("--{o}"))
+                .collect();
+            return Err(format!(
+                "unknown option --{} for {} (known: {})",
+                crate::text::terminal(name),
+                if p.command.is_empty() {
+                    "help"
+                } else {
+                    &p.command
+                },
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ));
+        }
+        if opts.contains(&name.as_str()) && p.flags.contains(name) {
+            return Err(format!("--{name} needs a value"));
+        }
+        if flags.contains(&name.as_str()) && p.opts.contains_key(name) {
+            return Err(format!("--{name} takes no value"));
+        }
+    }
+    for (name, value) in &p.opts {
+        let lines = if matches!(name.as_str(), "findings" | "root-cause") {
+            crate::text::Lines::Many
+        } else {
+            crate::text::Lines::One
+        };
+        crate::text::check(name, value, lines)?;
+    }
+    for a in &p.args {
+        crate::text::check("an argument", a, crate::text::Lines::One)?;
+    }
+    Ok(())
+}
+
 /// Runs one parsed command (the SSH control channel and the JSON API both end here).
 pub async fn run_parsed(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Outcome {
+    if let Err(e) = check_input(p) {
+        return fail(e);
+    }
     let writes = matches!(
         p.command.as_str(),
         "request" | "approve" | "deny" | "revoke" | "review" | "credential"
@@ -193,12 +258,15 @@ pub async fn run_parsed(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Outcom
         "status" => status(gw, caller).await,
         "grants" => grants(gw, caller).await,
         "requests" => requests(gw, caller).await,
-        "reviews" => reviews(gw).await,
+        "reviews" => reviews(gw, caller).await,
         "credential" => credential(gw, caller, p).await,
         "token" => token(gw, caller).await,
         "login" => login(gw, caller).await,
         "review" => review(gw, caller, p).await,
-        other => Ok(fail(format!("unknown command `{other}`\n\n{HELP}"))),
+        other => Ok(fail(format!(
+            "unknown command `{}`\n\n{HELP}",
+            crate::text::terminal(other)
+        ))),
     };
     res.unwrap_or_else(|e| fail(e.to_string()))
 }
@@ -569,6 +637,13 @@ pub(crate) async fn revoke(
     ))
 }
 
+/// Stored text as a terminal shows it: control characters as escapes (`text::terminal`).
+/// Input is checked, but rows written before the check (or straight into the state file)
+/// must still reach an approver's terminal as text.
+fn term(s: &str) -> std::borrow::Cow<'_, str> {
+    crate::text::terminal(s)
+}
+
 fn fmt_left(until: chrono::DateTime<chrono::Utc>) -> String {
     let left = (until - clock::now()).to_std().unwrap_or(Duration::ZERO);
     humantime::format_duration(Duration::from_secs(left.as_secs())).to_string()
@@ -597,7 +672,7 @@ async fn status(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError
             g.target,
             clock::rfc3339(g.expires_at),
             fmt_left(g.expires_at),
-            g.incident_id
+            term(&g.incident_id)
         ));
     }
     let pending = gw.store.list_requests(Some(RequestStatus::Pending)).await?;
@@ -635,8 +710,8 @@ async fn status(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError
                 r.person,
                 r.target,
                 humantime::format_duration(r.duration),
-                r.justification,
-                r.incident_id,
+                term(&r.justification),
+                term(&r.incident_id),
                 r.severity,
                 r.scenario
             ));
@@ -699,7 +774,7 @@ async fn grants(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError
             g.target,
             state,
             clock::rfc3339(g.expires_at),
-            g.incident_id,
+            term(&g.incident_id),
             if g.review_required { "  EMERGENCY" } else { "" }
         ));
     }
@@ -724,8 +799,8 @@ async fn requests(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateErr
                 .collect::<Vec<_>>()
                 .join(","),
             clock::rfc3339(r.expires_at),
-            r.incident_id,
-            r.justification
+            term(&r.incident_id),
+            term(&r.justification)
         ));
     }
     Ok(ok(t))
@@ -816,17 +891,26 @@ async fn login(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError>
     ))
 }
 
-async fn reviews(gw: &Gateway) -> Result<Outcome, StateError> {
+/// Open reviews the caller may see: reviewers, auditors and admins see all (as in the web
+/// UI's `GET /api/v1/reviews`), everyone else the reviews of their own grants.
+async fn reviews(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError> {
     let now = clock::now();
+    let sees_all = caller
+        .roles
+        .iter()
+        .any(|r| r == "reviewer" || r == "auditor" || r == "admin");
     let mut t = String::from("ID  CORRELATION  PERSON  TARGET  SCENARIO  DUE_AT  STATE\n");
     for r in gw.store.open_reviews().await? {
+        if !sees_all && r.person != caller.person {
+            continue;
+        }
         t.push_str(&format!(
             "{}  {}  {}  {}  {}  {}  {}{}\n",
             r.id,
             r.correlation_id,
             r.person,
             r.target,
-            r.scenario,
+            term(&r.scenario),
             clock::rfc3339(r.due_at),
             if r.due_at <= now { "OVERDUE" } else { "open" },
             if r.emergency { "  EMERGENCY" } else { "" }
@@ -932,5 +1016,38 @@ mod tests {
         assert!(parse("deny R-1 --reason").is_err());
         assert!(parse("deny R-1 --reason 'x").is_err());
         assert!(parse("request --for 1h --for 2h").is_err());
+    }
+
+    #[test]
+    fn input_check_table() {
+        // (line, the error, if any)
+        let cases: &[(&str, Option<&str>)] = &[
+            ("request web-01 --reason disk full --incident INC-7 --severity low --emergency", None),
+            (
+                "request web-01 --reason x --incident I --severty low",
+                Some("unknown option --severty for request (known: --reason, --incident, --severity, --scenario, --for, --emergency)"),
+            ),
+            ("approve R-1 --reason x", Some("unknown option --reason for approve (known: none)")),
+            ("status --all", Some("unknown option --all for status (known: none)")),
+            ("deny R-1 --reason no --emergency", Some("unknown option --emergency for deny (known: --reason)")),
+            ("revoke G-1 --reason done", None),
+            ("review V-1 --findings a --root-cause b", None),
+            (
+                "request web-01 --reason \x1b]52;c;ZXZpbA==\x07 --incident I",
+                Some("reason contains a control character (U+001B)"),
+            ),
+            (
+                "request web-01 --reason ok --incident INC\u{202E}1",
+                Some("incident contains a bidirectional override (U+202E)"),
+            ),
+            ("deny R-1 --reason 'two\nlines'", Some("reason contains a control character (U+000A)")),
+            ("review V-1 --findings 'line one\nline two' --root-cause b", None),
+            ("approve R-\x1b[2J1", Some("an argument contains a control character (U+001B)")),
+            ("request web-01 --x\x1b[2J y", Some("unknown option --x\\u{1b}[2J for request (known: --reason, --incident, --severity, --scenario, --for, --emergency)")),
+        ];
+        for (line, want) in cases {
+            let p = parse(line).expect(line);
+            assert_eq!(check_input(&p).err().as_deref(), *want, "{line:?}");
+        }
     }
 }

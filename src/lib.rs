@@ -35,6 +35,8 @@
 //! - [`audit_export`]: the auditor's metadata export of every session in a period, with a
 //!   signed manifest, and its verification.
 //! - [`csv`]: CSV quoting shared by the CLI, reports and exports.
+//! - [`text`]: text from people is data: the control-character check every surface runs on
+//!   input, and the terminal and Slack escapes for what is shown.
 #![forbid(unsafe_code)]
 
 pub mod alerts;
@@ -61,6 +63,7 @@ pub mod signing;
 pub mod ssh;
 pub mod state;
 pub mod storage;
+pub mod text;
 pub mod vault;
 pub mod verify;
 pub mod web;

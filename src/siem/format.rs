@@ -32,8 +32,8 @@ impl Format {
     /// The event as one line of text (no newline).
     pub fn line(self, e: &AccessEvent) -> String {
         match self {
-            Format::Seed => serde_json::to_string(e).unwrap_or_default(),
-            Format::Ocsf => ocsf(e).to_string(),
+            Format::Seed => json_escape_rest(serde_json::to_string(e).unwrap_or_default()),
+            Format::Ocsf => json_escape_rest(ocsf(e).to_string()),
             Format::Cef => cef(e),
         }
     }
@@ -250,18 +250,63 @@ pub fn ocsf(e: &AccessEvent) -> Value {
     Value::Object(o)
 }
 
-fn cef_header(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('|', "\\|")
-        .replace(['\r', '\n'], " ")
+/// JSON text with the characters `serde_json` leaves raw but a terminal or log viewer acts
+/// on (DEL, C1 controls, bidirectional overrides) written as `\uXXXX` escapes. They can occur
+/// only inside JSON strings, where the escape means the same character, so the value is
+/// unchanged; C0 controls are already escaped by `serde_json`.
+fn json_escape_rest(line: String) -> String {
+    if !line.chars().any(crate::text::is_refused) {
+        return line;
+    }
+    let mut out = String::with_capacity(line.len() + 16);
+    for c in line.chars() {
+        if crate::text::is_refused(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
+/// A control character or bidirectional override in CEF text, as the literal text
+/// `\u{..}` (its backslash escaped, so a CEF parser reads a backslash, not an escape).
+fn cef_control(out: &mut String, c: char) {
+    out.push_str(&format!("\\\\u{{{:x}}}", c as u32));
+}
+
+/// A CEF header field: `\` and `|` escaped; line breaks become spaces and other control
+/// characters escapes, so a header never ends early or carries terminal sequences.
+fn cef_header(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '|' => out.push_str("\\|"),
+            '\r' | '\n' => out.push(' '),
+            c if crate::text::is_refused(c) => cef_control(&mut out, c),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A CEF extension value: `\`, `=` escaped, line breaks as `\n`/`\r` as CEF defines them,
+/// other control characters and bidirectional overrides as escapes.
 fn cef_value(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('=', "\\=")
-        .replace("\r\n", "\\n")
-        .replace('\n', "\\n")
-        .replace('\r', "\\r")
+    let s = s.replace("\r\n", "\n");
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '=' => out.push_str("\\="),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c if crate::text::is_refused(c) => cef_control(&mut out, c),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The event as `CEF:0|breakglass|breakglass|VERSION|ACTION|NAME|SEVERITY|EXTENSIONS`.
@@ -482,6 +527,13 @@ mod tests {
             "extensions follow the seventh pipe: {c}"
         );
         assert!(c.contains("request=a\\=b\\\\c\\nd"), "{c}");
+        e.justification = Some("\x1b]52;c;ZXZpbA==\x07 \u{202E}x\r\ny".into());
+        let c = cef(&e);
+        assert!(
+            c.contains("cs4=\\\\u{1b}]52;c;ZXZpbA\\=\\=\\\\u{7} \\\\u{202e}x\\ny"),
+            "{c}"
+        );
+        assert!(!c.chars().any(crate::text::is_refused), "{c:?}");
         assert!(
             c.contains("suser=al|ice"),
             "pipes are literal in extensions: {c}"
@@ -542,5 +594,16 @@ mod tests {
         assert_eq!(parts[5], "session_denied");
         assert!(m.contains("sessionId=\"s\\\"\\]1\""), "{m}");
         assert!(m.ends_with('}'), "the JSON body ends the message: {m}");
+
+        // No raw control character or bidi override in MSG, whatever the event holds; the
+        // JSON still reads back as the same text.
+        e.justification = Some("a\x1b[2J\nb\u{9b}c\u{7f}\u{202E}d".into());
+        for format in [Format::Seed, Format::Ocsf, Format::Cef] {
+            let m = syslog5424(&e, format, "gw", "breakglass");
+            assert!(!m.chars().any(crate::text::is_refused), "{format:?}: {m:?}");
+        }
+        let line = Format::Seed.line(&e);
+        let back: Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(back["justification"], "a\x1b[2J\nb\u{9b}c\u{7f}\u{202E}d");
     }
 }

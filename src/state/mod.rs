@@ -342,6 +342,13 @@ pub trait Store: Send + Sync {
     async fn list_sessions(&self, f: &SessionFilter) -> Result<Vec<SessionRow>, StateError>;
     /// A session by id or unique id prefix.
     async fn find_session(&self, id_or_prefix: &str) -> Result<Option<SessionRow>, StateError>;
+    /// A session of `person` by id or an id prefix unique among that person's sessions, so a
+    /// prefix says nothing about other people's sessions (not even that two share it).
+    async fn find_session_of(
+        &self,
+        id_or_prefix: &str,
+        person: &str,
+    ) -> Result<Option<SessionRow>, StateError>;
     /// Sessions with no end: left by a gateway that died.
     async fn unfinished_sessions(&self) -> Result<Vec<SessionRow>, StateError>;
     /// Adds (or, for a spooled object now stored, completes) ledger entries of a session.

@@ -796,6 +796,32 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn find_session_of(
+        &self,
+        id_or_prefix: &str,
+        person: &str,
+    ) -> Result<Option<SessionRow>, StateError> {
+        let (id, person) = (id_or_prefix.to_string(), person.to_string());
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare(&format!(
+                    "SELECT {SESSION_COLS} FROM sessions WHERE id LIKE ?1 ESCAPE '\\' AND person = ?2 LIMIT 2"
+                ))
+                .map_err(db)?;
+            let rows: Vec<SessionRow> = stmt
+                .query_map(params![like_prefix(&id), person], session_row)
+                .map_err(db)?
+                .collect::<Result<_, _>>()
+                .map_err(db)?;
+            match rows.len() {
+                0 => Ok(None),
+                1 => Ok(rows.into_iter().next()),
+                _ => Err(StateError::Ambiguous(id)),
+            }
+        })
+        .await
+    }
+
     async fn unfinished_sessions(&self) -> Result<Vec<SessionRow>, StateError> {
         self.with(|c| {
             let mut stmt = c

@@ -186,21 +186,29 @@ fn review_json(r: &crate::state::Review) -> Value {
     })
 }
 
-/// The session a person asked for, if they may see it.
+/// The answer to a session id that names nothing the caller may see: the same status and
+/// body whether no session matches or the session is someone else's, and without the id, so
+/// neither an id nor a prefix tells a stranger that a session exists.
+fn no_such_session() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "no session you may see matches this id".into(),
+    )
+}
+
+/// The session a person asked for, if they may see it. People who see only their own
+/// sessions resolve the id among their own, so an ambiguous prefix says nothing either.
 async fn visible_session(gw: &Gateway, w: &Who, id: &str) -> Result<SessionRow, ApiError> {
-    let row = gw
-        .store
-        .find_session(id)
-        .await
-        .map_err(state_err)?
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no session matches `{id}`")))?;
-    if !w.sees_all_sessions() && row.person != w.person {
-        return Err(ApiError(
-            StatusCode::FORBIDDEN,
-            format!("{} may not see {}'s sessions", w.person, row.person),
-        ));
+    let found = if w.sees_all_sessions() {
+        gw.store.find_session(id).await
+    } else {
+        gw.store.find_session_of(id, &w.person).await
+    };
+    match found {
+        Ok(Some(row)) if w.sees_all_sessions() || row.person == w.person => Ok(row),
+        Ok(_) => Err(no_such_session()),
+        Err(e) => Err(state_err(e)),
     }
-    Ok(row)
 }
 
 /// Records that someone looked at (or took away) a recording.

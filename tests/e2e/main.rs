@@ -3,6 +3,7 @@
 
 mod audit_views;
 mod disk;
+mod escapes;
 mod flood;
 mod outage;
 mod pg_secrets;
