@@ -724,7 +724,7 @@ impl Siem {
         let mut out = Vec::new();
         for cfg in &self.settings.sinks {
             let r = match Deliverer::new(Arc::new(cfg.clone())) {
-                Ok(mut d) => d.deliver(&[e]).await,
+                Ok(mut d) => d.deliver(&[e]).await.map_err(|f| f.to_string()),
                 Err(e) => Err(e),
             };
             out.push((cfg.name.clone(), r));

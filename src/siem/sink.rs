@@ -13,6 +13,8 @@ use super::format::{syslog5424, Format};
 use super::spool::{Spool, Spooled};
 use super::AccessEvent;
 use crate::alerts::Url;
+use crate::outbound::classify;
+pub use crate::outbound::Failure;
 
 /// How a syslog sink reaches its collector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +161,8 @@ pub struct Deliverer {
     conn: Option<Box<dyn Stream>>,
     udp: Option<tokio::net::UdpSocket>,
     tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    /// The HTTP client of HEC and webhook sinks (its connection pool lives between batches).
+    http: Option<crate::outbound::Client>,
     channel: String,
     host: String,
 }
@@ -172,11 +176,18 @@ impl Deliverer {
             SinkKind::File { .. } => None,
         };
         let tls = tls_config(ca.as_deref())?;
+        let http = match &cfg.kind {
+            SinkKind::SplunkHec { .. } | SinkKind::Webhook { .. } => {
+                Some(crate::outbound::Client::new(&tls, cfg.timeout)?)
+            }
+            SinkKind::File { .. } | SinkKind::Syslog { .. } => None,
+        };
         Ok(Deliverer {
             cfg,
             conn: None,
             udp: None,
             tls,
+            http,
             channel: uuid::Uuid::new_v4().to_string(),
             host: hostname(),
         })
@@ -186,8 +197,9 @@ impl Deliverer {
         &self.cfg
     }
 
-    /// Delivers one batch; Ok means the receiver has it.
-    pub async fn deliver(&mut self, events: &[&AccessEvent]) -> Result<(), String> {
+    /// Delivers one batch; Ok means the receiver has it, and the error says whether trying
+    /// again can help.
+    pub async fn deliver(&mut self, events: &[&AccessEvent]) -> Result<(), Failure> {
         if events.is_empty() {
             return Ok(());
         }
@@ -196,15 +208,15 @@ impl Deliverer {
             Ok(r) => r,
             Err(_) => {
                 self.conn = None;
-                Err(format!(
+                Err(Failure::Retry(format!(
                     "no answer within {}",
                     humantime::format_duration(timeout)
-                ))
+                )))
             }
         }
     }
 
-    async fn deliver_inner(&mut self, events: &[&AccessEvent]) -> Result<(), String> {
+    async fn deliver_inner(&mut self, events: &[&AccessEvent]) -> Result<(), Failure> {
         let cfg = self.cfg.clone();
         match &cfg.kind {
             SinkKind::File { path, rotate_bytes } => {
@@ -215,7 +227,9 @@ impl Deliverer {
                     write_file(&path, rotate, format, &refs)
                 })
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+                .map_err(Failure::Retry)
             }
             SinkKind::Syslog {
                 address,
@@ -229,7 +243,7 @@ impl Deliverer {
                     .map(|e| syslog5424(e, cfg.format, &self.host, app_name))
                     .collect();
                 if *transport == Transport::Udp {
-                    return self.send_udp(address, &msgs).await;
+                    return self.send_udp(address, &msgs).await.map_err(Failure::Retry);
                 }
                 let r = self
                     .send_stream(address, *transport, server_name.as_deref(), &msgs)
@@ -237,7 +251,7 @@ impl Deliverer {
                 if r.is_err() {
                     self.conn = None;
                 }
-                r
+                r.map_err(Failure::Retry)
             }
             SinkKind::SplunkHec {
                 url,
@@ -261,7 +275,7 @@ impl Deliverer {
                         .map(|e| cfg.format.value(e))
                         .collect::<Vec<_>>(),
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Failure::Retry(e.to_string()))?;
                 let mut headers = Vec::new();
                 if let Some(b) = bearer {
                     headers.push(("Authorization".to_string(), format!("Bearer {b}")));
@@ -274,11 +288,18 @@ impl Deliverer {
                         format!("sha256={}", sign(secret, &ts, &body)),
                     ));
                 }
-                let r = crate::httpc::post(url, &headers, &body, self.tls.clone()).await?;
+                let r = self
+                    .http()?
+                    .post(url, &headers, body)
+                    .await
+                    .map_err(Failure::Retry)?;
                 if (200..300).contains(&r.status) {
                     Ok(())
                 } else {
-                    Err(format!("HTTP {}", r.status))
+                    Err(classify(
+                        r.status,
+                        format!("HTTP {}: {}", r.status, reason(&r.body)),
+                    ))
                 }
             }
         }
@@ -353,7 +374,7 @@ impl Deliverer {
         ack: bool,
         index: Option<&str>,
         events: &[&AccessEvent],
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let format = self.cfg.format;
         let sourcetype = match format {
             Format::Seed => "breakglass:json",
@@ -382,38 +403,70 @@ impl Deliverer {
         if ack {
             headers.push(("X-Splunk-Request-Channel".to_string(), self.channel.clone()));
         }
-        let r = crate::httpc::post(url, &headers, &body, self.tls.clone()).await?;
+        let http = self.http()?.clone();
+        let r = http
+            .post(url, &headers, body)
+            .await
+            .map_err(Failure::Retry)?;
         let reply: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
         if !(200..300).contains(&r.status) {
-            return Err(format!(
+            let why = format!(
                 "HTTP {}: {}",
                 r.status,
                 reply["text"].as_str().unwrap_or("no reason given")
-            ));
+            );
+            return Err(classify(r.status, why));
         }
         if !ack {
             return Ok(());
         }
-        let id = reply["ackId"]
-            .as_u64()
-            .ok_or("indexer acknowledgement is on but the collector sent no ackId")?;
+        let id = reply["ackId"].as_u64().ok_or_else(|| {
+            Failure::Retry("indexer acknowledgement is on but the collector sent no ackId".into())
+        })?;
         let mut ack_url = url.clone();
         ack_url.path = format!("/services/collector/ack?channel={}", self.channel);
         let q = serde_json::json!({ "acks": [id] }).to_string();
         let mut wait = Duration::from_millis(100);
         loop {
-            let r = crate::httpc::post(&ack_url, &headers, q.as_bytes(), self.tls.clone()).await?;
+            let r = http
+                .post(&ack_url, &headers, q.clone().into_bytes())
+                .await
+                .map_err(Failure::Retry)?;
             let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
             if (200..300).contains(&r.status) && v["acks"][id.to_string()] == true {
                 return Ok(());
             }
             if !(200..300).contains(&r.status) {
-                return Err(format!("ack query: HTTP {}", r.status));
+                // The batch itself was accepted; a refused ack query says nothing against
+                // the events, so it is always retried (the batch is sent again).
+                return Err(Failure::Retry(format!("ack query: HTTP {}", r.status)));
             }
             // The attempt's time limit bounds this loop.
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(2));
         }
+    }
+}
+
+impl Deliverer {
+    fn http(&self) -> Result<&crate::outbound::Client, Failure> {
+        self.http
+            .as_ref()
+            .ok_or_else(|| Failure::Retry("no HTTP client for this sink".into()))
+    }
+}
+
+/// A short, printable reason from a refusal's body (its first 200 characters).
+fn reason(body: &[u8]) -> String {
+    let text: String = String::from_utf8_lossy(body)
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    if text.trim().is_empty() {
+        "no reason given".into()
+    } else {
+        text
     }
 }
 
@@ -509,7 +562,7 @@ pub async fn run_worker(
                 tracing::warn!(sink = %name, error = %why, queued = events.len(), "SIEM delivery failed; will retry");
                 let sp = spool.clone();
                 let n2 = name.clone();
-                let w = why.clone();
+                let w = why.to_string();
                 let _ = tokio::task::spawn_blocking(move || sp.fail(&n2, &w)).await;
                 let jitter = 0.5 + rand::random::<f64>();
                 tokio::select! {
