@@ -290,6 +290,35 @@ impl Alerter {
 /// The time limit of one alert post (connection, request and response).
 const ALERT_TIMEOUT: Duration = Duration::from_secs(5);
 
+impl Alerter {
+    /// Tells custodians that a SIEM sink refused `e` for good and where it is kept. Not
+    /// subject to [`alertable`]: a dead-lettered event is always worth a look.
+    pub fn notify_dead_letter(
+        &self,
+        sink: &str,
+        e: &AccessEvent,
+        why: &str,
+        file: &std::path::Path,
+    ) {
+        let Some(tx) = &self.tx else { return };
+        let alert = Alert {
+            source: "breakglass",
+            summary: format!(
+                "[breakglass] SIEM sink {sink} refused the {} event {} for good ({why}); it will not be retried and is kept in {}",
+                e.action.as_str(),
+                e.event_id,
+                file.display()
+            ),
+            custodians: Vec::new(),
+            event: e.clone(),
+        };
+        if tx.try_send(alert).is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(event_id = %e.event_id, "alert queue full, dead-letter alert dropped");
+        }
+    }
+}
+
 /// Posts with up to 5 attempts, backing off 250 ms × 2ⁿ with ±50 % jitter.
 async fn deliver(hook: &Webhook, body: Vec<u8>, stats: &Stats, client: &crate::outbound::Client) {
     let mut delay = Duration::from_millis(250);
