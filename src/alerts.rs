@@ -251,6 +251,13 @@ impl Alerter {
         let (tx, mut rx) = mpsc::channel::<Alert>(1024);
         let stats = Arc::new(Stats::default());
         let st = stats.clone();
+        let client = match crate::outbound::Client::new(&tls, ALERT_TIMEOUT) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "alert webhooks disabled: no HTTP client");
+                return Alerter::disabled();
+            }
+        };
         tokio::spawn(async move {
             while let Some(alert) = rx.recv().await {
                 for hook in &hooks {
@@ -259,9 +266,9 @@ impl Alerter {
                         Format::Slack => serde_json::to_vec(&slack_body(&alert.summary)),
                     };
                     let Ok(body) = body else { continue };
-                    let (hook, st, tls) = (hook.clone(), st.clone(), tls.clone());
+                    let (hook, st, client) = (hook.clone(), st.clone(), client.clone());
                     // Each delivery runs on its own so a slow hook does not delay the others.
-                    tokio::spawn(async move { deliver(&hook, body, &st, tls).await });
+                    tokio::spawn(async move { deliver(&hook, body, &st, &client).await });
                 }
             }
         });
@@ -290,16 +297,44 @@ impl Alerter {
     }
 }
 
+/// The time limit of one alert post (connection, request and response).
+const ALERT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Alerter {
+    /// Tells custodians that a SIEM sink refused `e` for good and where it is kept. Not
+    /// subject to [`alertable`]: a dead-lettered event is always worth a look.
+    pub fn notify_dead_letter(
+        &self,
+        sink: &str,
+        e: &AccessEvent,
+        why: &str,
+        file: &std::path::Path,
+    ) {
+        let Some(tx) = &self.tx else { return };
+        let alert = Alert {
+            source: "breakglass",
+            summary: format!(
+                "[breakglass] SIEM sink {sink} refused the {} event {} for good ({why}); it will not be retried and is kept in {}",
+                e.action.as_str(),
+                e.event_id,
+                file.display()
+            ),
+            custodians: Vec::new(),
+            event: e.clone(),
+        };
+        if tx.try_send(alert).is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(event_id = %e.event_id, "alert queue full, dead-letter alert dropped");
+        }
+    }
+}
+
 /// Posts with up to 5 attempts, backing off 250 ms × 2ⁿ with ±50 % jitter.
-async fn deliver(
-    hook: &Webhook,
-    body: Vec<u8>,
-    stats: &Stats,
-    tls: Arc<tokio_rustls::rustls::ClientConfig>,
-) {
+async fn deliver(hook: &Webhook, body: Vec<u8>, stats: &Stats, client: &crate::outbound::Client) {
     let mut delay = Duration::from_millis(250);
     for attempt in 1..=5u32 {
-        match tokio::time::timeout(Duration::from_secs(5), post(hook, &body, tls.clone())).await {
+        // The client's own limit bounds the attempt; this one also covers the header checks.
+        match tokio::time::timeout(ALERT_TIMEOUT, post(hook, body.clone(), client)).await {
             Ok(Ok(status)) if (200..300).contains(&status) => {
                 stats.sent.fetch_add(1, Ordering::Relaxed);
                 return;
@@ -326,11 +361,12 @@ async fn deliver(
 /// Posts the alert; returns the status code.
 async fn post(
     hook: &Webhook,
-    body: &[u8],
-    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    body: Vec<u8>,
+    client: &crate::outbound::Client,
 ) -> Result<u16, String> {
     let headers: Vec<(String, String)> = hook.header.iter().cloned().collect();
-    crate::httpc::post(&hook.url, &headers, body, tls)
+    client
+        .post(&hook.url, &headers, body)
         .await
         .map(|r| r.status)
 }

@@ -441,6 +441,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
             let _ = writeln!(out, "{name}{{sink=\"{}\"}} {}", s.sink, f(s));
         }
     }
+    gw.siem.metrics(&mut out).await;
     let a = &gw.alerter.stats;
     for (name, v) in [
         ("breakglass_alerts_sent_total", a.sent.load(Relaxed)),

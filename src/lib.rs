@@ -30,6 +30,8 @@
 //! - [`web`]: the web UI: login links, our UI files, asciinema-player, OpenAPI, TLS, and the
 //!   evidence API (sessions, replay, SQL timelines, search, reviews, reports, exports).
 //! - [`alerts`]: webhooks (generic JSON, Slack) for requests, approvals, sessions, revocations.
+//! - [`outbound`]: HTTP POSTs to webhooks and HTTP SIEM collectors (reqwest, our rustls
+//!   config, bounded body reads and time limits) and how a failure is classified.
 //! - [`report`]: break-glass metrics for a period (per system, per day/week/month, outside
 //!   maintenance windows).
 //! - [`audit_export`]: the auditor's metadata export of every session in a period, with a
@@ -48,8 +50,8 @@ pub mod control;
 pub mod credential;
 pub mod csv;
 pub mod grant;
-pub mod httpc;
 pub mod keys;
+pub mod outbound;
 pub mod pg;
 pub mod preauth;
 pub mod record;

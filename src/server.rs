@@ -113,6 +113,7 @@ impl Gateway {
             }
         })?;
         let alerter = crate::alerts::Alerter::start(config.webhooks.clone(), tls);
+        siem.set_alerter(alerter.clone());
         let admission = crate::preauth::Admission::new(&config.limits);
         Ok(Arc::new(Gateway {
             admission,

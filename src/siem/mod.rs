@@ -499,6 +499,10 @@ pub struct Siem {
     full_alarm: std::sync::atomic::AtomicBool,
     /// Present when some sink takes action events.
     actions: Option<ActionQueue>,
+    /// Set once by the gateway: custodians hear of dead-lettered events.
+    alerter: Arc<std::sync::OnceLock<crate::alerts::Alerter>>,
+    /// Restarts of each sink's worker (panics and errors), for `/metrics`.
+    restarts: Vec<(String, Arc<std::sync::atomic::AtomicU64>)>,
 }
 
 impl Siem {
@@ -515,6 +519,8 @@ impl Siem {
             wake: tokio::sync::watch::channel(0).0,
             full_alarm: std::sync::atomic::AtomicBool::new(false),
             actions: None,
+            alerter: Arc::new(std::sync::OnceLock::new()),
+            restarts: Vec::new(),
         })
     }
 
@@ -527,20 +533,74 @@ impl Siem {
         if self.settings.sinks.iter().any(|s| s.actions) {
             self.start_actions(ACTION_QUEUE_EVENTS, ACTION_QUEUE_BYTES);
         }
+        let ctx = sink::WorkerContext {
+            spool: self.spool.clone(),
+            wake: self.wake.clone(),
+            all_sinks: self.names.clone(),
+            dead_letters: self.dead_letter_path(),
+            alerter: self.alerter.clone(),
+            stop: stop.clone(),
+        };
         for cfg in &self.settings.sinks {
-            let d = Deliverer::new(Arc::new(cfg.clone())).map_err(|why| SiemError::File {
+            // Settings a worker cannot start with are a config error now, not a restart loop.
+            Deliverer::new(Arc::new(cfg.clone())).map_err(|why| SiemError::File {
                 path: PathBuf::from(&cfg.name),
                 why,
             })?;
-            tokio::spawn(sink::run_worker(
-                self.spool.clone(),
-                d,
-                self.wake.subscribe(),
-                self.names.clone(),
+            let restarts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            self.restarts.push((cfg.name.clone(), restarts.clone()));
+            let (cfg, ctx) = (Arc::new(cfg.clone()), ctx.clone());
+            tokio::spawn(supervise(
+                cfg.name.clone(),
+                restarts,
                 stop.clone(),
+                move || sink::run_worker(cfg.clone(), ctx.clone()),
             ));
         }
         Ok(Arc::new(self))
+    }
+
+    /// The dead-letter file: events a sink refused for good, next to the spool.
+    pub fn dead_letter_path(&self) -> PathBuf {
+        self.settings
+            .spool
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("siem-dead-letter.jsonl")
+    }
+
+    /// Lets dead-lettered events alert custodians (the alerter starts after the SIEM).
+    pub fn set_alerter(&self, alerter: crate::alerts::Alerter) {
+        // Set once at start-up; a second call changes nothing.
+        let _ = self.alerter.set(alerter);
+    }
+
+    /// Dead-letter and worker-restart counters in Prometheus text format.
+    pub async fn metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let stats = self.stats().await;
+        let _ = writeln!(
+            out,
+            "# HELP breakglass_siem_dead_letter_total Events the sink refused for good, kept in the dead-letter file.\n# TYPE breakglass_siem_dead_letter_total counter"
+        );
+        for s in &stats {
+            let _ = writeln!(
+                out,
+                "breakglass_siem_dead_letter_total{{sink=\"{}\"}} {}",
+                s.sink, s.dead_lettered
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP breakglass_siem_worker_restarts_total Restarts of the sink's delivery worker after a panic or an error.\n# TYPE breakglass_siem_worker_restarts_total counter"
+        );
+        for (name, n) in &self.restarts {
+            let _ = writeln!(
+                out,
+                "breakglass_siem_worker_restarts_total{{sink=\"{name}\"}} {}",
+                n.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
     }
 
     /// True when some sink takes per-action events, so producers should make them.
@@ -724,7 +784,7 @@ impl Siem {
         let mut out = Vec::new();
         for cfg in &self.settings.sinks {
             let r = match Deliverer::new(Arc::new(cfg.clone())) {
-                Ok(mut d) => d.deliver(&[e]).await,
+                Ok(mut d) => d.deliver(&[e]).await.map_err(|f| f.to_string()),
                 Err(e) => Err(e),
             };
             out.push((cfg.name.clone(), r));
@@ -871,6 +931,55 @@ async fn batch_actions(
             // The waiter may have given up (timeout); nothing to tell it then.
             let _ = ack.send(());
         }
+    }
+}
+
+/// Keeps a sink worker running: a panic or an error restarts it after a jittered backoff
+/// (1 s doubling to 60 s, back to 1 s after a minute of good running), counted in
+/// `restarts`. Returns when the worker stops because `stop` fired.
+async fn supervise<F, Fut>(
+    sink: String,
+    restarts: Arc<std::sync::atomic::AtomicU64>,
+    stop: tokio_util::sync::CancellationToken,
+    mut start: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    const FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+    const MOST: std::time::Duration = std::time::Duration::from_secs(60);
+    let mut backoff = FIRST;
+    loop {
+        let began = tokio::time::Instant::now();
+        let why = match tokio::spawn(start()).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(e) if e.is_panic() => {
+                let p = e.into_panic();
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                format!("panicked: {msg}")
+            }
+            // Cancelled: the runtime is shutting down.
+            Err(_) => return,
+        };
+        if stop.is_cancelled() {
+            return;
+        }
+        restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if began.elapsed() > MOST {
+            backoff = FIRST;
+        }
+        tracing::error!(sink = %sink, error = %why, backoff = ?backoff, "SIEM sink worker stopped; restarting it");
+        let jitter = 0.5 + rand::random::<f64>();
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+            _ = stop.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(MOST);
     }
 }
 
@@ -1137,5 +1246,39 @@ mod tests {
             serde_json::from_str(text.lines().last().expect("a line")).expect("an event");
         assert_eq!(last.action, Action::ActionsDropped);
         assert_eq!(last.actions_dropped, Some(4));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_or_failing_worker_is_restarted_and_counted() {
+        let restarts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let r2 = runs.clone();
+        // First run panics, the second returns an error, the third stops cleanly.
+        supervise("s".into(), restarts.clone(), stop.clone(), move || {
+            let n = r2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                match n {
+                    0 => panic!("injected worker panic"),
+                    1 => Err("injected worker error".to_string()),
+                    _ => Ok(()),
+                }
+            }
+        })
+        .await;
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(restarts.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_supervisor_does_not_restart() {
+        let restarts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = tokio_util::sync::CancellationToken::new();
+        stop.cancel();
+        supervise("s".into(), restarts.clone(), stop, || async {
+            Err::<(), _>("fails after stop".to_string())
+        })
+        .await;
+        assert_eq!(restarts.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 }

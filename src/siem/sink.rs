@@ -13,6 +13,8 @@ use super::format::{syslog5424, Format};
 use super::spool::{Spool, Spooled};
 use super::AccessEvent;
 use crate::alerts::Url;
+use crate::outbound::classify;
+pub use crate::outbound::Failure;
 
 /// How a syslog sink reaches its collector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +161,8 @@ pub struct Deliverer {
     conn: Option<Box<dyn Stream>>,
     udp: Option<tokio::net::UdpSocket>,
     tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    /// The HTTP client of HEC and webhook sinks (its connection pool lives between batches).
+    http: Option<crate::outbound::Client>,
     channel: String,
     host: String,
 }
@@ -172,11 +176,18 @@ impl Deliverer {
             SinkKind::File { .. } => None,
         };
         let tls = tls_config(ca.as_deref())?;
+        let http = match &cfg.kind {
+            SinkKind::SplunkHec { .. } | SinkKind::Webhook { .. } => {
+                Some(crate::outbound::Client::new(&tls, cfg.timeout)?)
+            }
+            SinkKind::File { .. } | SinkKind::Syslog { .. } => None,
+        };
         Ok(Deliverer {
             cfg,
             conn: None,
             udp: None,
             tls,
+            http,
             channel: uuid::Uuid::new_v4().to_string(),
             host: hostname(),
         })
@@ -186,8 +197,9 @@ impl Deliverer {
         &self.cfg
     }
 
-    /// Delivers one batch; Ok means the receiver has it.
-    pub async fn deliver(&mut self, events: &[&AccessEvent]) -> Result<(), String> {
+    /// Delivers one batch; Ok means the receiver has it, and the error says whether trying
+    /// again can help.
+    pub async fn deliver(&mut self, events: &[&AccessEvent]) -> Result<(), Failure> {
         if events.is_empty() {
             return Ok(());
         }
@@ -196,15 +208,15 @@ impl Deliverer {
             Ok(r) => r,
             Err(_) => {
                 self.conn = None;
-                Err(format!(
+                Err(Failure::Retry(format!(
                     "no answer within {}",
                     humantime::format_duration(timeout)
-                ))
+                )))
             }
         }
     }
 
-    async fn deliver_inner(&mut self, events: &[&AccessEvent]) -> Result<(), String> {
+    async fn deliver_inner(&mut self, events: &[&AccessEvent]) -> Result<(), Failure> {
         let cfg = self.cfg.clone();
         match &cfg.kind {
             SinkKind::File { path, rotate_bytes } => {
@@ -215,7 +227,9 @@ impl Deliverer {
                     write_file(&path, rotate, format, &refs)
                 })
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+                .map_err(Failure::Retry)
             }
             SinkKind::Syslog {
                 address,
@@ -229,7 +243,7 @@ impl Deliverer {
                     .map(|e| syslog5424(e, cfg.format, &self.host, app_name))
                     .collect();
                 if *transport == Transport::Udp {
-                    return self.send_udp(address, &msgs).await;
+                    return self.send_udp(address, &msgs).await.map_err(Failure::Retry);
                 }
                 let r = self
                     .send_stream(address, *transport, server_name.as_deref(), &msgs)
@@ -237,7 +251,7 @@ impl Deliverer {
                 if r.is_err() {
                     self.conn = None;
                 }
-                r
+                r.map_err(Failure::Retry)
             }
             SinkKind::SplunkHec {
                 url,
@@ -261,7 +275,7 @@ impl Deliverer {
                         .map(|e| cfg.format.value(e))
                         .collect::<Vec<_>>(),
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Failure::Retry(e.to_string()))?;
                 let mut headers = Vec::new();
                 if let Some(b) = bearer {
                     headers.push(("Authorization".to_string(), format!("Bearer {b}")));
@@ -274,11 +288,18 @@ impl Deliverer {
                         format!("sha256={}", sign(secret, &ts, &body)),
                     ));
                 }
-                let r = crate::httpc::post(url, &headers, &body, self.tls.clone()).await?;
+                let r = self
+                    .http()?
+                    .post(url, &headers, body)
+                    .await
+                    .map_err(Failure::Retry)?;
                 if (200..300).contains(&r.status) {
                     Ok(())
                 } else {
-                    Err(format!("HTTP {}", r.status))
+                    Err(classify(
+                        r.status,
+                        format!("HTTP {}: {}", r.status, reason(&r.body)),
+                    ))
                 }
             }
         }
@@ -353,7 +374,7 @@ impl Deliverer {
         ack: bool,
         index: Option<&str>,
         events: &[&AccessEvent],
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let format = self.cfg.format;
         let sourcetype = match format {
             Format::Seed => "breakglass:json",
@@ -382,38 +403,70 @@ impl Deliverer {
         if ack {
             headers.push(("X-Splunk-Request-Channel".to_string(), self.channel.clone()));
         }
-        let r = crate::httpc::post(url, &headers, &body, self.tls.clone()).await?;
+        let http = self.http()?.clone();
+        let r = http
+            .post(url, &headers, body)
+            .await
+            .map_err(Failure::Retry)?;
         let reply: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
         if !(200..300).contains(&r.status) {
-            return Err(format!(
+            let why = format!(
                 "HTTP {}: {}",
                 r.status,
                 reply["text"].as_str().unwrap_or("no reason given")
-            ));
+            );
+            return Err(classify(r.status, why));
         }
         if !ack {
             return Ok(());
         }
-        let id = reply["ackId"]
-            .as_u64()
-            .ok_or("indexer acknowledgement is on but the collector sent no ackId")?;
+        let id = reply["ackId"].as_u64().ok_or_else(|| {
+            Failure::Retry("indexer acknowledgement is on but the collector sent no ackId".into())
+        })?;
         let mut ack_url = url.clone();
         ack_url.path = format!("/services/collector/ack?channel={}", self.channel);
         let q = serde_json::json!({ "acks": [id] }).to_string();
         let mut wait = Duration::from_millis(100);
         loop {
-            let r = crate::httpc::post(&ack_url, &headers, q.as_bytes(), self.tls.clone()).await?;
+            let r = http
+                .post(&ack_url, &headers, q.clone().into_bytes())
+                .await
+                .map_err(Failure::Retry)?;
             let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
             if (200..300).contains(&r.status) && v["acks"][id.to_string()] == true {
                 return Ok(());
             }
             if !(200..300).contains(&r.status) {
-                return Err(format!("ack query: HTTP {}", r.status));
+                // The batch itself was accepted; a refused ack query says nothing against
+                // the events, so it is always retried (the batch is sent again).
+                return Err(Failure::Retry(format!("ack query: HTTP {}", r.status)));
             }
             // The attempt's time limit bounds this loop.
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(2));
         }
+    }
+}
+
+impl Deliverer {
+    fn http(&self) -> Result<&crate::outbound::Client, Failure> {
+        self.http
+            .as_ref()
+            .ok_or_else(|| Failure::Retry("no HTTP client for this sink".into()))
+    }
+}
+
+/// A short, printable reason from a refusal's body (its first 200 characters).
+fn reason(body: &[u8]) -> String {
+    let text: String = String::from_utf8_lossy(body)
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    if text.trim().is_empty() {
+        "no reason given".into()
+    } else {
+        text
     }
 }
 
@@ -454,21 +507,84 @@ fn tls_config(
     crate::alerts::client_tls(ca, ca.is_some())
 }
 
+/// What a sink worker shares with the rest of the pipeline; cloned for every restart.
+#[derive(Clone)]
+pub struct WorkerContext {
+    pub spool: Arc<Spool>,
+    /// Subscribed afresh by each (re)started worker.
+    pub wake: tokio::sync::watch::Sender<i64>,
+    /// Every configured sink, for pruning.
+    pub all_sinks: Vec<String>,
+    /// Where refused events are kept (JSONL, one object per event).
+    pub dead_letters: PathBuf,
+    /// Custodians hear of every dead-lettered event once the gateway has set an alerter.
+    pub alerter: Arc<std::sync::OnceLock<crate::alerts::Alerter>>,
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+/// One line of the dead-letter file.
+#[derive(serde::Serialize)]
+struct DeadLetter<'a> {
+    sink: &'a str,
+    dead_lettered_at: String,
+    status: u16,
+    reason: &'a str,
+    spool_seq: i64,
+    event: &'a AccessEvent,
+}
+
+/// Appends refused events to the dead-letter file and syncs it; the cursor moves past them
+/// only after this returned Ok.
+pub fn write_dead_letters(
+    path: &std::path::Path,
+    sink: &str,
+    status: u16,
+    reason: &str,
+    events: &[&Spooled],
+) -> Result<(), String> {
+    use std::io::Write;
+    let err = |e: std::io::Error| format!("dead-letter file {}: {e}", path.display());
+    let mut buf = Vec::new();
+    let at = crate::clock::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    for s in events {
+        let line = DeadLetter {
+            sink,
+            dead_lettered_at: at.clone(),
+            status,
+            reason,
+            spool_seq: s.seq,
+            event: &s.event,
+        };
+        serde_json::to_writer(&mut buf, &line).map_err(|e| e.to_string())?;
+        buf.push(b'\n');
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(&buf).map_err(err)?;
+    f.sync_data().map_err(err)
+}
+
 /// Delivers from the spool until `stop` fires: batches in spool order, jittered exponential
-/// backoff (250 ms doubling to 30 s) on failure, and a wake-up on every new event.
-pub async fn run_worker(
-    spool: Arc<Spool>,
-    mut d: Deliverer,
-    mut wake: tokio::sync::watch::Receiver<i64>,
-    all_sinks: Vec<String>,
-    stop: tokio_util::sync::CancellationToken,
-) {
+/// backoff (250 ms doubling to 30 s) on a failure worth retrying, and a wake-up on every new
+/// event. A batch the collector refuses for good is sent again one event at a time, so only
+/// the refused events are dead-lettered. Returns Err only when it cannot go on (the
+/// supervisor restarts it).
+pub async fn run_worker(cfg: Arc<SinkConfig>, ctx: WorkerContext) -> Result<(), String> {
+    let mut d = Deliverer::new(cfg)?;
+    let mut wake = ctx.wake.subscribe();
+    let spool = ctx.spool.clone();
     let name = d.config().name.clone();
     let (batch, actions) = (d.config().batch, d.config().actions);
     let mut backoff = Duration::from_millis(250);
     loop {
-        if stop.is_cancelled() {
-            return;
+        if ctx.stop.is_cancelled() {
+            return Ok(());
         }
         let sp = spool.clone();
         let n2 = name.clone();
@@ -485,17 +601,31 @@ pub async fn run_worker(
             tokio::select! {
                 _ = wake.changed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.cancelled() => return,
+                _ = ctx.stop.cancelled() => return Ok(()),
             }
             continue;
         };
         let refs: Vec<&AccessEvent> = events.iter().map(|s| &s.event).collect();
-        match d.deliver(&refs).await {
-            Ok(()) => {
+        // Ok holds how many events the final acknowledgement counts as delivered: the whole
+        // batch, or none when they were settled (acknowledged or dead-lettered) one by one.
+        let result = match d.deliver(&refs).await {
+            Ok(()) => Ok(events.len() as u64),
+            Err(Failure::Rejected { status, why }) if events.len() == 1 => {
+                dead_letter(&ctx, &name, status, &why, &events)
+                    .await
+                    .map(|()| 0)
+            }
+            Err(Failure::Rejected { .. }) => {
+                tracing::warn!(sink = %name, events = events.len(), "SIEM batch refused; sending its events one at a time");
+                one_by_one(&mut d, &ctx, &events).await.map(|()| 0)
+            }
+            Err(f @ Failure::Retry(_)) => Err(f),
+        };
+        match result {
+            Ok(n) => {
                 backoff = Duration::from_millis(250);
                 let sp = spool.clone();
-                let (n2, all) = (name.clone(), all_sinks.clone());
-                let n = events.len() as u64;
+                let (n2, all) = (name.clone(), ctx.all_sinks.clone());
                 let r = tokio::task::spawn_blocking(move || {
                     sp.ack(&n2, upto, n)?;
                     sp.prune(&all)
@@ -509,17 +639,87 @@ pub async fn run_worker(
                 tracing::warn!(sink = %name, error = %why, queued = events.len(), "SIEM delivery failed; will retry");
                 let sp = spool.clone();
                 let n2 = name.clone();
-                let w = why.clone();
+                let w = why.to_string();
                 let _ = tokio::task::spawn_blocking(move || sp.fail(&n2, &w)).await;
                 let jitter = 0.5 + rand::random::<f64>();
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
-                    _ = stop.cancelled() => return,
+                    _ = ctx.stop.cancelled() => return Ok(()),
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }
+}
+
+/// Sends each event of a refused batch on its own: delivered ones are acknowledged, refused
+/// ones dead-lettered, and the first failure worth retrying stops the pass (the cursor stays
+/// before the event it was about).
+async fn one_by_one(
+    d: &mut Deliverer,
+    ctx: &WorkerContext,
+    events: &[Spooled],
+) -> Result<(), Failure> {
+    let name = d.config().name.clone();
+    for s in events {
+        match d.deliver(&[&s.event]).await {
+            Ok(()) => {
+                let (sp, n2, seq) = (ctx.spool.clone(), name.clone(), s.seq);
+                tokio::task::spawn_blocking(move || sp.ack(&n2, seq, 1))
+                    .await
+                    .map_err(|e| Failure::Retry(e.to_string()))?
+                    .map_err(|e| Failure::Retry(e.to_string()))?;
+            }
+            Err(Failure::Rejected { status, why }) => {
+                dead_letter(ctx, &name, status, &why, std::slice::from_ref(s)).await?;
+            }
+            Err(f @ Failure::Retry(_)) => return Err(f),
+        }
+    }
+    Ok(())
+}
+
+/// Keeps refused events in the dead-letter file, moves the cursor past them, counts them and
+/// alerts. Err (retry) when the file cannot be written: nothing is passed over unseen.
+async fn dead_letter(
+    ctx: &WorkerContext,
+    sink: &str,
+    status: u16,
+    why: &str,
+    events: &[Spooled],
+) -> Result<(), Failure> {
+    let Some(upto) = events.iter().map(|s| s.seq).max() else {
+        return Ok(());
+    };
+    let owned: Vec<Spooled> = events.to_vec();
+    let (path, sp, n2, w) = (
+        ctx.dead_letters.clone(),
+        ctx.spool.clone(),
+        sink.to_string(),
+        why.to_string(),
+    );
+    let n = owned.len() as u64;
+    let r = tokio::task::spawn_blocking(move || {
+        let refs: Vec<&Spooled> = owned.iter().collect();
+        write_dead_letters(&path, &n2, status, &w, &refs)?;
+        sp.dead_letter(&n2, upto, n, &format!("dead-lettered: {w}"))
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    if let Err(e) = r {
+        return Err(Failure::Retry(format!(
+            "the collector refused an event ({why}) and it could not be dead-lettered: {e}"
+        )));
+    }
+    for s in events {
+        tracing::error!(sink, event_id = %s.event.event_id, status, reason = %why, file = %ctx.dead_letters.display(), "SIEM event refused for good; dead-lettered");
+        if let Some(a) = ctx.alerter.get() {
+            a.notify_dead_letter(sink, &s.event, why, &ctx.dead_letters);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -560,5 +760,256 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    /// A hostile or flaky HTTP peer in the test process: for each request, `answer` gets the
+    /// body and returns the raw bytes to send back (then the connection is closed).
+    /// Every request body is recorded.
+    struct Peer {
+        port: u16,
+        bodies: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl Peer {
+        async fn start(answer: impl Fn(usize, &str) -> Vec<u8> + Send + Sync + 'static) -> Peer {
+            use tokio::io::AsyncReadExt;
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let port = l.local_addr().expect("addr").port();
+            let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let (b2, answer) = (bodies.clone(), Arc::new(answer));
+            tokio::spawn(async move {
+                while let Ok((mut sock, _)) = l.accept().await {
+                    let (b2, answer) = (b2.clone(), answer.clone());
+                    tokio::spawn(async move {
+                        let mut buf = Vec::new();
+                        let mut chunk = [0u8; 4096];
+                        let body = loop {
+                            let Ok(n) = sock.read(&mut chunk).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                                continue;
+                            };
+                            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                            let len: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse().ok())
+                                .unwrap_or(0);
+                            if buf.len() >= end + 4 + len {
+                                break String::from_utf8_lossy(&buf[end + 4..end + 4 + len])
+                                    .into_owned();
+                            }
+                        };
+                        let n = {
+                            let mut b = b2.lock().expect("lock");
+                            b.push(body.clone());
+                            b.len()
+                        };
+                        let _ = sock.write_all(&answer(n, &body)).await;
+                        let _ = sock.shutdown().await;
+                    });
+                }
+            });
+            Peer { port, bodies }
+        }
+
+        fn bodies(&self) -> Vec<String> {
+            self.bodies.lock().expect("lock").clone()
+        }
+    }
+
+    fn reply(status: u16, body: &str) -> Vec<u8> {
+        format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+
+    /// A SIEM with one webhook sink at `port` (batches of `batch`), started.
+    fn webhook_siem(dir: &std::path::Path, port: u16, batch: usize) -> Arc<super::super::Siem> {
+        super::super::Siem::open(webhook_settings(dir, port, batch))
+            .expect("open")
+            .start(tokio_util::sync::CancellationToken::new())
+            .expect("start")
+    }
+
+    fn webhook_settings(
+        dir: &std::path::Path,
+        port: u16,
+        batch: usize,
+    ) -> super::super::SiemSettings {
+        super::super::SiemSettings {
+            spool: dir.join("spool.sqlite"),
+            spool_max_events: 1000,
+            fail_closed_backlog: None,
+            sinks: vec![SinkConfig {
+                name: "hook".into(),
+                format: Format::Seed,
+                actions: false,
+                batch,
+                timeout: Duration::from_secs(5),
+                kind: SinkKind::Webhook {
+                    url: Url::parse(&format!("http://127.0.0.1:{port}/siem")).expect("url"),
+                    bearer: None,
+                    hmac_secret: None,
+                    ca_file: None,
+                },
+            }],
+        }
+    }
+
+    fn event(actor: &str) -> AccessEvent {
+        AccessEvent::new(super::super::Action::GrantCreated, actor)
+    }
+
+    /// Waits (up to 60 s) until the sink's figures satisfy `done`.
+    async fn wait_stats(
+        siem: &super::super::Siem,
+        what: &str,
+        done: impl Fn(&super::super::SinkStats) -> bool,
+    ) -> super::super::SinkStats {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = siem.stats().await.remove(0);
+            if done(&st) {
+                return st;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{what}: {st:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn emit(siem: &Arc<super::super::Siem>, e: &AccessEvent) {
+        use super::super::EventSink;
+        siem.emit(e).await.expect("emit");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_event_is_dead_lettered_and_delivery_moves_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let peer = Peer::start(|_, body| {
+            if body.contains("poison") {
+                reply(400, r#"{"text":"bad event"}"#)
+            } else {
+                reply(200, "{}")
+            }
+        })
+        .await;
+        // Spooled before the worker runs (a SIEM that is only opened delivers nothing in
+        // the background), so the first attempt is one batch of three.
+        {
+            let idle = Arc::new(
+                super::super::Siem::open(webhook_settings(dir.path(), peer.port, 10))
+                    .expect("open"),
+            );
+            for actor in ["ok-1", "poison", "ok-2"] {
+                emit(&idle, &event(actor)).await;
+            }
+        }
+        let siem = webhook_siem(dir.path(), peer.port, 10);
+        let st = wait_stats(&siem, "the refused event is passed over", |s| {
+            s.dead_lettered == 1 && s.delivered == 2 && s.queued == 0
+        })
+        .await;
+        assert_eq!(st.failed, 0, "a refusal is not a failed attempt: {st:?}");
+        // Later events still go through.
+        emit(&siem, &event("ok-3")).await;
+        wait_stats(&siem, "a later event is delivered", |s| s.delivered == 3).await;
+        let bodies = peer.bodies();
+        assert!(bodies.iter().any(|b| b.contains("ok-3")), "{bodies:?}");
+        // The poison event was sent once in a batch and once alone, never again.
+        assert_eq!(
+            bodies.iter().filter(|b| b.contains("poison")).count(),
+            2,
+            "{bodies:?}"
+        );
+        let kept = std::fs::read_to_string(siem.dead_letter_path()).expect("dead-letter file");
+        let lines: Vec<serde_json::Value> = kept
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{kept}");
+        assert_eq!(lines[0]["sink"], "hook");
+        assert_eq!(lines[0]["status"], 400);
+        assert_eq!(lines[0]["event"]["actor"], "poison");
+        assert!(lines[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("bad event")));
+        let mut m = String::new();
+        siem.metrics(&mut m).await;
+        assert!(
+            m.contains("breakglass_siem_dead_letter_total{sink=\"hook\"} 1"),
+            "{m}"
+        );
+        assert!(
+            m.contains("breakglass_siem_worker_restarts_total{sink=\"hook\"} 0"),
+            "{m}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_503_is_retried_until_delivered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let peer = Peer::start(|n, _| {
+            if n <= 2 {
+                reply(503, "busy")
+            } else {
+                reply(204, "")
+            }
+        })
+        .await;
+        let siem = webhook_siem(dir.path(), peer.port, 10);
+        emit(&siem, &event("retry-me")).await;
+        let st = wait_stats(&siem, "delivered after two 503s", |s| s.delivered == 1).await;
+        assert_eq!((st.failed, st.dead_lettered), (2, 0), "{st:?}");
+        assert_eq!(peer.bodies().len(), 3);
+        assert!(!siem.dead_letter_path().exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hostile_responses_do_not_kill_delivery() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let peer = Peer::start(|n, _| match n {
+            // A chunk size of 2^64 (one past u64::MAX).
+            1 => {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000000\r\nabc\r\n"
+                    .to_vec()
+            }
+            // A chunk size of u64::MAX, then the connection ends.
+            2 => b"HTTP/1.1 400 OK\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFF\r\nabc"
+                .to_vec(),
+            3 => b"\x00\xffgarbage\r\n\r\n".to_vec(),
+            4 => b"HTTP/1.1 2000 Weird\r\nContent-Length: 99999999999999999999999\r\n\r\n".to_vec(),
+            // A huge body: only the first 64 KiB are read.
+            5 => {
+                let mut r = reply(500, "");
+                r.truncate(r.len() - 4);
+                let mut r = String::from_utf8(r)
+                    .expect("ascii")
+                    .replace("Content-Length: 0", "Content-Length: 10000000");
+                r.push_str("\r\n\r\n");
+                let mut r = r.into_bytes();
+                r.extend(std::iter::repeat_n(b'x', 1 << 20));
+                r
+            }
+            _ => reply(200, "{}"),
+        })
+        .await;
+        let siem = webhook_siem(dir.path(), peer.port, 10);
+        emit(&siem, &event("survivor")).await;
+        let st = wait_stats(&siem, "delivered after five hostile answers", |s| {
+            s.delivered == 1
+        })
+        .await;
+        assert_eq!((st.failed, st.dead_lettered), (5, 0), "{st:?}");
+        assert_eq!(peer.bodies().len(), 6);
     }
 }

@@ -40,6 +40,9 @@ pub struct SinkStats {
     pub queued: u64,
     pub delivered: u64,
     pub failed: u64,
+    /// Events the sink refused for good (a 4xx that is not about credentials or the URL),
+    /// written to the dead-letter file and passed over.
+    pub dead_lettered: u64,
     /// Age of the oldest undelivered event, in seconds (0 when nothing is queued).
     pub oldest_age_secs: f64,
     pub last_error: Option<String>,
@@ -106,6 +109,21 @@ impl Spool {
                  last_error TEXT);",
         )
         .map_err(err)?;
+        // Spools from before dead-lettering lack its counter.
+        let has_dead: bool = conn
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('sinks') WHERE name = 'dead_lettered'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(err)?
+            > 0;
+        if !has_dead {
+            conn.execute_batch(
+                "ALTER TABLE sinks ADD COLUMN dead_lettered INTEGER NOT NULL DEFAULT 0",
+            )
+            .map_err(err)?;
+        }
         let spool = Spool {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
@@ -292,6 +310,18 @@ impl Spool {
         Ok(())
     }
 
+    /// Moves the sink's cursor past events it refused for good (already written to the
+    /// dead-letter file), counting `n` of them.
+    pub fn dead_letter(&self, sink: &str, upto: i64, n: u64, why: &str) -> Result<(), SpoolError> {
+        let conn = self.lock();
+        conn.execute(
+            "UPDATE sinks SET cursor = max(cursor, ?2), dead_lettered = dead_lettered + ?3, last_error = ?4 WHERE name = ?1",
+            params![sink, upto, n as i64, why],
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     /// Counts a failed delivery attempt.
     pub fn fail(&self, sink: &str, why: &str) -> Result<(), SpoolError> {
         let conn = self.lock();
@@ -370,7 +400,7 @@ impl Spool {
         let conn = self.lock();
         let row = conn
             .query_row(
-                "SELECT cursor, delivered, failed, last_error FROM sinks WHERE name = ?1",
+                "SELECT cursor, delivered, failed, last_error, dead_lettered FROM sinks WHERE name = ?1",
                 params![sink],
                 |r| {
                     Ok((
@@ -378,12 +408,13 @@ impl Spool {
                         r.get::<_, i64>(1)?,
                         r.get::<_, i64>(2)?,
                         r.get::<_, Option<String>>(3)?,
+                        r.get::<_, i64>(4)?,
                     ))
                 },
             )
             .optional()
             .map_err(|e| self.err(e))?;
-        let (cursor, delivered, failed, last_error) = row.unwrap_or((0, 0, 0, None));
+        let (cursor, delivered, failed, last_error, dead) = row.unwrap_or((0, 0, 0, None, 0));
         let filter = if actions { "" } else { " AND is_action = 0" };
         let (queued, oldest): (i64, Option<i64>) = conn
             .query_row(
@@ -397,6 +428,7 @@ impl Spool {
             queued: queued as u64,
             delivered: delivered as u64,
             failed: failed as u64,
+            dead_lettered: dead as u64,
             oldest_age_secs: oldest
                 .map(|ms| (now_ms() - ms).max(0) as f64 / 1000.0)
                 .unwrap_or(0.0),
