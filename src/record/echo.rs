@@ -83,6 +83,8 @@ enum Ansi {
     Ground,
     Esc,
     Csi,
+    /// After ESC and intermediate bytes (`ESC ( B`, `ESC # 8`): until the final byte.
+    EscInter,
     /// OSC, DCS, APC, PM, SOS: until BEL or ST.
     Str,
     StrEsc,
@@ -108,8 +110,15 @@ impl Ansi {
                     // A two-byte sequence (ESC c, ESC O x is close enough: x is then dropped
                     // as the final byte of this one).
                     b'O' => Ansi::Csi,
+                    0x20..=0x2f => Ansi::EscInter,
                     _ => Ansi::Ground,
                 };
+                None
+            }
+            Ansi::EscInter => {
+                if !(0x20..=0x2f).contains(&b) {
+                    *self = if b == 0x1b { Ansi::Esc } else { Ansi::Ground };
+                }
                 None
             }
             Ansi::Csi => {
@@ -647,6 +656,16 @@ mod tests {
             }
         }
         s
+    }
+
+    #[test]
+    fn escape_sequences_with_intermediates_are_not_text() {
+        let mut a = Ansi::default();
+        let text: Vec<u8> = b"\x1b(Bab\x1b#8c\x1b[1;31md\x1b]0;t\x07e\x1b)0f"
+            .iter()
+            .filter_map(|&b| a.feed(b))
+            .collect();
+        assert_eq!(text, b"abcdef");
     }
 
     #[test]

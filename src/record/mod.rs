@@ -1273,9 +1273,14 @@ pub async fn drain_spool(
         };
         for e in rd.flatten() {
             let p = e.path();
-            if p.is_dir() {
+            // The entry's own type (a symlink is not followed): a link planted in the spool
+            // could point at any file the gateway may read, so it is never uploaded.
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_symlink() {
+                tracing::warn!(path = %p.display(), "a symlink in the recording spool is ignored");
+            } else if ft.is_dir() {
                 stack.push(p);
-            } else if p.extension().is_none_or(|x| x != "spooling" && x != "mac") {
+            } else if ft.is_file() && p.extension().is_none_or(|x| x != "spooling" && x != "mac") {
                 files.push(p);
             }
         }
@@ -1563,5 +1568,32 @@ mod spool_tests {
         let out = drain_spool(&spool, &store, &ledger, Some(&mac), &|id| id == "s-1").await;
         assert_eq!((out.uploaded, out.refused.len()), (0, 0));
         assert!(out.waiting.contains("s-1"));
+    }
+
+    #[tokio::test]
+    async fn a_symlink_in_the_spool_is_never_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = dir.path().join("spool");
+        let store = RecordingStore::local(&dir.path().join("store")).expect("store");
+        let ledger = SqliteStore::open(&dir.path().join("state.db")).expect("state");
+        let mac = SpoolMac::new(&[7u8; 32]);
+        let p = "sessions/2026/12/02/s-1/ch0000";
+        let key = format!("{p}/00000001.cast");
+        // A real chunk, then replaced by a link to another file with the same tag beside it.
+        spool_write(&spool, &key, b"good", Some(&mac)).expect("spool");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"good").expect("secret");
+        std::fs::remove_file(spool.join(&key)).expect("remove");
+        std::os::unix::fs::symlink(&secret, spool.join(&key)).expect("symlink");
+        // A linked directory too.
+        std::os::unix::fs::symlink(dir.path(), spool.join("sessions/2026/12/02/s-2"))
+            .expect("symlink");
+        ledger
+            .record_objects("s-1", &[entry(&key, b"good")])
+            .await
+            .expect("ledger");
+        let out = drain_spool(&spool, &store, &ledger, Some(&mac), &|_| false).await;
+        assert_eq!(out.uploaded, 0);
+        assert!(store.get(&key).await.is_err(), "a linked file was uploaded");
     }
 }
