@@ -246,14 +246,15 @@ enum Held<T> {
         commands: Vec<ExtractedCommand>,
     },
     Output(Vec<u8>),
-    Other(T),
+    /// Anything else, with the bytes it stands for (counted towards [`MAX_HELD_BYTES`]).
+    Other(T, usize),
 }
 
 impl<T> Held<T> {
     fn line(&self) -> Option<u64> {
         match self {
             Held::Input { line, .. } | Held::End { line, .. } => Some(*line),
-            Held::Output(_) | Held::Other(_) => None,
+            Held::Output(_) | Held::Other(..) => None,
         }
     }
 
@@ -262,7 +263,7 @@ impl<T> Held<T> {
             Held::Input { bytes, .. } | Held::End { bytes, .. } | Held::Output(bytes) => {
                 bytes.len()
             }
-            Held::Other(_) => 0,
+            Held::Other(_, n) => *n,
         }
     }
 }
@@ -341,9 +342,11 @@ impl<T> EchoGuard<T> {
         self.bound(out);
     }
 
-    /// Anything else recorded on the channel, kept in order with the rest.
-    pub fn other(&mut self, t: f64, item: T, out: &mut Vec<(f64, Ev<T>)>) {
-        self.push(t, Held::Other(item), out);
+    /// Anything else recorded on the channel (standing for `size` bytes), kept in order with
+    /// the rest; it counts towards the held bound like output does.
+    pub fn other(&mut self, t: f64, item: T, size: usize, out: &mut Vec<(f64, Ev<T>)>) {
+        self.push(t, Held::Other(item, size.max(1)), out);
+        self.bound(out);
     }
 
     /// Judges lines whose Enter is older than [`HOLD_LIMIT`] at time `now`.
@@ -571,7 +574,7 @@ impl<T> EchoGuard<T> {
                     out.push((t, Ev::Output(b)));
                 }
             }
-            Held::Other(x) => out.push((t, Ev::Other(x))),
+            Held::Other(x, _) => out.push((t, Ev::Other(x))),
             Held::Input { line, bytes } => match self.verdict(line) {
                 Some(Verdict::Secret) => out.push((t, Ev::Redacted(bytes.len()))),
                 _ => out.push((t, Ev::Input(bytes))),
@@ -656,6 +659,24 @@ mod tests {
             }
         }
         s
+    }
+
+    #[test]
+    fn other_events_count_towards_the_held_bound() {
+        let mut g = EchoGuard::<u32>::new(true);
+        let mut out = Vec::new();
+        // A prompt, a keystroke the target does not echo: the line is held, undecided.
+        g.output(0.0, b"Password: ", &mut out);
+        g.input(0.1, b"s", &mut out);
+        for i in 0..10_000u32 {
+            g.other(0.2, i, 4096, &mut out);
+            assert!(
+                g.held_bytes() <= MAX_HELD_BYTES + 4096,
+                "{}",
+                g.held_bytes()
+            );
+        }
+        assert!(out.iter().any(|(_, e)| matches!(e, Ev::Other(_))));
     }
 
     #[test]
@@ -870,7 +891,7 @@ mod tests {
                     }
                     _ => {
                         others += 1;
-                        g.other(t, others, &mut out);
+                        g.other(t, others, 16, &mut out);
                         g.tick(t, &mut out);
                     }
                 }

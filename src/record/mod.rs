@@ -1504,7 +1504,8 @@ fn push_cast_event(c: &mut ChanRec, t: f64, encoded: Vec<u8>, hook: Option<&Acti
     match c.guard.as_mut() {
         Some(g) => {
             let mut evs = Vec::new();
-            g.other(t, encoded, &mut evs);
+            let size = encoded.len();
+            g.other(t, encoded, size, &mut evs);
             apply_guarded(c, evs, hook, ch);
         }
         None => c.buf.extend_from_slice(&encoded),
