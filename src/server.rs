@@ -229,7 +229,7 @@ pub async fn start(
         }
         Err(e) => tracing::warn!(
             error = %e,
-            "the outage spool is not authenticated (no vault key); only the evidence ledger vouches for it"
+            "the outage spool cannot be authenticated (no vault key): spooled chunks stay in the spool, unuploaded, until the gateway starts with the key"
         ),
     }
     crate::ssh::session::recover_unfinished(&gw).await;

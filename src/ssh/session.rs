@@ -629,9 +629,15 @@ pub async fn seal_pending(gw: &Gateway) {
     };
     let spool = gw.config.data_dir.join("spool");
     let skip = move |id: &str| live.contains(id);
-    let mac = gw.spool_mac.get().cloned();
+    // Fail closed: without the spool key nothing in the spool can be told from a planted
+    // file, so nothing is uploaded and nothing sealed (sealing would call the waiting chunks
+    // deleted); the spool keeps everything until the key loads.
+    let Some(mac) = gw.spool_mac.get().cloned() else {
+        tracing::error!("the outage spool cannot be authenticated (the spool key did not load from the vault): spooled chunks stay in the spool and recordings are not sealed late until it does");
+        return;
+    };
     let drained =
-        crate::record::drain_spool(&spool, &gw.recordings, &*gw.store, mac.as_deref(), &skip).await;
+        crate::record::drain_spool(&spool, &gw.recordings, &*gw.store, Some(&mac), &skip).await;
     if drained.uploaded > 0 {
         tracing::warn!(
             chunks = drained.uploaded,
