@@ -110,3 +110,55 @@ async fn a_session_ended_by_a_store_outage_is_sealed_once_the_store_is_back() {
         .expect("ticks in the export");
     assert!(last > 10, "the export runs to tick {last}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_spool_key_the_outage_spool_is_neither_uploaded_nor_sealed() {
+    // The vault's key comes from an environment variable nobody sets, so the spool key
+    // cannot load: the spool cannot be authenticated.
+    let w = World::with(Opts {
+        extra_limits:
+            "flush_interval = \"100ms\"\nstorage_grace = \"1s\"\ncheckpoint_interval = \"300ms\""
+                .into(),
+        extra_config: "[vault]\nkek_env = \"BREAKGLASS_TEST_KEK_NOBODY_SETS\"\n".into(),
+        ..Default::default()
+    });
+    let gw = InProcess::start(&w).await;
+    w.grant("alice", "30m");
+    let mut child = super::start_long_session(
+        &w,
+        &[],
+        "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.05; done",
+    );
+    let prefix = w.sessions()[0]["recording"]
+        .as_str()
+        .expect("prefix")
+        .to_string();
+    let dir = w.path("data/recordings").join(&prefix);
+    let chdir = dir.join("ch0000");
+    wait_for("a stored chunk", Duration::from_secs(10), || {
+        (std::fs::read_dir(&chdir).ok()?.count() >= 1).then_some(())
+    });
+    let away = dir.join("ch0000.away");
+    std::fs::rename(&chdir, &away).expect("move the channel dir away");
+    std::fs::write(&chdir, b"blocked").expect("block the path");
+    let (code, _out, err) = super::wait_exit(&mut child, Duration::from_secs(15));
+    assert_ne!(code, Some(0));
+    assert!(err.contains("recording failed"), "{err}");
+    w.wait_event("the failed end", |e| e["action"] == "session_end");
+    let spooled = w.path("data/spool").join(&prefix).join("ch0000");
+    let count = || std::fs::read_dir(&spooled).map(|r| r.count()).unwrap_or(0);
+    let waiting = count();
+    assert!(waiting >= 1, "the outage's data waits in the spool");
+    std::fs::remove_file(&chdir).expect("unblock");
+    std::fs::rename(&away, &chdir).expect("move the channel dir back");
+    gw.stop().await;
+    // A start runs the spool drain and late sealing once before it serves: without the key
+    // it uploads nothing and seals nothing.
+    let gw = InProcess::start(&w).await;
+    assert_eq!(count(), waiting, "the spool is kept whole");
+    assert!(
+        !dir.join("session.json.sig").exists(),
+        "sealed from an unauthenticated spool"
+    );
+    gw.stop().await;
+}
