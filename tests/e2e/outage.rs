@@ -6,39 +6,65 @@ use std::time::Duration;
 
 use crate::support::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_ended_by_a_store_outage_is_sealed_once_the_store_is_back() {
+/// A gateway (with `extra_config`) whose one long session has stored at least `chunks` chunks;
+/// returns it with the session's ssh, its recording prefix and dir, and the chunk count.
+async fn long_session(
+    extra_config: &str,
+    chunks: usize,
+) -> (
+    World,
+    InProcess,
+    std::process::Child,
+    String,
+    std::path::PathBuf,
+    usize,
+) {
     let w = World::with(Opts {
         extra_limits:
             "flush_interval = \"100ms\"\nstorage_grace = \"1s\"\ncheckpoint_interval = \"300ms\""
                 .into(),
+        extra_config: extra_config.into(),
         ..Default::default()
     });
     let gw = InProcess::start(&w).await;
     w.grant("alice", "30m");
-    let mut child = super::start_long_session(
+    let child = super::start_long_session(
         &w,
         &[],
         "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.05; done",
     );
-    let id = super::last_session_id(&w);
     let prefix = w.sessions()[0]["recording"]
         .as_str()
         .expect("prefix")
         .to_string();
     let dir = w.path("data/recordings").join(&prefix);
     let chdir = dir.join("ch0000");
-    let stored_before = wait_for("three stored chunks", Duration::from_secs(10), || {
+    let stored = wait_for("stored chunks", Duration::from_secs(10), || {
         let n = std::fs::read_dir(&chdir).ok()?.count();
-        (n >= 3).then_some(n)
+        (n >= chunks).then_some(n)
     });
-    // The outage: the channel's directory is replaced by a file, so every write fails.
+    (w, gw, child, prefix, dir, stored)
+}
+
+/// The outage: the channel's directory is replaced by a file, so every write fails; the
+/// session ends fail-closed. Returns where the directory went.
+fn block_store(dir: &std::path::Path, child: &mut std::process::Child) -> std::path::PathBuf {
+    let chdir = dir.join("ch0000");
     let away = dir.join("ch0000.away");
     std::fs::rename(&chdir, &away).expect("move the channel dir away");
     std::fs::write(&chdir, b"blocked").expect("block the path");
-    let (code, _out, err) = super::wait_exit(&mut child, Duration::from_secs(15));
+    let (code, _out, err) = super::wait_exit(child, Duration::from_secs(15));
     assert_ne!(code, Some(0));
     assert!(err.contains("recording failed"), "{err}");
+    away
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_by_a_store_outage_is_sealed_once_the_store_is_back() {
+    let (w, gw, mut child, prefix, dir, stored_before) = long_session("", 3).await;
+    let id = super::last_session_id(&w);
+    let chdir = dir.join("ch0000");
+    let away = block_store(&dir, &mut child);
     let end = w.wait_event("the failed end", |e| e["action"] == "session_end");
     assert_eq!(end["reason"], "recording_failed");
     assert!(end["chain_head"].is_null(), "not sealed yet: {end}");
@@ -115,35 +141,13 @@ async fn a_session_ended_by_a_store_outage_is_sealed_once_the_store_is_back() {
 async fn without_the_spool_key_the_outage_spool_is_neither_uploaded_nor_sealed() {
     // The vault's key comes from an environment variable nobody sets, so the spool key
     // cannot load: the spool cannot be authenticated.
-    let w = World::with(Opts {
-        extra_limits:
-            "flush_interval = \"100ms\"\nstorage_grace = \"1s\"\ncheckpoint_interval = \"300ms\""
-                .into(),
-        extra_config: "[vault]\nkek_env = \"BREAKGLASS_TEST_KEK_NOBODY_SETS\"\n".into(),
-        ..Default::default()
-    });
-    let gw = InProcess::start(&w).await;
-    w.grant("alice", "30m");
-    let mut child = super::start_long_session(
-        &w,
-        &[],
-        "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.05; done",
-    );
-    let prefix = w.sessions()[0]["recording"]
-        .as_str()
-        .expect("prefix")
-        .to_string();
-    let dir = w.path("data/recordings").join(&prefix);
+    let (w, gw, mut child, prefix, dir, _) = long_session(
+        "[vault]\nkek_env = \"BREAKGLASS_TEST_KEK_NOBODY_SETS\"\n",
+        1,
+    )
+    .await;
     let chdir = dir.join("ch0000");
-    wait_for("a stored chunk", Duration::from_secs(10), || {
-        (std::fs::read_dir(&chdir).ok()?.count() >= 1).then_some(())
-    });
-    let away = dir.join("ch0000.away");
-    std::fs::rename(&chdir, &away).expect("move the channel dir away");
-    std::fs::write(&chdir, b"blocked").expect("block the path");
-    let (code, _out, err) = super::wait_exit(&mut child, Duration::from_secs(15));
-    assert_ne!(code, Some(0));
-    assert!(err.contains("recording failed"), "{err}");
+    let away = block_store(&dir, &mut child);
     w.wait_event("the failed end", |e| e["action"] == "session_end");
     let spooled = w.path("data/spool").join(&prefix).join("ch0000");
     let count = || std::fs::read_dir(&spooled).map(|r| r.count()).unwrap_or(0);
