@@ -12,78 +12,10 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::siem::{AccessEvent, Action};
+use crate::siem::{summary, AccessEvent, Action};
 
-/// The body shape a webhook expects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// `{"source", "summary", "custodians", "event"}`.
-    Json,
-    /// `{"text"}`, which Slack incoming webhooks (and many chat tools) accept.
-    Slack,
-}
-
-/// A parsed `http://` or `https://` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Url {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    /// Path and query, starting with `/`.
-    pub path: String,
-}
-
-impl Url {
-    /// Parses `http(s)://host[:port][/path]`.
-    pub fn parse(s: &str) -> Result<Url, String> {
-        let (tls, rest) = if let Some(r) = s.strip_prefix("https://") {
-            (true, r)
-        } else if let Some(r) = s.strip_prefix("http://") {
-            (false, r)
-        } else {
-            return Err(format!("`{s}` must start with http:// or https://"));
-        };
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        if authority.is_empty() || authority.contains('@') {
-            return Err(format!(
-                "`{s}` has no host (or carries credentials in the URL)"
-            ));
-        }
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
-                let port = p
-                    .parse::<u16>()
-                    .map_err(|_| format!("`{s}` has a bad port"))?;
-                (
-                    h.trim_start_matches('[').trim_end_matches(']').to_string(),
-                    port,
-                )
-            }
-            _ => (authority.to_string(), if tls { 443 } else { 80 }),
-        };
-        if host.is_empty() {
-            return Err(format!("`{s}` has no host"));
-        }
-        Ok(Url {
-            tls,
-            host,
-            port,
-            path: path.to_string(),
-        })
-    }
-}
-
-/// One webhook destination.
-#[derive(Debug, Clone)]
-pub struct Webhook {
-    pub url: Url,
-    pub format: Format,
-    /// Extra header sent with every post, e.g. `Authorization: Bearer ...`.
-    pub header: Option<(String, String)>,
-}
+pub use crate::config::{Webhook, WebhookFormat as Format};
+pub use crate::outbound::{client_tls, Url};
 
 /// Delivery counters (logged; exported with the metrics endpoint later).
 #[derive(Debug, Default)]
@@ -144,93 +76,10 @@ pub fn alertable(e: &AccessEvent) -> bool {
     }
 }
 
-/// One line a human reads in a chat channel. The event's text came from people (a reason, an
-/// incident id), so its control characters are shown as escapes (`text::terminal`); the Slack
-/// body escapes markup on top ([`slack_body`]).
-pub fn summary(e: &AccessEvent) -> String {
-    crate::text::terminal(&summary_raw(e)).into_owned()
-}
-
 /// The body posted to a Slack incoming webhook: the summary as mrkdwn text with `&`, `<` and
 /// `>` escaped, so `<!channel>` or `<https://x|Approve>` in a reason is shown, not acted on.
 pub fn slack_body(summary: &str) -> serde_json::Value {
     serde_json::json!({ "text": crate::text::mrkdwn(summary) })
-}
-
-fn summary_raw(e: &AccessEvent) -> String {
-    let who = e.person.as_deref().unwrap_or(&e.actor);
-    let target = e.target.as_deref().unwrap_or("?");
-    let incident = e.incident_id.as_deref().unwrap_or("-");
-    let why = e.justification.as_deref().unwrap_or("");
-    match e.action {
-        Action::RequestCreated => format!(
-            "[breakglass] {who} requests break-glass access to {target} ({incident}, {}, {}): {why}. Request {}",
-            e.severity.as_deref().unwrap_or("-"),
-            e.scenario.as_deref().unwrap_or("-"),
-            e.request_id.as_deref().unwrap_or("?")
-        ),
-        Action::RequestApproved => format!(
-            "[breakglass] {} approved {who}'s request for {target} ({incident})",
-            e.actor
-        ),
-        Action::RequestDenied => format!(
-            "[breakglass] {} denied {who}'s request for {target} ({incident}): {}",
-            e.actor,
-            e.reason.as_deref().unwrap_or("")
-        ),
-        Action::SessionStart => format!(
-            "[breakglass] {who} started a break-glass session on {target} ({incident}) until {}",
-            e.deadline.as_deref().unwrap_or("?")
-        ),
-        Action::SessionRevoked | Action::GrantRevoked => format!(
-            "[breakglass] {}: {who}'s access to {target} ({incident}) was revoked",
-            e.actor
-        ),
-        Action::GrantCreated if e.emergency == Some(true) => format!(
-            "[breakglass] EMERGENCY SELF-SERVICE: {who} granted themselves access to {target} ({incident}) without a second person: {why}. Mandatory review."
-        ),
-        Action::ReviewOverdue => format!(
-            "[breakglass] OVERDUE: the post-incident review {} of {who}'s access to {target} ({incident}) was due at {}",
-            e.review_id.as_deref().unwrap_or("?"),
-            e.due_at.as_deref().unwrap_or("?")
-        ),
-        Action::CredentialRotated => format!(
-            "[breakglass] credential rotation for {target}: {}",
-            e.message.as_deref().unwrap_or(&e.outcome)
-        ),
-        Action::SigningKeyRotated => format!(
-            "[breakglass] {} rotated the manifest signing key: {} is certified by {}",
-            e.actor,
-            e.signing_key_id.as_deref().unwrap_or("?"),
-            e.previous_signing_key_id.as_deref().unwrap_or("?")
-        ),
-        Action::EvidenceRefused => format!(
-            "[breakglass] evidence refused for {who} on {target}: {}",
-            e.message.as_deref().unwrap_or("?")
-        ),
-        // Not alertable (see `alertable`), but a webhook test or a future rule may send them.
-        Action::GrantCreated
-        | Action::SessionEnd
-        | Action::SessionDenied
-        | Action::SessionExpired
-        | Action::ForwardingRefused
-        | Action::RequestExpired
-        | Action::ReviewOpened
-        | Action::ReviewSigned
-        | Action::CredentialIssued
-        | Action::RecordingCheckpoint
-        | Action::Command
-        | Action::Statement
-        | Action::SiemTest
-        | Action::RecordingViewed
-        | Action::RecordingExported
-        | Action::MetadataExported
-        | Action::WebLogin
-        | Action::ActionsDropped
-        | Action::RecordingSearched => {
-            format!("[breakglass] {} {who} {target} ({incident})", e.action.as_str())
-        }
-    }
 }
 
 impl Alerter {
@@ -376,40 +225,6 @@ pub fn tls_config(
     extra_ca: Option<&std::path::Path>,
 ) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, String> {
     client_tls(extra_ca, false)
-}
-
-/// A rustls client config (ring provider). With `pinned`, the CA file (PEM) is the only trust
-/// root; otherwise it is added to the Mozilla roots.
-pub fn client_tls(
-    ca: Option<&std::path::Path>,
-    pinned: bool,
-) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, String> {
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    if !pinned {
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    }
-    if let Some(path) = ca {
-        let pem =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        use rustls::pki_types::pem::PemObject;
-        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-    }
-    if roots.is_empty() {
-        return Err("no trusted certificate (is the CA file empty?)".into());
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
 }
 
 #[cfg(test)]

@@ -59,6 +59,7 @@ pub mod report;
 pub mod review;
 pub mod rotation;
 pub mod server;
+pub mod session;
 pub mod shutdown;
 pub mod siem;
 pub mod signing;

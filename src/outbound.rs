@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use crate::alerts::Url;
+use std::sync::Arc;
 
 /// Largest response body read; the rest is not read.
 pub const MAX_RESPONSE: usize = 64 << 10;
@@ -151,6 +151,93 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// A parsed `http://` or `https://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path and query, starting with `/`.
+    pub path: String,
+}
+
+impl Url {
+    /// Parses `http(s)://host[:port][/path]`.
+    pub fn parse(s: &str) -> Result<Url, String> {
+        let (tls, rest) = if let Some(r) = s.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = s.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!("`{s}` must start with http:// or https://"));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return Err(format!(
+                "`{s}` has no host (or carries credentials in the URL)"
+            ));
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+                let port = p
+                    .parse::<u16>()
+                    .map_err(|_| format!("`{s}` has a bad port"))?;
+                (
+                    h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                    port,
+                )
+            }
+            _ => (authority.to_string(), if tls { 443 } else { 80 }),
+        };
+        if host.is_empty() {
+            return Err(format!("`{s}` has no host"));
+        }
+        Ok(Url {
+            tls,
+            host,
+            port,
+            path: path.to_string(),
+        })
+    }
+}
+
+/// A rustls client config (ring provider). With `pinned`, the CA file (PEM) is the only trust
+/// root; otherwise it is added to the Mozilla roots.
+pub fn client_tls(
+    ca: Option<&std::path::Path>,
+    pinned: bool,
+) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, String> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    if !pinned {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    if let Some(path) = ca {
+        let pem =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        use rustls::pki_types::pem::PemObject;
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    if roots.is_empty() {
+        return Err("no trusted certificate (is the CA file empty?)".into());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
 }
 
 #[cfg(test)]

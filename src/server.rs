@@ -13,7 +13,6 @@ use crate::config::{Built, Config};
 use crate::keys::GatewayKeys;
 use crate::shutdown::Shutdown;
 use crate::siem::Siem;
-use crate::ssh::session::LiveSession;
 use crate::state::{SqliteStore, Store};
 use crate::storage::RecordingStore;
 
@@ -34,8 +33,8 @@ pub struct Gateway {
     pub signer: Arc<crate::signing::Signer>,
     /// Webhook alerts; never blocks.
     pub alerter: crate::alerts::Alerter,
-    /// Live sessions by id, for revocation and shutdown.
-    pub live: Mutex<HashMap<String, Arc<LiveSession>>>,
+    /// The session core's handle: store, SIEM, alerts, limits and the live registry.
+    pub core: Arc<crate::session::Core>,
     /// PostgreSQL cancel keys: the key the client holds → (target address, upstream key).
     /// The upstream key never leaves the gateway.
     pub pg_cancel: Mutex<HashMap<[u8; 8], CancelTarget>>,
@@ -113,48 +112,71 @@ impl Gateway {
             }
         })?;
         let alerter = crate::alerts::Alerter::start(config.webhooks.clone(), tls);
-        siem.set_alerter(alerter.clone());
+        {
+            let alerter = alerter.clone();
+            siem.on_dead_letter(Arc::new(move |sink, e, why, file| {
+                alerter.notify_dead_letter(sink, e, why, file)
+            }));
+        }
         let admission = crate::preauth::Admission::new(&config.limits);
+        let store: Arc<dyn Store> = Arc::new(store);
+        let shutdown = Shutdown::new();
+        let core = Arc::new(crate::session::Core {
+            store: store.clone(),
+            siem: siem.clone(),
+            alerter: alerter.clone(),
+            recordings: recordings.clone(),
+            custodians: config
+                .targets
+                .iter()
+                .map(|(name, t)| (name.clone(), t.custodians.clone()))
+                .collect(),
+            warn_before: config.limits.warn_before.clone(),
+            checkpoint_interval: config.limits.checkpoint_interval,
+            live: Default::default(),
+            shutdown: shutdown.token.clone(),
+        });
         Ok(Arc::new(Gateway {
+            core,
             admission,
             config,
             built,
             keys,
-            store: Arc::new(store),
+            store,
             recordings,
             siem,
             siem_stop,
             signer,
             alerter,
-            live: Mutex::new(HashMap::new()),
             pg_cancel: Mutex::new(HashMap::new()),
-            shutdown: Shutdown::new(),
+            shutdown,
             http_bound: std::sync::OnceLock::new(),
             spool_mac: std::sync::OnceLock::new(),
         }))
     }
 
-    /// Writes an audit event to the SIEM sink and the incident event store.
+    /// Writes an audit event to the SIEM sink and the incident event store, and alerts.
     pub async fn audit(&self, e: &crate::siem::AccessEvent) -> Result<(), crate::siem::SiemError> {
-        let res = crate::siem::audit(&self.siem, self.store.as_ref(), e).await;
-        let custodians = e
-            .target
-            .as_ref()
-            .and_then(|t| self.config.targets.get(t))
-            .map(|t| t.custodians.clone())
-            .unwrap_or_default();
-        self.alerter.notify(e, custodians);
-        res
+        self.core.audit(e).await
     }
 
-    /// Snapshot of the live sessions.
-    pub fn live_sessions(&self) -> Vec<Arc<LiveSession>> {
-        self.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+    /// How this gateway's recorders behave; `redact_no_echo` is the target's.
+    pub fn recorder_settings(&self, redact_no_echo: bool) -> crate::record::RecorderSettings {
+        crate::record::RecorderSettings {
+            flush_interval: self.config.limits.flush_interval,
+            stall: self.config.limits.recorder_stall_timeout,
+            grace: self.config.limits.storage_grace,
+            spool_dir: self.config.data_dir.join("spool"),
+            spool_mac: self.spool_mac.get().cloned(),
+            signer: self.signer.clone(),
+            redact_no_echo,
+            ledger: Some(self.store.clone()),
+        }
+    }
+
+    /// Snapshot of the live sessions, of both protocols.
+    pub fn live_sessions(&self) -> Vec<Arc<crate::session::Live>> {
+        self.core.live.sessions()
     }
 }
 
@@ -236,7 +258,7 @@ pub async fn start(
     crate::ssh::session::seal_pending(&gw).await;
     let serve = async move {
         let accept = tokio::spawn(crate::ssh::serve(listener, gw.clone()));
-        let watcher = tokio::spawn(crate::ssh::session::revocation_watcher(gw.clone()));
+        let watcher = tokio::spawn(crate::session::revocation_watcher(gw.core.clone()));
         let sealer = tokio::spawn(crate::ssh::session::seal_pending_worker(gw.clone()));
         let expiry = tokio::spawn(crate::control::request_expiry(gw.clone()));
         let overdue = tokio::spawn(crate::review::overdue_watcher(gw.clone()));
@@ -259,7 +281,7 @@ pub async fn start(
             pg.abort();
         }
         for s in gw.live_sessions() {
-            s.kill(crate::ssh::session::EndReason::Shutdown);
+            s.kill(crate::session::EndReason::Shutdown);
         }
         gw.shutdown.tracker.close();
         if tokio::time::timeout(Duration::from_secs(30), gw.shutdown.tracker.wait())

@@ -22,13 +22,11 @@ use tokio::time::Instant;
 use crate::clock;
 use crate::config::{Protocol, TargetConfig};
 use crate::grant;
-use crate::record::{
-    ChannelKind, RecMsg, Recorder, RecorderSettings, SessionEndInfo, SessionInfo, Stream,
-};
+use crate::record::{ChannelKind, RecMsg, Recorder, Stream};
 use crate::server::Gateway;
+use crate::session::{self, EndReason, Live, SessionIo};
 use crate::siem::{AccessEvent, Action};
-use crate::state::{Grant, SessionEnd, SessionRow};
-use crate::storage::key;
+use crate::state::Grant;
 use wire::{Message, WireError};
 
 /// Anything a client or upstream connection can be (plain TCP or TLS).
@@ -311,99 +309,62 @@ async fn handle(
         }
     };
     let now = clock::now();
-    let deadline = grant::deadline(&grant, now, gw.config.limits.max_session_ttl);
-    let session_id = uuid::Uuid::new_v4().to_string();
-    let prefix = key::session_prefix(now, &session_id);
-    let info = SessionInfo {
-        session_id: session_id.clone(),
-        protocol: "postgres".into(),
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let deadline = session::deadline(&grant, now, gw.config.limits.max_session_ttl);
+    let opening = session::Opening {
+        session_id: uuid::Uuid::new_v4().to_string(),
+        protocol: "postgres",
         person: person.clone(),
         target: target.name.clone(),
         login: target.login.clone(),
-        grant_id: grant.id.clone(),
-        justification: grant.reason.clone(),
-        incident_id: grant.incident_id.clone(),
+        grant,
         client_addr: peer.to_string(),
-        started_at: clock::rfc3339(now),
-        deadline: clock::rfc3339(deadline),
-    };
-    let settings = RecorderSettings {
-        flush_interval: gw.config.limits.flush_interval,
-        stall: gw.config.limits.recorder_stall_timeout,
-        grace: gw.config.limits.storage_grace,
-        spool_dir: gw.config.data_dir.join("spool"),
-        spool_mac: gw.spool_mac.get().cloned(),
-        signer: gw.signer.clone(),
+        now,
+        deadline,
         // No pty channels here; PostgreSQL secrets are masked by the relay.
-        redact_no_echo: true,
-        ledger: Some(gw.store.clone()),
+        settings: gw.recorder_settings(true),
+        // Per-statement SIEM events come from the relay, which sees whole messages (the
+        // recorder may get a large one in pieces) and only ever the masked copy.
+        actions: session::Actions::Adapter,
+        message: format!(
+            "{person} started a break-glass session on {} as {}",
+            target.name, target.login
+        ),
     };
-    // Per-statement SIEM events come from the relay, which sees whole messages (the recorder
-    // may get a large one in pieces) and only ever the masked copy.
-    let actions = gw.siem.action_hook(&info, grant.correlation_id());
-    let recorder = match Recorder::open(
-        gw.recordings.clone(),
-        prefix.clone(),
-        info.clone(),
-        settings,
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => {
+    let opened = match session::open(&gw.core, opening, Arc::new(PgIo { tx })).await {
+        Ok(o) => o,
+        Err(refusal) => {
             let f = fatal(
-                "58030",
-                format!("session refused: the recording cannot be opened ({e}); break-glass sessions never run unrecorded"),
+                if refusal.source == session::Source::Internal {
+                    "58030"
+                } else {
+                    "XX000"
+                },
+                refusal.to_string(),
             );
-            return ctx.refuse(&mut conn, f, "recording_unavailable").await;
+            return ctx.refuse(&mut conn, f, refusal.code).await;
         }
     };
-    let row = SessionRow {
-        id: session_id.clone(),
-        protocol: "postgres".into(),
-        person: person.clone(),
-        target: target.name.clone(),
-        grant_id: grant.id.clone(),
-        client_addr: peer.to_string(),
-        started_at: now,
-        deadline,
-        ended_at: None,
-        end_reason: None,
-        bytes_in: 0,
-        bytes_out: 0,
-        recording_prefix: prefix.clone(),
-    };
-    let base = |action: Action| {
-        let mut e = AccessEvent::new(action, &person);
-        e.protocol = "postgres".into();
-        e.person = Some(person.clone());
-        e.target = Some(target.name.clone());
-        e.session_id = Some(session_id.clone());
-        e.grant_id = Some(grant.id.clone());
-        e.correlation_id = Some(grant.correlation_id().to_string());
-        e.justification = Some(grant.reason.clone());
-        e.incident_id = Some(grant.incident_id.clone());
-        e.client_addr = Some(peer.to_string());
-        e.deadline = Some(clock::rfc3339(deadline));
-        e.recording = Some(prefix.clone());
-        e
-    };
-    let started = gw.store.insert_session(&row).await.is_ok()
-        && recorder
-            .send(RecMsg::Start {
-                ch: 0,
-                kind: ChannelKind::Postgres {
-                    database: target.database.clone(),
-                    role: target.login.clone(),
-                },
-                pty: None,
-                env: Default::default(),
-                at: Instant::now(),
-            })
-            .await
-            .is_ok()
-        && gw.audit(&base(Action::SessionStart)).await.is_ok();
+    let live = opened.live;
+    let started = live
+        .recorder
+        .send(RecMsg::Start {
+            ch: 0,
+            kind: ChannelKind::Postgres {
+                database: target.database.clone(),
+                role: target.login.clone(),
+            },
+            pty: None,
+            env: Default::default(),
+            at: Instant::now(),
+        })
+        .await
+        .is_ok();
     if !started {
+        live.kill(EndReason::RecordingFailed(
+            "the channel start was not recorded".into(),
+        ));
+        session::finish(&gw.core, &live).await;
         let f = fatal(
             "58030",
             "session refused: the session could not be put on the record",
@@ -411,8 +372,8 @@ async fn handle(
         let _ = wire::send(&mut conn, &wire::error("FATAL", f.code, &f.msg)).await;
         return Ok(());
     }
-    if let Err(e) = crate::review::open_for(&gw, &grant).await {
-        tracing::error!(error = %e, "could not open the post-incident review");
+    if let Err(e) = crate::review::open_for(&gw, &live.grant).await {
+        tracing::error!(session_id = %live.id, error = %e, "could not open the post-incident review");
     }
     // The client sees the upstream's session parameters; our own cancel key stands in for the
     // upstream's, which never leaves the gateway.
@@ -431,98 +392,59 @@ async fn handle(
             hello.extend_from_slice(&m.frame);
         }
     }
-    let counts = Counts::default();
-    // The recording's chain head reaches the SIEM every checkpoint_interval, as for SSH, so a
-    // truncation below any checkpoint is caught by `verify`.
-    let checkpoints = {
-        let (gw, recorder) = (gw.clone(), recorder.clone());
-        let template = base(Action::RecordingCheckpoint);
-        let every = gw.config.limits.checkpoint_interval;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let (head, objects) = recorder.checkpoint();
-                let mut e = template.clone();
-                e.chain_head = Some(head);
-                e.objects = Some(objects as u64);
-                e.message = Some(format!("recording checkpoint: {objects} objects stored"));
-                if let Err(err) = gw.audit(&e).await {
-                    tracing::error!(session_id = ?e.session_id, error = %err, "could not write checkpoint event");
-                }
-            }
-        })
-    };
+    // The deadline, warnings, revocation and shutdown come from the session core, which
+    // reaches the relay through `PgIo`.
+    gw.shutdown
+        .tracker
+        .spawn(session::supervise(gw.core.clone(), live.clone()));
+    gw.shutdown
+        .tracker
+        .spawn(session::checkpoints(gw.core.clone(), live.clone()));
     let reason = relay(
         &gw,
         &mut conn,
         &mut up,
-        (&recorder, actions.as_ref()),
-        (&grant, deadline),
+        (&live, opened.actions.as_ref()),
+        rx,
         hello,
-        &counts,
     )
     .await;
-    let bytes_in = counts.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
-    let bytes_out = counts.bytes_out.load(std::sync::atomic::Ordering::Relaxed);
     gw.pg_cancel
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&client_key);
-    checkpoints.abort();
-    let (code, message) = reason;
-    let ended_at = clock::now();
-    let sealed = recorder
-        .finish(SessionEndInfo {
-            ended_at: clock::rfc3339(ended_at),
-            end_reason: code.into(),
-            end_message: message.clone(),
-            bytes_in,
-            bytes_out,
-        })
-        .await;
-    let _ = gw
-        .store
-        .finish_session(
-            &session_id,
-            &SessionEnd {
-                ended_at,
-                end_reason: code.into(),
-                bytes_in,
-                bytes_out,
-            },
-        )
-        .await;
-    // SIEM copies of statements that were lost go on the record before the end event.
-    if let Some(e) = gw.siem.settle_actions(&session_id).await {
-        if let Err(err) = gw.audit(&e).await {
-            tracing::error!(session_id = %session_id, error = %err, "could not write SIEM event");
-        }
-    }
-    match code {
-        "deadline" => {
-            let _ = gw.audit(&base(Action::SessionExpired)).await;
-        }
-        "revoked" => {
-            let _ = gw.audit(&base(Action::SessionRevoked)).await;
-        }
-        _ => {}
-    }
-    let mut end = base(Action::SessionEnd);
-    end.reason = Some(code.into());
-    end.message = Some(message);
-    end.duration_ms = Some((ended_at - now).num_milliseconds().max(0) as u64);
-    end.bytes_in = Some(bytes_in);
-    end.bytes_out = Some(bytes_out);
-    match sealed {
-        Ok(meta) => end.chain_head = Some(meta.chain_head),
-        Err(e) => {
-            end.outcome = "failure".into();
-            end.side = Some("internal".into());
-            end.message = Some(format!("recording not sealed: {e}"));
-        }
-    }
-    let _ = gw.audit(&end).await;
+    live.kill(reason);
+    session::finish(&gw.core, &live).await;
     Ok(())
+}
+
+/// What the session core asks of the relay.
+enum Ctl {
+    /// Show the user a notice (and record it).
+    Tell(String),
+    /// End the session with a FATAL that says why.
+    End(EndReason),
+}
+
+/// The PostgreSQL side of a session, for the session core: messages to the relay, which owns
+/// both connections.
+struct PgIo {
+    tx: tokio::sync::mpsc::UnboundedSender<Ctl>,
+}
+
+#[async_trait::async_trait]
+impl SessionIo for PgIo {
+    async fn tell(&self, _s: &Live, text: &str) {
+        let _ = self.tx.send(Ctl::Tell(text.to_string()));
+    }
+
+    /// Nothing to send: the relay checks the kill switch before forwarding each client
+    /// message, so a session that is ending forwards nothing more to the target.
+    async fn cut_upstream(&self) {}
+
+    async fn close_client(&self, _s: &Live, reason: &EndReason) {
+        let _ = self.tx.send(Ctl::End(reason.clone()));
+    }
 }
 
 /// Connection facts used for refusals.
@@ -847,13 +769,6 @@ fn first_unknown_frontend_tag(batch: &[u8]) -> Option<u8> {
     None
 }
 
-/// Protocol bytes relayed each way (authentication excluded).
-#[derive(Default)]
-struct Counts {
-    bytes_in: std::sync::atomic::AtomicU64,
-    bytes_out: std::sync::atomic::AtomicU64,
-}
-
 /// Counts a batch and hands it to the recorder: in pieces of at most `raw::MAX_FRAME_DATA`
 /// (reference-counted slices, no byte copy), so the recorder can cut a chunk between the pieces
 /// of a message larger than a chunk, and, from the client, with its secrets masked
@@ -937,18 +852,18 @@ async fn read_batch<R: AsyncRead + Unpin>(
     Ok((batch, terminate))
 }
 
-/// Relays both ways, recording every message first, until either side ends, the deadline, a
-/// revocation or a recording failure. Returns (end reason code, message).
+/// Relays both ways, recording every message first, until either side ends, a recording
+/// failure, or the session core ends the session (deadline, revocation, shutdown).
 async fn relay(
     gw: &Arc<Gateway>,
     conn: &mut Box<dyn Conn>,
     up: &mut Box<dyn Conn>,
-    // The recorder, and the per-statement SIEM hook fed from what it recorded.
-    (recorder, actions): (&Recorder, Option<&crate::record::ActionHook>),
-    (grant, deadline): (&Grant, chrono::DateTime<chrono::Utc>),
+    // The session, and the per-statement SIEM hook fed from what it recorded.
+    (live, actions): (&Arc<Live>, Option<&crate::record::ActionHook>),
+    mut ctl: tokio::sync::mpsc::UnboundedReceiver<Ctl>,
     hello: Vec<u8>,
-    counts: &Counts,
-) -> (&'static str, String) {
+) -> EndReason {
+    let recorder = &live.recorder;
     let (client_r, client_w) = tokio::io::split(conn);
     let client_w = tokio::sync::Mutex::new(client_w);
     let (up_r, mut up_w) = tokio::io::split(up);
@@ -956,9 +871,16 @@ async fn relay(
         .await
         .is_err()
     {
-        return ("client_closed", "session closed by the client".to_string());
+        return EndReason::ClientClosed;
     }
-    let recording_failed = "the recording failed; break-glass sessions never continue unrecorded";
+    let recording_failed = || {
+        EndReason::RecordingFailed(
+            recorder
+                .failure
+                .reason()
+                .unwrap_or_else(|| "the recorder refused a message".into()),
+        )
+    };
     // Client → target: record, then forward.
     let client_to_up = async {
         let mut r = tokio::io::BufReader::with_capacity(64 * 1024, client_r);
@@ -980,24 +902,26 @@ async fn relay(
                         WireError::TooLong { .. } => " (postgres.max_message)",
                         _ => "",
                     };
-                    let msg = format!("terminating connection: protocol violation: {e}{hint}");
+                    let why = format!("{e}{hint}");
+                    let msg = format!("terminating connection: protocol violation: {why}");
                     let _ = wire::send(
                         &mut *client_w.lock().await,
                         &wire::error("FATAL", "08P01", &msg),
                     )
                     .await;
-                    return ("protocol_violation", msg);
+                    return EndReason::ProtocolViolation(why);
                 }
-                Err(_) => return ("client_closed", "session closed by the client".to_string()),
+                Err(_) => return EndReason::ClientClosed,
             };
+            if live.is_killed() {
+                // Ending: nothing more reaches the target; the core closes the client.
+                std::future::pending::<()>().await;
+            }
             let batch = Bytes::from(batch);
-            let Some(recorded) = tap(recorder, &counts.bytes_in, Stream::In, &batch).await else {
-                return fatal_end(
-                    &mut *client_w.lock().await,
-                    "recording_failed",
-                    recording_failed,
-                )
-                .await;
+            let Some(recorded) = tap(recorder, &live.bytes_in, Stream::In, &batch).await else {
+                let reason = recording_failed();
+                fatal_end(&mut *client_w.lock().await, &reason).await;
+                return reason;
             };
             if let Some(hook) = actions {
                 for sql in log::statements(&recorded) {
@@ -1005,7 +929,7 @@ async fn relay(
                 }
             }
             if wire::send(&mut up_w, &batch).await.is_err() || terminate {
-                return ("client_closed", "session closed by the client".to_string());
+                return EndReason::ClientClosed;
             }
         }
     };
@@ -1015,82 +939,47 @@ async fn relay(
         let mut r = tokio::io::BufReader::with_capacity(64 * 1024, up_r);
         loop {
             let Ok((batch, _)) = read_batch(&mut r, MAX_UPSTREAM_MESSAGE).await else {
-                return (
-                    "upstream_closed",
-                    "the target closed the connection".to_string(),
-                );
+                return EndReason::UpstreamClosed;
             };
             let batch = Bytes::from(batch);
-            if tap(recorder, &counts.bytes_out, Stream::Out, &batch)
+            if tap(recorder, &live.bytes_out, Stream::Out, &batch)
                 .await
                 .is_none()
             {
-                return fatal_end(
-                    &mut *client_w.lock().await,
-                    "recording_failed",
-                    recording_failed,
-                )
-                .await;
+                let reason = recording_failed();
+                fatal_end(&mut *client_w.lock().await, &reason).await;
+                return reason;
             }
             if wire::send(&mut *client_w.lock().await, &batch)
                 .await
                 .is_err()
             {
-                return ("client_closed", "session closed by the client".to_string());
+                return EndReason::ClientClosed;
             }
         }
     };
-    let started = Instant::now();
-    let at = |t: chrono::DateTime<chrono::Utc>| {
-        started + (t - clock::now()).to_std().unwrap_or(Duration::ZERO)
-    };
-    let deadline_at = at(deadline);
-    let mut warnings: Vec<(Instant, Duration)> = gw
-        .config
-        .limits
-        .warn_before
-        .iter()
-        .filter_map(|w| {
-            deadline
-                .checked_sub_signed(chrono::Duration::from_std(*w).ok()?)
-                .map(|t| (t, *w))
-        })
-        .filter(|(t, _)| *t > clock::now())
-        .map(|(t, w)| (at(t), w))
-        .collect();
-    warnings.sort();
-    // Deadline, warnings, revocation, recorder failure and shutdown.
+    // What the session core says: warnings, and the end.
     let control = async {
-        let mut revocation_check = tokio::time::interval(Duration::from_millis(250));
         loop {
-            let next_warning = warnings.first().map(|(t, _)| *t);
-            tokio::select! {
-                _ = tokio::time::sleep_until(next_warning.unwrap_or(deadline_at)), if next_warning.is_some() => {
-                    let (_, w) = warnings.remove(0);
-                    let text = format!("breakglass: this session ends in {} (at {})", humantime::format_duration(w), clock::rfc3339(deadline));
-                    let _ = recorder.send(RecMsg::Marker { ch: Some(0), label: text.clone(), at: Instant::now() }).await;
-                    let _ = wire::send(&mut *client_w.lock().await, &wire::notice("01000", &text)).await;
+            match ctl.recv().await {
+                Some(Ctl::Tell(text)) => {
+                    let text = format!("breakglass: {text}");
+                    let _ = recorder
+                        .send(RecMsg::Marker {
+                            ch: Some(0),
+                            label: text.clone(),
+                            at: Instant::now(),
+                        })
+                        .await;
+                    let _ = wire::send(&mut *client_w.lock().await, &wire::notice("01000", &text))
+                        .await;
                 }
-                _ = tokio::time::sleep_until(deadline_at) => {
-                    let msg = format!("terminating connection: the break-glass deadline was reached at {}", clock::rfc3339(deadline));
-                    return fatal_end(&mut *client_w.lock().await, "deadline", &msg).await;
+                Some(Ctl::End(reason)) => {
+                    fatal_end(&mut *client_w.lock().await, &reason).await;
+                    return reason;
                 }
-                _ = revocation_check.tick() => {
-                    if let Ok(revs) = gw.store.revocations(std::slice::from_ref(&grant.id)).await {
-                        if let Some((_, at)) = revs.first() {
-                            let msg = format!("terminating connection: your break-glass grant was revoked at {}", clock::rfc3339(*at));
-                            return fatal_end(&mut *client_w.lock().await, "revoked", &msg).await;
-                        }
-                    }
-                    if recorder.failure.token.is_cancelled() {
-                        let why = recorder.failure.reason().unwrap_or_default();
-                        let msg = format!("the recording failed ({why}); break-glass sessions never continue unrecorded");
-                        return fatal_end(&mut *client_w.lock().await, "recording_failed", &msg).await;
-                    }
-                }
-                _ = gw.shutdown.token.cancelled() => {
-                    return fatal_end(&mut *client_w.lock().await, "gateway_shutdown", "terminating connection: the gateway is shutting down").await;
-                }
+                // The core is gone: end with what it decided.
+                None => return live.reason().unwrap_or(EndReason::Shutdown),
             }
         }
     };
@@ -1101,11 +990,8 @@ async fn relay(
     }
 }
 
-async fn fatal_end<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    code: &'static str,
-    msg: &str,
-) -> (&'static str, String) {
-    let _ = wire::send(w, &wire::error("FATAL", "57P01", msg)).await;
-    (code, msg.to_string())
+/// Tells the client why the gateway ends its session (SQLSTATE 57P01, admin shutdown).
+async fn fatal_end<W: AsyncWrite + Unpin>(w: &mut W, reason: &EndReason) {
+    let msg = format!("terminating connection: {}", reason.why());
+    let _ = wire::send(w, &wire::error("FATAL", "57P01", &msg)).await;
 }

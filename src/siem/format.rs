@@ -8,27 +8,9 @@ use super::{AccessEvent, Action};
 /// OCSF schema version the events declare.
 pub const OCSF_VERSION: &str = "1.3.0";
 
-/// How a sink encodes events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// `BREAK_GLASS_ACCESS` / `BREAK_GLASS_ACTION` JSON (recordings-schema/siem-event).
-    Seed,
-    /// OCSF 1.3 JSON (recordings-schema/ocsf-event).
-    Ocsf,
-    /// ArcSight CEF:0 text.
-    Cef,
-}
+pub use crate::config::siem::Format;
 
 impl Format {
-    pub fn parse(s: &str) -> Option<Format> {
-        match s {
-            "seed" | "json" => Some(Format::Seed),
-            "ocsf" => Some(Format::Ocsf),
-            "cef" => Some(Format::Cef),
-            _ => None,
-        }
-    }
-
     /// The event as one line of text (no newline).
     pub fn line(self, e: &AccessEvent) -> String {
         match self {
@@ -152,7 +134,7 @@ pub fn ocsf(e: &AccessEvent) -> Value {
         .message
         .clone()
         .or_else(|| e.command.clone())
-        .unwrap_or_else(|| crate::alerts::summary(e));
+        .unwrap_or_else(|| super::summary(e));
     o.insert("message".into(), json!(message));
     let mut metadata = json!({
         "version": OCSF_VERSION,

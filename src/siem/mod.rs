@@ -366,40 +366,7 @@ pub trait EventSink: Send + Sync {
     async fn emit(&self, event: &AccessEvent) -> Result<(), SiemError>;
 }
 
-/// SIEM settings from the config file.
-#[derive(Debug, Clone)]
-pub struct SiemSettings {
-    /// The spool database.
-    pub spool: PathBuf,
-    /// Undelivered events at which opening events (session start, request) are refused.
-    pub spool_max_events: u64,
-    /// When set, new sessions are refused while any sink has more undelivered events.
-    pub fail_closed_backlog: Option<u64>,
-    /// Every sink, the default JSONL file (`file`) first.
-    pub sinks: Vec<SinkConfig>,
-}
-
-impl SiemSettings {
-    /// Just the JSONL file at `path` (seed format, no action events).
-    pub fn file_only(path: &Path, spool: &Path) -> SiemSettings {
-        SiemSettings {
-            spool: spool.to_path_buf(),
-            spool_max_events: 1_000_000,
-            fail_closed_backlog: None,
-            sinks: vec![SinkConfig {
-                name: "file".into(),
-                format: Format::Seed,
-                actions: false,
-                batch: 1000,
-                timeout: std::time::Duration::from_secs(10),
-                kind: SinkKind::File {
-                    path: path.to_path_buf(),
-                    rotate_bytes: u64::MAX,
-                },
-            }],
-        }
-    }
-}
+pub use crate::config::siem::SiemSettings;
 
 /// Events that start something new; a full spool or an over-limit backlog refuses them.
 fn opening(a: Action) -> bool {
@@ -500,9 +467,95 @@ pub struct Siem {
     /// Present when some sink takes action events.
     actions: Option<ActionQueue>,
     /// Set once by the gateway: custodians hear of dead-lettered events.
-    alerter: Arc<std::sync::OnceLock<crate::alerts::Alerter>>,
+    alerter: Arc<std::sync::OnceLock<DeadLetterHook>>,
     /// Restarts of each sink's worker (panics and errors), for `/metrics`.
     restarts: Vec<(String, Arc<std::sync::atomic::AtomicU64>)>,
+}
+
+/// Called for every event a sink refused for good: (sink, event, why, dead-letter file).
+pub type DeadLetterHook = Arc<dyn Fn(&str, &AccessEvent, &str, &std::path::Path) + Send + Sync>;
+
+/// One line a human reads in a chat channel. The event's text came from people (a reason, an
+/// incident id), so its control characters are shown as escapes (`text::terminal`); the Slack
+/// body escapes markup on top (`alerts::slack_body`).
+pub fn summary(e: &AccessEvent) -> String {
+    crate::text::terminal(&summary_raw(e)).into_owned()
+}
+
+fn summary_raw(e: &AccessEvent) -> String {
+    let who = e.person.as_deref().unwrap_or(&e.actor);
+    let target = e.target.as_deref().unwrap_or("?");
+    let incident = e.incident_id.as_deref().unwrap_or("-");
+    let why = e.justification.as_deref().unwrap_or("");
+    match e.action {
+        Action::RequestCreated => format!(
+            "[breakglass] {who} requests break-glass access to {target} ({incident}, {}, {}): {why}. Request {}",
+            e.severity.as_deref().unwrap_or("-"),
+            e.scenario.as_deref().unwrap_or("-"),
+            e.request_id.as_deref().unwrap_or("?")
+        ),
+        Action::RequestApproved => format!(
+            "[breakglass] {} approved {who}'s request for {target} ({incident})",
+            e.actor
+        ),
+        Action::RequestDenied => format!(
+            "[breakglass] {} denied {who}'s request for {target} ({incident}): {}",
+            e.actor,
+            e.reason.as_deref().unwrap_or("")
+        ),
+        Action::SessionStart => format!(
+            "[breakglass] {who} started a break-glass session on {target} ({incident}) until {}",
+            e.deadline.as_deref().unwrap_or("?")
+        ),
+        Action::SessionRevoked | Action::GrantRevoked => format!(
+            "[breakglass] {}: {who}'s access to {target} ({incident}) was revoked",
+            e.actor
+        ),
+        Action::GrantCreated if e.emergency == Some(true) => format!(
+            "[breakglass] EMERGENCY SELF-SERVICE: {who} granted themselves access to {target} ({incident}) without a second person: {why}. Mandatory review."
+        ),
+        Action::ReviewOverdue => format!(
+            "[breakglass] OVERDUE: the post-incident review {} of {who}'s access to {target} ({incident}) was due at {}",
+            e.review_id.as_deref().unwrap_or("?"),
+            e.due_at.as_deref().unwrap_or("?")
+        ),
+        Action::CredentialRotated => format!(
+            "[breakglass] credential rotation for {target}: {}",
+            e.message.as_deref().unwrap_or(&e.outcome)
+        ),
+        Action::SigningKeyRotated => format!(
+            "[breakglass] {} rotated the manifest signing key: {} is certified by {}",
+            e.actor,
+            e.signing_key_id.as_deref().unwrap_or("?"),
+            e.previous_signing_key_id.as_deref().unwrap_or("?")
+        ),
+        Action::EvidenceRefused => format!(
+            "[breakglass] evidence refused for {who} on {target}: {}",
+            e.message.as_deref().unwrap_or("?")
+        ),
+        // Not alertable (see `alertable`), but a webhook test or a future rule may send them.
+        Action::GrantCreated
+        | Action::SessionEnd
+        | Action::SessionDenied
+        | Action::SessionExpired
+        | Action::ForwardingRefused
+        | Action::RequestExpired
+        | Action::ReviewOpened
+        | Action::ReviewSigned
+        | Action::CredentialIssued
+        | Action::RecordingCheckpoint
+        | Action::Command
+        | Action::Statement
+        | Action::SiemTest
+        | Action::RecordingViewed
+        | Action::RecordingExported
+        | Action::MetadataExported
+        | Action::WebLogin
+        | Action::ActionsDropped
+        | Action::RecordingSearched => {
+            format!("[breakglass] {} {who} {target} ({incident})", e.action.as_str())
+        }
+    }
 }
 
 impl Siem {
@@ -570,7 +623,7 @@ impl Siem {
     }
 
     /// Lets dead-lettered events alert custodians (the alerter starts after the SIEM).
-    pub fn set_alerter(&self, alerter: crate::alerts::Alerter) {
+    pub fn on_dead_letter(&self, alerter: DeadLetterHook) {
         // Set once at start-up; a second call changes nothing.
         let _ = self.alerter.set(alerter);
     }
@@ -1031,7 +1084,7 @@ mod tests {
             batch: 10,
             timeout: std::time::Duration::from_secs(1),
             kind: SinkKind::Webhook {
-                url: crate::alerts::Url::parse("http://127.0.0.1:9/").expect("url"),
+                url: crate::outbound::Url::parse("http://127.0.0.1:9/").expect("url"),
                 bearer: None,
                 hmac_secret: None,
                 ca_file: None,

@@ -12,95 +12,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use super::format::{syslog5424, Format};
 use super::spool::{Spool, Spooled};
 use super::AccessEvent;
-use crate::alerts::Url;
+pub use crate::config::siem::{SinkConfig, SinkKind, Transport};
 use crate::outbound::classify;
 pub use crate::outbound::Failure;
-
-/// How a syslog sink reaches its collector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    /// RFC 6587 octet counting over TCP.
-    Tcp,
-    /// RFC 5425: octet counting over TLS.
-    Tls,
-    /// RFC 5426: one message per datagram (no delivery guarantee; for legacy collectors).
-    Udp,
-}
-
-/// Where a sink sends events.
-#[derive(Debug, Clone)]
-pub enum SinkKind {
-    File {
-        path: PathBuf,
-        /// Rotate (rename with a UTC timestamp suffix) when the file would pass this size.
-        rotate_bytes: u64,
-    },
-    Syslog {
-        address: String,
-        transport: Transport,
-        /// TLS: the CA (PEM) that signs the collector's certificate; the system's web roots
-        /// when absent.
-        ca_file: Option<PathBuf>,
-        /// TLS: the name to verify (default: the host part of `address`).
-        server_name: Option<String>,
-        app_name: String,
-    },
-    SplunkHec {
-        url: Url,
-        token: String,
-        /// Wait for indexer acknowledgement before counting a batch delivered.
-        ack: bool,
-        index: Option<String>,
-        ca_file: Option<PathBuf>,
-    },
-    Webhook {
-        url: Url,
-        bearer: Option<String>,
-        hmac_secret: Option<String>,
-        ca_file: Option<PathBuf>,
-    },
-}
-
-/// One configured sink.
-#[derive(Debug, Clone)]
-pub struct SinkConfig {
-    pub name: String,
-    pub format: Format,
-    /// Also send per-action events (commands, SQL statements).
-    pub actions: bool,
-    /// Events per delivery.
-    pub batch: usize,
-    /// Per-attempt time limit.
-    pub timeout: Duration,
-    pub kind: SinkKind,
-}
-
-impl SinkConfig {
-    /// Files are local and fast: delivered inline by `emit` as well as by the worker.
-    pub fn is_local(&self) -> bool {
-        matches!(self.kind, SinkKind::File { .. })
-    }
-
-    pub fn kind_name(&self) -> &'static str {
-        match self.kind {
-            SinkKind::File { .. } => "file",
-            SinkKind::Syslog {
-                transport: Transport::Tcp,
-                ..
-            } => "syslog-tcp",
-            SinkKind::Syslog {
-                transport: Transport::Tls,
-                ..
-            } => "syslog-tls",
-            SinkKind::Syslog {
-                transport: Transport::Udp,
-                ..
-            } => "syslog-udp",
-            SinkKind::SplunkHec { .. } => "splunk-hec",
-            SinkKind::Webhook { .. } => "webhook",
-        }
-    }
-}
+use crate::outbound::Url;
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -504,7 +419,7 @@ pub fn sign(secret: &str, timestamp: &str, body: &[u8]) -> String {
 fn tls_config(
     ca: Option<&std::path::Path>,
 ) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, String> {
-    crate::alerts::client_tls(ca, ca.is_some())
+    crate::outbound::client_tls(ca, ca.is_some())
 }
 
 /// What a sink worker shares with the rest of the pipeline; cloned for every restart.
@@ -518,7 +433,7 @@ pub struct WorkerContext {
     /// Where refused events are kept (JSONL, one object per event).
     pub dead_letters: PathBuf,
     /// Custodians hear of every dead-lettered event once the gateway has set an alerter.
-    pub alerter: Arc<std::sync::OnceLock<crate::alerts::Alerter>>,
+    pub alerter: Arc<std::sync::OnceLock<super::DeadLetterHook>>,
     pub stop: tokio_util::sync::CancellationToken,
 }
 
@@ -716,7 +631,7 @@ async fn dead_letter(
     for s in events {
         tracing::error!(sink, event_id = %s.event.event_id, status, reason = %why, file = %ctx.dead_letters.display(), "SIEM event refused for good; dead-lettered");
         if let Some(a) = ctx.alerter.get() {
-            a.notify_dead_letter(sink, &s.event, why, &ctx.dead_letters);
+            a(sink, &s.event, why, &ctx.dead_letters);
         }
     }
     Ok(())

@@ -17,16 +17,15 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::session::{self, ChanState, EndReason, LiveSession};
+use super::session::{ChanState, LiveSession, SshIo};
 use super::upstream;
 use crate::clock;
 use crate::grant::{self, Denial};
 use crate::keys::fingerprint;
-use crate::record::{ChannelKind, PtyInfo, RecMsg, Recorder, SessionInfo, Stream};
+use crate::record::{ChannelKind, PtyInfo, RecMsg, Stream};
 use crate::server::Gateway;
+use crate::session::SessionIo;
 use crate::siem::{AccessEvent, Action};
-use crate::state::SessionRow;
-use crate::storage::key;
 
 /// A handler error; it ends this connection only.
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +173,7 @@ pub async fn run_connection(
     }
     let live = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(s) = live {
-        session::finish(&gw, &s).await;
+        crate::session::finish(&gw.core, &s.core).await;
     }
 }
 
@@ -237,12 +236,8 @@ impl Handler {
         let grant_id = found.as_ref().map(|g| g.id.clone());
         let grant =
             grant::admit(&person, &target.name, found, now).map_err(|d| (d, grant_id.clone()))?;
-        let deadline = grant::deadline(&grant, now, gw.config.limits.max_session_ttl);
-        let cause = if deadline == grant.expires_at {
-            "grant expiry"
-        } else {
-            "maximum session length"
-        };
+        let (deadline, cause) =
+            crate::session::deadline(&grant, now, gw.config.limits.max_session_ttl);
         let session_id = uuid::Uuid::new_v4().to_string();
         let Some(pinned) = gw.built.host_keys.get(&target.name) else {
             return Err((
@@ -271,115 +266,52 @@ impl Handler {
         )
         .await
         .map_err(|d| (d, grant_id.clone()))?;
-        let prefix = key::session_prefix(now, &session_id);
-        let info = SessionInfo {
+        let io = Arc::new(SshIo::new(client, up));
+        let opening = crate::session::Opening {
             session_id: session_id.clone(),
-            protocol: "ssh".into(),
+            protocol: "ssh",
             person: person.clone(),
             target: target.name.clone(),
             login: target.login.clone(),
-            grant_id: grant.id.clone(),
-            justification: grant.reason.clone(),
-            incident_id: grant.incident_id.clone(),
+            grant,
             client_addr: self.peer.to_string(),
-            started_at: clock::rfc3339(now),
-            deadline: clock::rfc3339(deadline),
+            now,
+            deadline: (deadline, cause),
+            settings: gw.recorder_settings(target.redact_no_echo),
+            actions: crate::session::Actions::Recorder,
+            message: format!(
+                "{person} started a break-glass session on {} as {}",
+                target.name, target.login
+            ),
         };
-        let recorder = match Recorder::open_with_actions(
-            gw.recordings.clone(),
-            prefix.clone(),
-            info.clone(),
-            crate::record::RecorderSettings {
-                flush_interval: gw.config.limits.flush_interval,
-                stall: gw.config.limits.recorder_stall_timeout,
-                grace: gw.config.limits.storage_grace,
-                spool_dir: gw.config.data_dir.join("spool"),
-                spool_mac: gw.spool_mac.get().cloned(),
-                signer: gw.signer.clone(),
-                redact_no_echo: target.redact_no_echo,
-                ledger: Some(gw.store.clone()),
-            },
-            gw.siem.action_hook(&info, grant.correlation_id()),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = up
-                    .disconnect(
-                        russh::Disconnect::ByApplication,
-                        "recording unavailable",
-                        "en",
-                    )
-                    .await;
-                return Err((
-                    Denial::RecordingUnavailable { why: e.to_string() },
-                    grant_id,
-                ));
+        let opened = match crate::session::open(&gw.core, opening, io.clone()).await {
+            Ok(o) => o,
+            Err(refusal) => {
+                io.cut_upstream().await;
+                let d = match refusal.code {
+                    "recording_unavailable" => Denial::RecordingUnavailable { why: refusal.why },
+                    _ => Denial::Internal { why: refusal.why },
+                };
+                return Err((d, grant_id));
             }
         };
-        let row = SessionRow {
-            id: session_id.clone(),
-            protocol: "ssh".into(),
-            person: person.clone(),
-            target: target.name.clone(),
-            grant_id: grant.id.clone(),
-            client_addr: self.peer.to_string(),
-            started_at: now,
-            deadline,
-            ended_at: None,
-            end_reason: None,
-            bytes_in: 0,
-            bytes_out: 0,
-            recording_prefix: prefix.clone(),
-        };
-        let live = Arc::new(LiveSession::new(
-            info,
-            grant,
-            now,
-            deadline,
-            cause,
-            prefix.clone(),
-            recorder,
-            client,
-            up,
-        ));
-        // From here on the session exists: failures end it through `finish`, which seals the
-        // recording and closes the index row.
+        let live = Arc::new(LiveSession {
+            core: opened.live,
+            io,
+        });
+        // From here on the connection's end runs `finish` for this session.
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(live.clone());
-        if let Err(e) = gw.store.insert_session(&row).await {
-            live.kill(EndReason::RecordingFailed(format!("session index: {e}")));
-            return Err((Denial::Internal { why: e.to_string() }, grant_id));
-        }
-        let mut ev = live.event(Action::SessionStart);
-        ev.message = Some(format!(
-            "{person} started a break-glass session on {} as {}",
-            target.name, target.login
-        ));
-        if let Err(e) = gw.audit(&ev).await {
-            // Invariant: no session starts unless its start event is durable.
-            live.kill(EndReason::RecordingFailed(format!(
-                "start event not written: {e}"
-            )));
-            return Err((
-                Denial::Internal {
-                    why: format!("audit event not written: {e}"),
-                },
-                grant_id,
-            ));
-        }
-        gw.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(session_id.clone(), live.clone());
-        tracing::info!(session_id = %session_id, person = %person, target = %target.name, deadline = %clock::rfc3339(deadline), "session started");
         if let Err(e) = crate::review::open_for(&gw, &live.grant).await {
             tracing::error!(session_id = %session_id, error = %e, "could not open the post-incident review");
         }
-        let sup_gw = gw.clone();
-        let sup = live.clone();
-        gw.shutdown.tracker.spawn(session::supervise(sup_gw, sup));
-        tokio::spawn(session::checkpoints(gw.clone(), live.clone()));
+        gw.shutdown.tracker.spawn(crate::session::supervise(
+            gw.core.clone(),
+            live.core.clone(),
+        ));
+        gw.shutdown.tracker.spawn(crate::session::checkpoints(
+            gw.core.clone(),
+            live.core.clone(),
+        ));
         self.session = Some(live);
         Ok(())
     }
@@ -588,7 +520,7 @@ async fn pump(
                     break;
                 }
                 s.bytes_out.fetch_add(n, Relaxed);
-                if s.client.data(client_id, data).await.is_err() {
+                if s.io.client.data(client_id, data).await.is_err() {
                     break;
                 }
             }
@@ -607,7 +539,12 @@ async fn pump(
                     break;
                 }
                 s.bytes_out.fetch_add(n, Relaxed);
-                if s.client.extended_data(client_id, ext, data).await.is_err() {
+                if s.io
+                    .client
+                    .extended_data(client_id, ext, data)
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -625,7 +562,10 @@ async fn pump(
                         signal: None,
                     })
                     .await;
-                let _ = s.client.exit_status_request(client_id, exit_status).await;
+                let _ =
+                    s.io.client
+                        .exit_status_request(client_id, exit_status)
+                        .await;
                 release_eof(&s, client_id, &mut eof_held).await;
             }
             ChannelMsg::ExitSignal {
@@ -642,16 +582,16 @@ async fn pump(
                         signal: Some(format!("{signal_name:?}")),
                     })
                     .await;
-                let _ = s
-                    .client
-                    .exit_signal_request(
-                        client_id,
-                        signal_name,
-                        core_dumped,
-                        error_message,
-                        lang_tag,
-                    )
-                    .await;
+                let _ =
+                    s.io.client
+                        .exit_signal_request(
+                            client_id,
+                            signal_name,
+                            core_dumped,
+                            error_message,
+                            lang_tag,
+                        )
+                        .await;
                 release_eof(&s, client_id, &mut eof_held).await;
             }
             ChannelMsg::Success | ChannelMsg::Failure => {
@@ -670,14 +610,14 @@ async fn pump(
     }
     release_eof(&s, client_id, &mut eof_held).await;
     if closed {
-        let _ = s.client.close(client_id).await;
+        let _ = s.io.client.close(client_id).await;
     }
 }
 
 /// Sends the target's held-back EOF to the client, once.
 async fn release_eof(s: &LiveSession, client_id: ChannelId, held: &mut bool) {
     if std::mem::take(held) {
-        let _ = s.client.eof(client_id).await;
+        let _ = s.io.client.eof(client_id).await;
     }
 }
 
@@ -831,7 +771,7 @@ impl server::Handler for Handler {
             reply.accept().await;
             return Ok(());
         }
-        let up = match s.upstream.channel_open_session().await {
+        let up = match s.io.upstream.channel_open_session().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(session_id = %s.id, error = %e, "upstream channel open failed");
@@ -843,7 +783,7 @@ impl server::Handler for Handler {
         let rec_ch = self.next_rec_ch;
         self.next_rec_ch += 1;
         let pending: Pending = Arc::new(Mutex::new(VecDeque::new()));
-        s.channels
+        s.io.channels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, ChanState { rec_ch, pty: false });
@@ -989,11 +929,11 @@ impl server::Handler for Handler {
                     rows,
                 });
                 if let Some(s) = &self.session {
-                    if let Some(st) = s
-                        .channels
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_mut(&channel)
+                    if let Some(st) =
+                        s.io.channels
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_mut(&channel)
                     {
                         st.pty = true;
                     }
@@ -1213,11 +1153,11 @@ impl server::Handler for Handler {
             let _ = c.up.close().await;
             if let Some(s) = &self.session {
                 let _ = s.recorder.send(RecMsg::Close { ch: c.rec_ch }).await;
-                s.channels
+                s.io.channels
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&channel);
-                s.channel_closed.notify_waiters();
+                s.io.channel_closed.notify_waiters();
             }
         }
         Ok(())

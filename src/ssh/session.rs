@@ -1,72 +1,25 @@
-//! A live SSH session: its one deadline, warnings, revocation, termination and sealing.
+//! A live SSH session: the session core's [`Live`] plus what only SSH has (the client and
+//! upstream connection handles and the channel map), and crash recovery and sealing of
+//! sessions left behind.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use async_trait::async_trait;
 use russh::server;
 use russh::ChannelId;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::upstream::UpstreamHandle;
 use crate::clock;
-use crate::record::{RecMsg, Recorder, SessionEndInfo, SessionInfo};
+use crate::record::{RecMsg, SessionEndInfo, SessionInfo};
 use crate::server::Gateway;
+use crate::session::{Live, SessionIo};
 use crate::siem::{AccessEvent, Action};
-use crate::state::{Grant, SessionEnd};
+use crate::state::SessionEnd;
 
-/// Why a session ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EndReason {
-    /// The client closed the connection.
-    ClientClosed,
-    /// The deadline was reached; `cause` says which limit set it.
-    Deadline {
-        at: DateTime<Utc>,
-        cause: &'static str,
-    },
-    /// The grant was revoked.
-    Revoked { at: DateTime<Utc> },
-    /// The recording could not keep up or the store failed (fail closed).
-    RecordingFailed(String),
-    /// The gateway is shutting down.
-    Shutdown,
-}
-
-impl EndReason {
-    /// Machine-readable code for the index and SIEM.
-    pub fn code(&self) -> &'static str {
-        match self {
-            EndReason::ClientClosed => "client_closed",
-            EndReason::Deadline { .. } => "deadline",
-            EndReason::Revoked { .. } => "revoked",
-            EndReason::RecordingFailed(_) => "recording_failed",
-            EndReason::Shutdown => "gateway_shutdown",
-        }
-    }
-
-    /// The sentence shown to the user.
-    pub fn message(&self) -> String {
-        match self {
-            EndReason::ClientClosed => "session closed by the client".into(),
-            EndReason::Deadline { at, cause } => format!(
-                "session ended: the break-glass deadline was reached at {} ({cause})",
-                clock::rfc3339(*at)
-            ),
-            EndReason::Revoked { at } => format!(
-                "session ended: your break-glass grant was revoked at {}",
-                clock::rfc3339(*at)
-            ),
-            EndReason::RecordingFailed(why) => format!(
-                "session ended: the recording failed ({why}); break-glass sessions never continue unrecorded"
-            ),
-            EndReason::Shutdown => "session ended: the gateway is shutting down".into(),
-        }
-    }
-}
+pub use crate::session::EndReason;
 
 /// A client channel as the session sees it.
 #[derive(Debug, Clone)]
@@ -76,113 +29,38 @@ pub struct ChanState {
     pub pty: bool,
 }
 
-/// One live session, shared by the connection handler, its channel pumps and the
-/// supervisor.
+/// One live SSH session, shared by the connection handler and its channel pumps; the
+/// supervisor sees only its [`Live`] core and its [`SshIo`].
 pub struct LiveSession {
-    pub id: String,
-    pub info: SessionInfo,
-    pub grant: Grant,
-    pub started_at: DateTime<Utc>,
-    pub started: Instant,
-    /// The one absolute deadline, fixed at start.
-    pub deadline: DateTime<Utc>,
-    pub deadline_cause: &'static str,
-    pub prefix: String,
-    pub recorder: Recorder,
+    pub core: Arc<Live>,
+    pub io: Arc<SshIo>,
+}
+
+impl std::ops::Deref for LiveSession {
+    type Target = Live;
+    fn deref(&self) -> &Live {
+        &self.core
+    }
+}
+
+/// The SSH side of a session: the client's and the target's connections and the channels.
+pub struct SshIo {
     /// Writes to the client outside the request/response cycle.
     pub client: server::Handle,
     pub upstream: UpstreamHandle,
     pub channels: Mutex<HashMap<ChannelId, ChanState>>,
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
     /// Notified whenever the client closes a channel.
     pub channel_closed: tokio::sync::Notify,
-    kill: CancellationToken,
-    reason: Mutex<Option<EndReason>>,
-    finished: AtomicBool,
 }
 
-impl LiveSession {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        info: SessionInfo,
-        grant: Grant,
-        started_at: DateTime<Utc>,
-        deadline: DateTime<Utc>,
-        deadline_cause: &'static str,
-        prefix: String,
-        recorder: Recorder,
-        client: server::Handle,
-        upstream: UpstreamHandle,
-    ) -> LiveSession {
-        LiveSession {
-            id: info.session_id.clone(),
-            info,
-            grant,
-            started_at,
-            started: Instant::now(),
-            deadline,
-            deadline_cause,
-            prefix,
-            recorder,
+impl SshIo {
+    pub fn new(client: server::Handle, upstream: UpstreamHandle) -> SshIo {
+        SshIo {
             client,
             upstream,
             channels: Mutex::new(HashMap::new()),
-            bytes_in: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
             channel_closed: tokio::sync::Notify::new(),
-            kill: CancellationToken::new(),
-            reason: Mutex::new(None),
-            finished: AtomicBool::new(false),
         }
-    }
-
-    /// Ends the session for `reason` (the first reason wins).
-    pub fn kill(&self, reason: EndReason) {
-        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
-        if r.is_none() {
-            *r = Some(reason);
-        }
-        self.kill.cancel();
-    }
-
-    /// An audit event about this session, with its identity, grant and recording filled in.
-    pub fn event(&self, action: Action) -> AccessEvent {
-        let mut e = AccessEvent::new(action, &self.info.person);
-        e.person = Some(self.info.person.clone());
-        e.target = Some(self.info.target.clone());
-        e.session_id = Some(self.id.clone());
-        e.grant_id = Some(self.grant.id.clone());
-        e.correlation_id = Some(self.grant.correlation_id().to_string());
-        e.justification = Some(self.grant.reason.clone());
-        e.incident_id = Some(self.grant.incident_id.clone());
-        e.client_addr = Some(self.info.client_addr.clone());
-        e.deadline = Some(clock::rfc3339(self.deadline));
-        e.recording = Some(self.prefix.clone());
-        e
-    }
-
-    /// Whether the session is ending.
-    pub fn is_killed(&self) -> bool {
-        self.kill.is_cancelled()
-    }
-
-    /// Why the session is ending, as the user should read it.
-    pub fn end_message(&self) -> Option<String> {
-        self.reason().map(|r| r.message())
-    }
-
-    fn reason(&self) -> Option<EndReason> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// The tokio instant of a wall-clock time, relative to the session start.
-    fn instant_of(&self, t: DateTime<Utc>) -> Instant {
-        let d = (t - self.started_at).to_std().unwrap_or(Duration::ZERO);
-        self.started + d
     }
 
     fn channel_list(&self) -> Vec<(ChannelId, ChanState)> {
@@ -193,14 +71,17 @@ impl LiveSession {
             .map(|(k, v)| (*k, v.clone()))
             .collect()
     }
+}
 
+#[async_trait]
+impl SessionIo for SshIo {
     /// Shows a line to the user on every channel (pty: inline; otherwise stderr) and records
     /// it as a marker.
-    async fn tell(&self, text: &str) {
+    async fn tell(&self, s: &Live, text: &str) {
         let line = format!("\r\n*** breakglass: {text} ***\r\n");
         let now = Instant::now();
-        let _ = self
-            .recorder
+        let r = &s.recorder;
+        let _ = r
             .send(RecMsg::Marker {
                 ch: None,
                 label: text.to_string(),
@@ -209,8 +90,7 @@ impl LiveSession {
             .await;
         for (id, st) in self.channel_list() {
             if st.pty {
-                let _ = self
-                    .recorder
+                let _ = r
                     .send(RecMsg::Data {
                         ch: st.rec_ch,
                         stream: crate::record::Stream::Out,
@@ -218,8 +98,7 @@ impl LiveSession {
                         at: now,
                     })
                     .await;
-                let _ = self
-                    .recorder
+                let _ = r
                     .send(RecMsg::Marker {
                         ch: Some(st.rec_ch),
                         label: text.to_string(),
@@ -235,211 +114,45 @@ impl LiveSession {
             }
         }
     }
-}
 
-/// Sends the recording's chain head to the SIEM every `checkpoint_interval` while the session
-/// lives, so truncation is detectable even by someone who controls the store.
-pub async fn checkpoints(gw: Arc<Gateway>, s: Arc<LiveSession>) {
-    let every = gw.config.limits.checkpoint_interval;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = s.kill.cancelled() => return,
-        }
-        let (head, objects) = s.recorder.checkpoint();
-        let mut e = s.event(Action::RecordingCheckpoint);
-        e.chain_head = Some(head);
-        e.objects = Some(objects as u64);
-        e.message = Some(format!("recording checkpoint: {objects} objects stored"));
-        if let Err(err) = gw.audit(&e).await {
-            tracing::error!(session_id = %s.id, error = %err, "could not write checkpoint event");
-        }
+    async fn cut_upstream(&self) {
+        let _ = self
+            .upstream
+            .disconnect(
+                russh::Disconnect::ByApplication,
+                "breakglass session ended",
+                "en",
+            )
+            .await;
     }
-}
 
-/// Watches one session's deadline, warnings and failure signals, and cuts it off.
-pub async fn supervise(gw: Arc<Gateway>, s: Arc<LiveSession>) {
-    let deadline_at = s.instant_of(s.deadline);
-    for w in gw.config.limits.warn_before.clone() {
-        let Some(when) = s
-            .deadline
-            .checked_sub_signed(chrono::Duration::from_std(w).unwrap_or_default())
-        else {
-            continue;
-        };
-        if when <= clock::now() {
-            continue;
+    async fn close_client(&self, s: &Live, reason: &EndReason) {
+        self.tell(s, &reason.message()).await;
+        for (id, _) in self.channel_list() {
+            let _ = self.client.exit_status_request(id, 255).await;
+            let _ = self.client.eof(id).await;
+            let _ = self.client.close(id).await;
         }
-        tokio::select! {
-            _ = tokio::time::sleep_until(s.instant_of(when)) => {
-                let text = format!(
-                    "this session ends in {} (at {}, {})",
-                    humantime::format_duration(w),
-                    clock::rfc3339(s.deadline),
-                    s.deadline_cause
-                );
-                s.tell(&text).await;
+        // OpenSSH drops output it has not written yet when a disconnect arrives, so give the
+        // client up to a second to close its channels (and print the reason) before
+        // disconnecting it. The target is already unreachable.
+        let grace = Instant::now() + Duration::from_secs(1);
+        while !self.channel_list().is_empty() {
+            if tokio::time::timeout_at(grace, self.channel_closed.notified())
+                .await
+                .is_err()
+            {
+                break;
             }
-            _ = s.kill.cancelled() => break,
-            _ = s.recorder.failure.token.cancelled() => break,
         }
-    }
-    tokio::select! {
-        _ = tokio::time::sleep_until(deadline_at) => {
-            s.kill(EndReason::Deadline { at: s.deadline, cause: s.deadline_cause });
-        }
-        _ = s.kill.cancelled() => {}
-        _ = s.recorder.failure.token.cancelled() => {
-            let why = s.recorder.failure.reason().unwrap_or_else(|| "recorder failed".into());
-            s.kill(EndReason::RecordingFailed(why));
-        }
-    }
-    let reason = s.reason().unwrap_or(EndReason::Shutdown);
-    tracing::info!(session_id = %s.id, reason = reason.code(), "ending session");
-    // Cut the target off first: from here nothing the client sends reaches it.
-    let _ = s
-        .upstream
-        .disconnect(
-            russh::Disconnect::ByApplication,
-            "breakglass session ended",
-            "en",
-        )
-        .await;
-    if matches!(reason, EndReason::ClientClosed) {
-        return;
-    }
-    s.tell(&reason.message()).await;
-    for (id, _) in s.channel_list() {
-        let _ = s.client.exit_status_request(id, 255).await;
-        let _ = s.client.eof(id).await;
-        let _ = s.client.close(id).await;
-    }
-    // OpenSSH drops output it has not written yet when a disconnect arrives, so give the
-    // client up to a second to close its channels (and print the reason) before
-    // disconnecting it. The target is already unreachable.
-    let grace = Instant::now() + Duration::from_secs(1);
-    while !s.channel_list().is_empty() {
-        if tokio::time::timeout_at(grace, s.channel_closed.notified())
-            .await
-            .is_err()
-        {
-            break;
-        }
-    }
-    let _ = s
-        .client
-        .disconnect(
-            russh::Disconnect::ByApplication,
-            reason.message(),
-            "en".into(),
-        )
-        .await;
-}
-
-/// Seals the recording, closes the index row and emits the end events. Runs once, after the
-/// client connection has ended.
-pub async fn finish(gw: &Gateway, s: &Arc<LiveSession>) {
-    if s.finished.swap(true, Ordering::SeqCst) {
-        return;
-    }
-    if !s.is_killed() {
-        s.kill(EndReason::ClientClosed);
-    }
-    let reason = s.reason().unwrap_or(EndReason::ClientClosed);
-    let ended_at = clock::now();
-    let bytes_in = s.bytes_in.load(Ordering::Relaxed);
-    let bytes_out = s.bytes_out.load(Ordering::Relaxed);
-    let end = SessionEndInfo {
-        ended_at: clock::rfc3339(ended_at),
-        end_reason: reason.code().into(),
-        end_message: reason.message(),
-        bytes_in,
-        bytes_out,
-    };
-    let sealed = s.recorder.finish(end).await;
-    if let Err(e) = &sealed {
-        tracing::error!(session_id = %s.id, error = %e, "could not seal recording");
-    }
-    if let Err(e) = gw
-        .store
-        .finish_session(
-            &s.id,
-            &SessionEnd {
-                ended_at,
-                end_reason: reason.code().into(),
-                bytes_in,
-                bytes_out,
-            },
-        )
-        .await
-    {
-        tracing::error!(session_id = %s.id, error = %e, "could not close session in the index");
-    }
-    let base = |action: Action| {
-        let mut e = s.event(action);
-        e.reason = Some(reason.code().into());
-        e.message = Some(reason.message());
-        e
-    };
-    let mut events = Vec::new();
-    // SIEM copies of commands that were lost go on the record before the end event.
-    events.extend(gw.siem.settle_actions(&s.id).await);
-    match &reason {
-        EndReason::Deadline { .. } => events.push(base(Action::SessionExpired)),
-        EndReason::Revoked { .. } => events.push(base(Action::SessionRevoked)),
-        EndReason::ClientClosed | EndReason::RecordingFailed(_) | EndReason::Shutdown => {}
-    }
-    let mut end_ev = base(Action::SessionEnd);
-    end_ev.bytes_in = Some(bytes_in);
-    end_ev.bytes_out = Some(bytes_out);
-    end_ev.duration_ms = Some((ended_at - s.started_at).num_milliseconds().max(0) as u64);
-    match &sealed {
-        Ok(meta) => end_ev.chain_head = Some(meta.chain_head.clone()),
-        Err(e) => {
-            end_ev.outcome = "failure".into();
-            end_ev.side = Some("internal".into());
-            end_ev.message = Some(format!("{}; recording not sealed: {e}", reason.message()));
-        }
-    }
-    if matches!(reason, EndReason::RecordingFailed(_)) {
-        end_ev.outcome = "failure".into();
-        end_ev.side = Some("internal".into());
-    }
-    events.push(end_ev);
-    for e in events {
-        if let Err(err) = gw.audit(&e).await {
-            tracing::error!(session_id = %s.id, error = %err, "could not write SIEM event");
-        }
-    }
-    gw.live
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&s.id);
-}
-
-/// Polls the state store for revoked grants of live sessions and ends those sessions.
-/// A poll every 250 ms keeps revocation well inside the one-second target, whichever process
-/// (this gateway, `breakglass grant revoke`, another gateway) did the revoking.
-pub async fn revocation_watcher(gw: Arc<Gateway>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        tick.tick().await;
-        let live = gw.live_sessions();
-        if live.is_empty() {
-            continue;
-        }
-        let ids: Vec<String> = live.iter().map(|s| s.grant.id.clone()).collect();
-        match gw.store.revocations(&ids).await {
-            Ok(revoked) => {
-                for (gid, at) in revoked {
-                    for s in live.iter().filter(|s| s.grant.id == gid && !s.is_killed()) {
-                        tracing::info!(session_id = %s.id, grant_id = %gid, "grant revoked, ending session");
-                        s.kill(EndReason::Revoked { at });
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "revocation check failed"),
-        }
+        let _ = self
+            .client
+            .disconnect(
+                russh::Disconnect::ByApplication,
+                reason.message(),
+                "en".into(),
+            )
+            .await;
     }
 }
 

@@ -33,54 +33,7 @@ pub enum StateError {
     TooNew { found: i64, known: i64 },
 }
 
-/// A time-boxed permission for one person to use one target.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Grant {
-    pub id: String,
-    pub person: String,
-    pub target: String,
-    /// Why the access is needed, as the requester wrote it.
-    pub reason: String,
-    pub incident_id: String,
-    /// Who created it (an operator on the host, or later an approval flow).
-    pub created_by: String,
-    pub created_at: DateTime<Utc>,
-    pub expires_at: DateTime<Utc>,
-    pub revoked_at: Option<DateTime<Utc>>,
-    pub revoked_by: Option<String>,
-    pub revoke_reason: Option<String>,
-    /// The request this grant answers (None for operator grants).
-    pub request_id: Option<String>,
-    /// Emergency self-service grants must be reviewed.
-    pub review_required: bool,
-}
-
-/// The state of a grant at a moment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GrantState {
-    Active,
-    Expired,
-    Revoked,
-}
-
-impl Grant {
-    /// Ties every event of this break-glass use together: the request id when there was a
-    /// request, else the grant id.
-    pub fn correlation_id(&self) -> &str {
-        self.request_id.as_deref().unwrap_or(&self.id)
-    }
-
-    /// The grant's state at `at`.
-    pub fn state_at(&self, at: DateTime<Utc>) -> GrantState {
-        if self.revoked_at.is_some() {
-            GrantState::Revoked
-        } else if at >= self.expires_at {
-            GrantState::Expired
-        } else {
-            GrantState::Active
-        }
-    }
-}
+pub use crate::grant::{Grant, GrantState};
 
 /// Where a request stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

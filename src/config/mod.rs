@@ -3,6 +3,10 @@
 //! `validate` does no I/O and yields a type that can only hold a valid config; files (key
 //! files, the data dir) are touched only by [`Config::build`] and the health checks.
 
+pub mod alerts;
+pub mod siem;
+
+pub use alerts::{Webhook, WebhookFormat};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -340,11 +344,11 @@ pub struct Config {
     /// JSONL file the SIEM events are appended to.
     pub siem_file: PathBuf,
     /// The spool and every SIEM sink (the default file is the sink named `file`).
-    pub siem: crate::siem::SiemSettings,
+    pub siem: siem::SiemSettings,
     /// Session and grant limits.
     pub limits: Limits,
     /// Where alerts go.
-    pub webhooks: Vec<crate::alerts::Webhook>,
+    pub webhooks: Vec<Webhook>,
     /// Extra CA (PEM) trusted for https webhooks.
     pub alerts_ca_file: Option<PathBuf>,
     /// Post-incident review rules.
@@ -773,8 +777,8 @@ fn siem_settings(
     raw: RawSiem,
     file: &Path,
     data_dir: &Path,
-) -> Result<crate::siem::SiemSettings, ConfigError> {
-    use crate::siem::{Format, SinkConfig, SinkKind, Transport};
+) -> Result<siem::SiemSettings, ConfigError> {
+    use siem::{Format, SinkConfig, SinkKind, Transport};
     let format = |key: &str, v: Option<String>| -> Result<Format, ConfigError> {
         let v = v.unwrap_or_else(|| "seed".into());
         Format::parse(&v).ok_or_else(|| {
@@ -796,7 +800,7 @@ fn siem_settings(
             }
         }
     };
-    let mut settings = crate::siem::SiemSettings::file_only(
+    let mut settings = siem::SiemSettings::file_only(
         file,
         &raw.spool
             .map(|p| expand_home(&p))
@@ -836,8 +840,8 @@ fn siem_settings(
             v.filter(|v| !v.is_empty())
                 .ok_or_else(|| invalid(k(f), format!("required for kind = \"{}\"", r.kind)))
         };
-        let url = |v: Option<String>| -> Result<crate::alerts::Url, ConfigError> {
-            crate::alerts::Url::parse(&need("url", v)?).map_err(|e| invalid(k("url"), e))
+        let url = |v: Option<String>| -> Result<crate::outbound::Url, ConfigError> {
+            crate::outbound::Url::parse(&need("url", v)?).map_err(|e| invalid(k("url"), e))
         };
         let ca_file = r.ca_file.map(|p| expand_home(&p));
         if let Some(p) = &ca_file {
@@ -1458,10 +1462,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     for (i, h) in raw.alerts.webhooks.into_iter().enumerate() {
         let key = format!("alerts.webhooks[{i}]");
         let url =
-            crate::alerts::Url::parse(&h.url).map_err(|e| invalid(format!("{key}.url"), e))?;
+            crate::outbound::Url::parse(&h.url).map_err(|e| invalid(format!("{key}.url"), e))?;
         let format = match h.format.as_str() {
-            "json" => crate::alerts::Format::Json,
-            "slack" => crate::alerts::Format::Slack,
+            "json" => WebhookFormat::Json,
+            "slack" => WebhookFormat::Slack,
             other => {
                 return Err(invalid(
                     format!("{key}.format"),
@@ -1487,7 +1491,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             },
             None => None,
         };
-        webhooks.push(crate::alerts::Webhook {
+        webhooks.push(Webhook {
             url,
             format,
             header,
