@@ -15,17 +15,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use crate::clock;
 use crate::control::{self, Caller, Parsed};
 use crate::server::Gateway;
 use crate::state::{GrantState, RequestStatus};
 
-/// The stored form of an API token: its SHA-256, hex.
-pub fn token_hash(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
+pub use crate::control::token_hash;
 
 /// The cookie that carries a web UI session (a token like the API's, set by the login link).
 pub const SESSION_COOKIE: &str = "bg_session";

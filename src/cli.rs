@@ -665,6 +665,7 @@ async fn check_config(file: &Path, offline: bool) -> Result<ExitCode> {
     check(
         "files named by the config".into(),
         cfg.build()
+            .and_then(|b| breakglass::server::pg_client_tls(&b).map(|_| b))
             .map(|b| {
                 warnings.extend(b.warnings);
                 String::new()
@@ -1560,7 +1561,7 @@ async fn replay(
     let (ch, data) = loaded.pick(channel)?;
     if export::is_postgres(data) {
         // A PostgreSQL session replays as its statement timeline.
-        for line in export::to_sql_jsonl(ch, data, &id)?.lines() {
+        for line in breakglass::pg::log::sql_jsonl(ch, data, &id)?.lines() {
             let e: serde_json::Value = serde_json::from_str(line)?;
             let t = e["time"].as_f64().unwrap_or(0.0);
             let what = match e["event"].as_str().unwrap_or("") {
@@ -1603,7 +1604,7 @@ async fn export_cmd(
     let (ch, data) = loaded.pick(channel)?;
     // PostgreSQL sessions export as their SQL timeline (JSONL); terminals as asciicast v2.
     let cast = if export::is_postgres(data) {
-        export::to_sql_jsonl(ch, data, &id)?
+        breakglass::pg::log::sql_jsonl(ch, data, &id)?
     } else {
         export::to_asciicast(ch, data)?
     };

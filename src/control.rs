@@ -24,6 +24,12 @@ use crate::server::Gateway;
 use crate::siem::{AccessEvent, Action};
 use crate::state::{Approval, Grant, GrantState, NewRequest, Request, RequestStatus, StateError};
 
+/// The stored form of an API token or login link: its SHA-256, hex.
+pub fn token_hash(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
 /// What a command printed, its exit status, and (for the JSON API) what it produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
@@ -860,7 +866,7 @@ async fn token(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError>
     let now = clock::now();
     let until = now + chrono::Duration::from_std(API_TOKEN_TTL).unwrap_or_default();
     gw.store
-        .put_api_token(&crate::api::token_hash(&secret), caller.person, now, until)
+        .put_api_token(&token_hash(&secret), caller.person, now, until)
         .await?;
     Ok(ok(format!(
         "token: {secret}\nvalid until: {}\nuse: curl -H 'Authorization: Bearer {secret}' http://GATEWAY/api/v1/status\n",
@@ -870,7 +876,7 @@ async fn token(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError>
 
 /// Issues a single-use, short-lived link that logs the person in to the web UI.
 async fn login(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError> {
-    let Some(base) = crate::web::public_url(gw) else {
+    let Some(base) = gw.public_url() else {
         return Ok(fail(
             "the web UI is not enabled on this gateway (set listeners.http)",
         ));
@@ -879,7 +885,7 @@ async fn login(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError>
     let now = clock::now();
     let until = now + chrono::Duration::from_std(gw.config.web.login_link_ttl).unwrap_or_default();
     gw.store
-        .put_login_link(&crate::api::token_hash(&secret), caller.person, now, until)
+        .put_login_link(&token_hash(&secret), caller.person, now, until)
         .await?;
     let url = format!("{base}/login#{secret}");
     Ok(ok_with(
@@ -925,7 +931,17 @@ async fn review(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome
     };
     let findings = p.opts.get("findings").map(String::as_str).unwrap_or("");
     let root_cause = p.opts.get("root-cause").map(String::as_str).unwrap_or("");
-    match crate::review::sign(gw, caller.person, caller.roles, id, findings, root_cause).await {
+    match crate::review::sign(
+        &gw.core,
+        &gw.config.reviews,
+        caller.person,
+        caller.roles,
+        id,
+        findings,
+        root_cause,
+    )
+    .await
+    {
         Ok(r) => Ok(ok(format!(
             "review {} signed off by {}; stored as {}\n",
             r.id,

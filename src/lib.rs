@@ -51,6 +51,8 @@ pub mod credential;
 pub mod csv;
 pub mod grant;
 pub mod keys;
+#[cfg(test)]
+mod layering;
 pub mod outbound;
 pub mod pg;
 pub mod preauth;

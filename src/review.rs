@@ -9,7 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::clock;
-use crate::server::Gateway;
+use crate::config::ReviewRules;
+use crate::session::Core;
 use crate::siem::{AccessEvent, Action};
 use crate::state::{Grant, Review, StateError};
 use crate::storage::key;
@@ -28,10 +29,22 @@ fn event(action: Action, actor: &str, r: &Review) -> AccessEvent {
     e
 }
 
+/// Opens the review of a grant when a session first uses it (the session core's hook).
+pub struct OpenReviews(pub ReviewRules);
+
+#[async_trait::async_trait]
+impl crate::session::FirstUse for OpenReviews {
+    async fn first_use(&self, core: &Core, grant: &Grant) -> Result<(), String> {
+        open_for(core, &self.0, grant)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Opens the review of a grant at its first use (idempotent).
-pub async fn open_for(gw: &Gateway, grant: &Grant) -> Result<(), StateError> {
+pub async fn open_for(core: &Core, rules: &ReviewRules, grant: &Grant) -> Result<(), StateError> {
     let (scenario, approvers) = match &grant.request_id {
-        Some(rid) => match gw.store.find_request(rid).await {
+        Some(rid) => match core.store.find_request(rid).await {
             Ok(r) => (
                 r.scenario,
                 r.approvals.into_iter().map(|(a, _)| a).collect(),
@@ -41,8 +54,7 @@ pub async fn open_for(gw: &Gateway, grant: &Grant) -> Result<(), StateError> {
         None => ("other".to_string(), vec![grant.created_by.clone()]),
     };
     let now = clock::now();
-    let due = now
-        + chrono::Duration::from_std(gw.config.reviews.due_after(&scenario)).unwrap_or_default();
+    let due = now + chrono::Duration::from_std(rules.due_after(&scenario)).unwrap_or_default();
     let review = Review {
         id: format!("V-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
         correlation_id: grant.correlation_id().to_string(),
@@ -60,7 +72,7 @@ pub async fn open_for(gw: &Gateway, grant: &Grant) -> Result<(), StateError> {
         findings: None,
         root_cause: None,
     };
-    let (review, new) = gw.store.open_review(&review).await?;
+    let (review, new) = core.store.open_review(&review).await?;
     if new {
         let mut e = event(Action::ReviewOpened, "breakglass", &review);
         e.message = Some(format!(
@@ -70,7 +82,7 @@ pub async fn open_for(gw: &Gateway, grant: &Grant) -> Result<(), StateError> {
             review.target,
             clock::rfc3339(review.due_at)
         ));
-        if let Err(err) = gw.audit(&e).await {
+        if let Err(err) = core.audit(&e).await {
             tracing::error!(error = %err, "could not write review event");
         }
     }
@@ -95,7 +107,8 @@ pub enum SignError {
 /// Signs a review off: checks who may, records it once, writes it create-only to the
 /// recording store and emits the SIEM event.
 pub async fn sign(
-    gw: &Gateway,
+    core: &Core,
+    rules: &ReviewRules,
     person: &str,
     roles: &[String],
     id: &str,
@@ -108,8 +121,8 @@ pub async fn sign(
     if findings.trim().is_empty() || root_cause.trim().is_empty() {
         return Err(SignError::Incomplete);
     }
-    let r = gw.store.find_review(id).await?;
-    if !gw.config.reviews.reviewer_may_be_participant {
+    let r = core.store.find_review(id).await?;
+    if !rules.reviewer_may_be_participant {
         if r.person == person {
             return Err(SignError::Participant {
                 who: person.into(),
@@ -123,7 +136,7 @@ pub async fn sign(
             });
         }
     }
-    let signed = gw
+    let signed = core
         .store
         .sign_review(&r.id, person, findings, root_cause, clock::now())
         .await?;
@@ -145,7 +158,7 @@ pub async fn sign(
         "root_cause": signed.root_cause,
     });
     let body = serde_json::to_vec_pretty(&doc).map_err(|e| SignError::Store(e.to_string()))?;
-    gw.recordings
+    core.recordings
         .put_new(
             &key::review(&signed.correlation_id, &signed.id),
             Bytes::from(body),
@@ -156,18 +169,18 @@ pub async fn sign(
     e.findings = signed.findings.clone();
     e.root_cause = signed.root_cause.clone();
     e.message = Some(format!("{person} signed off review {}", signed.id));
-    gw.audit(&e)
+    core.audit(&e)
         .await
         .map_err(|err| SignError::Store(format!("SIEM: {err}")))?;
     Ok(signed)
 }
 
 /// Raises one alert per review that passes its deadline unsigned. Checks every second.
-pub async fn overdue_watcher(gw: Arc<Gateway>) {
+pub async fn overdue_watcher(core: Arc<Core>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        match gw.store.take_overdue_reviews(clock::now()).await {
+        match core.store.take_overdue_reviews(clock::now()).await {
             Ok(rows) => {
                 for r in rows {
                     let mut e = event(Action::ReviewOverdue, "breakglass", &r);
@@ -177,7 +190,7 @@ pub async fn overdue_watcher(gw: Arc<Gateway>) {
                         r.id,
                         clock::rfc3339(r.due_at)
                     ));
-                    if let Err(err) = gw.audit(&e).await {
+                    if let Err(err) = core.audit(&e).await {
                         tracing::error!(error = %err, "could not write overdue review event");
                     }
                 }

@@ -18,10 +18,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock;
-use crate::config::{KekSource, Protocol, TargetConfig, UpstreamAuth, UpstreamTls};
+use crate::config::{Protocol, TargetConfig, UpstreamAuth, UpstreamTls};
 use crate::server::Gateway;
 use crate::siem::{AccessEvent, Action};
-use crate::vault::{Kek, Secret};
+use crate::vault::Secret;
 
 /// A rotation failure.
 #[derive(Debug, thiserror::Error)]
@@ -36,13 +36,7 @@ pub enum RotateError {
     Target { target: String, why: String },
 }
 
-/// Loads the KEK the config names.
-pub fn kek(gw_kek: &KekSource) -> Result<Kek, crate::vault::VaultError> {
-    match gw_kek {
-        KekSource::File(p) => Kek::from_file(p, true),
-        KekSource::Env(v) => Kek::from_env(v),
-    }
-}
+pub use crate::vault::kek;
 
 fn pg_config(t: &TargetConfig, password: &str) -> Result<tokio_postgres::Config, RotateError> {
     let (host, port) = t
@@ -111,14 +105,10 @@ async fn pg_login(
         });
         return Ok(client);
     }
-    let tls = gw
-        .built
-        .pg_tls
-        .get(&t.name)
-        .ok_or_else(|| RotateError::Target {
-            target: t.name.clone(),
-            why: "the target's ca_file was not loaded when the gateway started".into(),
-        })?;
+    let tls = gw.pg_tls.get(&t.name).ok_or_else(|| RotateError::Target {
+        target: t.name.clone(),
+        why: "the target's ca_file was not loaded when the gateway started".into(),
+    })?;
     c.ssl_mode(tokio_postgres::config::SslMode::Require);
     let (client, conn) = c
         .connect(crate::pg::upstream::PostgresTls(tls.clone(), t.clone()))
@@ -186,26 +176,15 @@ pub async fn rotate_pg(gw: &Gateway, t: &TargetConfig) -> Result<(), RotateError
 }
 
 fn ssh_vault_name(t: &TargetConfig) -> String {
-    format!("ssh-key:{}", t.name)
+    crate::vault::ssh_key_name(&t.name)
 }
 
-/// The gateway-held SSH key of a target: the vault's (after a rotation), else `key_file`.
-pub async fn held_ssh_key(
+/// The gateway-held SSH key of a target: the vault's (after a rotation), else `None`.
+async fn held_ssh_key(
     gw: &Gateway,
     t: &TargetConfig,
 ) -> Result<Option<russh::keys::PrivateKey>, RotateError> {
-    let name = ssh_vault_name(t);
-    let Some(blob) = gw.store.vault_get(&name, "current").await? else {
-        return Ok(None);
-    };
-    let kek = kek(&gw.config.kek)?;
-    let pem = kek.open(&name, &blob)?;
-    russh::keys::PrivateKey::from_openssh(pem.expose().as_bytes())
-        .map(Some)
-        .map_err(|e| RotateError::Target {
-            target: t.name.clone(),
-            why: format!("vault key unreadable: {e}"),
-        })
+    Ok(crate::vault::held_ssh_key(gw.store.as_ref(), &gw.config.kek, &t.name).await?)
 }
 
 async fn login_with(

@@ -1,7 +1,7 @@
 //! The gateway as a library function: [`run`] builds everything from a validated config,
 //! serves until `shutdown` resolves, then drains in order.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,8 @@ pub type CancelTarget = (String, [u8; 8]);
 pub struct Gateway {
     pub config: Config,
     pub built: Built,
+    /// PostgreSQL target name → TLS client settings trusting only the target's `ca_file`.
+    pub pg_tls: BTreeMap<String, Arc<tokio_rustls::rustls::ClientConfig>>,
     pub keys: GatewayKeys,
     pub store: Arc<dyn Store>,
     pub recordings: RecordingStore,
@@ -45,6 +47,25 @@ pub struct Gateway {
     pub spool_mac: std::sync::OnceLock<Arc<crate::record::SpoolMac>>,
     /// Pre-auth tables and session permits of the listeners.
     pub admission: crate::preauth::Admission,
+}
+
+/// The TLS client settings of each PostgreSQL target: trust only the certificates of its
+/// `ca_file`. The composition root builds TLS settings; `config` only reads the files.
+pub fn pg_client_tls(
+    built: &Built,
+) -> Result<BTreeMap<String, Arc<tokio_rustls::rustls::ClientConfig>>, crate::config::ConfigError> {
+    built
+        .pg_ca
+        .iter()
+        .map(|(name, ca)| {
+            crate::pg::upstream::tls_config(&ca.pem, ca.verify_name)
+                .map(|c| (name.clone(), c))
+                .map_err(|e| crate::config::ConfigError::Invalid {
+                    key: format!("targets.{name}.ca_file"),
+                    why: format!("{}: {e}", ca.file.display()),
+                })
+        })
+        .collect()
 }
 
 /// A startup failure.
@@ -81,6 +102,7 @@ impl Gateway {
     /// Builds the gateway's parts (I/O: keys, state file, stores).
     pub fn build(config: Config) -> Result<Arc<Gateway>, StartError> {
         let built = config.build()?;
+        let pg_tls = pg_client_tls(&built)?;
         for w in &built.warnings {
             tracing::warn!("{w}");
         }
@@ -135,12 +157,14 @@ impl Gateway {
             checkpoint_interval: config.limits.checkpoint_interval,
             live: Default::default(),
             shutdown: shutdown.token.clone(),
+            first_use: Some(Arc::new(crate::review::OpenReviews(config.reviews.clone()))),
         });
         Ok(Arc::new(Gateway {
             core,
             admission,
             config,
             built,
+            pg_tls,
             keys,
             store,
             recordings,
@@ -153,6 +177,22 @@ impl Gateway {
             http_bound: std::sync::OnceLock::new(),
             spool_mac: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// The base URL of the UI for login links: `[web] public_url`, else the address the
+    /// listener is bound to.
+    pub fn public_url(&self) -> Option<String> {
+        let cfg = &self.config;
+        if let Some(u) = &cfg.web.public_url {
+            return Some(u.clone());
+        }
+        let addr = self.http_bound.get().copied().or(cfg.http_listen)?;
+        let scheme = if cfg.web.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        Some(format!("{scheme}://{addr}"))
     }
 
     /// Writes an audit event to the SIEM sink and the incident event store, and alerts.
@@ -261,7 +301,7 @@ pub async fn start(
         let watcher = tokio::spawn(crate::session::revocation_watcher(gw.core.clone()));
         let sealer = tokio::spawn(crate::ssh::session::seal_pending_worker(gw.clone()));
         let expiry = tokio::spawn(crate::control::request_expiry(gw.clone()));
-        let overdue = tokio::spawn(crate::review::overdue_watcher(gw.clone()));
+        let overdue = tokio::spawn(crate::review::overdue_watcher(gw.core.clone()));
         let rotation = tokio::spawn(crate::rotation::worker(gw.clone()));
         let pg = pg_listener.map(|l| tokio::spawn(crate::pg::serve(l, gw.clone(), pg_tls)));
         let api = http_listener.map(|l| {
@@ -401,7 +441,7 @@ pub async fn run(
 /// Loads the outage spool's authentication key from the vault, creating it on first start.
 async fn spool_key(gw: &Gateway) -> Result<crate::record::SpoolMac, String> {
     use crate::record::SpoolMac;
-    let kek = crate::rotation::kek(&gw.config.kek).map_err(|e| e.to_string())?;
+    let kek = crate::vault::kek(&gw.config.kek).map_err(|e| e.to_string())?;
     let name = SpoolMac::VAULT_NAME;
     let hex_key = match gw
         .store

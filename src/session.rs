@@ -179,6 +179,15 @@ pub struct Core {
     pub live: Registry,
     /// Cancelled when the gateway drains: every live session ends with `Shutdown`.
     pub shutdown: CancellationToken,
+    /// What the workflow does when a session first uses a grant (opens its review).
+    pub first_use: Option<Arc<dyn FirstUse>>,
+}
+
+/// The workflow's part in a session start: opening the grant's post-incident review. The
+/// composition root wires it; the core does not import the workflow.
+#[async_trait]
+pub trait FirstUse: Send + Sync {
+    async fn first_use(&self, core: &Core, grant: &Grant) -> Result<(), String>;
 }
 
 impl Core {
@@ -465,6 +474,11 @@ pub async fn open(core: &Core, o: Opening, io: Arc<dyn SessionIo>) -> Result<Ope
         return Err(internal(format!("audit event not written: {e}")));
     }
     core.live.insert(live.clone());
+    if let Some(hook) = &core.first_use {
+        if let Err(e) = hook.first_use(core, &live.grant).await {
+            tracing::error!(session_id = %live.id, error = %e, "could not open the post-incident review");
+        }
+    }
     tracing::info!(
         session_id = %live.id,
         protocol = o.protocol,

@@ -13,7 +13,6 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
-use sha2::{Digest, Sha256};
 
 /// A signing-key problem.
 #[derive(Debug, thiserror::Error)]
@@ -22,45 +21,22 @@ pub enum SigningError {
     Key { path: PathBuf, why: String },
 }
 
-/// A public key that verifies manifests.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PublicKey {
-    /// The first 16 hex digits of SHA-256 of the raw key.
-    pub id: String,
-    pub raw: Vec<u8>,
+pub use crate::config::signing::default_pin_file;
+pub use crate::config::signing::PublicKey;
+pub use crate::config::SigningConfig;
+
+impl SigningConfig {
+    /// The trust these settings give, with the rotation certificates of `data_dir`.
+    pub fn trust(&self, data_dir: &Path) -> Result<TrustSet, SigningError> {
+        configured_trust(&self.trusted_keys, &self.trusted_keys_file, data_dir)
+    }
 }
 
 impl PublicKey {
-    pub fn from_raw(raw: Vec<u8>) -> PublicKey {
-        let id = hex::encode(Sha256::digest(&raw))[..16].to_string();
-        PublicKey { id, raw }
-    }
-
-    /// `ed25519 <base64> <key-id>`: the line `keys show` prints and `verify --public-key` reads.
-    pub fn line(&self) -> String {
-        format!("ed25519 {} {}", B64.encode(&self.raw), self.id)
-    }
-
     /// Parses the key lines written by [`PublicKey::line`]; `#` comments, blank lines and
     /// rotation certificates (see [`parse_trust`]) are skipped.
     pub fn parse_lines(text: &str) -> Result<Vec<PublicKey>, String> {
         parse_trust(text).map(|(keys, _)| keys)
-    }
-
-    /// One key from its base64 and, when given, the id it must have.
-    fn parse(b64: &str, id: Option<&str>) -> Result<PublicKey, String> {
-        let raw = B64.decode(b64).map_err(|e| format!("bad base64: {e}"))?;
-        if raw.len() != 32 {
-            return Err("an ed25519 key is 32 bytes".into());
-        }
-        let k = PublicKey::from_raw(raw);
-        match id {
-            Some(id) if id != k.id => Err(format!(
-                "the line names key id {id}, but the key's id is {}",
-                k.id
-            )),
-            _ => Ok(k),
-        }
     }
 
     /// Checks a signature over `msg`.
@@ -332,12 +308,6 @@ pub fn found_keys(data_dir: &Path) -> Vec<PublicKey> {
 /// The directory signing keys are loaded from, for messages.
 pub fn key_dir(data_dir: &Path) -> PathBuf {
     dir(data_dir)
-}
-
-/// Where the gateway pins its first signing key when the config names no trust file:
-/// `<data_dir>/keys/trusted-signing.pub`, outside the directory keys are loaded from.
-pub fn default_pin_file(data_dir: &Path) -> PathBuf {
-    data_dir.join("keys").join("trusted-signing.pub")
 }
 
 /// The signing keys in `<data_dir>/keys/signing/`, named `<seq>.pk8`; the newest trusted one

@@ -43,6 +43,44 @@ pub enum VaultError {
     Decrypt(String),
     #[error("vault entry `{0}` is malformed")]
     Malformed(String),
+    #[error("vault entry `{name}`: not a usable SSH key: {why}")]
+    BadKey { name: String, why: String },
+    #[error("state store: {0}")]
+    Store(#[from] crate::state::StateError),
+}
+
+/// Loads the KEK the config names.
+pub fn kek(source: &crate::config::KekSource) -> Result<Kek, VaultError> {
+    match source {
+        crate::config::KekSource::File(p) => Kek::from_file(p, true),
+        crate::config::KekSource::Env(v) => Kek::from_env(v),
+    }
+}
+
+/// The vault entry that holds a target's gateway-held SSH key.
+pub fn ssh_key_name(target: &str) -> String {
+    format!("ssh-key:{target}")
+}
+
+/// A target's gateway-held SSH key as the vault holds it after a rotation (entry
+/// [`ssh_key_name`], slot `current`); `None` before the first rotation, when `key_file` is
+/// the key.
+pub async fn held_ssh_key(
+    store: &dyn crate::state::Store,
+    source: &crate::config::KekSource,
+    target: &str,
+) -> Result<Option<russh::keys::PrivateKey>, VaultError> {
+    let name = ssh_key_name(target);
+    let Some(blob) = store.vault_get(&name, "current").await? else {
+        return Ok(None);
+    };
+    let pem = kek(source)?.open(&name, &blob)?;
+    russh::keys::PrivateKey::from_openssh(pem.expose().as_bytes())
+        .map(Some)
+        .map_err(|e| VaultError::BadKey {
+            name,
+            why: e.to_string(),
+        })
 }
 
 /// The key-encryption key.

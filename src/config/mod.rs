@@ -5,12 +5,13 @@
 
 pub mod alerts;
 pub mod siem;
+pub mod signing;
 
 pub use alerts::{Webhook, WebhookFormat};
+pub use signing::SigningConfig;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use russh::keys::PublicKey;
@@ -359,29 +360,6 @@ pub struct Config {
     pub reports: ReportsConfig,
     /// Which manifest signing keys `verify` (online) trusts.
     pub signing: SigningConfig,
-}
-
-/// The `[signing]` table: the trust anchors of online verification. Keys found in
-/// `<data_dir>/keys/signing/` are not among them unless pinned here or certified by a key that
-/// is (see `crate::signing`).
-#[derive(Debug, Clone)]
-pub struct SigningConfig {
-    /// Keys given inline (`trusted_keys`).
-    pub trusted_keys: Vec<crate::signing::PublicKey>,
-    /// A file of trusted keys (and rotation certificates); default
-    /// `<data_dir>/keys/trusted-signing.pub`, where the gateway pins its first key when it
-    /// creates it and the file does not exist yet.
-    pub trusted_keys_file: PathBuf,
-}
-
-impl SigningConfig {
-    /// The trust these settings give, with the rotation certificates of `data_dir`.
-    pub fn trust(
-        &self,
-        data_dir: &Path,
-    ) -> Result<crate::signing::TrustSet, crate::signing::SigningError> {
-        crate::signing::configured_trust(&self.trusted_keys, &self.trusted_keys_file, data_dir)
-    }
 }
 
 /// The `[reports]` table.
@@ -1585,21 +1563,15 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 .iter()
                 .enumerate()
                 .map(|(i, l)| {
-                    let bad = |why: String| invalid(format!("signing.trusted_keys[{i}]"), why);
-                    match crate::signing::PublicKey::parse_lines(l)
-                        .map_err(bad)?
-                        .as_slice()
-                    {
-                        [k] => Ok(k.clone()),
-                        _ => Err(bad("expected one `ed25519 BASE64 [ID]` key".into())),
-                    }
+                    signing::PublicKey::parse_line(l)
+                        .map_err(|why| invalid(format!("signing.trusted_keys[{i}]"), why))
                 })
                 .collect::<Result<_, _>>()?,
             trusted_keys_file: raw
                 .signing
                 .trusted_keys_file
                 .map(|p| expand_home(&p))
-                .unwrap_or_else(|| crate::signing::default_pin_file(&data_dir)),
+                .unwrap_or_else(|| signing::default_pin_file(&data_dir)),
         },
         data_dir,
     })
@@ -1637,8 +1609,20 @@ pub struct Built {
     pub warnings: Vec<String>,
     /// Target name → pinned host key.
     pub host_keys: BTreeMap<String, PublicKey>,
-    /// PostgreSQL target name → TLS client settings trusting only the target's `ca_file`.
-    pub pg_tls: BTreeMap<String, Arc<tokio_rustls::rustls::ClientConfig>>,
+    /// PostgreSQL target name → the certificates of its `ca_file`, the only ones its TLS
+    /// trusts. The composition root (`server::pg_client_tls`) builds the TLS settings.
+    pub pg_ca: BTreeMap<String, PinnedCa>,
+}
+
+/// A target's `ca_file`, read.
+#[derive(Debug, Clone)]
+pub struct PinnedCa {
+    /// The file, for error messages.
+    pub file: PathBuf,
+    /// Its PEM text.
+    pub pem: Vec<u8>,
+    /// `verify-full`: the certificate must also name the host.
+    pub verify_name: bool,
 }
 
 impl Config {
@@ -1688,7 +1672,7 @@ impl Config {
             }
         }
         let mut host_keys = BTreeMap::new();
-        let mut pg_tls = BTreeMap::new();
+        let mut pg_ca = BTreeMap::new();
         for t in self.targets.values() {
             let Some(f) = t.tls.ca_file() else {
                 continue;
@@ -1705,9 +1689,14 @@ impl Config {
             let pem = std::fs::read(f)
                 .map_err(|e| invalid(&key, format!("cannot read {}: {e}", f.display())))?;
             let verify_name = matches!(t.tls, UpstreamTls::VerifyFull(_));
-            let cfg = crate::pg::upstream::tls_config(&pem, verify_name)
-                .map_err(|e| invalid(&key, format!("{}: {e}", f.display())))?;
-            pg_tls.insert(t.name.clone(), cfg);
+            pg_ca.insert(
+                t.name.clone(),
+                PinnedCa {
+                    file: f.to_path_buf(),
+                    pem,
+                    verify_name,
+                },
+            );
         }
         for t in self.targets.values() {
             let key = format!("targets.{}.host_key_file", t.name);
@@ -1743,7 +1732,7 @@ impl Config {
             keys: KeyIndex { by_fingerprint },
             warnings,
             host_keys,
-            pg_tls,
+            pg_ca,
         })
     }
 
@@ -1851,7 +1840,7 @@ login = "root"
             c.signing.trusted_keys_file,
             PathBuf::from("/tmp/bg/keys/trusted-signing.pub")
         );
-        let key = crate::signing::PublicKey::from_raw(vec![7; 32]);
+        let key = signing::PublicKey::from_raw(vec![7; 32]);
         let c = Config::from_toml(&format!(
             "{}\n[signing]\ntrusted_keys = [\"{}\"]\ntrusted_keys_file = \"/etc/bg/trust.pub\"\n",
             base(),

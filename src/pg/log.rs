@@ -8,7 +8,8 @@ use base64::Engine;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::record::raw::Frame;
+use crate::record::export::{ChannelData, ExportError};
+use crate::record::raw::{self, Frame};
 use crate::record::Stream;
 
 fn be16(b: &[u8], at: usize) -> Option<i16> {
@@ -272,6 +273,22 @@ impl Reader {
             }
         }
     }
+}
+
+/// Turns a recorded PostgreSQL channel into its SQL timeline, one JSON object per line (the
+/// adapter's extractor for `export --sql`, the web SQL view and search).
+pub fn sql_jsonl(ch: u32, data: &ChannelData, session_id: &str) -> Result<String, ExportError> {
+    let d = raw::decode(&data.bytes).map_err(|e| ExportError::BadChannel(ch, e.to_string()))?;
+    let mut out = String::new();
+    for mut e in events(&d.frames) {
+        if let Some(o) = e.as_object_mut() {
+            o.insert("session_id".into(), Value::String(session_id.to_string()));
+            o.insert("schema_version".into(), json!(1));
+        }
+        out.push_str(&e.to_string());
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 /// Decodes a recorded PostgreSQL session into events, in order. Data rows are counted, never

@@ -372,9 +372,6 @@ async fn handle(
         let _ = wire::send(&mut conn, &wire::error("FATAL", f.code, &f.msg)).await;
         return Ok(());
     }
-    if let Err(e) = crate::review::open_for(&gw, &live.grant).await {
-        tracing::error!(session_id = %live.id, error = %e, "could not open the post-incident review");
-    }
     // The client sees the upstream's session parameters; our own cancel key stands in for the
     // upstream's, which never leaves the gateway.
     let mut hello = wire::auth(0, &[]);
@@ -604,7 +601,7 @@ async fn upstream_login(
     gw: &Gateway,
     t: &TargetConfig,
 ) -> Result<(Box<dyn Conn>, Vec<Message>), String> {
-    let kek = crate::rotation::kek(&gw.config.kek).map_err(|e| e.to_string())?;
+    let kek = crate::vault::kek(&gw.config.kek).map_err(|e| e.to_string())?;
     let blob = gw
         .store
         .vault_get(&t.name, "current")
@@ -617,7 +614,7 @@ async fn upstream_login(
             )
         })?;
     let password = kek.open(&t.name, &blob).map_err(|e| e.to_string())?;
-    let (mut up, binding) = upstream::connect(t, gw.built.pg_tls.get(&t.name)).await?;
+    let (mut up, binding) = upstream::connect(t, gw.pg_tls.get(&t.name)).await?;
     let mut body = wire::PROTOCOL_3.to_be_bytes().to_vec();
     for (k, v) in [
         ("user", t.login.as_str()),

@@ -146,24 +146,6 @@ pub fn is_postgres(data: &ChannelData) -> bool {
             .unwrap_or(false)
 }
 
-/// Turns a PostgreSQL channel into its SQL timeline, one JSON object per line.
-pub fn to_sql_jsonl(ch: u32, data: &ChannelData, session_id: &str) -> Result<String, ExportError> {
-    let d = raw::decode(&data.bytes).map_err(|e| ExportError::BadChannel(ch, e.to_string()))?;
-    let mut out = String::new();
-    for mut e in crate::pg::log::events(&d.frames) {
-        if let Some(o) = e.as_object_mut() {
-            o.insert(
-                "session_id".into(),
-                serde_json::Value::String(session_id.to_string()),
-            );
-            o.insert("schema_version".into(), serde_json::json!(1));
-        }
-        out.push_str(&e.to_string());
-        out.push('\n');
-    }
-    Ok(out)
-}
-
 /// Turns one channel into an asciicast v2 document.
 pub fn to_asciicast(ch: u32, data: &ChannelData) -> Result<String, ExportError> {
     match data.format {

@@ -250,9 +250,11 @@ impl Handler {
             ));
         };
         let held = match &target.auth {
-            crate::config::UpstreamAuth::Key(_) => crate::rotation::held_ssh_key(&gw, &target)
-                .await
-                .map_err(|e| (Denial::Internal { why: e.to_string() }, grant_id.clone()))?,
+            crate::config::UpstreamAuth::Key(_) => {
+                crate::vault::held_ssh_key(gw.store.as_ref(), &gw.config.kek, &target.name)
+                    .await
+                    .map_err(|e| (Denial::Internal { why: e.to_string() }, grant_id.clone()))?
+            }
             crate::config::UpstreamAuth::Certificate => None,
         };
         let up = upstream::connect(
@@ -301,9 +303,6 @@ impl Handler {
         });
         // From here on the connection's end runs `finish` for this session.
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(live.clone());
-        if let Err(e) = crate::review::open_for(&gw, &live.grant).await {
-            tracing::error!(session_id = %session_id, error = %e, "could not open the post-incident review");
-        }
         gw.shutdown.tracker.spawn(crate::session::supervise(
             gw.core.clone(),
             live.core.clone(),

@@ -383,7 +383,7 @@ async fn channel_cast(
         .pick(Some(ch))
         .map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))?;
     let body = if export::is_postgres(data) {
-        export::to_sql_jsonl(ch, data, &row.id)
+        crate::pg::log::sql_jsonl(ch, data, &row.id)
     } else {
         export::to_asciicast(ch, data)
     }
@@ -427,7 +427,7 @@ async fn channel_sql(
             format!("channel {ch} is not a PostgreSQL session"),
         ));
     }
-    let jsonl = export::to_sql_jsonl(ch, data, &row.id)
+    let jsonl = crate::pg::log::sql_jsonl(ch, data, &row.id)
         .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
     let events: Vec<Value> = jsonl
         .lines()
@@ -464,7 +464,7 @@ pub fn search_entries(loaded: &Loaded) -> Vec<SearchEntry> {
         if !export::is_postgres(data) {
             continue;
         }
-        let Ok(jsonl) = export::to_sql_jsonl(*ch, data, "") else {
+        let Ok(jsonl) = crate::pg::log::sql_jsonl(*ch, data, "") else {
             continue;
         };
         for e in jsonl

@@ -31,22 +31,6 @@ const INDEX_HTML: &str = include_str!("../../web/ui/index.html");
 const APP_JS: &str = include_str!("../../web/ui/app.js");
 const APP_CSS: &str = include_str!("../../web/ui/app.css");
 
-/// The base URL of the UI for login links: `[web] public_url`, else the address the listener
-/// is bound to.
-pub fn public_url(gw: &Gateway) -> Option<String> {
-    let cfg = &gw.config;
-    if let Some(u) = &cfg.web.public_url {
-        return Some(u.clone());
-    }
-    let addr = gw.http_bound.get().copied().or(cfg.http_listen)?;
-    let scheme = if cfg.web.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    Some(format!("{scheme}://{addr}"))
-}
-
 /// Security headers on every UI response: no framing, no sniffing, scripts only from us
 /// (asciinema-player's terminal emulator is WebAssembly, hence `wasm-unsafe-eval`, which allows
 /// compiling WebAssembly but not `eval`).
@@ -162,7 +146,7 @@ async fn login(
     ));
     gw.audit(&e).await.map_err(ApiError::internal)?;
     let secure = if gw.config.web.tls.is_some()
-        || public_url(&gw).is_some_and(|u| u.starts_with("https://"))
+        || gw.public_url().is_some_and(|u| u.starts_with("https://"))
     {
         "; Secure"
     } else {
