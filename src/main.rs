@@ -1,5 +1,5 @@
 //! The `breakglass` binary: parses arguments, sets up logging, runs a command and maps errors
-//! to an exit code. The commands themselves live in `cli.rs`.
+//! to an exit code. The commands themselves live in `cli/`.
 #![forbid(unsafe_code)]
 
 mod cli;

@@ -6,7 +6,6 @@
 use serde_json::Value;
 
 use super::support::*;
-use super::{api, api_token, validate_all_events};
 
 /// Makes the gateway's SIEM spool refuse the events `when` matches (an SQL condition on the
 /// row being inserted), as a full disk would; undone by [`allow`].
@@ -215,7 +214,7 @@ async fn action_events_the_spool_refuses_are_counted_on_the_record() {
             .any(|e| e["event_type"] == "BREAK_GLASS_ACTION"),
         "the spool refused them all: {events:#?}"
     );
-    let meta = super::session_meta(&w, &id);
+    let meta = session_meta(&w, &id);
     let commands = meta["channels"][0]["commands"]
         .as_array()
         .expect("commands")
@@ -256,8 +255,8 @@ async fn action_events_the_spool_refuses_are_counted_on_the_record() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_psql_statement_is_a_siem_event_or_counted_as_dropped() {
-    let (_pg, _pgdir, w, gw, _certs) = super::pg_world("", true).await;
-    let (_req, secret) = super::pg_credential(&w, "30m").await;
+    let (_pg, _pgdir, w, gw, _certs) = super::pg::pg_world("", true).await;
+    let (_req, secret) = super::pg::pg_credential(&w, "30m").await;
     // The spool refuses the batches holding `select 150` to `select 159` (as a full disk
     // would, now and then); whatever else shared a batch with them is lost with them.
     refuse(
@@ -265,7 +264,7 @@ async fn every_psql_statement_is_a_siem_event_or_counted_as_dropped() {
         "refuse_some",
         "NEW.is_action = 1 AND NEW.body LIKE '%\"command\":\"select 15_\"%'",
     );
-    let mut c = super::psql_cmd(&w, &secret, "select 0");
+    let mut c = super::pg::psql_cmd(&w, &secret, "select 0");
     for i in 1..300 {
         c.args(["-c", &format!("select {i}")]);
     }
@@ -277,7 +276,7 @@ async fn every_psql_statement_is_a_siem_event_or_counted_as_dropped() {
 
     let sessions = w.sessions();
     let id = sessions[0]["id"].as_str().expect("id").to_string();
-    let timeline = super::export(&w, &id);
+    let timeline = export(&w, &id);
     let recorded = timeline
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())

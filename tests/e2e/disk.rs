@@ -102,7 +102,7 @@ async fn a_full_data_disk_ends_the_session_fail_closed_and_the_gateway_recovers_
         err.contains("recording failed") && err.contains("No space left on device"),
         "the session ends fail-closed naming the disk: {err}"
     );
-    let first = super::last_session_id(&w);
+    let first = last_session_id(&w);
     let df = Command::new("df").arg(&data).output().expect("df");
     eprintln!("{}", text(&df.stdout));
     // A new session while the disk is full is refused, naming the disk.
@@ -164,5 +164,5 @@ async fn a_full_data_disk_ends_the_session_fail_closed_and_the_gateway_recovers_
         Some(2),
         "an unsealed recording is INCOMPLETE, never OK"
     );
-    super::validate_all_events(&w);
+    validate_all_events(&w);
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::support::*;
-use super::{api, api_token, control, request_id};
 
 /// An OSC 52 clipboard write, a cursor sequence and Slack's channel-wide mention.
 const OSC52: &str = "\x1b]52;c;ZXZpbA==\x07";

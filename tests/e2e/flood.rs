@@ -75,8 +75,8 @@ fn metric(w: &World, series: &str) -> f64 {
 async fn a_person_with_a_grant_gets_in_while_a_pre_auth_flood_is_held() {
     enough_descriptors(8192);
     let grace = Duration::from_secs(10);
-    let (_pg, _pgdir, w, gw, certs) = super::pg_world("login_grace = \"10s\"", true).await;
-    let (_req, secret) = super::pg_credential(&w, "30m").await;
+    let (_pg, _pgdir, w, gw, certs) = super::pg::pg_world("login_grace = \"10s\"", true).await;
+    let (_req, secret) = super::pg::pg_credential(&w, "30m").await;
     w.grant("alice", "30m");
     let t0 = Instant::now();
     let mut held: Vec<tokio::task::JoinHandle<Duration>> = Vec::new();
@@ -188,7 +188,7 @@ async fn a_person_with_a_grant_gets_in_while_a_pre_auth_flood_is_held() {
         text(&out.stderr)
     );
     let t = Instant::now();
-    let out = output(super::psql_cmd(&w, &secret, "select 6*7")).await;
+    let out = output(super::pg::psql_cmd(&w, &secret, "select 6*7")).await;
     let psql_took = t.elapsed();
     assert_eq!(
         text(&out.stdout).trim(),
@@ -278,8 +278,8 @@ async fn a_person_with_a_grant_gets_in_while_a_pre_auth_flood_is_held() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_probes_learn_nothing_about_people_targets_or_grants() {
-    let (_pg, _pgdir, w, gw, _certs) = super::pg_world("", true).await;
-    let (_req, secret) = super::pg_credential(&w, "30m").await;
+    let (_pg, _pgdir, w, gw, _certs) = super::pg::pg_world("", true).await;
+    let (_req, secret) = super::pg::pg_credential(&w, "30m").await;
     let psql = |user: &str, db: &str, password: &str| {
         let mut c = Command::new(require("psql", "postgresql-client"));
         c.arg(format!(
@@ -338,7 +338,7 @@ async fn unauthenticated_probes_learn_nothing_about_people_targets_or_grants() {
         });
     }
     // The right password still gets in.
-    let out = output(super::psql_cmd(&w, &secret, "select 6*7")).await;
+    let out = output(super::pg::psql_cmd(&w, &secret, "select 6*7")).await;
     assert_eq!(text(&out.stdout).trim(), "42", "{}", text(&out.stderr));
     gw.stop().await;
 }

@@ -28,7 +28,7 @@ async fn long_session(
     });
     let gw = InProcess::start(&w).await;
     w.grant("alice", "30m");
-    let child = super::start_long_session(
+    let child = start_long_session(
         &w,
         &[],
         "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.05; done",
@@ -53,7 +53,7 @@ fn block_store(dir: &std::path::Path, child: &mut std::process::Child) -> std::p
     let away = dir.join("ch0000.away");
     std::fs::rename(&chdir, &away).expect("move the channel dir away");
     std::fs::write(&chdir, b"blocked").expect("block the path");
-    let (code, _out, err) = super::wait_exit(child, Duration::from_secs(15));
+    let (code, _out, err) = wait_exit(child, Duration::from_secs(15));
     assert_ne!(code, Some(0));
     assert!(err.contains("recording failed"), "{err}");
     away
@@ -62,7 +62,7 @@ fn block_store(dir: &std::path::Path, child: &mut std::process::Child) -> std::p
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ended_by_a_store_outage_is_sealed_once_the_store_is_back() {
     let (w, gw, mut child, prefix, dir, stored_before) = long_session("", 3).await;
-    let id = super::last_session_id(&w);
+    let id = last_session_id(&w);
     let chdir = dir.join("ch0000");
     let away = block_store(&dir, &mut child);
     let end = w.wait_event("the failed end", |e| e["action"] == "session_end");
@@ -92,7 +92,7 @@ async fn a_session_ended_by_a_store_outage_is_sealed_once_the_store_is_back() {
     wait_for("the late seal", Duration::from_secs(20), || {
         dir.join("session.json.sig").exists().then_some(())
     });
-    let meta = super::session_meta(&w, &id);
+    let meta = session_meta(&w, &id);
     assert_eq!(meta["recovered"], true, "{meta}");
     let objects = meta["objects"].as_array().expect("objects").len();
     assert!(
@@ -122,7 +122,7 @@ async fn a_session_ended_by_a_store_outage_is_sealed_once_the_store_is_back() {
         text(&out.stderr)
     );
     // The tail written during the outage is in the export.
-    let cast = super::export(&w, &id);
+    let cast = export(&w, &id);
     let last = cast
         .lines()
         .filter_map(|l| l.split("tick-").nth(1))

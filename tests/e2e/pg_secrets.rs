@@ -5,10 +5,8 @@
 use serde_json::Value;
 use std::process::{Command, Stdio};
 
+use super::pg::{pg_credential, pg_world, psql_cmd};
 use super::support::*;
-use super::{
-    api, api_token, export, pg_credential, pg_world, psql_cmd, session_meta, validate_all_events,
-};
 
 /// Every file under `dir`, with LZ4 chunks also decompressed (a compressed chunk could hide a
 /// clear secret from a plain grep).

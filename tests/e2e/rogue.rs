@@ -46,16 +46,16 @@ async fn a_rogue_target_asking_for_a_cleartext_or_md5_password_gets_nothing() {
     let more = format!(
         "[[targets]]\nname = \"rogue-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{port}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n"
     );
-    let (_pg, _pgdir, w, gw, _certs) = super::pg_world_with(super::PgOpts {
+    let (_pg, _pgdir, w, gw, _certs) = super::pg::pg_world_with(super::pg::PgOpts {
         client_tls: true,
         more: &more,
         vault: &[("rogue-db", "rogue-vault-secret")],
         ..Default::default()
     })
     .await;
-    let (_req, secret) = super::pg_credential_for(&w, "rogue-db", "30m").await;
+    let (_req, secret) = super::pg::pg_credential_for(&w, "rogue-db", "30m").await;
     for what in ["cleartext", "md5"] {
-        let out = output(super::psql_cmd_to(&w, "rogue-db", &secret, "select 1")).await;
+        let out = output(super::pg::psql_cmd_to(&w, "rogue-db", &secret, "select 1")).await;
         assert!(!out.status.success(), "psql got in through a rogue target");
         let err = text(&out.stderr);
         eprintln!("psql via the relay, target asks for {what}: {}", err.trim());

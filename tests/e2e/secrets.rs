@@ -123,10 +123,10 @@ async fn secrets_typed_at_no_echo_prompts_never_reach_the_record() {
         text(&out.stderr)
     );
     w.wait_ended(1);
-    let id = super::last_session_id(&w);
+    let id = last_session_id(&w);
 
     // The commands around the secrets are extracted; each secret is a redaction entry.
-    let meta = super::session_meta(&w, &id);
+    let meta = session_meta(&w, &id);
     let commands = meta["channels"][0]["commands"]
         .as_array()
         .expect("commands")
@@ -194,8 +194,8 @@ async fn secrets_typed_at_no_echo_prompts_never_reach_the_record() {
     assert!(events.iter().any(|e| e["command"] == "openssl passwd -6"));
 
     // ... the search API finds the commands but never a secret ...
-    let bob = super::api_token(&w, "bob").await;
-    let (code, body) = super::api(
+    let bob = api_token(&w, "bob").await;
+    let (code, body) = api(
         &w,
         Some(&bob),
         "GET",
@@ -208,7 +208,7 @@ async fn secrets_typed_at_no_echo_prompts_never_reach_the_record() {
     for secret in [read_secret, openssl_secret, su_secret] {
         // The search text goes into the `recording_searched` SIEM event, so search for all
         // but the first character: the index would match it, the data dir must not hold it.
-        let (code, body) = super::api(
+        let (code, body) = api(
             &w,
             Some(&bob),
             "GET",
@@ -224,7 +224,7 @@ async fn secrets_typed_at_no_echo_prompts_never_reach_the_record() {
             .all(|c| c.is_ascii_alphanumeric() || c == '-'));
     }
     // The web page of the session shows the redaction, not the secret.
-    let (code, page) = super::api(
+    let (code, page) = api(
         &w,
         Some(&bob),
         "GET",
@@ -238,7 +238,7 @@ async fn secrets_typed_at_no_echo_prompts_never_reach_the_record() {
     gw.stop().await;
 
     // ... and the export: the `i` events carry the marker with the time and byte count.
-    let cast = super::export(&w, &id);
+    let cast = export(&w, &id);
     assert!(
         cast.contains("[redacted no-echo: "),
         "redaction marker in the cast"

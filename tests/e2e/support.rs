@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use breakglass::config::Config;
 use breakglass::keys::GatewayKeys;
+use serde_json::Value;
 
 /// Fails loudly (never skips) when a program the tests need is missing.
 pub fn require(program: &str, package: &str) -> PathBuf {
@@ -1031,4 +1032,183 @@ impl World {
             .expect("write password");
         assert!(child.wait().expect("wait").success(), "vault set failed");
     }
+}
+
+/// The recording metadata (session.json) of a finished session.
+pub fn session_meta(w: &World, session_id: &str) -> Value {
+    let s = w
+        .sessions()
+        .into_iter()
+        .find(|s| s["id"] == session_id)
+        .unwrap_or_else(|| panic!("session {session_id} is in the index"));
+    let path = w
+        .path("data/recordings")
+        .join(s["recording"].as_str().expect("recording prefix"))
+        .join("session.json");
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("session.json exists"))
+            .expect("session.json is JSON");
+    validate("session.schema.json", &meta);
+    meta
+}
+
+/// Every SIEM event written so far validates against the schema.
+pub fn validate_all_events(w: &World) {
+    let events = w.siem_events();
+    assert!(!events.is_empty(), "some SIEM events were written");
+    for e in &events {
+        validate("siem-event.schema.json", e);
+    }
+}
+
+pub fn last_session_id(w: &World) -> String {
+    let s = w.sessions();
+    s.first().expect("a session in the index")["id"]
+        .as_str()
+        .expect("id")
+        .to_string()
+}
+
+pub fn export(w: &World, session: &str) -> String {
+    let out = w.path(&format!("{session}.cast"));
+    w.cli_ok(&["export", session, "-o", out.to_str().expect("utf-8 path")]);
+    // Auditing the auditors: the export is on the record.
+    assert!(
+        w.siem_events()
+            .iter()
+            .any(|e| e["action"] == "recording_exported"
+                && e["session_id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with(session))),
+        "no recording_exported event for {session}"
+    );
+    std::fs::read_to_string(out).expect("export written")
+}
+
+/// Reads a child's stdout lines as they arrive, each with its arrival time.
+pub fn stamped_lines(
+    child: &mut std::process::Child,
+) -> std::sync::mpsc::Receiver<(Instant, String)> {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, String)>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send((Instant::now(), line));
+        }
+    });
+    rx
+}
+
+/// Starts `ssh ... sleep 60` in the background and waits until the session is live.
+pub fn start_long_session(w: &World, extra: &[&str], cmd: &str) -> std::process::Child {
+    let child = w
+        .ssh("alice", "web-01", extra, &[cmd])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ssh");
+    w.wait_event("session start", |e| e["action"] == "session_start");
+    child
+}
+
+pub fn wait_exit(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> (Option<i32>, String, String) {
+    let status = wait_for("ssh to exit", timeout, || {
+        child.try_wait().expect("try_wait")
+    });
+    let mut out = String::new();
+    let mut err = String::new();
+    use std::io::Read;
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_string(&mut out);
+    }
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_string(&mut err);
+    }
+    (status.code(), out, err)
+}
+
+pub fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// Runs a control command over the gateway's SSH endpoint as `person`.
+pub async fn control(w: &World, person: &str, login: &str, command: &str) -> (i32, String, String) {
+    let out = output(w.ssh(person, login, &[], &[command])).await;
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+pub fn request_id(out: &str) -> String {
+    out.split_whitespace()
+        .skip_while(|w| *w != "request")
+        .nth(1)
+        .unwrap_or_else(|| panic!("a request id in {out}"))
+        .to_string()
+}
+
+/// Calls the JSON API with the real `curl`; returns (status, body).
+pub async fn api(
+    w: &World,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut c = Command::new(require("curl", "curl"));
+    c.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+        .arg(format!("http://127.0.0.1:{}{path}", w.http_port));
+    if let Some(t) = token {
+        c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    if let Some(b) = body {
+        c.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &b.to_string(),
+        ]);
+    }
+    let out = output(c).await;
+    let text = text(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').expect("status line");
+    let code: u16 = code.trim().parse().expect("status code");
+    let body = serde_json::from_str(body).unwrap_or(Value::Null);
+    check_openapi(method, path, code, &body);
+    (code, body)
+}
+
+pub async fn api_token(w: &World, person: &str) -> String {
+    let (code, out, err) = control(w, person, "breakglass", "token").await;
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .expect("token line")
+        .to_string()
+}
+
+/// Copies a directory tree (the recording store) so each tamper case starts from the original.
+pub fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(st.success());
+}
+
+pub fn writable(p: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::support::*;
-use super::{copy_tree, last_session_id, sha256_hex, writable};
 
 /// Which SIEM copy an offline verification gets.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,6 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::support::*;
-use super::{api, api_token, control, request_id};
 
 /// One HTTP call with the real `curl`: (status, Set-Cookie session value if any, JSON body).
 async fn call(
@@ -366,7 +365,7 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
             .join("node_modules/asciinema-player/dist/bundle")
             .display()
     );
-    let (_pg, _pgdir, w, gw, _certs) = super::pg_world_with(super::PgOpts {
+    let (_pg, _pgdir, w, gw, _certs) = super::pg::pg_world_with(super::pg::PgOpts {
         client_tls: true,
         more: &web_config,
         ..Default::default()
@@ -387,10 +386,10 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
     let out = w.pty_ssh("alice", "web-01", steps).await;
     assert!(out.status.success(), "pty session: {}", text(&out.stdout));
     w.wait_ended(1);
-    let session = super::last_session_id(&w);
+    let session = last_session_id(&w);
 
     // alice runs a statement and a failing one through the gateway with psql, two queries.
-    let (_, secret) = super::pg_credential(&w, "30m").await;
+    let (_, secret) = super::pg::pg_credential(&w, "30m").await;
     let mut psql = Command::new(require("psql", "postgresql-client"));
     psql.arg(format!(
         "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode=require",
@@ -407,7 +406,7 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
         text(&out.stderr)
     );
     w.wait_ended(2);
-    let pg_session = super::last_session_id(&w);
+    let pg_session = last_session_id(&w);
     assert_ne!(pg_session, session);
 
     // A request waiting for bob, and the review of alice's grant.
