@@ -16,6 +16,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,russh=warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: in files and journald, `grep session_id=…` must match.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::alerts::Alerter;
 use crate::clock;
@@ -270,6 +271,9 @@ pub struct Live {
     pub recorder: Recorder,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// `session{session_id protocol person target client}`: every task of the session runs
+    /// in it, so one `grep session_id=…` of the logs tells the session's story.
+    pub span: tracing::Span,
     io: Arc<dyn SessionIo>,
     kill: CancellationToken,
     reason: Mutex<Option<EndReason>>,
@@ -434,7 +438,16 @@ pub async fn open(core: &Core, o: Opening, io: Arc<dyn SessionIo>) -> Result<Ope
         bytes_out: 0,
         recording_prefix: prefix.clone(),
     };
+    let span = tracing::info_span!(
+        "session",
+        session_id = %o.session_id,
+        protocol = o.protocol,
+        person = %o.person,
+        target = %o.target,
+        client = %o.client_addr,
+    );
     let live = Arc::new(Live {
+        span: span.clone(),
         id: o.session_id.clone(),
         info,
         grant: o.grant,
@@ -476,14 +489,11 @@ pub async fn open(core: &Core, o: Opening, io: Arc<dyn SessionIo>) -> Result<Ope
     core.live.insert(live.clone());
     if let Some(hook) = &core.first_use {
         if let Err(e) = hook.first_use(core, &live.grant).await {
-            tracing::error!(session_id = %live.id, error = %e, "could not open the post-incident review");
+            tracing::error!(parent: &live.span, error = %e, "could not open the post-incident review");
         }
     }
     tracing::info!(
-        session_id = %live.id,
-        protocol = o.protocol,
-        person = %o.person,
-        target = %o.target,
+        parent: &live.span,
         deadline = %clock::rfc3339(deadline),
         "session started"
     );
@@ -496,6 +506,11 @@ pub async fn open(core: &Core, o: Opening, io: Arc<dyn SessionIo>) -> Result<Ope
 /// Watches one session's deadline, warnings and recorder failure, and ends it: the upstream
 /// is cut first, then the client is told why and closed.
 pub async fn supervise(core: Arc<Core>, s: Arc<Live>) {
+    let span = s.span.clone();
+    supervise_in(core, s).instrument(span).await
+}
+
+async fn supervise_in(core: Arc<Core>, s: Arc<Live>) {
     let deadline_at = s.instant_of(s.deadline);
     for w in core.warn_before.clone() {
         let Some(when) = s
@@ -534,7 +549,7 @@ pub async fn supervise(core: Arc<Core>, s: Arc<Live>) {
         }
     }
     let reason = s.reason().unwrap_or(EndReason::Shutdown);
-    tracing::info!(session_id = %s.id, reason = reason.code(), "ending session");
+    tracing::info!(parent: &s.span, reason = reason.code(), "ending session");
     // Cut the target off first: from here nothing the client sends reaches it.
     s.io.cut_upstream().await;
     if reason.by_gateway() {
@@ -545,6 +560,11 @@ pub async fn supervise(core: Arc<Core>, s: Arc<Live>) {
 /// Sends the recording's chain head to the SIEM every `checkpoint_interval` while the session
 /// lives, so truncation is detectable even by someone who controls the store.
 pub async fn checkpoints(core: Arc<Core>, s: Arc<Live>) {
+    let span = s.span.clone();
+    checkpoints_in(core, s).instrument(span).await
+}
+
+async fn checkpoints_in(core: Arc<Core>, s: Arc<Live>) {
     let every = core.checkpoint_interval;
     loop {
         tokio::select! {
@@ -557,7 +577,7 @@ pub async fn checkpoints(core: Arc<Core>, s: Arc<Live>) {
         e.objects = Some(objects as u64);
         e.message = Some(format!("recording checkpoint: {objects} objects stored"));
         if let Err(err) = core.audit(&e).await {
-            tracing::error!(session_id = %s.id, error = %err, "could not write checkpoint event");
+            tracing::error!(parent: &s.span, error = %err, "could not write checkpoint event");
         }
     }
 }
@@ -580,7 +600,7 @@ pub async fn revocation_watcher(core: Arc<Core>) {
             Ok(revoked) => {
                 for (gid, at) in revoked {
                     for s in live.iter().filter(|s| s.grant.id == gid && !s.is_killed()) {
-                        tracing::info!(session_id = %s.id, grant_id = %gid, "grant revoked, ending session");
+                        tracing::info!(parent: &s.span, grant_id = %gid, "grant revoked, ending session");
                         s.kill(EndReason::Revoked { at });
                     }
                 }
@@ -593,6 +613,11 @@ pub async fn revocation_watcher(core: Arc<Core>) {
 /// Seals the recording, closes the index row and emits the end events. Runs once, after the
 /// client connection has ended (or a start failed).
 pub async fn finish(core: &Core, s: &Arc<Live>) {
+    let span = s.span.clone();
+    finish_in(core, s).instrument(span).await
+}
+
+async fn finish_in(core: &Core, s: &Arc<Live>) {
     if s.finished.swap(true, Ordering::SeqCst) {
         return;
     }
@@ -611,8 +636,20 @@ pub async fn finish(core: &Core, s: &Arc<Live>) {
         bytes_out,
     };
     let sealed = s.recorder.finish(end).await;
-    if let Err(e) = &sealed {
-        tracing::error!(session_id = %s.id, error = %e, "could not seal recording");
+    match &sealed {
+        Ok(_) => tracing::info!(
+            parent: &s.span,
+            reason = reason.code(),
+            bytes_in,
+            bytes_out,
+            "session ended; recording sealed"
+        ),
+        Err(e) => tracing::error!(
+            parent: &s.span,
+            reason = reason.code(),
+            error = %e,
+            "session ended; could not seal recording"
+        ),
     }
     if let Err(e) = core
         .store
@@ -627,7 +664,7 @@ pub async fn finish(core: &Core, s: &Arc<Live>) {
         )
         .await
     {
-        tracing::error!(session_id = %s.id, error = %e, "could not close session in the index");
+        tracing::error!(parent: &s.span, error = %e, "could not close session in the index");
     }
     let base = |action: Action| {
         let mut e = s.event(action);
@@ -662,7 +699,7 @@ pub async fn finish(core: &Core, s: &Arc<Live>) {
     events.push(end_ev);
     for e in events {
         if let Err(err) = core.audit(&e).await {
-            tracing::error!(session_id = %s.id, error = %err, "could not write SIEM event");
+            tracing::error!(parent: &s.span, error = %err, "could not write SIEM event");
         }
     }
     core.live.remove(&s.id);

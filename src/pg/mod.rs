@@ -13,6 +13,7 @@ pub mod wire;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -59,11 +60,15 @@ pub async fn serve(
         };
         let _ = socket.set_nodelay(true);
         let (gw, tls) = (gw.clone(), tls.clone());
-        gw.shutdown.tracker.clone().spawn(async move {
-            if let Err(e) = handle(gw, socket, peer, tls, ticket).await {
-                tracing::info!(%peer, error = %e, "postgres connection ended");
+        let conn_span = tracing::info_span!("conn", protocol = "postgres", %peer);
+        gw.shutdown.tracker.clone().spawn(
+            async move {
+                if let Err(e) = handle(gw, socket, peer, tls, ticket).await {
+                    tracing::info!(error = %e, "postgres connection ended");
+                }
             }
-        });
+            .instrument(conn_span),
+        );
     }
 }
 
@@ -405,6 +410,7 @@ async fn handle(
         rx,
         hello,
     )
+    .instrument(live.span.clone())
     .await;
     gw.pg_cancel
         .lock()

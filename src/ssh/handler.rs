@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 
 use bytes::Bytes;
 use russh::server::{self, Auth, ChannelOpenHandle, Msg, Session};
@@ -773,7 +774,7 @@ impl server::Handler for Handler {
         let up = match s.io.upstream.channel_open_session().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(session_id = %s.id, error = %e, "upstream channel open failed");
+                tracing::warn!(parent: &s.span, error = %e, "upstream channel open failed");
                 reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
                 return Ok(());
             }
@@ -796,7 +797,8 @@ impl server::Handler for Handler {
                 env: BTreeMap::new(),
             },
         );
-        tokio::spawn(pump(s, read, id, rec_ch, pending));
+        let span = s.span.clone();
+        tokio::spawn(pump(s, read, id, rec_ch, pending).instrument(span));
         reply.accept().await;
         Ok(())
     }

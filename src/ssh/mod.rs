@@ -10,6 +10,7 @@ pub mod upstream;
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use russh::server;
 use tokio::net::TcpListener;
@@ -66,8 +67,10 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
         let _ = socket.set_nodelay(true);
         let gw = gw.clone();
         let config = config.clone();
-        gw.shutdown.tracker.clone().spawn(async move {
-            handler::run_connection(gw, config, socket, peer, ticket).await;
-        });
+        let conn_span = tracing::info_span!("conn", protocol = "ssh", %peer);
+        gw.shutdown
+            .tracker
+            .clone()
+            .spawn(handler::run_connection(gw, config, socket, peer, ticket).instrument(conn_span));
     }
 }

@@ -5,6 +5,7 @@ mod audit_views;
 mod disk;
 mod escapes;
 mod flood;
+mod logs;
 mod outage;
 mod pg;
 mod pg_secrets;
