@@ -709,6 +709,196 @@ async fn finish_in(core: &Core, s: &Arc<Live>) {
 mod tests {
     use super::*;
 
+    /// A protocol adapter that only writes down what the core asked of it.
+    #[derive(Default)]
+    struct Script(Mutex<Vec<String>>);
+
+    impl Script {
+        fn lines(&self) -> Vec<String> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        }
+        fn push(&self, l: String) {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).push(l);
+        }
+    }
+
+    #[async_trait]
+    impl SessionIo for Script {
+        async fn tell(&self, _s: &Live, text: &str) {
+            self.push(format!("tell {text}"));
+        }
+        async fn cut_upstream(&self) {
+            self.push("cut".into());
+        }
+        async fn close_client(&self, _s: &Live, reason: &EndReason) {
+            self.push(format!("close {}", reason.code()));
+        }
+    }
+
+    /// A core with real stores in `dir`, and one live session whose deadline is `ttl` away,
+    /// warned `warn_before` ahead. The clock that counts is tokio's (paused in these tests).
+    async fn live_session(
+        dir: &std::path::Path,
+        ttl: Duration,
+        warn_before: Vec<Duration>,
+    ) -> (Arc<Core>, Arc<Live>, Arc<Script>) {
+        let recordings = RecordingStore::local(&dir.join("store")).expect("store");
+        let siem = crate::siem::Siem::open(crate::config::siem::SiemSettings::file_only(
+            &dir.join("siem.jsonl"),
+            &dir.join("spool.db"),
+        ))
+        .expect("siem");
+        let core = Arc::new(Core {
+            store: Arc::new(crate::state::SqliteStore::open(&dir.join("state.db")).expect("state")),
+            siem: Arc::new(siem),
+            alerter: Alerter::disabled(),
+            recordings: recordings.clone(),
+            custodians: HashMap::new(),
+            warn_before,
+            checkpoint_interval: Duration::from_secs(3600),
+            live: Registry::default(),
+            shutdown: CancellationToken::new(),
+            first_use: None,
+        });
+        let pin = dir.join("trusted.pub");
+        let signer = crate::signing::Signer::load_or_create_pinned(dir, &pin).expect("signer");
+        let trust = crate::signing::configured_trust(&[], &pin, dir).expect("trust");
+        let now = clock::now();
+        let deadline = now + chrono::Duration::from_std(ttl).expect("ttl");
+        let info = SessionInfo {
+            session_id: "s1".into(),
+            protocol: "ssh".into(),
+            person: "alice".into(),
+            target: "web-01".into(),
+            login: "root".into(),
+            grant_id: "g1".into(),
+            justification: "test".into(),
+            incident_id: "INC-1".into(),
+            client_addr: "127.0.0.1:1".into(),
+            started_at: clock::rfc3339(now),
+            deadline: clock::rfc3339(deadline),
+        };
+        let settings = RecorderSettings {
+            flush_interval: Duration::from_secs(1),
+            stall: Duration::from_secs(5),
+            grace: Duration::from_secs(30),
+            spool_dir: dir.join("spool"),
+            spool_mac: None,
+            signer: Arc::new(signer.use_trusted(&trust).expect("trusted signer")),
+            redact_no_echo: true,
+            ledger: None,
+        };
+        let recorder = Recorder::open(recordings, "p/s1".into(), info.clone(), settings)
+            .await
+            .expect("recorder");
+        let io = Arc::new(Script::default());
+        let live = Arc::new(Live {
+            id: "s1".into(),
+            info,
+            grant: Grant {
+                id: "g1".into(),
+                person: "alice".into(),
+                target: "web-01".into(),
+                reason: "test".into(),
+                incident_id: "INC-1".into(),
+                created_by: "op".into(),
+                created_at: now,
+                expires_at: deadline,
+                revoked_at: None,
+                revoked_by: None,
+                revoke_reason: None,
+                request_id: None,
+                review_required: false,
+            },
+            started_at: now,
+            started: Instant::now(),
+            deadline,
+            deadline_cause: "grant expiry",
+            prefix: "p/s1".into(),
+            recorder,
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            span: tracing::Span::none(),
+            io: io.clone(),
+            kill: CancellationToken::new(),
+            reason: Mutex::new(None),
+            finished: AtomicBool::new(false),
+        });
+        (core, live, io)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_supervisor_warns_then_cuts_the_upstream_before_closing_at_the_deadline() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ttl = Duration::from_secs(600);
+        let (core, live, io) = live_session(
+            dir.path(),
+            ttl,
+            vec![Duration::from_secs(300), Duration::from_secs(60)],
+        )
+        .await;
+        let t0 = Instant::now();
+        supervise(core, live.clone()).await;
+        let took = t0.elapsed();
+        assert!(
+            took + Duration::from_secs(1) >= ttl && took <= ttl + Duration::from_secs(1),
+            "ended after {took:?}, deadline {ttl:?}"
+        );
+        let lines = io.lines();
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert!(
+            lines[0].starts_with("tell this session ends in 5m"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].starts_with("tell this session ends in 1m"),
+            "{lines:?}"
+        );
+        assert!(lines[0].contains("grant expiry"), "{lines:?}");
+        assert_eq!(lines[2..], ["cut", "close deadline"]);
+        assert_eq!(live.reason().map(|r| r.code()), Some("deadline"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_revoke_cuts_at_once_and_skips_the_warnings_still_due() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (core, live, io) = live_session(
+            dir.path(),
+            Duration::from_secs(600),
+            vec![Duration::from_secs(300)],
+        )
+        .await;
+        let sup = tokio::spawn(supervise(core, live.clone()));
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        let at = clock::now();
+        live.kill(EndReason::Revoked { at });
+        sup.await.expect("supervisor");
+        assert_eq!(io.lines(), ["cut", "close revoked"]);
+        // The first reason wins: a later deadline does not rewrite why it ended.
+        live.kill(EndReason::Deadline {
+            at,
+            cause: "grant expiry",
+        });
+        assert_eq!(live.reason().map(|r| r.code()), Some("revoked"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_leaves_is_not_told_and_a_drain_tells_everyone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (core, live, io) = live_session(dir.path(), Duration::from_secs(600), Vec::new()).await;
+        let sup = tokio::spawn(supervise(core, live.clone()));
+        live.kill(EndReason::ClientClosed);
+        sup.await.expect("supervisor");
+        assert_eq!(io.lines(), ["cut"]);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (core, live, io) = live_session(dir.path(), Duration::from_secs(600), Vec::new()).await;
+        let sup = tokio::spawn(supervise(core.clone(), live.clone()));
+        core.shutdown.cancel();
+        sup.await.expect("supervisor");
+        assert_eq!(io.lines(), ["cut", "close gateway_shutdown"]);
+    }
+
     #[test]
     fn end_reasons_keep_their_codes_and_say_who_ended_them() {
         let at = clock::now();
