@@ -1,6 +1,7 @@
 //! breakglass: a gateway for break-glass (emergency) access that records everything.
 //!
-//! Module map (see ARCHITECTURE.md for the invariants):
+//! Module map (see ARCHITECTURE.md for the invariants and the layers, which
+//! `layering` checks):
 //!
 //! - [`config`]: the TOML config, raw → validated → built; `check-config`.
 //! - [`state`]: the state store trait (grants, session index) and its SQLite implementation.
@@ -18,11 +19,14 @@
 //! - [`signing`]: Ed25519 manifest signing keys (rotatable; old keys keep verifying).
 //! - [`verify`]: checks recordings against chain, manifest and signature: OK / INCOMPLETE / TAMPERED.
 //! - [`siem`]: audit events (separate from operational logs) and their sinks.
+//! - [`session`]: the protocol-neutral session core both adapters use: open, supervise over
+//!   `SessionIo`, finish, the live registry, `EndReason` and `Refusal`.
 //! - [`ssh`]: the SSH listener (russh server), the upstream client, and the per-channel relay.
 //! - [`pg`]: the PostgreSQL listener: TLS, SCRAM with JIT credentials, recorded relay;
 //!   `pg::upstream` connects to targets (TLS trusting only the target's `ca_file`);
 //!   `pg::redact` masks `PASSWORD` literals and password messages before they are recorded.
-//! - [`server`]: `run(config, shutdown)`, the whole gateway as a library function.
+//! - [`server`]: the composition root: `run(config, shutdown)`, the whole gateway as a library
+//!   function; the only place TLS settings are built and services wired.
 //! - [`shutdown`]: one cancellation token and task tracker with a documented drain order.
 //! - [`clock`]: the one wall-clock function.
 //! - [`api`]: the JSON API (bearer tokens fetched over SSH, or the web UI's cookie) for the
