@@ -60,7 +60,7 @@ impl Who {
 
     /// Reviewers, auditors and admins see every session; others see their own.
     pub(crate) fn sees_all_sessions(&self) -> bool {
-        self.has("reviewer") || self.has("auditor") || self.has("admin")
+        crate::policy::sees_everything(&self.roles)
     }
 
     /// Refuses a change the person may not make here: auditors are read-only, and a browser
@@ -283,13 +283,7 @@ async fn revoke(
 }
 
 fn may_see(gw: &Gateway, w: &Who, person: &str, target: &str) -> bool {
-    person == w.person
-        || w.sees_all_sessions()
-        || gw
-            .config
-            .targets
-            .get(target)
-            .is_some_and(|t| t.is_approver(&w.person, &w.roles) || t.custodians.contains(&w.person))
+    crate::policy::may_see(&w.person, &w.roles, person, gw.config.targets.get(target))
 }
 
 async fn list_requests(

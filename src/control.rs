@@ -294,16 +294,7 @@ fn request_event(action: Action, actor: &str, r: &Request) -> AccessEvent {
 }
 
 fn grant_event(action: Action, actor: &str, g: &Grant) -> AccessEvent {
-    let mut e = AccessEvent::new(action, actor);
-    e.person = Some(g.person.clone());
-    e.target = Some(g.target.clone());
-    e.grant_id = Some(g.id.clone());
-    e.request_id = g.request_id.clone();
-    e.correlation_id = Some(g.correlation_id().to_string());
-    e.justification = Some(g.reason.clone());
-    e.incident_id = Some(g.incident_id.clone());
-    e.deadline = Some(clock::rfc3339(g.expires_at));
-    e
+    AccessEvent::for_grant(action, actor, g)
 }
 
 async fn emit(gw: &Gateway, e: &AccessEvent) -> Result<(), StateError> {
@@ -751,12 +742,12 @@ async fn status(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError
 
 /// Whether the caller may see another person's grant or request for `target`.
 fn may_see(gw: &Gateway, caller: &Caller<'_>, person: &str, target: &str) -> bool {
-    person == caller.person
-        || caller.is_admin()
-        || gw.config.targets.get(target).is_some_and(|t| {
-            t.is_approver(caller.person, caller.roles)
-                || t.custodians.iter().any(|c| c == caller.person)
-        })
+    crate::policy::may_see(
+        caller.person,
+        caller.roles,
+        person,
+        gw.config.targets.get(target),
+    )
 }
 
 async fn grants(gw: &Gateway, caller: &Caller<'_>) -> Result<Outcome, StateError> {

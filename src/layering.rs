@@ -14,7 +14,7 @@ const LAYERS: &[&[&str]] = &[
     // Config types and utilities.
     &["clock", "text", "csv", "shutdown", "outbound", "config"],
     // Domain: grants, preauth limits.
-    &["grant", "preauth"],
+    &["grant", "preauth", "policy"],
     // Stores.
     &["state", "storage", "vault", "keys", "signing", "credential"],
     // Evidence: recorder, formats, verify, exports.

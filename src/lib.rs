@@ -7,6 +7,7 @@
 //! - [`state`]: the state store trait (grants, session index) and its SQLite implementation.
 //! - [`control`]: the workflow over SSH: request, approve, deny, revoke, status.
 //! - [`credential`]: JIT database credentials, kept only as SCRAM-SHA-256 verifiers.
+//! - [`policy`]: who may see what: the one visibility rule of every surface.
 //! - [`grant`]: grant rules: which grant admits a person to a target, and the session deadline.
 //! - [`keys`]: the gateway's own keys: SSH host key, upstream user CA, per-session certificates.
 //! - [`storage`]: the recording store (object_store, create-only puts); the only module that
@@ -59,6 +60,7 @@ pub mod keys;
 mod layering;
 pub mod outbound;
 pub mod pg;
+pub mod policy;
 pub mod preauth;
 pub mod record;
 pub mod report;

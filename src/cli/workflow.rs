@@ -119,13 +119,9 @@ pub(super) async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
             text::check("--reason", &reason, text::Lines::One).map_err(|e| anyhow!(e))?;
             let by = operator();
             let g = store.revoke_grant(&id, &by, &reason, clock::now()).await?;
-            let mut e = AccessEvent::new(Action::GrantRevoked, &by);
-            e.person = Some(g.person.clone());
-            e.target = Some(g.target.clone());
-            e.grant_id = Some(g.id.clone());
-            e.correlation_id = Some(g.id.clone());
-            e.justification = Some(g.reason.clone());
-            e.incident_id = Some(g.incident_id.clone());
+            // The same event as every other revoke: the request's correlation id, not the
+            // grant's own id.
+            let mut e = AccessEvent::for_grant(Action::GrantRevoked, &by, &g);
             e.reason = Some(reason);
             e.message = Some(format!(
                 "{by} revoked grant {} of {} on {}",

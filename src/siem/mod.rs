@@ -206,6 +206,21 @@ pub struct AccessEvent {
 }
 
 impl AccessEvent {
+    /// An event about a grant, with its person, target, request, incident, deadline and the
+    /// correlation id that ties it to its request (every surface builds grant events here).
+    pub fn for_grant(action: Action, actor: &str, g: &crate::grant::Grant) -> AccessEvent {
+        let mut e = AccessEvent::new(action, actor);
+        e.person = Some(g.person.clone());
+        e.target = Some(g.target.clone());
+        e.grant_id = Some(g.id.clone());
+        e.request_id = g.request_id.clone();
+        e.correlation_id = Some(g.correlation_id().to_string());
+        e.justification = Some(g.reason.clone());
+        e.incident_id = Some(g.incident_id.clone());
+        e.deadline = Some(crate::clock::rfc3339(g.expires_at));
+        e
+    }
+
     /// A new event with a fresh id and timestamp; callers fill the rest.
     pub fn new(action: Action, actor: &str) -> AccessEvent {
         let event_type = match action {
