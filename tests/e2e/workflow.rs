@@ -220,6 +220,22 @@ async fn two_person_workflow_over_the_ssh_control_channel() {
         assert_eq!(e["event_data"]["correlation_id"], req.as_str());
         assert!(e["actor"].as_str().is_some_and(|a| !a.is_empty()));
     }
+    // An operator's revoke from the CLI is the same event: it carries the request's
+    // correlation id, not the grant's own id.
+    let created = w
+        .siem_events()
+        .into_iter()
+        .find(|e| e["action"] == "grant_created" && e["request_id"] == req2.as_str())
+        .expect("the grant of the second request");
+    let gid = created["grant_id"].as_str().expect("grant id").to_string();
+    w.cli_ok(&["grant", "revoke", &gid, "--reason", "incident closed"]);
+    let revoked = w
+        .siem_events()
+        .into_iter()
+        .find(|e| e["action"] == "grant_revoked" && e["grant_id"] == gid.as_str())
+        .expect("the CLI revoke's event");
+    assert_eq!(revoked["correlation_id"], req2.as_str(), "{revoked}");
+    assert_eq!(revoked["request_id"], req2.as_str(), "{revoked}");
     validate_all_events(&w);
 }
 
