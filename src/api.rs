@@ -149,25 +149,12 @@ fn outcome(o: control::Outcome) -> Response {
         }
         return (StatusCode::OK, Json(body)).into_response();
     }
-    let status = if message.contains("cannot approve your own")
-        || message.contains("read-only")
-        || message.contains("is not an approver")
-        || message.contains("may not")
-        || message.contains("not yours")
-    {
-        StatusCode::FORBIDDEN
-    } else if message.contains("no request matches")
-        || message.contains("no grant matches")
-        || message.contains("no target named")
-    {
-        StatusCode::NOT_FOUND
-    } else if message.contains("already")
-        || message.contains("not pending")
-        || message.contains("is not active")
-    {
-        StatusCode::CONFLICT
-    } else {
-        StatusCode::BAD_REQUEST
+    let status = match o.failure {
+        Some(control::Failure::Forbidden) => StatusCode::FORBIDDEN,
+        Some(control::Failure::NotFound) => StatusCode::NOT_FOUND,
+        Some(control::Failure::Conflict) => StatusCode::CONFLICT,
+        Some(control::Failure::Internal) => StatusCode::INTERNAL_SERVER_ERROR,
+        Some(control::Failure::Invalid) | None => StatusCode::BAD_REQUEST,
     };
     ApiError(status, message).into_response()
 }

@@ -35,6 +35,8 @@ pub fn token_hash(token: &str) -> String {
 pub struct Outcome {
     pub text: String,
     pub code: u32,
+    /// Why the command failed (None when it succeeded); the API's status comes from it.
+    pub failure: Option<Failure>,
     /// Ids of what the command created or changed, e.g. `{"request_id": ..., "grant_id": ...}`.
     pub data: serde_json::Value,
 }
@@ -43,6 +45,7 @@ fn ok(text: String) -> Outcome {
     Outcome {
         text,
         code: 0,
+        failure: None,
         data: serde_json::Value::Null,
     }
 }
@@ -51,16 +54,72 @@ fn ok_with(text: String, data: serde_json::Value) -> Outcome {
     Outcome {
         text,
         code: 0,
+        failure: None,
         data,
     }
 }
 
+/// The kind of a workflow failure, fixed where the failure happens: the API answers 400, 403,
+/// 404, 409 or 500 from it, never from the message's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The command is malformed or incomplete.
+    Invalid,
+    /// The caller may not do this (two-person rule, roles, read-only auditors).
+    Forbidden,
+    /// No such request, grant, review or target.
+    NotFound,
+    /// The thing is not in a state that allows it (already decided, revoked, signed).
+    Conflict,
+    /// The gateway failed (state store); not the caller's fault.
+    Internal,
+}
+
+impl From<&StateError> for Failure {
+    fn from(e: &StateError) -> Failure {
+        match e {
+            StateError::NoSuchGrant(_)
+            | StateError::NoSuchRequest(_)
+            | StateError::NoSuchReview(_) => Failure::NotFound,
+            StateError::AlreadyRevoked(_)
+            | StateError::NotPending { .. }
+            | StateError::AlreadyApproved { .. }
+            | StateError::AlreadySigned(_) => Failure::Conflict,
+            StateError::Ambiguous(_) => Failure::Invalid,
+            StateError::Db(_) | StateError::TooNew { .. } => Failure::Internal,
+        }
+    }
+}
+
+/// A malformed or incomplete command.
 fn fail(text: impl Into<String>) -> Outcome {
+    refuse(Failure::Invalid, text)
+}
+
+fn refuse(kind: Failure, text: impl Into<String>) -> Outcome {
     Outcome {
         text: format!("breakglass: {}\n", text.into()),
         code: 1,
+        failure: Some(kind),
         data: serde_json::Value::Null,
     }
+}
+
+/// A refused sign-off, with its kind.
+fn sign_fail(e: &crate::review::SignError) -> Outcome {
+    use crate::review::SignError as E;
+    let kind = match e {
+        E::NotReviewer(_) | E::Participant { .. } => Failure::Forbidden,
+        E::Incomplete => Failure::Invalid,
+        E::State(s) => s.into(),
+        E::Store(_) => Failure::Internal,
+    };
+    refuse(kind, e.to_string())
+}
+
+/// A state store refusal, with its kind.
+fn state_fail(e: &StateError) -> Outcome {
+    refuse(e.into(), e.to_string())
 }
 
 /// A parsed control command line.
@@ -250,10 +309,13 @@ pub async fn run_parsed(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Outcom
         "request" | "approve" | "deny" | "revoke" | "review" | "credential"
     );
     if writes && caller.roles.iter().any(|r| r == "auditor") {
-        return fail(format!(
-            "{} is an auditor; auditors are read-only and cannot {}",
-            caller.person, p.command
-        ));
+        return refuse(
+            Failure::Forbidden,
+            format!(
+                "{} is an auditor; auditors are read-only and cannot {}",
+                caller.person, p.command
+            ),
+        );
     }
     let res = match p.command.as_str() {
         "" | "help" | "--help" => Ok(ok(HELP.to_string())),
@@ -274,7 +336,7 @@ pub async fn run_parsed(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Outcom
             crate::text::terminal(other)
         ))),
     };
-    res.unwrap_or_else(|e| fail(e.to_string()))
+    res.unwrap_or_else(|e| state_fail(&e))
 }
 
 fn request_event(action: Action, actor: &str, r: &Request) -> AccessEvent {
@@ -322,7 +384,10 @@ pub(crate) async fn request(
         ));
     };
     let Some(target) = gw.config.targets.get(target_name) else {
-        return Ok(fail(format!("there is no target named `{target_name}`")));
+        return Ok(refuse(
+            Failure::NotFound,
+            format!("there is no target named `{target_name}`"),
+        ));
     };
     let Some(reason) = p.opts.get("reason").filter(|r| !r.trim().is_empty()) else {
         return Ok(fail("a request needs a justification: --reason TEXT"));
@@ -473,18 +538,24 @@ pub(crate) async fn approve(
     };
     // The two-person rule: nobody approves their own request.
     if req.person == caller.person {
-        return Ok(fail(format!(
-            "you cannot approve your own request {} (two-person rule)",
-            req.id
-        )));
+        return Ok(refuse(
+            Failure::Forbidden,
+            format!(
+                "you cannot approve your own request {} (two-person rule)",
+                req.id
+            ),
+        ));
     }
     if !target.is_approver(caller.person, caller.roles) {
-        return Ok(fail(format!(
-            "{} is not an approver for {} (approvers: {})",
-            caller.person,
-            target.name,
-            target.approvers.join(", ")
-        )));
+        return Ok(refuse(
+            Failure::Forbidden,
+            format!(
+                "{} is not an approver for {} (approvers: {})",
+                caller.person,
+                target.name,
+                target.approvers.join(", ")
+            ),
+        ));
     }
     let now = clock::now();
     match gw
@@ -529,10 +600,11 @@ pub(crate) async fn approve(
                 serde_json::json!({"request_id": request.id, "grant_id": grant.id, "expires_at": clock::rfc3339(grant.expires_at)}),
             ))
         }
-        Err(StateError::AlreadyApproved { id, .. }) => Ok(fail(format!(
-            "you have already approved {id}; another approver is needed"
-        ))),
-        Err(e) => Ok(fail(e.to_string())),
+        Err(StateError::AlreadyApproved { id, .. }) => Ok(refuse(
+            Failure::Conflict,
+            format!("you have already approved {id}; another approver is needed"),
+        )),
+        Err(e) => Ok(state_fail(&e)),
     }
 }
 
@@ -555,7 +627,7 @@ pub(crate) async fn deny(
         .is_some_and(|t| t.is_approver(caller.person, caller.roles))
         || caller.is_admin();
     if !may || req.person == caller.person {
-        return Ok(fail(format!(
+        return Ok(refuse(Failure::Forbidden, format!(
             "{} may not deny request {} (approvers of {} and admins may; withdraw your own by letting it expire)",
             caller.person, req.id, req.target
         )));
@@ -566,7 +638,7 @@ pub(crate) async fn deny(
         .await
     {
         Ok(r) => r,
-        Err(e) => return Ok(fail(e.to_string())),
+        Err(e) => return Ok(state_fail(&e)),
     };
     let mut ev = request_event(Action::RequestDenied, caller.person, &req);
     ev.outcome = "failure".into();
@@ -605,7 +677,7 @@ pub(crate) async fn revoke(
                 || t.custodians.iter().any(|c| c == caller.person)
         });
     if !may {
-        return Ok(fail(format!(
+        return Ok(refuse(Failure::Forbidden, format!(
             "{} may not revoke grant {} (its holder, approvers and custodians of {} and admins may)",
             caller.person, g.id, g.target
         )));
@@ -616,7 +688,7 @@ pub(crate) async fn revoke(
         .await
     {
         Ok(g) => g,
-        Err(e) => return Ok(fail(e.to_string())),
+        Err(e) => return Ok(state_fail(&e)),
     };
     let mut ev = grant_event(Action::GrantRevoked, caller.person, &g);
     ev.reason = Some(reason.clone());
@@ -813,11 +885,17 @@ async fn credential(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Out
     };
     let g = gw.store.find_grant(&grant_id).await?;
     if g.person != caller.person {
-        return Ok(fail(format!("grant {} is not yours", g.id)));
+        return Ok(refuse(
+            Failure::Forbidden,
+            format!("grant {} is not yours", g.id),
+        ));
     }
     let now = clock::now();
     if g.state_at(now) != GrantState::Active {
-        return Ok(fail(format!("grant {} is not active", g.id)));
+        return Ok(refuse(
+            Failure::Conflict,
+            format!("grant {} is not active", g.id),
+        ));
     }
     let secret = crate::credential::new_secret();
     gw.store
@@ -939,7 +1017,7 @@ async fn review(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome
             caller.person,
             crate::storage::key::review(&r.correlation_id, &r.id)
         ))),
-        Err(e) => Ok(fail(e.to_string())),
+        Err(e) => Ok(sign_fail(&e)),
     }
 }
 
@@ -1056,5 +1134,28 @@ mod tests {
             let p = parse(line).expect(line);
             assert_eq!(check_input(&p).err().as_deref(), *want, "{line:?}");
         }
+    }
+
+    #[test]
+    fn a_state_refusal_keeps_its_kind_and_a_store_failure_is_not_the_callers() {
+        let cases = [
+            (StateError::NoSuchGrant("g".into()), Failure::NotFound),
+            (StateError::NoSuchReview("v".into()), Failure::NotFound),
+            (StateError::AlreadyRevoked("g".into()), Failure::Conflict),
+            (
+                StateError::NotPending {
+                    id: "r".into(),
+                    status: "denied".into(),
+                },
+                Failure::Conflict,
+            ),
+            (StateError::Ambiguous("a".into()), Failure::Invalid),
+            (StateError::Db("disk I/O error".into()), Failure::Internal),
+        ];
+        for (e, want) in cases {
+            let o = state_fail(&e);
+            assert_eq!((o.code, o.failure), (1, Some(want)), "{e}");
+        }
+        assert_eq!(ok("fine".into()).failure, None);
     }
 }
