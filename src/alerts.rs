@@ -53,7 +53,7 @@ pub fn alertable(e: &AccessEvent) -> bool {
         Action::GrantCreated => e.emergency == Some(true),
         Action::ReviewOverdue => true,
         Action::ReviewOpened | Action::ReviewSigned | Action::CredentialIssued => false,
-        Action::CredentialRotated => e.outcome == "failure",
+        Action::CredentialRotated => e.outcome == crate::siem::Outcome::Failure,
         // A new manifest signing key changes what verification trusts: custodians hear of it.
         Action::SigningKeyRotated => true,
         // Planted or removed evidence: custodians hear of it at once.

@@ -641,7 +641,7 @@ pub(crate) async fn deny(
         Err(e) => return Ok(state_fail(&e)),
     };
     let mut ev = request_event(Action::RequestDenied, caller.person, &req);
-    ev.outcome = "failure".into();
+    ev.outcome = crate::siem::Outcome::Failure;
     ev.reason = Some(reason.clone());
     ev.message = Some(format!("{} denied {}: {reason}", caller.person, req.id));
     emit(gw, &ev).await?;
@@ -1030,7 +1030,7 @@ pub async fn request_expiry(gw: std::sync::Arc<Gateway>) {
             Ok(expired) => {
                 for r in expired {
                     let mut ev = request_event(Action::RequestExpired, "breakglass", &r);
-                    ev.outcome = "failure".into();
+                    ev.outcome = crate::siem::Outcome::Failure;
                     ev.reason = Some("not_approved_in_time".into());
                     ev.message = Some(format!("request {} expired without enough approvals", r.id));
                     if let Err(e) = gw.audit(&ev).await {

@@ -115,18 +115,18 @@ impl Denial {
     }
 
     /// Which side caused it.
-    pub fn side(&self) -> &'static str {
+    pub fn side(&self) -> Side {
         match self {
             Denial::UnknownKey { .. }
             | Denial::UnknownTarget { .. }
             | Denial::WrongProtocol { .. }
             | Denial::NoGrant { .. }
             | Denial::Expired { .. }
-            | Denial::Revoked { .. } => "client",
-            Denial::HostKeyMismatch { .. } | Denial::Upstream { .. } => "upstream",
+            | Denial::Revoked { .. } => Side::Client,
+            Denial::HostKeyMismatch { .. } | Denial::Upstream { .. } => Side::Upstream,
             Denial::RecordingUnavailable { .. }
             | Denial::Internal { .. }
-            | Denial::AtCapacity { .. } => "internal",
+            | Denial::AtCapacity { .. } => Side::Internal,
         }
     }
 }
@@ -217,6 +217,28 @@ pub fn deadline(
         .and_then(|d| started.checked_add_signed(d))
         .unwrap_or(grant.expires_at);
     grant.expires_at.min(cap)
+}
+
+/// Whose fault a refusal or failure is: the SIEM's `side`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// The client asked for something it may not have, or broke the protocol.
+    Client,
+    /// The target could not be reached or refused the gateway.
+    Upstream,
+    /// The gateway's own parts (recording, state store, SIEM) failed.
+    Internal,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+            Side::Internal => "internal",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -184,7 +184,7 @@ pub async fn overdue_watcher(core: Arc<Core>) {
             Ok(rows) => {
                 for r in rows {
                     let mut e = event(Action::ReviewOverdue, "breakglass", &r);
-                    e.outcome = "failure".into();
+                    e.outcome = crate::siem::Outcome::Failure;
                     e.message = Some(format!(
                         "post-incident review {} is overdue (due {})",
                         r.id,

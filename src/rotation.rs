@@ -370,8 +370,8 @@ pub async fn worker(gw: Arc<Gateway>) {
                     tracing::error!(target = %g.target, grant_id = %g.id, error = %why, late, "rotation failed; will retry");
                     if late {
                         let mut e = AccessEvent::new(Action::CredentialRotated, "breakglass");
-                        e.outcome = "failure".into();
-                        e.side = Some("upstream".into());
+                        e.outcome = crate::siem::Outcome::Failure;
+                        e.side = Some(crate::grant::Side::Upstream);
                         e.target = Some(g.target.clone());
                         e.grant_id = Some(g.id.clone());
                         e.correlation_id = Some(g.correlation_id().to_string());

@@ -118,26 +118,8 @@ impl EndReason {
     }
 }
 
-/// Whose fault a refusal or failure is: the SIEM's `side`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// The client asked for something it may not have, or broke the protocol.
-    Client,
-    /// The target could not be reached or refused the gateway.
-    Upstream,
-    /// The gateway's own parts (recording, state store, SIEM) failed.
-    Internal,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Client => "client",
-            Source::Upstream => "upstream",
-            Source::Internal => "internal",
-        }
-    }
-}
+/// Whose fault a refusal or failure is (the SIEM's `side`).
+pub use crate::grant::Side as Source;
 
 /// A session the gateway would not (or could not) start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -687,14 +669,14 @@ async fn finish_in(core: &Core, s: &Arc<Live>) {
     match &sealed {
         Ok(meta) => end_ev.chain_head = Some(meta.chain_head.clone()),
         Err(e) => {
-            end_ev.outcome = "failure".into();
-            end_ev.side = Some(Source::Internal.as_str().into());
+            end_ev.outcome = crate::siem::Outcome::Failure;
+            end_ev.side = Some(Source::Internal);
             end_ev.message = Some(format!("{}; recording not sealed: {e}", reason.message()));
         }
     }
     if let Some(side) = reason.failure() {
-        end_ev.outcome = "failure".into();
-        end_ev.side = Some(side.as_str().into());
+        end_ev.outcome = crate::siem::Outcome::Failure;
+        end_ev.side = Some(side);
     }
     events.push(end_ev);
     for e in events {

@@ -520,20 +520,21 @@ impl Ctx {
         code: &str,
         client: Fatal,
     ) -> Result<(), WireError> {
-        self.audit_denial(why, code, "client").await;
+        self.audit_denial(why, code, crate::grant::Side::Client)
+            .await;
         wire::send(conn, &wire::error("FATAL", client.code, &client.msg)).await
     }
 
-    async fn audit_denial(&self, why: &str, code: &str, side: &str) {
+    async fn audit_denial(&self, why: &str, code: &str, side: crate::grant::Side) {
         let mut e = AccessEvent::new(Action::SessionDenied, &self.person);
         e.protocol = "postgres".into();
         e.person = Some(self.person.clone());
         e.target = Some(self.target.clone());
         e.client_addr = Some(self.peer.to_string());
-        e.outcome = "failure".into();
+        e.outcome = crate::siem::Outcome::Failure;
         e.reason = Some(code.to_string());
         e.message = Some(why.to_string());
-        e.side = Some(side.into());
+        e.side = Some(side);
         let _ = self.gw.audit(&e).await;
     }
 
@@ -544,9 +545,9 @@ impl Ctx {
         code: &str,
     ) -> Result<(), WireError> {
         let side = match f.code {
-            "08006" => "upstream",
-            "XX000" | "58030" | "53300" => "internal",
-            _ => "client",
+            "08006" => crate::grant::Side::Upstream,
+            "XX000" | "58030" | "53300" => crate::grant::Side::Internal,
+            _ => crate::grant::Side::Client,
         };
         self.audit_denial(&f.msg, code, side).await;
         wire::send(conn, &wire::error("FATAL", f.code, &f.msg)).await

@@ -103,7 +103,7 @@ pub fn ocsf(e: &AccessEvent) -> Value {
     let time = chrono::DateTime::parse_from_rfc3339(&e.timestamp)
         .map(|t| t.timestamp_millis())
         .unwrap_or(0);
-    let success = e.outcome == "success";
+    let success = e.outcome == crate::siem::Outcome::Success;
     let mut o = Map::new();
     o.insert("class_uid".into(), json!(class_uid));
     o.insert("class_name".into(), json!(class_name));
@@ -308,7 +308,7 @@ pub fn cef(e: &AccessEvent) -> String {
         ("externalId", e.event_id.clone()),
         ("suser", e.actor.clone()),
         ("act", e.action.as_str().to_string()),
-        ("outcome", e.outcome.clone()),
+        ("outcome", e.outcome.as_str().to_string()),
         ("app", e.protocol.clone()),
         ("cat", e.event_type.clone()),
     ];
@@ -381,7 +381,11 @@ pub fn cef(e: &AccessEvent) -> String {
 /// goes into structured data so a receiver can de-duplicate without parsing the body. The
 /// SD-ID uses 32473, the private enterprise number IANA reserves for examples (RFC 5612).
 pub fn syslog5424(e: &AccessEvent, format: Format, host: &str, app: &str) -> String {
-    let sev = if e.outcome == "failure" { 5 } else { 6 };
+    let sev = if e.outcome == crate::siem::Outcome::Failure {
+        5
+    } else {
+        6
+    };
     let pri = 10 * 8 + sev;
     let sd_escape = |s: &str| {
         s.replace('\\', "\\\\")
@@ -526,7 +530,7 @@ mod tests {
     #[test]
     fn audit_pipeline_fields_reach_ocsf_and_cef() {
         let mut dropped = AccessEvent::new(Action::ActionsDropped, "alice");
-        dropped.outcome = "failure".into();
+        dropped.outcome = crate::siem::Outcome::Failure;
         dropped.actions_dropped = Some(7);
         let mut searched = AccessEvent::new(Action::RecordingSearched, "bob");
         searched.query = Some("rm -rf|x=y".into());
@@ -566,7 +570,7 @@ mod tests {
     #[test]
     fn syslog_lines_follow_rfc5424() {
         let mut e = AccessEvent::new(Action::SessionDenied, "alice");
-        e.outcome = "failure".into();
+        e.outcome = crate::siem::Outcome::Failure;
         e.session_id = Some("s\"]1".into());
         let m = syslog5424(&e, Format::Seed, "gw host", "breakglass");
         assert!(m.starts_with("<85>1 "), "{m}");

@@ -21,6 +21,23 @@ pub use spool::{SinkStats, Spool, SpoolError};
 /// Version of the event shape in `recordings-schema/siem-event.schema.json`.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// Whether what an event reports succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Success,
+    Failure,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+        }
+    }
+}
+
 /// What happened. Serialized in snake_case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -135,13 +152,13 @@ pub struct AccessEvent {
     pub incident_id: Option<String>,
     pub client_addr: Option<String>,
     /// `success` or `failure`.
-    pub outcome: String,
+    pub outcome: Outcome,
     /// Machine-readable reason (denial code or end reason).
     pub reason: Option<String>,
     /// The human sentence the client saw.
     pub message: Option<String>,
     /// `client`, `upstream` or `internal`: who caused a failure.
-    pub side: Option<String>,
+    pub side: Option<crate::grant::Side>,
     pub deadline: Option<String>,
     pub bytes_in: Option<u64>,
     pub bytes_out: Option<u64>,
@@ -243,7 +260,7 @@ impl AccessEvent {
             justification: None,
             incident_id: None,
             client_addr: None,
-            outcome: "success".into(),
+            outcome: Outcome::Success,
             reason: None,
             message: None,
             side: None,
@@ -444,7 +461,7 @@ fn queued_size(e: &AccessEvent) -> usize {
         + e.timestamp.len()
         + e.actor.len()
         + e.protocol.len()
-        + e.outcome.len()
+        + e.outcome.as_str().len()
         + [
             &e.person,
             &e.target,
@@ -536,7 +553,7 @@ fn summary_raw(e: &AccessEvent) -> String {
         ),
         Action::CredentialRotated => format!(
             "[breakglass] credential rotation for {target}: {}",
-            e.message.as_deref().unwrap_or(&e.outcome)
+            e.message.as_deref().unwrap_or(e.outcome.as_str())
         ),
         Action::SigningKeyRotated => format!(
             "[breakglass] {} rotated the manifest signing key: {} is certified by {}",
@@ -804,8 +821,8 @@ impl Siem {
         e.justification = Some(info.justification.clone());
         e.incident_id = Some(info.incident_id.clone());
         e.client_addr = Some(info.client_addr.clone());
-        e.outcome = "failure".into();
-        e.side = Some("internal".into());
+        e.outcome = crate::siem::Outcome::Failure;
+        e.side = Some(crate::grant::Side::Internal);
         e.actions_dropped = Some(dropped);
         if drained {
             e.reason = Some("action_queue".into());
@@ -1190,7 +1207,7 @@ mod tests {
         assert_eq!(e.session_id.as_deref(), Some("s-1"));
         assert_eq!(e.correlation_id.as_deref(), Some("g-1"));
         assert_eq!(e.reason.as_deref(), Some("action_queue"));
-        assert_eq!(e.outcome, "failure");
+        assert_eq!(e.outcome, Outcome::Failure);
         let cmds: Vec<String> = spooled(&siem)
             .into_iter()
             .filter_map(|e| e.command)

@@ -185,10 +185,10 @@ impl Handler {
         e.person = self.person.clone();
         e.target = (!self.target.is_empty()).then(|| self.target.clone());
         e.client_addr = Some(self.peer.to_string());
-        e.outcome = "failure".into();
+        e.outcome = crate::siem::Outcome::Failure;
         e.reason = Some(d.code().into());
         e.message = Some(d.to_string());
-        e.side = Some(d.side().into());
+        e.side = Some(d.side());
         e.correlation_id = grant_id.clone();
         e.grant_id = grant_id;
         if let Denial::UnknownKey { fingerprint } = d {
@@ -341,8 +341,8 @@ impl Handler {
             .as_ref()
             .map(|s| s.grant.correlation_id().to_string());
         e.client_addr = Some(self.peer.to_string());
-        e.outcome = "failure".into();
-        e.side = Some("client".into());
+        e.outcome = crate::siem::Outcome::Failure;
+        e.side = Some(crate::grant::Side::Client);
         e.reason = Some(what.replace(' ', "_"));
         e.message = Some(text);
         if let Err(err) = self.gw.audit(&e).await {

@@ -321,8 +321,8 @@ async fn report_refused(
         None => AccessEvent::new(Action::EvidenceRefused, "gateway"),
     };
     e.recording = Some(key.to_string());
-    e.outcome = "failure".into();
-    e.side = Some("internal".into());
+    e.outcome = crate::siem::Outcome::Failure;
+    e.side = Some(crate::grant::Side::Internal);
     e.message = Some(format!("{key}: {what}"));
     if let Err(err) = gw.audit(&e).await {
         tracing::error!(error = %err, "could not write SIEM event");
@@ -472,8 +472,8 @@ pub async fn recover_unfinished(gw: &Gateway) {
             Err(_) => row.grant_id.clone(),
         });
         e.recording = Some(row.recording_prefix.clone());
-        e.outcome = "failure".into();
-        e.side = Some("internal".into());
+        e.outcome = crate::siem::Outcome::Failure;
+        e.side = Some(crate::grant::Side::Internal);
         e.reason = Some("gateway_crashed".into());
         e.message =
             Some("the gateway stopped during this session; the recording is incomplete".into());
