@@ -25,9 +25,24 @@ pub enum Lines {
     Many,
 }
 
+/// The longest one-line field (a reason, an incident id) and the longest multi-line one (a
+/// review's findings), in characters. Every SIEM event, alert, terminal `status` line and web
+/// page repeats these fields; a megabyte reason would be copied into all of them.
+pub const MAX_ONE_LINE: usize = 1000;
+pub const MAX_MANY_LINES: usize = 20_000;
+
 /// Refuses a field holding a control character, naming the field and the first offending
-/// character as an escape: `reason contains a control character (U+001B)`.
+/// character as an escape: `reason contains a control character (U+001B)`; and a field over
+/// [`MAX_ONE_LINE`] or [`MAX_MANY_LINES`] characters.
 pub fn check(field: &str, value: &str, lines: Lines) -> Result<(), String> {
+    let max = match lines {
+        Lines::One => MAX_ONE_LINE,
+        Lines::Many => MAX_MANY_LINES,
+    };
+    // Counting stops at the first character over the limit.
+    if value.chars().nth(max).is_some() {
+        return Err(format!("{field} is longer than {max} characters"));
+    }
     match value
         .chars()
         .find(|&c| is_refused(c) && !(lines == Lines::Many && c == '\n'))
@@ -90,6 +105,20 @@ pub fn mrkdwn(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_refuses_fields_over_their_length() {
+        let at = "é".repeat(MAX_ONE_LINE);
+        assert_eq!(check("reason", &at, Lines::One), Ok(()));
+        let over = format!("{at}x");
+        assert_eq!(
+            check("reason", &over, Lines::One),
+            Err(format!("reason is longer than {MAX_ONE_LINE} characters"))
+        );
+        assert_eq!(check("findings", &over, Lines::Many), Ok(()));
+        let long = "a\n".repeat(MAX_MANY_LINES);
+        assert!(check("findings", &long, Lines::Many).is_err());
+    }
 
     #[test]
     fn check_refuses_controls_and_bidi() {

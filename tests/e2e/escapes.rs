@@ -95,6 +95,20 @@ async fn escape_injection_is_refused_at_input_and_shown_as_text() {
         body["error"], "reason contains a control character (U+000A)",
         "{body}"
     );
+    // A reason too long for every event, alert and status line that repeats it.
+    let (code, body) = api(
+        &w,
+        Some(&alice),
+        "POST",
+        "/api/v1/requests",
+        Some(json!({"target": "web-01", "reason": "x".repeat(1001), "incident": "INC-1"})),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(
+        body["error"], "reason is longer than 1000 characters",
+        "{body}"
+    );
     // No request was created by any refusal.
     let (_, body) = api(&w, Some(&alice), "GET", "/api/v1/requests", None).await;
     assert_eq!(body["requests"], json!([]), "{body}");
