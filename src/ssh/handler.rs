@@ -798,7 +798,11 @@ impl server::Handler for Handler {
             },
         );
         let span = s.span.clone();
-        tokio::spawn(pump(s, read, id, rec_ch, pending).instrument(span));
+        // Tracked: the drain waits for every pump to hand its last bytes to the recorder.
+        self.gw
+            .shutdown
+            .tracker
+            .spawn(pump(s, read, id, rec_ch, pending).instrument(span));
         reply.accept().await;
         Ok(())
     }
