@@ -239,16 +239,74 @@ pub async fn run(gw: &Gateway, caller: &Caller<'_>, line: &str) -> Outcome {
 
 /// The options and flags each command takes; anything else is refused, so a misspelt
 /// `--severty` is an error rather than a silent default.
-fn known_options(command: &str) -> (&'static [&'static str], &'static [&'static str]) {
-    match command {
-        "request" => (
-            &["reason", "incident", "severity", "scenario", "for"],
-            &["emergency"],
-        ),
-        "deny" | "revoke" => (&["reason"], &[]),
-        "review" => (&["findings", "root-cause"], &[]),
-        _ => (&[], &[]),
+/// A workflow command, as every surface names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Help,
+    Request,
+    Approve,
+    Deny,
+    Revoke,
+    Status,
+    Grants,
+    Requests,
+    Reviews,
+    Credential,
+    Token,
+    Login,
+    Review,
+}
+
+impl Command {
+    /// The command a word names; None for an unknown word.
+    pub fn parse(word: &str) -> Option<Command> {
+        Some(match word {
+            "" | "help" | "--help" => Command::Help,
+            "request" => Command::Request,
+            "approve" => Command::Approve,
+            "deny" => Command::Deny,
+            "revoke" => Command::Revoke,
+            "status" => Command::Status,
+            "grants" => Command::Grants,
+            "requests" => Command::Requests,
+            "reviews" => Command::Reviews,
+            "credential" => Command::Credential,
+            "token" => Command::Token,
+            "login" => Command::Login,
+            "review" => Command::Review,
+            _ => return None,
+        })
     }
+
+    /// Whether it changes the workflow's state (auditors, who are read-only, may not).
+    pub fn writes(self) -> bool {
+        matches!(
+            self,
+            Command::Request
+                | Command::Approve
+                | Command::Deny
+                | Command::Revoke
+                | Command::Review
+                | Command::Credential
+        )
+    }
+
+    /// The options (with a value) and flags it takes.
+    fn options(self) -> (&'static [&'static str], &'static [&'static str]) {
+        match self {
+            Command::Request => (
+                &["reason", "incident", "severity", "scenario", "for"],
+                &["emergency"],
+            ),
+            Command::Deny | Command::Revoke => (&["reason"], &[]),
+            Command::Review => (&["findings", "root-cause"], &[]),
+            _ => (&[], &[]),
+        }
+    }
+}
+
+fn known_options(command: &str) -> (&'static [&'static str], &'static [&'static str]) {
+    Command::parse(command).map_or((&[], &[]), Command::options)
 }
 
 /// Refuses options a command does not take and text holding control characters. Every
@@ -304,11 +362,13 @@ pub async fn run_parsed(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Outcom
     if let Err(e) = check_input(p) {
         return fail(e);
     }
-    let writes = matches!(
-        p.command.as_str(),
-        "request" | "approve" | "deny" | "revoke" | "review" | "credential"
-    );
-    if writes && caller.roles.iter().any(|r| r == "auditor") {
+    let Some(cmd) = Command::parse(&p.command) else {
+        return fail(format!(
+            "unknown command `{}`\n\n{HELP}",
+            crate::text::terminal(&p.command)
+        ));
+    };
+    if cmd.writes() && caller.roles.iter().any(|r| r == "auditor") {
         return refuse(
             Failure::Forbidden,
             format!(
@@ -317,24 +377,20 @@ pub async fn run_parsed(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Outcom
             ),
         );
     }
-    let res = match p.command.as_str() {
-        "" | "help" | "--help" => Ok(ok(HELP.to_string())),
-        "request" => request(gw, caller, p).await,
-        "approve" => approve(gw, caller, p).await,
-        "deny" => deny(gw, caller, p).await,
-        "revoke" => revoke(gw, caller, p).await,
-        "status" => status(gw, caller).await,
-        "grants" => grants(gw, caller).await,
-        "requests" => requests(gw, caller).await,
-        "reviews" => reviews(gw, caller).await,
-        "credential" => credential(gw, caller, p).await,
-        "token" => token(gw, caller).await,
-        "login" => login(gw, caller).await,
-        "review" => review(gw, caller, p).await,
-        other => Ok(fail(format!(
-            "unknown command `{}`\n\n{HELP}",
-            crate::text::terminal(other)
-        ))),
+    let res = match cmd {
+        Command::Help => Ok(ok(HELP.to_string())),
+        Command::Request => request(gw, caller, p).await,
+        Command::Approve => approve(gw, caller, p).await,
+        Command::Deny => deny(gw, caller, p).await,
+        Command::Revoke => revoke(gw, caller, p).await,
+        Command::Status => status(gw, caller).await,
+        Command::Grants => grants(gw, caller).await,
+        Command::Requests => requests(gw, caller).await,
+        Command::Reviews => reviews(gw, caller).await,
+        Command::Credential => credential(gw, caller, p).await,
+        Command::Token => token(gw, caller).await,
+        Command::Login => login(gw, caller).await,
+        Command::Review => review(gw, caller, p).await,
     };
     res.unwrap_or_else(|e| state_fail(&e))
 }
@@ -1157,5 +1213,30 @@ mod tests {
             assert_eq!((o.code, o.failure), (1, Some(want)), "{e}");
         }
         assert_eq!(ok("fine".into()).failure, None);
+    }
+
+    #[test]
+    fn commands_parse_and_only_changes_count_as_writes() {
+        for w in [
+            "request",
+            "approve",
+            "deny",
+            "revoke",
+            "review",
+            "credential",
+        ] {
+            assert!(Command::parse(w).is_some_and(Command::writes), "{w} writes");
+        }
+        for w in [
+            "", "help", "status", "grants", "requests", "reviews", "token", "login",
+        ] {
+            assert!(
+                Command::parse(w).is_some_and(|c| !c.writes()),
+                "{w} only reads"
+            );
+        }
+        assert_eq!(Command::parse("rm"), None);
+        assert_eq!(known_options("deny"), (&["reason"][..], &[][..]));
+        assert_eq!(known_options("rm"), (&[][..], &[][..]));
     }
 }
