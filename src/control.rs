@@ -411,10 +411,6 @@ fn request_event(action: Action, actor: &str, r: &Request) -> AccessEvent {
     e
 }
 
-fn grant_event(action: Action, actor: &str, g: &Grant) -> AccessEvent {
-    AccessEvent::for_grant(action, actor, g)
-}
-
 async fn emit(gw: &Gateway, e: &AccessEvent) -> Result<(), StateError> {
     gw.audit(e)
         .await
@@ -549,7 +545,7 @@ pub(crate) async fn request(
                 request.person, request.target
             ));
             emit(gw, &ev).await?;
-            let mut gev = grant_event(Action::GrantCreated, caller.person, &grant);
+            let mut gev = AccessEvent::for_grant(Action::GrantCreated, caller.person, &grant);
             gev.emergency = Some(true);
             emit(gw, &gev).await?;
             text.push_str(&format!(
@@ -641,7 +637,7 @@ pub(crate) async fn approve(
             emit(gw, &ev).await?;
             emit(
                 gw,
-                &grant_event(Action::GrantCreated, caller.person, &grant),
+                &AccessEvent::for_grant(Action::GrantCreated, caller.person, &grant),
             )
             .await?;
             Ok(ok_with(
@@ -746,7 +742,7 @@ pub(crate) async fn revoke(
         Ok(g) => g,
         Err(e) => return Ok(state_fail(&e)),
     };
-    let mut ev = grant_event(Action::GrantRevoked, caller.person, &g);
+    let mut ev = AccessEvent::for_grant(Action::GrantRevoked, caller.person, &g);
     ev.reason = Some(reason.clone());
     ev.message = Some(format!(
         "{} revoked grant {} of {} on {}",
@@ -957,7 +953,7 @@ async fn credential(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Out
     gw.store
         .put_credential(&g, &crate::credential::verifier(&secret), now)
         .await?;
-    let mut e = grant_event(Action::CredentialIssued, caller.person, &g);
+    let mut e = AccessEvent::for_grant(Action::CredentialIssued, caller.person, &g);
     e.message = Some(format!(
         "{} fetched a JIT database credential for {} (valid until {})",
         caller.person,

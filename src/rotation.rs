@@ -36,7 +36,7 @@ pub enum RotateError {
     Target { target: String, why: String },
 }
 
-pub use crate::vault::kek;
+use crate::vault::kek;
 
 fn pg_config(t: &TargetConfig, password: &str) -> Result<tokio_postgres::Config, RotateError> {
     let (host, port) = t

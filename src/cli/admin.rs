@@ -373,7 +373,7 @@ pub(super) async fn vault(config: &Path, cmd: VaultCmd) -> Result<ExitCode> {
             if pw.is_empty() {
                 bail!("no password on standard input");
             }
-            let kek = breakglass::rotation::kek(&cfg.kek)?;
+            let kek = breakglass::vault::kek(&cfg.kek)?;
             let store = open_state(&cfg)?;
             let blob = kek.seal(&t.name, &breakglass::vault::Secret::new(pw))?;
             store
