@@ -476,19 +476,8 @@ pub async fn verify_session(
     if link != meta.chain_head {
         findings.push("the chain head in session.json does not match its objects".into());
     }
-    let channels: BTreeSet<&str> = meta
-        .objects
-        .iter()
-        .filter_map(|o| {
-            o.key
-                .strip_prefix(prefix)?
-                .strip_prefix('/')?
-                .split_once('/')
-        })
-        .map(|(ch, _)| ch)
-        .collect();
-    // A recovered manifest chains in key order, which is write order only with one channel.
-    let heads_comparable = !meta.recovered || channels.len() <= 1;
+    // A recovered manifest chains in the evidence ledger's order, which is the order the
+    // gateway wrote (one chain over all channels), so every checkpoint head is comparable.
     for cp in checkpoints {
         if cp.objects > meta.objects.len() {
             findings.push(format!(
@@ -497,7 +486,7 @@ pub async fn verify_session(
                 meta.objects.len()
             ));
         } else if let Some(at) = cp.objects.checked_sub(1).and_then(|i| meta.objects.get(i)) {
-            if at.chain != cp.head && heads_comparable {
+            if at.chain != cp.head {
                 findings.push(format!(
                     "{} does not match the chain after {} (object {}), which is {} (objects before it replaced, removed or reordered)",
                     cp.name(),

@@ -216,25 +216,13 @@ async fn seal_from_ledger(
         .into_iter()
         .map(|o| o.key)
         .collect();
-    // A session from before the ledger existed: adopt what is stored, in key order.
-    let entries: Vec<crate::state::LedgerEntry> = if ledger.is_empty() {
-        tracing::warn!(session_id = %row.id, "no evidence ledger for this session (written by an older gateway); adopting the stored objects as listed");
-        let mut keys = listed.clone();
-        keys.sort_by_key(|k| (*k != start_key, k.clone()));
-        let mut v = Vec::new();
-        for k in keys {
-            let content = gw.recordings.get(&k).await?;
-            v.push(crate::state::LedgerEntry {
-                key: k,
-                size: content.len() as u64,
-                sha256: hex::encode(sha2::Sha256::digest(&content)),
-                chained: None,
-            });
-        }
-        v
-    } else {
-        ledger
-    };
+    // Only the ledger vouches for an object. An empty one (its rows removed, or a crash
+    // before the first commit) adopts nothing: every stored object is reported as foreign
+    // and verify says TAMPERED, never OK over objects nobody can vouch for.
+    if ledger.is_empty() && !listed.is_empty() {
+        tracing::error!(session_id = %row.id, objects = listed.len(), "the evidence ledger lists nothing for this session; no stored object is adopted");
+    }
+    let entries = ledger;
     let mut head = crate::record::chain_seed(&info.session_id);
     let mut objects = Vec::new();
     let mut missing = Vec::new();

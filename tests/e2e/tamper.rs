@@ -735,6 +735,83 @@ async fn every_attack_on_a_recording_is_tampered_or_missing() {
         line,
     ));
 
+    // The same crash, but the operator also removes the session's rows from the evidence
+    // ledger and plants a chunk: with nothing to vouch for them, nothing is adopted.
+    let wl = World::with(Opts {
+        extra_limits: "flush_interval = \"100ms\"\ncheckpoint_interval = \"300ms\"".into(),
+        ..Default::default()
+    });
+    let mut gw = Process::start(&wl);
+    wl.grant("alice", "30m");
+    let mut child = wl
+        .ssh(
+            "alice",
+            "web-01",
+            &[],
+            &["for i in $(seq 1 200); do echo line-$i; sleep 0.02; done; sleep 60"],
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start ssh");
+    wl.wait_event("a checkpoint covering two chunks", |e| {
+        e["action"] == "recording_checkpoint" && e["objects"].as_u64().is_some_and(|n| n >= 3)
+    });
+    gw.kill9();
+    let _ = child.kill();
+    let _ = child.wait();
+    let lid = last_session_id(&wl);
+    let lprefix = wl.sessions()[0]["recording"]
+        .as_str()
+        .expect("prefix")
+        .to_string();
+    let removed = rusqlite::Connection::open(wl.path("data/state.sqlite"))
+        .expect("open the state file")
+        .execute(
+            "DELETE FROM recording_objects WHERE session_id = ?1",
+            rusqlite::params![lid],
+        )
+        .expect("empty the ledger");
+    assert!(
+        removed >= 3,
+        "the ledger listed the session's objects: {removed}"
+    );
+    let planted = format!("{lprefix}/ch0000/00009998.cast");
+    write_file(
+        &wl.path("data/recordings").join(&planted),
+        b"[0.1, \"o\", \"planted-over-empty-ledger\"]\n",
+    );
+    let _gw2 = Process::start(&wl);
+    let ldir = wl.path("data/recordings").join(&lprefix);
+    wait_for(
+        "the restart seals the crashed session",
+        Duration::from_secs(15),
+        || ldir.join("session.json.sig").exists().then_some(()),
+    );
+    let out = wl.cli(&["verify", &lid]);
+    let line = text(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with(&lid))
+        .expect("verdict line")
+        .to_string();
+    assert_eq!(out.status.code(), Some(3), "{line}{}", text(&out.stderr));
+    assert!(
+        line.contains(&format!("{planted} is not in the manifest"))
+            && line.contains(&format!(
+                "{lprefix}/session-start.json is not in the manifest"
+            )),
+        "nothing is adopted without the ledger: {line}"
+    );
+    wl.wait_event(&format!("evidence_refused for {planted}"), |e| {
+        e["action"] == "evidence_refused"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(planted.as_str()) && m.contains("never wrote it"))
+    });
+    table.push((
+        "kill -9, delete the session's evidence-ledger rows from the state store and plant a chunk; restart adopts nothing",
+        line,
+    ));
+
     println!("\ntamper table (attack → verdict):");
     for (attack, line) in &table {
         println!("| {attack} | {line} |");
