@@ -9,6 +9,11 @@
 //!   one of the words `password`, `passwd`, `passphrase`, `pass phrase`, `passcode`, `pin`,
 //!   `token` or `secret` (case-insensitive, whole words) — `Password: `, `[sudo] password for
 //!   alice: `, `Enter PEM pass phrase:`, `Verifying - Password: `; or
+//! - **a prompt came after it began**: while it was being typed the output showed such a
+//!   prompt after a line end, or before echoing any of it (the first keystrokes were typed
+//!   ahead of the prompt); or it was
+//!   submitted but its echo had not been seen when such a prompt appeared (a whole line typed
+//!   or pasted ahead, which the program then reads as the secret); or
 //! - **the target did not echo it**: it has printable characters, no output at all arrived
 //!   between its first keystroke and its Enter, and the output that followed did not contain
 //!   the typed characters (in order, other output interleaved) before the target ended the
@@ -32,6 +37,9 @@
 //!   secret.
 //! - A secret typed ahead, before its prompt appeared, while the terminal still echoed, is
 //!   echoed by the terminal and is therefore in the output stream, as on the person's screen.
+//!   Its input is still redacted when the prompt follows before its echo is complete.
+//! - A command line whose echo is garbled (a redraw longer than the gap allowance) and which is
+//!   followed by a secret prompt is redacted too: a lost command, never a leaked secret.
 //! - A line held when the gateway crashes is lost from the recording (at most
 //!   [`MAX_HELD_BYTES`], or what [`HOLD_LIMIT`] lets accumulate).
 
@@ -208,6 +216,8 @@ struct Line {
     verdict: Option<Verdict>,
     /// Escape-sequence state of the typed stream.
     ansi: Ansi,
+    /// The output ended a line since this line's first keystroke.
+    out_newline: bool,
 }
 
 impl Line {
@@ -338,8 +348,33 @@ impl<T> EchoGuard<T> {
                 self.observe(c);
             }
         }
+        if self.redact && is_secret_prompt(&self.tail) {
+            self.prompt_appeared();
+        }
         self.push(t, Held::Output(data.to_vec()), out);
         self.bound(out);
+    }
+
+    /// A secret prompt ends the output now: undecided lines it can be reading become secret
+    /// (see the module docs, "a prompt came after it began").
+    fn prompt_appeared(&mut self) {
+        let open = self.line_open;
+        let n = self.lines.len();
+        for (i, l) in self.lines.iter_mut().enumerate() {
+            if l.verdict.is_some() || l.typed.is_empty() {
+                continue;
+            }
+            let typing = open && i + 1 == n;
+            if typing {
+                // The prompt must follow a line end or none of the typed characters' echo:
+                // the echo of the line being typed (`echo Password:`) is not a prompt.
+                if l.out_newline || l.matched == 0 {
+                    l.prompt = true;
+                }
+            } else if l.entered.is_some() && l.matched < l.typed.len() {
+                l.verdict = Some(Verdict::Secret);
+            }
+        }
     }
 
     /// Anything else recorded on the channel (standing for `size` bytes), kept in order with
@@ -417,6 +452,7 @@ impl<T> EchoGuard<T> {
                 bytes: 0,
                 verdict: (!self.redact).then_some(Verdict::Clear),
                 ansi: Ansi::Ground,
+                out_newline: false,
             });
             self.next_id += 1;
             self.release(out);
@@ -484,7 +520,14 @@ impl<T> EchoGuard<T> {
     /// oldest undecided line.
     fn observe(&mut self, c: u8) {
         match c {
-            b'\n' | b'\r' => self.tail.clear(),
+            b'\n' | b'\r' => {
+                self.tail.clear();
+                if c == b'\n' && self.line_open {
+                    if let Some(l) = self.lines.back_mut() {
+                        l.out_newline = true;
+                    }
+                }
+            }
             0x08 => {
                 self.tail.pop();
             }
@@ -730,6 +773,55 @@ mod tests {
             ],
         );
         assert_eq!(commands(&evs), ["echo hello world"]);
+    }
+
+    #[test]
+    fn a_prompt_that_comes_after_the_first_keystrokes_redacts_the_line() {
+        // Typed ahead: "hun" before sudo's prompt, "ter2" after it; output came in between,
+        // so the echo test alone would call the line echoed-or-not-quiet and keep it.
+        let evs = run(
+            true,
+            &[
+                Out(b"$ "),
+                In(b"sudo -k id\r"),
+                In(b"hun"),
+                Out(b"sudo -k id\r\n"),
+                Out(b"[sudo] password for alice: "),
+                In(b"ter2\r"),
+                Out(b"\r\n"),
+                Out(b"uid=0(root)\r\n$ "),
+            ],
+        );
+        assert_eq!(commands(&evs), ["sudo -k id", "<redacted 7>"]);
+        assert_eq!(input_text(&evs), "sudo -k id\r<3><4>\r");
+        // The whole secret submitted before the prompt appeared.
+        let evs = run(
+            true,
+            &[
+                Out(b"$ "),
+                In(b"sudo -k id\r"),
+                In(b"hun"),
+                Out(b"sudo -k id\r\n"),
+                In(b"ter2\r"),
+                Out(b"[sudo] password for alice: "),
+                Out(b"\r\nuid=0(root)\r\n$ "),
+            ],
+        );
+        assert_eq!(commands(&evs), ["sudo -k id", "<redacted 7>"]);
+        assert!(!input_text(&evs).contains("hun"), "{}", input_text(&evs));
+        // A command that prints a prompt-like text is still a command: its own echo is not a
+        // prompt that came after it.
+        let evs = run(
+            true,
+            &[
+                Out(b"$ "),
+                In(b"echo Password:"),
+                Out(b"echo Password:"),
+                In(b"\r"),
+                Out(b"\r\nPassword:\r\n$ "),
+            ],
+        );
+        assert_eq!(commands(&evs), ["echo Password:"]);
     }
 
     #[test]
