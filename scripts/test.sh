@@ -23,6 +23,8 @@ ls /usr/lib/*/rsyslog/lmnsd_ossl.so >/dev/null 2>&1 || need+=(rsyslog-openssl)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+# tests/e2e/deploy.rs checks deploy/haproxy/haproxy.cfg with `haproxy -c`.
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   SUDO=""
@@ -39,6 +41,13 @@ fi
 if ! command -v moto_server >/dev/null 2>&1 || ! python3 -c "import boto3" >/dev/null 2>&1; then
   echo "installing: moto[server] (PyPI)" >&2
   python3 -m pip install -q --disable-pip-version-check 'moto[server]' >&2
+fi
+
+# tests/e2e/deploy.rs validates deploy/kubernetes/ with kubernetes-validate (it bundles the
+# Kubernetes schemas: no cluster and no network needed) and reads the YAML with PyYAML.
+if ! command -v kubernetes-validate >/dev/null 2>&1 || ! python3 -c "import yaml" >/dev/null 2>&1; then
+  echo "installing: kubernetes-validate, PyYAML (PyPI)" >&2
+  python3 -m pip install -q --disable-pip-version-check kubernetes-validate PyYAML >&2
 fi
 
 # Front-end packages from the npm registry, exactly as locked; nothing third-party is committed.
