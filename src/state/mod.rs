@@ -1,11 +1,17 @@
 //! The state store: grants and the session index, behind a trait so that a PostgreSQL store
 //! can replace the embedded SQLite one without changing callers.
 
+#[cfg(test)]
+mod conformance;
+mod postgres;
 mod sqlite;
+#[cfg(test)]
+mod testpg;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+pub use postgres::{PgSettings, PgStore};
 pub use sqlite::SqliteStore;
 
 /// A state-store failure. Always on our side (internal), never the client's.
@@ -458,4 +464,21 @@ pub trait Store: Send + Sync {
         outcome: &str,
         at: DateTime<Utc>,
     ) -> Result<(), StateError>;
+}
+
+/// Checks a request can still be acted on.
+pub(crate) fn check_pending(req: &Request, at: DateTime<Utc>) -> Result<(), StateError> {
+    if req.status != RequestStatus::Pending {
+        return Err(StateError::NotPending {
+            id: req.id.clone(),
+            status: req.status.as_str().into(),
+        });
+    }
+    if at >= req.expires_at {
+        return Err(StateError::NotPending {
+            id: req.id.clone(),
+            status: "expired".into(),
+        });
+    }
+    Ok(())
 }

@@ -471,23 +471,6 @@ fn grant_request(
     Ok(grant)
 }
 
-/// Checks a request can still be acted on.
-fn check_pending(req: &Request, at: DateTime<Utc>) -> Result<(), StateError> {
-    if req.status != RequestStatus::Pending {
-        return Err(StateError::NotPending {
-            id: req.id.clone(),
-            status: req.status.as_str().into(),
-        });
-    }
-    if at >= req.expires_at {
-        return Err(StateError::NotPending {
-            id: req.id.clone(),
-            status: "expired".into(),
-        });
-    }
-    Ok(())
-}
-
 const REVIEW_COLS: &str = "id, correlation_id, grant_id, person, target, scenario, emergency, approvers, \
                            opened_at, due_at, overdue_alerted, signed_by, signed_at, findings, root_cause";
 
@@ -1013,7 +996,7 @@ impl Store for SqliteStore {
         self.with(move |c| {
             let tx = c.unchecked_transaction().map_err(db)?;
             let req = find_request_sync(&tx, &id)?;
-            check_pending(&req, at)?;
+            super::check_pending(&req, at)?;
             if req.approvals.iter().any(|(a, _)| *a == approver) {
                 return Err(StateError::AlreadyApproved {
                     id: req.id,
@@ -1056,7 +1039,7 @@ impl Store for SqliteStore {
         self.with(move |c| {
             let tx = c.unchecked_transaction().map_err(db)?;
             let req = find_request_sync(&tx, &id)?;
-            check_pending(&req, at)?;
+            super::check_pending(&req, at)?;
             let grant = grant_request(
                 &tx,
                 &req,
@@ -1084,7 +1067,7 @@ impl Store for SqliteStore {
         self.with(move |c| {
             let tx = c.unchecked_transaction().map_err(db)?;
             let req = find_request_sync(&tx, &id)?;
-            check_pending(&req, at)?;
+            super::check_pending(&req, at)?;
             tx.execute(
                 "UPDATE requests SET status = 'denied', decided_at = ?2, decided_by = ?3, decision_reason = ?4 WHERE id = ?1",
                 params![req.id, ms(at), by, reason],
@@ -1672,309 +1655,29 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::GrantState;
-    use chrono::Duration;
 
-    fn new_grant(person: &str, target: &str, now: DateTime<Utc>, mins: i64) -> NewGrant {
-        NewGrant {
-            person: person.into(),
-            target: target.into(),
-            reason: "disk full".into(),
-            incident_id: "INC-1".into(),
-            created_by: "operator".into(),
-            created_at: now,
-            expires_at: now + Duration::minutes(mins),
-        }
-    }
-
-    #[tokio::test]
-    async fn grants_round_trip_and_revoke() {
+    /// One store, twice: a single node has one connection, so its races are in-process.
+    async fn open() -> (
+        tempfile::TempDir,
+        std::sync::Arc<dyn Store>,
+        std::sync::Arc<dyn Store>,
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("open");
-        let now = Utc
-            .timestamp_millis_opt(1_700_000_000_000)
-            .single()
-            .expect("valid ts");
-        let g = store
-            .create_grant(new_grant("alice", "web-01", now, 30))
-            .await
-            .expect("create");
-        let found = store
-            .grant_for("alice", "web-01", now)
-            .await
-            .expect("q")
-            .expect("some");
-        assert_eq!(found, g);
-        assert_eq!(found.state_at(now), GrantState::Active);
-        assert_eq!(
-            found.state_at(now + Duration::minutes(30)),
-            GrantState::Expired
-        );
-        assert!(store
-            .grant_for("bob", "web-01", now)
-            .await
-            .expect("q")
-            .is_none());
-
-        let prefix = &g.id[..8];
-        let r = store
-            .revoke_grant(prefix, "op", "done", now)
-            .await
-            .expect("revoke");
-        assert_eq!(r.state_at(now), GrantState::Revoked);
-        assert!(matches!(
-            store.revoke_grant(&g.id, "op", "again", now).await,
-            Err(StateError::AlreadyRevoked(_))
-        ));
-        let revs = store
-            .revocations(std::slice::from_ref(&g.id))
-            .await
-            .expect("revs");
-        assert_eq!(revs.len(), 1);
-        assert!(store.list_grants(Some(now)).await.expect("list").is_empty());
-        assert_eq!(store.list_grants(None).await.expect("list").len(), 1);
+        let store: std::sync::Arc<dyn Store> =
+            std::sync::Arc::new(SqliteStore::open(&dir.path().join("s.sqlite")).expect("open"));
+        (dir, store.clone(), store)
     }
 
-    #[tokio::test]
-    async fn active_grant_is_preferred_over_newer_revoked_one() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("open");
-        let now = Utc::now();
-        let active = store
-            .create_grant(new_grant("a", "t", now, 60))
-            .await
-            .expect("c");
-        let later = store
-            .create_grant(new_grant("a", "t", now + Duration::seconds(1), 60))
-            .await
-            .expect("c");
-        store
-            .revoke_grant(&later.id, "op", "x", now)
-            .await
-            .expect("r");
-        let g = store
-            .grant_for("a", "t", now)
-            .await
-            .expect("q")
-            .expect("some");
-        assert_eq!(g.id, active.id);
-    }
+    crate::state::conformance::suite!(open());
 
     #[tokio::test]
-    async fn migrations_are_idempotent_and_sessions_filter() {
+    async fn migrations_are_idempotent() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("s.sqlite");
         let store = SqliteStore::open(&path).expect("open");
-        let now = Utc
-            .timestamp_millis_opt(1_700_000_000_000)
-            .single()
-            .expect("valid ts");
-        for (i, person) in ["alice", "bob", "alice"].iter().enumerate() {
-            store
-                .insert_session(&SessionRow {
-                    id: format!("s{i}"),
-                    protocol: "ssh".into(),
-                    person: (*person).into(),
-                    target: "web-01".into(),
-                    grant_id: "g".into(),
-                    client_addr: "127.0.0.1:1".into(),
-                    started_at: now + Duration::minutes(i as i64),
-                    deadline: now + Duration::hours(1),
-                    ended_at: None,
-                    end_reason: None,
-                    bytes_in: 0,
-                    bytes_out: 0,
-                    recording_prefix: format!("p/{i}"),
-                })
-                .await
-                .expect("insert");
-        }
+        crate::state::conformance::sessions_filter(&store).await;
         drop(store);
         let store = SqliteStore::open(&path).expect("reopen");
-        let f = SessionFilter {
-            person: Some("alice".into()),
-            since: Some(now + Duration::seconds(30)),
-            ..Default::default()
-        };
-        let rows = store.list_sessions(&f).await.expect("list");
-        assert_eq!(
-            rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-            vec!["s2"]
-        );
-        store
-            .finish_session(
-                "s2",
-                &SessionEnd {
-                    ended_at: now,
-                    end_reason: "client closed".into(),
-                    bytes_in: 5,
-                    bytes_out: 7,
-                },
-            )
-            .await
-            .expect("finish");
         assert_eq!(store.unfinished_sessions().await.expect("u").len(), 2);
-        let s = store.find_session("s2").await.expect("find").expect("some");
-        assert_eq!((s.bytes_in, s.bytes_out), (5, 7));
-    }
-
-    #[tokio::test]
-    async fn login_links_work_once_and_only_before_they_expire() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("open");
-        let now = Utc::now();
-        let exp = now + Duration::minutes(5);
-        store
-            .put_login_link("h1", "alice", now, exp)
-            .await
-            .expect("put");
-        store
-            .put_login_link("h2", "bob", now, exp)
-            .await
-            .expect("put");
-        let cases = [
-            ("h1", now, LinkUse::Person("alice".into())),
-            ("h1", now, LinkUse::AlreadyUsed),
-            ("nope", now, LinkUse::Unknown),
-            ("h2", exp, LinkUse::Expired),
-        ];
-        for (hash, at, want) in cases {
-            assert_eq!(
-                store.use_login_link(hash, at).await.expect("use"),
-                want,
-                "{hash}"
-            );
-        }
-    }
-
-    #[tokio::test]
-    async fn search_and_session_filters_find_the_right_rows() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("open");
-        let now = Utc::now();
-        let g = store
-            .create_grant(NewGrant {
-                incident_id: "INC-9".into(),
-                ..new_grant("alice", "db-01", now, 60)
-            })
-            .await
-            .expect("grant");
-        for (i, (proto, grant)) in [("ssh", "other"), ("postgres", g.id.as_str())]
-            .iter()
-            .enumerate()
-        {
-            store
-                .insert_session(&SessionRow {
-                    id: format!("s{i}"),
-                    protocol: (*proto).into(),
-                    person: "alice".into(),
-                    target: "db-01".into(),
-                    grant_id: (*grant).into(),
-                    client_addr: "127.0.0.1:1".into(),
-                    started_at: now + Duration::minutes(i as i64),
-                    deadline: now + Duration::hours(1),
-                    ended_at: None,
-                    end_reason: None,
-                    bytes_in: 0,
-                    bytes_out: 0,
-                    recording_prefix: format!("p/{i}"),
-                })
-                .await
-                .expect("insert");
-            store
-                .finish_session(
-                    &format!("s{i}"),
-                    &SessionEnd {
-                        ended_at: now + Duration::minutes(10),
-                        end_reason: "closed".into(),
-                        bytes_in: 1,
-                        bytes_out: 1,
-                    },
-                )
-                .await
-                .expect("finish");
-        }
-        let ids = |rows: Vec<SessionRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
-        let cases = [
-            (SessionFilter::default(), vec!["s1", "s0"]),
-            (
-                SessionFilter {
-                    protocol: Some("ssh".into()),
-                    ..Default::default()
-                },
-                vec!["s0"],
-            ),
-            (
-                SessionFilter {
-                    incident: Some("INC-9".into()),
-                    ..Default::default()
-                },
-                vec!["s1"],
-            ),
-            (
-                SessionFilter {
-                    review: Some(ReviewFilter::None),
-                    ..Default::default()
-                },
-                vec!["s1", "s0"],
-            ),
-            (
-                SessionFilter {
-                    limit: Some(1),
-                    offset: Some(1),
-                    ..Default::default()
-                },
-                vec!["s0"],
-            ),
-        ];
-        for (f, want) in cases {
-            assert_eq!(
-                ids(store.list_sessions(&f).await.expect("list")),
-                want,
-                "{f:?}"
-            );
-        }
-
-        assert_eq!(store.unindexed_sessions(10).await.expect("u").len(), 2);
-        let entry = |t: f64, kind: &str, text: &str| SearchEntry {
-            channel: 0,
-            time: t,
-            kind: kind.into(),
-            text: text.into(),
-        };
-        store
-            .index_session_text("s0", vec![entry(1.5, "command", "rm -rf /tmp/x_1")], now)
-            .await
-            .expect("index");
-        store
-            .index_session_text("s1", vec![entry(2.0, "sql", "DROP TABLE orders")], now)
-            .await
-            .expect("index");
-        // A second index of the same session is a no-op.
-        store
-            .index_session_text("s1", vec![entry(3.0, "sql", "DROP TABLE twice")], now)
-            .await
-            .expect("index");
-        assert!(store.unindexed_sessions(10).await.expect("u").is_empty());
-        let hits = store
-            .search_text("drop table", &SessionFilter::default())
-            .await
-            .expect("search");
-        assert_eq!(hits.len(), 1);
-        assert_eq!(
-            (hits[0].session.id.as_str(), hits[0].entry.time),
-            ("s1", 2.0)
-        );
-        // LIKE wildcards in the needle are literal.
-        let hits = store
-            .search_text("x_1", &SessionFilter::default())
-            .await
-            .expect("search");
-        assert_eq!(hits.len(), 1);
-        assert!(store
-            .search_text("x%", &SessionFilter::default())
-            .await
-            .expect("search")
-            .is_empty());
     }
 }
