@@ -65,7 +65,10 @@ fn manifests() -> Vec<PathBuf> {
 }
 
 fn name_of(p: &Path) -> String {
-    p.file_name().expect("file name").to_string_lossy().into_owned()
+    p.file_name()
+        .expect("file name")
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[test]
@@ -155,7 +158,10 @@ fn kubernetes_manifests_validate_against_the_schemas() {
         .iter()
         .map(|a| a.as_str().expect("arg"))
         .collect();
-    assert_eq!(args[0], "serve", "the gateway is started with `serve`: {args:?}");
+    assert_eq!(
+        args[0], "serve",
+        "the gateway is started with `serve`: {args:?}"
+    );
 
     // Every Secret and ConfigMap key the pod mounts exists in the example files.
     let mut keys: Vec<(String, String)> = Vec::new();
