@@ -482,3 +482,79 @@ pub(crate) fn check_pending(req: &Request, at: DateTime<Utc>) -> Result<(), Stat
     }
     Ok(())
 }
+
+/// Escapes `%`, `_` and `\` so user input is a literal LIKE prefix.
+pub(crate) fn like_prefix(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 1);
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('%');
+    out
+}
+
+/// The row of a grant made by hand (`create_grant`): a fresh id, not revoked.
+pub(crate) fn grant_row_of(g: NewGrant) -> Grant {
+    Grant {
+        id: uuid::Uuid::new_v4().to_string(),
+        person: g.person,
+        target: g.target,
+        reason: g.reason,
+        incident_id: g.incident_id,
+        created_by: g.created_by,
+        created_at: g.created_at,
+        expires_at: g.expires_at,
+        revoked_at: None,
+        revoked_by: None,
+        revoke_reason: None,
+        request_id: None,
+        review_required: false,
+    }
+}
+
+/// The grant a request gets once it has what it needs.
+pub(crate) fn grant_of_request(req: &Request, created_by: &str, at: DateTime<Utc>) -> Grant {
+    Grant {
+        id: uuid::Uuid::new_v4().to_string(),
+        person: req.person.clone(),
+        target: req.target.clone(),
+        reason: req.justification.clone(),
+        incident_id: req.incident_id.clone(),
+        created_by: created_by.to_string(),
+        created_at: at,
+        expires_at: at
+            + chrono::Duration::from_std(req.duration)
+                .unwrap_or_else(|_| chrono::Duration::hours(4)),
+        revoked_at: None,
+        revoked_by: None,
+        revoke_reason: None,
+        request_id: Some(req.id.clone()),
+        review_required: req.emergency,
+    }
+}
+
+/// The row of a new request: a fresh `R-` id, pending, no approvals.
+pub(crate) fn request_row_of(r: NewRequest) -> Request {
+    Request {
+        id: format!("R-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+        person: r.person,
+        target: r.target,
+        justification: r.justification,
+        incident_id: r.incident_id,
+        severity: r.severity,
+        scenario: r.scenario,
+        duration: r.duration,
+        created_at: r.created_at,
+        expires_at: r.expires_at,
+        status: RequestStatus::Pending,
+        decided_at: None,
+        decided_by: None,
+        decision_reason: None,
+        grant_id: None,
+        emergency: r.emergency,
+        approvals: Vec::new(),
+    }
+}

@@ -528,19 +528,6 @@ const SESSION_WHERE: &str =
           OR ($7 = 'overdue' AND grant_id IN (SELECT grant_id FROM reviews \
                 WHERE signed_at IS NULL AND due_at <= $8::bigint)))";
 
-/// Escapes `%`, `_` and `\` so user input is a literal LIKE prefix.
-fn like_prefix(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 1);
-    for c in s.chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('%');
-    out
-}
-
 async fn insert_grant(c: &impl GenericClient, g: &Grant) -> Result<(), StateError> {
     c.execute(
         &format!(
@@ -568,7 +555,7 @@ async fn find_grant_in(c: &impl GenericClient, id: &str) -> Result<Grant, StateE
     let rows = c
         .query(
             &format!("SELECT {GRANT_COLS} FROM grants WHERE id LIKE $1 ESCAPE '\\' LIMIT 2"),
-            &[&like_prefix(id)],
+            &[&super::like_prefix(id)],
         )
         .await
         .map_err(pg)?;
@@ -631,7 +618,7 @@ async fn find_request_in(
                 "SELECT {REQUEST_COLS} FROM requests WHERE id LIKE $1 ESCAPE '\\' LIMIT 2{}",
                 if lock { " FOR UPDATE" } else { "" }
             ),
-            &[&like_prefix(id)],
+            &[&super::like_prefix(id)],
         )
         .await
         .map_err(pg)?;
@@ -653,23 +640,7 @@ async fn grant_request(
     created_by: &str,
     at: DateTime<Utc>,
 ) -> Result<Grant, StateError> {
-    let grant = Grant {
-        id: uuid::Uuid::new_v4().to_string(),
-        person: req.person.clone(),
-        target: req.target.clone(),
-        reason: req.justification.clone(),
-        incident_id: req.incident_id.clone(),
-        created_by: created_by.to_string(),
-        created_at: at,
-        expires_at: at
-            + chrono::Duration::from_std(req.duration)
-                .unwrap_or_else(|_| chrono::Duration::hours(4)),
-        revoked_at: None,
-        revoked_by: None,
-        revoke_reason: None,
-        request_id: Some(req.id.clone()),
-        review_required: req.emergency,
-    };
+    let grant = super::grant_of_request(req, created_by, at);
     insert_grant(c, &grant).await?;
     c.execute(
         "UPDATE requests SET status = 'approved', decided_at = $2, decided_by = $3, grant_id = $4 WHERE id = $1",
@@ -720,7 +691,7 @@ async fn find_review_in(
                  OR id LIKE $1 ESCAPE '\\' LIMIT 2{}",
                 if lock { " FOR UPDATE" } else { "" }
             ),
-            &[&like_prefix(id), &id],
+            &[&super::like_prefix(id), &id],
         )
         .await
         .map_err(pg)?;
@@ -743,7 +714,7 @@ async fn sessions_like(
                 "SELECT {SESSION_COLS} FROM sessions WHERE id LIKE $1 ESCAPE '\\' \
                  AND ($2::text IS NULL OR person = $2) LIMIT 2"
             ),
-            &[&like_prefix(id), &person],
+            &[&super::like_prefix(id), &person],
         )
         .await
         .map_err(pg)?;
@@ -773,21 +744,7 @@ async fn sessions_where(
 #[async_trait]
 impl Store for PgStore {
     async fn create_grant(&self, g: NewGrant) -> Result<Grant, StateError> {
-        let grant = Grant {
-            id: uuid::Uuid::new_v4().to_string(),
-            person: g.person,
-            target: g.target,
-            reason: g.reason,
-            incident_id: g.incident_id,
-            created_by: g.created_by,
-            created_at: g.created_at,
-            expires_at: g.expires_at,
-            revoked_at: None,
-            revoked_by: None,
-            revoke_reason: None,
-            request_id: None,
-            review_required: false,
-        };
+        let grant = super::grant_row_of(g);
         self.call(async {
             let c = self.pool.get().await?;
             insert_grant(&*c, &grant).await
@@ -1088,25 +1045,7 @@ impl Store for PgStore {
     }
 
     async fn create_request(&self, r: NewRequest) -> Result<Request, StateError> {
-        let req = Request {
-            id: format!("R-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
-            person: r.person,
-            target: r.target,
-            justification: r.justification,
-            incident_id: r.incident_id,
-            severity: r.severity,
-            scenario: r.scenario,
-            duration: r.duration,
-            created_at: r.created_at,
-            expires_at: r.expires_at,
-            status: RequestStatus::Pending,
-            decided_at: None,
-            decided_by: None,
-            decision_reason: None,
-            grant_id: None,
-            emergency: r.emergency,
-            approvals: Vec::new(),
-        };
+        let req = super::request_row_of(r);
         self.call(async {
             let c = self.pool.get().await?;
             c.execute(
@@ -1727,7 +1666,7 @@ impl Store for PgStore {
     ) -> Result<Vec<SearchHit>, StateError> {
         self.call(async {
             let c = self.pool.get().await?;
-            let pattern = format!("%{}", like_prefix(needle));
+            let pattern = format!("%{}", super::like_prefix(needle));
             let limit: i64 = f.limit.map(i64::from).unwrap_or(200);
             let fp = FilterParams::of(f);
             let mut p = fp.params();

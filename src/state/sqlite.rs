@@ -299,7 +299,6 @@ fn session_row(r: &Row<'_>) -> rusqlite::Result<SessionRow> {
     })
 }
 
-/// Escapes `%`, `_` and `\` so user input is a literal LIKE prefix.
 /// The WHERE clause of a session filter over the `sessions` table, using parameters ?1..?9
 /// (given back in order).
 fn session_where(f: &SessionFilter) -> (&'static str, [rusqlite::types::Value; 9]) {
@@ -342,18 +341,6 @@ fn session_where(f: &SessionFilter) -> (&'static str, [rusqlite::types::Value; 9
             },
         ],
     )
-}
-
-fn like_prefix(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 1);
-    for c in s.chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('%');
-    out
 }
 
 fn insert_grant(c: &Connection, g: &Grant) -> Result<(), StateError> {
@@ -423,7 +410,7 @@ fn find_request_sync(c: &Connection, id: &str) -> Result<Request, StateError> {
         ))
         .map_err(db)?;
     let rows: Vec<Request> = stmt
-        .query_map([like_prefix(id)], request_row)
+        .query_map([super::like_prefix(id)], request_row)
         .map_err(db)?
         .collect::<Result<_, _>>()
         .map_err(db)?;
@@ -445,23 +432,7 @@ fn grant_request(
     created_by: &str,
     at: DateTime<Utc>,
 ) -> Result<Grant, StateError> {
-    let grant = Grant {
-        id: uuid::Uuid::new_v4().to_string(),
-        person: req.person.clone(),
-        target: req.target.clone(),
-        reason: req.justification.clone(),
-        incident_id: req.incident_id.clone(),
-        created_by: created_by.to_string(),
-        created_at: at,
-        expires_at: at
-            + chrono::Duration::from_std(req.duration)
-                .unwrap_or_else(|_| chrono::Duration::hours(4)),
-        revoked_at: None,
-        revoked_by: None,
-        revoke_reason: None,
-        request_id: Some(req.id.clone()),
-        review_required: req.emergency,
-    };
+    let grant = super::grant_of_request(req, created_by, at);
     insert_grant(c, &grant)?;
     c.execute(
         "UPDATE requests SET status = 'approved', decided_at = ?2, decided_by = ?3, grant_id = ?4 WHERE id = ?1",
@@ -507,7 +478,7 @@ fn find_review_sync(c: &Connection, id: &str) -> Result<Review, StateError> {
         ))
         .map_err(db)?;
     let rows: Vec<Review> = stmt
-        .query_map(params![like_prefix(id), id], review_row)
+        .query_map(params![super::like_prefix(id), id], review_row)
         .map_err(db)?
         .collect::<Result<_, _>>()
         .map_err(db)?;
@@ -526,7 +497,7 @@ fn find_grant_sync(conn: &Connection, id: &str) -> Result<Grant, StateError> {
         ))
         .map_err(db)?;
     let rows: Vec<Grant> = stmt
-        .query_map([like_prefix(id)], grant_row)
+        .query_map([super::like_prefix(id)], grant_row)
         .map_err(db)?
         .collect::<Result<_, _>>()
         .map_err(db)?;
@@ -543,21 +514,7 @@ fn find_grant_sync(conn: &Connection, id: &str) -> Result<Grant, StateError> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_grant(&self, g: NewGrant) -> Result<Grant, StateError> {
-        let grant = Grant {
-            id: uuid::Uuid::new_v4().to_string(),
-            person: g.person,
-            target: g.target,
-            reason: g.reason,
-            incident_id: g.incident_id,
-            created_by: g.created_by,
-            created_at: g.created_at,
-            expires_at: g.expires_at,
-            revoked_at: None,
-            revoked_by: None,
-            revoke_reason: None,
-            request_id: None,
-            review_required: false,
-        };
+        let grant = super::grant_row_of(g);
         let row = grant.clone();
         self.with(move |c| insert_grant(c, &row)).await?;
         Ok(grant)
@@ -766,7 +723,7 @@ impl Store for SqliteStore {
                 ))
                 .map_err(db)?;
             let rows: Vec<SessionRow> = stmt
-                .query_map([like_prefix(&id)], session_row)
+                .query_map([super::like_prefix(&id)], session_row)
                 .map_err(db)?
                 .collect::<Result<_, _>>()
                 .map_err(db)?;
@@ -792,7 +749,7 @@ impl Store for SqliteStore {
                 ))
                 .map_err(db)?;
             let rows: Vec<SessionRow> = stmt
-                .query_map(params![like_prefix(&id), person], session_row)
+                .query_map(params![super::like_prefix(&id), person], session_row)
                 .map_err(db)?
                 .collect::<Result<_, _>>()
                 .map_err(db)?;
@@ -911,25 +868,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_request(&self, r: NewRequest) -> Result<Request, StateError> {
-        let req = Request {
-            id: format!("R-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
-            person: r.person,
-            target: r.target,
-            justification: r.justification,
-            incident_id: r.incident_id,
-            severity: r.severity,
-            scenario: r.scenario,
-            duration: r.duration,
-            created_at: r.created_at,
-            expires_at: r.expires_at,
-            status: RequestStatus::Pending,
-            decided_at: None,
-            decided_by: None,
-            decision_reason: None,
-            grant_id: None,
-            emergency: r.emergency,
-            approvals: Vec::new(),
-        };
+        let req = super::request_row_of(r);
         let row = req.clone();
         self.with(move |c| {
             c.execute(
@@ -1499,7 +1438,7 @@ impl Store for SqliteStore {
         needle: &str,
         f: &SessionFilter,
     ) -> Result<Vec<SearchHit>, StateError> {
-        let pattern = format!("%{}", like_prefix(needle));
+        let pattern = format!("%{}", super::like_prefix(needle));
         let f = f.clone();
         self.with(move |c| {
             let (where_sql, p) = session_where(&f);
