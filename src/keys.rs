@@ -87,22 +87,22 @@ pub struct GatewayKeys {
 }
 
 impl GatewayKeys {
-    pub fn host_path(data_dir: &Path) -> PathBuf {
-        data_dir.join("keys").join("ssh_host_ed25519_key")
+    pub fn host_path(keys_dir: &Path) -> PathBuf {
+        keys_dir.join("ssh_host_ed25519_key")
     }
-    pub fn ca_path(data_dir: &Path) -> PathBuf {
-        data_dir.join("keys").join("user_ca_ed25519_key")
+    pub fn ca_path(keys_dir: &Path) -> PathBuf {
+        keys_dir.join("user_ca_ed25519_key")
     }
 
     /// Loads the keys from the data dir, generating any that are missing.
-    pub fn load_or_create(data_dir: &Path) -> Result<GatewayKeys, KeyError> {
+    pub fn load_or_create(keys_dir: &Path) -> Result<GatewayKeys, KeyError> {
         Ok(GatewayKeys {
             host: Arc::new(load_or_create(
-                &Self::host_path(data_dir),
+                &Self::host_path(keys_dir),
                 "breakglass host key",
             )?),
             user_ca: Arc::new(load_or_create(
-                &Self::ca_path(data_dir),
+                &Self::ca_path(keys_dir),
                 "breakglass user CA",
             )?),
         })

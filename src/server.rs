@@ -13,7 +13,7 @@ use crate::config::{Built, Config};
 use crate::keys::GatewayKeys;
 use crate::shutdown::Shutdown;
 use crate::siem::Siem;
-use crate::state::{SqliteStore, Store};
+use crate::state::Store;
 use crate::storage::RecordingStore;
 
 /// Where a PostgreSQL cancel goes: the target's address and the upstream backend's key.
@@ -83,11 +83,46 @@ pub enum StartError {
     Siem(#[from] crate::siem::SiemError),
     #[error(transparent)]
     Signing(#[from] crate::signing::SigningError),
+    #[error("cluster identity: {0}. Every node of a cluster must load the same keys, so none is generated: create them once with `breakglass keys init` and give every node the same keys_dir")]
+    Identity(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// The long-lived keys a start would generate because their files are missing: the host
+/// key, the user CA, the first signing key and its pin, the vault KEK file. A single node
+/// generates them; a cluster node refuses (see [`Gateway::build`]).
+pub fn identity_missing(config: &Config) -> Vec<String> {
+    let mut missing = Vec::new();
+    for (what, path) in [
+        ("the SSH host key", GatewayKeys::host_path(&config.keys_dir)),
+        ("the user CA", GatewayKeys::ca_path(&config.keys_dir)),
+    ] {
+        if !path.is_file() {
+            missing.push(format!("{what} {} is missing", path.display()));
+        }
+    }
+    if crate::signing::found_keys(&config.keys_dir).is_empty() {
+        missing.push(format!(
+            "a signing key in {} is missing",
+            crate::signing::key_dir(&config.keys_dir).display()
+        ));
+    }
+    if config.signing.trusted_keys.is_empty() && !config.signing.trusted_keys_file.is_file() {
+        missing.push(format!(
+            "the signing key pin file {} is missing",
+            config.signing.trusted_keys_file.display()
+        ));
+    }
+    if let crate::config::KekSource::File(p) = &config.kek {
+        if !p.is_file() {
+            missing.push(format!("the vault KEK {} is missing", p.display()));
+        }
+    }
+    missing
 }
 
 /// Where a started gateway listens.
@@ -100,7 +135,7 @@ pub struct Bound {
 
 impl Gateway {
     /// Builds the gateway's parts (I/O: keys, state file, stores).
-    pub fn build(config: Config) -> Result<Arc<Gateway>, StartError> {
+    pub async fn build(config: Config) -> Result<Arc<Gateway>, StartError> {
         let built = config.build()?;
         let pg_tls = pg_client_tls(&built)?;
         for w in &built.warnings {
@@ -112,17 +147,23 @@ impl Gateway {
                 config.data_dir.display()
             ))
         })?;
-        let keys = GatewayKeys::load_or_create(&config.data_dir)?;
-        let store = SqliteStore::open(&config.state_path())?;
+        if config.is_cluster() {
+            let missing = identity_missing(&config);
+            if !missing.is_empty() {
+                return Err(StartError::Identity(missing.join("; ")));
+            }
+        }
+        let keys = GatewayKeys::load_or_create(&config.keys_dir)?;
+        let store = crate::state::open(&config.state).await?;
         let recordings = RecordingStore::from_config(&config)?;
         let siem_stop = tokio_util::sync::CancellationToken::new();
         let siem = Siem::open(config.siem.clone())?.start(siem_stop.clone())?;
         // The newest *trusted* key signs: a key dropped into the key directory is never used.
         let signer = crate::signing::Signer::load_or_create_pinned(
-            &config.data_dir,
+            &config.keys_dir,
             &config.signing.trusted_keys_file,
         )?;
-        let trust = config.signing.trust(&config.data_dir)?;
+        let trust = config.signing.trust(&config.keys_dir)?;
         for w in &trust.warnings {
             tracing::warn!("{w}");
         }
@@ -141,7 +182,6 @@ impl Gateway {
             }));
         }
         let admission = crate::preauth::Admission::new(&config.limits);
-        let store: Arc<dyn Store> = Arc::new(store);
         let shutdown = Shutdown::new();
         let core = Arc::new(crate::session::Core {
             store: store.clone(),
@@ -243,7 +283,7 @@ pub async fn start(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(Bound, impl Future<Output = ()> + Send), StartError> {
-    let gw = Gateway::build(config)?;
+    let gw = Gateway::build(config).await?;
     let addr = gw.config.ssh_listen;
     let listener = listen(addr).map_err(|source| StartError::Bind { addr, source })?;
     let ssh = listener

@@ -5,7 +5,7 @@
 //! Trust is pinned, never discovered: a key is trusted only when it is given (the config's
 //! `[signing] trusted_keys`, the file `trusted_keys_file` names, or `verify --public-key`) or
 //! certified by a trusted key through a rotation certificate (`keys rotate-signing`). A key
-//! file that merely appears in `<data_dir>/keys/signing/` is never trusted.
+//! file that merely appears in `<keys_dir>/signing/` is never trusted.
 
 use std::path::{Path, PathBuf};
 
@@ -26,9 +26,9 @@ pub use crate::config::signing::PublicKey;
 pub use crate::config::SigningConfig;
 
 impl SigningConfig {
-    /// The trust these settings give, with the rotation certificates of `data_dir`.
-    pub fn trust(&self, data_dir: &Path) -> Result<TrustSet, SigningError> {
-        configured_trust(&self.trusted_keys, &self.trusted_keys_file, data_dir)
+    /// The trust these settings give, with the rotation certificates of `keys_dir`.
+    pub fn trust(&self, keys_dir: &Path) -> Result<TrustSet, SigningError> {
+        configured_trust(&self.trusted_keys, &self.trusted_keys_file, keys_dir)
     }
 }
 
@@ -260,11 +260,11 @@ impl TrustSet {
 
 /// The trust the gateway's config gives: `inline` keys (`[signing] trusted_keys`), the keys of
 /// `file` (`[signing] trusted_keys_file`; a missing file adds nothing) and the rotation
-/// certificates in `<data_dir>/keys/signing/`. Never the key files themselves.
+/// certificates in `<keys_dir>/signing/`. Never the key files themselves.
 pub fn configured_trust(
     inline: &[PublicKey],
     file: &Path,
-    data_dir: &Path,
+    keys_dir: &Path,
 ) -> Result<TrustSet, SigningError> {
     let mut pinned = inline.to_vec();
     let mut certs = Vec::new();
@@ -278,7 +278,7 @@ pub fn configured_trust(
         Err(e) => return Err(key_err(file, e)),
     }
     let mut warnings = Vec::new();
-    for f in files_with(&dir(data_dir), "cert") {
+    for f in files_with(&dir(keys_dir), "cert") {
         match std::fs::read_to_string(&f)
             .map_err(|e| e.to_string())
             .and_then(|t| parse_trust(&t))
@@ -292,10 +292,10 @@ pub fn configured_trust(
     Ok(TrustSet::build(pinned, Vec::new()).with_certificates(certs, warnings))
 }
 
-/// The public keys of the key files in `<data_dir>/keys/signing/`, newest first, without
+/// The public keys of the key files in `<keys_dir>/signing/`, newest first, without
 /// creating any. Found is not trusted: callers use this to warn about keys nobody pinned.
-pub fn found_keys(data_dir: &Path) -> Vec<PublicKey> {
-    let mut files = files_with(&dir(data_dir), "pk8");
+pub fn found_keys(keys_dir: &Path) -> Vec<PublicKey> {
+    let mut files = files_with(&dir(keys_dir), "pk8");
     files.reverse();
     files
         .iter()
@@ -306,11 +306,11 @@ pub fn found_keys(data_dir: &Path) -> Vec<PublicKey> {
 }
 
 /// The directory signing keys are loaded from, for messages.
-pub fn key_dir(data_dir: &Path) -> PathBuf {
-    dir(data_dir)
+pub fn key_dir(keys_dir: &Path) -> PathBuf {
+    dir(keys_dir)
 }
 
-/// The signing keys in `<data_dir>/keys/signing/`, named `<seq>.pk8`; the newest trusted one
+/// The signing keys in `<keys_dir>/signing/`, named `<seq>.pk8`; the newest trusted one
 /// signs (see [`Signer::use_trusted`]).
 pub struct Signer {
     /// Every key pair, newest first, parallel to `all`.
@@ -333,8 +333,8 @@ impl std::fmt::Debug for Signer {
     }
 }
 
-fn dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("keys").join("signing")
+fn dir(keys_dir: &Path) -> PathBuf {
+    keys_dir.join("signing")
 }
 
 fn key_err(path: &Path, why: impl std::fmt::Display) -> SigningError {
@@ -391,15 +391,15 @@ fn write_public_once(path: &Path, text: &str) -> Result<(), SigningError> {
 impl Signer {
     /// Loads the keys, creating the first one if there is none and pinning it in
     /// [`default_pin_file`].
-    pub fn load_or_create(data_dir: &Path) -> Result<Signer, SigningError> {
-        Signer::load_or_create_pinned(data_dir, &default_pin_file(data_dir))
+    pub fn load_or_create(keys_dir: &Path) -> Result<Signer, SigningError> {
+        Signer::load_or_create_pinned(keys_dir, &default_pin_file(keys_dir))
     }
 
     /// Loads the keys. When there is none, creates the first one and pins it: its public line
     /// goes to `pin` unless that file exists already. Only this first key is pinned this way;
     /// later keys are trusted through rotation certificates.
-    pub fn load_or_create_pinned(data_dir: &Path, pin: &Path) -> Result<Signer, SigningError> {
-        let d = dir(data_dir);
+    pub fn load_or_create_pinned(keys_dir: &Path, pin: &Path) -> Result<Signer, SigningError> {
+        let d = dir(keys_dir);
         let files = files_with(&d, "pk8");
         if files.is_empty() {
             new_key_file(&d, 1)?;
@@ -467,17 +467,17 @@ impl Signer {
 
     /// Adds a new signing key and certifies it with the current one: the certificate is
     /// written next to it (`<seq>.cert`) and returned. Older keys stay for verification.
-    pub fn rotate(data_dir: &Path) -> Result<(Signer, KeyCertificate), SigningError> {
-        let existing = Signer::load_or_create(data_dir)?;
-        Signer::rotate_from(data_dir, existing)
+    pub fn rotate(keys_dir: &Path) -> Result<(Signer, KeyCertificate), SigningError> {
+        let existing = Signer::load_or_create(keys_dir)?;
+        Signer::rotate_from(keys_dir, existing)
     }
 
     /// [`Signer::rotate`] from an already chosen signer (the newest trusted key).
     pub fn rotate_from(
-        data_dir: &Path,
+        keys_dir: &Path,
         existing: Signer,
     ) -> Result<(Signer, KeyCertificate), SigningError> {
-        let d = dir(data_dir);
+        let d = dir(keys_dir);
         let seq = files_with(&d, "pk8")
             .iter()
             .filter_map(|p| p.file_stem()?.to_str()?.parse::<u32>().ok())
@@ -545,8 +545,8 @@ mod tests {
         let stranger = tempfile::tempdir().expect("tempdir");
         Signer::load_or_create(stranger.path()).expect("stranger");
         std::fs::copy(
-            stranger.path().join("keys/signing/000001.pk8"),
-            d.path().join("keys/signing/999999.pk8"),
+            stranger.path().join("signing/000001.pk8"),
+            d.path().join("signing/999999.pk8"),
         )
         .expect("drop a key");
         let t = configured_trust(&[], &pin, d.path()).expect("trust");

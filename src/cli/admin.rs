@@ -8,7 +8,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use breakglass::clock;
 use breakglass::config::Config;
 use breakglass::siem::{AccessEvent, Action, Siem};
-use breakglass::state::{SqliteStore, Store};
 use breakglass::storage::RecordingStore;
 
 use super::output::{print_rows, Format};
@@ -18,7 +17,7 @@ use super::{open_state, operator, SiemCmd, VaultCmd};
 /// certificate. Keys found in the key directory but not trusted appear only as comments (and
 /// a warning), so a file made from this output never trusts them.
 pub(super) fn signing_chain(cfg: &Config) -> Result<String> {
-    let trust = cfg.signing.trust(&cfg.data_dir)?;
+    let trust = cfg.signing.trust(&cfg.keys_dir)?;
     let mut out = String::from(
         "# manifest signing keys `breakglass verify` trusts (verify --public-key FILE):\n# pinned keys, then rotation certificates, each signed by the key before it\n",
     );
@@ -44,13 +43,13 @@ pub(super) fn signing_chain(cfg: &Config) -> Result<String> {
     Ok(out)
 }
 
-/// One sentence per key file in `<data_dir>/keys/signing/` that nothing trusts.
+/// One sentence per key file in `<keys_dir>/signing/` that nothing trusts.
 pub(super) fn untrusted_key_warnings(
     cfg: &Config,
     trust: &breakglass::signing::TrustSet,
 ) -> Vec<String> {
-    let dir = breakglass::signing::key_dir(&cfg.data_dir);
-    breakglass::signing::found_keys(&cfg.data_dir)
+    let dir = breakglass::signing::key_dir(&cfg.keys_dir);
+    breakglass::signing::found_keys(&cfg.keys_dir)
         .into_iter()
         .filter(|k| !trust.trusts(&k.id))
         .map(|k| {
@@ -66,16 +65,16 @@ pub(super) fn untrusted_key_warnings(
 /// `keys rotate-signing`: a new key certified by the newest trusted one, announced to the SIEM.
 pub(super) async fn rotate_signing(config: &Path) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let trust = cfg.signing.trust(&cfg.data_dir)?;
+    let trust = cfg.signing.trust(&cfg.keys_dir)?;
     let current = breakglass::signing::Signer::load_or_create_pinned(
-        &cfg.data_dir,
+        &cfg.keys_dir,
         &cfg.signing.trusted_keys_file,
     )?
     .use_trusted(&trust)?;
     let previous = current.current_public.id.clone();
-    let store = open_state(&cfg)?;
+    let store = open_state(&cfg).await?;
     let siem = std::sync::Arc::new(Siem::open(cfg.siem.clone())?);
-    let (s, cert) = breakglass::signing::Signer::rotate_from(&cfg.data_dir, current)?;
+    let (s, cert) = breakglass::signing::Signer::rotate_from(&cfg.keys_dir, current)?;
     let by = operator();
     let mut e = AccessEvent::new(Action::SigningKeyRotated, &by);
     e.signing_key_id = Some(cert.key.id.clone());
@@ -84,7 +83,7 @@ pub(super) async fn rotate_signing(config: &Path) -> Result<ExitCode> {
         "{by} rotated the manifest signing key: key {} is certified by key {previous} ({})",
         cert.key.id, cert.issued_at
     ));
-    breakglass::siem::audit(&siem, &store, &e)
+    breakglass::siem::audit(&siem, &*store, &e)
         .await
         .with_context(|| {
             format!(
@@ -100,7 +99,7 @@ pub(super) async fn rotate_signing(config: &Path) -> Result<ExitCode> {
                 .put_new(&key, bytes::Bytes::from(cert.line() + "\n"))
                 .await
             {
-                eprintln!("warning: the certificate is in {} but could not be stored as {key}: {err}; `keys show --signing` prints it", breakglass::signing::key_dir(&cfg.data_dir).display());
+                eprintln!("warning: the certificate is in {} but could not be stored as {key}: {err}; `keys show --signing` prints it", breakglass::signing::key_dir(&cfg.keys_dir).display());
             }
         }
         Err(err) => eprintln!("warning: the certificate could not be stored as {key}: {err}"),
@@ -111,6 +110,31 @@ pub(super) async fn rotate_signing(config: &Path) -> Result<ExitCode> {
         "new manifests are signed with key {} (certified by {previous}) after the gateway's next start; {} key(s) kept for verification",
         cert.key.id,
         s.all.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keys init`: creates the missing long-lived keys of `keys_dir` and names each file.
+pub(super) fn keys_init(config: &Path) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let before = breakglass::server::identity_missing(&cfg);
+    breakglass::keys::GatewayKeys::load_or_create(&cfg.keys_dir)?;
+    breakglass::signing::Signer::load_or_create_pinned(
+        &cfg.keys_dir,
+        &cfg.signing.trusted_keys_file,
+    )?;
+    if let breakglass::config::KekSource::File(_) = &cfg.kek {
+        breakglass::vault::kek(&cfg.kek)?;
+    }
+    for m in &before {
+        println!("created: {}", m.trim_end_matches(" is missing"));
+    }
+    if before.is_empty() {
+        println!("every key exists already in {}", cfg.keys_dir.display());
+    }
+    println!(
+        "keys_dir {}: give every node of a cluster this same directory (read-only), e.g. as a Kubernetes Secret",
+        cfg.keys_dir.display()
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -151,6 +175,20 @@ pub(super) async fn check_config(file: &Path, offline: bool) -> Result<ExitCode>
             })
             .map_err(Into::into),
     );
+    if cfg.is_cluster() {
+        let missing = breakglass::server::identity_missing(&cfg);
+        check(
+            format!("cluster identity {}", cfg.keys_dir.display()),
+            if missing.is_empty() {
+                Ok(" (loaded, never generated)".into())
+            } else {
+                Err(anyhow::anyhow!(
+                    "{}: a cluster node would generate its own, so nodes would disagree; run `breakglass keys init` once and give every node this keys_dir",
+                    missing.join("; ")
+                ))
+            },
+        );
+    }
     let mut signing_warnings = Vec::new();
     check(
         format!(
@@ -158,11 +196,11 @@ pub(super) async fn check_config(file: &Path, offline: bool) -> Result<ExitCode>
             cfg.signing.trusted_keys_file.display()
         ),
         cfg.signing
-            .trust(&cfg.data_dir)
+            .trust(&cfg.keys_dir)
             .map(|t| {
                 signing_warnings.extend(t.warnings.iter().cloned());
                 signing_warnings.extend(untrusted_key_warnings(&cfg, &t));
-                let found = breakglass::signing::found_keys(&cfg.data_dir);
+                let found = breakglass::signing::found_keys(&cfg.keys_dir);
                 if t.keys().is_empty() && !found.is_empty() {
                     signing_warnings.push("none of the signing keys is trusted: the gateway will not start; pin one in [signing] trusted_keys or trusted_keys_file".into());
                 }
@@ -222,8 +260,9 @@ pub(super) async fn check_config(file: &Path, offline: bool) -> Result<ExitCode>
             .with_context(|| "cannot append".to_string()),
     );
     check(
-        format!("state store {}", cfg.state_path().display()),
-        SqliteStore::open(&cfg.state_path())
+        format!("state store {}", breakglass::state::describe(&cfg.state)),
+        breakglass::state::open(&cfg.state)
+            .await
             .map(|_| String::new())
             .map_err(Into::into),
     );
@@ -374,7 +413,7 @@ pub(super) async fn vault(config: &Path, cmd: VaultCmd) -> Result<ExitCode> {
                 bail!("no password on standard input");
             }
             let kek = breakglass::vault::kek(&cfg.kek)?;
-            let store = open_state(&cfg)?;
+            let store = open_state(&cfg).await?;
             let blob = kek.seal(&t.name, &breakglass::vault::Secret::new(pw))?;
             store
                 .vault_put(&t.name, "current", &blob, clock::now())
@@ -386,7 +425,7 @@ pub(super) async fn vault(config: &Path, cmd: VaultCmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         VaultCmd::Verify { .. } => {
-            let gw = breakglass::server::Gateway::build(cfg)?;
+            let gw = breakglass::server::Gateway::build(cfg).await?;
             breakglass::rotation::verify_pg(&gw, &t).await?;
             println!(
                 "ok: the vault's password for {} logs in as {}",

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use breakglass::config::Config;
 use breakglass::record::{asciicast, export};
 use breakglass::siem::{AccessEvent, Action, Siem};
-use breakglass::state::{SessionFilter, Store};
+use breakglass::state::SessionFilter;
 use breakglass::storage::RecordingStore;
 use breakglass::{clock, text};
 use chrono::{DateTime, Utc};
@@ -88,10 +88,10 @@ pub(super) async fn verify(
         (RecordingStore::local(&dir)?, trust, copy)
     } else {
         let cfg = Config::load(config)?;
-        let state = open_state(&cfg)?;
+        let state = open_state(&cfg).await?;
         let trust = match &public_key {
             Some(pk) => trust_file(pk)?,
-            None => cfg.signing.trust(&cfg.data_dir)?,
+            None => cfg.signing.trust(&cfg.keys_dir)?,
         };
         warnings.extend(untrusted_key_warnings(&cfg, &trust));
         for r in state.list_sessions(&SessionFilter::default()).await? {
@@ -213,14 +213,14 @@ pub(super) async fn load_recording(
     what: &str,
 ) -> Result<(String, export::Loaded)> {
     let cfg = Config::load(config)?;
-    let store = open_state(&cfg)?;
+    let store = open_state(&cfg).await?;
     let row = store.find_session(session).await?.ok_or_else(|| {
         anyhow!("no session matches `{session}` (see `breakglass sessions list`)")
     })?;
     let what = format!("{what} with the CLI");
-    let e = breakglass::siem::recording_access(&store, action, &operator(), &row, &what).await;
+    let e = breakglass::siem::recording_access(&*store, action, &operator(), &row, &what).await;
     let siem = std::sync::Arc::new(Siem::open(cfg.siem.clone())?);
-    breakglass::siem::audit(&siem, &store, &e).await?;
+    breakglass::siem::audit(&siem, &*store, &e).await?;
     let rec = RecordingStore::from_config(&cfg)?;
     let loaded = export::load(&rec, &row.recording_prefix).await?;
     Ok((row.id, loaded))
@@ -313,7 +313,7 @@ pub(super) async fn report(
     format: Format,
 ) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let store = open_state(&cfg)?;
+    let store = open_state(&cfg).await?;
     let since = parse_when(since)?;
     let until = until
         .map(parse_when)
@@ -325,7 +325,7 @@ pub(super) async fn report(
     period
         .check_range(since, until)
         .map_err(|e| anyhow!("{e}"))?;
-    let r = breakglass::report::compute(&store, &cfg, since, until, period).await?;
+    let r = breakglass::report::compute(&*store, &cfg, since, until, period).await?;
     let t = &r.totals;
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&r)?),
@@ -487,13 +487,13 @@ pub(super) async fn audit_export(
     out: &Path,
 ) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let store = open_state(&cfg)?;
+    let store = open_state(&cfg).await?;
     let siem = std::sync::Arc::new(Siem::open(cfg.siem.clone())?);
     let signer = breakglass::signing::Signer::load_or_create_pinned(
-        &cfg.data_dir,
+        &cfg.keys_dir,
         &cfg.signing.trusted_keys_file,
     )?
-    .use_trusted(&cfg.signing.trust(&cfg.data_dir)?)?;
+    .use_trusted(&cfg.signing.trust(&cfg.keys_dir)?)?;
     let since = parse_when(since)?;
     let until = until
         .map(parse_when)
@@ -504,7 +504,7 @@ pub(super) async fn audit_export(
     }
     let by = operator();
     let bundle =
-        breakglass::audit_export::build(&store, &signer, since, until, format, &by).await?;
+        breakglass::audit_export::build(&*store, &signer, since, until, format, &by).await?;
     let written = breakglass::audit_export::write(&bundle, out)?;
     // Auditing the auditors: the export itself is an audit event.
     let mut e = AccessEvent::new(Action::MetadataExported, &by);
@@ -516,7 +516,7 @@ pub(super) async fn audit_export(
         format.as_str(),
         out.display()
     ));
-    breakglass::siem::audit(&siem, &store, &e).await?;
+    breakglass::siem::audit(&siem, &*store, &e).await?;
     for p in &written {
         println!("{}", p.display());
     }
@@ -541,7 +541,7 @@ pub(super) fn audit_export_verify(
         }
         None => {
             let cfg = Config::load(config)?;
-            cfg.signing.trust(&cfg.data_dir)?.keys()
+            cfg.signing.trust(&cfg.keys_dir)?.keys()
         }
     };
     let v = breakglass::audit_export::verify_dir(dir, &keys)?;

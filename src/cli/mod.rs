@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Result};
 use breakglass::config::Config;
-use breakglass::state::{SqliteStore, Store};
+use breakglass::state::Store;
 use breakglass::{clock, keys, text};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -216,7 +216,7 @@ enum Command {
     ///
     /// Trusted keys: online, those of the config's `[signing]` table (`trusted_keys`, the
     /// `trusted_keys_file`) and keys certified by them through rotation certificates;
-    /// offline, only `--public-key`. A key file found in `<data_dir>/keys/signing/` is never
+    /// offline, only `--public-key`. A key file found in `<keys_dir>/signing/` is never
     /// trusted by being there (verify warns about it).
     ///
     /// The chain is compared with the SIEM's session-end head and with every
@@ -380,6 +380,10 @@ enum KeysCmd {
     /// and announced to the SIEM as `signing_key_rotated`); older keys keep verifying older
     /// recordings. A running gateway signs with the new key after its next start.
     RotateSigning,
+    /// Create whatever of the gateway's long-lived keys is missing in keys_dir (host key, user
+    /// CA, first signing key and its pin, the vault KEK file) and list them. A cluster node
+    /// never generates keys: run this once, then give every node the same keys_dir.
+    Init,
 }
 
 /// Runs one command.
@@ -412,7 +416,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             format,
         } => {
             let cfg = Config::load(&config)?;
-            let store = open_state(&cfg)?;
+            let store = open_state(&cfg).await?;
             let events = store.events(&correlation).await?;
             if format == Format::Json {
                 let v: Vec<serde_json::Value> = events
@@ -490,11 +494,21 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         } => verify(&config, session, all, since, store, public_key, siem).await,
         Command::Keys { config, cmd } => match cmd {
             KeysCmd::RotateSigning => rotate_signing(&config).await,
+            KeysCmd::Init => admin::keys_init(&config),
             KeysCmd::Show { ca, signing } => {
                 let cfg = Config::load(&config)?;
-                let k = keys::GatewayKeys::load_or_create(&cfg.data_dir)?;
+                if cfg.is_cluster() {
+                    let missing = breakglass::server::identity_missing(&cfg);
+                    if !missing.is_empty() {
+                        bail!(
+                            "{}; a cluster node never generates keys: run `breakglass keys init` once",
+                            missing.join("; ")
+                        );
+                    }
+                }
+                let k = keys::GatewayKeys::load_or_create(&cfg.keys_dir)?;
                 breakglass::signing::Signer::load_or_create_pinned(
-                    &cfg.data_dir,
+                    &cfg.keys_dir,
                     &cfg.signing.trusted_keys_file,
                 )?;
                 if ca {
@@ -536,8 +550,8 @@ async fn shutdown_signal() {
     }
 }
 
-fn open_state(cfg: &Config) -> Result<SqliteStore> {
-    Ok(SqliteStore::open(&cfg.state_path())?)
+async fn open_state(cfg: &Config) -> Result<std::sync::Arc<dyn Store>> {
+    Ok(breakglass::state::open(&cfg.state).await?)
 }
 
 /// Who runs this command, as the OS says: `operator:NAME`, the user name of the real uid in

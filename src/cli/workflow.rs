@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context, Result};
 use breakglass::config::Config;
 use breakglass::siem::{AccessEvent, Action, Siem};
-use breakglass::state::{NewGrant, SessionFilter, Store};
+use breakglass::state::{NewGrant, SessionFilter};
 use breakglass::{clock, text};
 use chrono::{DateTime, Utc};
 
@@ -15,7 +15,7 @@ use super::{open_state, operator, parse_when, GrantCmd, SessionsCmd};
 
 pub(super) async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let store = open_state(&cfg)?;
+    let store = open_state(&cfg).await?;
     let siem = std::sync::Arc::new(Siem::open(cfg.siem.clone())?);
     match cmd {
         GrantCmd::Add {
@@ -71,7 +71,7 @@ pub(super) async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
                 "{} granted {} access to {}",
                 g.created_by, g.person, g.target
             ));
-            breakglass::siem::audit(&siem, &store, &e).await?;
+            breakglass::siem::audit(&siem, &*store, &e).await?;
             println!("{}", g.id);
             eprintln!(
                 "granted {} access to {} until {}",
@@ -127,7 +127,7 @@ pub(super) async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
                 "{by} revoked grant {} of {} on {}",
                 g.id, g.person, g.target
             ));
-            breakglass::siem::audit(&siem, &store, &e).await?;
+            breakglass::siem::audit(&siem, &*store, &e).await?;
             println!(
                 "revoked {} ({} on {}); live sessions end within a second",
                 g.id, g.person, g.target
@@ -139,7 +139,7 @@ pub(super) async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
 
 pub(super) async fn sessions(config: &Path, cmd: SessionsCmd) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let store = open_state(&cfg)?;
+    let store = open_state(&cfg).await?;
     match cmd {
         SessionsCmd::List {
             person,
@@ -217,7 +217,7 @@ pub(super) async fn sessions(config: &Path, cmd: SessionsCmd) -> Result<ExitCode
 pub(super) async fn access_review(config: &Path, since: &str) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
     let built = cfg.build()?;
-    let store = open_state(&cfg)?;
+    let store = open_state(&cfg).await?;
     let since_t = parse_when(since)?;
     let now = clock::now();
     println!(

@@ -4,10 +4,12 @@
 //! files, the data dir) are touched only by [`Config::build`] and the health checks.
 
 pub mod alerts;
+pub mod cluster;
 pub mod siem;
 pub mod signing;
 
 pub use alerts::{Webhook, WebhookFormat};
+pub use cluster::{ClusterConfig, PgStateConfig, StateConfig, UrlSource};
 pub use signing::SigningConfig;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -45,6 +47,12 @@ fn invalid(key: impl Into<String>, why: impl Into<String>) -> ConfigError {
 struct RawConfig {
     #[serde(default = "default_data_dir")]
     data_dir: PathBuf,
+    /// Where the long-lived keys live (default `<data_dir>/keys`).
+    keys_dir: Option<PathBuf>,
+    #[serde(default)]
+    state: cluster::RawState,
+    #[serde(default)]
+    cluster: cluster::RawCluster,
     listeners: RawListeners,
     #[serde(default)]
     people: Vec<RawPerson>,
@@ -319,8 +327,15 @@ struct RawLimits {
 /// A validated gateway config. Only [`Config::from_toml`] makes one.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where the SQLite state, the host key, the CA key and (by default) recordings live.
+    /// Where the SQLite state, the spools and (by default) recordings and keys live.
     pub data_dir: PathBuf,
+    /// The host key, the user CA, the signing keys, the pinned signing keys and the vault
+    /// KEK file (`keys_dir`, default `<data_dir>/keys`).
+    pub keys_dir: PathBuf,
+    /// Where the state lives: a SQLite file, or a PostgreSQL database shared by a cluster.
+    pub state: StateConfig,
+    /// This node's part in a cluster (used with a PostgreSQL state store).
+    pub cluster: ClusterConfig,
     /// The address the SSH listener binds.
     pub ssh_listen: SocketAddr,
     /// The address the HTTP (JSON API) listener binds, if any.
@@ -969,14 +984,21 @@ impl Config {
         validate(raw)
     }
 
-    /// The SQLite state file.
-    pub fn state_path(&self) -> PathBuf {
-        self.data_dir.join("state.sqlite")
+    /// Whether several nodes may share this config's state: a PostgreSQL state store.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.state, StateConfig::Postgres(_))
     }
 }
 
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let data_dir = expand_home(&raw.data_dir);
+    let keys_dir = raw
+        .keys_dir
+        .as_deref()
+        .map(expand_home)
+        .unwrap_or_else(|| data_dir.join("keys"));
+    let state = cluster::state(raw.state, &data_dir)?;
+    let cluster = cluster::cluster(raw.cluster)?;
     let ssh_listen: SocketAddr = raw.listeners.ssh.parse().map_err(|e| {
         invalid(
             "listeners.ssh",
@@ -1542,7 +1564,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             }
             (Some(f), None) => KekSource::File(expand_home(&f)),
             (None, Some(v)) => KekSource::Env(v),
-            (None, None) => KekSource::File(data_dir.join("keys").join("vault.kek")),
+            (None, None) => KekSource::File(keys_dir.join("vault.kek")),
         },
         reports: ReportsConfig {
             maintenance_windows: raw
@@ -1571,9 +1593,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 .signing
                 .trusted_keys_file
                 .map(|p| expand_home(&p))
-                .unwrap_or_else(|| signing::default_pin_file(&data_dir)),
+                .unwrap_or_else(|| signing::default_pin_file(&keys_dir)),
         },
         data_dir,
+        keys_dir,
+        state,
+        cluster,
     })
 }
 

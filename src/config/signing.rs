@@ -53,20 +53,20 @@ impl PublicKey {
 }
 
 /// The `[signing]` table: the trust anchors of online verification. Keys found in
-/// `<data_dir>/keys/signing/` are not among them unless pinned here or certified by a key that
+/// `<keys_dir>/signing/` are not among them unless pinned here or certified by a key that
 /// is (see `crate::signing`).
 #[derive(Debug, Clone)]
 pub struct SigningConfig {
     /// Keys given inline (`trusted_keys`).
     pub trusted_keys: Vec<PublicKey>,
     /// A file of trusted keys (and rotation certificates); default
-    /// `<data_dir>/keys/trusted-signing.pub`, where the gateway pins its first key when it
+    /// `<keys_dir>/trusted-signing.pub`, where the gateway pins its first key when it
     /// creates it and the file does not exist yet.
     pub trusted_keys_file: PathBuf,
 }
 
 /// Where the gateway pins its first signing key when the config names no trust file:
-/// `<data_dir>/keys/trusted-signing.pub`, outside the directory keys are loaded from.
-pub fn default_pin_file(data_dir: &Path) -> PathBuf {
-    data_dir.join("keys").join("trusted-signing.pub")
+/// `<keys_dir>/trusted-signing.pub`, outside the directory keys are loaded from.
+pub fn default_pin_file(keys_dir: &Path) -> PathBuf {
+    keys_dir.join("trusted-signing.pub")
 }

@@ -41,6 +41,61 @@ pub enum StateError {
 
 pub use crate::grant::{Grant, GrantState};
 
+/// Opens the state store the config names: the SQLite file, or the shared PostgreSQL
+/// database (migrated to this binary's schema either way).
+pub async fn open(
+    cfg: &crate::config::StateConfig,
+) -> Result<std::sync::Arc<dyn Store>, StateError> {
+    use crate::config::StateConfig;
+    match cfg {
+        StateConfig::Sqlite(path) => Ok(std::sync::Arc::new(SqliteStore::open(path)?)),
+        StateConfig::Postgres(pg) => {
+            let url = pg.url.resolve().map_err(StateError::Db)?;
+            // TLS here always checks the chain and the host name (verify-full); the driver
+            // knows only disable/prefer/require, so the stricter libpq spellings map to it.
+            let url = url
+                .replace("sslmode=verify-full", "sslmode=require")
+                .replace("sslmode=verify-ca", "sslmode=require");
+            let tls = match &pg.ca_file {
+                Some(ca) => Some(
+                    crate::outbound::client_tls(Some(ca), true)
+                        .map_err(|e| StateError::Db(format!("state.ca_file: {e}")))?,
+                ),
+                None if url_wants_tls(&url) => Some(
+                    crate::outbound::client_tls(None, false)
+                        .map_err(|e| StateError::Db(format!("state TLS: {e}")))?,
+                ),
+                None => None,
+            };
+            Ok(std::sync::Arc::new(
+                PgStore::open(&PgSettings {
+                    url,
+                    tls,
+                    pool_size: pg.pool_size,
+                })
+                .await?,
+            ))
+        }
+    }
+}
+
+/// Whether a connection string asks for TLS (`sslmode=require`).
+fn url_wants_tls(url: &str) -> bool {
+    url.contains("sslmode=require")
+}
+
+/// Where a state config points, for messages (never the URL: it may hold a password).
+pub fn describe(cfg: &crate::config::StateConfig) -> String {
+    use crate::config::{StateConfig, UrlSource};
+    match cfg {
+        StateConfig::Sqlite(path) => path.display().to_string(),
+        StateConfig::Postgres(pg) => match &pg.url {
+            UrlSource::Env(v) => format!("postgres (${v})"),
+            UrlSource::Inline(_) => "postgres (state.url)".into(),
+        },
+    }
+}
+
 /// Where a request stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestStatus {

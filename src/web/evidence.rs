@@ -272,7 +272,7 @@ async fn session_page(
     };
     let review = gw.store.find_review(&row.grant_id).await.ok();
     // Only trusted keys (pinned in the config, or certified by one): never the key files found.
-    let verdict = match gw.config.signing.trust(&gw.config.data_dir) {
+    let verdict = match gw.config.signing.trust(&gw.config.keys_dir) {
         Ok(trust) => crate::verify::verify_session(
             &gw.recordings,
             &row.recording_prefix,

@@ -231,3 +231,105 @@ fn the_haproxy_example_config_is_valid() {
         "haproxy.cfg must not set on-marked-down shutdown-sessions"
     );
 }
+
+/// The TOML the ConfigMap embeds, written to a file in `dir`.
+fn configmap_toml(dir: &Path) -> PathBuf {
+    let docs = yaml_documents(&repo().join("deploy/kubernetes/configmap.yaml"));
+    let toml = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .and_then(|d| d["data"]["breakglass.toml"].as_str())
+        .expect("configmap.yaml holds data.breakglass.toml");
+    let file = dir.join("breakglass.toml");
+    std::fs::write(&file, toml).expect("write the config");
+    file
+}
+
+#[test]
+fn the_cluster_configmap_embeds_a_config_the_gateway_reads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = configmap_toml(dir.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_breakglass"))
+        .args(["check-config", "--offline"])
+        .arg(&file)
+        .env("BREAKGLASS_NODE_ID", "breakglass-0")
+        .env(
+            "BREAKGLASS_STATE_URL",
+            "postgres://breakglass:pw@127.0.0.1:1/breakglass",
+        )
+        .env("BREAKGLASS_KEK", "a".repeat(64))
+        .env("SPLUNK_HEC_TOKEN", "token")
+        .output()
+        .expect("run check-config");
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "check-config --offline: {said}");
+    assert!(
+        said.contains("valid (1 people, 2 targets)"),
+        "check-config --offline: {said}"
+    );
+}
+
+/// A cluster node never generates its identity: `check-config` says what is missing, `serve`
+/// refuses to start, and after `keys init` both find the keys.
+#[test]
+fn a_cluster_config_refuses_to_generate_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let file = d.join("cluster.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "data_dir = \"{data}\"\nkeys_dir = \"{keys}\"\n\
+             [listeners]\nssh = \"127.0.0.1:0\"\n\
+             [state]\nkind = \"postgres\"\nurl = \"postgres://breakglass@127.0.0.1:1/breakglass\"\n\
+             [storage]\nkind = \"local\"\npath = \"{rec}\"\n",
+            data = d.join("data").display(),
+            keys = d.join("keys").display(),
+            rec = d.join("rec").display(),
+        ),
+    )
+    .expect("write the config");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_breakglass"))
+            .args(args)
+            .arg(&file)
+            .output()
+            .expect("run breakglass");
+        (
+            out.status.success(),
+            format!("{}{}", text(&out.stdout), text(&out.stderr)),
+        )
+    };
+    let (ok, said) = run(&["check-config"]);
+    assert!(
+        !ok,
+        "check-config passed a cluster config without keys: {said}"
+    );
+    assert!(
+        said.contains("FAIL  cluster identity")
+            && said.contains("ssh_host_ed25519_key is missing")
+            && said.contains("a cluster node would generate its own"),
+        "check-config: {said}"
+    );
+    let (ok, said) = run(&["serve", "--config"]);
+    assert!(!ok, "serve started a cluster node without keys: {said}");
+    assert!(
+        said.contains("cluster identity") && said.contains("keys init"),
+        "serve: {said}"
+    );
+    assert!(
+        !d.join("keys/ssh_host_ed25519_key").exists(),
+        "a refused start generated a host key"
+    );
+    let (ok, said) = run(&["keys", "init", "--config"]);
+    assert!(ok, "keys init: {said}");
+    assert!(
+        said.contains("created: the SSH host key"),
+        "keys init: {said}"
+    );
+    let (_, said) = run(&["check-config"]);
+    assert!(
+        said.contains("ok    cluster identity"),
+        "check-config after keys init: {said}"
+    );
+}
