@@ -369,8 +369,17 @@ pub(crate) fn parsed_command(
     parsed(command, args, opts, vec![])
 }
 
-async fn healthz() -> impl IntoResponse {
-    Json(json!({ "ok": true }))
+/// Readiness: 503 once the node drains, so a load balancer sends new sessions elsewhere.
+async fn healthz(State(gw): State<Arc<Gateway>>) -> Response {
+    let node = gw.membership.node_id.as_str();
+    if gw.membership.is_draining() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ok": false, "draining": true, "node": node })),
+        )
+            .into_response();
+    }
+    Json(json!({ "ok": true, "node": node })).into_response()
 }
 
 /// Prometheus text exposition: SIEM delivery per sink, alerts and live sessions. Counts only,

@@ -575,6 +575,7 @@ mod tests {
             bytes_in: 10,
             bytes_out: 20,
             recording_prefix: format!("sessions/2024/06/03/{id}"),
+            node_id: "n1".into(),
         }
     }
 

@@ -22,7 +22,7 @@ const LAYERS: &[&[&str]] = &[
     // Audit: SIEM and alerts.
     &["siem", "alerts"],
     // The protocol-neutral session core.
-    &["session"],
+    &["session", "cluster"],
     // Protocol adapters.
     &["ssh", "pg"],
     // Workflow.

@@ -50,6 +50,7 @@ pub mod alerts;
 pub mod api;
 pub mod audit_export;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod credential;

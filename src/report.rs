@@ -326,6 +326,7 @@ mod tests {
             bytes_in: 10,
             bytes_out: 20,
             recording_prefix: format!("sessions/x/s-{n:03}"),
+            node_id: "n1".into(),
         }
     }
 

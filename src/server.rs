@@ -47,6 +47,8 @@ pub struct Gateway {
     pub spool_mac: std::sync::OnceLock<Arc<crate::record::SpoolMac>>,
     /// Pre-auth tables and session permits of the listeners.
     pub admission: crate::preauth::Admission,
+    /// This node's lease in the state store, and whether it drains.
+    pub membership: Arc<crate::cluster::Membership>,
 }
 
 /// The TLS client settings of each PostgreSQL target: trust only the certificates of its
@@ -183,6 +185,11 @@ impl Gateway {
         }
         let admission = crate::preauth::Admission::new(&config.limits);
         let shutdown = Shutdown::new();
+        let membership = Arc::new(crate::cluster::Membership::new(
+            config.cluster.node_id(),
+            config.cluster.lease,
+            store.clone(),
+        ));
         let core = Arc::new(crate::session::Core {
             store: store.clone(),
             siem: siem.clone(),
@@ -196,6 +203,7 @@ impl Gateway {
             warn_before: config.limits.warn_before.clone(),
             checkpoint_interval: config.limits.checkpoint_interval,
             live: Default::default(),
+            node_id: membership.node_id.clone(),
             shutdown: shutdown.token.clone(),
             first_use: Some(Arc::new(crate::review::OpenReviews(config.reviews.clone()))),
         });
@@ -216,6 +224,7 @@ impl Gateway {
             shutdown,
             http_bound: std::sync::OnceLock::new(),
             spool_mac: std::sync::OnceLock::new(),
+            membership,
         }))
     }
 
@@ -334,9 +343,13 @@ pub async fn start(
             "the outage spool cannot be authenticated (no vault key): spooled chunks stay in the spool, unuploaded, until the gateway starts with the key"
         ),
     }
+    if let Err(e) = gw.membership.beat(0).await {
+        tracing::warn!(error = %e, "could not take this node's lease; retried");
+    }
     crate::ssh::session::recover_unfinished(&gw).await;
     crate::ssh::session::seal_pending(&gw).await;
     let serve = async move {
+        let members = tokio::spawn(crate::ssh::session::cluster_worker(gw.clone()));
         let accept = tokio::spawn(crate::ssh::serve(listener, gw.clone()));
         let watcher = tokio::spawn(crate::session::revocation_watcher(gw.core.clone()));
         let sealer = tokio::spawn(crate::ssh::session::seal_pending_worker(gw.clone()));
@@ -350,24 +363,44 @@ pub async fn start(
             tokio::spawn(crate::web::serve::serve(l, gw.clone(), app, web_tls, token))
         });
         shutdown.await;
-        tracing::info!("shutting down: no new connections, ending live sessions");
-        // Drain order: stop accepting → end sessions (each seals its recording and emits its
-        // end event) → wait for session tasks → give the SIEM workers a moment to deliver →
-        // exit. Every event is already in the durable spool; what is not delivered now is
-        // delivered by the next start.
-        gw.shutdown.token.cancel();
+        // Drain order: say so (/healthz 503, the lease row) → stop accepting → in a cluster,
+        // tell the users and give their sessions `[cluster] drain` to end → end the rest (each
+        // seals its recording and emits its end event) → wait for session tasks → give the
+        // SIEM workers a moment to deliver → drop the lease → exit. Every event is already in
+        // the durable spool; what is not delivered now is delivered by the next start.
+        gw.membership.drain();
+        let _ = gw.membership.beat(gw.live_sessions().len() as u64).await;
         accept.abort();
         if let Some(pg) = pg {
             pg.abort();
         }
+        let live = gw.live_sessions();
+        if gw.config.is_cluster() && !live.is_empty() && !gw.config.cluster.drain.is_zero() {
+            let drain = gw.config.cluster.drain;
+            tracing::info!(sessions = live.len(), drain = ?drain, "draining: no new connections, live sessions told");
+            let text = format!(
+                "this gateway node ({}) is going away: the session ends in {}. Reconnect and you reach another node.",
+                gw.membership.node_id,
+                humantime::format_duration(drain)
+            );
+            for s in &live {
+                s.tell(&text).await;
+            }
+            let until = tokio::time::Instant::now() + drain;
+            while tokio::time::Instant::now() < until && !gw.live_sessions().is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        tracing::info!("shutting down: no new connections, ending live sessions");
+        gw.shutdown.token.cancel();
         for s in gw.live_sessions() {
             s.kill(crate::session::EndReason::Shutdown);
         }
         gw.shutdown.tracker.close();
-        if tokio::time::timeout(Duration::from_secs(30), gw.shutdown.tracker.wait())
+        let sealed = tokio::time::timeout(Duration::from_secs(30), gw.shutdown.tracker.wait())
             .await
-            .is_err()
-        {
+            .is_ok();
+        if !sealed {
             tracing::warn!("sessions did not finish sealing within 30s");
         }
         let flush_until = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -377,6 +410,12 @@ pub async fn start(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         gw.siem_stop.cancel();
+        members.abort();
+        // With every session sealed nothing is left to take over; otherwise the lease lapses
+        // and another node seals what is left.
+        if sealed {
+            gw.membership.leave().await;
+        }
         watcher.abort();
         sealer.abort();
         expiry.abort();
@@ -500,7 +539,15 @@ async fn spool_key(gw: &Gateway) -> Result<crate::record::SpoolMac, String> {
                 .vault_put(name, "current", &blob, crate::clock::now())
                 .await
                 .map_err(|e| e.to_string())?;
-            secret
+            // Nodes starting together may each have made one; the stored one (the last
+            // write) is the cluster's, so read it back before spooling anything with it.
+            match gw.store.vault_get(name, "current").await {
+                Ok(Some(stored)) if stored != blob => {
+                    kek.open(name, &stored).map_err(|e| e.to_string())?
+                }
+                Ok(_) => secret,
+                Err(e) => return Err(e.to_string()),
+            }
         }
     };
     let raw = hex::decode(hex_key.expose())

@@ -160,6 +160,8 @@ pub struct Core {
     pub checkpoint_interval: Duration,
     /// The one registry of live sessions, of both protocols.
     pub live: Registry,
+    /// This gateway node (its sessions' `node_id` in the store).
+    pub node_id: String,
     /// Cancelled when the gateway drains: every live session ends with `Shutdown`.
     pub shutdown: CancellationToken,
     /// What the workflow does when a session first uses a grant (opens its review).
@@ -270,6 +272,11 @@ impl Live {
             *r = Some(reason);
         }
         self.kill.cancel();
+    }
+
+    /// Shows `text` to the user now (recorded like every message the gateway shows).
+    pub async fn tell(&self, text: &str) {
+        self.io.tell(self, text).await
     }
 
     /// Whether the session is ending.
@@ -419,6 +426,7 @@ pub async fn open(core: &Core, o: Opening, io: Arc<dyn SessionIo>) -> Result<Ope
         bytes_in: 0,
         bytes_out: 0,
         recording_prefix: prefix.clone(),
+        node_id: core.node_id.clone(),
     };
     let span = tracing::info_span!(
         "session",
@@ -739,6 +747,7 @@ mod tests {
             warn_before,
             checkpoint_interval: Duration::from_secs(3600),
             live: Registry::default(),
+            node_id: "test-node".into(),
             shutdown: CancellationToken::new(),
             first_use: None,
         });

@@ -11,7 +11,7 @@ use breakglass::siem::{AccessEvent, Action, Siem};
 use breakglass::storage::RecordingStore;
 
 use super::output::{print_rows, Format};
-use super::{open_state, operator, SiemCmd, VaultCmd};
+use super::{open_state, operator, ClusterCmd, SiemCmd, VaultCmd};
 
 /// The signing trust chain as `verify --public-key` reads it: pinned keys, then each rotation
 /// certificate. Keys found in the key directory but not trusted appear only as comments (and
@@ -391,6 +391,55 @@ pub(super) async fn siem(config: &Path, cmd: SiemCmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `cluster status`: the lease table, with the sessions each node holds.
+pub(super) async fn cluster(config: &Path, cmd: ClusterCmd) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let ClusterCmd::Status { format } = cmd;
+    let store = open_state(&cfg).await?;
+    let now = breakglass::clock::now();
+    let nodes = breakglass::cluster::status(&*store, now).await?;
+    let open = store.unfinished_sessions().await?;
+    let ts = |t| breakglass::clock::rfc3339(t);
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let held = open.iter().filter(|s| s.node_id == n.row.node_id).count();
+            vec![
+                n.row.node_id.clone(),
+                n.state.to_string(),
+                ts(n.row.renewed_at),
+                ts(n.row.expires_at),
+                n.row.live_sessions.to_string(),
+                held.to_string(),
+                n.row.version.clone(),
+                ts(n.row.started_at),
+            ]
+        })
+        .collect();
+    print_rows(
+        format,
+        &[
+            "node",
+            "state",
+            "renewed_at",
+            "lease_until",
+            "live_sessions",
+            "open_sessions",
+            "version",
+            "started_at",
+        ],
+        &rows,
+    )?;
+    if format == Format::Table {
+        let sinks: Vec<&str> = cfg.siem.sinks.iter().map(|s| s.name.as_str()).collect();
+        println!(
+            "SIEM delivery: every node delivers its own spool to each sink ({}); `breakglass siem status` on a node shows its backlog",
+            sinks.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub(super) async fn vault(config: &Path, cmd: VaultCmd) -> Result<ExitCode> {

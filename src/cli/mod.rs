@@ -212,6 +212,19 @@ enum Command {
         #[command(subcommand)]
         cmd: SiemCmd,
     },
+    /// The nodes sharing this config's state store: their leases and live sessions.
+    Cluster {
+        #[arg(
+            long,
+            short,
+            env = "BREAKGLASS_CONFIG",
+            global = true,
+            default_value = "config/breakglass.toml"
+        )]
+        config: PathBuf,
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
     /// Check recordings against their hash chain, signed manifest and the SIEM copy.
     ///
     /// Trusted keys: online, those of the config's `[signing]` table (`trusted_keys`, the
@@ -356,6 +369,16 @@ enum SiemCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Every node with a lease (up, draining or lapsed), when it renewed, how many sessions
+    /// it holds, and who delivers each SIEM sink.
+    Status {
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum VaultCmd {
     /// Store a PostgreSQL target's break-glass password, read from standard input.
     Set { target: String },
@@ -483,6 +506,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         },
         Command::Vault { config, cmd } => vault(&config, cmd).await,
         Command::Siem { config, cmd } => siem(&config, cmd).await,
+        Command::Cluster { config, cmd } => admin::cluster(&config, cmd).await,
         Command::Verify {
             session,
             config,

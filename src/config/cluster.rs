@@ -28,6 +28,7 @@ pub(super) struct RawState {
 pub(super) struct RawCluster {
     node_id: Option<String>,
     lease: Option<String>,
+    drain: Option<String>,
 }
 
 /// Where the gateway keeps its state.
@@ -89,6 +90,9 @@ pub struct ClusterConfig {
     /// How long a node's lease lasts without renewal. A node whose lease lapsed is taken for
     /// dead: another node seals its open sessions. Renewed every third of it.
     pub lease: Duration,
+    /// On SIGTERM in a cluster: how long live sessions are given, after being told the node
+    /// is going away, before they are ended (a single node ends them at once).
+    pub drain: Duration,
 }
 
 impl ClusterConfig {
@@ -195,9 +199,14 @@ pub(super) fn cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigError> {
     if lease < Duration::from_secs(3) || lease > Duration::from_secs(600) {
         return Err(invalid("cluster.lease", "must be between 3s and 10m"));
     }
+    let drain = parse_duration("cluster.drain", raw.drain.as_deref().unwrap_or("10s"))?;
+    if drain > Duration::from_secs(3600) {
+        return Err(invalid("cluster.drain", "must be at most 1h"));
+    }
     Ok(ClusterConfig {
         node_id: raw.node_id,
         lease,
+        drain,
     })
 }
 
@@ -267,17 +276,18 @@ mod tests {
         let named = cluster(RawCluster {
             node_id: Some("gw-a".into()),
             lease: Some("30s".into()),
+            drain: None,
         })
         .expect("named");
         assert_eq!(named.node_id(), "gw-a");
         for bad in [
             RawCluster {
                 node_id: Some("a b".into()),
-                lease: None,
+                ..RawCluster::default()
             },
             RawCluster {
-                node_id: None,
                 lease: Some("1s".into()),
+                ..RawCluster::default()
             },
         ] {
             assert!(cluster(bad).is_err());

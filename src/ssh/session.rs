@@ -359,7 +359,7 @@ pub async fn seal_pending(gw: &Gateway) {
         .await;
     }
     let rows = match gw.store.unsealed_sessions().await {
-        Ok(r) => r,
+        Ok(r) => r.into_iter().filter(|r| ours(gw, r)).collect::<Vec<_>>(),
         Err(e) => {
             tracing::warn!(error = %e, "cannot look for unsealed sessions");
             return;
@@ -428,7 +428,12 @@ pub async fn seal_pending_worker(gw: Arc<Gateway>) {
     }
 }
 
-/// Closes index rows left open by a gateway that died, so `sessions list` tells the truth.
+/// Whether this node acts for a session row: its own, or one from before sessions had nodes.
+fn ours(gw: &Gateway, row: &crate::state::SessionRow) -> bool {
+    row.node_id == gw.membership.node_id || row.node_id.is_empty()
+}
+
+/// Closes index rows this node left open when it died, so `sessions list` tells the truth.
 /// [`seal_pending`] then seals their recordings from the evidence ledger.
 pub async fn recover_unfinished(gw: &Gateway) {
     let rows = match gw.store.unfinished_sessions().await {
@@ -438,6 +443,17 @@ pub async fn recover_unfinished(gw: &Gateway) {
             return;
         }
     };
+    let rows = rows.into_iter().filter(|r| ours(gw, r)).collect();
+    close_crashed(
+        gw,
+        rows,
+        "the gateway stopped during this session; the recording is incomplete",
+    )
+    .await;
+}
+
+/// Ends sessions whose gateway died: the index row is closed and the SIEM end event emitted.
+async fn close_crashed(gw: &Gateway, rows: Vec<crate::state::SessionRow>, message: &str) {
     for row in rows {
         let now = clock::now();
         let end = SessionEnd {
@@ -463,10 +479,65 @@ pub async fn recover_unfinished(gw: &Gateway) {
         e.outcome = crate::siem::Outcome::Failure;
         e.side = Some(crate::grant::Side::Internal);
         e.reason = Some("gateway_crashed".into());
-        e.message =
-            Some("the gateway stopped during this session; the recording is incomplete".into());
+        e.message = Some(message.to_string());
         if let Err(err) = gw.audit(&e).await {
             tracing::error!(error = %err, "could not write SIEM event");
         }
+    }
+}
+
+/// Renews this node's lease every third of `[cluster] lease` and takes over the sessions
+/// of nodes whose lease lapsed (see [`crate::cluster`]).
+pub async fn cluster_worker(gw: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(gw.membership.interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let live = gw.live_sessions().len() as u64;
+        if let Err(e) = gw.membership.beat(live).await {
+            tracing::warn!(error = %e, "could not renew this node's lease");
+            continue;
+        }
+        take_over_lapsed(&gw).await;
+    }
+}
+
+/// Adopts the unsealed sessions of every node whose lease lapsed, ends the live ones as
+/// `gateway_crashed` and seals them all from the evidence ledger.
+pub async fn take_over_lapsed(gw: &Gateway) {
+    let nodes = match gw.membership.lapsed().await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the cluster's nodes");
+            return;
+        }
+    };
+    let me = gw.membership.node_id.clone();
+    let mut took = 0;
+    for node in nodes {
+        let rows = match gw.store.adopt_sessions(&node, &me).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(node = %node, error = %e, "cannot take over a lapsed node's sessions");
+                continue;
+            }
+        };
+        if !rows.is_empty() {
+            tracing::warn!(node = %node, sessions = rows.len(), "took over the sessions of a node whose lease lapsed");
+        }
+        took += rows.len();
+        let open = rows.into_iter().filter(|r| r.ended_at.is_none()).collect();
+        close_crashed(
+            gw,
+            open,
+            &format!("gateway node {node} stopped renewing its lease during this session; node {me} took it over and sealed the recording from the evidence ledger (incomplete)"),
+        )
+        .await;
+        if let Err(e) = gw.membership.forget_if_gone(&node).await {
+            tracing::warn!(node = %node, error = %e, "cannot drop a long-gone node's lease");
+        }
+    }
+    if took > 0 {
+        seal_pending(gw).await;
     }
 }

@@ -22,11 +22,13 @@ macro_rules! suite {
             reviews_are_opened_once_signed_once_and_alerted_once,
             the_ledger_keeps_write_order_and_final_entries,
             vault_slots_promote,
+            node_leases_renew_and_leave,
         );
         crate::state::conformance::suite!(@races $open;
             one_approver_racing_itself_is_recorded_once,
             two_approvers_racing_for_the_last_approval_make_one_grant,
             a_login_link_raced_from_two_nodes_works_once,
+            two_nodes_taking_over_one_dead_node_split_its_sessions,
         );
     };
     (@tests $open:expr; $($name:ident),* $(,)?) => {$(
@@ -79,6 +81,7 @@ fn session(i: usize, proto: &str, person: &str, grant: &str, now: DateTime<Utc>)
         bytes_in: 0,
         bytes_out: 0,
         recording_prefix: format!("p/{i}"),
+        node_id: "n1".into(),
     }
 }
 
@@ -673,4 +676,92 @@ pub async fn a_login_link_raced_from_two_nodes_works_once(a: Arc<dyn Store>, b: 
         .filter(|r| matches!(r, LinkUse::Person(_)))
         .count();
     assert_eq!(used, 1, "{results:?}");
+}
+
+fn beat(node: &str, at: DateTime<Utc>, secs: i64) -> NodeRow {
+    NodeRow {
+        node_id: node.into(),
+        started_at: t0(),
+        renewed_at: at,
+        expires_at: at + Duration::seconds(secs),
+        draining: false,
+        live_sessions: 2,
+        version: "0.1.0".into(),
+    }
+}
+
+pub async fn node_leases_renew_and_leave(store: &dyn Store) {
+    assert!(store.nodes().await.expect("nodes").is_empty());
+    store.heartbeat(&beat("b", t0(), 10)).await.expect("b");
+    store.heartbeat(&beat("a", t0(), 10)).await.expect("a");
+    let mut renewed = beat("a", t0() + Duration::seconds(3), 10);
+    renewed.draining = true;
+    renewed.live_sessions = 0;
+    store.heartbeat(&renewed).await.expect("renew");
+    let nodes = store.nodes().await.expect("nodes");
+    assert_eq!(nodes, vec![renewed, beat("b", t0(), 10)]);
+    store.leave("b").await.expect("leave");
+    let ids: Vec<String> = store
+        .nodes()
+        .await
+        .expect("nodes")
+        .into_iter()
+        .map(|n| n.node_id)
+        .collect();
+    assert_eq!(ids, ["a"]);
+
+    // Adoption moves only the unsealed sessions of the named node.
+    let now = t0();
+    for (i, node) in [(1, "dead"), (2, "dead"), (3, "alive")] {
+        let mut s = session(i, "ssh", "alice", "g", now);
+        s.node_id = node.into();
+        store.insert_session(&s).await.expect("insert");
+    }
+    store.set_sealed("s2", true).await.expect("seal");
+    let got = store.adopt_sessions("dead", "a").await.expect("adopt");
+    assert_eq!(
+        got.iter()
+            .map(|s| (s.id.as_str(), s.node_id.as_str()))
+            .collect::<Vec<_>>(),
+        [("s1", "a")]
+    );
+    assert!(store
+        .adopt_sessions("dead", "a")
+        .await
+        .expect("again")
+        .is_empty());
+    let s3 = store.find_session("s3").await.expect("find").expect("s3");
+    assert_eq!(s3.node_id, "alive");
+}
+
+pub async fn two_nodes_taking_over_one_dead_node_split_its_sessions(
+    a: Arc<dyn Store>,
+    b: Arc<dyn Store>,
+) {
+    let now = Utc::now();
+    for i in 0..20 {
+        let mut s = session(i, "ssh", "alice", "g", now);
+        s.node_id = "dead".into();
+        a.insert_session(&s).await.expect("insert");
+    }
+    let results = race(a.clone(), b, 4, move |s, i| {
+        Box::pin(async move {
+            s.adopt_sessions("dead", &format!("taker{i}"))
+                .await
+                .expect("adopt")
+        })
+    })
+    .await;
+    let mut ids: Vec<String> = results.iter().flatten().map(|s| s.id.clone()).collect();
+    ids.sort();
+    let before = ids.len();
+    ids.dedup();
+    assert_eq!(
+        before, 20,
+        "every session adopted exactly once: {results:?}"
+    );
+    assert_eq!(ids.len(), 20);
+    for (i, r) in results.iter().enumerate() {
+        assert!(r.iter().all(|s| s.node_id == format!("taker{i}")));
+    }
 }

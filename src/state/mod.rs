@@ -241,6 +241,24 @@ pub struct SessionRow {
     pub bytes_out: u64,
     /// Where the recording objects live in the store.
     pub recording_prefix: String,
+    /// The gateway node that holds (or held) the session; `""` for rows from before nodes.
+    pub node_id: String,
+}
+
+/// One gateway node's lease, as it last renewed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRow {
+    pub node_id: String,
+    /// When this run of the node first took its lease.
+    pub started_at: DateTime<Utc>,
+    pub renewed_at: DateTime<Utc>,
+    /// Past this the node counts as gone and its sessions may be taken over.
+    pub expires_at: DateTime<Utc>,
+    /// Draining: accepting nothing new, ending its sessions.
+    pub draining: bool,
+    pub live_sessions: u64,
+    /// The binary's version, so a rolling upgrade shows in `cluster status`.
+    pub version: String,
 }
 
 /// One recording object as the gateway wrote it: the evidence ledger that crash recovery and
@@ -378,6 +396,17 @@ pub trait Store: Send + Sync {
     async fn set_sealed(&self, session_id: &str, sealed: bool) -> Result<(), StateError>;
     /// Ended sessions whose recording is not sealed (the store failed at the end).
     async fn unsealed_sessions(&self) -> Result<Vec<SessionRow>, StateError>;
+
+    /// Takes or renews a node's lease (`started_at` is kept from the first beat of a run).
+    async fn heartbeat(&self, n: &NodeRow) -> Result<(), StateError>;
+    /// Every node with a lease row, by id.
+    async fn nodes(&self) -> Result<Vec<NodeRow>, StateError>;
+    /// Drops a node's lease row (it stopped cleanly).
+    async fn leave(&self, node_id: &str) -> Result<(), StateError>;
+    /// Hands every unsealed session (live or ended) of node `from` to node `to` in one
+    /// statement, so of two nodes taking over the same dead node each session goes to one;
+    /// returns the sessions `to` now holds.
+    async fn adopt_sessions(&self, from: &str, to: &str) -> Result<Vec<SessionRow>, StateError>;
 
     async fn create_request(&self, r: NewRequest) -> Result<Request, StateError>;
     /// A request by id or unique id prefix.

@@ -20,9 +20,9 @@ use tokio_postgres::{Client, GenericClient, Row};
 use tokio_rustls::rustls;
 
 use super::{
-    Approval, Grant, LedgerEntry, LinkUse, NewGrant, NewRequest, Request, RequestStatus, Review,
-    ReviewFilter, SearchEntry, SearchHit, SessionEnd, SessionFilter, SessionRow, StateError, Store,
-    StoredEvent,
+    Approval, Grant, LedgerEntry, LinkUse, NewGrant, NewRequest, NodeRow, Request, RequestStatus,
+    Review, ReviewFilter, SearchEntry, SearchHit, SessionEnd, SessionFilter, SessionRow,
+    StateError, Store, StoredEvent,
 };
 
 /// The schema, one entry per SQLite migration with the same number. Never edit a released
@@ -188,6 +188,17 @@ const MIGRATIONS: &[&str] = &[
      );
      ALTER TABLE sessions ADD COLUMN sealed BIGINT NOT NULL DEFAULT 0;
      CREATE INDEX sessions_unsealed ON sessions(sealed) WHERE sealed = 0;",
+    // 9: nodes and their leases; which node holds a session.
+    "ALTER TABLE sessions ADD COLUMN node_id TEXT NOT NULL DEFAULT '';
+     CREATE TABLE nodes (
+        node_id TEXT PRIMARY KEY,
+        started_at BIGINT NOT NULL,
+        renewed_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        draining BIGINT NOT NULL DEFAULT 0,
+        live_sessions BIGINT NOT NULL DEFAULT 0,
+        version TEXT NOT NULL DEFAULT ''
+     );",
 ];
 
 /// The advisory lock key migrations run under ("breakglass" in ASCII, truncated to 8 bytes).
@@ -443,7 +454,10 @@ fn grant_row(r: &Row) -> Grant {
 }
 
 const SESSION_COLS: &str = "id, protocol, person, target, grant_id, client_addr, started_at, \
-                            deadline, ended_at, end_reason, bytes_in, bytes_out, recording_prefix";
+                            deadline, ended_at, end_reason, bytes_in, bytes_out, recording_prefix, \
+                            node_id";
+/// How many columns [`SESSION_COLS`] names (columns after them start at this index).
+const SESSION_N: usize = 14;
 
 fn session_row(r: &Row) -> SessionRow {
     SessionRow {
@@ -460,6 +474,22 @@ fn session_row(r: &Row) -> SessionRow {
         bytes_in: r.get::<_, i64>(10).max(0) as u64,
         bytes_out: r.get::<_, i64>(11).max(0) as u64,
         recording_prefix: r.get(12),
+        node_id: r.get(13),
+    }
+}
+
+const NODE_COLS: &str =
+    "node_id, started_at, renewed_at, expires_at, draining, live_sessions, version";
+
+fn node_row(r: &Row) -> NodeRow {
+    NodeRow {
+        node_id: r.get(0),
+        started_at: from_ms(r.get(1)),
+        renewed_at: from_ms(r.get(2)),
+        expires_at: from_ms(r.get(3)),
+        draining: r.get::<_, i64>(4) != 0,
+        live_sessions: r.get::<_, i64>(5).max(0) as u64,
+        version: r.get(6),
     }
 }
 
@@ -866,7 +896,7 @@ impl Store for PgStore {
             let c = self.pool.get().await?;
             c.execute(
                 &format!(
-                    "INSERT INTO sessions ({SESSION_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)"
+                    "INSERT INTO sessions ({SESSION_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"
                 ),
                 &[
                     &s.id,
@@ -882,6 +912,7 @@ impl Store for PgStore {
                     &(s.bytes_in as i64),
                     &(s.bytes_out as i64),
                     &s.recording_prefix,
+                    &s.node_id,
                 ],
             )
             .await
@@ -947,6 +978,80 @@ impl Store for PgStore {
         self.call(async {
             let c = self.pool.get().await?;
             sessions_like(&*c, id_or_prefix, Some(person)).await
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, n: &NodeRow) -> Result<(), StateError> {
+        self.call(async {
+            let c = self.pool.get().await?;
+            c.execute(
+                &format!(
+                    "INSERT INTO nodes ({NODE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7) \
+                     ON CONFLICT (node_id) DO UPDATE SET started_at = excluded.started_at, \
+                       renewed_at = excluded.renewed_at, expires_at = excluded.expires_at, \
+                       draining = excluded.draining, live_sessions = excluded.live_sessions, \
+                       version = excluded.version"
+                ),
+                &[
+                    &n.node_id,
+                    &ms(n.started_at),
+                    &ms(n.renewed_at),
+                    &ms(n.expires_at),
+                    &i64::from(n.draining),
+                    &(n.live_sessions as i64),
+                    &n.version,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRow>, StateError> {
+        self.call(async {
+            let c = self.pool.get().await?;
+            Ok(c.query(
+                &format!("SELECT {NODE_COLS} FROM nodes ORDER BY node_id"),
+                &[],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(node_row)
+            .collect())
+        })
+        .await
+    }
+
+    async fn leave(&self, node_id: &str) -> Result<(), StateError> {
+        self.call(async {
+            let c = self.pool.get().await?;
+            c.execute("DELETE FROM nodes WHERE node_id = $1", &[&node_id])
+                .await
+                .map_err(pg)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn adopt_sessions(&self, from: &str, to: &str) -> Result<Vec<SessionRow>, StateError> {
+        self.call(async {
+            let c = self.pool.get().await?;
+            Ok(c.query(
+                &format!(
+                    "UPDATE sessions SET node_id = $2 WHERE node_id = $1 AND sealed = 0 \
+                     RETURNING {SESSION_COLS}"
+                ),
+                &[&from, &to],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(session_row)
+            .collect())
         })
         .await
     }
@@ -1693,10 +1798,10 @@ impl Store for PgStore {
             .map(|r| SearchHit {
                 session: session_row(r),
                 entry: SearchEntry {
-                    channel: u32::try_from(r.get::<_, i64>(13)).unwrap_or(0),
-                    time: r.get(14),
-                    kind: r.get(15),
-                    text: r.get(16),
+                    channel: u32::try_from(r.get::<_, i64>(SESSION_N)).unwrap_or(0),
+                    time: r.get(SESSION_N + 1),
+                    kind: r.get(SESSION_N + 2),
+                    text: r.get(SESSION_N + 3),
                 },
             })
             .collect())

@@ -8,9 +8,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    Approval, Grant, LedgerEntry, LinkUse, NewGrant, NewRequest, Request, RequestStatus, Review,
-    ReviewFilter, SearchEntry, SearchHit, SessionEnd, SessionFilter, SessionRow, StateError, Store,
-    StoredEvent,
+    Approval, Grant, LedgerEntry, LinkUse, NewGrant, NewRequest, NodeRow, Request, RequestStatus,
+    Review, ReviewFilter, SearchEntry, SearchHit, SessionEnd, SessionFilter, SessionRow,
+    StateError, Store, StoredEvent,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -175,6 +175,17 @@ const MIGRATIONS: &[&str] = &[
      );
      ALTER TABLE sessions ADD COLUMN sealed INTEGER NOT NULL DEFAULT 0;
      CREATE INDEX sessions_unsealed ON sessions(sealed) WHERE sealed = 0;",
+    // 9: nodes and their leases; which node holds a session.
+    "ALTER TABLE sessions ADD COLUMN node_id TEXT NOT NULL DEFAULT '';
+     CREATE TABLE nodes (
+        node_id TEXT PRIMARY KEY,
+        started_at INTEGER NOT NULL,
+        renewed_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        draining INTEGER NOT NULL DEFAULT 0,
+        live_sessions INTEGER NOT NULL DEFAULT 0,
+        version TEXT NOT NULL DEFAULT ''
+     );",
 ];
 
 /// SQLite behind a mutex; calls run on the blocking pool.
@@ -279,7 +290,10 @@ fn grant_row(r: &Row<'_>) -> rusqlite::Result<Grant> {
 }
 
 const SESSION_COLS: &str = "id, protocol, person, target, grant_id, client_addr, started_at, \
-                            deadline, ended_at, end_reason, bytes_in, bytes_out, recording_prefix";
+                            deadline, ended_at, end_reason, bytes_in, bytes_out, recording_prefix, \
+                            node_id";
+/// How many columns [`SESSION_COLS`] names (columns after them start at this index).
+const SESSION_N: usize = 14;
 
 fn session_row(r: &Row<'_>) -> rusqlite::Result<SessionRow> {
     Ok(SessionRow {
@@ -296,6 +310,22 @@ fn session_row(r: &Row<'_>) -> rusqlite::Result<SessionRow> {
         bytes_in: r.get::<_, i64>(10)?.max(0) as u64,
         bytes_out: r.get::<_, i64>(11)?.max(0) as u64,
         recording_prefix: r.get(12)?,
+        node_id: r.get(13)?,
+    })
+}
+
+const NODE_COLS: &str =
+    "node_id, started_at, renewed_at, expires_at, draining, live_sessions, version";
+
+fn node_row(r: &Row<'_>) -> rusqlite::Result<NodeRow> {
+    Ok(NodeRow {
+        node_id: r.get(0)?,
+        started_at: from_ms(r.get(1)?),
+        renewed_at: from_ms(r.get(2)?),
+        expires_at: from_ms(r.get(3)?),
+        draining: r.get::<_, i64>(4)? != 0,
+        live_sessions: r.get::<_, i64>(5)?.max(0) as u64,
+        version: r.get(6)?,
     })
 }
 
@@ -635,7 +665,7 @@ impl Store for SqliteStore {
         self.with(move |c| {
             c.execute(
                 &format!(
-                    "INSERT INTO sessions ({SESSION_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"
+                    "INSERT INTO sessions ({SESSION_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)"
                 ),
                 params![
                     s.id,
@@ -650,7 +680,8 @@ impl Store for SqliteStore {
                     s.end_reason,
                     s.bytes_in as i64,
                     s.bytes_out as i64,
-                    s.recording_prefix
+                    s.recording_prefix,
+                    s.node_id
                 ],
             )
             .map_err(db)?;
@@ -859,6 +890,77 @@ impl Store for SqliteStore {
                 .map_err(db)?;
             let rows = stmt
                 .query_map([], session_row)
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, n: &NodeRow) -> Result<(), StateError> {
+        let n = n.clone();
+        self.with(move |c| {
+            c.execute(
+                &format!(
+                    "INSERT INTO nodes ({NODE_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7) \
+                     ON CONFLICT (node_id) DO UPDATE SET started_at = excluded.started_at, \
+                       renewed_at = excluded.renewed_at, expires_at = excluded.expires_at, \
+                       draining = excluded.draining, live_sessions = excluded.live_sessions, \
+                       version = excluded.version"
+                ),
+                params![
+                    n.node_id,
+                    ms(n.started_at),
+                    ms(n.renewed_at),
+                    ms(n.expires_at),
+                    i64::from(n.draining),
+                    n.live_sessions as i64,
+                    n.version
+                ],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRow>, StateError> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY node_id"))
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], node_row)
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn leave(&self, node_id: &str) -> Result<(), StateError> {
+        let id = node_id.to_string();
+        self.with(move |c| {
+            c.execute("DELETE FROM nodes WHERE node_id = ?1", params![id])
+                .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn adopt_sessions(&self, from: &str, to: &str) -> Result<Vec<SessionRow>, StateError> {
+        let (from, to) = (from.to_string(), to.to_string());
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare(&format!(
+                    "UPDATE sessions SET node_id = ?2 WHERE node_id = ?1 AND sealed = 0 \
+                     RETURNING {SESSION_COLS}"
+                ))
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(params![from, to], session_row)
                 .map_err(db)?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(db)?;
@@ -1475,10 +1577,10 @@ impl Store for SqliteStore {
                         Ok(SearchHit {
                             session: session_row(r)?,
                             entry: SearchEntry {
-                                channel: r.get(13)?,
-                                time: r.get(14)?,
-                                kind: r.get(15)?,
-                                text: r.get(16)?,
+                                channel: r.get(SESSION_N)?,
+                                time: r.get(SESSION_N + 1)?,
+                                kind: r.get(SESSION_N + 2)?,
+                                text: r.get(SESSION_N + 3)?,
                             },
                         })
                     },

@@ -179,7 +179,7 @@ impl World {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         // Generate the gateway's keys first so sshd can trust the CA from its first start.
-        let keys = GatewayKeys::load_or_create(&data).expect("gateway keys");
+        let keys = GatewayKeys::load_or_create(&data.join("keys")).expect("gateway keys");
         let ca_pub = dir.path().join("gateway_ca.pub");
         std::fs::write(
             &ca_pub,

@@ -105,7 +105,7 @@ fn sign_manifest(store: &Path, prefix: &str, meta: &Value, signer: &breakglass::
 
 /// The gateway's own signing key, as root on the gateway host has it.
 fn real_key(data: &Path) -> breakglass::signing::Signer {
-    breakglass::signing::Signer::load_or_create(data).expect("the gateway's key")
+    breakglass::signing::Signer::load_or_create(&data.join("keys")).expect("the gateway's key")
 }
 
 /// Runs one attack on a fresh copy of the world's data dir; returns the verdict line.
@@ -382,11 +382,11 @@ async fn every_attack_on_a_recording_is_tampered_or_missing() {
                     let stranger = tempfile::tempdir().expect("tempdir");
                     breakglass::signing::Signer::load_or_create(stranger.path()).expect("key");
                     std::fs::copy(
-                        stranger.path().join("keys/signing/000001.pk8"),
+                        stranger.path().join("signing/000001.pk8"),
                         d.join("keys/signing/000002.pk8"),
                     )
                     .expect("drop the key in");
-                    let dropped = breakglass::signing::Signer::load_or_create(d).expect("load");
+                    let dropped = breakglass::signing::Signer::load_or_create(&d.join("keys")).expect("load");
                     assert_eq!(dropped.all.len(), 2, "the dropped key is the newest");
                     let mut meta = read_json(&store(d).join(&p).join("session.json"));
                     meta["session"]["person"] = Value::String("mallory".into());
@@ -427,11 +427,11 @@ async fn every_attack_on_a_recording_is_tampered_or_missing() {
                     let stranger = tempfile::tempdir().expect("tempdir");
                     breakglass::signing::Signer::load_or_create(stranger.path()).expect("key");
                     std::fs::copy(
-                        stranger.path().join("keys/signing/000001.pk8"),
+                        stranger.path().join("signing/000001.pk8"),
                         d.join("keys/signing/000002.pk8"),
                     )
                     .expect("drop the key in");
-                    let dropped = breakglass::signing::Signer::load_or_create(d).expect("load");
+                    let dropped = breakglass::signing::Signer::load_or_create(&d.join("keys")).expect("load");
                     let forged = breakglass::signing::KeyCertificate {
                         key: dropped.current_public.clone(),
                         signed_by: dropped.all[1].id.clone(),

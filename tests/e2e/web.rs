@@ -286,7 +286,7 @@ async fn login_links_work_once_and_expire_and_roles_hold_on_the_api() {
     validate("metadata-export-manifest.schema.json", &manifest);
     assert_eq!(manifest, body["manifest"]);
     // The manifest's signature verifies with the gateway's keys, and the content matches it.
-    let keys = breakglass::signing::Signer::load_or_create(&w.path("data"))
+    let keys = breakglass::signing::Signer::load_or_create(&w.path("data/keys"))
         .expect("keys")
         .all;
     let sig = serde_json::to_vec(&body["signature"]).expect("sig");
