@@ -170,6 +170,7 @@ pub(super) async fn sessions(config: &Path, cmd: SessionsCmd) -> Result<ExitCode
                             "ended_at": s.ended_at.map(clock::rfc3339),
                             "end_reason": s.end_reason, "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
                             "recording": s.recording_prefix,
+                            "node": s.node_id,
                         })
                     })
                     .collect();

@@ -2,6 +2,7 @@
 //! the real `asciinema` CLI replaying exports, all on 127.0.0.1.
 
 mod audit_views;
+mod cluster;
 mod deploy;
 mod disk;
 mod escapes;

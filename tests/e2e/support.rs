@@ -717,6 +717,9 @@ pub struct Postgres {
     pub port: u16,
     pub superuser_password: String,
     child: Child,
+    /// The `postgres` arguments and log file, to start it again after [`Postgres::stop`].
+    args: Vec<std::ffi::OsString>,
+    log: PathBuf,
     /// Where the cluster and its socket live (kept for debugging a failed test).
     #[allow(dead_code)]
     pub dir: PathBuf,
@@ -836,28 +839,28 @@ impl Postgres {
             ];
         }
         let port = free_port();
-        let child = as_postgres(pg_bin("postgres"))
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-p",
-                &port.to_string(),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-k",
-            ])
-            .arg(&dir)
-            .args(["-c", "fsync=off"])
-            .args(&tls_args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(parent.join("postgres.log")).expect("pg log"))
-            .spawn()
-            .expect("start postgres");
+        let mut args: Vec<std::ffi::OsString> = vec!["-D".into(), data.clone().into()];
+        for a in [
+            "-p",
+            &port.to_string(),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-k",
+        ] {
+            args.push(a.into());
+        }
+        args.push(dir.clone().into());
+        args.extend(["-c".into(), "fsync=off".into()]);
+        args.extend(tls_args.iter().map(Into::into));
+        let log = parent.join("postgres.log");
+        let child = spawn_postgres(&args, &log);
         wait_port(port);
         let pg = Postgres {
             port,
             superuser_password: password,
             child,
+            args,
+            log,
             dir,
         };
         // The port opens slightly before the server accepts logins.
@@ -868,6 +871,29 @@ impl Postgres {
                 .then_some(())
         });
         pg
+    }
+
+    /// Stops the server (fast shutdown) and waits until it is gone.
+    pub fn stop(&mut self) {
+        // The child may be `runuser`, which does not pass signals on: signal the postmaster.
+        let pid = std::fs::read_to_string(self.dir.join("data/postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().map(str::to_string))
+            .unwrap_or_else(|| self.child.id().to_string());
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the stopped server again on the same port and data.
+    pub fn start_again(&mut self) {
+        self.child = spawn_postgres(&self.args, &self.log);
+        wait_port(self.port);
+        wait_for("postgres to accept logins", Duration::from_secs(20), || {
+            self.psql("postgres", &self.superuser_password.clone(), "SELECT 1")
+                .status
+                .success()
+                .then_some(())
+        });
     }
 
     /// Runs `psql -c SQL` as `user` with `password` against this cluster.
@@ -891,6 +917,21 @@ impl Postgres {
             .output()
             .expect("run psql")
     }
+}
+
+fn spawn_postgres(args: &[std::ffi::OsString], log: &Path) -> Child {
+    as_postgres(pg_bin("postgres"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .expect("pg log"),
+        )
+        .spawn()
+        .expect("start postgres")
 }
 
 /// A real S3-compatible server (moto, from PyPI) on 127.0.0.1 with a free port; killed on
