@@ -699,7 +699,7 @@ async fn three_nodes_behind_haproxy_share_one_state_store() {
         "the live session ran on through the outage ({ticks} ticks)"
     );
     c.state.start_again();
-    let back = wait_for(
+    wait_for(
         "new sessions once the store is back",
         Duration::from_secs(20),
         || {
@@ -710,7 +710,6 @@ async fn three_nodes_behind_haproxy_share_one_state_store() {
             (out.status.success() && text(&out.stdout).trim() == "after").then_some(())
         },
     );
-    let _ = back;
     let (code, out, _) = wait_exit(&mut child, Duration::from_secs(30));
     assert_eq!(code, Some(0), "the live session survived the outage: {out}");
     let id =
