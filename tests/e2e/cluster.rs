@@ -585,6 +585,27 @@ async fn three_nodes_behind_haproxy_share_one_state_store() {
     for action in ["session_start", "recording_checkpoint", "session_end"] {
         c.wait_event_for(&id, action);
     }
+    // The taker spooled the session's events again from the shared event store (the dead
+    // node's spool died with it): the start event arrives twice, with one event id.
+    let starts: Vec<Value> = wait_for(
+        "the start event delivered again by the taker",
+        Duration::from_secs(20),
+        || {
+            let starts: Vec<Value> = c
+                .events()
+                .into_iter()
+                .filter(|e| e["session_id"] == id.as_str() && e["action"] == "session_start")
+                .collect();
+            (starts.len() >= 2).then_some(starts)
+        },
+    );
+    assert!(
+        starts[0]["event_id"].is_string()
+            && starts
+                .iter()
+                .all(|e| e["event_id"] == starts[0]["event_id"]),
+        "a redelivered event keeps its id: {starts:?}"
+    );
     // The dead node comes back; the others keep serving.
     let dir = c.w.dir.path().to_path_buf();
     c.node(&victim).start(&dir);
