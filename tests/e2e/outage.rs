@@ -40,10 +40,22 @@ async fn long_session(
     let dir = w.path("data/recordings").join(&prefix);
     let chdir = dir.join("ch0000");
     let stored = wait_for("stored chunks", Duration::from_secs(10), || {
-        let n = std::fs::read_dir(&chdir).ok()?.count();
+        let n = stored_chunks(&chdir)?;
         (n >= chunks).then_some(n)
     });
     (w, gw, child, prefix, dir, stored)
+}
+
+/// Stored chunks in a channel directory, not counting the store's in-flight staging files
+/// (`NAME#N`, renamed into place when complete), which a moved directory may lose.
+fn stored_chunks(dir: &std::path::Path) -> Option<usize> {
+    Some(
+        std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().contains('#'))
+            .count(),
+    )
 }
 
 /// The outage: the channel's directory is replaced by a file, so every write fails; the
@@ -85,7 +97,7 @@ async fn a_session_ended_by_a_store_outage_is_sealed_once_the_store_is_back() {
     assert!(waiting >= 1, "the outage's data waits in the spool");
 
     // The store comes back; the running gateway uploads the spool and seals the session.
-    let stored = std::fs::read_dir(&away).map(|r| r.count()).unwrap_or(0);
+    let stored = stored_chunks(&away).unwrap_or(0);
     assert!(stored >= stored_before);
     std::fs::remove_file(&chdir).expect("unblock");
     std::fs::rename(&away, &chdir).expect("move the channel dir back");
