@@ -27,6 +27,8 @@ pub struct Membership {
     /// Since when every heartbeat succeeded; `None` after a failed one.
     healthy_since: Mutex<Option<Instant>>,
     draining: AtomicBool,
+    /// Whether this node runs the cluster's singletons (see [`Membership::is_leader`]).
+    leader: AtomicBool,
 }
 
 /// A node as `cluster status` shows it.
@@ -46,6 +48,7 @@ impl Membership {
             store,
             healthy_since: Mutex::new(None),
             draining: AtomicBool::new(false),
+            leader: AtomicBool::new(false),
         }
     }
 
@@ -67,14 +70,46 @@ impl Membership {
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
         let res = self.store.heartbeat(&row).await;
-        let mut healthy = self.healthy_since.lock().unwrap_or_else(|p| p.into_inner());
-        match &res {
-            Ok(()) => {
-                healthy.get_or_insert_with(Instant::now);
+        {
+            let mut healthy = self.healthy_since.lock().unwrap_or_else(|p| p.into_inner());
+            match &res {
+                Ok(()) => {
+                    healthy.get_or_insert_with(Instant::now);
+                }
+                Err(_) => *healthy = None,
             }
-            Err(_) => *healthy = None,
         }
+        let leads = match &res {
+            Ok(()) => self.leads(now).await,
+            Err(_) => false,
+        };
+        self.leader.store(leads, Ordering::SeqCst);
         res
+    }
+
+    /// The leader is the live, not draining node with the smallest id; a node that cannot
+    /// reach the store never leads. Two nodes may both lead for at most one renewal interval
+    /// while the membership changes (a node with a smaller id joins, or the leader dies and
+    /// its lease has not lapsed yet: then nobody leads until it does).
+    async fn leads(&self, now: DateTime<Utc>) -> bool {
+        if self.is_draining() {
+            return false;
+        }
+        match self.store.nodes().await {
+            Ok(nodes) => nodes
+                .iter()
+                .filter(|n| n.expires_at >= now && !n.draining)
+                .map(|n| n.node_id.as_str())
+                .min()
+                .is_some_and(|id| id == self.node_id),
+            Err(_) => false,
+        }
+    }
+
+    /// Whether this node runs the cluster-wide singletons (credential rotation) as of its
+    /// last heartbeat.
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::SeqCst)
     }
 
     /// Starts draining: `/healthz` answers 503 and the next heartbeat says so.

@@ -307,6 +307,11 @@ pub async fn worker(gw: Arc<Gateway>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;
+        // One node rotates for the cluster: two rotating one target at once would leave the
+        // target and the vault with different passwords.
+        if !gw.membership.is_leader() {
+            continue;
+        }
         let now = clock::now();
         let grants = match gw.store.grants_to_rotate(now).await {
             Ok(g) => g,
