@@ -259,6 +259,16 @@ pub(super) async fn check_config(file: &Path, offline: bool) -> Result<ExitCode>
             .map(|_| String::new())
             .with_context(|| "cannot append".to_string()),
     );
+    if let breakglass::config::StateConfig::Postgres(pg) = &cfg.state {
+        let plain = pg.ca_file.is_none()
+            && pg
+                .url
+                .resolve()
+                .is_ok_and(|u| !u.contains("sslmode=require") && !u.contains("sslmode=verify"));
+        if plain {
+            warnings.push("the state store connection is plain TCP (no [state] ca_file, no sslmode=require): grants, the evidence ledger and the sealed vault cross the network unencrypted; set ca_file".into());
+        }
+    }
     check(
         format!("state store {}", breakglass::state::describe(&cfg.state)),
         breakglass::state::open(&cfg.state)
