@@ -87,6 +87,8 @@ pub enum StartError {
     Signing(#[from] crate::signing::SigningError),
     #[error("cluster identity: {0}. Every node of a cluster must load the same keys, so none is generated: create them once with `breakglass keys init` and give every node the same keys_dir")]
     Identity(String),
+    #[error("node id `{0}` is in use: another running gateway renews its lease; give each node its own [cluster] node_id (or $BREAKGLASS_NODE_ID)")]
+    NodeIdInUse(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -343,6 +345,9 @@ pub async fn start(
             "the outage spool cannot be authenticated (no vault key): spooled chunks stay in the spool, unuploaded, until the gateway starts with the key"
         ),
     }
+    if gw.config.is_cluster() && node_id_in_use(&gw).await {
+        return Err(StartError::NodeIdInUse(gw.membership.node_id.clone()));
+    }
     if let Err(e) = gw.membership.beat(0).await {
         tracing::warn!(error = %e, "could not take this node's lease; retried");
     }
@@ -383,9 +388,12 @@ pub async fn start(
                 gw.membership.node_id,
                 humantime::format_duration(drain)
             );
-            for s in &live {
-                s.tell(&text).await;
-            }
+            // A client that stops reading must not hold up the drain.
+            futures::future::join_all(
+                live.iter()
+                    .map(|s| tokio::time::timeout(Duration::from_secs(1), s.tell(&text))),
+            )
+            .await;
             let until = tokio::time::Instant::now() + drain;
             while tokio::time::Instant::now() < until && !gw.live_sessions().is_empty() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -413,7 +421,7 @@ pub async fn start(
         members.abort();
         // With every session sealed nothing is left to take over; otherwise the lease lapses
         // and another node seals what is left.
-        if sealed {
+        if sealed && nothing_left_to_seal(&gw).await {
             gw.membership.leave().await;
         }
         watcher.abort();
@@ -433,6 +441,39 @@ pub async fn start(
         },
         serve,
     ))
+}
+
+/// Whether another running process holds this node's id: its lease row is live and is renewed
+/// again while we watch it for one renewal interval. A live row that is not renewed is this
+/// node's own, left by a crash a moment ago.
+async fn node_id_in_use(gw: &Gateway) -> bool {
+    let me = gw.membership.node_id.as_str();
+    let row = |nodes: Vec<crate::state::NodeRow>| nodes.into_iter().find(|n| n.node_id == me);
+    let Ok(Some(first)) = gw.store.nodes().await.map(row) else {
+        return false;
+    };
+    if first.expires_at < crate::clock::now() {
+        return false;
+    }
+    tracing::info!(
+        node = me,
+        "this node id's lease is live; watching it for one renewal before taking it"
+    );
+    tokio::time::sleep(gw.membership.interval() + Duration::from_millis(500)).await;
+    matches!(gw.store.nodes().await.map(row), Ok(Some(again)) if again.renewed_at != first.renewed_at)
+}
+
+/// Whether no session of this node is open or unsealed in the store: only then may its lease
+/// row go (a row that lapses instead gets what is left taken over by another node).
+async fn nothing_left_to_seal(gw: &Gateway) -> bool {
+    let me = gw.membership.node_id.as_str();
+    match (
+        gw.store.unfinished_sessions().await,
+        gw.store.unsealed_sessions().await,
+    ) {
+        (Ok(open), Ok(unsealed)) => open.iter().chain(&unsealed).all(|r| r.node_id != me),
+        _ => false,
+    }
 }
 
 /// The PostgreSQL listener's TLS acceptor (ring provider) from PEM files.

@@ -491,6 +491,9 @@ async fn close_crashed(gw: &Gateway, rows: Vec<crate::state::SessionRow>, messag
 pub async fn cluster_worker(gw: Arc<Gateway>) {
     let mut tick = tokio::time::interval(gw.membership.interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Taking over (sealing reads every object of a session) runs beside the heartbeat, one
+    // pass at a time, so a long seal never lets this node's own lease lapse.
+    let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         tick.tick().await;
         let live = gw.live_sessions().len() as u64;
@@ -498,7 +501,14 @@ pub async fn cluster_worker(gw: Arc<Gateway>) {
             tracing::warn!(error = %e, "could not renew this node's lease");
             continue;
         }
-        take_over_lapsed(&gw).await;
+        if busy.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            continue;
+        }
+        let (gw, busy) = (gw.clone(), busy.clone());
+        tokio::spawn(async move {
+            take_over_lapsed(&gw).await;
+            busy.store(false, std::sync::atomic::Ordering::SeqCst);
+        });
     }
 }
 
@@ -527,6 +537,12 @@ async fn redeliver_events(gw: &Gateway, row: &crate::state::SessionRow) {
         let Ok(e) = serde_json::from_value::<AccessEvent>(s.event_data) else {
             continue;
         };
+        // The event store is not authenticated: whoever can write it must not be able to
+        // make a gateway vouch for a chain head. Heads reach the SIEM only from a recorder
+        // or from this node's own seal.
+        if e.chain_head.is_some() {
+            continue;
+        }
         match crate::siem::EventSink::emit(&gw.siem, &e).await {
             Ok(()) => n += 1,
             Err(err) => {

@@ -677,6 +677,31 @@ async fn three_nodes_behind_haproxy_share_one_state_store() {
     c.wait_all_up();
 
     eprintln!("step:6. The state store");
+    // A second process with a running node's id is refused (it would close and seal that
+    // node's live sessions as its own).
+    let a_cfg = std::fs::read_to_string(&c.nodes[0].config).expect("node-a config");
+    let mut dup = a_cfg.clone();
+    for port in [c.nodes[0].ssh, c.nodes[0].http, c.nodes[0].pg] {
+        dup = dup.replace(
+            &format!("127.0.0.1:{port}\""),
+            &format!("127.0.0.1:{}\"", free_port()),
+        );
+    }
+    let dup_cfg = c.w.path("node-dup.toml");
+    std::fs::write(&dup_cfg, dup).expect("dup config");
+    let out = output({
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_breakglass"));
+        cmd.args(["serve", "--config"]).arg(&dup_cfg).envs(S3_ENV);
+        cmd
+    })
+    .await;
+    assert!(!out.status.success(), "a duplicate node id started");
+    assert!(
+        text(&out.stderr).contains("node id `node-a` is in use"),
+        "{}",
+        text(&out.stderr)
+    );
+
     // 6. The state store stops for 10 s: live sessions keep recording, new ones are refused
     // with a clear message, and service resumes by itself.
     c.w.grant("alice", "30m");
