@@ -576,18 +576,20 @@ async fn spool_key(gw: &Gateway) -> Result<crate::record::SpoolMac, String> {
                 .map_err(|_| "no randomness".to_string())?;
             let secret = crate::vault::Secret::new(hex::encode(raw));
             let blob = kek.seal(name, &secret).map_err(|e| e.to_string())?;
-            gw.store
-                .vault_put(name, "current", &blob, crate::clock::now())
+            // Of nodes starting together, the first write wins; the others use the stored one.
+            let won = gw
+                .store
+                .vault_put_new(name, "current", &blob, crate::clock::now())
                 .await
                 .map_err(|e| e.to_string())?;
-            // Nodes starting together may each have made one; the stored one (the last
-            // write) is the cluster's, so read it back before spooling anything with it.
-            match gw.store.vault_get(name, "current").await {
-                Ok(Some(stored)) if stored != blob => {
-                    kek.open(name, &stored).map_err(|e| e.to_string())?
+            if won {
+                secret
+            } else {
+                match gw.store.vault_get(name, "current").await {
+                    Ok(Some(stored)) => kek.open(name, &stored).map_err(|e| e.to_string())?,
+                    Ok(None) => return Err("the spool key vanished from the vault".into()),
+                    Err(e) => return Err(e.to_string()),
                 }
-                Ok(_) => secret,
-                Err(e) => return Err(e.to_string()),
             }
         }
     };

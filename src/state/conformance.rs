@@ -29,6 +29,7 @@ macro_rules! suite {
             two_approvers_racing_for_the_last_approval_make_one_grant,
             a_login_link_raced_from_two_nodes_works_once,
             two_nodes_taking_over_one_dead_node_split_its_sessions,
+            nodes_racing_to_create_one_vault_entry_make_one,
         );
     };
     (@tests $open:expr; $($name:ident),* $(,)?) => {$(
@@ -764,4 +765,24 @@ pub async fn two_nodes_taking_over_one_dead_node_split_its_sessions(
     for (i, r) in results.iter().enumerate() {
         assert!(r.iter().all(|s| s.node_id == format!("taker{i}")));
     }
+}
+
+pub async fn nodes_racing_to_create_one_vault_entry_make_one(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+    let now = Utc::now();
+    let results = race(a.clone(), b, 4, move |s, i| {
+        Box::pin(async move {
+            let won = s
+                .vault_put_new("spool-key", "current", &format!("blob-{i}"), now)
+                .await
+                .expect("put_new");
+            (i, won)
+        })
+    })
+    .await;
+    let winners: Vec<usize> = results.iter().filter(|r| r.1).map(|r| r.0).collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    assert_eq!(
+        a.vault_get("spool-key", "current").await.expect("get"),
+        Some(format!("blob-{}", winners[0]))
+    );
 }

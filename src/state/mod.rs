@@ -534,6 +534,15 @@ pub trait Store: Send + Sync {
         blob: &str,
         at: DateTime<Utc>,
     ) -> Result<(), StateError>;
+    /// Stores an encrypted vault entry only if the slot is empty; says whether it did (of
+    /// nodes racing to create one entry, exactly one wins).
+    async fn vault_put_new(
+        &self,
+        name: &str,
+        slot: &str,
+        blob: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StateError>;
     /// An encrypted vault entry.
     async fn vault_get(&self, name: &str, slot: &str) -> Result<Option<String>, StateError>;
     /// Makes `pending` the `current` entry (after the target accepted it).

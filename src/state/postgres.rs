@@ -1830,6 +1830,28 @@ impl Store for PgStore {
         .await
     }
 
+    async fn vault_put_new(
+        &self,
+        name: &str,
+        slot: &str,
+        blob: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StateError> {
+        self.call(async {
+            let c = self.pool.get().await?;
+            let changed = c
+                .execute(
+                    "INSERT INTO vault (name, slot, blob, updated_at) VALUES ($1,$2,$3,$4) \
+                     ON CONFLICT (name, slot) DO NOTHING",
+                    &[&name, &slot, &blob, &ms(at)],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
     async fn vault_get(&self, name: &str, slot: &str) -> Result<Option<String>, StateError> {
         self.call(async {
             let c = self.pool.get().await?;

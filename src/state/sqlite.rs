@@ -1613,6 +1613,27 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn vault_put_new(
+        &self,
+        name: &str,
+        slot: &str,
+        blob: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StateError> {
+        let (n, s, b) = (name.to_string(), slot.to_string(), blob.to_string());
+        self.with(move |c| {
+            let changed = c
+                .execute(
+                    "INSERT INTO vault (name, slot, blob, updated_at) VALUES (?1,?2,?3,?4) \
+                     ON CONFLICT(name, slot) DO NOTHING",
+                    params![n, s, b, ms(at)],
+                )
+                .map_err(db)?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
     async fn vault_get(&self, name: &str, slot: &str) -> Result<Option<String>, StateError> {
         let (n, s) = (name.to_string(), slot.to_string());
         self.with(move |c| {
