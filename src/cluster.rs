@@ -80,7 +80,10 @@ impl Membership {
             }
         }
         let leads = match &res {
-            Ok(()) => self.leads(now).await,
+            Ok(()) => match self.store.now().await {
+                Ok(t) => self.leads(t).await,
+                Err(_) => false,
+            },
             Err(_) => false,
         };
         self.leader.store(leads, Ordering::SeqCst);
@@ -134,7 +137,7 @@ impl Membership {
         if !self.may_take_over() {
             return Ok(Vec::new());
         }
-        let now = clock::now();
+        let now = self.store.now().await?;
         Ok(self
             .store
             .nodes()
@@ -149,7 +152,7 @@ impl Membership {
     /// `cluster status` keeps showing a dead node for a while and then drops it.
     pub async fn forget_if_gone(&self, node_id: &str) -> Result<(), StateError> {
         let long = chrono::Duration::from_std(self.lease * 10).unwrap_or_default();
-        let now = clock::now();
+        let now = self.store.now().await?;
         let gone = self
             .store
             .nodes()
@@ -170,8 +173,9 @@ impl Membership {
     }
 }
 
-/// Every node with a lease row, and what state it is in at `now`.
-pub async fn status(store: &dyn Store, now: DateTime<Utc>) -> Result<Vec<NodeStatus>, StateError> {
+/// Every node with a lease row, and what state it is in by the store's clock.
+pub async fn status(store: &dyn Store) -> Result<Vec<NodeStatus>, StateError> {
+    let now = store.now().await?;
     Ok(store
         .nodes()
         .await?
@@ -228,7 +232,7 @@ mod tests {
 
         slow.drain();
         slow.beat(0).await.expect("beat");
-        let st = status(&*store, clock::now()).await.expect("status");
+        let st = status(&*store).await.expect("status");
         let states: Vec<(&str, &str)> = st
             .iter()
             .map(|n| (n.row.node_id.as_str(), n.state))

@@ -408,8 +408,7 @@ pub(super) async fn cluster(config: &Path, cmd: ClusterCmd) -> Result<ExitCode> 
     let cfg = Config::load(config)?;
     let ClusterCmd::Status { format } = cmd;
     let store = open_state(&cfg).await?;
-    let now = breakglass::clock::now();
-    let nodes = breakglass::cluster::status(&*store, now).await?;
+    let nodes = breakglass::cluster::status(&*store).await?;
     let open = store.unfinished_sessions().await?;
     let ts = |t| breakglass::clock::rfc3339(t);
     let rows: Vec<Vec<String>> = nodes

@@ -397,8 +397,12 @@ pub trait Store: Send + Sync {
     /// Ended sessions whose recording is not sealed (the store failed at the end).
     async fn unsealed_sessions(&self) -> Result<Vec<SessionRow>, StateError>;
 
-    /// Takes or renews a node's lease (`started_at` is kept from the first beat of a run).
+    /// Takes or renews a node's lease. A shared store stamps `renewed_at` with its own clock
+    /// and sets `expires_at` that plus the lease (`n.expires_at - n.renewed_at`), so node
+    /// clocks never decide who is alive; see [`Store::now`].
     async fn heartbeat(&self, n: &NodeRow) -> Result<(), StateError>;
+    /// The store's clock, which leases are judged by (SQLite: this machine's).
+    async fn now(&self) -> Result<DateTime<Utc>, StateError>;
     /// Every node with a lease row, by id.
     async fn nodes(&self) -> Result<Vec<NodeRow>, StateError>;
     /// Drops a node's lease row (it stopped cleanly).

@@ -478,6 +478,9 @@ fn session_row(r: &Row) -> SessionRow {
     }
 }
 
+/// The server's clock in milliseconds since the epoch: leases are judged by it alone.
+const DB_NOW: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+
 const NODE_COLS: &str =
     "node_id, started_at, renewed_at, expires_at, draining, live_sessions, version";
 
@@ -983,11 +986,14 @@ impl Store for PgStore {
     }
 
     async fn heartbeat(&self, n: &NodeRow) -> Result<(), StateError> {
+        let lease_ms = (n.expires_at - n.renewed_at).num_milliseconds().max(0);
         self.call(async {
             let c = self.pool.get().await?;
             c.execute(
                 &format!(
-                    "INSERT INTO nodes ({NODE_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7) \
+                    "INSERT INTO nodes ({NODE_COLS}) \
+                     SELECT $1::text, $2::bigint, t, t + $3::bigint, $4::bigint, $5::bigint, $6::text \
+                     FROM ({DB_NOW}) AS now(t) \
                      ON CONFLICT (node_id) DO UPDATE SET started_at = excluded.started_at, \
                        renewed_at = excluded.renewed_at, expires_at = excluded.expires_at, \
                        draining = excluded.draining, live_sessions = excluded.live_sessions, \
@@ -996,8 +1002,7 @@ impl Store for PgStore {
                 &[
                     &n.node_id,
                     &ms(n.started_at),
-                    &ms(n.renewed_at),
-                    &ms(n.expires_at),
+                    &lease_ms,
                     &i64::from(n.draining),
                     &(n.live_sessions as i64),
                     &n.version,
@@ -1006,6 +1011,15 @@ impl Store for PgStore {
             .await
             .map_err(pg)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn now(&self) -> Result<DateTime<Utc>, StateError> {
+        self.call(async {
+            let c = self.pool.get().await?;
+            let r = c.query_one(DB_NOW, &[]).await.map_err(pg)?;
+            Ok(from_ms(r.get(0)))
         })
         .await
     }

@@ -925,6 +925,10 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn now(&self) -> Result<DateTime<Utc>, StateError> {
+        Ok(crate::clock::now())
+    }
+
     async fn nodes(&self) -> Result<Vec<NodeRow>, StateError> {
         self.with(|c| {
             let mut stmt = c
