@@ -422,6 +422,19 @@ impl PgStore {
     }
 
     /// Runs one call with the call timeout.
+    /// One statement on a pooled connection, within the call timeout; how many rows it changed.
+    async fn exec(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, StateError> {
+        self.call(async {
+            let c = self.pool.get().await?;
+            c.execute(sql, params).await.map_err(pg)
+        })
+        .await
+    }
+
     async fn call<T>(
         &self,
         f: impl std::future::Future<Output = Result<T, StateError>>,
@@ -895,9 +908,7 @@ impl Store for PgStore {
     }
 
     async fn insert_session(&self, s: &SessionRow) -> Result<(), StateError> {
-        self.call(async {
-            let c = self.pool.get().await?;
-            c.execute(
+        self.exec(
                 &format!(
                     "INSERT INTO sessions ({SESSION_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"
                 ),
@@ -917,33 +928,25 @@ impl Store for PgStore {
                     &s.recording_prefix,
                     &s.node_id,
                 ],
-            )
-            .await
-            .map_err(pg)?;
-            Ok(())
-        })
+        )
         .await
+        .map(drop)
     }
 
     async fn finish_session(&self, id: &str, end: &SessionEnd) -> Result<(), StateError> {
-        self.call(async {
-            let c = self.pool.get().await?;
-            c.execute(
-                "UPDATE sessions SET ended_at = $2, end_reason = $3, bytes_in = $4, bytes_out = $5 \
+        self.exec(
+            "UPDATE sessions SET ended_at = $2, end_reason = $3, bytes_in = $4, bytes_out = $5 \
                  WHERE id = $1",
-                &[
-                    &id,
-                    &ms(end.ended_at),
-                    &end.end_reason,
-                    &(end.bytes_in as i64),
-                    &(end.bytes_out as i64),
-                ],
-            )
-            .await
-            .map_err(pg)?;
-            Ok(())
-        })
+            &[
+                &id,
+                &ms(end.ended_at),
+                &end.end_reason,
+                &(end.bytes_in as i64),
+                &(end.bytes_out as i64),
+            ],
+        )
         .await
+        .map(drop)
     }
 
     async fn list_sessions(&self, f: &SessionFilter) -> Result<Vec<SessionRow>, StateError> {
@@ -987,9 +990,7 @@ impl Store for PgStore {
 
     async fn heartbeat(&self, n: &NodeRow) -> Result<(), StateError> {
         let lease_ms = (n.expires_at - n.renewed_at).num_milliseconds().max(0);
-        self.call(async {
-            let c = self.pool.get().await?;
-            c.execute(
+        self.exec(
                 &format!(
                     "INSERT INTO nodes ({NODE_COLS}) \
                      SELECT $1::text, $2::bigint, t, t + $3::bigint, $4::bigint, $5::bigint, $6::text \
@@ -1007,12 +1008,9 @@ impl Store for PgStore {
                     &(n.live_sessions as i64),
                     &n.version,
                 ],
-            )
-            .await
-            .map_err(pg)?;
-            Ok(())
-        })
+        )
         .await
+        .map(drop)
     }
 
     async fn now(&self) -> Result<DateTime<Utc>, StateError> {
@@ -1142,17 +1140,12 @@ impl Store for PgStore {
     }
 
     async fn set_sealed(&self, session_id: &str, sealed: bool) -> Result<(), StateError> {
-        self.call(async {
-            let c = self.pool.get().await?;
-            c.execute(
-                "UPDATE sessions SET sealed = $2 WHERE id = $1",
-                &[&session_id, &i64::from(sealed)],
-            )
-            .await
-            .map_err(pg)?;
-            Ok(())
-        })
+        self.exec(
+            "UPDATE sessions SET sealed = $2 WHERE id = $1",
+            &[&session_id, &i64::from(sealed)],
+        )
         .await
+        .map(drop)
     }
 
     async fn unsealed_sessions(&self) -> Result<Vec<SessionRow>, StateError> {
@@ -1371,25 +1364,20 @@ impl Store for PgStore {
     }
 
     async fn append_event(&self, e: &StoredEvent) -> Result<(), StateError> {
-        self.call(async {
-            let c = self.pool.get().await?;
-            c.execute(
-                "INSERT INTO events (id, correlation_id, event_type, event_data, actor, created_at) \
+        self.exec(
+            "INSERT INTO events (id, correlation_id, event_type, event_data, actor, created_at) \
                  VALUES ($1, $2, $3, $4, $5, $6)",
-                &[
-                    &e.id,
-                    &e.correlation_id,
-                    &e.event_type,
-                    &e.event_data.to_string(),
-                    &e.actor,
-                    &ms(e.created_at),
-                ],
-            )
-            .await
-            .map_err(pg)?;
-            Ok(())
-        })
+            &[
+                &e.id,
+                &e.correlation_id,
+                &e.event_type,
+                &e.event_data.to_string(),
+                &e.actor,
+                &ms(e.created_at),
+            ],
+        )
         .await
+        .map(drop)
     }
 
     async fn events(&self, correlation_id: &str) -> Result<Vec<StoredEvent>, StateError> {
@@ -1537,18 +1525,13 @@ impl Store for PgStore {
         verifier: &str,
         at: DateTime<Utc>,
     ) -> Result<(), StateError> {
-        self.call(async {
-            let c = self.pool.get().await?;
-            c.execute(
+        self.exec(
                 "INSERT INTO credentials (grant_id, person, verifier, created_at, expires_at) VALUES ($1,$2,$3,$4,$5) \
                  ON CONFLICT (grant_id) DO UPDATE SET verifier = excluded.verifier, created_at = excluded.created_at",
                 &[&grant.id, &grant.person, &verifier, &ms(at), &ms(grant.expires_at)],
-            )
-            .await
-            .map_err(pg)?;
-            Ok(())
-        })
+        )
         .await
+        .map(drop)
     }
 
     async fn credential(
@@ -1574,18 +1557,13 @@ impl Store for PgStore {
         person: &str,
         at: DateTime<Utc>,
     ) -> Result<(), StateError> {
-        self.call(async {
-            let c = self.pool.get().await?;
-            c.execute(
+        self.exec(
                 "INSERT INTO key_usage (fingerprint, person, last_used) VALUES ($1,$2,$3) \
                  ON CONFLICT (fingerprint) DO UPDATE SET person = excluded.person, last_used = excluded.last_used",
                 &[&fingerprint, &person, &ms(at)],
-            )
-            .await
-            .map_err(pg)?;
-            Ok(())
-        })
+        )
         .await
+        .map(drop)
     }
 
     async fn key_usage(&self) -> Result<Vec<(String, String, DateTime<Utc>)>, StateError> {
@@ -1611,31 +1589,21 @@ impl Store for PgStore {
         at: DateTime<Utc>,
         expires_at: DateTime<Utc>,
     ) -> Result<(), StateError> {
-        self.call(async {
-            let c = self.pool.get().await?;
-            c.execute(
-                "INSERT INTO api_tokens (hash, person, created_at, expires_at) VALUES ($1,$2,$3,$4)",
-                &[&hash, &person, &ms(at), &ms(expires_at)],
-            )
-            .await
-            .map_err(pg)?;
-            Ok(())
-        })
+        self.exec(
+            "INSERT INTO api_tokens (hash, person, created_at, expires_at) VALUES ($1,$2,$3,$4)",
+            &[&hash, &person, &ms(at), &ms(expires_at)],
+        )
         .await
+        .map(drop)
     }
 
     async fn end_api_token(&self, hash: &str, at: DateTime<Utc>) -> Result<(), StateError> {
-        self.call(async {
-            let c = self.pool.get().await?;
-            c.execute(
-                "UPDATE api_tokens SET expires_at = $2 WHERE hash = $1 AND expires_at > $2",
-                &[&hash, &ms(at)],
-            )
-            .await
-            .map_err(pg)?;
-            Ok(())
-        })
+        self.exec(
+            "UPDATE api_tokens SET expires_at = $2 WHERE hash = $1 AND expires_at > $2",
+            &[&hash, &ms(at)],
+        )
         .await
+        .map(drop)
     }
 
     async fn api_token_person(
@@ -1663,17 +1631,12 @@ impl Store for PgStore {
         at: DateTime<Utc>,
         expires_at: DateTime<Utc>,
     ) -> Result<(), StateError> {
-        self.call(async {
-            let c = self.pool.get().await?;
-            c.execute(
-                "INSERT INTO login_links (hash, person, created_at, expires_at) VALUES ($1,$2,$3,$4)",
-                &[&hash, &person, &ms(at), &ms(expires_at)],
-            )
-            .await
-            .map_err(pg)?;
-            Ok(())
-        })
+        self.exec(
+            "INSERT INTO login_links (hash, person, created_at, expires_at) VALUES ($1,$2,$3,$4)",
+            &[&hash, &person, &ms(at), &ms(expires_at)],
+        )
         .await
+        .map(drop)
     }
 
     async fn use_login_link(&self, hash: &str, at: DateTime<Utc>) -> Result<LinkUse, StateError> {
@@ -1830,18 +1793,13 @@ impl Store for PgStore {
         blob: &str,
         at: DateTime<Utc>,
     ) -> Result<(), StateError> {
-        self.call(async {
-            let c = self.pool.get().await?;
-            c.execute(
+        self.exec(
                 "INSERT INTO vault (name, slot, blob, updated_at) VALUES ($1,$2,$3,$4) \
                  ON CONFLICT (name, slot) DO UPDATE SET blob = excluded.blob, updated_at = excluded.updated_at",
                 &[&name, &slot, &blob, &ms(at)],
-            )
-            .await
-            .map_err(pg)?;
-            Ok(())
-        })
+        )
         .await
+        .map(drop)
     }
 
     async fn vault_put_new(
@@ -1851,19 +1809,14 @@ impl Store for PgStore {
         blob: &str,
         at: DateTime<Utc>,
     ) -> Result<bool, StateError> {
-        self.call(async {
-            let c = self.pool.get().await?;
-            let changed = c
-                .execute(
-                    "INSERT INTO vault (name, slot, blob, updated_at) VALUES ($1,$2,$3,$4) \
-                     ON CONFLICT (name, slot) DO NOTHING",
-                    &[&name, &slot, &blob, &ms(at)],
-                )
-                .await
-                .map_err(pg)?;
-            Ok(changed == 1)
-        })
-        .await
+        let changed = self
+            .exec(
+                "INSERT INTO vault (name, slot, blob, updated_at) VALUES ($1,$2,$3,$4) \
+                 ON CONFLICT (name, slot) DO NOTHING",
+                &[&name, &slot, &blob, &ms(at)],
+            )
+            .await?;
+        Ok(changed == 1)
     }
 
     async fn vault_get(&self, name: &str, slot: &str) -> Result<Option<String>, StateError> {
@@ -1938,19 +1891,14 @@ impl Store for PgStore {
         outcome: &str,
         at: DateTime<Utc>,
     ) -> Result<(), StateError> {
-        self.call(async {
-            let c = self.pool.get().await?;
-            c.execute(
-                "INSERT INTO rotations (grant_id, target, outcome, done_at) VALUES ($1,$2,$3,$4) \
+        self.exec(
+            "INSERT INTO rotations (grant_id, target, outcome, done_at) VALUES ($1,$2,$3,$4) \
                  ON CONFLICT (grant_id) DO UPDATE SET target = excluded.target, \
                    outcome = excluded.outcome, done_at = excluded.done_at",
-                &[&grant_id, &target, &outcome, &ms(at)],
-            )
-            .await
-            .map_err(pg)?;
-            Ok(())
-        })
+            &[&grant_id, &target, &outcome, &ms(at)],
+        )
         .await
+        .map(drop)
     }
 }
 
