@@ -37,17 +37,28 @@ if [ ! -d /run/sshd ]; then
   if [ "$(id -u)" -eq 0 ]; then mkdir -p /run/sshd; else sudo mkdir -p /run/sshd; fi
 fi
 
+# pip into the Python that runs the tests; a Debian system Python marks itself externally
+# managed, so the second try says so (the packages go to /usr/local, not to Debian's own).
+pip_install() {
+  python3 -m pip --version >/dev/null 2>&1 || {
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  }
+  python3 -m pip install -q --disable-pip-version-check "$@" >&2 \
+    || python3 -m pip install -q --disable-pip-version-check --break-system-packages "$@" >&2
+}
+
 # The S3 tests run moto's S3 server (with Object Lock); boto3 comes with it.
 if ! command -v moto_server >/dev/null 2>&1 || ! python3 -c "import boto3" >/dev/null 2>&1; then
   echo "installing: moto[server] (PyPI)" >&2
-  python3 -m pip install -q --disable-pip-version-check 'moto[server]' >&2
+  pip_install 'moto[server]'
 fi
 
 # tests/e2e/deploy.rs validates deploy/kubernetes/ with kubernetes-validate (it bundles the
 # Kubernetes schemas: no cluster and no network needed) and reads the YAML with PyYAML.
 if ! command -v kubernetes-validate >/dev/null 2>&1 || ! python3 -c "import yaml" >/dev/null 2>&1; then
   echo "installing: kubernetes-validate, PyYAML (PyPI)" >&2
-  python3 -m pip install -q --disable-pip-version-check kubernetes-validate PyYAML >&2
+  pip_install kubernetes-validate PyYAML
 fi
 
 # Front-end packages from the npm registry, exactly as locked; nothing third-party is committed.

@@ -161,7 +161,9 @@ impl Gateway {
         let store = crate::state::open(&config.state).await?;
         let recordings = RecordingStore::from_config(&config)?;
         let siem_stop = tokio_util::sync::CancellationToken::new();
-        let siem = Siem::open(config.siem.clone())?.start(siem_stop.clone())?;
+        let siem = Siem::open_for(&config, &*store)
+            .await?
+            .start(siem_stop.clone())?;
         // The newest *trusted* key signs: a key dropped into the key directory is never used.
         let signer = crate::signing::Signer::load_or_create_pinned(
             &config.keys_dir,

@@ -73,7 +73,7 @@ pub(super) async fn rotate_signing(config: &Path) -> Result<ExitCode> {
     .use_trusted(&trust)?;
     let previous = current.current_public.id.clone();
     let store = open_state(&cfg).await?;
-    let siem = std::sync::Arc::new(Siem::open(cfg.siem.clone())?);
+    let siem = std::sync::Arc::new(Siem::open_for(&cfg, &*store).await?);
     let (s, cert) = breakglass::signing::Signer::rotate_from(&cfg.keys_dir, current)?;
     let by = operator();
     let mut e = AccessEvent::new(Action::SigningKeyRotated, &by);
@@ -339,7 +339,8 @@ pub(super) fn writable(dir: &Path) -> Result<()> {
 
 pub(super) async fn siem(config: &Path, cmd: SiemCmd) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let siem = Siem::open(cfg.siem.clone())?;
+    let store = open_state(&cfg).await?;
+    let siem = Siem::open_for(&cfg, &*store).await?;
     match cmd {
         SiemCmd::Test => {
             let mut e = AccessEvent::new(Action::SiemTest, &operator());
@@ -373,41 +374,71 @@ pub(super) async fn siem(config: &Path, cmd: SiemCmd) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&stats)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            let rows: Vec<Vec<String>> = stats
-                .iter()
-                .map(|s| {
-                    vec![
-                        s.sink.clone(),
-                        s.queued.to_string(),
-                        s.delivered.to_string(),
-                        s.failed.to_string(),
-                        format!("{:.1}", s.oldest_age_secs),
-                        s.last_error.clone().unwrap_or_default(),
-                    ]
-                })
-                .collect();
-            print_rows(
-                format,
-                &[
-                    "sink",
-                    "queued",
-                    "delivered",
-                    "failed",
-                    "oldest_age_s",
-                    "last_error",
-                ],
-                &rows,
-            )?;
+            print_sinks(format, &stats, siem.shared())?;
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
+/// The delivery figures of each sink; on a shared outbox, with the node delivering it.
+fn print_sinks(format: Format, stats: &[breakglass::siem::SinkStats], shared: bool) -> Result<()> {
+    let rows: Vec<Vec<String>> = stats
+        .iter()
+        .map(|s| {
+            let worker = match (&s.worker, shared) {
+                (Some(w), _) => w.clone(),
+                (None, true) => "(none: the lease lapsed; any node takes it)".into(),
+                (None, false) => "this node".into(),
+            };
+            vec![
+                s.sink.clone(),
+                worker,
+                s.worker_until.clone().unwrap_or_default(),
+                s.queued.to_string(),
+                s.delivered.to_string(),
+                s.failed.to_string(),
+                s.dead_lettered.to_string(),
+                format!("{:.1}", s.oldest_age_secs),
+                s.last_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_rows(
+        format,
+        &[
+            "sink",
+            "worker",
+            "worker_lease_until",
+            "queued",
+            "delivered",
+            "failed",
+            "dead_lettered",
+            "oldest_age_s",
+            "last_error",
+        ],
+        &rows,
+    )
+}
+
 /// `cluster status`: the lease table, with the sessions each node holds.
 pub(super) async fn cluster(config: &Path, cmd: ClusterCmd) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let ClusterCmd::Status { format } = cmd;
+    let ClusterCmd::Status { format, sinks } = cmd;
     let store = open_state(&cfg).await?;
+    let mut sink_table = None;
+    if sinks || format == Format::Table {
+        let siem = Siem::open_for(&cfg, &*store).await?;
+        let stats = siem.stats().await;
+        if sinks {
+            if format == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                print_sinks(format, &stats, siem.shared())?;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        sink_table = Some((stats, siem.shared()));
+    }
     let nodes = breakglass::cluster::status(&*store).await?;
     let open = store.unfinished_sessions().await?;
     let ts = |t| breakglass::clock::rfc3339(t);
@@ -441,12 +472,9 @@ pub(super) async fn cluster(config: &Path, cmd: ClusterCmd) -> Result<ExitCode> 
         ],
         &rows,
     )?;
-    if format == Format::Table {
-        let sinks: Vec<&str> = cfg.siem.sinks.iter().map(|s| s.name.as_str()).collect();
-        println!(
-            "SIEM delivery: every node delivers its own spool to each sink ({}); `breakglass siem status` on a node shows its backlog",
-            sinks.join(", ")
-        );
+    if let Some((stats, shared)) = sink_table {
+        println!();
+        print_sinks(format, &stats, shared)?;
     }
     Ok(ExitCode::SUCCESS)
 }

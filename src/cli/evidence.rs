@@ -219,7 +219,7 @@ pub(super) async fn load_recording(
     })?;
     let what = format!("{what} with the CLI");
     let e = breakglass::siem::recording_access(&*store, action, &operator(), &row, &what).await;
-    let siem = std::sync::Arc::new(Siem::open(cfg.siem.clone())?);
+    let siem = std::sync::Arc::new(Siem::open_for(&cfg, &*store).await?);
     breakglass::siem::audit(&siem, &*store, &e).await?;
     let rec = RecordingStore::from_config(&cfg)?;
     let loaded = export::load(&rec, &row.recording_prefix).await?;
@@ -488,7 +488,7 @@ pub(super) async fn audit_export(
 ) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
     let store = open_state(&cfg).await?;
-    let siem = std::sync::Arc::new(Siem::open(cfg.siem.clone())?);
+    let siem = std::sync::Arc::new(Siem::open_for(&cfg, &*store).await?);
     let signer = breakglass::signing::Signer::load_or_create_pinned(
         &cfg.keys_dir,
         &cfg.signing.trusted_keys_file,

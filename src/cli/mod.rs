@@ -375,6 +375,10 @@ enum ClusterCmd {
     Status {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
+        /// Print the SIEM sinks (their delivery worker, lease and backlog) instead of the
+        /// nodes; the table format prints both.
+        #[arg(long)]
+        sinks: bool,
     },
 }
 

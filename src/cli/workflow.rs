@@ -16,7 +16,7 @@ use super::{open_state, operator, parse_when, GrantCmd, SessionsCmd};
 pub(super) async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
     let store = open_state(&cfg).await?;
-    let siem = std::sync::Arc::new(Siem::open(cfg.siem.clone())?);
+    let siem = std::sync::Arc::new(Siem::open_for(&cfg, &*store).await?);
     match cmd {
         GrantCmd::Add {
             person,

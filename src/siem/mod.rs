@@ -4,6 +4,7 @@
 //! per-sink acknowledgement, retries and restart recovery.
 
 pub mod format;
+pub mod outbox;
 pub mod sink;
 pub mod spool;
 
@@ -14,6 +15,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use format::Format;
+pub use outbox::{LocalOutbox, Outbox, SharedOutbox};
 use sink::Deliverer;
 pub use sink::{SinkConfig, SinkKind, Transport};
 pub use spool::{SinkStats, Spool, SpoolError};
@@ -492,7 +494,8 @@ struct ActionQueue {
 /// it inline and every sink's worker delivers it in spool order.
 pub struct Siem {
     settings: SiemSettings,
-    spool: Arc<Spool>,
+    /// Where events wait for their sinks.
+    outbox: Arc<dyn Outbox>,
     names: Vec<String>,
     wake: tokio::sync::watch::Sender<i64>,
     full_alarm: std::sync::atomic::AtomicBool,
@@ -597,16 +600,59 @@ impl Siem {
         let spool = Arc::new(Spool::open(&settings.spool, settings.spool_max_events)?);
         let names: Vec<String> = settings.sinks.iter().map(|s| s.name.clone()).collect();
         spool.register(&names)?;
-        Ok(Siem {
+        Ok(Siem::with_outbox(
             settings,
-            spool,
+            Arc::new(LocalOutbox(spool)),
+            names,
+        ))
+    }
+
+    /// Opens the SIEM of a cluster node: events go to the shared outbox in the state store
+    /// `pg`; `node` names this node as the holder of the sink leases it takes, for `lease`.
+    pub async fn open_shared(
+        settings: SiemSettings,
+        pg: crate::state::PgStore,
+        node: &str,
+        lease: std::time::Duration,
+    ) -> Result<Siem, SiemError> {
+        let spool = Arc::new(Spool::open(&settings.spool, settings.spool_max_events)?);
+        let names: Vec<String> = settings.sinks.iter().map(|s| s.name.clone()).collect();
+        let outbox = SharedOutbox::new(pg, node, lease, settings.spool_max_events, spool.clone())?;
+        outbox.register(&names).await?;
+        Ok(Siem::with_outbox(settings, Arc::new(outbox), names))
+    }
+
+    /// Opens the SIEM on the outbox the state store calls for: the shared one when the store
+    /// is a cluster's PostgreSQL, else this node's spool file.
+    pub async fn open_for(
+        cfg: &crate::config::Config,
+        store: &dyn crate::state::Store,
+    ) -> Result<Siem, SiemError> {
+        match store.postgres() {
+            Some(pg) => {
+                Siem::open_shared(
+                    cfg.siem.clone(),
+                    pg.clone(),
+                    &cfg.cluster.node_id(),
+                    cfg.cluster.lease,
+                )
+                .await
+            }
+            None => Siem::open(cfg.siem.clone()),
+        }
+    }
+
+    fn with_outbox(settings: SiemSettings, outbox: Arc<dyn Outbox>, names: Vec<String>) -> Siem {
+        Siem {
+            settings,
+            outbox,
             names,
             wake: tokio::sync::watch::channel(0).0,
             full_alarm: std::sync::atomic::AtomicBool::new(false),
             actions: None,
             alerter: Arc::new(std::sync::OnceLock::new()),
             restarts: Vec::new(),
-        })
+        }
     }
 
     /// Starts one delivery worker per sink and the batcher for action events; they stop
@@ -618,8 +664,11 @@ impl Siem {
         if self.settings.sinks.iter().any(|s| s.actions) {
             self.start_actions(ACTION_QUEUE_EVENTS, ACTION_QUEUE_BYTES);
         }
+        if self.outbox.shared() {
+            tokio::spawn(forward(self.outbox.clone(), stop.clone()));
+        }
         let ctx = sink::WorkerContext {
-            spool: self.spool.clone(),
+            outbox: self.outbox.clone(),
             wake: self.wake.clone(),
             all_sinks: self.names.clone(),
             dead_letters: self.dead_letter_path(),
@@ -700,7 +749,7 @@ impl Siem {
         tokio::spawn(batch_actions(
             rx,
             bytes.clone(),
-            self.spool.clone(),
+            self.outbox.clone(),
             self.wake.clone(),
         ));
         self.actions = Some(ActionQueue {
@@ -842,21 +891,21 @@ impl Siem {
 
     /// Delivery figures per sink.
     pub async fn stats(&self) -> Vec<SinkStats> {
-        let spool = self.spool.clone();
-        let sinks: Vec<(String, bool)> = self
-            .settings
-            .sinks
-            .iter()
-            .map(|s| (s.name.clone(), s.actions))
-            .collect();
-        tokio::task::spawn_blocking(move || {
-            sinks
-                .iter()
-                .filter_map(|(n, a)| spool.stats(n, *a).ok())
-                .collect()
-        })
-        .await
-        .unwrap_or_default()
+        let mut out = Vec::new();
+        for s in &self.settings.sinks {
+            match self.outbox.stats(&s.name, s.actions).await {
+                Ok(st) => out.push(st),
+                Err(e) => {
+                    tracing::warn!(sink = %s.name, error = %e, "SIEM delivery figures unavailable")
+                }
+            }
+        }
+        out
+    }
+
+    /// True when a cluster's nodes share this SIEM's outbox.
+    pub fn shared(&self) -> bool {
+        self.outbox.shared()
     }
 
     /// The configured sinks.
@@ -877,7 +926,7 @@ impl Siem {
         out
     }
 
-    fn admit(&self, e: &AccessEvent) -> Result<(), SiemError> {
+    async fn admit(&self, e: &AccessEvent) -> Result<(), SiemError> {
         let Some(limit) = self
             .settings
             .fail_closed_backlog
@@ -886,7 +935,7 @@ impl Siem {
             return Ok(());
         };
         for cfg in &self.settings.sinks {
-            let st = self.spool.stats(&cfg.name, cfg.actions)?;
+            let st = self.outbox.stats(&cfg.name, cfg.actions).await?;
             if st.queued > limit {
                 return Err(SiemError::Backlog {
                     sink: cfg.name.clone(),
@@ -898,32 +947,27 @@ impl Siem {
         Ok(())
     }
 
-    /// Writes every local file sink from the spool, under the spool's write lock.
-    fn deliver_local(&self) {
+    /// Writes every local file sink from the outbox, under its write lock.
+    async fn deliver_local(&self) {
         for cfg in self.settings.sinks.iter().filter(|s| s.is_local()) {
-            let SinkKind::File { path, rotate_bytes } = &cfg.kind else {
-                continue;
-            };
-            let r = self
-                .spool
-                .deliver_exclusive(&cfg.name, cfg.actions, |events| {
-                    let refs: Vec<&AccessEvent> = events.iter().map(|s| &s.event).collect();
-                    sink::write_file(path, *rotate_bytes, cfg.format, &refs)
-                });
-            if let Err(e) = r {
+            if let Err(e) = self.outbox.deliver_file(cfg).await {
                 tracing::error!(sink = %cfg.name, error = %e, "SIEM file not written; the event stays spooled and is retried");
             }
         }
-        if let Err(e) = self.spool.prune(&self.names) {
+        if let Err(e) = self.outbox.prune(&self.names).await {
             tracing::warn!(error = %e, "SIEM spool not pruned");
         }
     }
+}
 
-    fn emit_blocking(&self, e: &AccessEvent) -> Result<i64, SiemError> {
-        self.admit(e)?;
+#[async_trait]
+impl EventSink for Arc<Siem> {
+    async fn emit(&self, event: &AccessEvent) -> Result<(), SiemError> {
+        self.admit(event).await?;
         let seq = match self
-            .spool
-            .append(std::slice::from_ref(e), opening(e.action))
+            .outbox
+            .append(vec![event.clone()], opening(event.action))
+            .await
         {
             Ok(seq) => seq,
             Err(err @ SpoolError::Full { .. }) => {
@@ -939,24 +983,30 @@ impl Siem {
         };
         self.full_alarm
             .store(false, std::sync::atomic::Ordering::Relaxed);
-        self.deliver_local();
-        Ok(seq)
+        self.deliver_local().await;
+        self.wake.send_replace(seq);
+        Ok(())
     }
 }
 
-#[async_trait]
-impl EventSink for Arc<Siem> {
-    async fn emit(&self, event: &AccessEvent) -> Result<(), SiemError> {
-        let me = self.clone();
-        let e = event.clone();
-        let seq = tokio::task::spawn_blocking(move || me.emit_blocking(&e))
-            .await
-            .map_err(|e| SiemError::File {
-                path: self.settings.spool.clone(),
-                why: e.to_string(),
-            })??;
-        self.wake.send_replace(seq);
-        Ok(())
+/// Moves events a cluster node kept aside while the state store was away into the shared
+/// outbox, every second until `stop`.
+async fn forward(outbox: Arc<dyn Outbox>, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        match outbox.forward().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                events = n,
+                "SIEM events kept aside during a state-store outage are in the shared outbox now"
+            ),
+            Err(e) => {
+                tracing::debug!(error = %e, "SIEM events still kept aside; the state store is not back")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => return,
+        }
     }
 }
 
@@ -966,7 +1016,7 @@ impl EventSink for Arc<Siem> {
 async fn batch_actions(
     mut rx: tokio::sync::mpsc::Receiver<Queued>,
     bytes: Arc<std::sync::atomic::AtomicUsize>,
-    spool: Arc<Spool>,
+    outbox: Arc<dyn Outbox>,
     wake: tokio::sync::watch::Sender<i64>,
 ) {
     while let Some(first) = rx.recv().await {
@@ -991,18 +1041,13 @@ async fn batch_actions(
             }
         }
         if !batch.is_empty() {
-            let sp = spool.clone();
-            let failed = match tokio::task::spawn_blocking(move || sp.append(&batch, false)).await {
-                Ok(Ok(seq)) => {
+            let failed = match outbox.append(batch, false).await {
+                Ok(seq) => {
                     wake.send_replace(seq);
                     false
                 }
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "SIEM action events not spooled; counted as dropped");
-                    true
-                }
                 Err(e) => {
-                    tracing::error!(error = %e, "SIEM action batcher failed; events counted as dropped");
+                    tracing::error!(error = %e, "SIEM action events not spooled; counted as dropped");
                     true
                 }
             };
@@ -1098,7 +1143,7 @@ mod tests {
         assert_eq!(lines[0], e);
         assert_ne!(lines[0].event_id, lines[1].event_id);
         assert!(
-            siem.spool.is_empty().expect("len"),
+            spool_of(&siem).is_empty().expect("len"),
             "delivered events leave the spool"
         );
     }
@@ -1171,8 +1216,13 @@ mod tests {
         Arc::new(siem)
     }
 
+    /// A second handle on the spool file of a single-node SIEM.
+    fn spool_of(siem: &Siem) -> Spool {
+        Spool::open(&siem.settings.spool, siem.settings.spool_max_events).expect("spool")
+    }
+
     fn spooled(siem: &Siem) -> Vec<AccessEvent> {
-        siem.spool
+        spool_of(siem)
             .batch("file", 10_000, true)
             .expect("batch")
             .0

@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::format::{syslog5424, Format};
-use super::spool::{Spool, Spooled};
+use super::outbox::Outbox;
+use super::spool::{SpoolError, Spooled};
 use super::AccessEvent;
 pub use crate::config::siem::{SinkConfig, SinkKind, Transport};
 use crate::outbound::classify;
@@ -425,7 +426,7 @@ fn tls_config(
 /// What a sink worker shares with the rest of the pipeline; cloned for every restart.
 #[derive(Clone)]
 pub struct WorkerContext {
-    pub spool: Arc<Spool>,
+    pub outbox: Arc<dyn Outbox>,
     /// Subscribed afresh by each (re)started worker.
     pub wake: tokio::sync::watch::Sender<i64>,
     /// Every configured sink, for pruning.
@@ -485,38 +486,62 @@ pub fn write_dead_letters(
     f.sync_data().map_err(err)
 }
 
-/// Delivers from the spool until `stop` fires: batches in spool order, jittered exponential
-/// backoff (250 ms doubling to 30 s) on a failure worth retrying, and a wake-up on every new
-/// event. A batch the collector refuses for good is sent again one event at a time, so only
-/// the refused events are dead-lettered. Returns Err only when it cannot go on (the
-/// supervisor restarts it).
+/// Delivers from the outbox until `stop` fires: batches in outbox order, jittered
+/// exponential backoff (250 ms doubling to 30 s) on a failure worth retrying, and a wake-up
+/// on every new event. A batch the collector refuses for good is sent again one event at a
+/// time, so only the refused events are dead-lettered. On a shared outbox the worker first
+/// takes the sink's delivery lease, renews it before every batch and waits while another
+/// node holds it. Returns Err only when it cannot go on (the supervisor restarts it).
 pub async fn run_worker(cfg: Arc<SinkConfig>, ctx: WorkerContext) -> Result<(), String> {
     let mut d = Deliverer::new(cfg)?;
     let mut wake = ctx.wake.subscribe();
-    let spool = ctx.spool.clone();
+    let outbox = ctx.outbox.clone();
     let name = d.config().name.clone();
     let (batch, actions) = (d.config().batch, d.config().actions);
     let mut backoff = Duration::from_millis(250);
-    loop {
+    let mut held = false;
+    let result = loop {
         if ctx.stop.is_cancelled() {
-            return Ok(());
+            break Ok(());
         }
-        let sp = spool.clone();
-        let n2 = name.clone();
-        let got = tokio::task::spawn_blocking(move || sp.batch(&n2, batch, actions)).await;
-        let (events, upto): (Vec<Spooled>, Option<i64>) = match got {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => {
-                tracing::error!(sink = %name, error = %e, "cannot read the SIEM spool");
-                (Vec::new(), None)
+        match outbox.claim(&name).await {
+            Ok(true) => {
+                if !held && outbox.shared() {
+                    tracing::info!(sink = %name, "this node delivers the SIEM sink now");
+                }
+                held = true;
             }
-            Err(_) => (Vec::new(), None),
-        };
+            Ok(false) => {
+                held = false;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = ctx.stop.cancelled() => break Ok(()),
+                }
+                continue;
+            }
+            Err(e) => {
+                held = false;
+                tracing::warn!(sink = %name, error = %e, "cannot take the SIEM delivery lease; will retry");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = ctx.stop.cancelled() => break Ok(()),
+                }
+                continue;
+            }
+        }
+        let (events, upto): (Vec<Spooled>, Option<i64>) =
+            match outbox.batch(&name, batch, actions).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(sink = %name, error = %e, "cannot read the SIEM spool");
+                    (Vec::new(), None)
+                }
+            };
         let Some(upto) = upto else {
             tokio::select! {
                 _ = wake.changed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = ctx.stop.cancelled() => return Ok(()),
+                _ = ctx.stop.cancelled() => break Ok(()),
             }
             continue;
         };
@@ -539,32 +564,36 @@ pub async fn run_worker(cfg: Arc<SinkConfig>, ctx: WorkerContext) -> Result<(), 
         match result {
             Ok(n) => {
                 backoff = Duration::from_millis(250);
-                let sp = spool.clone();
-                let (n2, all) = (name.clone(), ctx.all_sinks.clone());
-                let r = tokio::task::spawn_blocking(move || {
-                    sp.ack(&n2, upto, n)?;
-                    sp.prune(&all)
-                })
-                .await;
-                if let Ok(Err(e)) = r {
-                    tracing::error!(sink = %name, error = %e, "cannot record SIEM delivery");
+                let r = match outbox.ack(&name, upto, n).await {
+                    Ok(()) => outbox.prune(&ctx.all_sinks).await.map(drop),
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Ok(()) => {}
+                    Err(e @ SpoolError::Fenced { .. }) => {
+                        tracing::warn!(sink = %name, error = %e, "SIEM batch delivered after this node lost the lease; the receiver may see it twice (same event ids)");
+                    }
+                    Err(e) => {
+                        tracing::error!(sink = %name, error = %e, "cannot record SIEM delivery")
+                    }
                 }
             }
             Err(why) => {
                 tracing::warn!(sink = %name, error = %why, queued = events.len(), "SIEM delivery failed; will retry");
-                let sp = spool.clone();
-                let n2 = name.clone();
-                let w = why.to_string();
-                let _ = tokio::task::spawn_blocking(move || sp.fail(&n2, &w)).await;
+                let _ = outbox.fail(&name, &why.to_string()).await;
                 let jitter = 0.5 + rand::random::<f64>();
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
-                    _ = ctx.stop.cancelled() => return Ok(()),
+                    _ = ctx.stop.cancelled() => break Ok(()),
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
+    };
+    if held && outbox.shared() {
+        outbox.release(&name).await;
     }
+    result
 }
 
 /// Sends each event of a refused batch on its own: delivered ones are acknowledged, refused
@@ -579,10 +608,9 @@ async fn one_by_one(
     for s in events {
         match d.deliver(&[&s.event]).await {
             Ok(()) => {
-                let (sp, n2, seq) = (ctx.spool.clone(), name.clone(), s.seq);
-                tokio::task::spawn_blocking(move || sp.ack(&n2, seq, 1))
+                ctx.outbox
+                    .ack(&name, s.seq, 1)
                     .await
-                    .map_err(|e| Failure::Retry(e.to_string()))?
                     .map_err(|e| Failure::Retry(e.to_string()))?;
             }
             Err(Failure::Rejected { status, why }) => {
@@ -607,22 +635,23 @@ async fn dead_letter(
         return Ok(());
     };
     let owned: Vec<Spooled> = events.to_vec();
-    let (path, sp, n2, w) = (
-        ctx.dead_letters.clone(),
-        ctx.spool.clone(),
-        sink.to_string(),
-        why.to_string(),
-    );
+    let (path, n2, w) = (ctx.dead_letters.clone(), sink.to_string(), why.to_string());
     let n = owned.len() as u64;
-    let r = tokio::task::spawn_blocking(move || {
+    let written = tokio::task::spawn_blocking(move || {
         let refs: Vec<&Spooled> = owned.iter().collect();
-        write_dead_letters(&path, &n2, status, &w, &refs)?;
-        sp.dead_letter(&n2, upto, n, &format!("dead-lettered: {w}"))
-            .map_err(|e| e.to_string())
+        write_dead_letters(&path, &n2, status, &w, &refs)
     })
     .await
     .map_err(|e| e.to_string())
     .and_then(|r| r);
+    let r = match written {
+        Ok(()) => ctx
+            .outbox
+            .dead_letter(sink, upto, n, &format!("dead-lettered: {why}"))
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
     if let Err(e) = r {
         return Err(Failure::Retry(format!(
             "the collector refused an event ({why}) and it could not be dead-lettered: {e}"

@@ -21,6 +21,10 @@ pub enum SpoolError {
          refused until the SIEM catches up"
     )]
     Full { events: u64, limit: u64 },
+    #[error("shared SIEM outbox (state store): {why}")]
+    Shared { why: String },
+    #[error("the SIEM delivery lease of sink `{sink}` passed to another node; it carries on from the same cursor")]
+    Fenced { sink: String },
 }
 
 /// One spooled event with its position.
@@ -46,6 +50,13 @@ pub struct SinkStats {
     /// Age of the oldest undelivered event, in seconds (0 when nothing is queued).
     pub oldest_age_secs: f64,
     pub last_error: Option<String>,
+    /// The node delivering this sink while its lease holds (a cluster's shared outbox;
+    /// None for a single node, whose own workers deliver).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// When that lease runs out unless renewed (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_until: Option<String>,
 }
 
 /// The spool database.
@@ -433,6 +444,8 @@ impl Spool {
                 .map(|ms| (now_ms() - ms).max(0) as f64 / 1000.0)
                 .unwrap_or(0.0),
             last_error,
+            worker: None,
+            worker_until: None,
         })
     }
 }

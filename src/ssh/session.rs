@@ -512,47 +512,6 @@ pub async fn cluster_worker(gw: Arc<Gateway>) {
     }
 }
 
-/// Spools again, on this node, every audit event of an adopted session that the shared event
-/// store holds: the dead node may not have delivered them, and its spool died with it. The
-/// copies keep their `event_id`, so a SIEM that already has an event sees a duplicate it can
-/// drop (delivery is at least once). Per-command action copies are not in the event store;
-/// the recording holds those commands.
-async fn redeliver_events(gw: &Gateway, row: &crate::state::SessionRow) {
-    let correlation = match gw.store.find_grant(&row.grant_id).await {
-        Ok(g) => g.correlation_id().to_string(),
-        Err(_) => row.grant_id.clone(),
-    };
-    let stored = match gw.store.events(&correlation).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(session_id = %row.id, error = %e, "cannot read a taken-over session's events to deliver them again");
-            return;
-        }
-    };
-    let mut n = 0;
-    for s in stored {
-        if s.event_data.get("session_id").and_then(|v| v.as_str()) != Some(row.id.as_str()) {
-            continue;
-        }
-        let Ok(e) = serde_json::from_value::<AccessEvent>(s.event_data) else {
-            continue;
-        };
-        // The event store is not authenticated: whoever can write it must not be able to
-        // make a gateway vouch for a chain head. Heads reach the SIEM only from a recorder
-        // or from this node's own seal.
-        if e.chain_head.is_some() {
-            continue;
-        }
-        match crate::siem::EventSink::emit(&gw.siem, &e).await {
-            Ok(()) => n += 1,
-            Err(err) => {
-                tracing::error!(session_id = %row.id, error = %err, "could not spool a taken-over session's event again")
-            }
-        }
-    }
-    tracing::info!(session_id = %row.id, events = n, "spooled a taken-over session's events again (same event ids)");
-}
-
 /// Adopts the unsealed sessions of every node whose lease lapsed, ends the live ones as
 /// `gateway_crashed` and seals them all from the evidence ledger.
 pub async fn take_over_lapsed(gw: &Gateway) {
@@ -577,9 +536,9 @@ pub async fn take_over_lapsed(gw: &Gateway) {
             tracing::warn!(node = %node, sessions = rows.len(), "took over the sessions of a node whose lease lapsed");
         }
         took += rows.len();
-        for row in &rows {
-            redeliver_events(gw, row).await;
-        }
+        // The dead node's SIEM events need no copying: they were committed to the shared
+        // outbox, whose elected delivery worker (another node's, once that lease lapses too)
+        // carries on from the same cursor.
         let open = rows.into_iter().filter(|r| r.ended_at.is_none()).collect();
         close_crashed(
             gw,

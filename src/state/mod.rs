@@ -6,12 +6,12 @@ mod conformance;
 mod postgres;
 mod sqlite;
 #[cfg(test)]
-mod testpg;
+pub(crate) mod testpg;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-pub use postgres::{PgSettings, PgStore};
+pub use postgres::{Appended, NewOutboxRow, OutboxRow, OutboxSink, PgSettings, PgStore};
 pub use sqlite::SqliteStore;
 
 /// A state-store failure. Always on our side (internal), never the client's.
@@ -343,6 +343,11 @@ pub struct SessionEnd {
 /// The state store. Every method is one short transaction.
 #[async_trait]
 pub trait Store: Send + Sync {
+    /// The PostgreSQL store behind this one, when it is shared by a cluster (the SIEM layer
+    /// keeps its shared outbox there).
+    fn postgres(&self) -> Option<&PgStore> {
+        None
+    }
     async fn create_grant(&self, g: NewGrant) -> Result<Grant, StateError>;
     /// All grants, newest first; with `active_at`, only those active then.
     async fn list_grants(&self, active_at: Option<DateTime<Utc>>)

@@ -19,6 +19,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient, Row};
 use tokio_rustls::rustls;
 
+mod outbox;
+pub use outbox::{Appended, NewOutboxRow, OutboxRow, OutboxSink};
+
 use super::{
     Approval, Grant, LedgerEntry, LinkUse, NewGrant, NewRequest, NodeRow, Request, RequestStatus,
     Review, ReviewFilter, SearchEntry, SearchHit, SessionEnd, SessionFilter, SessionRow,
@@ -198,6 +201,24 @@ const MIGRATIONS: &[&str] = &[
         draining BIGINT NOT NULL DEFAULT 0,
         live_sessions BIGINT NOT NULL DEFAULT 0,
         version TEXT NOT NULL DEFAULT ''
+     );",
+    // 10: the shared SIEM outbox (`outbox`): events, and each sink's cursor and delivery lease.
+    "CREATE TABLE siem_outbox (
+        seq BIGSERIAL PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        spooled_ms BIGINT NOT NULL,
+        is_action BOOLEAN NOT NULL,
+        body TEXT NOT NULL
+     );
+     CREATE TABLE siem_sinks (
+        name TEXT PRIMARY KEY,
+        cursor BIGINT NOT NULL DEFAULT 0,
+        delivered BIGINT NOT NULL DEFAULT 0,
+        failed BIGINT NOT NULL DEFAULT 0,
+        dead_lettered BIGINT NOT NULL DEFAULT 0,
+        last_error TEXT,
+        holder TEXT,
+        held_until BIGINT
      );",
 ];
 
@@ -789,6 +810,10 @@ async fn sessions_where(
 
 #[async_trait]
 impl Store for PgStore {
+    fn postgres(&self) -> Option<&PgStore> {
+        Some(self)
+    }
+
     async fn create_grant(&self, g: NewGrant) -> Result<Grant, StateError> {
         let grant = super::grant_row_of(g);
         self.call(async {

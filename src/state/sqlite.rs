@@ -186,6 +186,9 @@ const MIGRATIONS: &[&str] = &[
         live_sessions INTEGER NOT NULL DEFAULT 0,
         version TEXT NOT NULL DEFAULT ''
      );",
+    // 10: PostgreSQL's shared SIEM outbox. A single node keeps its own spool file
+    // (`siem-spool.sqlite`, synchronous=FULL), so this step holds nothing here.
+    "",
 ];
 
 /// SQLite behind a mutex; calls run on the blocking pool.

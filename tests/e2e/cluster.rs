@@ -539,17 +539,40 @@ async fn three_nodes_behind_haproxy_share_one_state_store() {
     assert!(took <= Duration::from_millis(1000), "cut after {took:?}");
 
     eprintln!("step:3. kill -9");
-    // 3. kill -9 of the node holding a live session.
+    // 3. kill -9 of the node holding a live session; it also delivers the SIEM sink, and
+    // holds an event the collector has not taken yet.
     c.w.grant("alice", "30m");
+    let victim = c.sink_worker();
+    let victim_ssh = c.node(&victim).ssh;
     let seen = c.w.sessions().len();
-    let (mut child, _rx) = long_session(&c, c.lb_ssh);
+    let (mut child, _rx) = long_session(&c, victim_ssh);
     let live = c.newest_session_after(seen);
     let id = live["id"].as_str().expect("id").to_string();
-    let victim = live["node"].as_str().expect("node").to_string();
-    eprintln!("session {id} is on {victim}; kill -9");
+    assert_eq!(
+        live["node"],
+        victim.as_str(),
+        "the session is on the node it came in by"
+    );
     c.wait_event_for(&id, "recording_checkpoint");
+    // The collector goes down; the victim commits an event it cannot deliver.
+    c.siem
+        .refusing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (code, out, err) = c
+        .control(
+            victim_ssh,
+            "alice",
+            "request orders-db --reason held back --incident INC-93 --for 30m",
+        )
+        .await;
+    assert_eq!(code, 0, "request on the victim: {out}{err}");
+    let held_back = request_of(&out);
+    eprintln!("session {id} and request {held_back} are on {victim}; kill -9");
     let killed = Instant::now();
     c.node(&victim).kill9();
+    c.siem
+        .refusing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     let _ = wait_exit(&mut child, Duration::from_secs(10));
     // alice gets back in through HAProxy at once.
     let out = output(c.ssh_cmd(c.lb_ssh, "alice", "web-01", &["echo back"])).await;
@@ -585,26 +608,22 @@ async fn three_nodes_behind_haproxy_share_one_state_store() {
     for action in ["session_start", "recording_checkpoint", "session_end"] {
         c.wait_event_for(&id, action);
     }
-    // The taker spooled the session's events again from the shared event store (the dead
-    // node's spool died with it): the start event arrives twice, with one event id.
-    let starts: Vec<Value> = wait_for(
-        "the start event delivered again by the taker",
+    // The event the dead node committed but never delivered reaches the collector from the
+    // shared outbox, through the node that took the sink over.
+    wait_for(
+        "the dead node's undelivered request event",
         Duration::from_secs(20),
         || {
-            let starts: Vec<Value> = c
-                .events()
+            c.events()
                 .into_iter()
-                .filter(|e| e["session_id"] == id.as_str() && e["action"] == "session_start")
-                .collect();
-            (starts.len() >= 2).then_some(starts)
+                .find(|e| e["action"] == "request_created" && e["request_id"] == held_back.as_str())
         },
     );
-    assert!(
-        starts[0]["event_id"].is_string()
-            && starts
-                .iter()
-                .all(|e| e["event_id"] == starts[0]["event_id"]),
-        "a redelivered event keeps its id: {starts:?}"
+    let now = c.sink_worker();
+    assert_ne!(now, victim, "another node delivers the sink");
+    eprintln!(
+        "{now} delivers the SIEM sink {:?} after the kill",
+        killed.elapsed()
     );
     // The dead node comes back; the others keep serving.
     let dir = c.w.dir.path().to_path_buf();
@@ -722,6 +741,29 @@ async fn three_nodes_behind_haproxy_share_one_state_store() {
         assert_eq!(line, "started");
         (child, rx)
     };
+    // A second session that ends while the store is away: its end event is kept aside on
+    // its node and reaches the collector once the store is back.
+    let seen = c.w.sessions().len();
+    let mut short = c
+        .ssh_cmd(
+            c.nodes[0].ssh,
+            "alice",
+            "web-01",
+            &["echo started; sleep 3; echo done"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ssh");
+    let short_rx = stamped_lines(&mut short);
+    let (_, line) = short_rx
+        .recv_timeout(Duration::from_secs(15))
+        .expect("the short session started");
+    assert_eq!(line, "started");
+    let short_id = c.newest_session_after(seen)["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
     c.state.stop();
     let stopped = Instant::now();
     let out = output(c.ssh_cmd(c.lb_ssh, "alice", "web-01", &["echo during"])).await;
@@ -744,7 +786,19 @@ async fn three_nodes_behind_haproxy_share_one_state_store() {
         ticks >= 10,
         "the live session ran on through the outage ({ticks} ticks)"
     );
+    let (done_at, line) = short_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the short session's last line");
+    assert_eq!(line, "done");
+    let (code, out, _) = wait_exit(&mut short, Duration::from_secs(10));
+    assert_eq!(code, Some(0), "the short session ended: {out}");
     c.state.start_again();
+    assert!(
+        done_at.duration_since(stopped) < Duration::from_secs(8),
+        "the short session ended while the store was away"
+    );
+    let end = c.wait_event_for(&short_id, "session_end");
+    assert_eq!(end["reason"], "client_closed", "{end}");
     wait_for(
         "new sessions once the store is back",
         Duration::from_secs(20),
@@ -781,6 +835,26 @@ async fn three_nodes_behind_haproxy_share_one_state_store() {
 }
 
 impl Cluster {
+    /// The node that delivers the SIEM sink now (it holds the sink's lease).
+    fn sink_worker(&self) -> String {
+        wait_for(
+            "a node delivering the SIEM sink",
+            Duration::from_secs(20),
+            || {
+                let out = self
+                    .w
+                    .cli(&["cluster", "status", "--sinks", "--format", "json"]);
+                let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+                let sink = v.as_array()?.iter().find(|s| s["sink"] == "receiver")?;
+                let worker = sink["worker"].as_str()?.to_string();
+                self.nodes
+                    .iter()
+                    .any(|n| n.name == worker && n.child.is_some())
+                    .then_some(worker)
+            },
+        )
+    }
+
     /// Waits until the SIEM receiver has an event `action` of session `id`.
     fn wait_event_for(&self, id: &str, action: &str) -> Value {
         wait_for(

@@ -628,6 +628,8 @@ pub fn check_openapi(method: &str, path: &str, status: u16, body: &serde_json::V
 pub struct HttpReceiver {
     pub port: u16,
     pub hits: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String, String)>>>,
+    /// While set, every request gets a 503 and is not kept (a collector that is down).
+    pub refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -676,6 +678,8 @@ impl HttpReceiver {
         let port = listener.local_addr().expect("addr").port();
         let hits = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let h = hits.clone();
+        let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refuse = refusing.clone();
         let task = tokio::spawn(async move {
             let mut n = 0usize;
             loop {
@@ -684,12 +688,17 @@ impl HttpReceiver {
                 };
                 let status = statuses.get(n).or(statuses.last()).copied().unwrap_or(200);
                 n += 1;
-                let h = h.clone();
+                let (h, refuse) = (h.clone(), refuse.clone());
                 tokio::spawn(async move {
                     let Some((head, body)) = read_request(&mut sock).await else {
                         return;
                     };
-                    h.lock().expect("lock").push((Instant::now(), head, body));
+                    let status = if refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                        503
+                    } else {
+                        h.lock().expect("lock").push((Instant::now(), head, body));
+                        status
+                    };
                     let resp = format!(
                         "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                     );
@@ -697,7 +706,12 @@ impl HttpReceiver {
                 });
             }
         });
-        HttpReceiver { port, hits, task }
+        HttpReceiver {
+            port,
+            hits,
+            refusing,
+            task,
+        }
     }
 
     /// Bodies received so far.
