@@ -486,6 +486,13 @@ pub(crate) async fn request(
         },
         None => gw.config.limits.default_grant_ttl,
     };
+    let min = gw.config.limits.min_grant_ttl;
+    if duration < min {
+        return Ok(fail(format!(
+            "--for must be at least {} (limits.min_grant_ttl): a break-glass session needs time to do anything",
+            humantime::format_duration(min)
+        )));
+    }
     let capped = duration.min(target.max_duration);
     let emergency = p.flags.iter().any(|f| f == "emergency");
     if emergency && !target.emergency_self_service {

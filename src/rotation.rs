@@ -126,7 +126,7 @@ fn ident(s: &str) -> String {
 }
 
 /// Checks that the vault's current password logs in (for `vault verify` and check-config).
-pub async fn verify_pg(gw: &Gateway, t: &TargetConfig) -> Result<(), RotateError> {
+pub async fn verify_pg(gw: &Gateway, t: &TargetConfig) -> Result<Verified, RotateError> {
     let kek = kek(&gw.config.kek)?;
     let blob = gw
         .store
@@ -134,7 +134,27 @@ pub async fn verify_pg(gw: &Gateway, t: &TargetConfig) -> Result<(), RotateError
         .await?
         .ok_or_else(|| RotateError::NoPassword(t.name.clone()))?;
     let pw = kek.open(&t.name, &blob)?;
-    pg_login(gw, t, pw.expose()).await.map(|_| ())
+    let current = match pg_login(gw, t, pw.expose()).await {
+        Ok(_) => return Ok(Verified::Current),
+        Err(e) => e,
+    };
+    // A rotation in flight (or cut short) has set the pending password on the target
+    // before promoting it in the vault: that one logging in is a healthy vault.
+    if let Some(pending) = gw.store.vault_get(&t.name, "pending").await? {
+        let pw = kek.open(&t.name, &pending)?;
+        if pg_login(gw, t, pw.expose()).await.is_ok() {
+            return Ok(Verified::Pending);
+        }
+    }
+    Err(current)
+}
+
+/// Which of the vault's passwords logs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    Current,
+    /// The pending one of a rotation in flight or interrupted; the next rotation promotes it.
+    Pending,
 }
 
 /// Rotates a PostgreSQL target's break-glass password.

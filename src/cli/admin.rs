@@ -512,11 +512,16 @@ pub(super) async fn vault(config: &Path, cmd: VaultCmd) -> Result<ExitCode> {
         }
         VaultCmd::Verify { .. } => {
             let gw = breakglass::server::Gateway::build(cfg).await?;
-            breakglass::rotation::verify_pg(&gw, &t).await?;
-            println!(
-                "ok: the vault's password for {} logs in as {}",
-                t.name, t.login
-            );
+            match breakglass::rotation::verify_pg(&gw, &t).await? {
+                breakglass::rotation::Verified::Current => println!(
+                    "ok: the vault's password for {} logs in as {}",
+                    t.name, t.login
+                ),
+                breakglass::rotation::Verified::Pending => println!(
+                    "ok: the vault's pending password for {} logs in as {} (a rotation is in flight or was cut short; the next rotation promotes it)",
+                    t.name, t.login
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -21,7 +21,7 @@ use evidence::{audit_export, audit_export_verify, export_cmd, replay, report, ve
 use output::{print_rows, Format};
 use workflow::{access_review, grant, sessions};
 
-/// Break-glass access gateway: time-boxed, recorded SSH sessions.
+/// Break-glass access gateway: approved, time-boxed, recorded SSH and PostgreSQL sessions.
 #[derive(Parser, Debug)]
 #[command(name = "breakglass", version)]
 pub struct Cli {
@@ -43,7 +43,8 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
-    /// Operator grants (bootstrap; requests and approvals come later).
+    /// Operator grants, made without a request (bootstrap, scripted runbooks); people ask for
+    /// access with the control channel's `request`, and approvers `approve` it.
     Grant {
         #[arg(
             long,
@@ -292,10 +293,12 @@ enum GrantCmd {
         /// How long, e.g. 30m or 2h (default: limits.default_grant_ttl).
         #[arg(long = "for")]
         duration: Option<String>,
-        #[arg(long)]
-        reason: String,
-        #[arg(long)]
-        incident: String,
+        /// Why: several words need no quotes (`--reason disk full on db-1`), as on the
+        /// control channel.
+        #[arg(long, num_args = 1.., required = true)]
+        reason: Vec<String>,
+        #[arg(long, num_args = 1.., required = true)]
+        incident: Vec<String>,
     },
     /// List grants.
     List {
@@ -308,8 +311,9 @@ enum GrantCmd {
     /// Revoke a grant; its live sessions end within a second.
     Revoke {
         id: String,
-        #[arg(long, default_value = "revoked by operator")]
-        reason: String,
+        /// Why (several words need no quotes).
+        #[arg(long, num_args = 1.., default_value = "revoked by operator")]
+        reason: Vec<String>,
     },
 }
 
@@ -444,6 +448,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let cfg = Config::load(&config)?;
             let store = open_state(&cfg).await?;
+            let correlation = resolve_correlation(&*store, &correlation).await?;
             let events = store.events(&correlation).await?;
             if format == Format::Json {
                 let v: Vec<serde_json::Value> = events
@@ -545,14 +550,57 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     print!("{}", signing_chain(&cfg)?);
                 } else {
                     print!("{}", signing_chain(&cfg)?);
-                    println!("# host key (clients pin it in known_hosts)");
-                    println!("{}", keys::openssh_line(k.host.public_key()));
+                    println!(
+                        "# host key: a ready known_hosts line (use the name clients connect to)"
+                    );
+                    println!(
+                        "{}",
+                        known_hosts_line(cfg.ssh_listen, &keys::openssh_line(k.host.public_key()))
+                    );
                     println!("# user CA (targets trust it with TrustedUserCAKeys)");
                     println!("{}", keys::openssh_line(k.user_ca.public_key()));
                 }
                 Ok(ExitCode::SUCCESS)
             }
         },
+    }
+}
+
+/// A known_hosts line for the gateway's host key at `listen`: `[host]:port` unless the port is
+/// 22; an unspecified address (0.0.0.0, ::) becomes this machine's host name.
+fn known_hosts_line(listen: std::net::SocketAddr, key: &str) -> String {
+    let host = if listen.ip().is_unspecified() {
+        std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    } else {
+        listen.ip().to_string()
+    };
+    let key = key.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    if listen.port() == 22 {
+        format!("{host} {key}")
+    } else {
+        format!("[{host}]:{} {key}", listen.port())
+    }
+}
+
+/// A correlation id from a request id, a grant id or an unambiguous prefix of either; an id
+/// that matches nothing is an error (not an empty answer).
+async fn resolve_correlation(store: &dyn breakglass::state::Store, id: &str) -> Result<String> {
+    use breakglass::state::StateError;
+    match store.find_request(id).await {
+        Ok(r) => return Ok(r.id),
+        Err(StateError::NoSuchRequest(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match store.find_grant(id).await {
+        Ok(g) => Ok(g.correlation_id().to_string()),
+        Err(StateError::NoSuchGrant(_)) => {
+            bail!("no request or grant matches `{id}` (see `breakglass grant list` and the control channel's `requests`)")
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

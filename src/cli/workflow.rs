@@ -25,6 +25,7 @@ pub(super) async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
             reason,
             incident,
         } => {
+            let (reason, incident) = (reason.join(" "), incident.join(" "));
             if !cfg.people.contains_key(&person) {
                 bail!("no person named `{person}` in {}", config.display());
             }
@@ -41,9 +42,10 @@ pub(super) async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
                     .with_context(|| format!("--for `{d}` is not a duration like 30m"))?,
                 None => cfg.limits.default_grant_ttl,
             };
-            if ttl.is_zero() || ttl > cfg.limits.max_grant_ttl {
+            if ttl < cfg.limits.min_grant_ttl || ttl > cfg.limits.max_grant_ttl {
                 bail!(
-                    "--for must be more than zero and at most {} (limits.max_grant_ttl)",
+                    "--for must be at least {} (limits.min_grant_ttl) and at most {} (limits.max_grant_ttl)",
+                    humantime::format_duration(cfg.limits.min_grant_ttl),
                     humantime::format_duration(cfg.limits.max_grant_ttl)
                 );
             }
@@ -116,6 +118,7 @@ pub(super) async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         GrantCmd::Revoke { id, reason } => {
+            let reason = reason.join(" ");
             text::check("--reason", &reason, text::Lines::One).map_err(|e| anyhow!(e))?;
             let by = operator();
             let g = store.revoke_grant(&id, &by, &reason, clock::now()).await?;

@@ -307,6 +307,7 @@ struct RawLimits {
     max_session_ttl: Option<String>,
     default_grant_ttl: Option<String>,
     max_grant_ttl: Option<String>,
+    min_grant_ttl: Option<String>,
     warn_before: Option<Vec<String>>,
     max_connections: Option<usize>,
     preauth_max: Option<usize>,
@@ -685,6 +686,9 @@ pub struct Limits {
     pub default_grant_ttl: Duration,
     /// Upper bound on any grant.
     pub max_grant_ttl: Duration,
+    /// Lower bound on any grant or request (`--for`): shorter ones are refused, since a
+    /// break-glass session must have time to do anything (default 1m).
+    pub min_grant_ttl: Duration,
     /// When to warn the user before the deadline, longest first.
     pub warn_before: Vec<Duration>,
     /// Authenticated connections per listener (SSH, PostgreSQL); more are refused after
@@ -1399,6 +1403,13 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let max_session_ttl = dur("max_session_ttl", l.max_session_ttl, "8h")?;
     let default_grant_ttl = dur("default_grant_ttl", l.default_grant_ttl, "4h")?;
     let max_grant_ttl = dur("max_grant_ttl", l.max_grant_ttl, "24h")?;
+    let min_grant_ttl = dur("min_grant_ttl", l.min_grant_ttl, "1m")?;
+    if min_grant_ttl.is_zero() || min_grant_ttl > default_grant_ttl {
+        return Err(invalid(
+            "limits.min_grant_ttl",
+            "must be more than zero and at most limits.default_grant_ttl",
+        ));
+    }
     if max_session_ttl.is_zero() {
         return Err(invalid("limits.max_session_ttl", "must be more than zero"));
     }
@@ -1520,6 +1531,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             max_session_ttl,
             default_grant_ttl,
             max_grant_ttl,
+            min_grant_ttl,
             warn_before,
             max_connections,
             preauth_max,

@@ -17,12 +17,18 @@ use tokio::net::TcpListener;
 
 use crate::server::Gateway;
 
+/// What the gateway announces before the key exchange.
+pub const SSH_ID: &str = "SSH-2.0-breakglass";
+
 /// The russh server config shared by every connection.
 pub fn server_config(gw: &Gateway) -> Arc<server::Config> {
     let mut methods = russh::MethodSet::empty();
     methods.push(russh::MethodKind::PublicKey);
     methods.push(russh::MethodKind::KeyboardInteractive);
     Arc::new(server::Config {
+        // The product, not the library or a version: an unauthenticated probe learns no
+        // more than what it reached.
+        server_id: russh::SshId::Standard(SSH_ID.into()),
         methods,
         auth_rejection_time: Duration::from_millis(300),
         auth_rejection_time_initial: Some(Duration::ZERO),

@@ -495,6 +495,28 @@ pub async fn reviews_are_opened_once_signed_once_and_alerted_once(store: &dyn St
         Err(StateError::AlreadySigned(_))
     ));
     assert!(store.open_reviews().await.expect("open").is_empty());
+    // An abbreviated request id finds the review, as README promises for every id.
+    let (_, _) = store
+        .open_review(&Review {
+            id: "rv-3".into(),
+            correlation_id: "R-9f00aa".into(),
+            grant_id: "g-3".into(),
+            ..review.clone()
+        })
+        .await
+        .expect("open a second");
+    assert_eq!(
+        store.find_review("R-9f0").await.expect("by prefix").id,
+        "rv-3"
+    );
+    assert!(matches!(
+        store.find_review("R-").await,
+        Err(StateError::Ambiguous(_))
+    ));
+    assert!(matches!(
+        store.find_review("R-nothing").await,
+        Err(StateError::NoSuchReview(_))
+    ));
 }
 
 pub async fn the_ledger_keeps_write_order_and_final_entries(store: &dyn Store) {

@@ -21,7 +21,7 @@ pub enum StateError {
     Db(String),
     #[error("no grant matches `{0}`")]
     NoSuchGrant(String),
-    #[error("grant id prefix `{0}` is ambiguous")]
+    #[error("id prefix `{0}` matches more than one; give more of it")]
     Ambiguous(String),
     #[error("grant {0} is already revoked")]
     AlreadyRevoked(String),

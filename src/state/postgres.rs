@@ -754,8 +754,8 @@ async fn find_review_in(
     let rows = c
         .query(
             &format!(
-                "SELECT {REVIEW_COLS} FROM reviews WHERE grant_id = $2 OR correlation_id = $2 \
-                 OR id LIKE $1 ESCAPE '\\' LIMIT 2{}",
+                "SELECT {REVIEW_COLS} FROM reviews WHERE grant_id = $2 \
+                 OR correlation_id LIKE $1 ESCAPE '\\' OR id LIKE $1 ESCAPE '\\' LIMIT 2{}",
                 if lock { " FOR UPDATE" } else { "" }
             ),
             &[&super::like_prefix(id), &id],

@@ -506,8 +506,8 @@ fn review_row(r: &Row<'_>) -> rusqlite::Result<Review> {
 fn find_review_sync(c: &Connection, id: &str) -> Result<Review, StateError> {
     let mut stmt = c
         .prepare(&format!(
-            "SELECT {REVIEW_COLS} FROM reviews WHERE grant_id = ?2 OR correlation_id = ?2 \
-             OR id LIKE ?1 ESCAPE '\\' LIMIT 2"
+            "SELECT {REVIEW_COLS} FROM reviews WHERE grant_id = ?2 \
+             OR correlation_id LIKE ?1 ESCAPE '\\' OR id LIKE ?1 ESCAPE '\\' LIMIT 2"
         ))
         .map_err(db)?;
     let rows: Vec<Review> = stmt

@@ -7,6 +7,7 @@ mod deploy;
 mod disk;
 mod escapes;
 mod flood;
+mod frictions;
 mod logs;
 mod outage;
 mod pg;

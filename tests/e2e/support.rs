@@ -267,6 +267,8 @@ emergency_self_service = true
 
 [limits]
 max_session_ttl = "1h"
+# The tests cut sessions at deadlines seconds away.
+min_grant_ttl = "1s"
 {extra}
 
 {extra_config}
