@@ -54,6 +54,10 @@ pub fn alertable(e: &AccessEvent) -> bool {
         Action::ReviewOverdue => true,
         Action::ReviewOpened | Action::ReviewSigned | Action::CredentialIssued => false,
         Action::CredentialRotated => e.outcome == crate::siem::Outcome::Failure,
+        // A role that could not be switched off stays open between grants.
+        Action::AccountEnabled | Action::AccountDisabled => {
+            e.outcome == crate::siem::Outcome::Failure
+        }
         // A new manifest signing key changes what verification trusts: custodians hear of it.
         Action::SigningKeyRotated => true,
         // Planted or removed evidence: custodians hear of it at once.

@@ -555,6 +555,7 @@ pub(crate) async fn request(
             let mut gev = AccessEvent::for_grant(Action::GrantCreated, caller.person, &grant);
             gev.emergency = Some(true);
             emit(gw, &gev).await?;
+            crate::rotation::open_for_grant(gw, &grant.target).await;
             text.push_str(&format!(
                 "EMERGENCY self-service grant {} until {}: this use is flagged for mandatory review\nconnect: ssh -p PORT {}@GATEWAY\n",
                 grant.id,
@@ -647,6 +648,9 @@ pub(crate) async fn approve(
                 &AccessEvent::for_grant(Action::GrantCreated, caller.person, &grant),
             )
             .await?;
+            // A role kept NOLOGIN between grants is switched on before the approver hears
+            // back, so the requester's first login finds it open.
+            crate::rotation::open_for_grant(gw, &grant.target).await;
             Ok(ok_with(
                 format!(
                     "approved {}: grant {} gives {} access to {} until {}\n",

@@ -38,7 +38,11 @@ pub enum RotateError {
 
 use crate::vault::kek;
 
-fn pg_config(t: &TargetConfig, password: &str) -> Result<tokio_postgres::Config, RotateError> {
+fn pg_config(
+    t: &TargetConfig,
+    login: &str,
+    password: &str,
+) -> Result<tokio_postgres::Config, RotateError> {
     let (host, port) = t
         .address
         .rsplit_once(':')
@@ -53,7 +57,7 @@ fn pg_config(t: &TargetConfig, password: &str) -> Result<tokio_postgres::Config,
     let mut c = tokio_postgres::Config::new();
     c.host(host)
         .port(port)
-        .user(&t.login)
+        .user(login)
         .password(password)
         .dbname(&t.database)
         .application_name("breakglass-rotation")
@@ -68,16 +72,27 @@ async fn pg_login(
     t: &TargetConfig,
     password: &str,
 ) -> Result<tokio_postgres::Client, RotateError> {
+    pg_login_as(gw, t, &t.login, password).await
+}
+
+/// Logs in to the target as `login` (the break-glass role, or the admin role that switches
+/// it on and off).
+async fn pg_login_as(
+    gw: &Gateway,
+    t: &TargetConfig,
+    login: &str,
+    password: &str,
+) -> Result<tokio_postgres::Client, RotateError> {
     let failed = |e: tokio_postgres::Error| RotateError::Target {
         target: t.name.clone(),
         why: match std::error::Error::source(&e) {
             // tokio-postgres's own text hides the cause (a refused password request, a TLS
             // failure) behind "error communicating with the server".
-            Some(cause) => format!("login as {} failed: {e}: {cause}", t.login),
-            None => format!("login as {} failed: {e}", t.login),
+            Some(cause) => format!("login as {login} failed: {e}: {cause}"),
+            None => format!("login as {login} failed: {e}"),
         },
     };
-    let mut c = pg_config(t, password)?;
+    let mut c = pg_config(t, login, password)?;
     if t.tls == UpstreamTls::Disable {
         // Connected here so that the guard reads the target's messages before tokio-postgres
         // could answer a password request.
@@ -321,15 +336,223 @@ pub async fn rotate_ssh_key(gw: &Gateway, t: &TargetConfig) -> Result<(), Rotate
     Ok(())
 }
 
+/// The vault slot of a target's admin role password.
+pub const ADMIN_SLOT: &str = "admin";
+
+/// Switches the target's break-glass role to LOGIN (`enable`) or NOLOGIN, as its
+/// `admin_login`; Ok(false) when the target does not disable its role between grants.
+pub async fn set_login(gw: &Gateway, t: &TargetConfig, enable: bool) -> Result<bool, RotateError> {
+    let Some(admin) = &t.admin_login else {
+        return Ok(false);
+    };
+    let kek = kek(&gw.config.kek)?;
+    let blob = gw
+        .store
+        .vault_get(&t.name, ADMIN_SLOT)
+        .await?
+        .ok_or_else(|| RotateError::Target {
+            target: t.name.clone(),
+            why: format!(
+                "no password for admin_login {admin} in the vault (set it with `breakglass vault set {} --admin`)",
+                t.name
+            ),
+        })?;
+    let pw = kek.open(&t.name, &blob)?;
+    let client = pg_login_as(gw, t, admin, pw.expose()).await?;
+    let sql = format!(
+        "ALTER ROLE {} {}",
+        ident(&t.login),
+        if enable { "LOGIN" } else { "NOLOGIN" }
+    );
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(|e| RotateError::Target {
+            target: t.name.clone(),
+            why: format!(
+                "{admin} could not {} {}: {}",
+                if enable { "enable" } else { "disable" },
+                t.login,
+                e.as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_else(|| e.to_string())
+            ),
+        })?;
+    Ok(true)
+}
+
+/// Whether the break-glass role may log in now (`rolcanlogin`), read as the admin role.
+pub async fn can_login(gw: &Gateway, t: &TargetConfig) -> Result<bool, RotateError> {
+    let Some(admin) = &t.admin_login else {
+        return Ok(true);
+    };
+    let kek = kek(&gw.config.kek)?;
+    let blob = gw
+        .store
+        .vault_get(&t.name, ADMIN_SLOT)
+        .await?
+        .ok_or_else(|| RotateError::NoPassword(format!("{} --admin", t.name)))?;
+    let pw = kek.open(&t.name, &blob)?;
+    let client = pg_login_as(gw, t, admin, pw.expose()).await?;
+    let row = client
+        .query_one(
+            "SELECT rolcanlogin FROM pg_roles WHERE rolname = $1",
+            &[&t.login],
+        )
+        .await
+        .map_err(|e| RotateError::Target {
+            target: t.name.clone(),
+            why: format!("cannot read the role {}: {e}", t.login),
+        })?;
+    Ok(row.get(0))
+}
+
+/// Checks that the admin role can switch the break-glass role: reads its state and sets it
+/// again to what it is (no change). Ok(whether it may log in now).
+pub async fn check_switch(gw: &Gateway, t: &TargetConfig) -> Result<bool, RotateError> {
+    let now = can_login(gw, t).await?;
+    set_login(gw, t, now).await?;
+    Ok(now)
+}
+
+/// Switches the role on for a grant that just started (best effort: the worker's next pass
+/// retries), and says so on the record.
+pub async fn open_for_grant(gw: &Gateway, target: &str) {
+    let Some(t) = gw.config.targets.get(target) else {
+        return;
+    };
+    if t.admin_login.is_none() {
+        return;
+    }
+    let r = set_login(gw, t, true).await.map(drop);
+    account_event(gw, t, true, "a grant started", r).await;
+}
+
+/// The `account_enabled` / `account_disabled` event of a switch.
+async fn account_event(
+    gw: &Gateway,
+    t: &TargetConfig,
+    enable: bool,
+    why: &str,
+    r: Result<(), RotateError>,
+) {
+    let action = if enable {
+        Action::AccountEnabled
+    } else {
+        Action::AccountDisabled
+    };
+    let mut e = AccessEvent::new(action, "breakglass");
+    e.target = Some(t.name.clone());
+    e.protocol = "postgres".into();
+    match r {
+        Ok(()) => {
+            e.message = Some(format!(
+                "{} is {} on {} ({why})",
+                t.login,
+                if enable { "LOGIN" } else { "NOLOGIN" },
+                t.name
+            ));
+        }
+        Err(err) => {
+            tracing::error!(target = %t.name, error = %err, enable, "could not switch the break-glass role");
+            e.outcome = crate::siem::Outcome::Failure;
+            e.side = Some(crate::grant::Side::Upstream);
+            e.message = Some(format!(
+                "could not make {} {} on {} ({why}): {err}",
+                t.login,
+                if enable { "LOGIN" } else { "NOLOGIN" },
+                t.name
+            ));
+        }
+    }
+    if let Err(err) = gw.audit(&e).await {
+        tracing::error!(error = %err, "could not write the account event");
+    }
+}
+
+/// Keeps each switchable target's role LOGIN exactly while a grant is active or an ended
+/// grant still waits for its rotation (which logs in as the role), NOLOGIN otherwise.
+/// `known` is what this node last set (None at start: the first pass sets every target).
+async fn keep_roles(
+    gw: &Gateway,
+    known: &mut std::collections::BTreeMap<String, bool>,
+    awaiting_rotation: &std::collections::BTreeSet<String>,
+) {
+    let switchable: Vec<&TargetConfig> = gw
+        .config
+        .targets
+        .values()
+        .filter(|t| t.admin_login.is_some())
+        .collect();
+    if switchable.is_empty() {
+        return;
+    }
+    let active = match gw.store.list_grants(Some(clock::now())).await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list active grants to switch roles");
+            return;
+        }
+    };
+    for t in switchable {
+        let want = awaiting_rotation.contains(&t.name) || active.iter().any(|g| g.target == t.name);
+        if known.get(&t.name) == Some(&want) {
+            continue;
+        }
+        let r = set_login(gw, t, want).await.map(drop);
+        let ok = r.is_ok();
+        let why = if want {
+            "a grant needs it"
+        } else {
+            "no grant needs it"
+        };
+        account_event(gw, t, want, why, r).await;
+        if ok {
+            known.insert(t.name.clone(), want);
+        } else {
+            known.remove(&t.name);
+        }
+    }
+}
+
+/// Forgets what this node set for a target whose role is not in that state any more.
+async fn recheck_roles(gw: &Gateway, known: &mut std::collections::BTreeMap<String, bool>) {
+    let names: Vec<(String, bool)> = known.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    for (name, set) in names {
+        let Some(t) = gw.config.targets.get(&name) else {
+            continue;
+        };
+        match can_login(gw, t).await {
+            Ok(now) if now == set => {}
+            Ok(_) => {
+                tracing::warn!(target = %name, "the break-glass role was switched outside the gateway; switching it back");
+                known.remove(&name);
+            }
+            Err(e) => {
+                tracing::warn!(target = %name, error = %e, "cannot read the break-glass role's state")
+            }
+        }
+    }
+}
+
 /// Rotates after every ended grant; checks every two seconds, retries failures, and raises an
 /// alert-worthy event when the window is missed.
 pub async fn worker(gw: Arc<Gateway>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut roles = std::collections::BTreeMap::new();
+    let mut passes: u64 = 0;
     loop {
         tick.tick().await;
+        passes += 1;
+        // About every 30 s, what the targets say wins over what this node last set, so a
+        // role switched by hand is put right (and that shows on the record).
+        if passes % 15 == 0 {
+            recheck_roles(&gw, &mut roles).await;
+        }
         // One node rotates for the cluster: two rotating one target at once would leave the
         // target and the vault with different passwords.
         if !gw.membership.is_leader() {
+            roles.clear();
             continue;
         }
         let now = clock::now();
@@ -406,5 +629,17 @@ pub async fn worker(gw: Arc<Gateway>) {
                 }
             }
         }
+        // A grant that ended was live, so its role was switched on, perhaps by another node
+        // (approvals switch it on wherever they happen): set each such target afresh.
+        for t in done.keys() {
+            roles.remove(t);
+        }
+        // A target whose rotation failed keeps its role on: the retry logs in as it.
+        let awaiting = done
+            .iter()
+            .filter(|(_, o)| o.is_err())
+            .map(|(t, _)| t.clone())
+            .collect();
+        keep_roles(&gw, &mut roles, &awaiting).await;
     }
 }

@@ -244,6 +244,37 @@ pub(super) async fn check_config(file: &Path, offline: bool) -> Result<ExitCode>
             );
         }
     }
+    let switchable: Vec<_> = cfg
+        .targets
+        .values()
+        .filter(|t| t.admin_login.is_some())
+        .cloned()
+        .collect();
+    if !switchable.is_empty() {
+        match breakglass::server::Gateway::build(cfg.clone()).await {
+            Ok(gw) => {
+                for t in &switchable {
+                    let res = breakglass::rotation::check_switch(&gw, t).await;
+                    check(
+                        format!(
+                            "{}: {} switches {} between LOGIN and NOLOGIN",
+                            t.name,
+                            t.admin_login.as_deref().unwrap_or("?"),
+                            t.login
+                        ),
+                        res.map(|on| format!(" ({} now)", if on { "LOGIN" } else { "NOLOGIN" }))
+                            .map_err(Into::into),
+                    );
+                }
+            }
+            Err(e) => check(
+                "targets that disable their role between grants".into(),
+                Err(anyhow::anyhow!(
+                    "cannot open the gateway's state and vault: {e}"
+                )),
+            ),
+        }
+    }
     check(
         format!("SIEM spool {}", cfg.siem.spool.display()),
         Siem::open(cfg.siem.clone())
@@ -481,7 +512,7 @@ pub(super) async fn cluster(config: &Path, cmd: ClusterCmd) -> Result<ExitCode> 
 
 pub(super) async fn vault(config: &Path, cmd: VaultCmd) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let (VaultCmd::Set { target } | VaultCmd::Verify { target }) = &cmd;
+    let (VaultCmd::Set { target, .. } | VaultCmd::Verify { target }) = &cmd;
     let t = cfg
         .targets
         .get(target)
@@ -491,7 +522,10 @@ pub(super) async fn vault(config: &Path, cmd: VaultCmd) -> Result<ExitCode> {
         bail!("{target} is not a PostgreSQL target; SSH targets use certificates or key_file");
     }
     match cmd {
-        VaultCmd::Set { .. } => {
+        VaultCmd::Set { admin, .. } => {
+            if admin && t.admin_login.is_none() {
+                bail!("{target} has no admin_login (it is set with disable_between_grants = true)");
+            }
             let mut pw = String::new();
             std::io::stdin().read_line(&mut pw)?;
             let pw = pw.trim_end_matches(['\r', '\n']).to_string();
@@ -501,6 +535,23 @@ pub(super) async fn vault(config: &Path, cmd: VaultCmd) -> Result<ExitCode> {
             let kek = breakglass::vault::kek(&cfg.kek)?;
             let store = open_state(&cfg).await?;
             let blob = kek.seal(&t.name, &breakglass::vault::Secret::new(pw))?;
+            if admin {
+                store
+                    .vault_put(
+                        &t.name,
+                        breakglass::rotation::ADMIN_SLOT,
+                        &blob,
+                        clock::now(),
+                    )
+                    .await?;
+                eprintln!(
+                    "stored the password of {}'s admin role {} (encrypted); it switches {} between LOGIN and NOLOGIN",
+                    t.name,
+                    t.admin_login.as_deref().unwrap_or("?"),
+                    t.login
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             store
                 .vault_put(&t.name, "current", &blob, clock::now())
                 .await?;
@@ -512,6 +563,19 @@ pub(super) async fn vault(config: &Path, cmd: VaultCmd) -> Result<ExitCode> {
         }
         VaultCmd::Verify { .. } => {
             let gw = breakglass::server::Gateway::build(cfg).await?;
+            if t.admin_login.is_some() {
+                let on = breakglass::rotation::check_switch(&gw, &t).await?;
+                println!(
+                    "ok: {} can switch {} between LOGIN and NOLOGIN (it is {} now)",
+                    t.admin_login.as_deref().unwrap_or("?"),
+                    t.login,
+                    if on { "LOGIN" } else { "NOLOGIN" }
+                );
+                if !on {
+                    // Between grants the role cannot log in: nothing more to check.
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
             match breakglass::rotation::verify_pg(&gw, &t).await? {
                 breakglass::rotation::Verified::Current => println!(
                     "ok: the vault's password for {} logs in as {}",

@@ -389,7 +389,13 @@ enum ClusterCmd {
 #[derive(Subcommand, Debug)]
 enum VaultCmd {
     /// Store a PostgreSQL target's break-glass password, read from standard input.
-    Set { target: String },
+    Set {
+        target: String,
+        /// Store the password of the target's `admin_login` instead (the role that switches
+        /// the break-glass role between LOGIN and NOLOGIN).
+        #[arg(long)]
+        admin: bool,
+    },
     /// Check that the stored password logs in to the target.
     Verify { target: String },
 }

@@ -225,6 +225,12 @@ struct RawTarget {
     /// tls = "verify-full"); off by default, so only SCRAM-SHA-256 is spoken upstream.
     #[serde(default)]
     allow_password_auth: bool,
+    /// PostgreSQL targets: keep the break-glass role NOLOGIN while no grant needs it.
+    #[serde(default)]
+    disable_between_grants: bool,
+    /// PostgreSQL targets: the role that switches the break-glass role between LOGIN and
+    /// NOLOGIN (its password is the vault's `admin` entry: `breakglass vault set T --admin`).
+    admin_login: Option<String>,
 }
 
 fn yes() -> bool {
@@ -644,6 +650,9 @@ pub struct TargetConfig {
     /// with the vault's password. Off by default (SCRAM-SHA-256 only, -PLUS under TLS); only
     /// allowed with `tls = "verify-full"`, so the password never goes to an unverified server.
     pub allow_password_auth: bool,
+    /// PostgreSQL targets with `disable_between_grants`: the role that switches `login`
+    /// between LOGIN (while a grant or its rotation needs it) and NOLOGIN.
+    pub admin_login: Option<String>,
     /// auth = "key": the target's authorized_keys file (relative to the login's home), which
     /// rotation rewrites to swap the gateway-held key.
     pub authorized_keys: String,
@@ -1245,6 +1254,34 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 "must name the break-glass account",
             ));
         }
+        let admin_login = match (t.disable_between_grants, t.admin_login) {
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(invalid(
+                    format!("{base}.admin_login"),
+                    "only used with disable_between_grants = true",
+                ))
+            }
+            (true, _) if protocol != Protocol::Postgres => {
+                return Err(invalid(
+                    format!("{base}.disable_between_grants"),
+                    "only PostgreSQL targets (SSH certificate targets need no account switched off: a certificate lives as long as its session)",
+                ))
+            }
+            (true, None) => {
+                return Err(invalid(
+                    format!("{base}.admin_login"),
+                    "disable_between_grants needs admin_login, a role that may ALTER ROLE the break-glass role (a NOLOGIN role cannot switch itself back on)",
+                ))
+            }
+            (true, Some(a)) if a == t.login || a.is_empty() => {
+                return Err(invalid(
+                    format!("{base}.admin_login"),
+                    "must be another role than login",
+                ))
+            }
+            (true, Some(a)) => Some(a),
+        };
         let auth = match (t.auth.as_str(), t.key_file) {
             ("certificate", None) => UpstreamAuth::Certificate,
             ("certificate", Some(_)) => {
@@ -1309,6 +1346,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             emergency_self_service: t.emergency_self_service,
             redact_no_echo: t.redact_no_echo,
             allow_password_auth: t.allow_password_auth,
+            admin_login,
             authorized_keys: t
                 .authorized_keys
                 .unwrap_or_else(|| ".ssh/authorized_keys".into()),

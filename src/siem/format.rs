@@ -61,6 +61,8 @@ pub fn ocsf_class(e: &AccessEvent) -> (u32, &'static str, u32, &'static str, u32
         Action::RequestDenied => (3005, "User Access Management", IAM, 99, "Deny"),
         Action::CredentialIssued => (3003, "Authorize Session", IAM, 1, "Assign Privileges"),
         Action::CredentialRotated => (3001, "Account Change", IAM, 4, "Password Reset"),
+        Action::AccountEnabled => (3001, "Account Change", IAM, 2, "Enable"),
+        Action::AccountDisabled => (3001, "Account Change", IAM, 5, "Disable"),
         Action::ReviewOpened
         | Action::ReviewSigned
         | Action::ReviewOverdue
@@ -446,6 +448,8 @@ mod tests {
             Action::ReviewOverdue,
             Action::CredentialIssued,
             Action::CredentialRotated,
+            Action::AccountEnabled,
+            Action::AccountDisabled,
             Action::RecordingCheckpoint,
             Action::SigningKeyRotated,
             Action::Command,

@@ -61,6 +61,11 @@ pub enum Action {
     ReviewOverdue,
     CredentialIssued,
     CredentialRotated,
+    /// A PostgreSQL target's break-glass role got LOGIN because a grant (or its rotation)
+    /// needs it.
+    AccountEnabled,
+    /// The role went back to NOLOGIN: no grant needs it.
+    AccountDisabled,
     RecordingCheckpoint,
     /// `breakglass keys rotate-signing`: a new manifest signing key, certified by the old one.
     SigningKeyRotated,
@@ -111,6 +116,8 @@ impl Action {
             Action::ReviewOverdue => "review_overdue",
             Action::CredentialIssued => "credential_issued",
             Action::CredentialRotated => "credential_rotated",
+            Action::AccountEnabled => "account_enabled",
+            Action::AccountDisabled => "account_disabled",
             Action::RecordingCheckpoint => "recording_checkpoint",
             Action::SigningKeyRotated => "signing_key_rotated",
             Action::Command => "command",
@@ -569,6 +576,10 @@ fn summary_raw(e: &AccessEvent) -> String {
             e.message.as_deref().unwrap_or("?")
         ),
         // Not alertable (see `alertable`), but a webhook test or a future rule may send them.
+        Action::AccountEnabled | Action::AccountDisabled => format!(
+            "[breakglass] {target}: {}",
+            e.message.as_deref().unwrap_or(e.action.as_str())
+        ),
         Action::GrantCreated
         | Action::SessionEnd
         | Action::SessionDenied

@@ -1,6 +1,7 @@
 //! End-to-end tests: real OpenSSH `sshd` as the target, real `ssh`/`scp`/`sftp` as clients,
 //! the real `asciinema` CLI replaying exports, all on 127.0.0.1.
 
+mod accounts;
 mod audit_views;
 mod cluster;
 mod deploy;
