@@ -35,9 +35,14 @@
 //! - Full-screen programs (editors, pagers) that neither echo nor end lines can make ordinary
 //!   keys look like a secret line; that loses a command from the extracted list, never a
 //!   secret.
-//! - A secret typed ahead, before its prompt appeared, while the terminal still echoed, is
-//!   echoed by the terminal and is therefore in the output stream, as on the person's screen.
-//!   Its input is still redacted when the prompt follows before its echo is complete.
+//! - A secret line's echo, when the terminal still echoed it (typed at once at `openssl
+//!   passwd`'s prompt, which it prints before turning echo off; or typed ahead of its
+//!   prompt), is masked in the output it is released with: the printable bytes that
+//!   continue the typed text exactly, from the first output after the line's keystrokes, read
+//!   `*` (same byte count). An echo that departs from the typed text (a backspace's
+//!   `\b \b`, a redraw) ends the masking there, so the rest of such an echo stays visible,
+//!   and an echo shown before the line was judged secret (released ahead of it) is not
+//!   masked.
 //! - A command line whose echo is garbled (a redraw longer than the gap allowance) and which is
 //!   followed by a secret prompt is redacted too: a lost command, never a leaked secret.
 //! - A line held when the gateway crashes is lost from the recording (at most
@@ -297,6 +302,43 @@ pub struct EchoGuard<T> {
     held_bytes: usize,
     after_cr: bool,
     next_id: u64,
+    /// The echo of a secret line being masked in the output released after it.
+    mask: Option<Mask>,
+}
+
+/// A secret line's typed text, to be masked where the terminal echoed it anyway (typed while
+/// echo was still on, as `openssl passwd` prints its prompt before it turns echo off).
+#[derive(Debug)]
+struct Mask {
+    line: u64,
+    expect: Vec<u8>,
+    pos: usize,
+    ansi: Ansi,
+}
+
+impl Mask {
+    /// Replaces, in `out`, the printable bytes that continue the echo of the typed text with
+    /// `*`; returns false once the echo is complete or the output departs from it (the first
+    /// printable byte that is not the next typed one ends the masking: an echo is exact).
+    fn apply(&mut self, out: &mut [u8]) -> bool {
+        for b in out.iter_mut() {
+            let Some(c) = self.ansi.feed(*b) else {
+                continue;
+            };
+            if !printable(c) {
+                continue;
+            }
+            if self.expect.get(self.pos) != Some(&c) {
+                return false;
+            }
+            *b = b'*';
+            self.pos += 1;
+            if self.pos == self.expect.len() {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 impl<T> EchoGuard<T> {
@@ -312,6 +354,7 @@ impl<T> EchoGuard<T> {
             held_bytes: 0,
             after_cr: false,
             next_id: 0,
+            mask: None,
         }
     }
 
@@ -612,15 +655,39 @@ impl<T> EchoGuard<T> {
     /// Turns one event into what is recorded, by its line's verdict.
     fn emit(&mut self, t: f64, h: Held<T>, out: &mut Vec<(f64, Ev<T>)>) {
         match h {
-            Held::Output(b) => {
+            Held::Output(mut b) => {
+                if let Some(m) = &mut self.mask {
+                    if !m.apply(&mut b) {
+                        self.mask = None;
+                    }
+                }
                 if !b.is_empty() {
                     out.push((t, Ev::Output(b)));
                 }
             }
             Held::Other(x, _) => out.push((t, Ev::Other(x))),
             Held::Input { line, bytes } => match self.verdict(line) {
-                Some(Verdict::Secret) => out.push((t, Ev::Redacted(bytes.len()))),
-                _ => out.push((t, Ev::Input(bytes))),
+                Some(Verdict::Secret) => {
+                    if self.mask.as_ref().is_none_or(|m| m.line != line) {
+                        let expect = self
+                            .lines
+                            .iter()
+                            .find(|l| l.id == line)
+                            .map(|l| l.typed.clone())
+                            .unwrap_or_default();
+                        self.mask = (!expect.is_empty()).then_some(Mask {
+                            line,
+                            expect,
+                            pos: 0,
+                            ansi: Ansi::Ground,
+                        });
+                    }
+                    out.push((t, Ev::Redacted(bytes.len())))
+                }
+                _ => {
+                    self.mask = None;
+                    out.push((t, Ev::Input(bytes)))
+                }
             },
             Held::End {
                 line,
@@ -893,6 +960,52 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_the_terminal_still_echoed_is_masked_in_the_output() {
+        // `openssl passwd` prints its prompt, then turns echo off: a secret typed at once is
+        // echoed by the terminal before echo is off.
+        let evs = run(
+            true,
+            &[
+                S::Out(b"Password: "),
+                S::In(b"Openssl-Pw-1\r"),
+                S::Out(b"Openssl-Pw-1\r\nVerifying - Password: "),
+                S::In(b"Openssl-Pw-1\r"),
+                S::Out(b"\r\n$6$salt$hash\r\nbg$ "),
+            ],
+        );
+        let output: Vec<u8> = evs
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Ev::Output(b) => Some(b.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let text = String::from_utf8_lossy(&output);
+        assert!(!text.contains("Openssl"), "{text}");
+        assert!(
+            text.contains("************\r\nVerifying - Password: "),
+            "{text}"
+        );
+        assert!(
+            text.contains("$6$salt$hash"),
+            "output after the echo is untouched: {text}"
+        );
+        assert!(
+            !input_text(&evs).contains("Openssl"),
+            "typed secrets are redacted: {evs:?}"
+        );
+        // An ordinary command's echo is never masked.
+        let evs = run(
+            true,
+            &[S::Out(b"bg$ "), S::In(b"ls\r"), S::Out(b"ls\r\nfile\r\n")],
+        );
+        assert!(evs
+            .iter()
+            .any(|(_, e)| matches!(e, Ev::Output(b) if b.starts_with(b"ls\r\n"))));
+    }
+
+    #[test]
     fn opting_out_keeps_the_text() {
         let evs = run(false, &[Out(b"Password: "), In(b"hunter2\r"), Out(b"\r\n")]);
         assert_eq!(commands(&evs), ["hunter2"]);
@@ -1000,7 +1113,14 @@ mod tests {
                 }
             }
             assert_eq!(got_in, sent_in);
-            assert_eq!(got_out, sent_out);
+            // Every output byte is there, in order; only a secret's echo may read `*`.
+            assert_eq!(got_out.len(), sent_out.len());
+            for (g, s) in got_out.iter().zip(&sent_out) {
+                assert!(
+                    g == s || (*g == b'*' && printable(*s)),
+                    "{got_out:?} vs {sent_out:?}"
+                );
+            }
             assert_eq!(got_others, (1..=others).collect::<Vec<_>>());
             for w in out.windows(2) {
                 assert!(w[0].0 <= w[1].0);
