@@ -423,6 +423,8 @@ const SCENARIOS: &[&str] = &[
     "production_outage",
     "system_failure",
     "other",
+    // A rehearsal (`breakglass drill`): counted apart from real incidents.
+    "drill",
 ];
 
 pub(crate) async fn request(

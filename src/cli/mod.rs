@@ -2,6 +2,7 @@
 //! export, events, access-review, report, audit-export, vault, siem, verify, keys.
 
 mod admin;
+mod drill;
 mod evidence;
 mod output;
 mod workflow;
@@ -212,6 +213,37 @@ enum Command {
         config: PathBuf,
         #[command(subcommand)]
         cmd: SiemCmd,
+    },
+    /// Rehearse break-glass access to TARGET end to end, through the running gateway: a
+    /// request (tagged as a drill), approval by a real second person, a session with a
+    /// harmless scripted command, the deadline cut, verify, SIEM delivery, the alert, the
+    /// rotation and the review. Prints a timed checklist and time-to-access; a failed step is
+    /// named and the exit code is 1.
+    Drill {
+        target: String,
+        /// The requester's SSH private key (the drill acts as that person).
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(
+            long,
+            short,
+            env = "BREAKGLASS_CONFIG",
+            default_value = "config/breakglass.toml"
+        )]
+        config: PathBuf,
+        /// The gateway's SSH address (default: listeners.ssh of the config).
+        #[arg(long)]
+        gateway: Option<String>,
+        /// How long the drill's grant lasts; the deadline step waits for it (default: 1m,
+        /// or limits.min_grant_ttl when longer).
+        #[arg(long = "for")]
+        duration: Option<String>,
+        /// How long to wait for the second person's approval.
+        #[arg(long, default_value = "15m")]
+        approval_timeout: String,
+        /// How long any other step may take.
+        #[arg(long, default_value = "60s")]
+        step_timeout: String,
     },
     /// The nodes sharing this config's state store: their leases and live sessions.
     Cluster {
@@ -522,6 +554,29 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Vault { config, cmd } => vault(&config, cmd).await,
         Command::Siem { config, cmd } => siem(&config, cmd).await,
         Command::Cluster { config, cmd } => admin::cluster(&config, cmd).await,
+        Command::Drill {
+            target,
+            key,
+            config,
+            gateway,
+            duration,
+            approval_timeout,
+            step_timeout,
+        } => {
+            let dur = |name: &str, v: &str| {
+                humantime::parse_duration(v).map_err(|e| anyhow!("--{name} `{v}`: {e}"))
+            };
+            drill::drill(drill::DrillArgs {
+                config,
+                target,
+                key,
+                gateway,
+                duration,
+                approval_timeout: dur("approval-timeout", &approval_timeout)?,
+                step_timeout: dur("step-timeout", &step_timeout)?,
+            })
+            .await
+        }
         Command::Verify {
             session,
             config,

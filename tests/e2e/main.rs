@@ -6,6 +6,7 @@ mod audit_views;
 mod cluster;
 mod deploy;
 mod disk;
+mod drill;
 mod escapes;
 mod flood;
 mod frictions;

@@ -118,6 +118,12 @@ impl Drop for Sshd {
 }
 
 impl Sshd {
+    /// Stops the target (a broken target for drills and failure tests).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     fn start(dir: &Path, ca_pub: &Path) -> Sshd {
         let sshd = require("sshd", "openssh-server");
         std::fs::create_dir_all("/run/sshd").ok();

@@ -1,0 +1,153 @@
+//! `breakglass drill`: a rehearsal end to end through the running gateway against a real sshd
+//! target, with a second person approving over the control channel; and drills that fail,
+//! naming the step, when the target is down or a SIEM sink cannot be reached.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt;
+
+use super::support::*;
+
+/// Starts `breakglass drill web-01` as alice; returns the child and the request id it waits
+/// on, with every line it printed so far.
+async fn start_drill(
+    w: &World,
+) -> (
+    tokio::process::Child,
+    String,
+    Vec<String>,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_breakglass"))
+        .args(["drill", "web-01", "--key"])
+        .arg(w.path("alice"))
+        .args([
+            "--for",
+            "4s",
+            "--step-timeout",
+            "15s",
+            "--approval-timeout",
+            "60s",
+        ])
+        .env("BREAKGLASS_CONFIG", &w.config_path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("drill");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut seen = Vec::new();
+    let req = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            seen.push(l.clone());
+            if let Some(rest) = l.split(" approve ").nth(1) {
+                return Some(rest.trim().to_string());
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| panic!("the drill waits for an approval: {seen:?}"));
+    (child, req, seen, lines)
+}
+
+/// The rest of the drill's output and its exit code.
+async fn finish(
+    mut child: tokio::process::Child,
+    mut seen: Vec<String>,
+    mut lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> (Option<i32>, String) {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            seen.push(l);
+        }
+    })
+    .await
+    .expect("the drill finishes");
+    let status = child.wait().await.expect("wait");
+    (status.code(), seen.join("\n"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_passes_end_to_end_with_a_second_person_approving() {
+    let hook = HttpReceiver::start(vec![200]).await;
+    let w = World::with(Opts {
+        extra_config: format!(
+            "[alerts]\nwebhooks = [{{ url = \"http://127.0.0.1:{}/hook\", format = \"json\" }}]\n",
+            hook.port
+        ),
+        ..Default::default()
+    });
+    let gw = InProcess::start(&w).await;
+    let (child, req, seen, lines) = start_drill(&w).await;
+    // The drill never approves itself: bob does, as in a real event.
+    let (code, out, err) = control(&w, "bob", "breakglass", &format!("approve {req}")).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out) = finish(child, seen, lines).await;
+    eprintln!("{out}");
+    assert_eq!(code, Some(0), "{out}");
+    for step in [
+        "ok    request",
+        "ok    approval",
+        "ok    session",
+        "ok    deadline cut",
+        "ok    verify",
+        "ok    siem delivery",
+        "ok    alert",
+        "ok    rotation",
+        "ok    review opened",
+        "time to access (request to first byte on the target):",
+        "drill PASSED",
+    ] {
+        assert!(out.contains(step), "{step}: {out}");
+    }
+    assert!(out.contains("approved by bob"), "{out}");
+    // The drill is tagged as one: its request's scenario says so.
+    let events = w.cli_ok(&["events", "--correlation", &req, "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&events).expect("json");
+    assert!(
+        v.as_array()
+            .expect("events")
+            .iter()
+            .any(|e| e["event_type"] == "request_created" && e["event_data"]["scenario"] == "drill"),
+        "{events}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_against_a_stopped_target_fails_at_the_session_step() {
+    let mut w = World::new();
+    let gw = InProcess::start(&w).await;
+    w.sshd.stop();
+    let (child, req, seen, lines) = start_drill(&w).await;
+    control(&w, "bob", "breakglass", &format!("approve {req}")).await;
+    let (code, out) = finish(child, seen, lines).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("FAIL  session"), "{out}");
+    assert!(out.contains("drill FAILED at step `session`"), "{out}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_with_an_unreachable_siem_sink_fails_naming_it() {
+    let dead = free_port();
+    let w = World::with(Opts {
+        extra_config: format!(
+            "[siem]\n\n[[siem.sinks]]\nname = \"collector\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:{dead}/siem\"\ntimeout = \"1s\"\n"
+        ),
+        ..Default::default()
+    });
+    let gw = InProcess::start(&w).await;
+    let (child, req, seen, lines) = start_drill(&w).await;
+    control(&w, "bob", "breakglass", &format!("approve {req}")).await;
+    let (code, out) = finish(child, seen, lines).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("FAIL  siem delivery"), "{out}");
+    assert!(out.contains("sink `collector`"), "{out}");
+    gw.stop().await;
+}
