@@ -55,6 +55,8 @@ pub fn alertable(e: &AccessEvent) -> bool {
         Action::ReviewOpened | Action::ReviewSigned | Action::CredentialIssued => false,
         Action::CredentialRotated => e.outcome == crate::siem::Outcome::Failure,
         // A role that could not be switched off stays open between grants.
+        // A failed drill is a procedure that would fail in a real event.
+        Action::DrillFinished => e.outcome == crate::siem::Outcome::Failure,
         Action::AccountEnabled | Action::AccountDisabled => {
             e.outcome == crate::siem::Outcome::Failure
         }

@@ -109,6 +109,28 @@ pub struct Report {
     /// One row per bucket from `since` to `until`, empty ones included; the first and last
     /// are cut to the range.
     pub per_period: Vec<PeriodRow>,
+    /// Rehearsals (`breakglass drill`), counted apart: their sessions and grants are in none
+    /// of the figures above.
+    pub drills: Drills,
+}
+
+/// The drills whose request was made in the range.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Drills {
+    pub drills: u64,
+    pub passed: u64,
+    pub failed: u64,
+    /// Requested but with no outcome on record (still running, or stopped before the end).
+    pub unfinished: u64,
+    /// Percent (0-100) of finished drills that passed; `None` with none finished.
+    pub pass_rate_pct: Option<f64>,
+    /// Time to access of the passed drills (request to the first byte on the target).
+    pub median_time_to_access_seconds: Option<f64>,
+    pub max_time_to_access_seconds: Option<f64>,
+    /// Drill sessions left out of the incident figures.
+    pub sessions: u64,
+    /// The latest drill that passed, per target (RFC 3339).
+    pub last_passed: BTreeMap<String, String>,
 }
 
 /// The whole range.
@@ -165,20 +187,77 @@ pub async fn compute(
             ..Default::default()
         })
         .await?;
-    let grants = store
-        .list_grants(None)
+    let all_grants = store.list_grants(None).await?;
+    let drill_requests: Vec<crate::state::Request> = store
+        .list_requests(None)
         .await?
+        .into_iter()
+        .filter(|r| r.scenario == "drill")
+        .collect();
+    let drill_ids: BTreeSet<&str> = drill_requests.iter().map(|r| r.id.as_str()).collect();
+    let drill_grants: BTreeSet<&str> = all_grants
+        .iter()
+        .filter(|g| {
+            g.request_id
+                .as_deref()
+                .is_some_and(|r| drill_ids.contains(r))
+        })
+        .map(|g| g.id.as_str())
+        .collect();
+    let grants = all_grants
         .iter()
         .filter(|g| g.created_at >= since && g.created_at < until)
+        .filter(|g| !drill_grants.contains(g.id.as_str()))
         .count() as u64;
-    Ok(from_sessions(
+    let (drill_sessions, sessions): (Vec<SessionRow>, Vec<SessionRow>) = sessions
+        .into_iter()
+        .partition(|s| drill_grants.contains(s.grant_id.as_str()));
+    let mut drills = Drills {
+        sessions: drill_sessions.len() as u64,
+        ..Drills::default()
+    };
+    let mut access = Vec::new();
+    for r in drill_requests
+        .iter()
+        .filter(|r| r.created_at >= since && r.created_at < until)
+    {
+        drills.drills += 1;
+        let events = store.events(&r.id).await?;
+        match events
+            .iter()
+            .rev()
+            .find(|e| e.event_type == "drill_finished")
+        {
+            Some(e) if e.event_data["outcome"] == "success" => {
+                drills.passed += 1;
+                if let Some(ms) = e.event_data["time_to_access_ms"].as_u64() {
+                    access.push(ms as f64 / 1000.0);
+                }
+                let at = rfc3339(e.created_at);
+                let last = drills.last_passed.entry(r.target.clone()).or_default();
+                if *last < at {
+                    *last = at;
+                }
+            }
+            Some(_) => drills.failed += 1,
+            None => drills.unfinished += 1,
+        }
+    }
+    let finished = drills.passed + drills.failed;
+    drills.pass_rate_pct = (finished > 0).then(|| 100.0 * drills.passed as f64 / finished as f64);
+    access.sort_by(|a, b| a.total_cmp(b));
+    drills.median_time_to_access_seconds = (!access.is_empty()).then(|| access[access.len() / 2]);
+    drills.max_time_to_access_seconds = access.last().copied();
+    let mut r = from_sessions(
         sessions,
         grants,
         &cfg.reports.maintenance_windows,
         since,
         until,
         period,
-    ))
+    );
+    r.drills = drills;
+    Ok(r)
 }
 
 /// The pure part of [`compute`]: `sessions` must all start in `since..until`.
@@ -259,6 +338,7 @@ fn from_sessions(
         totals,
         per_system,
         per_period,
+        drills: Drills::default(),
     }
 }
 

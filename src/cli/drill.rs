@@ -39,6 +39,16 @@ struct Step {
 struct Checklist {
     passed: usize,
     skipped: usize,
+    /// The step that failed, and why.
+    failed: Option<(&'static str, String)>,
+}
+
+/// What the drill learnt, for its `drill_finished` event.
+#[derive(Default)]
+struct Facts {
+    request: Option<String>,
+    person: Option<String>,
+    time_to_access: Option<Duration>,
 }
 
 impl Checklist {
@@ -64,7 +74,8 @@ impl Checklist {
     }
 
     /// Prints the failed step and the verdict; the drill's exit code.
-    fn fail(&self, s: Step, why: &str) -> ExitCode {
+    fn fail(&mut self, s: Step, why: &str) -> ExitCode {
+        self.failed = Some((s.name, why.to_string()));
         println!(
             "  FAIL  {:<16} {:>7.1}s  {why}",
             s.name,
@@ -203,11 +214,14 @@ pub(super) async fn drill(a: DrillArgs) -> Result<ExitCode> {
     let mut list = Checklist {
         passed: 0,
         skipped: 0,
+        failed: None,
     };
+    let mut facts = Facts::default();
+    let began = Instant::now();
+    let code = async {
 
     // 1. The request, tagged as a drill.
     let s = list.start("request");
-    let began = Instant::now();
     let cmd = format!(
         "request {} --reason break-glass drill: harmless scripted command --incident {incident} --scenario drill --for {}",
         t.name,
@@ -231,6 +245,8 @@ pub(super) async fn drill(a: DrillArgs) -> Result<ExitCode> {
         s,
         &format!("{req} by {person} (scenario drill, incident {incident})"),
     );
+    facts.request = Some(req.clone());
+    facts.person = Some(person.clone());
 
     // 2. A real second person approves; the drill never approves itself.
     let s = list.start("approval");
@@ -284,6 +300,7 @@ pub(super) async fn drill(a: DrillArgs) -> Result<ExitCode> {
         Err(e) => return Ok(list.fail(s, &format!("{e:#}"))),
     };
     let to_access = first_byte.duration_since(began);
+    facts.time_to_access = Some(to_access);
     list.ok(
         s,
         &format!(
@@ -394,7 +411,65 @@ pub(super) async fn drill(a: DrillArgs) -> Result<ExitCode> {
         list.skipped,
         began.elapsed().as_secs_f64()
     );
-    Ok(ExitCode::SUCCESS)
+    anyhow::Ok(ExitCode::SUCCESS)
+    }
+    .await?;
+    finished(&cfg, &*store, &t, &incident, &facts, &list, began.elapsed()).await;
+    Ok(code)
+}
+
+/// Puts the drill's outcome on the record (`drill_finished`): reports count drills, their
+/// pass rate and time to access from it.
+async fn finished(
+    cfg: &Config,
+    store: &dyn Store,
+    t: &TargetConfig,
+    incident: &str,
+    facts: &Facts,
+    list: &Checklist,
+    took: Duration,
+) {
+    use breakglass::siem::{AccessEvent, Action, Outcome};
+    let actor = facts.person.clone().unwrap_or_else(|| "breakglass".into());
+    let mut e = AccessEvent::new(Action::DrillFinished, &actor);
+    e.person = facts.person.clone();
+    e.target = Some(t.name.clone());
+    e.protocol = match t.protocol {
+        Protocol::Ssh => "ssh",
+        Protocol::Postgres => "postgres",
+    }
+    .into();
+    e.correlation_id = facts.request.clone();
+    e.request_id = facts.request.clone();
+    e.incident_id = Some(incident.to_string());
+    e.scenario = Some("drill".into());
+    e.duration_ms = Some(took.as_millis() as u64);
+    e.time_to_access_ms = facts.time_to_access.map(|d| d.as_millis() as u64);
+    match &list.failed {
+        None => {
+            e.message = Some(format!(
+                "passed: {} steps ok, {} skipped; time to access {:.1}s",
+                list.passed,
+                list.skipped,
+                facts.time_to_access.unwrap_or_default().as_secs_f64()
+            ));
+        }
+        Some((step, why)) => {
+            e.outcome = Outcome::Failure;
+            e.reason = Some(step.to_string());
+            e.message = Some(format!("failed at step `{step}`: {why}"));
+        }
+    }
+    let siem = match breakglass::siem::Siem::open_for(cfg, store).await {
+        Ok(s) => std::sync::Arc::new(s),
+        Err(err) => {
+            eprintln!("breakglass: the drill's outcome is not on the record: {err}");
+            return;
+        }
+    };
+    if let Err(err) = breakglass::siem::audit(&siem, store, &e).await {
+        eprintln!("breakglass: the drill's outcome is not on the record: {err}");
+    }
 }
 
 /// A file removed when dropped.

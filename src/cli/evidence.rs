@@ -424,6 +424,17 @@ pub(super) async fn report(
                     opt_f64(t.outside_windows_pct),
                 ]],
             )?;
+            let d = &r.drills;
+            println!(
+                "drills (not in the figures above): {} run, {} passed, {} failed, {} unfinished; pass rate {}%; time to access median {}s, max {}s",
+                d.drills,
+                d.passed,
+                d.failed,
+                d.unfinished,
+                opt_f64(d.pass_rate_pct),
+                opt_f64(d.median_time_to_access_seconds),
+                opt_f64(d.max_time_to_access_seconds)
+            );
             println!("\nper system:");
             let systems: Vec<Vec<String>> = r
                 .per_system

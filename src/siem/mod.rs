@@ -66,6 +66,8 @@ pub enum Action {
     AccountEnabled,
     /// The role went back to NOLOGIN: no grant needs it.
     AccountDisabled,
+    /// `breakglass drill` finished: passed (success) or failed at `reason` (the step).
+    DrillFinished,
     RecordingCheckpoint,
     /// `breakglass keys rotate-signing`: a new manifest signing key, certified by the old one.
     SigningKeyRotated,
@@ -118,6 +120,7 @@ impl Action {
             Action::CredentialRotated => "credential_rotated",
             Action::AccountEnabled => "account_enabled",
             Action::AccountDisabled => "account_disabled",
+            Action::DrillFinished => "drill_finished",
             Action::RecordingCheckpoint => "recording_checkpoint",
             Action::SigningKeyRotated => "signing_key_rotated",
             Action::Command => "command",
@@ -229,6 +232,9 @@ pub struct AccessEvent {
     /// `recording_searched`: every session with a hit that was served, in hit order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_ids: Option<Vec<String>>,
+    /// `drill_finished`: from the request to the first byte of the scripted command's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_access_ms: Option<u64>,
 }
 
 impl AccessEvent {
@@ -296,6 +302,7 @@ impl AccessEvent {
             signing_key_id: None,
             previous_signing_key_id: None,
             actions_dropped: None,
+            time_to_access_ms: None,
             query: None,
             session_ids: None,
         }
@@ -576,6 +583,10 @@ fn summary_raw(e: &AccessEvent) -> String {
             e.message.as_deref().unwrap_or("?")
         ),
         // Not alertable (see `alertable`), but a webhook test or a future rule may send them.
+        Action::DrillFinished => format!(
+            "[breakglass] drill of {target} by {who}: {}",
+            e.message.as_deref().unwrap_or(e.outcome.as_str())
+        ),
         Action::AccountEnabled | Action::AccountDisabled => format!(
             "[breakglass] {target}: {}",
             e.message.as_deref().unwrap_or(e.action.as_str())

@@ -116,7 +116,36 @@ async fn a_drill_passes_end_to_end_with_a_second_person_approving() {
             .any(|e| e["event_type"] == "request_created" && e["event_data"]["scenario"] == "drill"),
         "{events}"
     );
+    let finished = w.wait_event("drill_finished", |e| e["action"] == "drill_finished");
+    assert_eq!(finished["outcome"], "success", "{finished}");
+    assert!(
+        finished["time_to_access_ms"].as_u64().is_some(),
+        "{finished}"
+    );
+    // Reports count the drill apart from real incidents.
+    let report = w.cli_ok(&[
+        "report", "--since", "1d", "--period", "day", "--format", "json",
+    ]);
+    let r: serde_json::Value = serde_json::from_str(&report).expect("report json");
+    validate("report.schema.json", &r);
+    assert_eq!(
+        r["totals"]["events"], 0,
+        "drill sessions are not incidents: {report}"
+    );
+    assert_eq!(r["totals"]["grants"], 0, "{report}");
+    assert_eq!(r["drills"]["drills"], 1, "{report}");
+    assert_eq!(r["drills"]["passed"], 1, "{report}");
+    assert_eq!(r["drills"]["pass_rate_pct"], 100.0, "{report}");
+    assert_eq!(r["drills"]["sessions"], 2, "{report}");
+    assert!(
+        r["drills"]["median_time_to_access_seconds"]
+            .as_f64()
+            .is_some(),
+        "{report}"
+    );
+    assert!(r["drills"]["last_passed"]["web-01"].is_string(), "{report}");
     gw.stop().await;
+    validate_all_events(&w);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,6 +159,19 @@ async fn a_drill_against_a_stopped_target_fails_at_the_session_step() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("FAIL  session"), "{out}");
     assert!(out.contains("drill FAILED at step `session`"), "{out}");
+    let finished = w.wait_event("drill_finished", |e| e["action"] == "drill_finished");
+    assert_eq!(finished["outcome"], "failure", "{finished}");
+    assert_eq!(finished["reason"], "session", "{finished}");
+    let report = w.cli_ok(&["report", "--since", "1d", "--format", "json"]);
+    let r: serde_json::Value = serde_json::from_str(&report).expect("report json");
+    assert_eq!(
+        (
+            r["drills"]["failed"].as_u64(),
+            r["drills"]["passed"].as_u64()
+        ),
+        (Some(1), Some(0)),
+        "{report}"
+    );
     gw.stop().await;
 }
 
