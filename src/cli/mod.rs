@@ -2,6 +2,7 @@
 //! export, events, access-review, report, audit-export, vault, siem, verify, keys.
 
 mod admin;
+mod demo;
 mod drill;
 mod evidence;
 mod output;
@@ -213,6 +214,17 @@ enum Command {
         config: PathBuf,
         #[command(subcommand)]
         cmd: SiemCmd,
+    },
+    /// A self-contained playground: a gateway, a local sshd target and keys for alice (who
+    /// asks) and bob (who approves), in a temp dir, with the exact commands to try printed.
+    /// Ctrl-C stops it and removes the directory.
+    Demo {
+        /// Where to build it (must be empty or absent; default: a new temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Keep the directory when the demo stops.
+        #[arg(long)]
+        keep: bool,
     },
     /// Rehearse break-glass access to TARGET end to end, through the running gateway: a
     /// request (tagged as a drill), approval by a real second person, a session with a
@@ -554,6 +566,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Vault { config, cmd } => vault(&config, cmd).await,
         Command::Siem { config, cmd } => siem(&config, cmd).await,
         Command::Cluster { config, cmd } => admin::cluster(&config, cmd).await,
+        Command::Demo { dir, keep } => demo::demo(dir, keep).await,
         Command::Drill {
             target,
             key,

@@ -4,6 +4,7 @@
 mod accounts;
 mod audit_views;
 mod cluster;
+mod demo;
 mod deploy;
 mod disk;
 mod drill;
