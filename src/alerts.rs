@@ -57,6 +57,7 @@ pub fn alertable(e: &AccessEvent) -> bool {
         // A role that could not be switched off stays open between grants.
         // A failed drill is a procedure that would fail in a real event.
         Action::DrillFinished => e.outcome == crate::siem::Outcome::Failure,
+        Action::DrillOverdue => true,
         Action::AccountEnabled | Action::AccountDisabled => {
             e.outcome == crate::siem::Outcome::Failure
         }

@@ -171,6 +171,31 @@ pub struct PeriodRow {
     pub outside_windows: u64,
 }
 
+/// When each target last passed a drill (the `drill_finished` success of a request made with
+/// scenario `drill`).
+pub async fn last_passed_drills(
+    store: &dyn Store,
+) -> Result<BTreeMap<String, DateTime<Utc>>, StateError> {
+    let mut last: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
+    for r in store.list_requests(None).await? {
+        if r.scenario != "drill" {
+            continue;
+        }
+        let events = store.events(&r.id).await?;
+        if let Some(e) = events
+            .iter()
+            .filter(|e| e.event_type == "drill_finished" && e.event_data["outcome"] == "success")
+            .max_by_key(|e| e.created_at)
+        {
+            let at = last.entry(r.target.clone()).or_insert(e.created_at);
+            if *at < e.created_at {
+                *at = e.created_at;
+            }
+        }
+    }
+    Ok(last)
+}
+
 /// Computes the report from the session index and the grants.
 pub async fn compute(
     store: &dyn Store,

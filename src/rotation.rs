@@ -515,6 +515,62 @@ async fn keep_roles(
     }
 }
 
+/// Raises `drill_overdue` for each target whose last passed drill is older than `[drills]
+/// every` (or that never passed one), at most once a day per target on this node.
+async fn check_drills(
+    gw: &Gateway,
+    alerted: &mut std::collections::BTreeMap<String, chrono::DateTime<chrono::Utc>>,
+) {
+    let Some(every) = gw.config.drills_every else {
+        return;
+    };
+    let last = match crate::report::last_passed_drills(gw.store.as_ref()).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the drills' outcomes");
+            return;
+        }
+    };
+    let now = clock::now();
+    let every_c = chrono::Duration::from_std(every).unwrap_or(chrono::Duration::MAX);
+    for t in gw.config.targets.values() {
+        let passed = last.get(&t.name);
+        if passed.is_some_and(|at| now - *at <= every_c) {
+            alerted.remove(&t.name);
+            continue;
+        }
+        if alerted
+            .get(&t.name)
+            .is_some_and(|at| now - *at < chrono::Duration::hours(24))
+        {
+            continue;
+        }
+        let mut e = AccessEvent::new(Action::DrillOverdue, "breakglass");
+        e.target = Some(t.name.clone());
+        e.outcome = crate::siem::Outcome::Failure;
+        e.message = Some(match passed {
+            Some(at) => format!(
+                "the last passed drill of {} was at {}; [drills] every = {} (run `breakglass drill {}`)",
+                t.name,
+                clock::rfc3339(*at),
+                humantime::format_duration(every),
+                t.name
+            ),
+            None => format!(
+                "{} has never passed a drill; [drills] every = {} (run `breakglass drill {}`)",
+                t.name,
+                humantime::format_duration(every),
+                t.name
+            ),
+        });
+        if let Err(err) = gw.audit(&e).await {
+            tracing::error!(error = %err, "could not write the drill_overdue event");
+            continue;
+        }
+        alerted.insert(t.name.clone(), now);
+    }
+}
+
 /// Forgets what this node set for a target whose role is not in that state any more.
 async fn recheck_roles(gw: &Gateway, known: &mut std::collections::BTreeMap<String, bool>) {
     let names: Vec<(String, bool)> = known.iter().map(|(k, v)| (k.clone(), *v)).collect();
@@ -541,6 +597,7 @@ pub async fn worker(gw: Arc<Gateway>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut roles = std::collections::BTreeMap::new();
     let mut passes: u64 = 0;
+    let mut drill_alerts = std::collections::BTreeMap::new();
     loop {
         tick.tick().await;
         passes += 1;
@@ -548,6 +605,10 @@ pub async fn worker(gw: Arc<Gateway>) {
         // role switched by hand is put right (and that shows on the record).
         if passes % 15 == 0 {
             recheck_roles(&gw, &mut roles).await;
+        }
+        // Drills: at the first pass and every 10 minutes.
+        if passes % 300 == 1 {
+            check_drills(&gw, &mut drill_alerts).await;
         }
         // One node rotates for the cluster: two rotating one target at once would leave the
         // target and the vault with different passwords.

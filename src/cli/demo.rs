@@ -26,6 +26,32 @@ impl Drop for Playground {
 /// The target's sshd, stopped when dropped.
 struct Target(Child);
 
+/// The PostgreSQL target; its postmaster is signalled itself when dropped, since `runuser`
+/// (the child when the demo runs as root) passes no signal on.
+struct PgTarget {
+    child: Child,
+    data: PathBuf,
+}
+
+impl Drop for PgTarget {
+    fn drop(&mut self) {
+        let pid = std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().map(str::to_string));
+        if let Some(pid) = pid {
+            let _ = Command::new("kill").args(["-INT", &pid]).status();
+            for _ in 0..100 {
+                if !self.data.join("postmaster.pid").exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Target {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -61,6 +87,119 @@ fn current_user() -> Result<String> {
 fn key(path: &Path, comment: &str) -> Result<String> {
     let k = breakglass::keys::load_or_create(path, comment)?;
     Ok(breakglass::keys::openssh_line(k.public_key()))
+}
+
+/// The newest Debian `initdb`, when PostgreSQL's server package is installed.
+fn pg_bin(name: &str) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin").join(name))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// `program` as the `postgres` user when we are root (initdb refuses root).
+fn as_postgres(program: &Path, root: bool) -> Command {
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A PostgreSQL cluster for the `orders-db` target: initdb in `dir/pg`, on `port`, with the
+/// break-glass role `bg_dba` (its password `password`). The server stops when dropped.
+fn start_postgres(d: &Path, port: u16, password: &str) -> Result<PgTarget> {
+    use std::os::unix::fs::PermissionsExt;
+    let (initdb, postgres) = match (pg_bin("initdb"), pg_bin("postgres")) {
+        (Some(i), Some(p)) => (i, p),
+        _ => bail!("no initdb"),
+    };
+    let root = current_user()? == "root";
+    let dir = d.join("pg");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    let superuser = uuid::Uuid::new_v4().simple().to_string();
+    std::fs::write(dir.join("pwfile"), &superuser)?;
+    if root {
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status();
+    }
+    let out = as_postgres(&initdb, root)
+        .args([
+            "-A",
+            "scram-sha-256",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--pwfile",
+        ])
+        .arg(dir.join("pwfile"))
+        .arg("-D")
+        .arg(dir.join("data"))
+        .output()?;
+    if !out.status.success() {
+        bail!("initdb: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let mut child = as_postgres(&postgres, root)
+        .arg("-D")
+        .arg(dir.join("data"))
+        .args([
+            "-p",
+            &port.to_string(),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-k",
+        ])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(d.join("postgres.log"))?)
+        .spawn()?;
+    let waited = wait_port(port, &mut child);
+    let target = PgTarget {
+        child,
+        data: dir.join("data"),
+    };
+    waited?;
+    // The port opens a moment before logins work.
+    let sql = format!("CREATE ROLE bg_dba LOGIN SUPERUSER PASSWORD '{password}'");
+    let url =
+        format!("host=127.0.0.1 port={port} user=postgres password={superuser} dbname=postgres");
+    let mut last = String::new();
+    for _ in 0..100 {
+        match run_sql(&url, &sql) {
+            Ok(()) => return Ok(target),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    bail!("the demo's PostgreSQL does not accept logins: {last}")
+}
+
+/// Runs one statement (on its own runtime: called before the gateway's starts).
+fn run_sql(url: &str, sql: &str) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        let task = tokio::spawn(conn);
+        client.batch_execute(sql).await?;
+        drop(client);
+        let _ = task.await;
+        Ok::<(), tokio_postgres::Error>(())
+    })?;
+    Ok(())
 }
 
 /// Waits until something accepts on `port` (the target's sshd), at most 10 s.
@@ -100,6 +239,7 @@ pub(super) async fn demo(dir: Option<PathBuf>, keep: bool) -> Result<ExitCode> {
     };
     let d = pg.dir.canonicalize()?;
     let (ssh_port, http_port, target_port) = (free_port()?, free_port()?, free_port()?);
+    let (pg_listen, pg_target) = (free_port()?, free_port()?);
 
     // People and the gateway's identity.
     key(&d.join("alice"), "alice@breakglass-demo")?;
@@ -154,6 +294,40 @@ pub(super) async fn demo(dir: Option<PathBuf>, keep: bool) -> Result<ExitCode> {
         .map_err(|e| anyhow!("{e} (see {})", d.join("sshd.log").display()))?;
     let target = Target(child);
 
+    // A PostgreSQL target too, when the server is installed.
+    let pg_password = uuid::Uuid::new_v4().simple().to_string();
+    let postgres = if pg_bin("initdb").is_some() {
+        // Blocking work (initdb, the first login) off the async runtime.
+        let (dd, pw) = (d.clone(), pg_password.clone());
+        match tokio::task::spawn_blocking(move || start_postgres(&dd, pg_target, &pw)).await? {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!(
+                    "breakglass demo: no PostgreSQL target ({e:#}); see {}",
+                    d.join("postgres.log").display()
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let pg_config = if postgres.is_some() {
+        format!(
+            r#"
+[[targets]]
+name = "orders-db"
+protocol = "postgres"
+address = "127.0.0.1:{pg_target}"
+database = "postgres"
+login = "bg_dba"
+approvers = ["bob"]
+"#
+        )
+    } else {
+        String::new()
+    };
+
     // The gateway's config.
     let config = d.join("breakglass.toml");
     std::fs::write(
@@ -165,6 +339,7 @@ data_dir = "{d}/data"
 [listeners]
 ssh = "127.0.0.1:{ssh_port}"
 http = "127.0.0.1:{http_port}"
+postgres = "127.0.0.1:{pg_listen}"
 
 [[people]]
 name = "alice"
@@ -182,7 +357,7 @@ address = "127.0.0.1:{target_port}"
 host_key_file = "{d}/target_host_key.pub"
 login = "{user}"
 approvers = ["bob"]
-"#,
+{pg_config}"#,
             d = d.display()
         ),
     )?;
@@ -200,6 +375,18 @@ approvers = ["bob"]
     )?;
 
     let cfg = Config::load(&config)?;
+    if postgres.is_some() {
+        // The break-glass role's first password, encrypted in the vault (`vault set`).
+        let kek = breakglass::vault::kek(&cfg.kek)?;
+        let store = breakglass::state::open(&cfg.state).await?;
+        let blob = kek.seal(
+            "orders-db",
+            &breakglass::vault::Secret::new(pg_password.clone()),
+        )?;
+        store
+            .vault_put("orders-db", "current", &blob, breakglass::clock::now())
+            .await?;
+    }
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "breakglass".into());
@@ -215,6 +402,9 @@ approvers = ["bob"]
         bound.ssh
     );
     println!("  target   web-01: a local sshd on 127.0.0.1:{target_port}, login {user}, trusting only the gateway's certificates");
+    if postgres.is_some() {
+        println!("  target   orders-db: a local PostgreSQL on 127.0.0.1:{pg_target}, role bg_dba (its password is in the vault and rotates after each grant); the gateway's PostgreSQL listener is 127.0.0.1:{pg_listen}");
+    }
     println!(
         "  people   alice asks ({}/alice), bob approves ({}/bob)",
         d.display(),
@@ -235,6 +425,17 @@ approvers = ["bob"]
     println!("     $ {exe} verify --all --config {c}");
     println!("  5. the web UI: a single-use login link for bob, then open it:");
     println!("     $ {ssh} bob login");
+    if postgres.is_some() {
+        println!("  6. psql through the gateway to orders-db (a local PostgreSQL): request, approve, fetch the one-time password, connect:");
+        println!(
+            "     $ {ssh} alice request orders-db --reason slow query --incident DEMO-2 --for 15m"
+        );
+        println!("     $ {ssh} bob approve R-ID");
+        println!("     $ {ssh} alice credential R-ID");
+        println!("     $ PGPASSWORD=THE_ONE_TIME_PASSWORD psql \"host=127.0.0.1 port={pg_listen} user=alice dbname=orders-db sslmode=disable\" -c 'select 40+2'");
+    } else {
+        println!("  (no PostgreSQL target: install postgresql for one)");
+    }
     println!();
     println!(
         "Ctrl-C stops the gateway and the target and removes {}.",
@@ -242,6 +443,7 @@ approvers = ["bob"]
     );
     serve.await;
     drop(target);
+    drop(postgres);
     let kept = pg.keep;
     drop(pg);
     if kept {

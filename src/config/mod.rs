@@ -77,6 +77,8 @@ struct RawConfig {
     #[serde(default)]
     reports: RawReports,
     #[serde(default)]
+    drills: RawDrills,
+    #[serde(default)]
     signing: RawSigning,
 }
 
@@ -106,6 +108,12 @@ struct RawWeb {
 struct RawReports {
     #[serde(default)]
     maintenance_windows: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDrills {
+    every: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -380,6 +388,9 @@ pub struct Config {
     pub kek: KekSource,
     /// What the break-glass reports compare sessions against.
     pub reports: ReportsConfig,
+    /// `[drills] every`: each target needs a passed drill at least this often, else a
+    /// `drill_overdue` alert is raised (None: drills are not required).
+    pub drills_every: Option<Duration>,
     /// Which manifest signing keys `verify` (online) trusts.
     pub signing: SigningConfig,
 }
@@ -1616,6 +1627,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             (None, Some(v)) => KekSource::Env(v),
             (None, None) => KekSource::File(keys_dir.join("vault.kek")),
         },
+        drills_every: raw
+            .drills
+            .every
+            .as_deref()
+            .map(|v| parse_duration("drills.every", v))
+            .transpose()?,
         reports: ReportsConfig {
             maintenance_windows: raw
                 .reports

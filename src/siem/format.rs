@@ -63,7 +63,9 @@ pub fn ocsf_class(e: &AccessEvent) -> (u32, &'static str, u32, &'static str, u32
         Action::CredentialRotated => (3001, "Account Change", IAM, 4, "Password Reset"),
         Action::AccountEnabled => (3001, "Account Change", IAM, 2, "Enable"),
         Action::AccountDisabled => (3001, "Account Change", IAM, 5, "Disable"),
-        Action::DrillFinished => (0, "Base Event", (0, "Uncategorized"), 99, "Other"),
+        Action::DrillFinished | Action::DrillOverdue => {
+            (0, "Base Event", (0, "Uncategorized"), 99, "Other")
+        }
         Action::ReviewOpened
         | Action::ReviewSigned
         | Action::ReviewOverdue
@@ -452,6 +454,7 @@ mod tests {
             Action::AccountEnabled,
             Action::AccountDisabled,
             Action::DrillFinished,
+            Action::DrillOverdue,
             Action::RecordingCheckpoint,
             Action::SigningKeyRotated,
             Action::Command,

@@ -68,6 +68,8 @@ pub enum Action {
     AccountDisabled,
     /// `breakglass drill` finished: passed (success) or failed at `reason` (the step).
     DrillFinished,
+    /// A target has had no passed drill for longer than `[drills] every`.
+    DrillOverdue,
     RecordingCheckpoint,
     /// `breakglass keys rotate-signing`: a new manifest signing key, certified by the old one.
     SigningKeyRotated,
@@ -121,6 +123,7 @@ impl Action {
             Action::AccountEnabled => "account_enabled",
             Action::AccountDisabled => "account_disabled",
             Action::DrillFinished => "drill_finished",
+            Action::DrillOverdue => "drill_overdue",
             Action::RecordingCheckpoint => "recording_checkpoint",
             Action::SigningKeyRotated => "signing_key_rotated",
             Action::Command => "command",
@@ -583,6 +586,10 @@ fn summary_raw(e: &AccessEvent) -> String {
             e.message.as_deref().unwrap_or("?")
         ),
         // Not alertable (see `alertable`), but a webhook test or a future rule may send them.
+        Action::DrillOverdue => format!(
+            "[breakglass] DRILL OVERDUE for {target}: {}",
+            e.message.as_deref().unwrap_or("no drill passed in time")
+        ),
         Action::DrillFinished => format!(
             "[breakglass] drill of {target} by {who}: {}",
             e.message.as_deref().unwrap_or(e.outcome.as_str())

@@ -14,6 +14,20 @@ async fn sh(cmd: &str) -> std::process::Output {
     output(c).await
 }
 
+/// Sends the demo Ctrl-C if the test ends early, so a failing run leaves no target running.
+struct Interrupt(Option<u32>);
+
+impl Drop for Interrupt {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-INT", &pid.to_string()])
+                .status();
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_starts_and_its_printed_commands_work() {
     require("sshd", "openssh-server");
@@ -25,6 +39,7 @@ async fn the_demo_starts_and_its_printed_commands_work() {
         .kill_on_drop(true)
         .spawn()
         .expect("demo");
+    let mut interrupt = Interrupt(child.id());
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
     let mut printed = Vec::new();
     tokio::time::timeout(Duration::from_secs(60), async {
@@ -49,7 +64,8 @@ async fn the_demo_starts_and_its_printed_commands_work() {
         .iter()
         .filter_map(|l| l.trim_start().strip_prefix("$ ").map(str::to_string))
         .collect();
-    assert_eq!(commands.len(), 7, "{printed:?}");
+    // scripts/test.sh installs PostgreSQL's server, so the demo has its PostgreSQL target.
+    assert_eq!(commands.len(), 11, "{printed:?}");
 
     // 1. request
     let out = sh(&commands[0]).await;
@@ -100,6 +116,27 @@ async fn the_demo_starts_and_its_printed_commands_work() {
         "{}",
         text(&out.stdout)
     );
+    // 6. psql to orders-db through the gateway
+    let out = sh(&commands[7]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let req = request_id(&text(&out.stdout));
+    let out = sh(&commands[8].replace("R-ID", &req)).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = sh(&commands[9].replace("R-ID", &req)).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let credential = text(&out.stdout);
+    let password = credential
+        .lines()
+        .find_map(|l| l.strip_prefix("password: "))
+        .unwrap_or_else(|| panic!("a password in {credential}"))
+        .to_string();
+    let out = sh(&commands[10].replace("THE_ONE_TIME_PASSWORD", &password)).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).lines().any(|l| l.trim() == "42"),
+        "{}",
+        text(&out.stdout)
+    );
 
     // Ctrl-C: everything stops and the playground is gone.
     let pid = child.id().expect("pid");
@@ -110,6 +147,7 @@ async fn the_demo_starts_and_its_printed_commands_work() {
         .await
         .expect("the demo stops on Ctrl-C")
         .expect("wait");
+    interrupt.0 = None;
     assert!(status.success(), "{status}");
     assert!(!std::path::Path::new(&dir).exists(), "{dir} removed");
 }

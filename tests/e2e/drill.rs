@@ -193,3 +193,36 @@ async fn a_drill_with_an_unreachable_siem_sink_fails_naming_it() {
     assert!(out.contains("sink `collector`"), "{out}");
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_without_a_recent_passed_drill_raises_drill_overdue() {
+    let hook = HttpReceiver::start(vec![200]).await;
+    let w = World::with(Opts {
+        extra_config: format!(
+            "[drills]\nevery = \"90d\"\n\n[alerts]\nwebhooks = [{{ url = \"http://127.0.0.1:{}/hook\", format = \"json\" }}]\n",
+            hook.port
+        ),
+        ..Default::default()
+    });
+    let gw = InProcess::start(&w).await;
+    for target in ["web-01", "web-02"] {
+        let e = w.wait_event("drill_overdue", |e| {
+            e["action"] == "drill_overdue" && e["target"] == target
+        });
+        assert!(
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("never passed a drill")),
+            "{e}"
+        );
+    }
+    // Custodians hear of it.
+    wait_for("the overdue alert", Duration::from_secs(10), || {
+        hook.bodies()
+            .iter()
+            .any(|(_, b)| b.contains("DRILL OVERDUE for web-01"))
+            .then_some(())
+    });
+    gw.stop().await;
+    validate_all_events(&w);
+}
