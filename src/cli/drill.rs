@@ -220,6 +220,28 @@ pub(super) async fn drill(a: DrillArgs) -> Result<ExitCode> {
     let began = Instant::now();
     let code = async {
 
+    // 0. A role kept NOLOGIN between grants must be NOLOGIN now, and switchable.
+    if t.admin_login.is_some() {
+        let s = list.start("account off");
+        match vault_verify(&a.config, &t.name, a.step_timeout).await {
+            Ok(said) if said.contains("NOLOGIN now") => list.ok(
+                s,
+                &format!("{} is NOLOGIN between grants and can be switched", t.login),
+            ),
+            Ok(said) => {
+                return Ok(list.fail(
+                    s,
+                    &format!(
+                        "{} can log in although no drill grant exists yet: {}",
+                        t.login,
+                        said.trim()
+                    ),
+                ))
+            }
+            Err(e) => return Ok(list.fail(s, &format!("the role cannot be switched: {e:#}"))),
+        }
+    }
+
     // 1. The request, tagged as a drill.
     let s = list.start("request");
     let cmd = format!(
@@ -369,7 +391,7 @@ pub(super) async fn drill(a: DrillArgs) -> Result<ExitCode> {
     match (&alerts_before, cfg.webhooks.is_empty()) {
         (_, true) => list.skip(
             "alert",
-            "no alert webhook is configured ([[alerts.webhooks]])",
+            "no alert webhook is configured ([alerts] webhooks)",
         ),
         (None, false) => list.skip(
             "alert",
@@ -650,6 +672,30 @@ async fn verify(config: &Path, id: &str, timeout: Duration) -> Result<()> {
             bail!("{}", said.trim());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `breakglass vault verify TARGET` of this binary: what it said, or Err with its words.
+async fn vault_verify(config: &Path, target: &str, timeout: Duration) -> Result<String> {
+    let exe = std::env::current_exe()?;
+    let out = tokio::time::timeout(
+        timeout,
+        tokio::process::Command::new(&exe)
+            .args(["vault", "verify", target, "--config"])
+            .arg(config)
+            .output(),
+    )
+    .await
+    .map_err(|_| anyhow!("vault verify gave no answer within {timeout:?}"))??;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(said)
+    } else {
+        bail!("{}", said.trim())
     }
 }
 

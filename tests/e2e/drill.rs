@@ -19,8 +19,20 @@ async fn start_drill(
     Vec<String>,
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
 ) {
+    start_drill_on(w, "web-01").await
+}
+
+async fn start_drill_on(
+    w: &World,
+    target: &str,
+) -> (
+    tokio::process::Child,
+    String,
+    Vec<String>,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_breakglass"))
-        .args(["drill", "web-01", "--key"])
+        .args(["drill", target, "--key"])
         .arg(w.path("alice"))
         .args([
             "--for",
@@ -225,4 +237,59 @@ async fn a_target_without_a_recent_passed_drill_raises_drill_overdue() {
     });
     gw.stop().await;
     validate_all_events(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_against_a_real_postgresql_target_passes() {
+    use super::pg::{pg_world_with, PgOpts};
+    let (pg, _pgdir, w, gw, _certs) = pg_world_with(PgOpts {
+        sql: "CREATE ROLE bg_keeper LOGIN SUPERUSER PASSWORD 'keeper-pw'",
+        target: "disable_between_grants = true\nadmin_login = \"bg_keeper\"",
+        ..Default::default()
+    })
+    .await;
+    {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_breakglass"))
+            .args(["vault", "set", "orders-db", "--admin"])
+            .env("BREAKGLASS_CONFIG", &w.config_path)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("vault set --admin");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"keeper-pw\n")
+            .expect("write");
+        assert!(child.wait().expect("wait").success());
+    }
+    // The role is off between grants before the drill starts.
+    wait_for("the role switched off", Duration::from_secs(20), || {
+        let out = pg.psql(
+            "postgres",
+            &pg.superuser_password,
+            "SELECT rolcanlogin FROM pg_roles WHERE rolname = 'bg_dba'",
+        );
+        (text(&out.stdout).trim() == "f").then_some(())
+    });
+    let (child, req, seen, lines) = start_drill_on(&w, "orders-db").await;
+    let (code, out, err) = control(&w, "bob", "breakglass", &format!("approve {req}")).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out) = finish(child, seen, lines).await;
+    eprintln!("{out}");
+    assert_eq!(code, Some(0), "{out}");
+    for step in [
+        "ok    account off",
+        "ok    session",
+        "ok    deadline cut",
+        "ok    verify",
+        "ok    rotation",
+        "password rotated",
+        "drill PASSED",
+    ] {
+        assert!(out.contains(step), "{step}: {out}");
+    }
+    gw.stop().await;
 }
