@@ -18,7 +18,7 @@ const LAYERS: &[&[&str]] = &[
     // Stores.
     &["state", "storage", "vault", "keys", "signing", "credential"],
     // Evidence: recorder, formats, verify, exports.
-    &["record", "verify", "audit_export", "report"],
+    &["record", "verify", "audit_export", "report", "findings"],
     // Audit: SIEM and alerts.
     &["siem", "alerts"],
     // The protocol-neutral session core.

@@ -37,6 +37,8 @@
 //! - [`alerts`]: webhooks (generic JSON, Slack) for requests, approvals, sessions, revocations.
 //! - [`outbound`]: HTTP POSTs to webhooks and HTTP SIEM collectors (reqwest, our rustls
 //!   config, bounded body reads and time limits) and how a failure is classified.
+//! - [`findings`]: automated audit findings over ended sessions (destructive commands,
+//!   data leaving, odd hours, new targets, long sessions, commands after a warning).
 //! - [`report`]: break-glass metrics for a period (per system, per day/week/month, outside
 //!   maintenance windows).
 //! - [`audit_export`]: the auditor's metadata export of every session in a period, with a
@@ -55,6 +57,7 @@ pub mod config;
 pub mod control;
 pub mod credential;
 pub mod csv;
+pub mod findings;
 pub mod grant;
 pub mod keys;
 #[cfg(test)]

@@ -572,3 +572,49 @@ pub(super) fn audit_export_verify(
         Ok(ExitCode::from(3))
     }
 }
+
+/// `findings`: the rule set over every ended session that started since `since`.
+pub(super) async fn findings(config: &Path, since: &str, format: Format) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let store = open_state(&cfg).await?;
+    let since = parse_when(since)?;
+    // The rules read the search index: fill it for sessions that ended since the last search.
+    let rec = RecordingStore::from_config(&cfg)?;
+    for _ in 0..1000 {
+        if breakglass::web::evidence::index_pending_in(&*store, &rec).await? == 0 {
+            break;
+        }
+    }
+    let found = breakglass::findings::compute(&*store, &cfg, since).await?;
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&found)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = found
+        .iter()
+        .map(|f| {
+            vec![
+                f.at.clone(),
+                f.severity.as_str().to_string(),
+                f.rule.to_string(),
+                f.session_id.clone(),
+                f.person.clone(),
+                f.target.clone(),
+                f.channel.map(|c| c.to_string()).unwrap_or_default(),
+                f.offset_seconds
+                    .map(|o| format!("{o:.1}"))
+                    .unwrap_or_default(),
+                f.detail.clone(),
+            ]
+        })
+        .collect();
+    print_rows(
+        format,
+        &[
+            "at", "severity", "rule", "session", "person", "target", "channel", "offset_s",
+            "detail",
+        ],
+        &rows,
+    )?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -257,6 +257,24 @@ enum Command {
         #[arg(long, default_value = "60s")]
         step_timeout: String,
     },
+    /// Automated audit findings over the sessions that started in a range: destructive
+    /// commands and statements, data leaving, odd hours, outside maintenance windows, a
+    /// target new to the person, sessions far longer than usual, commands after a deadline
+    /// warning; each with the moment in the recording.
+    Findings {
+        #[arg(
+            long,
+            short,
+            env = "BREAKGLASS_CONFIG",
+            default_value = "config/breakglass.toml"
+        )]
+        config: PathBuf,
+        /// RFC 3339 time, a date or an age like 30d.
+        #[arg(long, default_value = "30d")]
+        since: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// The nodes sharing this config's state store: their leases and live sessions.
     Cluster {
         #[arg(
@@ -567,6 +585,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Siem { config, cmd } => siem(&config, cmd).await,
         Command::Cluster { config, cmd } => admin::cluster(&config, cmd).await,
         Command::Demo { dir, keep } => demo::demo(dir, keep).await,
+        Command::Findings {
+            config,
+            since,
+            format,
+        } => evidence::findings(&config, &since, format).await,
         Command::Drill {
             target,
             key,

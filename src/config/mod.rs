@@ -79,6 +79,8 @@ struct RawConfig {
     #[serde(default)]
     drills: RawDrills,
     #[serde(default)]
+    findings: RawFindings,
+    #[serde(default)]
     signing: RawSigning,
 }
 
@@ -114,6 +116,56 @@ struct RawReports {
 #[serde(deny_unknown_fields)]
 struct RawDrills {
     every: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFindings {
+    odd_hours: Option<String>,
+    data_out_bytes: Option<u64>,
+    long_factor: Option<f64>,
+}
+
+/// `[findings]`: the settings of the audit-finding rules (`crate::findings`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FindingsConfig {
+    /// UTC hours [from, to) that count as odd; None turns the rule off.
+    pub odd_hours: Option<(u32, u32)>,
+    pub data_out_bytes: u64,
+    pub long_factor: f64,
+}
+
+fn findings_config(raw: &RawFindings) -> Result<FindingsConfig, ConfigError> {
+    let odd_hours = match raw.odd_hours.as_deref().map(str::trim) {
+        None => Some((22, 6)),
+        Some("off") => None,
+        Some(v) => {
+            let bad = || {
+                invalid(
+                    "findings.odd_hours",
+                    format!("`{v}` is not like \"22-6\" (UTC hours) or \"off\""),
+                )
+            };
+            let (a, b) = v.split_once('-').ok_or_else(bad)?;
+            let (a, b): (u32, u32) = (
+                a.trim().parse().map_err(|_| bad())?,
+                b.trim().parse().map_err(|_| bad())?,
+            );
+            if a > 23 || b > 24 || a == b {
+                return Err(bad());
+            }
+            Some((a, b))
+        }
+    };
+    let long_factor = raw.long_factor.unwrap_or(3.0);
+    if !(long_factor > 1.0 && long_factor.is_finite()) {
+        return Err(invalid("findings.long_factor", "must be more than 1"));
+    }
+    Ok(FindingsConfig {
+        odd_hours,
+        data_out_bytes: raw.data_out_bytes.unwrap_or(100 << 20),
+        long_factor,
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -391,6 +443,8 @@ pub struct Config {
     /// `[drills] every`: each target needs a passed drill at least this often, else a
     /// `drill_overdue` alert is raised (None: drills are not required).
     pub drills_every: Option<Duration>,
+    /// `[findings]`: the audit-finding rules' settings.
+    pub findings: FindingsConfig,
     /// Which manifest signing keys `verify` (online) trusts.
     pub signing: SigningConfig,
 }
@@ -1627,6 +1681,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             (None, Some(v)) => KekSource::Env(v),
             (None, None) => KekSource::File(keys_dir.join("vault.kek")),
         },
+        findings: findings_config(&raw.findings)?,
         drills_every: raw
             .drills
             .every

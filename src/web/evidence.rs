@@ -491,12 +491,20 @@ pub fn search_entries(loaded: &Loaded) -> Vec<SearchEntry> {
 
 /// Indexes ended sessions that are not indexed yet (a batch per call).
 pub async fn index_pending(gw: &Gateway) -> Result<usize, StateError> {
-    let rows = gw.store.unindexed_sessions(INDEX_BATCH).await?;
+    index_pending_in(gw.store.as_ref(), &gw.recordings).await
+}
+
+/// [`index_pending`] on a store and a recording store (the CLI has no gateway).
+pub async fn index_pending_in(
+    store: &dyn crate::state::Store,
+    recordings: &crate::storage::RecordingStore,
+) -> Result<usize, StateError> {
+    let rows = store.unindexed_sessions(INDEX_BATCH).await?;
     let mut n = 0;
     for r in rows {
-        match export::load(&gw.recordings, &r.recording_prefix).await {
+        match export::load(recordings, &r.recording_prefix).await {
             Ok(loaded) => {
-                gw.store
+                store
                     .index_session_text(&r.id, search_entries(&loaded), clock::now())
                     .await?;
                 n += 1;

@@ -9,6 +9,7 @@ mod deploy;
 mod disk;
 mod drill;
 mod escapes;
+mod findings;
 mod flood;
 mod frictions;
 mod logs;
