@@ -342,76 +342,117 @@ pub const ADMIN_SLOT: &str = "admin";
 /// Switches the target's break-glass role to LOGIN (`enable`) or NOLOGIN, as its
 /// `admin_login`; Ok(false) when the target does not disable its role between grants.
 pub async fn set_login(gw: &Gateway, t: &TargetConfig, enable: bool) -> Result<bool, RotateError> {
+    switch(gw, t, enable, false).await
+}
+
+/// The admin role's password from the vault.
+fn admin_password(
+    gw: &Gateway,
+    t: &TargetConfig,
+    admin: &str,
+    blob: Option<String>,
+) -> Result<crate::vault::Secret<String>, RotateError> {
+    let kek = kek(&gw.config.kek)?;
+    let blob = blob.ok_or_else(|| RotateError::Target {
+        target: t.name.clone(),
+        why: format!(
+            "no password for admin_login {admin} in the vault (set it with `breakglass vault set {} --admin`)",
+            t.name
+        ),
+    })?;
+    Ok(kek.open(&t.name, &blob)?)
+}
+
+/// [`set_login`], or with `dry_run` only tried inside a transaction that is rolled back (the
+/// privilege is tested and nothing changes).
+async fn switch(
+    gw: &Gateway,
+    t: &TargetConfig,
+    enable: bool,
+    dry_run: bool,
+) -> Result<bool, RotateError> {
     let Some(admin) = &t.admin_login else {
         return Ok(false);
     };
-    let kek = kek(&gw.config.kek)?;
-    let blob = gw
-        .store
-        .vault_get(&t.name, ADMIN_SLOT)
-        .await?
-        .ok_or_else(|| RotateError::Target {
-            target: t.name.clone(),
-            why: format!(
-                "no password for admin_login {admin} in the vault (set it with `breakglass vault set {} --admin`)",
-                t.name
-            ),
-        })?;
-    let pw = kek.open(&t.name, &blob)?;
-    let client = pg_login_as(gw, t, admin, pw.expose()).await?;
-    let sql = format!(
+    let blob = gw.store.vault_get(&t.name, ADMIN_SLOT).await?;
+    let pw = admin_password(gw, t, admin, blob)?;
+    let alter = format!(
         "ALTER ROLE {} {}",
         ident(&t.login),
         if enable { "LOGIN" } else { "NOLOGIN" }
     );
-    client
-        .batch_execute(&sql)
-        .await
-        .map_err(|e| RotateError::Target {
-            target: t.name.clone(),
-            why: format!(
-                "{admin} could not {} {}: {}",
-                if enable { "enable" } else { "disable" },
-                t.login,
-                e.as_db_error()
-                    .map(|d| d.message().to_string())
-                    .unwrap_or_else(|| e.to_string())
-            ),
-        })?;
+    let sql = if dry_run {
+        format!("BEGIN; {alter}; ROLLBACK")
+    } else {
+        alter
+    };
+    bounded(t, async {
+        let client = pg_login_as(gw, t, admin, pw.expose()).await?;
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| RotateError::Target {
+                target: t.name.clone(),
+                why: format!(
+                    "{admin} could not {} {}: {}",
+                    if enable { "enable" } else { "disable" },
+                    t.login,
+                    e.as_db_error()
+                        .map(|d| d.message().to_string())
+                        .unwrap_or_else(|| e.to_string())
+                ),
+            })
+    })
+    .await?;
     Ok(true)
 }
+
+/// A call to a target within [`TARGET_CALL`]: a target that accepts and then stalls must not
+/// hang the rotation worker or an approval.
+async fn bounded<T>(
+    t: &TargetConfig,
+    f: impl std::future::Future<Output = Result<T, RotateError>>,
+) -> Result<T, RotateError> {
+    tokio::time::timeout(TARGET_CALL, f)
+        .await
+        .map_err(|_| RotateError::Target {
+            target: t.name.clone(),
+            why: format!("no answer within {}s", TARGET_CALL.as_secs()),
+        })?
+}
+
+/// The longest one login-and-statement to a target may take.
+const TARGET_CALL: Duration = Duration::from_secs(15);
 
 /// Whether the break-glass role may log in now (`rolcanlogin`), read as the admin role.
 pub async fn can_login(gw: &Gateway, t: &TargetConfig) -> Result<bool, RotateError> {
     let Some(admin) = &t.admin_login else {
         return Ok(true);
     };
-    let kek = kek(&gw.config.kek)?;
-    let blob = gw
-        .store
-        .vault_get(&t.name, ADMIN_SLOT)
-        .await?
-        .ok_or_else(|| RotateError::NoPassword(format!("{} --admin", t.name)))?;
-    let pw = kek.open(&t.name, &blob)?;
-    let client = pg_login_as(gw, t, admin, pw.expose()).await?;
-    let row = client
-        .query_one(
-            "SELECT rolcanlogin FROM pg_roles WHERE rolname = $1",
-            &[&t.login],
-        )
-        .await
-        .map_err(|e| RotateError::Target {
-            target: t.name.clone(),
-            why: format!("cannot read the role {}: {e}", t.login),
-        })?;
-    Ok(row.get(0))
+    let blob = gw.store.vault_get(&t.name, ADMIN_SLOT).await?;
+    let pw = admin_password(gw, t, admin, blob)?;
+    bounded(t, async {
+        let client = pg_login_as(gw, t, admin, pw.expose()).await?;
+        let row = client
+            .query_one(
+                "SELECT rolcanlogin FROM pg_roles WHERE rolname = $1",
+                &[&t.login],
+            )
+            .await
+            .map_err(|e| RotateError::Target {
+                target: t.name.clone(),
+                why: format!("cannot read the role {}: {e}", t.login),
+            })?;
+        Ok(row.get(0))
+    })
+    .await
 }
 
 /// Checks that the admin role can switch the break-glass role: reads its state and sets it
 /// again to what it is (no change). Ok(whether it may log in now).
 pub async fn check_switch(gw: &Gateway, t: &TargetConfig) -> Result<bool, RotateError> {
     let now = can_login(gw, t).await?;
-    set_login(gw, t, now).await?;
+    switch(gw, t, !now, true).await?;
     Ok(now)
 }
 
@@ -477,6 +518,7 @@ async fn keep_roles(
     gw: &Gateway,
     known: &mut std::collections::BTreeMap<String, bool>,
     awaiting_rotation: &std::collections::BTreeSet<String>,
+    now: chrono::DateTime<chrono::Utc>,
 ) {
     let switchable: Vec<&TargetConfig> = gw
         .config
@@ -487,7 +529,9 @@ async fn keep_roles(
     if switchable.is_empty() {
         return;
     }
-    let active = match gw.store.list_grants(Some(clock::now())).await {
+    // The pass's own time: a grant that ended during the pass's rotations is in neither set
+    // otherwise, and its role would go NOLOGIN before its rotation logged in as it.
+    let active = match gw.store.list_grants(Some(now)).await {
         Ok(g) => g,
         Err(e) => {
             tracing::warn!(error = %e, "cannot list active grants to switch roles");
@@ -701,6 +745,6 @@ pub async fn worker(gw: Arc<Gateway>) {
             .filter(|(_, o)| o.is_err())
             .map(|(t, _)| t.clone())
             .collect();
-        keep_roles(&gw, &mut roles, &awaiting).await;
+        keep_roles(&gw, &mut roles, &awaiting, now).await;
     }
 }

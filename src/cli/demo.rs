@@ -125,7 +125,17 @@ fn start_postgres(d: &Path, port: u16, password: &str) -> Result<PgTarget> {
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
     let superuser = uuid::Uuid::new_v4().simple().to_string();
-    std::fs::write(dir.join("pwfile"), &superuser)?;
+    {
+        // Readable by its owner only, and gone once initdb read it.
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join("pwfile"))?;
+        f.write_all(superuser.as_bytes())?;
+    }
     if root {
         let _ = Command::new("chown")
             .args(["-R", "postgres:postgres"])
@@ -147,6 +157,7 @@ fn start_postgres(d: &Path, port: u16, password: &str) -> Result<PgTarget> {
         .arg("-D")
         .arg(dir.join("data"))
         .output()?;
+    let _ = std::fs::remove_file(dir.join("pwfile"));
     if !out.status.success() {
         bail!("initdb: {}", String::from_utf8_lossy(&out.stderr).trim());
     }

@@ -604,8 +604,18 @@ async fn held_until_cut(
 ) -> Result<()> {
     let started = Instant::now();
     let mut cmd = match t.protocol {
-        Protocol::Ssh => client.ssh(&t.name, "sleep 86400"),
-        Protocol::Postgres => psql(client, t, req, "SELECT pg_sleep(86400)", within).await?,
+        // Never longer than the step allows, so nothing is left running on the target.
+        Protocol::Ssh => client.ssh(&t.name, &format!("sleep {}", within.as_secs() + 1)),
+        Protocol::Postgres => {
+            psql(
+                client,
+                t,
+                req,
+                &format!("SELECT pg_sleep({})", within.as_secs() + 1),
+                within,
+            )
+            .await?
+        }
     };
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());

@@ -311,33 +311,42 @@ pub struct EchoGuard<T> {
 #[derive(Debug)]
 struct Mask {
     line: u64,
+    /// What was typed so far (refreshed as more of the line is released).
     expect: Vec<u8>,
+    /// How much of it the output has echoed.
     pos: usize,
     ansi: Ansi,
+    /// The echo departed from the typed text, or the line ended: nothing more is masked.
+    done: bool,
 }
 
 impl Mask {
     /// Replaces, in `out`, the printable bytes that continue the echo of the typed text with
-    /// `*`; returns false once the echo is complete or the output departs from it (the first
-    /// printable byte that is not the next typed one ends the masking: an echo is exact).
-    fn apply(&mut self, out: &mut [u8]) -> bool {
+    /// `*`. The first printable byte that is not the next typed one ends the masking (an echo
+    /// is exact), and so does a line end once the echo began; output beyond what was typed
+    /// so far waits for more keystrokes of the line.
+    fn apply(&mut self, out: &mut [u8]) {
         for b in out.iter_mut() {
+            if self.done || self.pos >= self.expect.len() {
+                return;
+            }
             let Some(c) = self.ansi.feed(*b) else {
                 continue;
             };
+            if (c == b'\r' || c == b'\n') && self.pos > 0 {
+                self.done = true;
+                return;
+            }
             if !printable(c) {
                 continue;
             }
-            if self.expect.get(self.pos) != Some(&c) {
-                return false;
+            if self.expect[self.pos] != c {
+                self.done = true;
+                return;
             }
             *b = b'*';
             self.pos += 1;
-            if self.pos == self.expect.len() {
-                return false;
-            }
         }
-        true
     }
 }
 
@@ -657,9 +666,7 @@ impl<T> EchoGuard<T> {
         match h {
             Held::Output(mut b) => {
                 if let Some(m) = &mut self.mask {
-                    if !m.apply(&mut b) {
-                        self.mask = None;
-                    }
+                    m.apply(&mut b);
                 }
                 if !b.is_empty() {
                     out.push((t, Ev::Output(b)));
@@ -668,19 +675,28 @@ impl<T> EchoGuard<T> {
             Held::Other(x, _) => out.push((t, Ev::Other(x))),
             Held::Input { line, bytes } => match self.verdict(line) {
                 Some(Verdict::Secret) => {
-                    if self.mask.as_ref().is_none_or(|m| m.line != line) {
-                        let expect = self
-                            .lines
-                            .iter()
-                            .find(|l| l.id == line)
-                            .map(|l| l.typed.clone())
-                            .unwrap_or_default();
-                        self.mask = (!expect.is_empty()).then_some(Mask {
-                            line,
-                            expect,
-                            pos: 0,
-                            ansi: Ansi::Ground,
-                        });
+                    let typed = self
+                        .lines
+                        .iter()
+                        .find(|l| l.id == line)
+                        .map(|l| l.typed.clone())
+                        .unwrap_or_default();
+                    match &mut self.mask {
+                        // More keystrokes of the line being masked: the echo goes on.
+                        Some(m) if m.line == line => {
+                            if typed.len() > m.expect.len() {
+                                m.expect = typed;
+                            }
+                        }
+                        _ => {
+                            self.mask = Some(Mask {
+                                line,
+                                expect: typed,
+                                pos: 0,
+                                ansi: Ansi::Ground,
+                                done: false,
+                            })
+                        }
                     }
                     out.push((t, Ev::Redacted(bytes.len())))
                 }
@@ -995,6 +1011,26 @@ mod tests {
             !input_text(&evs).contains("Openssl"),
             "typed secrets are redacted: {evs:?}"
         );
+        // Typed one key at a time, each key echoed before the next.
+        let mut steps = vec![S::Out(b"Password: ")];
+        let keys: Vec<[u8; 1]> = b"Openssl-Pw-1".iter().map(|b| [*b]).collect();
+        for k in &keys {
+            steps.push(S::In(k));
+            steps.push(S::Out(k));
+        }
+        steps.push(S::In(b"\r"));
+        steps.push(S::Out(b"\r\nbg$ "));
+        let evs = run(true, &steps);
+        let output: Vec<u8> = evs
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Ev::Output(b) => Some(b.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let text = String::from_utf8_lossy(&output);
+        assert!(text.contains("Password: ************\r\nbg$ "), "{text}");
         // An ordinary command's echo is never masked.
         let evs = run(
             true,

@@ -39,6 +39,10 @@ pub trait Outbox: Send + Sync {
     }
     /// Gives that right up (on shutdown), so another node takes over at once.
     async fn release(&self, _sink: &str) {}
+    /// How often a worker renews its lease while it delivers (None: no lease).
+    fn renew_every(&self) -> Option<Duration> {
+        None
+    }
     /// Moves events kept aside while the shared store was away into it; how many.
     async fn forward(&self) -> Result<u64, SpoolError> {
         Ok(0)
@@ -164,26 +168,35 @@ fn shared(e: StateError) -> SpoolError {
     SpoolError::Shared { why: e.to_string() }
 }
 
-/// Reads rows back into events, passing over (loudly) a row this version cannot read and,
-/// unless `actions`, action events; `upto` is the last row's position either way.
-fn spooled(rows: Vec<OutboxRow>, actions: bool) -> (Vec<Spooled>, Option<i64>) {
-    let upto = rows.last().map(|r| r.seq);
-    let events = rows
-        .into_iter()
-        .filter(|r| actions || !r.is_action)
-        .filter_map(|r| match serde_json::from_str::<AccessEvent>(&r.body) {
-            Ok(event) => Some(Spooled {
-                seq: r.seq,
-                spooled_ms: r.spooled_ms,
-                event,
-            }),
-            Err(e) => {
-                tracing::error!(seq = r.seq, error = %e, "unreadable SIEM outbox row skipped");
-                None
+/// Reads rows back into events, passing over action events unless `actions`; `upto` is the
+/// last row's position. A row this version cannot read (a newer node's event kind, or a
+/// damaged row) is never passed over: the batch stops before it, and a batch that begins with
+/// it is an error, so the cursor stays and a node that can read it delivers it.
+fn spooled(rows: Vec<OutboxRow>, actions: bool) -> Result<(Vec<Spooled>, Option<i64>), SpoolError> {
+    let mut events = Vec::new();
+    let mut upto = None;
+    for r in rows {
+        match serde_json::from_str::<AccessEvent>(&r.body) {
+            Ok(event) => {
+                upto = Some(r.seq);
+                if actions || !r.is_action {
+                    events.push(Spooled {
+                        seq: r.seq,
+                        spooled_ms: r.spooled_ms,
+                        event,
+                    });
+                }
             }
-        })
-        .collect();
-    (events, upto)
+            Err(e) if upto.is_none() => {
+                return Err(SpoolError::Unreadable {
+                    seq: r.seq,
+                    why: e.to_string(),
+                })
+            }
+            Err(_) => break,
+        }
+    }
+    Ok((events, upto))
 }
 
 impl SharedOutbox {
@@ -283,6 +296,10 @@ impl Outbox for SharedOutbox {
         self.forward_all().await
     }
 
+    fn renew_every(&self) -> Option<Duration> {
+        Some((self.lease / 3).max(Duration::from_millis(100)))
+    }
+
     async fn claim(&self, sink: &str) -> Result<bool, SpoolError> {
         self.pg
             .outbox_claim(sink, &self.node, self.lease)
@@ -303,7 +320,7 @@ impl Outbox for SharedOutbox {
         actions: bool,
     ) -> Result<(Vec<Spooled>, Option<i64>), SpoolError> {
         let (_, rows) = self.pg.outbox_batch(sink, limit).await.map_err(shared)?;
-        Ok(spooled(rows, actions))
+        spooled(rows, actions)
     }
 
     async fn ack(&self, sink: &str, upto: i64, n: u64) -> Result<(), SpoolError> {
@@ -354,7 +371,7 @@ impl Outbox for SharedOutbox {
             (path.clone(), *rotate_bytes, cfg.format, cfg.actions);
         self.pg
             .outbox_deliver_locked(&cfg.name, 10_000, move |rows| async move {
-                let (events, _) = spooled(rows, actions);
+                let (events, _) = spooled(rows, actions).map_err(|e| e.to_string())?;
                 let n = events.len() as u64;
                 tokio::task::spawn_blocking(move || {
                     let refs: Vec<&AccessEvent> = events.iter().map(|s| &s.event).collect();
@@ -368,8 +385,9 @@ impl Outbox for SharedOutbox {
             .map_err(shared)
     }
 
-    async fn prune(&self, sinks: &[String]) -> Result<u64, SpoolError> {
-        self.pg.outbox_prune(sinks).await.map_err(shared)
+    async fn prune(&self, _sinks: &[String]) -> Result<u64, SpoolError> {
+        // Every registered sink counts, not only this node's (see `outbox_prune`).
+        self.pg.outbox_prune().await.map_err(shared)
     }
 
     async fn stats(&self, sink: &str, actions: bool) -> Result<SinkStats, SpoolError> {
@@ -535,6 +553,29 @@ mod tests {
         let (got, _) = a.batch("hook", 10, true).await.expect("batch");
         let ids: Vec<_> = got.iter().map(|s| s.event.event_id.clone()).collect();
         assert_eq!(ids, vec![end.event_id], "only the closing event, once");
+    }
+
+    #[tokio::test]
+    async fn a_row_this_version_cannot_read_is_never_passed_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (pg, a, _b) = two_nodes(dir.path(), Duration::from_secs(30)).await;
+        a.append(events(1, "x"), false).await.expect("append");
+        admin_exec(
+            &pg,
+            "INSERT INTO siem_outbox (id, spooled_ms, is_action, body) \
+             VALUES ('from-a-newer-node', 0, false, '{\"action\":\"not_known_yet\"}')",
+        )
+        .await;
+        a.append(events(1, "y"), false).await.expect("append");
+        assert!(a.claim("hook").await.expect("claim"));
+        // The batch stops before the unreadable row...
+        let (got, upto) = a.batch("hook", 10, true).await.expect("batch");
+        assert_eq!(got.len(), 1);
+        a.ack("hook", upto.expect("upto"), 1).await.expect("ack");
+        // ...and a batch that begins with it is an error: the cursor stays.
+        let r = a.batch("hook", 10, true).await;
+        assert!(matches!(r, Err(SpoolError::Unreadable { .. })), "{r:?}");
+        assert_eq!(a.stats("hook", true).await.expect("stats").queued, 2);
     }
 
     async fn admin_exec(pg: &PgStore, sql: &str) {

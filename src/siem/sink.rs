@@ -529,14 +529,27 @@ pub async fn run_worker(cfg: Arc<SinkConfig>, ctx: WorkerContext) -> Result<(), 
                 continue;
             }
         }
-        let (events, upto): (Vec<Spooled>, Option<i64>) =
-            match outbox.batch(&name, batch, actions).await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::error!(sink = %name, error = %e, "cannot read the SIEM spool");
-                    (Vec::new(), None)
+        let (events, upto): (Vec<Spooled>, Option<i64>) = match outbox
+            .batch(&name, batch, actions)
+            .await
+        {
+            Ok(x) => x,
+            Err(e @ SpoolError::Unreadable { .. }) => {
+                // Written by a newer version, perhaps: let another node deliver it.
+                tracing::error!(sink = %name, error = %e, "giving the SIEM delivery lease up for 30 s");
+                outbox.release(&name).await;
+                held = false;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                    _ = ctx.stop.cancelled() => break Ok(()),
                 }
-            };
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(sink = %name, error = %e, "cannot read the SIEM spool");
+                (Vec::new(), None)
+            }
+        };
         let Some(upto) = upto else {
             tokio::select! {
                 _ = wake.changed() => {}
@@ -548,18 +561,39 @@ pub async fn run_worker(cfg: Arc<SinkConfig>, ctx: WorkerContext) -> Result<(), 
         let refs: Vec<&AccessEvent> = events.iter().map(|s| &s.event).collect();
         // Ok holds how many events the final acknowledgement counts as delivered: the whole
         // batch, or none when they were settled (acknowledged or dead-lettered) one by one.
-        let result = match d.deliver(&refs).await {
-            Ok(()) => Ok(events.len() as u64),
-            Err(Failure::Rejected { status, why }) if events.len() == 1 => {
-                dead_letter(&ctx, &name, status, &why, &events)
-                    .await
-                    .map(|()| 0)
+        let delivery = async {
+            match d.deliver(&refs).await {
+                Ok(()) => Ok(events.len() as u64),
+                Err(Failure::Rejected { status, why }) if events.len() == 1 => {
+                    dead_letter(&ctx, &name, status, &why, &events)
+                        .await
+                        .map(|()| 0)
+                }
+                Err(Failure::Rejected { .. }) => {
+                    tracing::warn!(sink = %name, events = events.len(), "SIEM batch refused; sending its events one at a time");
+                    one_by_one(&mut d, &ctx, &events).await.map(|()| 0)
+                }
+                Err(f @ Failure::Retry(_)) => Err(f),
             }
-            Err(Failure::Rejected { .. }) => {
-                tracing::warn!(sink = %name, events = events.len(), "SIEM batch refused; sending its events one at a time");
-                one_by_one(&mut d, &ctx, &events).await.map(|()| 0)
+        };
+        // On a shared outbox the lease is renewed while a slow collector takes its time, so
+        // that no other node takes the sink over mid-batch and both get fenced, forever.
+        let result = match outbox.renew_every() {
+            Some(every) => {
+                let renew = async {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        if let Err(e) = outbox.claim(&name).await {
+                            tracing::warn!(sink = %name, error = %e, "cannot renew the SIEM delivery lease");
+                        }
+                    }
+                };
+                tokio::select! {
+                    r = delivery => r,
+                    () = renew => Err(Failure::Retry("lease renewal stopped".into())),
+                }
             }
-            Err(f @ Failure::Retry(_)) => Err(f),
+            None => delivery.await,
         };
         match result {
             Ok(n) => {

@@ -25,6 +25,8 @@ pub enum SpoolError {
     Shared { why: String },
     #[error("the SIEM delivery lease of sink `{sink}` passed to another node; it carries on from the same cursor")]
     Fenced { sink: String },
+    #[error("shared SIEM outbox row {seq} cannot be read by this version ({why}); it is not passed over")]
+    Unreadable { seq: i64, why: String },
 }
 
 /// One spooled event with its position.

@@ -277,16 +277,14 @@ impl PgStore {
         .await
     }
 
-    /// Drops events every sink in `sinks` has passed.
-    pub async fn outbox_prune(&self, sinks: &[String]) -> Result<u64, StateError> {
-        if sinks.is_empty() {
-            return Ok(0);
-        }
-        let names: Vec<String> = sinks.to_vec();
+    /// Drops events every registered sink has passed: every sink any node was configured
+    /// with, not only this node's (nodes being reconfigured one by one may differ). A sink
+    /// removed from every config keeps its row, and so holds events back, until its row is
+    /// deleted (`DELETE FROM siem_sinks WHERE name = '…'`).
+    pub async fn outbox_prune(&self) -> Result<u64, StateError> {
         self.exec(
-            "DELETE FROM siem_outbox WHERE seq <= \
-             (SELECT min(cursor) FROM siem_sinks WHERE name = ANY($1::text[]))",
-            &[&names],
+            "DELETE FROM siem_outbox WHERE seq <= (SELECT min(cursor) FROM siem_sinks)",
+            &[],
         )
         .await
     }
