@@ -227,6 +227,22 @@ fn wait_port(port: u16, child: &mut Child) -> Result<()> {
     bail!("the target's sshd is not listening on {port}")
 }
 
+/// Ctrl-C, SIGTERM, or SIGHUP (the terminal that ran the demo closed): each ends the demo
+/// and removes the playground.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let hup = signal(SignalKind::hangup());
+    match hup {
+        Ok(mut hup) => {
+            tokio::select! {
+                _ = super::shutdown_signal() => {}
+                _ = hup.recv() => {}
+            }
+        }
+        Err(_) => super::shutdown_signal().await,
+    }
+}
+
 pub(super) async fn demo(dir: Option<PathBuf>, keep: bool) -> Result<ExitCode> {
     let sshd = sshd_path()?;
     let user = current_user()?;
@@ -293,7 +309,7 @@ pub(super) async fn demo(dir: Option<PathBuf>, keep: bool) -> Result<ExitCode> {
     )?;
     // sshd's privilege separation directory, which a fresh machine may lack.
     let _ = std::fs::create_dir_all("/run/sshd");
-    let mut child = Command::new(&sshd)
+    let child = Command::new(&sshd)
         .args(["-D", "-e", "-f"])
         .arg(&conf)
         .stdin(Stdio::null())
@@ -301,9 +317,10 @@ pub(super) async fn demo(dir: Option<PathBuf>, keep: bool) -> Result<ExitCode> {
         .stderr(std::fs::File::create(d.join("sshd.log"))?)
         .spawn()
         .with_context(|| format!("start {}", sshd.display()))?;
-    wait_port(target_port, &mut child)
+    let mut target = Target(child);
+    // Held first, so a target that fails to come up is stopped all the same.
+    wait_port(target_port, &mut target.0)
         .map_err(|e| anyhow!("{e} (see {})", d.join("sshd.log").display()))?;
-    let target = Target(child);
 
     // A PostgreSQL target too, when the server is installed.
     let pg_password = uuid::Uuid::new_v4().simple().to_string();
@@ -403,7 +420,7 @@ approvers = ["bob"]
         .unwrap_or_else(|_| "breakglass".into());
     let ssh = format!("ssh -F {}/ssh_config", d.display());
     let c = config.display();
-    let (bound, serve) = breakglass::server::start(cfg, super::shutdown_signal()).await?;
+    let (bound, serve) = breakglass::server::start(cfg, stop_signal()).await?;
     println!(
         "breakglass demo: a playground in {} (removed on Ctrl-C)",
         d.display()

@@ -664,11 +664,16 @@ async fn verify(config: &Path, id: &str, timeout: Duration) -> Result<()> {
     let exe = std::env::current_exe()?;
     let started = Instant::now();
     loop {
-        let out = tokio::process::Command::new(&exe)
-            .args(["verify", id, "--config"])
-            .arg(config)
-            .output()
-            .await?;
+        let out = tokio::time::timeout(
+            timeout,
+            tokio::process::Command::new(&exe)
+                .args(["verify", id, "--config"])
+                .arg(config)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .map_err(|_| anyhow!("verify gave no answer within {timeout:?}"))??;
         let said = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
