@@ -58,6 +58,8 @@ pub fn alertable(e: &AccessEvent) -> bool {
         // A failed drill is a procedure that would fail in a real event.
         Action::DrillFinished => e.outcome == crate::siem::Outcome::Failure,
         Action::DrillOverdue => true,
+        // A reviewer should look at once only at the serious ones.
+        Action::Finding => e.severity.as_deref() == Some("high"),
         Action::AccountEnabled | Action::AccountDisabled => {
             e.outcome == crate::siem::Outcome::Failure
         }

@@ -346,6 +346,36 @@ pub fn of_sessions(
     out
 }
 
+/// The findings of one session just indexed (`entries` are its indexed commands and SQL).
+pub async fn of_indexed(
+    store: &dyn crate::state::Store,
+    cfg: &crate::config::Config,
+    s: &SessionRow,
+    entries: &[SearchEntry],
+) -> Result<Vec<Finding>, crate::state::StateError> {
+    let earlier: Vec<SessionRow> = store
+        .list_sessions(&crate::state::SessionFilter {
+            target: Some(s.target.clone()),
+            until: Some(s.started_at),
+            ..Default::default()
+        })
+        .await?
+        .into_iter()
+        .filter(|o| o.id != s.id && o.started_at < s.started_at)
+        .collect();
+    Ok(of_session(s, entries, &earlier, &rules_of(cfg)))
+}
+
+fn rules_of(cfg: &crate::config::Config) -> Rules {
+    Rules {
+        windows: cfg.reports.maintenance_windows.clone(),
+        first_warning: cfg.limits.warn_before.first().copied(),
+        odd_hours: cfg.findings.odd_hours,
+        data_out_bytes: cfg.findings.data_out_bytes,
+        long_factor: cfg.findings.long_factor,
+    }
+}
+
 /// Every finding of the ended sessions that started since `since`, oldest session first.
 pub async fn compute(
     store: &dyn crate::state::Store,
@@ -383,14 +413,7 @@ pub async fn compute(
                 .unwrap_or(std::cmp::Ordering::Equal)
         });
     }
-    let rules = Rules {
-        windows: cfg.reports.maintenance_windows.clone(),
-        first_warning: cfg.limits.warn_before.first().copied(),
-        odd_hours: cfg.findings.odd_hours,
-        data_out_bytes: cfg.findings.data_out_bytes,
-        long_factor: cfg.findings.long_factor,
-    };
-    Ok(of_sessions(&sessions, &entries, &all, &rules))
+    Ok(of_sessions(&sessions, &entries, &all, &rules_of(cfg)))
 }
 
 #[cfg(test)]

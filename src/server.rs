@@ -363,6 +363,7 @@ pub async fn start(
         let expiry = tokio::spawn(crate::control::request_expiry(gw.clone()));
         let overdue = tokio::spawn(crate::review::overdue_watcher(gw.core.clone()));
         let rotation = tokio::spawn(crate::rotation::worker(gw.clone()));
+        let indexer = tokio::spawn(crate::web::evidence::indexer(gw.clone()));
         let pg = pg_listener.map(|l| tokio::spawn(crate::pg::serve(l, gw.clone(), pg_tls)));
         let api = http_listener.map(|l| {
             let token = gw.shutdown.token.clone();
@@ -431,6 +432,7 @@ pub async fn start(
         expiry.abort();
         overdue.abort();
         rotation.abort();
+        indexer.abort();
         if let Some(api) = api {
             let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
         }

@@ -580,9 +580,18 @@ pub(super) async fn findings(config: &Path, since: &str, format: Format) -> Resu
     let since = parse_when(since)?;
     // The rules read the search index: fill it for sessions that ended since the last search.
     let rec = RecordingStore::from_config(&cfg)?;
+    let siem = std::sync::Arc::new(breakglass::siem::Siem::open_for(&cfg, &*store).await?);
     for _ in 0..1000 {
-        if breakglass::web::evidence::index_pending_in(&*store, &rec).await? == 0 {
+        let done = breakglass::web::evidence::index_pending_in(&*store, &rec).await?;
+        if done.is_empty() {
             break;
+        }
+        // Sessions this command indexed: their findings go to the SIEM as the gateway's do.
+        for (row, entries) in done {
+            for f in breakglass::findings::of_indexed(&*store, &cfg, &row, &entries).await? {
+                breakglass::siem::audit(&siem, &*store, &breakglass::siem::finding_event(&f))
+                    .await?;
+            }
         }
     }
     let found = breakglass::findings::compute(&*store, &cfg, since).await?;

@@ -63,7 +63,7 @@ pub fn ocsf_class(e: &AccessEvent) -> (u32, &'static str, u32, &'static str, u32
         Action::CredentialRotated => (3001, "Account Change", IAM, 4, "Password Reset"),
         Action::AccountEnabled => (3001, "Account Change", IAM, 2, "Enable"),
         Action::AccountDisabled => (3001, "Account Change", IAM, 5, "Disable"),
-        Action::DrillFinished | Action::DrillOverdue => {
+        Action::DrillFinished | Action::DrillOverdue | Action::Finding => {
             (0, "Base Event", (0, "Uncategorized"), 99, "Other")
         }
         Action::ReviewOpened
@@ -455,6 +455,7 @@ mod tests {
             Action::AccountDisabled,
             Action::DrillFinished,
             Action::DrillOverdue,
+            Action::Finding,
             Action::RecordingCheckpoint,
             Action::SigningKeyRotated,
             Action::Command,

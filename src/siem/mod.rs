@@ -70,6 +70,8 @@ pub enum Action {
     DrillFinished,
     /// A target has had no passed drill for longer than `[drills] every`.
     DrillOverdue,
+    /// An automated audit finding about an ended session (`crate::findings`).
+    Finding,
     RecordingCheckpoint,
     /// `breakglass keys rotate-signing`: a new manifest signing key, certified by the old one.
     SigningKeyRotated,
@@ -124,6 +126,7 @@ impl Action {
             Action::AccountDisabled => "account_disabled",
             Action::DrillFinished => "drill_finished",
             Action::DrillOverdue => "drill_overdue",
+            Action::Finding => "finding",
             Action::RecordingCheckpoint => "recording_checkpoint",
             Action::SigningKeyRotated => "signing_key_rotated",
             Action::Command => "command",
@@ -238,6 +241,9 @@ pub struct AccessEvent {
     /// `drill_finished`: from the request to the first byte of the scripted command's output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_to_access_ms: Option<u64>,
+    /// `finding`: the moment in the recording, in milliseconds from the channel's start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset_ms: Option<u64>,
 }
 
 impl AccessEvent {
@@ -306,6 +312,7 @@ impl AccessEvent {
             previous_signing_key_id: None,
             actions_dropped: None,
             time_to_access_ms: None,
+            offset_ms: None,
             query: None,
             session_ids: None,
         }
@@ -527,6 +534,40 @@ pub struct Siem {
 /// Called for every event a sink refused for good: (sink, event, why, dead-letter file).
 pub type DeadLetterHook = Arc<dyn Fn(&str, &AccessEvent, &str, &std::path::Path) + Send + Sync>;
 
+/// The `finding` event of an audit finding. Its id is derived from the finding, so that a
+/// session indexed twice (two nodes, or the CLI and the gateway) yields the same event ids,
+/// which the spool and the shared outbox keep once.
+pub fn finding_event(f: &crate::findings::Finding) -> AccessEvent {
+    use sha2::Digest;
+    let mut e = AccessEvent::new(Action::Finding, "breakglass");
+    let key = format!(
+        "{}|{}|{:?}|{:?}|{}",
+        f.session_id, f.rule, f.channel, f.offset_seconds, f.detail
+    );
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    e.event_id = uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string();
+    e.person = Some(f.person.clone());
+    e.target = Some(f.target.clone());
+    e.session_id = Some(f.session_id.clone());
+    e.reason = Some(f.rule.to_string());
+    e.severity = Some(
+        match f.severity {
+            crate::findings::Severity::Info => "low",
+            crate::findings::Severity::Warning => "medium",
+            crate::findings::Severity::High => "high",
+        }
+        .to_string(),
+    );
+    e.channel = f.channel;
+    e.offset_ms = f.offset_seconds.map(|o| (o.max(0.0) * 1000.0) as u64);
+    e.message = Some(format!("{} at {}: {}", f.rule, f.at, f.detail));
+    e
+}
+
 /// One line a human reads in a chat channel. The event's text came from people (a reason, an
 /// incident id), so its control characters are shown as escapes (`text::terminal`); the Slack
 /// body escapes markup on top (`alerts::slack_body`).
@@ -586,6 +627,10 @@ fn summary_raw(e: &AccessEvent) -> String {
             e.message.as_deref().unwrap_or("?")
         ),
         // Not alertable (see `alertable`), but a webhook test or a future rule may send them.
+        Action::Finding => format!(
+            "[breakglass] finding on {who}'s session on {target}: {}",
+            e.message.as_deref().unwrap_or("")
+        ),
         Action::DrillOverdue => format!(
             "[breakglass] DRILL OVERDUE for {target}: {}",
             e.message.as_deref().unwrap_or("no drill passed in time")

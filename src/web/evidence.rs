@@ -491,23 +491,45 @@ pub fn search_entries(loaded: &Loaded) -> Vec<SearchEntry> {
 
 /// Indexes ended sessions that are not indexed yet (a batch per call).
 pub async fn index_pending(gw: &Gateway) -> Result<usize, StateError> {
-    index_pending_in(gw.store.as_ref(), &gw.recordings).await
+    let done = index_pending_in(gw.store.as_ref(), &gw.recordings).await?;
+    let n = done.len();
+    for (row, entries) in done {
+        for f in crate::findings::of_indexed(gw.store.as_ref(), &gw.config, &row, &entries).await? {
+            if let Err(e) = gw.audit(&crate::siem::finding_event(&f)).await {
+                tracing::error!(session_id = %row.id, error = %e, "finding not written to the SIEM");
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Indexes ended sessions every 2 s, so that their findings reach the SIEM soon after they
+/// end (a finding's event id is derived from it: a second indexing node repeats the id).
+pub async fn indexer(gw: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        if let Err(e) = index_pending(&gw).await {
+            tracing::warn!(error = %e, "session indexing failed; retried");
+        }
+    }
 }
 
 /// [`index_pending`] on a store and a recording store (the CLI has no gateway).
 pub async fn index_pending_in(
     store: &dyn crate::state::Store,
     recordings: &crate::storage::RecordingStore,
-) -> Result<usize, StateError> {
+) -> Result<Vec<(crate::state::SessionRow, Vec<SearchEntry>)>, StateError> {
     let rows = store.unindexed_sessions(INDEX_BATCH).await?;
-    let mut n = 0;
+    let mut n = Vec::new();
     for r in rows {
         match export::load(recordings, &r.recording_prefix).await {
             Ok(loaded) => {
+                let entries = search_entries(&loaded);
                 store
-                    .index_session_text(&r.id, search_entries(&loaded), clock::now())
+                    .index_session_text(&r.id, entries.clone(), clock::now())
                     .await?;
-                n += 1;
+                n.push((r, entries));
             }
             // Left for the next search: the store may be back by then.
             Err(e) => {

@@ -33,6 +33,15 @@ async fn destructive_commands_are_found_and_a_harmless_session_has_none() {
         assert!(out.status.success(), "{cmd}: {}", text(&out.stderr));
     }
     w.wait_ended(3);
+    // The gateway indexes ended sessions by itself and sends their findings to the SIEM.
+    let event = w.wait_event("the rm -rf finding event", |e| {
+        e["action"] == "finding" && e["reason"] == "destructive"
+    });
+    assert_eq!(event["severity"], "high", "{event}");
+    assert!(
+        event["offset_ms"].is_u64() && event["channel"].is_u64(),
+        "{event}"
+    );
     let mut sessions = w.sessions();
     sessions.sort_by_key(|s| s["started_at"].as_str().unwrap_or("").to_string());
     let ids: Vec<String> = sessions
@@ -86,6 +95,18 @@ async fn destructive_commands_are_found_and_a_harmless_session_has_none() {
     );
     assert!(csv.contains("destructive"), "{csv}");
     gw.stop().await;
+    // One event per finding, however many indexers saw the session.
+    let events: Vec<Value> = w
+        .siem_events()
+        .into_iter()
+        .filter(|e| e["action"] == "finding")
+        .collect();
+    let ids: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter_map(|e| e["event_id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), events.len(), "{events:?}");
+    validate_all_events(&w);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
