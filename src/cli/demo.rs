@@ -281,16 +281,12 @@ pub(super) async fn demo(dir: Option<PathBuf>, keep: bool) -> Result<ExitCode> {
             breakglass::keys::openssh_line(gw_keys.user_ca.public_key())
         ),
     )?;
-    let gw_host = breakglass::keys::openssh_line(gw_keys.host.public_key());
-    let gw_host: String = gw_host
-        .split_whitespace()
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ");
-    std::fs::write(
-        d.join("known_hosts"),
-        format!("[127.0.0.1]:{ssh_port} {gw_host}\n"),
-    )?;
+    let line = super::known_hosts_line(
+        "127.0.0.1",
+        ssh_port,
+        &breakglass::keys::openssh_line(gw_keys.host.public_key()),
+    );
+    std::fs::write(d.join("known_hosts"), format!("{line}\n"))?;
 
     // The target: a local sshd that trusts only the gateway's user CA.
     key(&d.join("target_host_key"), "web-01@breakglass-demo")?;

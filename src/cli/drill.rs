@@ -172,18 +172,12 @@ pub(super) async fn drill(a: DrillArgs) -> Result<ExitCode> {
         uuid::Uuid::new_v4().simple()
     )));
     let keys = breakglass::keys::GatewayKeys::load_or_create(&cfg.keys_dir)?;
-    let host_line = breakglass::keys::openssh_line(keys.host.public_key());
-    let host_key = host_line
-        .split_whitespace()
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ");
-    let entry = if port == 22 {
-        host.clone()
-    } else {
-        format!("[{host}]:{port}")
-    };
-    std::fs::write(&known_hosts.0, format!("{entry} {host_key}\n"))?;
+    let line = super::known_hosts_line(
+        &host,
+        port,
+        &breakglass::keys::openssh_line(keys.host.public_key()),
+    );
+    std::fs::write(&known_hosts.0, format!("{line}\n"))?;
     let client = Client {
         host,
         port,

@@ -652,7 +652,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     );
                     println!(
                         "{}",
-                        known_hosts_line(cfg.ssh_listen, &keys::openssh_line(k.host.public_key()))
+                        known_hosts_line(
+                            &listen_host(cfg.ssh_listen),
+                            cfg.ssh_listen.port(),
+                            &keys::openssh_line(k.host.public_key())
+                        )
                     );
                     println!("# user CA (targets trust it with TrustedUserCAKeys)");
                     println!("{}", keys::openssh_line(k.user_ca.public_key()));
@@ -665,8 +669,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 
 /// A known_hosts line for the gateway's host key at `listen`: `[host]:port` unless the port is
 /// 22; an unspecified address (0.0.0.0, ::) becomes this machine's host name.
-fn known_hosts_line(listen: std::net::SocketAddr, key: &str) -> String {
-    let host = if listen.ip().is_unspecified() {
+fn listen_host(listen: std::net::SocketAddr) -> String {
+    if listen.ip().is_unspecified() {
         std::fs::read_to_string("/etc/hostname")
             .ok()
             .map(|h| h.trim().to_string())
@@ -674,12 +678,17 @@ fn known_hosts_line(listen: std::net::SocketAddr, key: &str) -> String {
             .unwrap_or_else(|| "localhost".into())
     } else {
         listen.ip().to_string()
-    };
+    }
+}
+
+/// A known_hosts line for `key` (an OpenSSH public key line; its comment is dropped) at
+/// `host` and `port`: `[host]:port` unless the port is 22.
+fn known_hosts_line(host: &str, port: u16, key: &str) -> String {
     let key = key.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
-    if listen.port() == 22 {
+    if port == 22 {
         format!("{host} {key}")
     } else {
-        format!("[{host}]:{} {key}", listen.port())
+        format!("[{host}]:{port} {key}")
     }
 }
 

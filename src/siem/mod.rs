@@ -1024,14 +1024,12 @@ impl Siem {
     /// Writes every local file sink from the outbox, under its write lock.
     async fn deliver_local(&self) {
         // In a cluster a file sink is written only by the node holding its lease (its
-        // worker): writing inline on every node too would write events twice.
-        let inline = !self.outbox.shared();
-        for cfg in self
-            .settings
-            .sinks
-            .iter()
-            .filter(|s| inline && s.is_local())
-        {
+        // worker): writing inline on every node too would write events twice. The workers
+        // prune after each acknowledgement, so emit adds no round trip of its own.
+        if self.outbox.shared() {
+            return;
+        }
+        for cfg in self.settings.sinks.iter().filter(|s| s.is_local()) {
             if let Err(e) = self.outbox.deliver_file(cfg).await {
                 tracing::error!(sink = %cfg.name, error = %e, "SIEM file not written; the event stays spooled and is retried");
             }

@@ -164,6 +164,17 @@ pub struct SharedOutbox {
     fallback: Arc<Spool>,
 }
 
+/// Ok when the cursor moved under this node's lease, `Fenced` when another node holds it.
+fn fenced(held: bool, sink: &str) -> Result<(), SpoolError> {
+    if held {
+        Ok(())
+    } else {
+        Err(SpoolError::Fenced {
+            sink: sink.to_string(),
+        })
+    }
+}
+
 fn shared(e: StateError) -> SpoolError {
     SpoolError::Shared { why: e.to_string() }
 }
@@ -329,13 +340,7 @@ impl Outbox for SharedOutbox {
             .outbox_ack(sink, Some(&self.node), upto, n, 0, None)
             .await
             .map_err(shared)?;
-        if held {
-            Ok(())
-        } else {
-            Err(SpoolError::Fenced {
-                sink: sink.to_string(),
-            })
-        }
+        fenced(held, sink)
     }
 
     async fn dead_letter(
@@ -350,13 +355,7 @@ impl Outbox for SharedOutbox {
             .outbox_ack(sink, Some(&self.node), upto, 0, n, Some(why))
             .await
             .map_err(shared)?;
-        if held {
-            Ok(())
-        } else {
-            Err(SpoolError::Fenced {
-                sink: sink.to_string(),
-            })
-        }
+        fenced(held, sink)
     }
 
     async fn fail(&self, sink: &str, why: &str) -> Result<(), SpoolError> {

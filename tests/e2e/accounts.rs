@@ -29,24 +29,6 @@ fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
-fn vault_set_admin(w: &World, password: &str) {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_breakglass"))
-        .args(["vault", "set", "orders-db", "--admin"])
-        .env("BREAKGLASS_CONFIG", &w.config_path)
-        .stdin(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("vault set --admin");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(format!("{password}\n").as_bytes())
-        .expect("write");
-    assert!(child.wait().expect("wait").success(), "vault set --admin");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_break_glass_role_can_log_in_only_while_a_grant_needs_it() {
     let (pg, _pgdir, w, gw, _certs) = pg_world_with(PgOpts {
@@ -55,7 +37,7 @@ async fn the_break_glass_role_can_log_in_only_while_a_grant_needs_it() {
         ..Default::default()
     })
     .await;
-    vault_set_admin(&w, "keeper-pw");
+    w.vault_set_with(&["orders-db", "--admin"], "keeper-pw");
     // Between grants: NOLOGIN, so even the right password does not get in directly.
     wait_for("the role switched off", Duration::from_secs(20), || {
         (can_login(&pg) == "f").then_some(())

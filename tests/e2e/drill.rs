@@ -248,23 +248,7 @@ async fn a_drill_against_a_real_postgresql_target_passes() {
         ..Default::default()
     })
     .await;
-    {
-        use std::io::Write;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_breakglass"))
-            .args(["vault", "set", "orders-db", "--admin"])
-            .env("BREAKGLASS_CONFIG", &w.config_path)
-            .stdin(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("vault set --admin");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(b"keeper-pw\n")
-            .expect("write");
-        assert!(child.wait().expect("wait").success());
-    }
+    w.vault_set_with(&["orders-db", "--admin"], "keeper-pw");
     // The role is off between grants before the drill starts.
     wait_for("the role switched off", Duration::from_secs(20), || {
         let out = pg.psql(

@@ -1079,9 +1079,15 @@ pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
 impl World {
     /// `breakglass vault set TARGET` with the password on stdin, as an operator would.
     pub fn vault_set(&self, target: &str, password: &str) {
+        self.vault_set_with(&[target], password)
+    }
+
+    /// `breakglass vault set ARGS...` with `password` on standard input.
+    pub fn vault_set_with(&self, args: &[&str], password: &str) {
         use std::io::Write;
         let mut child = Command::new(env!("CARGO_BIN_EXE_breakglass"))
-            .args(["vault", "set", target])
+            .args(["vault", "set"])
+            .args(args)
             .env("BREAKGLASS_CONFIG", &self.config_path)
             .stdin(Stdio::piped())
             .stderr(Stdio::null())
