@@ -335,19 +335,19 @@ pub async fn search_and_session_filters_find_the_right_rows(store: &dyn Store) {
         kind: kind.into(),
         text: text.into(),
     };
-    store
+    assert!(store
         .index_session_text("s0", vec![entry(1.5, "command", "rm -rf /tmp/x_1")], now)
         .await
-        .expect("index");
-    store
+        .expect("index"));
+    assert!(store
         .index_session_text("s1", vec![entry(2.0, "sql", "DROP TABLE orders")], now)
         .await
-        .expect("index");
-    // A second index of the same session is a no-op.
-    store
+        .expect("index"));
+    // A second index of the same session is a no-op, and says so.
+    assert!(!store
         .index_session_text("s1", vec![entry(3.0, "sql", "DROP TABLE twice")], now)
         .await
-        .expect("index");
+        .expect("index"));
     assert!(store.unindexed_sessions(10).await.expect("u").is_empty());
     let hits = store
         .search_text("drop table", &SessionFilter::default())

@@ -519,13 +519,15 @@ pub trait Store: Send + Sync {
     /// Spends a login link in one transaction: it works once, before it expires.
     async fn use_login_link(&self, hash: &str, at: DateTime<Utc>) -> Result<LinkUse, StateError>;
 
-    /// Stores the searchable text of an ended session (once; later calls are no-ops).
+    /// Stores the searchable text of an ended session (once; later calls are no-ops). Says
+    /// whether this call stored it: of nodes racing to index one session, exactly one wins,
+    /// and only the winner reports the session's findings.
     async fn index_session_text(
         &self,
         session_id: &str,
         entries: Vec<SearchEntry>,
         at: DateTime<Utc>,
-    ) -> Result<(), StateError>;
+    ) -> Result<bool, StateError>;
     /// Ended sessions whose text is not indexed yet, oldest first.
     async fn unindexed_sessions(&self, limit: u32) -> Result<Vec<SessionRow>, StateError>;
     /// Case-insensitive substring search over indexed commands and SQL, newest session first.

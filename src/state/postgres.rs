@@ -1712,7 +1712,7 @@ impl Store for PgStore {
         session_id: &str,
         entries: Vec<SearchEntry>,
         at: DateTime<Utc>,
-    ) -> Result<(), StateError> {
+    ) -> Result<bool, StateError> {
         self.call(async {
             let mut c = self.pool.get().await?;
             let tx = c.transaction().await.map_err(pg)?;
@@ -1747,7 +1747,8 @@ impl Store for PgStore {
                     .map_err(pg)?;
                 }
             }
-            tx.commit().await.map_err(pg)
+            tx.commit().await.map_err(pg)?;
+            Ok(fresh == 1)
         })
         .await
     }

@@ -1495,7 +1495,7 @@ impl Store for SqliteStore {
         session_id: &str,
         entries: Vec<SearchEntry>,
         at: DateTime<Utc>,
-    ) -> Result<(), StateError> {
+    ) -> Result<bool, StateError> {
         let id = session_id.to_string();
         self.with(move |c| {
             let tx = c.unchecked_transaction().map_err(db)?;
@@ -1518,7 +1518,7 @@ impl Store for SqliteStore {
                 }
             }
             tx.commit().map_err(db)?;
-            Ok(())
+            Ok(fresh == 1)
         })
         .await
     }

@@ -489,7 +489,8 @@ pub fn search_entries(loaded: &Loaded) -> Vec<SearchEntry> {
     out
 }
 
-/// Indexes ended sessions that are not indexed yet (a batch per call).
+/// Indexes ended sessions that are not indexed yet (a batch per call); the findings of the
+/// sessions this call indexed (and no other indexer did) go to the SIEM.
 pub async fn index_pending(gw: &Gateway) -> Result<usize, StateError> {
     let done = index_pending_in(gw.store.as_ref(), &gw.recordings).await?;
     let n = done.len();
@@ -526,10 +527,12 @@ pub async fn index_pending_in(
         match export::load(recordings, &r.recording_prefix).await {
             Ok(loaded) => {
                 let entries = search_entries(&loaded);
-                store
+                if store
                     .index_session_text(&r.id, entries.clone(), clock::now())
-                    .await?;
-                n.push((r, entries));
+                    .await?
+                {
+                    n.push((r, entries));
+                }
             }
             // Left for the next search: the store may be back by then.
             Err(e) => {
