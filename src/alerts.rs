@@ -51,7 +51,8 @@ pub fn alertable(e: &AccessEvent) -> bool {
         | Action::SessionRevoked
         | Action::GrantRevoked => true,
         Action::GrantCreated => e.emergency == Some(true),
-        Action::ReviewOverdue => true,
+        Action::ReviewOverdue | Action::IncidentOverdue => true,
+        Action::IncidentReported | Action::CabSigned => false,
         Action::ReviewOpened | Action::ReviewSigned | Action::CredentialIssued => false,
         Action::CredentialRotated => e.outcome == crate::siem::Outcome::Failure,
         // A role that could not be switched off stays open between grants.

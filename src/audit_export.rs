@@ -625,6 +625,7 @@ mod tests {
                 signed_at: None,
                 findings: None,
                 root_cause: None,
+                answers: None,
             })
             .await
             .expect("review");

@@ -84,7 +84,8 @@ impl From<&StateError> for Failure {
             StateError::AlreadyRevoked(_)
             | StateError::NotPending { .. }
             | StateError::AlreadyApproved { .. }
-            | StateError::AlreadySigned(_) => Failure::Conflict,
+            | StateError::AlreadySigned(_)
+            | StateError::CabAlreadySigned(_) => Failure::Conflict,
             StateError::Ambiguous(_) => Failure::Invalid,
             StateError::Db(_) | StateError::TooNew { .. } => Failure::Internal,
         }
@@ -110,7 +111,7 @@ fn sign_fail(e: &crate::review::SignError) -> Outcome {
     use crate::review::SignError as E;
     let kind = match e {
         E::NotReviewer(_) | E::Participant { .. } => Failure::Forbidden,
-        E::Incomplete => Failure::Invalid,
+        E::Incomplete(_) => Failure::Invalid,
         E::State(s) => s.into(),
         E::Store(_) => Failure::Internal,
     };
@@ -213,7 +214,10 @@ breakglass control commands (ssh -p PORT breakglass@GATEWAY COMMAND ...):
   token                      a bearer token for the JSON API (1 hour, shown once)
   login                      a single-use link that logs you in to the web UI (5 minutes)
   reviews                    open post-incident reviews (overdue first)
-  review REVIEW|REQUEST --findings TEXT --root-cause TEXT   sign off (reviewers)
+  review REVIEW|REQUEST      sign off (reviewers) by answering every question:
+          --findings TEXT --thresholds-met yes|no [--thresholds-note TEXT]
+          --escalation-possible yes|no [--escalation-note TEXT] --root-cause TEXT
+          --actions-taken TEXT --procedure-update yes|no [--procedure-change TEXT]
 Then connect with: ssh -p PORT TARGET@GATEWAY
 ";
 
@@ -299,11 +303,24 @@ impl Command {
                 &["emergency"],
             ),
             Command::Deny | Command::Revoke => (&["reason"], &[]),
-            Command::Review => (&["findings", "root-cause"], &[]),
+            Command::Review => (&REVIEW_OPTIONS, &[]),
             _ => (&[], &[]),
         }
     }
 }
+
+/// The review's options: one per question of [`crate::review::QUESTIONS`].
+const REVIEW_OPTIONS: [&str; 9] = [
+    "findings",
+    "thresholds-met",
+    "thresholds-note",
+    "escalation-possible",
+    "escalation-note",
+    "root-cause",
+    "actions-taken",
+    "procedure-update",
+    "procedure-change",
+];
 
 fn known_options(command: &str) -> (&'static [&'static str], &'static [&'static str]) {
     Command::parse(command).map_or((&[], &[]), Command::options)
@@ -344,7 +361,16 @@ pub fn check_input(p: &Parsed) -> Result<(), String> {
         }
     }
     for (name, value) in &p.opts {
-        let lines = if matches!(name.as_str(), "findings" | "root-cause") {
+        let lines = if matches!(
+            name.as_str(),
+            "findings"
+                | "root-cause"
+                | "thresholds-note"
+                | "escalation-note"
+                | "actions-taken"
+                | "procedure-change"
+                | "notes"
+        ) {
             crate::text::Lines::Many
         } else {
             crate::text::Lines::One
@@ -1063,16 +1089,20 @@ async fn review(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome
     let Some(id) = p.args.first() else {
         return Ok(fail("review needs a review or request id"));
     };
-    let findings = p.opts.get("findings").map(String::as_str).unwrap_or("");
-    let root_cause = p.opts.get("root-cause").map(String::as_str).unwrap_or("");
+    let answers = crate::review::SignOff(
+        p.opts
+            .iter()
+            .filter(|(k, _)| REVIEW_OPTIONS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    );
     match crate::review::sign(
         &gw.core,
         &gw.config.reviews,
         caller.person,
         caller.roles,
         id,
-        findings,
-        root_cause,
+        &answers,
     )
     .await
     {

@@ -1,7 +1,7 @@
 //! Post-incident reviews: every grant that was used gets a review due 24–48 h later (by
-//! scenario); a reviewer who took no part signs it off with findings and a root cause; the
-//! signed review is immutable, kept in the write-once store and sent to the SIEM; an overdue
-//! review raises an alert.
+//! scenario); a reviewer who took no part signs it off by answering the seed procedure's
+//! questions ([`QUESTIONS`]); the signed review is immutable, kept in the write-once store and
+//! sent to the SIEM with every answer; an overdue review raises an alert.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +12,7 @@ use crate::clock;
 use crate::config::ReviewRules;
 use crate::session::Core;
 use crate::siem::{AccessEvent, Action};
-use crate::state::{Grant, Review, StateError};
+use crate::state::{Grant, Review, ReviewAnswers, StateError};
 use crate::storage::key;
 
 fn event(action: Action, actor: &str, r: &Review) -> AccessEvent {
@@ -71,6 +71,7 @@ pub async fn open_for(core: &Core, rules: &ReviewRules, grant: &Grant) -> Result
         signed_at: None,
         findings: None,
         root_cause: None,
+        answers: None,
     };
     let (review, new) = core.store.open_review(&review).await?;
     if new {
@@ -96,30 +97,127 @@ pub enum SignError {
     NotReviewer(String),
     #[error("{who} took part in this incident ({role}) and may not review it")]
     Participant { who: String, role: &'static str },
-    #[error("a sign-off needs --findings TEXT and --root-cause TEXT")]
-    Incomplete,
+    #[error("a sign-off answers every question of the review; not answered:\n{}", .0.join("\n"))]
+    Incomplete(Vec<String>),
     #[error(transparent)]
     State(#[from] StateError),
     #[error("the signed review could not be written to the recording store: {0}")]
     Store(String),
 }
 
-/// Signs a review off: checks who may, records it once, writes it create-only to the
-/// recording store and emits the SIEM event.
+/// The questions a sign-off answers: the option that answers it and the question itself.
+/// `yes`/`no` questions take `yes` or `no`; the others take text.
+pub const QUESTIONS: [(&str, &str); 9] = [
+    ("findings", "what did the recordings show?"),
+    (
+        "thresholds-met",
+        "were the documented thresholds for break-glass access met? (yes or no)",
+    ),
+    (
+        "thresholds-note",
+        "why access went ahead below them (when not met)",
+    ),
+    (
+        "escalation-possible",
+        "could the standard escalation paths have worked instead? (yes or no)",
+    ),
+    (
+        "escalation-note",
+        "why they were not used (when they could have worked)",
+    ),
+    ("root-cause", "the root cause of the incident"),
+    ("actions-taken", "what was done during the access"),
+    (
+        "procedure-update",
+        "does the break-glass procedure need an update? (yes or no)",
+    ),
+    ("procedure-change", "which update (when one is needed)"),
+];
+
+/// What a reviewer submitted, as typed: one entry per answered question (option name →
+/// answer). Every surface (SSH control channel, API, web) fills it from its options.
+#[derive(Debug, Clone, Default)]
+pub struct SignOff(pub std::collections::BTreeMap<String, String>);
+
+impl SignOff {
+    fn text(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
+    }
+
+    fn yes_no(&self, name: &str) -> Option<bool> {
+        match self.text(name)?.to_ascii_lowercase().as_str() {
+            "yes" | "y" | "true" => Some(true),
+            "no" | "n" | "false" => Some(false),
+            _ => None,
+        }
+    }
+
+    /// The findings, the root cause and the answers, or every question left unanswered
+    /// (a yes/no question answered with anything else counts as unanswered).
+    pub fn check(&self) -> Result<(String, String, ReviewAnswers), SignError> {
+        let mut missing = Vec::new();
+        let mut need = |name: &str, ok: bool| {
+            if !ok {
+                let q = QUESTIONS
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or("", |(_, q)| *q);
+                missing.push(format!("  --{name}: {q}"));
+            }
+        };
+        let text = |n: &str| self.text(n).unwrap_or("").to_string();
+        need("findings", self.text("findings").is_some());
+        let thresholds = self.yes_no("thresholds-met");
+        need("thresholds-met", thresholds.is_some());
+        need(
+            "thresholds-note",
+            thresholds != Some(false) || self.text("thresholds-note").is_some(),
+        );
+        let escalation = self.yes_no("escalation-possible");
+        need("escalation-possible", escalation.is_some());
+        need(
+            "escalation-note",
+            escalation != Some(true) || self.text("escalation-note").is_some(),
+        );
+        need("root-cause", self.text("root-cause").is_some());
+        need("actions-taken", self.text("actions-taken").is_some());
+        let update = self.yes_no("procedure-update");
+        need("procedure-update", update.is_some());
+        need(
+            "procedure-change",
+            update != Some(true) || self.text("procedure-change").is_some(),
+        );
+        if !missing.is_empty() {
+            return Err(SignError::Incomplete(missing));
+        }
+        Ok((
+            text("findings"),
+            text("root-cause"),
+            ReviewAnswers {
+                thresholds_met: thresholds.unwrap_or(false),
+                thresholds_note: text("thresholds-note"),
+                escalation_possible: escalation.unwrap_or(false),
+                escalation_note: text("escalation-note"),
+                actions_taken: text("actions-taken"),
+                procedure_update: update.unwrap_or(false),
+                procedure_change: text("procedure-change"),
+            },
+        ))
+    }
+}
+
+/// Signs a review off: checks who may and that every question is answered, records it once,
+/// writes it create-only to the recording store and emits the SIEM event.
 pub async fn sign(
     core: &Core,
     rules: &ReviewRules,
     person: &str,
     roles: &[String],
     id: &str,
-    findings: &str,
-    root_cause: &str,
+    answers: &SignOff,
 ) -> Result<Review, SignError> {
     if !roles.iter().any(|r| r == "reviewer" || r == "admin") {
         return Err(SignError::NotReviewer(person.to_string()));
-    }
-    if findings.trim().is_empty() || root_cause.trim().is_empty() {
-        return Err(SignError::Incomplete);
     }
     let r = core.store.find_review(id).await?;
     if !rules.reviewer_may_be_participant {
@@ -136,9 +234,17 @@ pub async fn sign(
             });
         }
     }
+    let (findings, root_cause, answers) = answers.check()?;
     let signed = core
         .store
-        .sign_review(&r.id, person, findings, root_cause, clock::now())
+        .sign_review(
+            &r.id,
+            person,
+            &findings,
+            &root_cause,
+            &answers,
+            clock::now(),
+        )
         .await?;
     let doc = serde_json::json!({
         "schema_version": 1,
@@ -156,6 +262,7 @@ pub async fn sign(
         "signed_at": signed.signed_at.map(clock::rfc3339),
         "findings": signed.findings,
         "root_cause": signed.root_cause,
+        "answers": signed.answers,
     });
     let body = serde_json::to_vec_pretty(&doc).map_err(|e| SignError::Store(e.to_string()))?;
     core.recordings
@@ -165,7 +272,7 @@ pub async fn sign(
         )
         .await
         .map_err(|e| SignError::Store(e.to_string()))?;
-    let mut e = event(Action::ReviewSigned, person, &signed);
+    let mut e = event(Action::ReviewSigned, person, &signed).with_answers(&answers);
     e.findings = signed.findings.clone();
     e.root_cause = signed.root_cause.clone();
     e.message = Some(format!("{person} signed off review {}", signed.id));
@@ -197,5 +304,86 @@ pub async fn overdue_watcher(core: Arc<Core>) {
             }
             Err(e) => tracing::warn!(error = %e, "overdue review check failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sign_off(pairs: &[(&str, &str)]) -> SignOff {
+        SignOff(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    const FULL: [(&str, &str); 7] = [
+        ("findings", "ran a vacuum"),
+        ("thresholds-met", "yes"),
+        ("escalation-possible", "no"),
+        ("root-cause", "a stuck lock"),
+        ("actions-taken", "killed the vacuum"),
+        ("procedure-update", "no"),
+        ("thresholds-note", ""),
+    ];
+
+    #[test]
+    fn every_question_must_be_answered_and_the_refusal_names_each() {
+        let (findings, root, a) = sign_off(&FULL).check().expect("complete");
+        assert_eq!(
+            (findings.as_str(), root.as_str()),
+            ("ran a vacuum", "a stuck lock")
+        );
+        assert!(a.thresholds_met && !a.escalation_possible && !a.procedure_update);
+        let Err(SignError::Incomplete(missing)) = sign_off(&[]).check() else {
+            panic!("nothing answered is refused");
+        };
+        let named: Vec<&str> = missing
+            .iter()
+            .filter_map(|m| m.trim().strip_prefix("--"))
+            .filter_map(|m| m.split(':').next())
+            .collect();
+        assert_eq!(
+            named,
+            [
+                "findings",
+                "thresholds-met",
+                "escalation-possible",
+                "root-cause",
+                "actions-taken",
+                "procedure-update"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_answer_that_needs_a_reason_needs_its_note() {
+        let with = |k: &'static str, v: &'static str| {
+            let mut p: Vec<(&str, &str)> = FULL.to_vec();
+            p.retain(|(n, _)| *n != k);
+            p.push((k, v));
+            sign_off(&p).check()
+        };
+        for (k, v, note) in [
+            ("thresholds-met", "no", "thresholds-note"),
+            ("escalation-possible", "yes", "escalation-note"),
+            ("procedure-update", "yes", "procedure-change"),
+        ] {
+            match with(k, v) {
+                Err(SignError::Incomplete(m)) => {
+                    assert_eq!(m.len(), 1, "{m:?}");
+                    assert!(m[0].contains(note), "{k}={v}: {m:?}");
+                }
+                other => panic!("{k}={v} without --{note}: {other:?}"),
+            }
+        }
+        // A yes/no question answered with something else is not answered.
+        assert!(matches!(
+            with("thresholds-met", "maybe"),
+            Err(SignError::Incomplete(_))
+        ));
     }
 }

@@ -69,6 +69,9 @@ pub fn ocsf_class(e: &AccessEvent) -> (u32, &'static str, u32, &'static str, u32
         Action::ReviewOpened
         | Action::ReviewSigned
         | Action::ReviewOverdue
+        | Action::IncidentReported
+        | Action::CabSigned
+        | Action::IncidentOverdue
         | Action::RecordingCheckpoint
         | Action::SigningKeyRotated
         | Action::EvidenceRefused
@@ -86,7 +89,9 @@ fn severity(e: &AccessEvent) -> (u32, &'static str) {
     match (e.action, e.outcome.as_str(), e.emergency) {
         (_, _, Some(true)) => (4, "High"),
         (Action::SessionDenied | Action::ForwardingRefused, _, _) => (3, "Medium"),
-        (Action::SessionRevoked | Action::ReviewOverdue, _, _) => (3, "Medium"),
+        (Action::SessionRevoked | Action::ReviewOverdue | Action::IncidentOverdue, _, _) => {
+            (3, "Medium")
+        }
         (_, "failure", _) => (3, "Medium"),
         (Action::SessionStart, _, _) => (2, "Low"),
         _ => (1, "Informational"),
@@ -456,6 +461,9 @@ mod tests {
             Action::DrillFinished,
             Action::DrillOverdue,
             Action::Finding,
+            Action::IncidentReported,
+            Action::CabSigned,
+            Action::IncidentOverdue,
             Action::RecordingCheckpoint,
             Action::SigningKeyRotated,
             Action::Command,

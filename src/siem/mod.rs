@@ -72,6 +72,12 @@ pub enum Action {
     DrillOverdue,
     /// An automated audit finding about an ended session (`crate::findings`).
     Finding,
+    /// `breakglass incident-report` wrote an incident's report (signed manifest).
+    IncidentReported,
+    /// The change advisory board signed its review of an incident (`item`: the outcome).
+    CabSigned,
+    /// An item of an incident's timeline (`item`: rotation, report, cab) passed its limit.
+    IncidentOverdue,
     RecordingCheckpoint,
     /// `breakglass keys rotate-signing`: a new manifest signing key, certified by the old one.
     SigningKeyRotated,
@@ -127,6 +133,9 @@ impl Action {
             Action::DrillFinished => "drill_finished",
             Action::DrillOverdue => "drill_overdue",
             Action::Finding => "finding",
+            Action::IncidentReported => "incident_reported",
+            Action::CabSigned => "cab_signed",
+            Action::IncidentOverdue => "incident_overdue",
             Action::RecordingCheckpoint => "recording_checkpoint",
             Action::SigningKeyRotated => "signing_key_rotated",
             Action::Command => "command",
@@ -244,6 +253,25 @@ pub struct AccessEvent {
     /// `finding`: the moment in the recording, in milliseconds from the channel's start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offset_ms: Option<u64>,
+    /// `review_signed`: the answers to the review's questions (see `ReviewAnswers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thresholds_met: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thresholds_note: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation_possible: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation_note: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actions_taken: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub procedure_update: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub procedure_change: Option<String>,
+    /// `incident_overdue`: the timeline item (`rotation`, `report`, `cab`); `cab_signed`:
+    /// the CAB's outcome (`accepted`, `actions-required`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<String>,
 }
 
 impl AccessEvent {
@@ -315,7 +343,27 @@ impl AccessEvent {
             offset_ms: None,
             query: None,
             session_ids: None,
+            thresholds_met: None,
+            thresholds_note: None,
+            escalation_possible: None,
+            escalation_note: None,
+            actions_taken: None,
+            procedure_update: None,
+            procedure_change: None,
+            item: None,
         }
+    }
+
+    /// Puts a review's answers on a `review_signed` event.
+    pub fn with_answers(mut self, a: &crate::state::ReviewAnswers) -> AccessEvent {
+        self.thresholds_met = Some(a.thresholds_met);
+        self.thresholds_note = Some(a.thresholds_note.clone());
+        self.escalation_possible = Some(a.escalation_possible);
+        self.escalation_note = Some(a.escalation_note.clone());
+        self.actions_taken = Some(a.actions_taken.clone());
+        self.procedure_update = Some(a.procedure_update);
+        self.procedure_change = Some(a.procedure_change.clone());
+        self
     }
 
     /// True for per-action events (`BREAK_GLASS_ACTION`): commands and SQL statements.
@@ -631,6 +679,10 @@ fn summary_raw(e: &AccessEvent) -> String {
             "[breakglass] finding on {who}'s session on {target}: {}",
             e.message.as_deref().unwrap_or("")
         ),
+        Action::IncidentOverdue => format!(
+            "[breakglass] OVERDUE ({incident}): {}",
+            e.message.as_deref().unwrap_or("an item of the incident's timeline is late")
+        ),
         Action::DrillOverdue => format!(
             "[breakglass] DRILL OVERDUE for {target}: {}",
             e.message.as_deref().unwrap_or("no drill passed in time")
@@ -651,6 +703,8 @@ fn summary_raw(e: &AccessEvent) -> String {
         | Action::RequestExpired
         | Action::ReviewOpened
         | Action::ReviewSigned
+        | Action::IncidentReported
+        | Action::CabSigned
         | Action::CredentialIssued
         | Action::RecordingCheckpoint
         | Action::Command

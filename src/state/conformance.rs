@@ -20,6 +20,7 @@ macro_rules! suite {
             search_and_session_filters_find_the_right_rows,
             requests_approvals_and_denials,
             reviews_are_opened_once_signed_once_and_alerted_once,
+            incidents_keep_reports_one_cab_review_and_one_alert_per_item,
             the_ledger_keeps_write_order_and_final_entries,
             vault_slots_promote,
             node_leases_renew_and_leave,
@@ -444,6 +445,70 @@ pub async fn requests_approvals_and_denials(store: &dyn Store) {
     assert_eq!(store.events(&r.id).await.expect("events"), vec![ev]);
 }
 
+pub async fn incidents_keep_reports_one_cab_review_and_one_alert_per_item(store: &dyn Store) {
+    let now = t0();
+    assert!(store.incident_reports("INC-1").await.expect("r").is_empty());
+    for (i, at) in [now + Duration::minutes(5), now].into_iter().enumerate() {
+        store
+            .add_incident_report(&IncidentReportRow {
+                id: format!("IR-{i}"),
+                incident_id: "INC-1".into(),
+                created_by: "operator:root".into(),
+                created_at: at,
+                sha256: "ab".repeat(32),
+            })
+            .await
+            .expect("report");
+    }
+    let reports = store.incident_reports("INC-1").await.expect("r");
+    assert_eq!(
+        reports.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["IR-1", "IR-0"],
+        "oldest first"
+    );
+    assert!(store.incident_reports("INC-2").await.expect("r").is_empty());
+    assert_eq!(store.cab_review("INC-1").await.expect("cab"), None);
+    let cab = CabReview {
+        incident_id: "INC-1".into(),
+        signed_by: "erin".into(),
+        signed_at: now,
+        outcome: "accepted".into(),
+        notes: "fine".into(),
+    };
+    store.sign_cab(&cab).await.expect("cab");
+    assert!(matches!(
+        store
+            .sign_cab(&CabReview {
+                signed_by: "mallory".into(),
+                ..cab.clone()
+            })
+            .await,
+        Err(StateError::CabAlreadySigned(_))
+    ));
+    assert_eq!(store.cab_review("INC-1").await.expect("cab"), Some(cab));
+    assert!(store
+        .take_incident_alert("INC-1", "report", now)
+        .await
+        .expect("a"));
+    assert!(!store
+        .take_incident_alert("INC-1", "report", now)
+        .await
+        .expect("a"));
+    assert!(store
+        .take_incident_alert("INC-1", "cab", now)
+        .await
+        .expect("a"));
+    assert_eq!(store.rotation_of("g-none").await.expect("rot"), None);
+    store
+        .rotation_done("g-1", "db", "password rotated", now)
+        .await
+        .expect("rot");
+    assert_eq!(
+        store.rotation_of("g-1").await.expect("rot"),
+        Some(("password rotated".to_string(), now))
+    );
+}
+
 pub async fn reviews_are_opened_once_signed_once_and_alerted_once(store: &dyn Store) {
     let now = t0();
     let review = Review {
@@ -462,6 +527,7 @@ pub async fn reviews_are_opened_once_signed_once_and_alerted_once(store: &dyn St
         signed_at: None,
         findings: None,
         root_cause: None,
+        answers: None,
     };
     let (r, fresh) = store.open_review(&review).await.expect("open");
     assert!(fresh);
@@ -485,13 +551,29 @@ pub async fn reviews_are_opened_once_signed_once_and_alerted_once(store: &dyn St
         .await
         .expect("take")
         .is_empty());
+    let answers = ReviewAnswers {
+        thresholds_met: true,
+        thresholds_note: String::new(),
+        escalation_possible: false,
+        escalation_note: "the on-call DBA was unreachable".into(),
+        actions_taken: "killed the stuck vacuum".into(),
+        procedure_update: true,
+        procedure_change: "page the second DBA".into(),
+    };
     let signed = store
-        .sign_review("g-1", "dave", "fine", "disk", later)
+        .sign_review("g-1", "dave", "fine", "disk", &answers, later)
         .await
         .expect("sign");
     assert_eq!(signed.signed_by.as_deref(), Some("dave"));
+    assert_eq!(signed.answers.as_ref(), Some(&answers));
+    assert_eq!(
+        store.find_review("rv-1").await.expect("find").answers,
+        Some(answers.clone())
+    );
     assert!(matches!(
-        store.sign_review("rv-1", "eve", "x", "y", later).await,
+        store
+            .sign_review("rv-1", "eve", "x", "y", &answers, later)
+            .await,
         Err(StateError::AlreadySigned(_))
     ));
     assert!(store.open_reviews().await.expect("open").is_empty());

@@ -35,6 +35,8 @@ pub enum StateError {
     NoSuchReview(String),
     #[error("review {0} is already signed off; reviews are immutable")]
     AlreadySigned(String),
+    #[error("incident {0} already has its CAB review; CAB reviews are immutable")]
+    CabAlreadySigned(String),
     #[error("state store schema version {found} is newer than this binary knows ({known}); upgrade breakglass")]
     TooNew { found: i64, known: i64 },
 }
@@ -198,6 +200,48 @@ pub struct Review {
     pub signed_at: Option<DateTime<Utc>>,
     pub findings: Option<String>,
     pub root_cause: Option<String>,
+    /// The answers to the review's questions (None before the sign-off, and for reviews
+    /// signed before the questions existed).
+    pub answers: Option<ReviewAnswers>,
+}
+
+/// The answers of a post-incident review sign-off, besides its findings and root cause:
+/// the seed procedure's questions.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReviewAnswers {
+    /// Were the documented thresholds for break-glass access met?
+    pub thresholds_met: bool,
+    pub thresholds_note: String,
+    /// Could the standard escalation paths have worked instead?
+    pub escalation_possible: bool,
+    pub escalation_note: String,
+    /// What was done during the access.
+    pub actions_taken: String,
+    /// Does the break-glass procedure need an update, and which?
+    pub procedure_update: bool,
+    pub procedure_change: String,
+}
+
+/// One incident report written by `incident-report` (its SHA-256 is the HTML file's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncidentReportRow {
+    pub id: String,
+    pub incident_id: String,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub sha256: String,
+}
+
+/// The change advisory board's review of an incident: signed once, never changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CabReview {
+    pub incident_id: String,
+    pub signed_by: String,
+    pub signed_at: DateTime<Utc>,
+    /// `accepted` or `actions-required`.
+    pub outcome: String,
+    pub notes: String,
 }
 
 /// One record of the incident event store (the seed procedure's shape).
@@ -464,6 +508,7 @@ pub trait Store: Send + Sync {
         by: &str,
         findings: &str,
         root_cause: &str,
+        answers: &ReviewAnswers,
         at: DateTime<Utc>,
     ) -> Result<Review, StateError>;
     /// Marks overdue open reviews as alerted and returns those that were not yet.
@@ -568,6 +613,27 @@ pub trait Store: Send + Sync {
         outcome: &str,
         at: DateTime<Utc>,
     ) -> Result<(), StateError>;
+    /// The rotation recorded for a grant: its outcome and when.
+    async fn rotation_of(
+        &self,
+        grant_id: &str,
+    ) -> Result<Option<(String, DateTime<Utc>)>, StateError>;
+
+    /// Records an incident report that was written.
+    async fn add_incident_report(&self, r: &IncidentReportRow) -> Result<(), StateError>;
+    /// The reports written for an incident, oldest first.
+    async fn incident_reports(&self, incident: &str) -> Result<Vec<IncidentReportRow>, StateError>;
+    /// Records the CAB review of an incident once; a second is `CabAlreadySigned`.
+    async fn sign_cab(&self, c: &CabReview) -> Result<(), StateError>;
+    async fn cab_review(&self, incident: &str) -> Result<Option<CabReview>, StateError>;
+    /// Claims the one alert of an overdue timeline item (`rotation`, `report`, `cab`) of an
+    /// incident: true for exactly one caller, however many nodes ask.
+    async fn take_incident_alert(
+        &self,
+        incident: &str,
+        item: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StateError>;
 }
 
 /// Checks a request can still be acted on.

@@ -23,9 +23,9 @@ mod outbox;
 pub use outbox::{Appended, NewOutboxRow, OutboxRow, OutboxSink};
 
 use super::{
-    Approval, Grant, LedgerEntry, LinkUse, NewGrant, NewRequest, NodeRow, Request, RequestStatus,
-    Review, ReviewFilter, SearchEntry, SearchHit, SessionEnd, SessionFilter, SessionRow,
-    StateError, Store, StoredEvent,
+    Approval, CabReview, Grant, IncidentReportRow, LedgerEntry, LinkUse, NewGrant, NewRequest,
+    NodeRow, Request, RequestStatus, Review, ReviewAnswers, ReviewFilter, SearchEntry, SearchHit,
+    SessionEnd, SessionFilter, SessionRow, StateError, Store, StoredEvent,
 };
 
 /// The schema, one entry per SQLite migration with the same number. Never edit a released
@@ -219,6 +219,34 @@ const MIGRATIONS: &[&str] = &[
         last_error TEXT,
         holder TEXT,
         held_until BIGINT
+     );",
+    // 11: the review's answers; incident reports, CAB reviews (immutable) and the one alert
+    // per overdue timeline item.
+    "ALTER TABLE reviews ADD COLUMN answers TEXT;
+     CREATE TABLE incident_reports (
+        id TEXT PRIMARY KEY,
+        incident_id TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        sha256 TEXT NOT NULL
+     );
+     CREATE INDEX incident_reports_incident ON incident_reports(incident_id, created_at);
+     CREATE TABLE cab_reviews (
+        incident_id TEXT PRIMARY KEY,
+        signed_by TEXT NOT NULL,
+        signed_at BIGINT NOT NULL,
+        outcome TEXT NOT NULL,
+        notes TEXT NOT NULL
+     );
+     CREATE FUNCTION cab_reviews_immutable() RETURNS trigger LANGUAGE plpgsql AS $$
+     BEGIN RAISE EXCEPTION 'CAB reviews are immutable'; END $$;
+     CREATE TRIGGER cab_reviews_immutable BEFORE UPDATE OR DELETE ON cab_reviews
+     FOR EACH ROW EXECUTE FUNCTION cab_reviews_immutable();
+     CREATE TABLE incident_alerts (
+        incident_id TEXT NOT NULL,
+        item TEXT NOT NULL,
+        alerted_at BIGINT NOT NULL,
+        PRIMARY KEY (incident_id, item)
      );",
 ];
 
@@ -719,7 +747,7 @@ async fn grant_request(
 }
 
 const REVIEW_COLS: &str = "id, correlation_id, grant_id, person, target, scenario, emergency, approvers, \
-                           opened_at, due_at, overdue_alerted, signed_by, signed_at, findings, root_cause";
+                           opened_at, due_at, overdue_alerted, signed_by, signed_at, findings, root_cause, answers";
 
 fn review_row(r: &Row) -> Review {
     let approvers: String = r.get(7);
@@ -743,6 +771,9 @@ fn review_row(r: &Row) -> Review {
         signed_at: r.get::<_, Option<i64>>(12).map(from_ms),
         findings: r.get(13),
         root_cause: r.get(14),
+        answers: r
+            .get::<_, Option<String>>(15)
+            .and_then(|a| serde_json::from_str::<ReviewAnswers>(&a).ok()),
     }
 }
 
@@ -1440,7 +1471,7 @@ impl Store for PgStore {
                 .execute(
                     &format!(
                         "INSERT INTO reviews ({REVIEW_COLS}) \
-                         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,0,NULL,NULL,NULL,NULL) \
+                         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,0,NULL,NULL,NULL,NULL,NULL) \
                          ON CONFLICT DO NOTHING"
                     ),
                     &[
@@ -1495,8 +1526,10 @@ impl Store for PgStore {
         by: &str,
         findings: &str,
         root_cause: &str,
+        answers: &ReviewAnswers,
         at: DateTime<Utc>,
     ) -> Result<Review, StateError> {
+        let answers = serde_json::to_string(answers).map_err(db)?;
         self.call(async {
             let mut c = self.pool.get().await?;
             let tx = c.transaction().await.map_err(pg)?;
@@ -1505,8 +1538,9 @@ impl Store for PgStore {
                 return Err(StateError::AlreadySigned(r.id));
             }
             tx.execute(
-                "UPDATE reviews SET signed_by = $2, signed_at = $3, findings = $4, root_cause = $5 WHERE id = $1",
-                &[&r.id, &by, &ms(at), &findings, &root_cause],
+                "UPDATE reviews SET signed_by = $2, signed_at = $3, findings = $4, root_cause = $5, \
+                 answers = $6 WHERE id = $1",
+                &[&r.id, &by, &ms(at), &findings, &root_cause, &answers],
             )
             .await
             .map_err(pg)?;
@@ -1925,6 +1959,119 @@ impl Store for PgStore {
         )
         .await
         .map(drop)
+    }
+
+    async fn rotation_of(
+        &self,
+        grant_id: &str,
+    ) -> Result<Option<(String, DateTime<Utc>)>, StateError> {
+        self.call(async {
+            let c = self.pool.get().await?;
+            Ok(c.query_opt(
+                "SELECT outcome, done_at FROM rotations WHERE grant_id = $1",
+                &[&grant_id],
+            )
+            .await
+            .map_err(pg)?
+            .map(|r| (r.get::<_, String>(0), from_ms(r.get(1)))))
+        })
+        .await
+    }
+
+    async fn add_incident_report(&self, r: &IncidentReportRow) -> Result<(), StateError> {
+        self.exec(
+            "INSERT INTO incident_reports (id, incident_id, created_by, created_at, sha256) \
+             VALUES ($1,$2,$3,$4,$5)",
+            &[
+                &r.id,
+                &r.incident_id,
+                &r.created_by,
+                &ms(r.created_at),
+                &r.sha256,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn incident_reports(&self, incident: &str) -> Result<Vec<IncidentReportRow>, StateError> {
+        self.call(async {
+            let c = self.pool.get().await?;
+            Ok(c.query(
+                "SELECT id, incident_id, created_by, created_at, sha256 FROM incident_reports \
+                 WHERE incident_id = $1 ORDER BY created_at, id",
+                &[&incident],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| IncidentReportRow {
+                id: r.get(0),
+                incident_id: r.get(1),
+                created_by: r.get(2),
+                created_at: from_ms(r.get(3)),
+                sha256: r.get(4),
+            })
+            .collect())
+        })
+        .await
+    }
+
+    async fn sign_cab(&self, cab: &CabReview) -> Result<(), StateError> {
+        let n = self
+            .exec(
+                "INSERT INTO cab_reviews (incident_id, signed_by, signed_at, outcome, notes) \
+                 VALUES ($1,$2,$3,$4,$5) ON CONFLICT DO NOTHING",
+                &[
+                    &cab.incident_id,
+                    &cab.signed_by,
+                    &ms(cab.signed_at),
+                    &cab.outcome,
+                    &cab.notes,
+                ],
+            )
+            .await?;
+        if n == 0 {
+            return Err(StateError::CabAlreadySigned(cab.incident_id.clone()));
+        }
+        Ok(())
+    }
+
+    async fn cab_review(&self, incident: &str) -> Result<Option<CabReview>, StateError> {
+        self.call(async {
+            let c = self.pool.get().await?;
+            Ok(c.query_opt(
+                "SELECT incident_id, signed_by, signed_at, outcome, notes FROM cab_reviews \
+                 WHERE incident_id = $1",
+                &[&incident],
+            )
+            .await
+            .map_err(pg)?
+            .map(|r| CabReview {
+                incident_id: r.get(0),
+                signed_by: r.get(1),
+                signed_at: from_ms(r.get(2)),
+                outcome: r.get(3),
+                notes: r.get(4),
+            }))
+        })
+        .await
+    }
+
+    async fn take_incident_alert(
+        &self,
+        incident: &str,
+        item: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StateError> {
+        Ok(self
+            .exec(
+                "INSERT INTO incident_alerts (incident_id, item, alerted_at) VALUES ($1,$2,$3) \
+                 ON CONFLICT DO NOTHING",
+                &[&incident, &item, &ms(at)],
+            )
+            .await?
+            == 1)
     }
 }
 

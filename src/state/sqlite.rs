@@ -8,9 +8,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    Approval, Grant, LedgerEntry, LinkUse, NewGrant, NewRequest, NodeRow, Request, RequestStatus,
-    Review, ReviewFilter, SearchEntry, SearchHit, SessionEnd, SessionFilter, SessionRow,
-    StateError, Store, StoredEvent,
+    Approval, CabReview, Grant, IncidentReportRow, LedgerEntry, LinkUse, NewGrant, NewRequest,
+    NodeRow, Request, RequestStatus, Review, ReviewAnswers, ReviewFilter, SearchEntry, SearchHit,
+    SessionEnd, SessionFilter, SessionRow, StateError, Store, StoredEvent,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -189,6 +189,34 @@ const MIGRATIONS: &[&str] = &[
     // 10: PostgreSQL's shared SIEM outbox. A single node keeps its own spool file
     // (`siem-spool.sqlite`, synchronous=FULL), so this step holds nothing here.
     "",
+    // 11: the review's answers; incident reports, CAB reviews (immutable) and the one alert
+    // per overdue timeline item.
+    "ALTER TABLE reviews ADD COLUMN answers TEXT;
+     CREATE TABLE incident_reports (
+        id TEXT PRIMARY KEY,
+        incident_id TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        sha256 TEXT NOT NULL
+     );
+     CREATE INDEX incident_reports_incident ON incident_reports(incident_id, created_at);
+     CREATE TABLE cab_reviews (
+        incident_id TEXT PRIMARY KEY,
+        signed_by TEXT NOT NULL,
+        signed_at INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        notes TEXT NOT NULL
+     );
+     CREATE TRIGGER cab_reviews_immutable BEFORE UPDATE ON cab_reviews
+     BEGIN SELECT RAISE(ABORT, 'CAB reviews are immutable'); END;
+     CREATE TRIGGER cab_reviews_kept BEFORE DELETE ON cab_reviews
+     BEGIN SELECT RAISE(ABORT, 'CAB reviews are immutable'); END;
+     CREATE TABLE incident_alerts (
+        incident_id TEXT NOT NULL,
+        item TEXT NOT NULL,
+        alerted_at INTEGER NOT NULL,
+        PRIMARY KEY (incident_id, item)
+     );",
 ];
 
 /// SQLite behind a mutex; calls run on the blocking pool.
@@ -476,7 +504,7 @@ fn grant_request(
 }
 
 const REVIEW_COLS: &str = "id, correlation_id, grant_id, person, target, scenario, emergency, approvers, \
-                           opened_at, due_at, overdue_alerted, signed_by, signed_at, findings, root_cause";
+                           opened_at, due_at, overdue_alerted, signed_by, signed_at, findings, root_cause, answers";
 
 fn review_row(r: &Row<'_>) -> rusqlite::Result<Review> {
     let approvers: String = r.get(7)?;
@@ -500,6 +528,9 @@ fn review_row(r: &Row<'_>) -> rusqlite::Result<Review> {
         signed_at: r.get::<_, Option<i64>>(12)?.map(from_ms),
         findings: r.get(13)?,
         root_cause: r.get(14)?,
+        answers: r
+            .get::<_, Option<String>>(15)?
+            .and_then(|a| serde_json::from_str::<ReviewAnswers>(&a).ok()),
     })
 }
 
@@ -1208,7 +1239,7 @@ impl Store for SqliteStore {
                 .execute(
                     &format!(
                         "INSERT OR IGNORE INTO reviews ({REVIEW_COLS}) \
-                         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,0,NULL,NULL,NULL,NULL)"
+                         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,0,NULL,NULL,NULL,NULL,NULL)"
                     ),
                     params![
                         r.id,
@@ -1257,6 +1288,7 @@ impl Store for SqliteStore {
         by: &str,
         findings: &str,
         root_cause: &str,
+        answers: &ReviewAnswers,
         at: DateTime<Utc>,
     ) -> Result<Review, StateError> {
         let (id, by, findings, root_cause) = (
@@ -1265,6 +1297,7 @@ impl Store for SqliteStore {
             findings.to_string(),
             root_cause.to_string(),
         );
+        let answers = serde_json::to_string(answers).map_err(db)?;
         self.with(move |c| {
             let tx = c.unchecked_transaction().map_err(db)?;
             let r = find_review_sync(&tx, &id)?;
@@ -1272,8 +1305,9 @@ impl Store for SqliteStore {
                 return Err(StateError::AlreadySigned(r.id));
             }
             tx.execute(
-                "UPDATE reviews SET signed_by = ?2, signed_at = ?3, findings = ?4, root_cause = ?5 WHERE id = ?1",
-                params![r.id, by, ms(at), findings, root_cause],
+                "UPDATE reviews SET signed_by = ?2, signed_at = ?3, findings = ?4, root_cause = ?5, \
+                 answers = ?6 WHERE id = ?1",
+                params![r.id, by, ms(at), findings, root_cause, answers],
             )
             .map_err(db)?;
             let out = find_review_sync(&tx, &r.id)?;
@@ -1716,6 +1750,130 @@ impl Store for SqliteStore {
             )
             .map_err(db)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn rotation_of(
+        &self,
+        grant_id: &str,
+    ) -> Result<Option<(String, DateTime<Utc>)>, StateError> {
+        let g = grant_id.to_string();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT outcome, done_at FROM rotations WHERE grant_id = ?1",
+                [g],
+                |r| Ok((r.get::<_, String>(0)?, from_ms(r.get(1)?))),
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn add_incident_report(&self, r: &IncidentReportRow) -> Result<(), StateError> {
+        let r = r.clone();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO incident_reports (id, incident_id, created_by, created_at, sha256) \
+                 VALUES (?1,?2,?3,?4,?5)",
+                params![
+                    r.id,
+                    r.incident_id,
+                    r.created_by,
+                    ms(r.created_at),
+                    r.sha256
+                ],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn incident_reports(&self, incident: &str) -> Result<Vec<IncidentReportRow>, StateError> {
+        let i = incident.to_string();
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT id, incident_id, created_by, created_at, sha256 FROM incident_reports \
+                     WHERE incident_id = ?1 ORDER BY created_at, id",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([i], |r| {
+                    Ok(IncidentReportRow {
+                        id: r.get(0)?,
+                        incident_id: r.get(1)?,
+                        created_by: r.get(2)?,
+                        created_at: from_ms(r.get(3)?),
+                        sha256: r.get(4)?,
+                    })
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn sign_cab(&self, cab: &CabReview) -> Result<(), StateError> {
+        let cab = cab.clone();
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "INSERT OR IGNORE INTO cab_reviews (incident_id, signed_by, signed_at, outcome, notes) \
+                     VALUES (?1,?2,?3,?4,?5)",
+                    params![cab.incident_id, cab.signed_by, ms(cab.signed_at), cab.outcome, cab.notes],
+                )
+                .map_err(db)?;
+            if n == 0 {
+                return Err(StateError::CabAlreadySigned(cab.incident_id));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn cab_review(&self, incident: &str) -> Result<Option<CabReview>, StateError> {
+        let i = incident.to_string();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT incident_id, signed_by, signed_at, outcome, notes FROM cab_reviews \
+                 WHERE incident_id = ?1",
+                [i],
+                |r| {
+                    Ok(CabReview {
+                        incident_id: r.get(0)?,
+                        signed_by: r.get(1)?,
+                        signed_at: from_ms(r.get(2)?),
+                        outcome: r.get(3)?,
+                        notes: r.get(4)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn take_incident_alert(
+        &self,
+        incident: &str,
+        item: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StateError> {
+        let (i, it) = (incident.to_string(), item.to_string());
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "INSERT OR IGNORE INTO incident_alerts (incident_id, item, alerted_at) VALUES (?1,?2,?3)",
+                    params![i, it, ms(at)],
+                )
+                .map_err(db)?;
+            Ok(n == 1)
         })
         .await
     }

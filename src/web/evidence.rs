@@ -181,7 +181,7 @@ fn review_json(r: &crate::state::Review) -> Value {
         "approvers": r.approvers, "opened_at": clock::rfc3339(r.opened_at),
         "due_at": clock::rfc3339(r.due_at), "signed_by": r.signed_by,
         "signed_at": r.signed_at.map(clock::rfc3339), "findings": r.findings,
-        "root_cause": r.root_cause,
+        "root_cause": r.root_cause, "answers": r.answers,
         "state": if r.signed_at.is_some() { "signed" } else if r.due_at <= now { "overdue" } else { "open" },
     })
 }
@@ -625,11 +625,38 @@ async fn list_reviews(
     Ok(Json(json!({ "reviews": items })).into_response())
 }
 
+/// A yes/no answer: JSON `true`/`false`, or the text `yes`/`no` (what the web form sends).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum YesNo {
+    Bool(bool),
+    Text(String),
+}
+
+impl YesNo {
+    fn text(self) -> String {
+        match self {
+            YesNo::Bool(true) => "yes".into(),
+            YesNo::Bool(false) => "no".into(),
+            YesNo::Text(t) => t,
+        }
+    }
+}
+
+/// The sign-off: the answers to the review's questions (`review::QUESTIONS`); a missing one
+/// is refused by name.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SignBody {
-    findings: String,
-    root_cause: String,
+    findings: Option<String>,
+    thresholds_met: Option<YesNo>,
+    thresholds_note: Option<String>,
+    escalation_possible: Option<YesNo>,
+    escalation_note: Option<String>,
+    root_cause: Option<String>,
+    actions_taken: Option<String>,
+    procedure_update: Option<YesNo>,
+    procedure_change: Option<String>,
 }
 
 async fn sign_review(
@@ -647,8 +674,18 @@ async fn sign_review(
             "review",
             vec![id],
             vec![
-                ("findings", Some(b.findings)),
-                ("root-cause", Some(b.root_cause)),
+                ("findings", b.findings),
+                ("thresholds-met", b.thresholds_met.map(YesNo::text)),
+                ("thresholds-note", b.thresholds_note),
+                (
+                    "escalation-possible",
+                    b.escalation_possible.map(YesNo::text),
+                ),
+                ("escalation-note", b.escalation_note),
+                ("root-cause", b.root_cause),
+                ("actions-taken", b.actions_taken),
+                ("procedure-update", b.procedure_update.map(YesNo::text)),
+                ("procedure-change", b.procedure_change),
             ],
         ),
     )

@@ -142,6 +142,25 @@ try {
   const form = page.locator(`form.sign[data-id="${review}"]`);
   await form.locator("textarea[name=findings]").fill("Replayed the session; one echo, nothing else. No policy breach.");
   await form.locator("textarea[name=root_cause]").fill("Disk alert during the incident drill.");
+  // A sign-off with a question left open is refused by the form, then by the server.
+  await form.locator("input[name=thresholds_met][value=yes]").check();
+  await form.locator("input[name=escalation_possible][value=no]").check();
+  await form.locator("textarea[name=actions_taken]").fill("Read the disk usage; nothing changed.");
+  await form.locator("input[name=procedure_update][value=yes]").check();
+  const logged400 = page.waitForEvent("console", {
+    predicate: (m) => m.type() === "error" && m.text().includes("status of 400"),
+    timeout: 15000,
+  });
+  await form.locator("button").click();
+  await logged400;
+  await page.locator("#outcome .error").waitFor();
+  const refused = await page.locator("#outcome .error").textContent();
+  check(refused.includes("--procedure-change"), `an update without saying which is refused: ${refused}`);
+  // That refusal was a 400 the browser logs; it is the one expected.
+  const expected = pageErrors.findIndex((e) => e.includes("status of 400"));
+  check(expected >= 0, "the refused sign-off should have been a 400");
+  pageErrors.splice(expected, 1);
+  await form.locator("textarea[name=procedure_change]").fill("Say which disk alert pages whom.");
   await form.locator("button").click();
   await page.locator("#signed").waitFor();
   const signed = await page.locator("#signed").textContent();

@@ -372,18 +372,49 @@ async fn used_grants_get_a_review_that_goes_overdue_and_is_signed_off_once() {
     let overdue = w.wait_event("review overdue", |e| e["action"] == "review_overdue");
     assert_eq!(overdue["correlation_id"], req.as_str());
 
+    // A sign-off that leaves a question unanswered is refused, naming each one left.
+    let (code, _, err) = control(
+        &w,
+        "dave",
+        "breakglass",
+        &format!(
+            "review {req} --findings vacuum stuck on a lock --root-cause missing index on orders --thresholds-met no"
+        ),
+    )
+    .await;
+    assert_eq!(code, 1, "{err}");
+    for q in [
+        "--thresholds-note",
+        "--escalation-possible",
+        "--actions-taken",
+        "--procedure-update",
+    ] {
+        assert!(err.contains(q), "{q} unanswered: {err}");
+    }
+    assert!(!err.contains("--root-cause:"), "{err}");
     let (code, out, err) = control(
         &w,
         "dave",
         "breakglass",
         &format!(
-            "review {req} --findings vacuum stuck on a lock --root-cause missing index on orders"
+            "review {req} --findings vacuum stuck on a lock --root-cause missing index on orders \
+             --thresholds-met yes --escalation-possible no --escalation-note 'the DBA on call was paged twice' \
+             --actions-taken killed the vacuum --procedure-update yes --procedure-change 'add the index check to the runbook'"
         ),
     )
     .await;
     assert_eq!(code, 0, "{out}{err}");
     let signed = w.wait_event("review signed", |e| e["action"] == "review_signed");
     assert_eq!(signed["root_cause"], "missing index on orders");
+    // Every answer is a field of the SIEM event and of the immutable review record.
+    assert_eq!(signed["thresholds_met"], true, "{signed}");
+    assert_eq!(signed["escalation_possible"], false, "{signed}");
+    assert_eq!(signed["actions_taken"], "killed the vacuum", "{signed}");
+    assert_eq!(signed["procedure_update"], true, "{signed}");
+    assert_eq!(
+        signed["procedure_change"], "add the index check to the runbook",
+        "{signed}"
+    );
     let review_id = signed["review_id"].as_str().expect("review id").to_string();
     let stored = w
         .path("data/recordings/reviews")
@@ -393,11 +424,19 @@ async fn used_grants_get_a_review_that_goes_overdue_and_is_signed_off_once() {
         serde_json::from_str(&std::fs::read_to_string(&stored).expect("review in the store"))
             .expect("json");
     assert_eq!(doc["signed_by"], "dave");
+    assert_eq!(doc["answers"]["thresholds_met"], true, "{doc}");
+    assert_eq!(
+        doc["answers"]["actions_taken"], "killed the vacuum",
+        "{doc}"
+    );
     let (code, _, err) = control(
         &w,
         "dave",
         "breakglass",
-        &format!("review {req} --findings x --root-cause y"),
+        &format!(
+            "review {req} --findings x --root-cause y --thresholds-met yes --escalation-possible no \
+             --actions-taken z --procedure-update no"
+        ),
     )
     .await;
     assert_eq!(code, 1);

@@ -319,6 +319,13 @@ async function decide(id, what, body) {
 
 // ------------------------------------------------------------------ reviews
 
+// A required yes/no question of the review.
+function yesNo(name, question) {
+  return `<fieldset class="yes-no"><legend>${esc(question)}</legend>
+    <label><input type="radio" name="${name}" value="yes" required> yes</label>
+    <label><input type="radio" name="${name}" value="no"> no</label></fieldset>`;
+}
+
 async function reviewsPage() {
   const d = await api("/api/v1/reviews");
   $main().innerHTML = `<h1>Post-incident reviews</h1><div id="outcome"></div>
@@ -327,8 +334,15 @@ async function reviewsPage() {
     <p>${esc(r.person)} on ${esc(r.target)} (${esc(r.scenario)}); approved by ${esc(r.approvers.join(", ") || "nobody")}; due ${fmtTime(r.due_at)}.
       <a href="#/sessions?person=${encodeURIComponent(r.person)}&target=${encodeURIComponent(r.target)}">Sessions</a></p>
     ${r.you_may_sign ? `<form class="sign" data-id="${esc(r.id)}">
-      <label>Findings<br><textarea name="findings" rows="3" cols="80" required></textarea></label><br>
+      <label>Findings: what did the recordings show?<br><textarea name="findings" rows="3" cols="80" required></textarea></label><br>
+      ${yesNo("thresholds_met", "Were the documented thresholds for break-glass access met?")}
+      <label>If not, why did access go ahead?<br><textarea name="thresholds_note" rows="2" cols="80"></textarea></label><br>
+      ${yesNo("escalation_possible", "Could the standard escalation paths have worked instead?")}
+      <label>If so, why were they not used?<br><textarea name="escalation_note" rows="2" cols="80"></textarea></label><br>
       <label>Root cause<br><textarea name="root_cause" rows="2" cols="80" required></textarea></label><br>
+      <label>Actions taken during the access<br><textarea name="actions_taken" rows="2" cols="80" required></textarea></label><br>
+      ${yesNo("procedure_update", "Does the break-glass procedure need an update?")}
+      <label>If so, which?<br><textarea name="procedure_change" rows="2" cols="80"></textarea></label><br>
       <button class="primary">Sign off</button></form>` : `<p class="notice">You may not sign this review off (reviewers who took no part in the incident sign off).</p>`}
   </section>`).join("") || `<p>No open reviews.</p>`}`;
   for (const f of document.querySelectorAll("form.sign")) {
