@@ -24,6 +24,9 @@ use crate::state::{Grant, Request, Review, SessionFilter, SessionRow, StateError
 pub const SCHEMA_VERSION: u32 = 1;
 /// The manifest's `kind`.
 pub const KIND: &str = "breakglass-metadata-export";
+/// The `kind` of an incident report's manifest (`crate::incident`): the same manifest shape,
+/// signed by the same keys, so `audit-export verify` checks both.
+pub const INCIDENT_KIND: &str = "breakglass-incident-report";
 /// The manifest's file name in an export directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The signature's file name in an export directory.
@@ -45,6 +48,8 @@ pub enum ExportError {
     Exists { path: PathBuf },
     #[error("{0} is not a metadata export manifest: {1}")]
     NotAManifest(PathBuf, String),
+    #[error("a metadata export is JSON or CSV, not {0}")]
+    Format(&'static str),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
@@ -60,6 +65,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
 pub enum ExportFormat {
     Json,
     Csv,
+    /// An incident report (one self-contained HTML file); never a metadata export.
+    Html,
 }
 
 impl ExportFormat {
@@ -67,6 +74,7 @@ impl ExportFormat {
         match self {
             ExportFormat::Json => "json",
             ExportFormat::Csv => "csv",
+            ExportFormat::Html => "html",
         }
     }
 }
@@ -259,6 +267,7 @@ pub async fn build(
             }
             text
         }
+        ExportFormat::Html => return Err(ExportError::Format("html")),
     };
     let stamp = |t: DateTime<Utc>| t.format("%Y%m%dT%H%M%SZ").to_string();
     let file_name = format!(
@@ -267,12 +276,37 @@ pub async fn build(
         stamp(until),
         format.as_str()
     );
+    signed(
+        signer,
+        KIND,
+        file_name,
+        content,
+        records.len() as u64,
+        format,
+        (since, until),
+        exported_by,
+    )
+}
+
+/// Signs `content` as `file_name`: the manifest (of `kind`) over its SHA-256, and the
+/// signature over the manifest's exact bytes.
+#[allow(clippy::too_many_arguments)]
+pub fn signed(
+    signer: &Signer,
+    kind: &str,
+    file_name: String,
+    content: String,
+    rows: u64,
+    format: ExportFormat,
+    (since, until): (DateTime<Utc>, DateTime<Utc>),
+    exported_by: &str,
+) -> Result<Bundle, ExportError> {
     let manifest = Manifest {
         schema_version: SCHEMA_VERSION,
-        kind: KIND.into(),
+        kind: kind.into(),
         file: file_name.clone(),
         sha256: hex::encode(Sha256::digest(content.as_bytes())),
-        rows: records.len() as u64,
+        rows,
         format,
         since: rfc3339(since),
         until: rfc3339(until),
@@ -487,9 +521,11 @@ pub fn verify(
             };
         }
     };
-    if manifest.kind != KIND || manifest.schema_version != SCHEMA_VERSION {
+    if ![KIND, INCIDENT_KIND].contains(&manifest.kind.as_str())
+        || manifest.schema_version != SCHEMA_VERSION
+    {
         findings.push(format!(
-            "{MANIFEST_FILE} is a `{}` version {} document, not a {KIND} version {SCHEMA_VERSION}",
+            "{MANIFEST_FILE} is a `{}` version {} document, not a {KIND} or {INCIDENT_KIND} version {SCHEMA_VERSION}",
             manifest.kind, manifest.schema_version
         ));
     }

@@ -218,6 +218,8 @@ breakglass control commands (ssh -p PORT breakglass@GATEWAY COMMAND ...):
           --findings TEXT --thresholds-met yes|no [--thresholds-note TEXT]
           --escalation-possible yes|no [--escalation-note TEXT] --root-cause TEXT
           --actions-taken TEXT --procedure-update yes|no [--procedure-change TEXT]
+  cab INCIDENT --outcome accepted|actions-required --notes TEXT
+                             the change advisory board's review of a resolved incident
 Then connect with: ssh -p PORT TARGET@GATEWAY
 ";
 
@@ -259,6 +261,7 @@ pub enum Command {
     Token,
     Login,
     Review,
+    Cab,
 }
 
 impl Command {
@@ -278,6 +281,7 @@ impl Command {
             "token" => Command::Token,
             "login" => Command::Login,
             "review" => Command::Review,
+            "cab" => Command::Cab,
             _ => return None,
         })
     }
@@ -291,6 +295,7 @@ impl Command {
                 | Command::Deny
                 | Command::Revoke
                 | Command::Review
+                | Command::Cab
                 | Command::Credential
         )
     }
@@ -304,6 +309,7 @@ impl Command {
             ),
             Command::Deny | Command::Revoke => (&["reason"], &[]),
             Command::Review => (&REVIEW_OPTIONS, &[]),
+            Command::Cab => (&["outcome", "notes"], &[]),
             _ => (&[], &[]),
         }
     }
@@ -417,6 +423,7 @@ pub async fn run_parsed(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Outcom
         Command::Token => token(gw, caller).await,
         Command::Login => login(gw, caller).await,
         Command::Review => review(gw, caller, p).await,
+        Command::Cab => cab(gw, caller, p).await,
     };
     res.unwrap_or_else(|e| state_fail(&e))
 }
@@ -1113,6 +1120,43 @@ async fn review(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome
             crate::storage::key::review(&r.correlation_id, &r.id)
         ))),
         Err(e) => Ok(sign_fail(&e)),
+    }
+}
+
+async fn cab(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome, StateError> {
+    use crate::incident::CabError as E;
+    let Some(incident) = p.args.first() else {
+        return Ok(fail("cab needs an incident id"));
+    };
+    let opt = |k: &str| p.opts.get(k).map(String::as_str).unwrap_or("");
+    match crate::incident::sign_cab(
+        &gw.core,
+        caller.person,
+        caller.roles,
+        incident,
+        opt("outcome"),
+        opt("notes"),
+    )
+    .await
+    {
+        Ok(c) => Ok(ok(format!(
+            "CAB review of incident {} signed by {}: {}; stored as {}\n",
+            term(&c.incident_id),
+            caller.person,
+            c.outcome,
+            crate::storage::key::cab_review(&c.incident_id)
+        ))),
+        Err(e) => {
+            let kind = match &e {
+                E::NotReviewer(_) => Failure::Forbidden,
+                E::Incomplete => Failure::Invalid,
+                E::NoSuchIncident(_) => Failure::NotFound,
+                E::NotResolved(_) => Failure::Conflict,
+                E::State(s) => s.into(),
+                E::Store(_) => Failure::Internal,
+            };
+            Ok(refuse(kind, e.to_string()))
+        }
     }
 }
 

@@ -382,25 +382,35 @@ pub async fn compute(
     cfg: &crate::config::Config,
     since: DateTime<Utc>,
 ) -> Result<Vec<Finding>, crate::state::StateError> {
+    of_filter(
+        store,
+        cfg,
+        &crate::state::SessionFilter {
+            since: Some(since),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Every finding of the ended sessions `f` selects (an incident's, a period's), oldest
+/// session first.
+pub async fn of_filter(
+    store: &dyn crate::state::Store,
+    cfg: &crate::config::Config,
+    f: &crate::state::SessionFilter,
+) -> Result<Vec<Finding>, crate::state::StateError> {
     use crate::state::SessionFilter;
     let all = store.list_sessions(&SessionFilter::default()).await?;
-    let mut sessions: Vec<SessionRow> = all
-        .iter()
-        .filter(|s| s.started_at >= since && s.ended_at.is_some())
-        .cloned()
+    let mut sessions: Vec<SessionRow> = store
+        .list_sessions(f)
+        .await?
+        .into_iter()
+        .filter(|s| s.ended_at.is_some())
         .collect();
     sessions.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
     let mut entries: BTreeMap<String, Vec<SearchEntry>> = BTreeMap::new();
-    for h in store
-        .search_text(
-            "",
-            &SessionFilter {
-                since: Some(since),
-                ..SessionFilter::default()
-            },
-        )
-        .await?
-    {
+    for h in store.search_text("", f).await? {
         entries
             .entry(h.session.id.clone())
             .or_default()

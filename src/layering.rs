@@ -26,7 +26,7 @@ const LAYERS: &[&[&str]] = &[
     // Protocol adapters.
     &["ssh", "pg"],
     // Workflow.
-    &["review", "rotation"],
+    &["review", "rotation", "incident"],
     // Surfaces.
     &["control", "api", "web"],
     // The composition root.

@@ -59,6 +59,7 @@ pub mod credential;
 pub mod csv;
 pub mod findings;
 pub mod grant;
+pub mod incident;
 pub mod keys;
 #[cfg(test)]
 mod layering;

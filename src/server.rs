@@ -362,6 +362,10 @@ pub async fn start(
         let sealer = tokio::spawn(crate::ssh::session::seal_pending_worker(gw.clone()));
         let expiry = tokio::spawn(crate::control::request_expiry(gw.clone()));
         let overdue = tokio::spawn(crate::review::overdue_watcher(gw.core.clone()));
+        let timeline = tokio::spawn(crate::incident::overdue_watcher(
+            gw.core.clone(),
+            crate::incident::Limits::of(&gw.config),
+        ));
         let rotation = tokio::spawn(crate::rotation::worker(gw.clone()));
         let indexer = tokio::spawn(crate::web::evidence::indexer(gw.clone()));
         let pg = pg_listener.map(|l| tokio::spawn(crate::pg::serve(l, gw.clone(), pg_tls)));
@@ -431,6 +435,7 @@ pub async fn start(
         sealer.abort();
         expiry.abort();
         overdue.abort();
+        timeline.abort();
         rotation.abort();
         indexer.abort();
         if let Some(api) = api {

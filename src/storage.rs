@@ -295,6 +295,14 @@ pub mod key {
         format!("reviews/{correlation_id}/{review_id}.json")
     }
 
+    /// An incident's CAB review. Incident ids are text from people, so the key holds a hash
+    /// of the id (the document holds the id itself).
+    pub fn cab_review(incident_id: &str) -> String {
+        use sha2::Digest;
+        let h = hex::encode(sha2::Sha256::digest(incident_id.as_bytes()));
+        format!("incidents/{}/cab-review.json", &h[..32])
+    }
+
     /// Chunk `seq` of channel `channel`. `ext` is `cast` (pty, asciicast v2) or `raw.lz4`
     /// (non-pty, exact bytes in an LZ4 frame). Zero-padded so key order is chunk order.
     pub fn chunk(prefix: &str, channel: u32, seq: u64, ext: &str) -> String {

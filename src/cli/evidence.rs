@@ -573,6 +573,85 @@ pub(super) fn audit_export_verify(
     }
 }
 
+/// Indexes every ended session not indexed yet (the findings rules and the incident report
+/// read the index); the findings of the sessions this command indexed go to the SIEM as the
+/// gateway's do.
+async fn index_all(
+    cfg: &Config,
+    store: &dyn breakglass::state::Store,
+    rec: &RecordingStore,
+    siem: &std::sync::Arc<breakglass::siem::Siem>,
+) -> Result<()> {
+    for _ in 0..1000 {
+        let done = breakglass::web::evidence::index_pending_in(store, rec).await?;
+        if done.is_empty() {
+            break;
+        }
+        for (row, entries) in done {
+            for f in breakglass::findings::of_indexed(store, cfg, &row, &entries).await? {
+                breakglass::siem::audit(siem, store, &breakglass::siem::finding_event(&f)).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `incident-report`: gathers the incident, renders the HTML, signs the manifest, writes the
+/// three files create-only, records the report (the timeline counts it) and emits its event.
+pub(super) async fn incident_report(config: &Path, incident: &str, out: &Path) -> Result<ExitCode> {
+    breakglass::text::check("incident", incident, breakglass::text::Lines::One)
+        .map_err(|e| anyhow!(e))?;
+    let cfg = Config::load(config)?;
+    let store = open_state(&cfg).await?;
+    let rec = RecordingStore::from_config(&cfg)?;
+    let siem = std::sync::Arc::new(Siem::open_for(&cfg, &*store).await?);
+    index_all(&cfg, &*store, &rec, &siem).await?;
+    let trust = cfg.signing.trust(&cfg.keys_dir)?;
+    let signer = breakglass::signing::Signer::load_or_create_pinned(
+        &cfg.keys_dir,
+        &cfg.signing.trusted_keys_file,
+    )?
+    .use_trusted(&trust)?;
+    let by = operator();
+    let report = breakglass::incident::gather(
+        &*store,
+        &rec,
+        &cfg,
+        &trust.keys(),
+        siem.stats().await,
+        incident,
+        &by,
+    )
+    .await?;
+    let html = breakglass::incident::render(&report);
+    let bundle = breakglass::incident::sign(&report, html, &signer)?;
+    let written = breakglass::audit_export::write(&bundle, out)?;
+    let sha = bundle.manifest["sha256"].as_str().unwrap_or("").to_string();
+    let (row, e) = breakglass::incident::reported_event(&report, &sha, &out.display().to_string());
+    store.add_incident_report(&row).await?;
+    breakglass::siem::audit(&siem, &*store, &e).await?;
+    for p in &written {
+        println!("{}", p.display());
+    }
+    for i in &report.timeline {
+        eprintln!(
+            "{:<9} {:<8} {}",
+            i.item,
+            i.state.as_str(),
+            i.due_at
+                .map(|d| format!("due {}", clock::rfc3339(d)))
+                .unwrap_or_else(|| "not resolved yet".into())
+        );
+    }
+    eprintln!(
+        "incident {incident}: {} sessions, {} findings; manifest signed with key {}",
+        report.sessions.len(),
+        report.findings.len(),
+        bundle.signature.key_id
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `findings`: the rule set over every ended session that started since `since`.
 pub(super) async fn findings(config: &Path, since: &str, format: Format) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
@@ -581,19 +660,7 @@ pub(super) async fn findings(config: &Path, since: &str, format: Format) -> Resu
     // The rules read the search index: fill it for sessions that ended since the last search.
     let rec = RecordingStore::from_config(&cfg)?;
     let siem = std::sync::Arc::new(breakglass::siem::Siem::open_for(&cfg, &*store).await?);
-    for _ in 0..1000 {
-        let done = breakglass::web::evidence::index_pending_in(&*store, &rec).await?;
-        if done.is_empty() {
-            break;
-        }
-        // Sessions this command indexed: their findings go to the SIEM as the gateway's do.
-        for (row, entries) in done {
-            for f in breakglass::findings::of_indexed(&*store, &cfg, &row, &entries).await? {
-                breakglass::siem::audit(&siem, &*store, &breakglass::siem::finding_event(&f))
-                    .await?;
-            }
-        }
-    }
+    index_all(&cfg, &*store, &rec, &siem).await?;
     let found = breakglass::findings::compute(&*store, &cfg, since).await?;
     if format == Format::Json {
         println!("{}", serde_json::to_string_pretty(&found)?);

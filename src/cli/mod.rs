@@ -275,6 +275,24 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// An incident's report: one self-contained HTML file (requests, approvals, grants,
+    /// sessions, commands, transfers, findings, integrity verdicts, SIEM delivery, rotation,
+    /// reviews, CAB, and the timeline) next to a signed manifest. Check it with
+    /// `audit-export verify DIR`.
+    IncidentReport {
+        #[arg(
+            long,
+            short,
+            env = "BREAKGLASS_CONFIG",
+            default_value = "config/breakglass.toml"
+        )]
+        config: PathBuf,
+        /// The incident id the grants carry.
+        incident: String,
+        /// Directory to write into (created; files are never overwritten).
+        #[arg(long, short)]
+        out: PathBuf,
+    },
     /// The nodes sharing this config's state store: their leases and live sessions.
     Cluster {
         #[arg(
@@ -590,6 +608,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             since,
             format,
         } => evidence::findings(&config, &since, format).await,
+        Command::IncidentReport {
+            config,
+            incident,
+            out,
+        } => evidence::incident_report(&config, &incident, &out).await,
         Command::Drill {
             target,
             key,

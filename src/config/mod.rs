@@ -81,7 +81,35 @@ struct RawConfig {
     #[serde(default)]
     findings: RawFindings,
     #[serde(default)]
+    incidents: RawIncidents,
+    #[serde(default)]
     signing: RawSigning,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIncidents {
+    report_within: Option<String>,
+    cab_within: Option<String>,
+}
+
+/// `[incidents]`: the seed timeline after an incident is resolved (its last grant ended):
+/// the credentials rotated within `limits.rotation_window`, the incident report written
+/// within `report_within`, the CAB review signed within `cab_within`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IncidentsConfig {
+    pub report_within: Duration,
+    pub cab_within: Duration,
+}
+
+fn incidents_config(raw: &RawIncidents) -> Result<IncidentsConfig, ConfigError> {
+    let get = |key: &str, v: &Option<String>, default: &str| {
+        parse_duration(key, v.as_deref().unwrap_or(default))
+    };
+    Ok(IncidentsConfig {
+        report_within: get("incidents.report_within", &raw.report_within, "24h")?,
+        cab_within: get("incidents.cab_within", &raw.cab_within, "7d")?,
+    })
 }
 
 /// `[signing]`: which manifest signing keys verification trusts.
@@ -445,6 +473,8 @@ pub struct Config {
     pub drills_every: Option<Duration>,
     /// `[findings]`: the audit-finding rules' settings.
     pub findings: FindingsConfig,
+    /// `[incidents]`: the post-incident timeline's limits.
+    pub incidents: IncidentsConfig,
     /// Which manifest signing keys `verify` (online) trusts.
     pub signing: SigningConfig,
 }
@@ -1682,6 +1712,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             (None, None) => KekSource::File(keys_dir.join("vault.kek")),
         },
         findings: findings_config(&raw.findings)?,
+        incidents: incidents_config(&raw.incidents)?,
         drills_every: raw
             .drills
             .every

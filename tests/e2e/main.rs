@@ -12,6 +12,7 @@ mod escapes;
 mod findings;
 mod flood;
 mod frictions;
+mod incident;
 mod logs;
 mod outage;
 mod pg;
