@@ -158,6 +158,38 @@ async fn list_sessions(
     )
 }
 
+/// The findings of one grant's ended sessions, most serious first.
+async fn grant_findings(
+    gw: &Gateway,
+    grant_id: &str,
+) -> Result<Vec<crate::findings::Finding>, ApiError> {
+    let Ok(g) = gw.store.find_grant(grant_id).await else {
+        return Ok(Vec::new());
+    };
+    let f = SessionFilter {
+        incident: Some(g.incident_id.clone()),
+        ..Default::default()
+    };
+    let ours: Vec<String> = gw
+        .store
+        .list_sessions(&f)
+        .await
+        .map_err(state_err)?
+        .into_iter()
+        .filter(|s| s.grant_id == g.id)
+        .map(|s| s.id)
+        .collect();
+    let mut found: Vec<crate::findings::Finding> =
+        crate::findings::of_filter(gw.store.as_ref(), &gw.config, &f)
+            .await
+            .map_err(state_err)?
+            .into_iter()
+            .filter(|x| ours.contains(&x.session_id))
+            .collect();
+    found.sort_by_key(|f| std::cmp::Reverse(f.severity));
+    Ok(found)
+}
+
 /// The incident id and review state of a session's grant.
 async fn grant_context(gw: &Gateway, r: &SessionRow) -> (Option<String>, Value) {
     let incident = gw
@@ -323,7 +355,22 @@ async fn session_page(
             .collect(),
     };
     let incident = grant.as_ref().map(|g| g.incident_id.clone());
+    // Where to look first: the audit findings, most serious first (ended sessions only).
+    let mut findings = if row.ended_at.is_some() {
+        crate::findings::of_indexed(
+            gw.store.as_ref(),
+            &gw.config,
+            &row,
+            &search_entries(&loaded),
+        )
+        .await
+        .map_err(state_err)?
+    } else {
+        Vec::new()
+    };
+    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     Ok(Json(json!({
+        "audit_findings": findings,
         "session": row_json(&row),
         "incident_id": incident,
         "sealed": loaded.meta.is_some(),
@@ -608,21 +655,111 @@ async fn list_reviews(
 ) -> Result<Response, ApiError> {
     let w = who(&gw, &headers).await?;
     let reviews = gw.store.open_reviews().await.map_err(state_err)?;
-    let items: Vec<Value> = reviews
+    let mut items: Vec<Value> = Vec::new();
+    for r in reviews
         .iter()
         .filter(|r| w.sees_all_sessions() || r.person == w.person)
-        .map(|r| {
-            let mut v = review_json(r);
-            v["you_may_sign"] = json!(
-                (w.has("reviewer") || w.has("admin"))
-                    && !w.has("auditor")
-                    && (gw.config.reviews.reviewer_may_be_participant
-                        || (r.person != w.person && !r.approvers.contains(&w.person)))
-            );
-            v
-        })
-        .collect();
+    {
+        let mut v = review_json(r);
+        v["you_may_sign"] = json!(
+            (w.has("reviewer") || w.has("admin"))
+                && !w.has("auditor")
+                && (gw.config.reviews.reviewer_may_be_participant
+                    || (r.person != w.person && !r.approvers.contains(&w.person)))
+        );
+        // Where to look first: the findings of this grant's sessions.
+        v["audit_findings"] = json!(grant_findings(&gw, &r.grant_id).await?);
+        items.push(v);
+    }
     Ok(Json(json!({ "reviews": items })).into_response())
+}
+
+/// The incident report as one HTML page (the same page `breakglass incident-report` signs),
+/// for reviewers, auditors and admins. Looking at it is an audit event.
+async fn incident_report(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    if !w.sees_all_sessions() {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} may not see incident reports (reviewers, auditors and admins may)",
+                w.person
+            ),
+        ));
+    }
+    crate::text::check("incident", &id, crate::text::Lines::One).map_err(bad)?;
+    let keys = gw
+        .config
+        .signing
+        .trust(&gw.config.keys_dir)
+        .map(|t| t.keys())
+        .unwrap_or_default();
+    let report = crate::incident::gather(
+        gw.store.as_ref(),
+        &gw.recordings,
+        &gw.config,
+        &keys,
+        gw.core.siem.stats().await,
+        &id,
+        &w.person,
+    )
+    .await
+    .map_err(|e| match e {
+        crate::incident::ReportError::NoSuchIncident(_) => {
+            ApiError(StatusCode::NOT_FOUND, e.to_string())
+        }
+        e => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    })?;
+    let mut e = AccessEvent::new(Action::RecordingViewed, &w.person);
+    e.incident_id = Some(id.clone());
+    e.message = Some(format!(
+        "{} viewed the incident report of {id} ({} sessions)",
+        w.person,
+        report.sessions.len()
+    ));
+    audit_or_refuse(&gw, &e).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'unsafe-inline'",
+            ),
+        ],
+        crate::incident::render(&report),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CabBody {
+    outcome: Option<String>,
+    notes: Option<String>,
+}
+
+async fn sign_cab(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(b): Json<CabBody>,
+) -> Result<Response, ApiError> {
+    let w = who(&gw, &headers).await?;
+    act_as(
+        &gw,
+        &w,
+        &headers,
+        parsed_command(
+            "cab",
+            vec![id],
+            vec![("outcome", b.outcome), ("notes", b.notes)],
+        ),
+    )
+    .await
 }
 
 /// A yes/no answer: JSON `true`/`false`, or the text `yes`/`no` (what the web form sends).
@@ -808,6 +945,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/api/v1/search", get(search))
         .route("/api/v1/reviews", get(list_reviews))
         .route("/api/v1/reviews/{id}/sign", post(sign_review))
+        .route("/api/v1/incidents/{id}/report", get(incident_report))
+        .route("/api/v1/incidents/{id}/cab", post(sign_cab))
         .route("/api/v1/reports", get(report))
         .route("/api/v1/audit-export", get(audit_export))
         .with_state(gw)

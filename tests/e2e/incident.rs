@@ -216,6 +216,43 @@ async fn an_incident_gets_its_timeline_report_and_cab_review() {
         "{html2}"
     );
     assert!(html2.contains("restart log rotation monitoring"));
+    // The web page serves the same report to reviewers, and to nobody else.
+    let dave = api_token(&w, "dave").await;
+    let page = std::process::Command::new(require("curl", "curl"))
+        .args(["-s", "-H", &format!("Authorization: Bearer {dave}")])
+        .arg(format!(
+            "http://127.0.0.1:{}/api/v1/incidents/INC-77/report",
+            w.http_port
+        ))
+        .output()
+        .expect("curl");
+    let page = text(&page.stdout);
+    assert!(
+        page.contains("data-item=\"cab\" data-state=\"met\""),
+        "{page}"
+    );
+    let alice = api_token(&w, "alice").await;
+    let (code, body) = api(
+        &w,
+        Some(&alice),
+        "GET",
+        "/api/v1/incidents/INC-77/report",
+        None,
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = api(
+        &w,
+        Some(&dave),
+        "GET",
+        "/api/v1/incidents/INC-NONE/report",
+        None,
+    )
+    .await;
+    assert_eq!(code, 404, "{body}");
+    w.wait_event("the look at the report is on the record", |e| {
+        e["action"] == "recording_viewed" && e["incident_id"] == "INC-77" && e["actor"] == "dave"
+    });
     // An unknown incident is an error, not an empty report.
     let out = w.cli(&[
         "incident-report",

@@ -428,6 +428,15 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
         .unwrap_or_else(|| panic!("a review of alice's grant in {out}"))
         .to_string();
 
+    // The session page lists the session's audit findings; the CLI computes the same ones.
+    let findings: Vec<Value> =
+        serde_json::from_str(&w.cli_ok(&["findings", "--since", "1d", "--format", "json"]))
+            .expect("findings json");
+    let session_findings = findings
+        .iter()
+        .filter(|f| f["session_id"] == session.as_str())
+        .count();
+
     let (url, _) = login_link(&w, "bob").await;
     let artifacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/web-artifacts");
     // Screenshots of an earlier run must not pass for this one's.
@@ -437,6 +446,7 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
         .env("BASE", format!("http://127.0.0.1:{}", w.http_port))
         .env("LOGIN_URL", &url)
         .env("SESSION_ID", &session)
+        .env("SESSION_FINDINGS", session_findings.to_string())
         .env("OUTPUT_TEXT", "web-42-ok")
         .env("COMMAND_TEXT", "echo web-$((6*7))-ok")
         .env("PG_SESSION_ID", &pg_session)

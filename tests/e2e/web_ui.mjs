@@ -73,6 +73,12 @@ try {
     (want) => [...document.querySelectorAll(".ap-term-text")].some((e) => e.textContent.includes(want)),
     output,
   );
+  // Look here first: as many findings as the rules give, each a link into this session.
+  await page.locator("#look-here-first").waitFor();
+  const links = await page.locator("#look-here-first a.finding-link").evaluateAll((as) => as.map((a) => a.getAttribute("href")));
+  check(links.length === Number(env("SESSION_FINDINGS")), `findings listed: ${links.length}, expected ${env("SESSION_FINDINGS")}`);
+  check(links.every((h) => h.startsWith(`#/session/${sessionId}`)), `finding links: ${links}`);
+  check((await page.locator("#incident-report").count()) === 1, "a reviewer sees the incident report link");
   await shot(step);
 
   step = "3-search";

@@ -140,6 +140,17 @@ async function jumpTarget(ch, t) {
   return t + 1;
 }
 
+// The audit findings of a session (or a review's sessions), each a link to its moment.
+function lookHereFirst(sessionId, findings) {
+  const attrs = `class="card look-here-first"${sessionId ? ` id="look-here-first"` : ""}`;
+  if (!findings || !findings.length) return `<section ${attrs}><h2>Look here first</h2><p>No findings.</p></section>`;
+  return `<section ${attrs}><h2>Look here first</h2><ul>${findings.map((f) => {
+    const sid = sessionId || f.session_id;
+    const where = f.channel != null ? `?ch=${f.channel}&t=${f.offset_seconds}` : "";
+    return `<li class="finding ${esc(f.severity)}"><span class="badge ${f.severity === "high" ? "bad" : "warn"}">${esc(f.severity)}</span> <a class="finding-link" href="#/session/${encodeURIComponent(sid)}${where}">${esc(f.rule)} at ${fmtTime(f.at)}</a>: ${esc(f.detail)}</li>`;
+  }).join("")}</ul></section>`;
+}
+
 async function sessionPage(id, q) {
   const d = await api(`/api/v1/sessions/${encodeURIComponent(id)}`);
   const s = d.session;
@@ -160,7 +171,9 @@ async function sessionPage(id, q) {
     <dt>Valid until</dt><dd>${fmtTime(g.expires_at)}${g.revoked_at ? ` (revoked ${fmtTime(g.revoked_at)} by ${esc(g.revoked_by)})` : ""}</dd>` : ""}
     ${r ? `<dt>Request</dt><dd class="mono">${esc(r.id)} (${esc(r.severity)}, ${esc(r.scenario)})</dd><dt>Approvals</dt><dd id="approvals">${approvals || (r.emergency ? "none: emergency self-service" : "none")}</dd>` : ""}
     <dt>Review</dt><dd>${reviewBadge(d.review)} ${d.review && d.review.signed_by ? `signed by ${esc(d.review.signed_by)}: ${esc(d.review.findings)}` : ""}</dd>
-  </dl></div>`;
+  </dl></div>
+  ${g && me && me.roles.some((x) => ["reviewer", "auditor", "admin"].includes(x)) ? `<p><a id="incident-report" href="/api/v1/incidents/${encodeURIComponent(g.incident_id)}/report" target="_blank" rel="noopener">Incident report for ${esc(g.incident_id)}</a></p>` : ""}
+  ${lookHereFirst(s.id, d.audit_findings)}`;
   for (const c of d.channels) {
     html += `<section class="card" id="ch-${c.channel}"><h2>Channel ${c.channel}: ${esc(channelLabel(c))}</h2>`;
     html += `<p><a href="/api/v1/sessions/${encodeURIComponent(s.id)}/channels/${c.channel}/cast?download=true" download>Download ${c.postgres ? "SQL timeline (JSONL)" : "asciicast"}</a>${c.exit_status != null ? ` · exit status ${c.exit_status}` : ""}</p>`;
@@ -333,6 +346,7 @@ async function reviewsPage() {
     <h2>${esc(r.id)} ${reviewBadge(r)} ${r.emergency ? `<span class="badge bad">emergency self-service</span>` : ""}</h2>
     <p>${esc(r.person)} on ${esc(r.target)} (${esc(r.scenario)}); approved by ${esc(r.approvers.join(", ") || "nobody")}; due ${fmtTime(r.due_at)}.
       <a href="#/sessions?person=${encodeURIComponent(r.person)}&target=${encodeURIComponent(r.target)}">Sessions</a></p>
+    ${lookHereFirst(null, r.audit_findings)}
     ${r.you_may_sign ? `<form class="sign" data-id="${esc(r.id)}">
       <label>Findings: what did the recordings show?<br><textarea name="findings" rows="3" cols="80" required></textarea></label><br>
       ${yesNo("thresholds_met", "Were the documented thresholds for break-glass access met?")}
