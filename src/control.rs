@@ -1131,6 +1131,7 @@ async fn cab(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome, S
     let opt = |k: &str| p.opts.get(k).map(String::as_str).unwrap_or("");
     match crate::incident::sign_cab(
         &gw.core,
+        gw.config.reviews.reviewer_may_be_participant,
         caller.person,
         caller.roles,
         incident,
@@ -1148,7 +1149,7 @@ async fn cab(gw: &Gateway, caller: &Caller<'_>, p: &Parsed) -> Result<Outcome, S
         ))),
         Err(e) => {
             let kind = match &e {
-                E::NotReviewer(_) => Failure::Forbidden,
+                E::NotReviewer(_) | E::Participant { .. } => Failure::Forbidden,
                 E::Incomplete => Failure::Invalid,
                 E::NoSuchIncident(_) => Failure::NotFound,
                 E::NotResolved(_) => Failure::Conflict,

@@ -410,7 +410,12 @@ pub async fn of_filter(
         .collect();
     sessions.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
     let mut entries: BTreeMap<String, Vec<SearchEntry>> = BTreeMap::new();
-    for h in store.search_text("", f).await? {
+    // Every entry: the search's default page would drop the oldest sessions' commands.
+    let every = SessionFilter {
+        limit: Some(u32::MAX),
+        ..f.clone()
+    };
+    for h in store.search_text("", &every).await? {
         entries
             .entry(h.session.id.clone())
             .or_default()

@@ -137,7 +137,15 @@ fn ended(g: &Grant) -> DateTime<Utc> {
 }
 
 fn after(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    t + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// A rotation outcome that did not rotate anything (the target left the config).
+fn rotated(outcome: &str) -> bool {
+    outcome != "target no longer configured"
 }
 
 impl Facts {
@@ -149,7 +157,14 @@ impl Facts {
         }
         let mut at = self.grants.iter().map(ended).max()?;
         for s in &self.sessions {
-            at = at.max(s.ended_at?);
+            // A session row a crash left open ended at its deadline at the latest (the gateway
+            // cuts every session there); before that it may still run.
+            let end = match s.ended_at {
+                Some(e) => e,
+                None if s.deadline <= now => s.deadline,
+                None => return None,
+            };
+            at = at.max(end);
         }
         Some(at)
     }
@@ -162,13 +177,36 @@ impl Facts {
         report_at: Option<DateTime<Utc>>,
     ) -> Vec<Item> {
         let resolved = self.resolved_at(now);
-        // Every grant's credentials rotated: done when the last one was.
-        let rotated = self
-            .rotations
+        // Each grant's credentials are due within the window after that grant ended; the
+        // item is done when the last one was rotated (a non-rotation does not count).
+        let rotation_of = |g: &Grant| {
+            self.rotations
+                .iter()
+                .find(|(id, _)| *id == g.id)
+                .and_then(|(_, r)| r.as_ref())
+                .filter(|(outcome, _)| rotated(outcome))
+                .map(|(_, at)| *at)
+        };
+        let rotated_at = self
+            .grants
             .iter()
-            .map(|(_, r)| r.as_ref().map(|(_, at)| *at))
+            .map(rotation_of)
             .collect::<Option<Vec<_>>>()
             .and_then(|v| v.into_iter().max());
+        let rotation_state = resolved.map(|_| {
+            let mut state = ItemState::Met;
+            for g in &self.grants {
+                let due = after(ended(g), limits.rotation);
+                match rotation_of(g) {
+                    Some(t) if t <= due => {}
+                    Some(_) => state = ItemState::Overdue,
+                    None if now > due => state = ItemState::Overdue,
+                    None if state == ItemState::Met => state = ItemState::Pending,
+                    None => {}
+                }
+            }
+            state
+        });
         // The first report written once the incident was resolved.
         let reported = resolved.and_then(|r| {
             self.reports
@@ -178,7 +216,9 @@ impl Facts {
                 .filter(|t| *t >= r)
                 .min()
         });
-        let cab = self.cab.as_ref().map(|c| c.signed_at);
+        // A CAB review counts for this resolution only (an incident id reused later is a new
+        // resolution the old review did not see).
+        let cab = resolved.and_then(|r| self.cab.as_ref().map(|c| c.signed_at).filter(|t| *t >= r));
         let item = |item, what, limit: Duration, done: Option<DateTime<Utc>>| {
             let due_at = resolved.map(|r| after(r, limit));
             let state = match (due_at, done) {
@@ -197,13 +237,24 @@ impl Facts {
                 state,
             }
         };
+        let mut rotation = item(
+            "rotation",
+            "credentials rotated after each grant ended",
+            limits.rotation,
+            rotated_at,
+        );
+        rotation.due_at = resolved.map(|_| {
+            self.grants
+                .iter()
+                .map(|g| after(ended(g), limits.rotation))
+                .max()
+                .unwrap_or(DateTime::<Utc>::MAX_UTC)
+        });
+        if let Some(st) = rotation_state {
+            rotation.state = st;
+        }
         vec![
-            item(
-                "rotation",
-                "credentials rotated after the resolution",
-                limits.rotation,
-                rotated,
-            ),
+            rotation,
             item("report", "incident report written", limits.report, reported),
             item("cab", "CAB review signed", limits.cab, cab),
         ]
@@ -248,6 +299,15 @@ pub enum ReportError {
     Export(#[from] crate::audit_export::ExportError),
 }
 
+/// Which report is asked for, by whom, and whether it is being written (only a written one
+/// counts for the timeline; a look at the web page does not).
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub incident: &'a str,
+    pub by: &'a str,
+    pub writing: bool,
+}
+
 /// Gathers an incident's report. `keys` are the trusted signing keys (the integrity verdict
 /// of each session); `sinks` the SIEM delivery figures at this moment.
 pub async fn gather(
@@ -256,9 +316,13 @@ pub async fn gather(
     cfg: &crate::config::Config,
     keys: &[PublicKey],
     sinks: Vec<SinkStats>,
-    incident: &str,
-    by: &str,
+    ask: Ask<'_>,
 ) -> Result<Report, ReportError> {
+    let Ask {
+        incident,
+        by,
+        writing,
+    } = ask;
     let facts = facts(store, incident).await?;
     if facts.grants.is_empty() {
         return Err(ReportError::NoSuchIncident(incident.to_string()));
@@ -269,7 +333,11 @@ pub async fn gather(
         ..Default::default()
     };
     let mut entries: BTreeMap<String, Vec<SearchEntry>> = BTreeMap::new();
-    for h in store.search_text("", &filter).await? {
+    let every = SessionFilter {
+        limit: Some(u32::MAX),
+        ..filter.clone()
+    };
+    for h in store.search_text("", &every).await? {
         entries.entry(h.session.id).or_default().push(h.entry);
     }
     let mut sessions = Vec::with_capacity(facts.sessions.len());
@@ -324,12 +392,15 @@ pub async fn gather(
         .collect();
     let mut reviews = Vec::new();
     for g in &facts.grants {
-        if let Ok(r) = store.find_review(&g.id).await {
-            reviews.push(r);
+        match store.find_review(&g.id).await {
+            Ok(r) => reviews.push(r),
+            Err(StateError::NoSuchReview(_)) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     let findings = crate::findings::of_filter(store, cfg, &filter).await?;
-    let timeline = facts.timeline(&Limits::of(cfg), now, Some(now));
+    // Only a report being written counts for the timeline (a look at the web page does not).
+    let timeline = facts.timeline(&Limits::of(cfg), now, writing.then_some(now));
     Ok(Report {
         resolved_at: facts.resolved_at(now),
         facts,
@@ -346,10 +417,13 @@ pub async fn gather(
 
 /// HTML text: escaped for the page, control characters shown as escapes.
 fn h(s: &str) -> String {
-    let t = crate::text::terminal(s);
-    let mut out = String::with_capacity(t.len());
-    for c in t.chars() {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
         match c {
+            '\n' | '\t' => out.push(c),
+            c if crate::text::is_refused(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
             '&' => out.push_str("&amp;"),
             '<' => out.push_str("&lt;"),
             '>' => out.push_str("&gt;"),
@@ -359,6 +433,11 @@ fn h(s: &str) -> String {
         }
     }
     out
+}
+
+/// The first 8 characters of an id.
+fn short(id: &str) -> String {
+    id.chars().take(8).collect()
 }
 
 fn t(at: DateTime<Utc>) -> String {
@@ -574,7 +653,7 @@ pub fn render(r: &Report) -> String {
         .flat_map(|s| {
             s.entries.iter().map(move |e| {
                 vec![
-                    format!("<code>{}</code>", h(&s.row.id[..s.row.id.len().min(8)])),
+                    format!("<code>{}</code>", h(&short(&s.row.id))),
                     e.channel.to_string(),
                     format!("{:.1}", e.time),
                     h(&e.kind),
@@ -597,7 +676,7 @@ pub fn render(r: &Report) -> String {
         .flat_map(|s| {
             s.transfers.iter().map(move |f| {
                 vec![
-                    format!("<code>{}</code>", h(&s.row.id[..s.row.id.len().min(8)])),
+                    format!("<code>{}</code>", h(&short(&s.row.id))),
                     h(&f.protocol),
                     h(&f.direction),
                     h(&f.path),
@@ -632,10 +711,7 @@ pub fn render(r: &Report) -> String {
                 h(&f.at),
                 format!("<span class=\"{s}\">{s}</span>", s = f.severity.as_str()),
                 h(f.rule),
-                format!(
-                    "<code>{}</code>",
-                    h(&f.session_id[..f.session_id.len().min(8)])
-                ),
+                format!("<code>{}</code>", h(&short(&f.session_id))),
                 f.channel.map(|c| c.to_string()).unwrap_or_default(),
                 f.offset_seconds
                     .map(|x| format!("{x:.1}"))
@@ -672,7 +748,7 @@ pub fn render(r: &Report) -> String {
                 if s.queued == 0 && s.dead_lettered == 0 {
                     "<span class=\"ok\">all delivered</span>".into()
                 } else if s.queued == 0 {
-                    "<span class=\"incomplete\">delivered, some dead-lettered</span>".into()
+                    "<span class=\"tampered\">not all delivered: some events were refused and dead-lettered</span>".into()
                 } else {
                     format!(
                         "<span class=\"incomplete\">{} waiting, oldest {:.0}s</span>",
@@ -845,6 +921,8 @@ pub enum CabError {
     NotReviewer(String),
     #[error("a CAB review needs --outcome accepted|actions-required and --notes TEXT")]
     Incomplete,
+    #[error("{who} took part in this incident ({role}) and may not sign its CAB review")]
+    Participant { who: String, role: &'static str },
     #[error("no grant has the incident id `{0}`")]
     NoSuchIncident(String),
     #[error("incident {0} is not resolved yet: a grant or a session is still running")]
@@ -859,6 +937,7 @@ pub enum CabError {
 /// create-only next to the evidence, and sent to the SIEM.
 pub async fn sign_cab(
     core: &Core,
+    may_be_participant: bool,
     person: &str,
     roles: &[String],
     incident: &str,
@@ -875,6 +954,32 @@ pub async fn sign_cab(
     let f = facts(core.store.as_ref(), incident).await?;
     if f.grants.is_empty() {
         return Err(CabError::NoSuchIncident(incident.to_string()));
+    }
+    if !may_be_participant {
+        for g in &f.grants {
+            let role = if g.person == person {
+                Some("requester")
+            } else if g.created_by == person {
+                Some("grantor")
+            } else {
+                None
+            };
+            let approver = match &g.request_id {
+                Some(rid) => core
+                    .store
+                    .find_request(rid)
+                    .await
+                    .map(|r| r.approvals.iter().any(|(a, _)| a == person))
+                    .unwrap_or(false),
+                None => false,
+            };
+            if let Some(role) = role.or(approver.then_some("approver")) {
+                return Err(CabError::Participant {
+                    who: person.to_string(),
+                    role,
+                });
+            }
+        }
     }
     let now = clock::now();
     if f.resolved_at(now).is_none() {
@@ -919,15 +1024,21 @@ pub async fn sign_cab(
 /// already (each item alerts once) or met their limits.
 fn horizon(limits: &Limits) -> chrono::Duration {
     let longest = limits.rotation.max(limits.report).max(limits.cab);
-    chrono::Duration::from_std(longest * 2 + Duration::from_secs(86_400))
-        .unwrap_or(chrono::Duration::MAX)
+    chrono::Duration::from_std(
+        longest
+            .saturating_mul(2)
+            .saturating_add(Duration::from_secs(86_400)),
+    )
+    .unwrap_or(chrono::Duration::MAX)
 }
 
 /// One pass of the watcher: an `incident_overdue` event (and alert) for each timeline item
 /// that passed its limit, once per incident and item however many nodes run it.
 pub async fn check_overdue(core: &Core, limits: &Limits) -> Result<usize, StateError> {
     let now = clock::now();
-    let since = now - horizon(limits);
+    let since = now
+        .checked_sub_signed(horizon(limits))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
     let mut incidents: Vec<String> = core
         .store
         .list_grants(None)
@@ -941,11 +1052,16 @@ pub async fn check_overdue(core: &Core, limits: &Limits) -> Result<usize, StateE
     let mut raised = 0;
     for inc in incidents {
         let f = facts(core.store.as_ref(), &inc).await?;
+        let Some(resolved) = f.resolved_at(now) else {
+            continue;
+        };
         for i in f.timeline(limits, now, None) {
             if i.state != ItemState::Overdue || i.done_at.is_some() {
                 continue;
             }
-            if !core.store.take_incident_alert(&inc, i.item, now).await? {
+            // One alert per item of each resolution (an incident id reused later alerts again).
+            let claim = format!("{}@{}", i.item, resolved.timestamp_millis());
+            if !core.store.take_incident_alert(&inc, &claim, now).await? {
                 continue;
             }
             let mut e = AccessEvent::new(Action::IncidentOverdue, "breakglass");
@@ -972,11 +1088,20 @@ pub async fn check_overdue(core: &Core, limits: &Limits) -> Result<usize, StateE
     Ok(raised)
 }
 
-/// Checks every incident's timeline every 2 s.
-pub async fn overdue_watcher(core: Arc<Core>, limits: Limits) {
+/// Checks every incident's timeline every 2 s on the node that `leads` (the cluster's
+/// singletons run on one node; the claim in the store keeps an alert single even while two
+/// nodes both lead for a moment).
+pub async fn overdue_watcher(
+    core: Arc<Core>,
+    limits: Limits,
+    leads: Arc<dyn Fn() -> bool + Send + Sync>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;
+        if !leads() {
+            continue;
+        }
         if let Err(e) = check_overdue(&core, &limits).await {
             tracing::warn!(error = %e, "incident timeline check failed; retried");
         }
@@ -1068,6 +1193,59 @@ mod tests {
         });
         // The CAB signed after 7 days is late: overdue, though done.
         assert_eq!(states(&f, 9 * 86_400), ["met", "met", "overdue"]);
+        // One signed before this resolution (an incident id used again) does not count.
+        f.cab.as_mut().expect("cab").signed_at = at(10);
+        assert_eq!(states(&f, 300), ["met", "met", "pending"]);
+        // A target that left the config was not rotated: that grant stays due.
+        f.rotations[1].1 = Some(("target no longer configured".into(), at(900)));
+        assert_eq!(states(&f, 300), ["pending", "met", "pending"]);
+        assert_eq!(states(&f, 200 + 3601), ["overdue", "met", "pending"]);
+        // Each grant has its own window: g1 rotated more than an hour after it ended is late
+        // even though the incident resolved later.
+        f.rotations[0].1 = Some(("ok".into(), at(100 + 3700)));
+        f.rotations[1].1 = Some(("ok".into(), at(300)));
+        assert_eq!(states(&f, 5000), ["overdue", "met", "pending"]);
+    }
+
+    #[test]
+    fn a_session_a_crash_left_open_ends_at_its_deadline_at_the_latest() {
+        let open = SessionRow {
+            id: "s".into(),
+            protocol: "ssh".into(),
+            person: "alice".into(),
+            target: "db".into(),
+            grant_id: "g1".into(),
+            client_addr: String::new(),
+            started_at: at(10),
+            deadline: at(400),
+            ended_at: None,
+            end_reason: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            recording_prefix: String::new(),
+            node_id: String::new(),
+        };
+        let f = Facts {
+            incident: "INC-1".into(),
+            grants: vec![grant("g1", 100)],
+            sessions: vec![open],
+            rotations: vec![],
+            reports: vec![],
+            cab: None,
+        };
+        assert_eq!(f.resolved_at(at(300)), None);
+        assert_eq!(f.resolved_at(at(500)), Some(at(400)));
+        // Huge limits saturate instead of overflowing.
+        let huge = Limits {
+            rotation: Duration::MAX,
+            report: Duration::MAX,
+            cab: Duration::MAX,
+        };
+        assert!(f
+            .timeline(&huge, at(500), None)
+            .iter()
+            .all(|i| i.state == ItemState::Pending));
+        assert!(horizon(&huge) > chrono::Duration::zero());
     }
 
     #[test]

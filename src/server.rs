@@ -362,9 +362,14 @@ pub async fn start(
         let sealer = tokio::spawn(crate::ssh::session::seal_pending_worker(gw.clone()));
         let expiry = tokio::spawn(crate::control::request_expiry(gw.clone()));
         let overdue = tokio::spawn(crate::review::overdue_watcher(gw.core.clone()));
+        let leads: Arc<dyn Fn() -> bool + Send + Sync> = {
+            let gw = gw.clone();
+            Arc::new(move || gw.membership.is_leader())
+        };
         let timeline = tokio::spawn(crate::incident::overdue_watcher(
             gw.core.clone(),
             crate::incident::Limits::of(&gw.config),
+            leads,
         ));
         let rotation = tokio::spawn(crate::rotation::worker(gw.clone()));
         let indexer = tokio::spawn(crate::web::evidence::indexer(gw.clone()));

@@ -619,8 +619,11 @@ pub(super) async fn incident_report(config: &Path, incident: &str, out: &Path) -
         &cfg,
         &trust.keys(),
         siem.stats().await,
-        incident,
-        &by,
+        breakglass::incident::Ask {
+            incident,
+            by: &by,
+            writing: true,
+        },
     )
     .await?;
     let html = breakglass::incident::render(&report);

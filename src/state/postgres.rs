@@ -771,9 +771,16 @@ fn review_row(r: &Row) -> Review {
         signed_at: r.get::<_, Option<i64>>(12).map(from_ms),
         findings: r.get(13),
         root_cause: r.get(14),
-        answers: r
-            .get::<_, Option<String>>(15)
-            .and_then(|a| serde_json::from_str::<ReviewAnswers>(&a).ok()),
+        answers: r.get::<_, Option<String>>(15).and_then(|a| {
+            match serde_json::from_str::<ReviewAnswers>(&a) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    // Only someone writing the state store directly gets here.
+                    tracing::error!(error = %e, "a review's stored answers do not parse");
+                    None
+                }
+            }
+        }),
     }
 }
 

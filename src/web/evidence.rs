@@ -697,15 +697,23 @@ async fn incident_report(
         .signing
         .trust(&gw.config.keys_dir)
         .map(|t| t.keys())
-        .unwrap_or_default();
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the trusted signing keys cannot be read: {e}"),
+            )
+        })?;
     let report = crate::incident::gather(
         gw.store.as_ref(),
         &gw.recordings,
         &gw.config,
         &keys,
         gw.core.siem.stats().await,
-        &id,
-        &w.person,
+        crate::incident::Ask {
+            incident: &id,
+            by: &w.person,
+            writing: false,
+        },
     )
     .await
     .map_err(|e| match e {

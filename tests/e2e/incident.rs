@@ -182,6 +182,19 @@ async fn an_incident_gets_its_timeline_report_and_cab_review() {
         text(&v.stdout)
     );
 
+    // The approver may not sign the CAB review of the incident they approved.
+    let (code, _, err) = control(
+        &w,
+        "bob",
+        "breakglass",
+        "cab INC-77 --outcome accepted --notes fine by me",
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("took part in this incident (approver)"),
+        "{err}"
+    );
     // The CAB signs once; the record is kept with the evidence and in the SIEM.
     let (code, out, err) = control(
         &w,
