@@ -156,6 +156,53 @@ impl Alerter {
     }
 }
 
+/// Posts the alert of an event to every hook and waits for the outcome: for the CLI, which
+/// has no delivery worker and exits right after. Returns how many hooks took it (retried like
+/// the worker's; never an error, since the event is already on the record).
+pub async fn send_now(
+    hooks: &[Webhook],
+    tls: &Arc<tokio_rustls::rustls::ClientConfig>,
+    e: &AccessEvent,
+    custodians: Vec<String>,
+) -> usize {
+    if hooks.is_empty() || !alertable(e) {
+        return 0;
+    }
+    let client = match crate::outbound::Client::new(tls, ALERT_TIMEOUT) {
+        Ok(c) => c,
+        Err(err) => {
+            tracing::error!(error = %err, "alert not sent: no HTTP client");
+            return 0;
+        }
+    };
+    let alert = Alert {
+        source: "breakglass",
+        summary: summary(e),
+        custodians,
+        event: e.clone(),
+    };
+    let stats = Stats::default();
+    let posts = hooks.iter().filter_map(|hook| {
+        let body = match hook.format {
+            Format::Json => serde_json::to_vec(&alert),
+            Format::Slack => serde_json::to_vec(&slack_body(&alert.summary)),
+        }
+        .ok()?;
+        Some(deliver(hook, body, &stats, &client))
+    });
+    // A hook that does not answer must not hold the operator's terminal for long.
+    if tokio::time::timeout(
+        ALERT_TIMEOUT + Duration::from_secs(1),
+        futures::future::join_all(posts),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!("an alert webhook did not answer in time; the event is on the record");
+    }
+    stats.sent.load(Ordering::Relaxed) as usize
+}
+
 /// The time limit of one alert post (connection, request and response).
 const ALERT_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -131,6 +131,15 @@ pub(super) async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
                 g.id, g.person, g.target
             ));
             breakglass::siem::audit(&siem, &*store, &e).await?;
+            // The custodians hear of it as of a revoke over the control channel.
+            let tls = breakglass::alerts::tls_config(cfg.alerts_ca_file.as_deref())
+                .map_err(|e| anyhow!("alerts.ca_file: {e}"))?;
+            let custodians = cfg
+                .targets
+                .get(&g.target)
+                .map(|t| t.custodians.clone())
+                .unwrap_or_default();
+            breakglass::alerts::send_now(&cfg.webhooks, &tls, &e, custodians).await;
             println!(
                 "revoked {} ({} on {}); live sessions end within a second",
                 g.id, g.person, g.target

@@ -315,6 +315,19 @@ async fn webhook_alerts_arrive_within_a_second_and_never_block_access() {
         });
     }
     w.wait_ended(1);
+    // An operator's revoke on the gateway host alerts too, though the CLI has no worker.
+    let grant = w.sessions()[0]["grant_id"]
+        .as_str()
+        .expect("grant id")
+        .to_string();
+    let out = w.cli(&["grant", "revoke", &grant, "--reason", "incident over"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_for("the CLI revoke's alert", Duration::from_secs(5), || {
+        slack_hook
+            .bodies()
+            .into_iter()
+            .find(|(_, b)| b.contains("was revoked") && b.contains("operator:"))
+    });
     gw.stop().await;
 }
 
