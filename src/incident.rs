@@ -992,7 +992,31 @@ pub async fn sign_cab(
         outcome: outcome.to_string(),
         notes: notes.trim().to_string(),
     };
-    core.store.sign_cab(&cab).await?;
+    if let Err(e) = core.store.sign_cab(&cab).await {
+        // An earlier sign-off may have stopped after its row (the copy or the event failed):
+        // finish it from the stored row, then refuse this one.
+        if matches!(e, StateError::CabAlreadySigned(_)) {
+            if let Some(first) = core.store.cab_review(incident).await? {
+                let missing = matches!(
+                    core.recordings.get(&key::cab_review(incident)).await,
+                    Err(crate::storage::StorageError::NotFound(_))
+                );
+                if missing {
+                    tracing::warn!(incident = %incident, "completing an earlier CAB sign-off");
+                    keep_cab(core, &first, &f).await?;
+                }
+            }
+        }
+        return Err(e.into());
+    }
+    keep_cab(core, &cab, &f).await?;
+    Ok(cab)
+}
+
+/// Writes a signed CAB review create-only next to the evidence and sends its event.
+async fn keep_cab(core: &Core, cab: &CabReview, f: &Facts) -> Result<(), CabError> {
+    let incident = cab.incident_id.as_str();
+    let person = cab.signed_by.as_str();
     let doc = serde_json::json!({
         "schema_version": 1,
         "incident_id": cab.incident_id,
@@ -1016,8 +1040,7 @@ pub async fn sign_cab(
     ));
     core.audit(&e)
         .await
-        .map_err(|err| CabError::Store(format!("SIEM: {err}")))?;
-    Ok(cab)
+        .map_err(|err| CabError::Store(format!("SIEM: {err}")))
 }
 
 /// How far back the watcher looks: incidents resolved longer ago than this were alerted
