@@ -19,6 +19,9 @@
 #[allow(dead_code)]
 mod support;
 
+#[allow(dead_code)]
+mod common;
+
 #[path = "../tests/e2e/cluster.rs"]
 #[allow(dead_code)]
 mod cluster;
@@ -117,6 +120,7 @@ fn pair_ratios(num: &[f64], den: &[f64]) -> String {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let runs = env_num("BENCH_RUNS", 5).max(1) as usize;
+    common::print_machine();
     let lat_runs = env_num("BENCH_LATENCY_RUNS", 20).max(1) as usize;
     let clients = env_num("BENCH_CLIENTS", 8).max(1);
     let seconds = env_num("BENCH_SECONDS", 10).max(1);

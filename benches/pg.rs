@@ -5,11 +5,14 @@
 //! PostgreSQL. Prints TPS and the ratios; asserts nothing.
 //!
 //! Run with `cargo bench --bench pg` (needs Debian's `pgbouncer`; BENCH_SECONDS, BENCH_CLIENTS
-//! override 10 s and 8 clients).
+//! override 10 s and 8 clients, BENCH_RUNS the 5 interleaved runs per path).
 
 #[path = "../tests/e2e/support.rs"]
 #[allow(dead_code)]
 mod support;
+
+#[allow(dead_code)]
+mod common;
 
 use std::process::{Command, Stdio};
 
@@ -215,26 +218,32 @@ fn main() {
         ("pgbouncer+tls", &via_tls_bouncer, "bench-password"),
         ("gateway+rec", &via_gateway, &secret),
     ];
+    common::print_machine();
+    let n_runs = env_num("BENCH_RUNS", 5).max(1);
     let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); runs.len()];
-    for _ in 0..2 {
+    for _ in 0..n_runs {
         for (i, (_, conn, password)) in runs.iter().enumerate() {
             results[i].push(tps(conn, password, seconds, clients));
         }
     }
-    let best = |v: &Vec<(f64, f64)>| v.iter().map(|r| r.0).fold(0.0, f64::max);
-    for (v, (name, _, _)) in results.iter().zip(&runs) {
-        let lat: f64 = v.iter().map(|r| r.1).sum::<f64>() / v.len() as f64;
-        println!(
-            "  {name:<14} best {:>9.0} TPS  avg latency {lat:.3} ms  runs {v:?}",
-            best(v)
-        );
+    let tps_of = |i: usize| results[i].iter().map(|r| r.0).collect::<Vec<f64>>();
+    for (i, (name, _, _)) in runs.iter().enumerate() {
+        common::print_spread(name, &tps_of(i), "TPS");
+        let lat: f64 = results[i].iter().map(|r| r.1).sum::<f64>() / results[i].len() as f64;
+        println!("  {:<16} avg latency {lat:.3} ms", "");
     }
-    let [direct, bouncer_plain, bouncer_tls, gateway] = [0, 1, 2, 3].map(|i| best(&results[i]));
+    let med = |i: usize| common::spread(&tps_of(i)).0;
+    let [direct, bouncer_plain, bouncer_tls, gateway] = [0, 1, 2, 3].map(med);
     println!(
-        "  ratio gateway/pgbouncer+tls = {:.2}x (both TLS), gateway/pgbouncer = {:.2}x (pgbouncer plain), gateway/direct = {:.2}x",
+        "  ratio gateway/pgbouncer+tls = {:.2}x (both TLS), gateway/pgbouncer = {:.2}x (pgbouncer plain), gateway/direct = {:.2}x (medians)",
         gateway / bouncer_tls,
         gateway / bouncer_plain,
         gateway / direct
+    );
+    println!(
+        "  per pair of neighbouring runs: gateway/pgbouncer+tls {}; gateway/pgbouncer {}",
+        common::pair_ratios(&tps_of(3), &tps_of(2)),
+        common::pair_ratios(&tps_of(3), &tps_of(1))
     );
     // runuser forks: stop pgbouncer itself (by its pid file), then reap runuser.
     for (b, name) in [

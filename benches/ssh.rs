@@ -6,11 +6,14 @@
 //!   the gateway and direct.
 //!
 //! Run with `cargo bench --bench ssh` (BENCH_BYTES overrides the 1 GB default, BENCH_RUNS the
-//! 3 runs per path). Nothing here asserts a speed: it measures and prints.
+//! 5 interleaved runs per path). Nothing here asserts a speed: it measures and prints.
 
 #[path = "../tests/e2e/support.rs"]
 #[allow(dead_code)]
 mod support;
+
+#[allow(dead_code)]
+mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -41,11 +44,6 @@ fn time_bulk(mut c: Command, bytes: u64) -> Duration {
     );
     assert_eq!(out.stdout.len() as u64, bytes, "all bytes arrived");
     took
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
@@ -101,7 +99,8 @@ fn keystroke_rtt(mut c: Command, n: usize) -> Vec<Duration> {
 
 fn main() {
     let bytes = env_num("BENCH_BYTES", 1_000_000_000);
-    let runs = env_num("BENCH_RUNS", 3) as usize;
+    let runs = env_num("BENCH_RUNS", 5).max(1) as usize;
+    common::print_machine();
     let w = World::new();
     // Direct and ProxyJump paths log in with alice's own key.
     std::fs::copy(w.path("alice.pub"), w.path("authorized_keys")).expect("authorized_keys");
@@ -221,26 +220,20 @@ fn main() {
             j.push(time_bulk(ssh_jump(cmd), n));
             g.push(time_bulk(ssh_gateway(cmd), n));
         }
-        let (gm, dm, jm) = (median(g.clone()), median(d.clone()), median(j.clone()));
+        let rate = |v: &[Duration]| v.iter().map(|t| mbps(n, *t)).collect::<Vec<f64>>();
+        let (gr, dr, jr) = (rate(&g), rate(&d), rate(&j));
+        common::print_spread("direct", &dr, "MB/s");
+        common::print_spread("ProxyJump", &jr, "MB/s");
+        common::print_spread("gateway+rec", &gr, "MB/s");
+        let m = |v: &[f64]| common::spread(v).0;
         println!(
-            "  direct        median {:>8.1} MB/s  runs {:?}",
-            mbps(n, dm),
-            d
+            "  ratio gateway/ProxyJump = {:.2}x, gateway/direct = {:.2}x (medians)",
+            m(&gr) / m(&jr),
+            m(&gr) / m(&dr)
         );
         println!(
-            "  ProxyJump     median {:>8.1} MB/s  runs {:?}",
-            mbps(n, jm),
-            j
-        );
-        println!(
-            "  gateway+rec   median {:>8.1} MB/s  runs {:?}",
-            mbps(n, gm),
-            g
-        );
-        println!(
-            "  ratio gateway/ProxyJump = {:.2}x, gateway/direct = {:.2}x",
-            mbps(n, gm) / mbps(n, jm),
-            mbps(n, gm) / mbps(n, dm)
+            "  per pair of neighbouring runs: gateway/ProxyJump {}",
+            common::pair_ratios(&gr, &jr)
         );
     }
 }
