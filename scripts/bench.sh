@@ -26,4 +26,4 @@ for b in "${benches[@]}"; do
 done
 echo
 echo "summary (full output in $out):"
-grep -E '^(machine:|== |[a-z].*:$|  [a-zA-Z+ ]+ +median|  ratio|  per pair|  added by)' "$out" || true
+grep -E '^(machine:|== |pgbench|bulk|keystroke|grant check|[a-z].*:$|  [a-zA-Z+ ]+ +median|  ratio|  per pair|  added by)' "$out" || true
