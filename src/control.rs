@@ -537,6 +537,22 @@ pub(crate) async fn request(
             target.approvers.join(", ")
         )));
     }
+    // A drill is counted apart from real incidents, so it must look like one everywhere:
+    // never without a second person, and under its own incident id (a real incident cannot
+    // be filed as a drill to leave the incident figures).
+    if scenario == "drill" {
+        if emergency {
+            return Ok(fail(
+                "a drill never uses emergency self-service: it rehearses the two-person rule",
+            ));
+        }
+        if !incident.starts_with("DRILL-") {
+            return Ok(fail(format!(
+                "a drill's incident id starts with DRILL- (got `{}`); `breakglass drill` makes one",
+                term(incident)
+            )));
+        }
+    }
     let now = clock::now();
     let req = gw
         .store

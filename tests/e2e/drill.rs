@@ -277,3 +277,38 @@ async fn a_drill_against_a_real_postgresql_target_passes() {
     }
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_request_keeps_the_two_person_rule_and_its_own_incident_id() {
+    let w = World::new();
+    let gw = InProcess::start(&w).await;
+    // web-02 allows emergency self-service, but never for a drill.
+    let (code, _, err) = control(
+        &w,
+        "alice",
+        "breakglass",
+        "request web-02 --reason rehearsal --incident DRILL-1 --scenario drill --emergency",
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("never uses emergency self-service"), "{err}");
+    // A real incident cannot be filed as a drill.
+    let (code, _, err) = control(
+        &w,
+        "alice",
+        "breakglass",
+        "request web-01 --reason db down --incident INC-9 --scenario drill",
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("starts with DRILL-"), "{err}");
+    let (code, out, err) = control(
+        &w,
+        "alice",
+        "breakglass",
+        "request web-01 --reason rehearsal --incident DRILL-2 --scenario drill",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    gw.stop().await;
+}
