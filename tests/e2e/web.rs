@@ -414,7 +414,7 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
         &w,
         "alice",
         "breakglass",
-        "request web-01 --reason follow-up check --incident INC-78",
+        "request web-01 --reason follow-up check <img src=x onerror=window.__pwned=1> & <b>bold</b> --incident INC-78",
     )
     .await;
     assert_eq!(code, 0, "{out}{err}");

@@ -135,7 +135,14 @@ try {
   step = "4-approve";
   await page.goto(`${env("BASE")}/#/requests`);
   const req = env("REQUEST_ID");
-  await page.locator(`tr[data-id="${req}"] button.approve`).click();
+  // Markup a requester typed is shown as text: no element, no script.
+  const row = page.locator(`tr[data-id="${req}"]`);
+  await row.waitFor();
+  const rowText = await row.textContent();
+  check(rowText.includes("<img src=x onerror=window.__pwned=1> & <b>bold</b>"), `the reason shows as typed: ${rowText}`);
+  check((await row.locator("img, b").count()) === 0, "the reason's markup became elements");
+  check((await page.evaluate(() => window.__pwned)) === undefined, "the reason's markup ran");
+  await row.locator("button.approve").click();
   await page.locator("#decision").waitFor();
   const decision = await page.locator("#decision").textContent();
   check(/approv|grant/i.test(decision), `approval outcome: ${decision}`);
