@@ -282,6 +282,8 @@ pub struct Report {
     pub findings: Vec<Finding>,
     pub reviews: Vec<Review>,
     pub sinks: Vec<SinkStats>,
+    /// Configured sinks whose delivery figures could not be read.
+    pub sinks_unknown: Vec<String>,
     pub timeline: Vec<Item>,
     pub resolved_at: Option<DateTime<Utc>>,
     pub generated_at: DateTime<Utc>,
@@ -309,15 +311,21 @@ pub struct Ask<'a> {
 }
 
 /// Gathers an incident's report. `keys` are the trusted signing keys (the integrity verdict
-/// of each session); `sinks` the SIEM delivery figures at this moment.
+/// of each session); `siem` gives the delivery figures at this moment.
 pub async fn gather(
     store: &dyn Store,
     recordings: &RecordingStore,
     cfg: &crate::config::Config,
     keys: &[PublicKey],
-    sinks: Vec<SinkStats>,
+    siem: &crate::siem::Siem,
     ask: Ask<'_>,
 ) -> Result<Report, ReportError> {
+    let sinks = siem.stats().await;
+    let sinks_unknown: Vec<String> = siem
+        .sink_names()
+        .into_iter()
+        .filter(|n| !sinks.iter().any(|s| &s.sink == n))
+        .collect();
     let Ask {
         incident,
         by,
@@ -409,6 +417,7 @@ pub async fn gather(
         findings,
         reviews,
         sinks,
+        sinks_unknown,
         timeline,
         generated_at: now,
         generated_by: by.to_string(),
@@ -758,6 +767,16 @@ pub fn render(r: &Report) -> String {
                 h(s.last_error.as_deref().unwrap_or("")),
             ]
         })
+        .chain(r.sinks_unknown.iter().map(|n| {
+            vec![
+                h(n),
+                "?".into(),
+                "?".into(),
+                "?".into(),
+                "<span class=\"error\">unknown: its figures could not be read</span>".into(),
+                String::new(),
+            ]
+        }))
         .collect();
     table(
         &mut o,
@@ -1290,6 +1309,7 @@ mod tests {
             findings: vec![],
             reviews: vec![],
             sinks: vec![],
+            sinks_unknown: vec!["collector".into()],
             generated_at: at(500),
             generated_by: "operator:\u{1b}[2Jroot".into(),
         };
@@ -1303,6 +1323,10 @@ mod tests {
         assert!(
             html.contains("data-item=\"report\" data-state=\"met\""),
             "{html}"
+        );
+        assert!(
+            html.contains("collector</td><td>?"),
+            "an unreadable sink is shown: {html}"
         );
         assert_eq!(
             file_name("INC/../../x y", at(0)),

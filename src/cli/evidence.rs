@@ -618,7 +618,7 @@ pub(super) async fn incident_report(config: &Path, incident: &str, out: &Path) -
         &rec,
         &cfg,
         &trust.keys(),
-        siem.stats().await,
+        &siem,
         breakglass::incident::Ask {
             incident,
             by: &by,

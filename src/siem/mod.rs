@@ -1031,6 +1031,11 @@ impl Siem {
         out
     }
 
+    /// The configured sinks' names, in config order.
+    pub fn sink_names(&self) -> Vec<String> {
+        self.settings.sinks.iter().map(|s| s.name.clone()).collect()
+    }
+
     /// True when a cluster's nodes share this SIEM's outbox.
     pub fn shared(&self) -> bool {
         self.outbox.shared()

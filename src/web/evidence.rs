@@ -708,7 +708,7 @@ async fn incident_report(
         &gw.recordings,
         &gw.config,
         &keys,
-        gw.core.siem.stats().await,
+        &gw.core.siem,
         crate::incident::Ask {
             incident: &id,
             by: &w.person,
