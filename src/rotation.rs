@@ -511,12 +511,29 @@ async fn account_event(
     }
 }
 
+/// How often a role switch that keeps failing is put on the record (and alerts) again.
+const FAILURE_REPEAT: Duration = Duration::from_secs(600);
+
+/// Whether a failure of `name` was put on the record less than [`FAILURE_REPEAT`] ago.
+fn reported_lately(
+    failing: &std::collections::BTreeMap<String, chrono::DateTime<chrono::Utc>>,
+    name: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> bool {
+    let repeat = chrono::Duration::from_std(FAILURE_REPEAT).unwrap_or(chrono::Duration::MAX);
+    failing.get(name).is_some_and(|at| now - *at < repeat)
+}
+
 /// Keeps each switchable target's role LOGIN exactly while a grant is active or an ended
 /// grant still waits for its rotation (which logs in as the role), NOLOGIN otherwise.
 /// `known` is what this node last set (None at start: the first pass sets every target).
+/// `failing` holds when each target's last failed switch was put on the record: a switch that
+/// keeps failing is retried every pass but reported once per [`FAILURE_REPEAT`], so a broken
+/// target does not page the custodians every 2 s.
 async fn keep_roles(
     gw: &Gateway,
     known: &mut std::collections::BTreeMap<String, bool>,
+    failing: &mut std::collections::BTreeMap<String, chrono::DateTime<chrono::Utc>>,
     awaiting_rotation: &std::collections::BTreeSet<String>,
     now: chrono::DateTime<chrono::Utc>,
 ) {
@@ -550,10 +567,20 @@ async fn keep_roles(
         } else {
             "no grant needs it"
         };
-        account_event(gw, t, want, why, r).await;
+        let reported_lately = reported_lately(failing, &t.name, now);
+        match &r {
+            Err(e) if reported_lately => {
+                tracing::warn!(target = %t.name, error = %e, "the break-glass role still cannot be switched; retried")
+            }
+            _ => account_event(gw, t, want, why, r).await,
+        }
         if ok {
+            failing.remove(&t.name);
             known.insert(t.name.clone(), want);
         } else {
+            if !reported_lately {
+                failing.insert(t.name.clone(), now);
+            }
             known.remove(&t.name);
         }
     }
@@ -640,6 +667,7 @@ async fn recheck_roles(gw: &Gateway, known: &mut std::collections::BTreeMap<Stri
 pub async fn worker(gw: Arc<Gateway>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut roles = std::collections::BTreeMap::new();
+    let mut failing_roles = std::collections::BTreeMap::new();
     let mut passes: u64 = 0;
     let mut drill_alerts = std::collections::BTreeMap::new();
     loop {
@@ -745,6 +773,38 @@ pub async fn worker(gw: Arc<Gateway>) {
             .filter(|(_, o)| o.is_err())
             .map(|(t, _)| t.clone())
             .collect();
-        keep_roles(&gw, &mut roles, &awaiting, now).await;
+        keep_roles(&gw, &mut roles, &mut failing_roles, &awaiting, now).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn a_role_switch_that_keeps_failing_is_reported_once_per_ten_minutes() {
+        let t0 = chrono::Utc
+            .timestamp_opt(1_700_000_000, 0)
+            .single()
+            .expect("ts");
+        let mut failing = std::collections::BTreeMap::new();
+        assert!(
+            !reported_lately(&failing, "db", t0),
+            "the first failure is reported"
+        );
+        failing.insert("db".to_string(), t0);
+        for secs in [2, 4, 599] {
+            assert!(
+                reported_lately(&failing, "db", t0 + chrono::Duration::seconds(secs)),
+                "not again after {secs} s"
+            );
+        }
+        assert!(!reported_lately(
+            &failing,
+            "db",
+            t0 + chrono::Duration::seconds(600)
+        ));
+        assert!(!reported_lately(&failing, "other", t0));
     }
 }
