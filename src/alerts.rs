@@ -120,11 +120,9 @@ impl Alerter {
         tokio::spawn(async move {
             while let Some(alert) = rx.recv().await {
                 for hook in &hooks {
-                    let body = match hook.format {
-                        Format::Json => serde_json::to_vec(&alert),
-                        Format::Slack => serde_json::to_vec(&slack_body(&alert.summary)),
+                    let Some(body) = body_for(hook, &alert) else {
+                        continue;
                     };
-                    let Ok(body) = body else { continue };
                     let (hook, st, client) = (hook.clone(), st.clone(), client.clone());
                     // Each delivery runs on its own so a slow hook does not delay the others.
                     tokio::spawn(async move { deliver(&hook, body, &st, &client).await });
@@ -182,14 +180,9 @@ pub async fn send_now(
         event: e.clone(),
     };
     let stats = Stats::default();
-    let posts = hooks.iter().filter_map(|hook| {
-        let body = match hook.format {
-            Format::Json => serde_json::to_vec(&alert),
-            Format::Slack => serde_json::to_vec(&slack_body(&alert.summary)),
-        }
-        .ok()?;
-        Some(deliver(hook, body, &stats, &client))
-    });
+    let posts = hooks
+        .iter()
+        .filter_map(|hook| Some(deliver(hook, body_for(hook, &alert)?, &stats, &client)));
     // A hook that does not answer must not hold the operator's terminal for long.
     if tokio::time::timeout(
         ALERT_TIMEOUT + Duration::from_secs(1),
@@ -201,6 +194,15 @@ pub async fn send_now(
         tracing::warn!("an alert webhook did not answer in time; the event is on the record");
     }
     stats.sent.load(Ordering::Relaxed) as usize
+}
+
+/// The body a hook gets for an alert, in its format.
+fn body_for(hook: &Webhook, alert: &Alert) -> Option<Vec<u8>> {
+    match hook.format {
+        Format::Json => serde_json::to_vec(alert),
+        Format::Slack => serde_json::to_vec(&slack_body(&alert.summary)),
+    }
+    .ok()
 }
 
 /// The time limit of one alert post (connection, request and response).

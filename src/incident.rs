@@ -358,15 +358,7 @@ pub async fn gather(
         )
         .await
         {
-            Ok(v) => (
-                match v {
-                    crate::verify::Verdict::Ok { .. } => "ok",
-                    crate::verify::Verdict::Incomplete { .. } => "incomplete",
-                    crate::verify::Verdict::Tampered { .. } => "tampered",
-                    crate::verify::Verdict::Missing { .. } => "missing",
-                },
-                v.summary(),
-            ),
+            Ok(v) => (v.label(), v.summary()),
             Err(e) => ("error", e.to_string()),
         };
         let transfers = match recordings

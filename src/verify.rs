@@ -36,6 +36,16 @@ impl Verdict {
         }
     }
 
+    /// The verdict's name in lower case, as the web UI and the incident report show it.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Verdict::Ok { .. } => "ok",
+            Verdict::Incomplete { .. } => "incomplete",
+            Verdict::Tampered { .. } => "tampered",
+            Verdict::Missing { .. } => "missing",
+        }
+    }
+
     /// One line for people.
     pub fn summary(&self) -> String {
         match self {

@@ -317,12 +317,7 @@ async fn session_page(
     };
     let integrity = match verdict {
         Ok(v) => json!({
-            "verdict": match v {
-                crate::verify::Verdict::Ok { .. } => "ok",
-                crate::verify::Verdict::Incomplete { .. } => "incomplete",
-                crate::verify::Verdict::Tampered { .. } => "tampered",
-                crate::verify::Verdict::Missing { .. } => "missing",
-            },
+            "verdict": v.label(),
             "summary": v.summary(),
         }),
         Err(e) => json!({ "verdict": "error", "summary": e }),
