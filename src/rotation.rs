@@ -243,6 +243,76 @@ async fn login_with(
         })
 }
 
+/// The key the gateway logs in with now: the vault's, else the configured `key_file`.
+async fn current_ssh_key(
+    gw: &Gateway,
+    t: &TargetConfig,
+    key_file: &std::path::Path,
+) -> Result<russh::keys::PrivateKey, RotateError> {
+    match held_ssh_key(gw, t).await? {
+        Some(k) => Ok(k),
+        None => {
+            russh::keys::PrivateKey::read_openssh_file(key_file).map_err(|e| RotateError::Target {
+                target: t.name.clone(),
+                why: format!("cannot load {}: {e}", key_file.display()),
+            })
+        }
+    }
+}
+
+/// The base64 body of a public key's authorized_keys line (what `grep -F` looks for).
+fn key_blob(key: &russh::keys::PublicKey) -> String {
+    crate::keys::openssh_line(key)
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Runs `script` on an open connection; Ok(stdout) when it exits 0, else an error naming
+/// `what` with the script's stderr.
+async fn run_script(
+    t: &TargetConfig,
+    handle: &crate::ssh::upstream::UpstreamHandle,
+    script: &str,
+    what: &str,
+) -> Result<String, RotateError> {
+    let fail = |why: String| RotateError::Target {
+        target: t.name.clone(),
+        why,
+    };
+    let mut ch = handle
+        .channel_open_session()
+        .await
+        .map_err(|e| fail(format!("channel: {e}")))?;
+    ch.exec(true, script.as_bytes().to_vec())
+        .await
+        .map_err(|e| fail(format!("exec: {e}")))?;
+    let mut status = None;
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    while let Some(msg) = ch.wait().await {
+        match msg {
+            russh::ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+            russh::ChannelMsg::Data { data } if stdout.len() < 64 * 1024 => {
+                stdout.extend_from_slice(&data)
+            }
+            russh::ChannelMsg::ExtendedData { data, .. } if stderr.len() < 64 * 1024 => {
+                stderr.extend_from_slice(&data)
+            }
+            russh::ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    if status != Some(0) {
+        return Err(fail(format!(
+            "{what} failed (exit {status:?}): {}",
+            String::from_utf8_lossy(&stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&stdout).into_owned())
+}
+
 /// Replaces a target's gateway-held SSH key.
 pub async fn rotate_ssh_key(gw: &Gateway, t: &TargetConfig) -> Result<(), RotateError> {
     let crate::config::UpstreamAuth::Key(path) = &t.auth else {
@@ -266,20 +336,8 @@ pub async fn rotate_ssh_key(gw: &Gateway, t: &TargetConfig) -> Result<(), Rotate
             }
         }
     }
-    let old = match held_ssh_key(gw, t).await? {
-        Some(k) => k,
-        None => {
-            russh::keys::PrivateKey::read_openssh_file(path).map_err(|e| RotateError::Target {
-                target: t.name.clone(),
-                why: format!("cannot load {}: {e}", path.display()),
-            })?
-        }
-    };
-    let old_blob = crate::keys::openssh_line(old.public_key())
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
+    let old = current_ssh_key(gw, t, path).await?;
+    let old_blob = key_blob(old.public_key());
     let new = crate::keys::generate_ed25519(&format!("breakglass-held-{}", t.name));
     let new_line = crate::keys::openssh_line(new.public_key());
     let pem = new
@@ -296,41 +354,23 @@ pub async fn rotate_ssh_key(gw: &Gateway, t: &TargetConfig) -> Result<(), Rotate
             now,
         )
         .await?;
-    let handle = login_with(gw, t, old).await?;
-    let f = &t.authorized_keys;
-    let script = format!(
-        "set -e; umask 077; f='{f}'; t=\"$f.breakglass.$$\"; {{ grep -vF '{old_blob}' \"$f\" || true; printf '%s\\n' '{new_line}'; }} > \"$t\"; mv \"$t\" \"$f\""
-    );
-    let fail = |why: String| RotateError::Target {
-        target: t.name.clone(),
-        why,
+    // With an admin account (disable_between_grants), it rewrites the file: the break-glass
+    // login may not own it. Otherwise the old key logs in and rewrites its own file.
+    let (handle, f) = match &t.admin_login {
+        Some(_) => (admin_connect(gw, t).await?, authorized_keys_word(t)),
+        None => (
+            login_with(gw, t, old).await?,
+            format!("'{}'", t.authorized_keys),
+        ),
     };
-    let mut ch = handle
-        .channel_open_session()
-        .await
-        .map_err(|e| fail(format!("channel: {e}")))?;
-    ch.exec(true, script.into_bytes())
-        .await
-        .map_err(|e| fail(format!("exec: {e}")))?;
-    let mut status = None;
-    let mut stderr = Vec::new();
-    while let Some(msg) = ch.wait().await {
-        match msg {
-            russh::ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
-            russh::ChannelMsg::ExtendedData { data, .. } => stderr.extend_from_slice(&data),
-            russh::ChannelMsg::Close => break,
-            _ => {}
-        }
-    }
+    let script = format!(
+        "set -e; umask 077; f={f}; t=\"$f.breakglass.$$\"; {{ [ -e \"$f\" ] && cp -p \"$f\" \"$t\"; }} || true; {{ grep -vF '{old_blob}' \"$f\" || true; printf '%s\\n' '{new_line}'; }} > \"$t\"; mv \"$t\" \"$f\""
+    );
+    let r = run_script(t, &handle, &script, &format!("rewriting {f}")).await;
     let _ = handle
         .disconnect(russh::Disconnect::ByApplication, "rotation done", "en")
         .await;
-    if status != Some(0) {
-        return Err(fail(format!(
-            "rewriting {f} failed (exit {status:?}): {}",
-            String::from_utf8_lossy(&stderr).trim()
-        )));
-    }
+    r?;
     login_with(gw, t, new).await?;
     gw.store.vault_promote(&name, clock::now()).await?;
     Ok(())
@@ -374,6 +414,9 @@ async fn switch(
     let Some(admin) = &t.admin_login else {
         return Ok(false);
     };
+    if t.protocol == crate::config::Protocol::Ssh {
+        return ssh_switch(gw, t, enable, dry_run).await.map(|_| true);
+    }
     let blob = gw.store.vault_get(&t.name, ADMIN_SLOT).await?;
     let pw = admin_password(gw, t, admin, blob)?;
     let alter = format!(
@@ -421,6 +464,111 @@ async fn bounded<T>(
         })?
 }
 
+/// The authorized_keys file as a shell word for a script run by the admin account: absolute
+/// as configured, else under the break-glass login's home (`~login/…`; config checks that
+/// the login is a plain name).
+fn authorized_keys_word(t: &TargetConfig) -> String {
+    if t.authorized_keys.starts_with('/') {
+        format!("'{}'", t.authorized_keys)
+    } else {
+        format!("~{}/'{}'", t.login, t.authorized_keys)
+    }
+}
+
+/// An SSH key target's switch, run as its admin account: `enable` puts the held key's line
+/// into the login's authorized_keys (once), otherwise every line of a key the gateway holds or
+/// held for it (current, pending, the configured key_file) is taken out; the file keeps its
+/// owner and mode and is replaced in one `mv`. With `dry_run`, nothing changes: the script
+/// checks that the admin may write the file and answers whether the current key is in it.
+/// Ok(whether the current key is in the file, after the switch).
+async fn ssh_switch(
+    gw: &Gateway,
+    t: &TargetConfig,
+    enable: bool,
+    dry_run: bool,
+) -> Result<bool, RotateError> {
+    let (Some(admin), UpstreamAuth::Key(key_file)) = (&t.admin_login, &t.auth) else {
+        return Ok(true);
+    };
+    if t.authorized_keys.contains(['\'', '\n', '\r']) {
+        return Err(RotateError::Target {
+            target: t.name.clone(),
+            why: "authorized_keys path must not contain quotes or newlines".into(),
+        });
+    }
+    let current = current_ssh_key(gw, t, key_file).await?;
+    let blob = key_blob(current.public_key());
+    let f = authorized_keys_word(t);
+    let script = if dry_run {
+        format!(
+            "f={f}; if [ -e \"$f\" ]; then test -w \"$f\"; else test -w \"$(dirname \"$f\")\"; fi || {{ echo \"cannot write $f\" >&2; exit 1; }}; if grep -qF '{blob}' \"$f\" 2>/dev/null; then echo in; else echo out; fi"
+        )
+    } else if enable {
+        let line = crate::keys::openssh_line(current.public_key());
+        format!(
+            "set -e; umask 077; f={f}; mkdir -p \"$(dirname \"$f\")\"; touch \"$f\"; grep -qF '{blob}' \"$f\" || printf '%s\\n' '{line}' >> \"$f\"; echo in"
+        )
+    } else {
+        let mut blobs = vec![blob];
+        let name = ssh_vault_name(t);
+        if let Some(pending) = gw.store.vault_get(&name, "pending").await? {
+            let pem = kek(&gw.config.kek)?.open(&name, &pending)?;
+            if let Ok(k) = russh::keys::PrivateKey::from_openssh(pem.expose().as_bytes()) {
+                blobs.push(key_blob(k.public_key()));
+            }
+        }
+        if let Ok(k) = russh::keys::PrivateKey::read_openssh_file(key_file) {
+            blobs.push(key_blob(k.public_key()));
+        }
+        let patterns: String = blobs.iter().map(|b| format!(" -e '{b}'")).collect();
+        format!(
+            "set -e; umask 077; f={f}; [ -e \"$f\" ] || {{ echo out; exit 0; }}; t=\"$f.breakglass.$$\"; cp -p \"$f\" \"$t\"; {{ grep -vF{patterns} \"$f\" || true; }} > \"$t\"; mv \"$t\" \"$f\"; echo out"
+        )
+    };
+    let what = format!("{admin} switching {}'s held key", t.login);
+    bounded(t, async {
+        let handle = admin_connect(gw, t).await?;
+        let out = run_script(t, &handle, &script, &what).await;
+        let _ = handle
+            .disconnect(russh::Disconnect::ByApplication, "switch done", "en")
+            .await;
+        Ok(out?.trim() == "in")
+    })
+    .await
+}
+
+/// Logs in to an SSH target as its `admin_login` with `admin_key_file`.
+async fn admin_connect(
+    gw: &Gateway,
+    t: &TargetConfig,
+) -> Result<crate::ssh::upstream::UpstreamHandle, RotateError> {
+    let fail = |why: String| RotateError::Target {
+        target: t.name.clone(),
+        why,
+    };
+    let (Some(admin), Some(admin_key)) = (&t.admin_login, &t.admin_key) else {
+        return Err(fail("no admin_login and admin_key_file".into()));
+    };
+    let key = russh::keys::PrivateKey::read_openssh_file(admin_key).map_err(|e| {
+        fail(format!(
+            "cannot load admin_key_file {}: {e}",
+            admin_key.display()
+        ))
+    })?;
+    let pinned = gw
+        .built
+        .host_keys
+        .get(&t.name)
+        .ok_or_else(|| fail("no pinned host key".into()))?;
+    crate::ssh::upstream::connect_as(
+        t,
+        pinned,
+        crate::ssh::upstream::Login::KeyAs(admin, Box::new(key)),
+    )
+    .await
+    .map_err(|d| fail(d.to_string()))
+}
+
 /// The longest one login-and-statement to a target may take.
 const TARGET_CALL: Duration = Duration::from_secs(15);
 
@@ -429,6 +577,9 @@ pub async fn can_login(gw: &Gateway, t: &TargetConfig) -> Result<bool, RotateErr
     let Some(admin) = &t.admin_login else {
         return Ok(true);
     };
+    if t.protocol == crate::config::Protocol::Ssh {
+        return ssh_switch(gw, t, true, true).await;
+    }
     let blob = gw.store.vault_get(&t.name, ADMIN_SLOT).await?;
     let pw = admin_password(gw, t, admin, blob)?;
     bounded(t, async {
@@ -469,6 +620,18 @@ pub async fn open_for_grant(gw: &Gateway, target: &str) {
     account_event(gw, t, true, "a grant started", r).await;
 }
 
+/// What a switchable target's break-glass account is when switched on or off: `LOGIN` /
+/// `NOLOGIN` for a PostgreSQL role, and for an SSH login whether the held key is in its
+/// authorized_keys.
+pub fn state_word(t: &TargetConfig, on: bool) -> &'static str {
+    match (t.protocol, on) {
+        (Protocol::Postgres, true) => "LOGIN",
+        (Protocol::Postgres, false) => "NOLOGIN",
+        (Protocol::Ssh, true) => "KEY-IN (the held key is in authorized_keys)",
+        (Protocol::Ssh, false) => "KEY-OUT (no held key in authorized_keys)",
+    }
+}
+
 /// The `account_enabled` / `account_disabled` event of a switch.
 async fn account_event(
     gw: &Gateway,
@@ -484,13 +647,13 @@ async fn account_event(
     };
     let mut e = AccessEvent::new(action, "breakglass");
     e.target = Some(t.name.clone());
-    e.protocol = "postgres".into();
+    e.protocol = t.protocol.as_str().into();
     match r {
         Ok(()) => {
             e.message = Some(format!(
                 "{} is {} on {} ({why})",
                 t.login,
-                if enable { "LOGIN" } else { "NOLOGIN" },
+                state_word(t, enable),
                 t.name
             ));
         }
@@ -501,7 +664,7 @@ async fn account_event(
             e.message = Some(format!(
                 "could not make {} {} on {} ({why}): {err}",
                 t.login,
-                if enable { "LOGIN" } else { "NOLOGIN" },
+                state_word(t, enable),
                 t.name
             ));
         }

@@ -256,14 +256,26 @@ pub(super) async fn check_config(file: &Path, offline: bool) -> Result<ExitCode>
                 for t in &switchable {
                     let res = breakglass::rotation::check_switch(&gw, t).await;
                     check(
-                        format!(
-                            "{}: {} switches {} between LOGIN and NOLOGIN",
-                            t.name,
-                            t.admin_login.as_deref().unwrap_or("?"),
-                            t.login
-                        ),
-                        res.map(|on| format!(" ({} now)", if on { "LOGIN" } else { "NOLOGIN" }))
-                            .map_err(Into::into),
+                        match t.protocol {
+                            breakglass::config::Protocol::Postgres => format!(
+                                "{}: {} switches {} between LOGIN and NOLOGIN",
+                                t.name,
+                                t.admin_login.as_deref().unwrap_or("?"),
+                                t.login
+                            ),
+                            breakglass::config::Protocol::Ssh => format!(
+                                "{}: {} puts the held key of {} into its authorized_keys and takes it out",
+                                t.name,
+                                t.admin_login.as_deref().unwrap_or("?"),
+                                t.login
+                            ),
+                        },
+                        res.map(|on| {
+                            let word = breakglass::rotation::state_word(t, on);
+                            let word = word.split(' ').next().unwrap_or(word);
+                            format!(" ({word} now)")
+                        })
+                        .map_err(Into::into),
                     );
                 }
             }

@@ -196,10 +196,7 @@ pub(super) async fn drill(a: DrillArgs) -> Result<ExitCode> {
     println!(
         "drill of {} ({}) through {}:{} as the owner of {}",
         t.name,
-        match t.protocol {
-            Protocol::Ssh => "ssh",
-            Protocol::Postgres => "postgres",
-        },
+        t.protocol.as_str(),
         client.host,
         client.port,
         a.key.display()
@@ -450,11 +447,7 @@ async fn finished(
     let mut e = AccessEvent::new(Action::DrillFinished, &actor);
     e.person = facts.person.clone();
     e.target = Some(t.name.clone());
-    e.protocol = match t.protocol {
-        Protocol::Ssh => "ssh",
-        Protocol::Postgres => "postgres",
-    }
-    .into();
+    e.protocol = t.protocol.as_str().into();
     e.correlation_id = facts.request.clone();
     e.request_id = facts.request.clone();
     e.incident_id = Some(incident.to_string());

@@ -74,6 +74,12 @@ pub(super) async fn grant(config: &Path, cmd: GrantCmd) -> Result<ExitCode> {
                 g.created_by, g.person, g.target
             ));
             breakglass::siem::audit(&siem, &*store, &e).await?;
+            if cfg.targets[&g.target].admin_login.is_some() {
+                // Switch the account on now, as an approval does, rather than at the
+                // gateway's next pass (best effort: the pass retries).
+                let gw = breakglass::server::Gateway::build(cfg.clone()).await?;
+                breakglass::rotation::open_for_grant(&gw, &g.target).await;
+            }
             println!("{}", g.id);
             eprintln!(
                 "granted {} access to {} until {}",

@@ -313,12 +313,17 @@ struct RawTarget {
     /// tls = "verify-full"); off by default, so only SCRAM-SHA-256 is spoken upstream.
     #[serde(default)]
     allow_password_auth: bool,
-    /// PostgreSQL targets: keep the break-glass role NOLOGIN while no grant needs it.
+    /// PostgreSQL targets: keep the break-glass role NOLOGIN while no grant needs it. SSH
+    /// targets with auth = "key": keep the held key out of authorized_keys while no grant
+    /// needs it.
     #[serde(default)]
     disable_between_grants: bool,
     /// PostgreSQL targets: the role that switches the break-glass role between LOGIN and
     /// NOLOGIN (its password is the vault's `admin` entry: `breakglass vault set T --admin`).
+    /// SSH targets: the account that adds and removes the held key's line.
     admin_login: Option<String>,
+    /// SSH targets with disable_between_grants: the private key that logs in as admin_login.
+    admin_key_file: Option<PathBuf>,
 }
 
 fn yes() -> bool {
@@ -677,6 +682,16 @@ pub enum Protocol {
     Postgres,
 }
 
+impl Protocol {
+    /// The name events and reports use (`ssh`, `postgres`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Ssh => "ssh",
+            Protocol::Postgres => "postgres",
+        }
+    }
+}
+
 /// Whether and how the gateway encrypts its connection to a PostgreSQL target. The trust root
 /// is always the target's own `ca_file`, never the public roots.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -745,9 +760,13 @@ pub struct TargetConfig {
     /// with the vault's password. Off by default (SCRAM-SHA-256 only, -PLUS under TLS); only
     /// allowed with `tls = "verify-full"`, so the password never goes to an unverified server.
     pub allow_password_auth: bool,
-    /// PostgreSQL targets with `disable_between_grants`: the role that switches `login`
-    /// between LOGIN (while a grant or its rotation needs it) and NOLOGIN.
+    /// Targets with `disable_between_grants`: on PostgreSQL, the role that switches `login`
+    /// between LOGIN (while a grant or its rotation needs it) and NOLOGIN; on SSH (auth =
+    /// "key"), the account that puts the held key into `authorized_keys` and takes it out.
     pub admin_login: Option<String>,
+    /// SSH targets with `disable_between_grants`: the private key that logs in as
+    /// `admin_login`.
+    pub admin_key: Option<PathBuf>,
     /// auth = "key": the target's authorized_keys file (relative to the login's home), which
     /// rotation rewrites to swap the gateway-held key.
     pub authorized_keys: String,
@@ -1067,6 +1086,11 @@ fn valid_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
 }
 
+/// An account name safe to write unquoted after `~` in a shell word.
+fn valid_login(s: &str) -> bool {
+    valid_name(s) && !s.starts_with(['-', '.'])
+}
+
 fn parse_pubkey(key: &str, s: &str) -> Result<PublicKey, ConfigError> {
     PublicKey::from_openssh(s.trim())
         .map_err(|e| invalid(key, format!("not a valid OpenSSH public key: {e}")))
@@ -1357,10 +1381,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                     "only used with disable_between_grants = true",
                 ))
             }
-            (true, _) if protocol != Protocol::Postgres => {
+            (true, _) if protocol != Protocol::Postgres && t.auth != "key" => {
                 return Err(invalid(
                     format!("{base}.disable_between_grants"),
-                    "only PostgreSQL targets (SSH certificate targets need no account switched off: a certificate lives as long as its session)",
+                    "only PostgreSQL targets and SSH targets with auth = \"key\" (SSH certificate targets need no account switched off: a certificate lives as long as its session)",
+                ))
+            }
+            (true, None) if protocol == Protocol::Ssh => {
+                return Err(invalid(
+                    format!("{base}.admin_login"),
+                    "disable_between_grants needs admin_login, an account that may rewrite the break-glass login's authorized_keys (the held key cannot put itself back)",
                 ))
             }
             (true, None) => {
@@ -1377,6 +1407,28 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             }
             (true, Some(a)) => Some(a),
         };
+        let admin_key = match (&admin_login, t.admin_key_file, protocol) {
+            (Some(_), Some(f), Protocol::Ssh) => Some(expand_home(&f)),
+            (Some(_), None, Protocol::Ssh) => {
+                return Err(invalid(
+                    format!("{base}.admin_key_file"),
+                    "an SSH target with disable_between_grants needs admin_key_file, the private key that logs in as admin_login",
+                ))
+            }
+            (_, None, _) => None,
+            (_, Some(_), _) => {
+                return Err(invalid(
+                    format!("{base}.admin_key_file"),
+                    "only used by SSH targets with disable_between_grants = true",
+                ))
+            }
+        };
+        if admin_key.is_some() && !valid_login(&t.login) {
+            return Err(invalid(
+                format!("{base}.login"),
+                "with disable_between_grants an SSH login must be a plain account name (letters, digits, `.`, `_`, `-`)",
+            ));
+        }
         let auth = match (t.auth.as_str(), t.key_file) {
             ("certificate", None) => UpstreamAuth::Certificate,
             ("certificate", Some(_)) => {
@@ -1442,6 +1494,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             redact_no_echo: t.redact_no_echo,
             allow_password_auth: t.allow_password_auth,
             admin_login,
+            admin_key,
             authorized_keys: t
                 .authorized_keys
                 .unwrap_or_else(|| ".ssh/authorized_keys".into()),
@@ -2001,6 +2054,31 @@ login = "root"
                 "login = \"root\"",
                 "login = \"root\"\ntls = \"require\"\nca_file = \"/ca.pem\"",
                 "targets[0].tls",
+            ),
+            (
+                "login = \"root\"",
+                "login = \"root\"\ndisable_between_grants = true\nadmin_login = \"keeper\"",
+                "targets[0].disable_between_grants",
+            ),
+            (
+                "login = \"root\"",
+                "login = \"root\"\nauth = \"key\"\nkey_file = \"/k\"\ndisable_between_grants = true",
+                "targets[0].admin_login",
+            ),
+            (
+                "login = \"root\"",
+                "login = \"root\"\nauth = \"key\"\nkey_file = \"/k\"\ndisable_between_grants = true\nadmin_login = \"keeper\"",
+                "targets[0].admin_key_file",
+            ),
+            (
+                "login = \"root\"",
+                "login = \"-root\"\nauth = \"key\"\nkey_file = \"/k\"\ndisable_between_grants = true\nadmin_login = \"keeper\"\nadmin_key_file = \"/a\"",
+                "targets[0].login",
+            ),
+            (
+                "login = \"root\"",
+                "login = \"root\"\nadmin_key_file = \"/a\"",
+                "targets[0].admin_key_file",
             ),
         ];
         for (from, to, key) in cases {

@@ -78,6 +78,9 @@ pub enum Login<'a> {
     },
     /// A private key the gateway holds for the target.
     Key(Box<russh::keys::PrivateKey>),
+    /// A private key that logs in as another account than the target's login (the admin
+    /// account of `disable_between_grants`).
+    KeyAs(&'a str, Box<russh::keys::PrivateKey>),
 }
 
 /// Connects for a person's session: certificate targets get a per-session certificate, key
@@ -106,6 +109,22 @@ pub async fn connect(
         )),
     };
     connect_as(target, pinned, login).await
+}
+
+/// Public-key authentication as `user`, with the best RSA hash the server offers.
+async fn key_auth(
+    handle: &mut UpstreamHandle,
+    user: &str,
+    key: russh::keys::PrivateKey,
+) -> Result<client::AuthResult, russh::Error> {
+    let hash = handle
+        .best_supported_rsa_hash()
+        .await
+        .ok()
+        .flatten()
+        .flatten();
+    let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
+    handle.authenticate_publickey(user.to_string(), key).await
 }
 
 /// Connects and authenticates to a target. Errors are denials the client will be shown.
@@ -139,6 +158,8 @@ pub async fn connect_as(
             });
         }
     };
+    let is_cert = matches!(login, Login::Certificate { .. });
+    let mut user = target.login.as_str();
     let auth = match login {
         Login::Certificate {
             keys,
@@ -154,23 +175,21 @@ pub async fn connect_as(
                 .await
         }
         Login::Key(key) => {
-            let hash = handle
-                .best_supported_rsa_hash()
-                .await
-                .ok()
-                .flatten()
-                .flatten();
-            let key = PrivateKeyWithHashAlg::new(Arc::new(*key), hash);
-            handle
-                .authenticate_publickey(target.login.clone(), key)
-                .await
+            user = target.login.as_str();
+            key_auth(&mut handle, user, *key).await
+        }
+        Login::KeyAs(as_user, key) => {
+            user = as_user;
+            key_auth(&mut handle, user, *key).await
         }
     };
     match auth {
         Ok(r) if r.success() => Ok(handle),
+        Ok(_) if is_cert => Err(up_err(format!(
+            "the target refused the gateway's credentials for `{user}` (is the gateway CA in TrustedUserCAKeys?)"
+        ))),
         Ok(_) => Err(up_err(format!(
-            "the target refused the gateway's credentials for `{}` (is the gateway CA in TrustedUserCAKeys?)",
-            target.login
+            "the target refused the gateway-held key for `{user}` (is it in that account's authorized_keys?)"
         ))),
         Err(e) => Err(up_err(format!("authentication failed: {e}"))),
     }

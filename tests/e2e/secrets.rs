@@ -36,28 +36,7 @@ fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
 /// A throwaway account with a known password for the `su` prompt (the target is this
 /// machine's own sshd, logged in as the test's user).
 fn throwaway_account(password: &str) -> String {
-    let uid =
-        String::from_utf8_lossy(&Command::new("id").arg("-u").output().expect("id -u").stdout)
-            .trim()
-            .to_string();
-    assert_eq!(
-        uid, "0",
-        "this test creates a throwaway account for the su prompt and must run as root"
-    );
-    let name = "bgsecretvictim";
-    if !Command::new("id")
-        .arg(name)
-        .output()
-        .expect("id")
-        .status
-        .success()
-    {
-        let st = Command::new(require("useradd", "passwd"))
-            .args(["-M", "-s", "/bin/sh", name])
-            .status()
-            .expect("useradd");
-        assert!(st.success(), "useradd {name}");
-    }
+    let name = throwaway_user("bgsecretvictim");
     let mut c = Command::new(require("chpasswd", "passwd"))
         .stdin(std::process::Stdio::piped())
         .spawn()
@@ -69,7 +48,7 @@ fn throwaway_account(password: &str) -> String {
         .write_all(format!("{name}:{password}\n").as_bytes())
         .expect("write chpasswd");
     assert!(c.wait().expect("chpasswd").success(), "chpasswd");
-    name.to_string()
+    name
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

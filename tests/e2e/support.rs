@@ -91,6 +91,40 @@ pub fn current_user() -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// A local account for tests that need a second login on the target (this machine's own
+/// sshd): created once (no home, `/bin/sh`) and kept. The tests run as root to do so.
+pub fn throwaway_user(name: &str) -> String {
+    let uid =
+        String::from_utf8_lossy(&Command::new("id").arg("-u").output().expect("id -u").stdout)
+            .trim()
+            .to_string();
+    assert_eq!(
+        uid, "0",
+        "this test creates the throwaway account {name} and must run as root"
+    );
+    if !Command::new("id")
+        .arg(name)
+        .output()
+        .expect("id")
+        .status
+        .success()
+    {
+        let st = Command::new(require("useradd", "passwd"))
+            .args(["-M", "-s", "/bin/sh", name])
+            .status()
+            .expect("useradd");
+        assert!(st.success(), "useradd {name}");
+    }
+    // `*`, not useradd's `!`: no password, but not locked (sshd refuses a locked account's
+    // key logins when PAM is off).
+    let st = Command::new(require("usermod", "passwd"))
+        .args(["-p", "*", name])
+        .status()
+        .expect("usermod");
+    assert!(st.success(), "usermod -p '*' {name}");
+    name.to_string()
+}
+
 /// A world: temp dir, people's keys, the gateway's data dir and an sshd target.
 pub struct World {
     pub dir: tempfile::TempDir,
@@ -172,6 +206,11 @@ pub struct Opts {
     /// Log in upstream with a gateway-held key (in the target's authorized_keys) instead of a
     /// per-session certificate.
     pub held_key: bool,
+    /// With `held_key`: keep the held key out of authorized_keys between grants, switched by
+    /// the test's own user with the key `gateway_admin_key` (`disable_between_grants`).
+    pub key_admin: bool,
+    /// web-01's login instead of the test's own user.
+    pub login: Option<String>,
     /// Appended to the config (extra top-level tables such as [alerts]).
     pub extra_config: String,
 }
@@ -211,11 +250,27 @@ impl World {
                 dir.path().join("authorized_keys"),
             )
             .expect("authorized_keys");
-            format!(
+            let mut auth = format!(
                 "auth = \"key\"\nkey_file = \"{}\"\nauthorized_keys = \"{}\"",
                 key.display(),
                 dir.path().join("authorized_keys").display()
-            )
+            );
+            if opts.key_admin {
+                let admin = dir.path().join("gateway_admin_key");
+                keygen(&admin);
+                let mut ak = std::fs::read_to_string(dir.path().join("authorized_keys"))
+                    .expect("authorized_keys");
+                ak.push_str(
+                    &std::fs::read_to_string(admin.with_extension("pub")).expect("admin pub"),
+                );
+                std::fs::write(dir.path().join("authorized_keys"), ak).expect("authorized_keys");
+                auth.push_str(&format!(
+                    "\ndisable_between_grants = true\nadmin_login = \"{}\"\nadmin_key_file = \"{}\"",
+                    current_user(),
+                    admin.display()
+                ));
+            }
+            auth
         } else {
             "auth = \"certificate\"".to_string()
         };
@@ -257,7 +312,7 @@ roles = ["sre-lead"]
 name = "web-01"
 address = "127.0.0.1:{port}"
 host_key_file = "{pinned}"
-login = "{user}"
+login = "{login}"
 {auth}
 approvers = ["bob", "role:sre-lead"]
 custodians = ["carol"]
@@ -282,6 +337,7 @@ min_grant_ttl = "1s"
                 port = sshd.port,
                 pinned = pinned.display(),
                 user = current_user(),
+                login = opts.login.clone().unwrap_or_else(current_user),
                 extra = opts.extra_limits,
                 extra_config = opts.extra_config,
             ),
