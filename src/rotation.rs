@@ -632,6 +632,12 @@ pub fn state_word(t: &TargetConfig, on: bool) -> &'static str {
     }
 }
 
+/// [`state_word`] without its explanation: `LOGIN`, `NOLOGIN`, `KEY-IN` or `KEY-OUT`.
+pub fn state_tag(t: &TargetConfig, on: bool) -> &'static str {
+    let w = state_word(t, on);
+    w.split(' ').next().unwrap_or(w)
+}
+
 /// The `account_enabled` / `account_disabled` event of a switch.
 async fn account_event(
     gw: &Gateway,

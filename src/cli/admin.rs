@@ -271,9 +271,7 @@ pub(super) async fn check_config(file: &Path, offline: bool) -> Result<ExitCode>
                             ),
                         },
                         res.map(|on| {
-                            let word = breakglass::rotation::state_word(t, on);
-                            let word = word.split(' ').next().unwrap_or(word);
-                            format!(" ({word} now)")
+                            format!(" ({} now)", breakglass::rotation::state_tag(t, on))
                         })
                         .map_err(Into::into),
                     );
@@ -530,6 +528,21 @@ pub(super) async fn vault(config: &Path, cmd: VaultCmd) -> Result<ExitCode> {
         .get(target)
         .ok_or_else(|| anyhow!("no target named `{target}`"))?
         .clone();
+    let ssh_switch = matches!(cmd, VaultCmd::Verify { .. })
+        && t.protocol == breakglass::config::Protocol::Ssh
+        && t.admin_login.is_some();
+    if ssh_switch {
+        // An SSH key target kept out of authorized_keys between grants: check the switch.
+        let gw = breakglass::server::Gateway::build(cfg).await?;
+        let on = breakglass::rotation::check_switch(&gw, &t).await?;
+        println!(
+            "ok: {} can put {}'s held key into authorized_keys and take it out (it is {} now)",
+            t.admin_login.as_deref().unwrap_or("?"),
+            t.login,
+            breakglass::rotation::state_tag(&t, on)
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     if t.protocol != breakglass::config::Protocol::Postgres {
         bail!("{target} is not a PostgreSQL target; SSH targets use certificates or key_file");
     }

@@ -215,9 +215,13 @@ pub(super) async fn drill(a: DrillArgs) -> Result<ExitCode> {
     if t.admin_login.is_some() {
         let s = list.start("account off");
         match vault_verify(&a.config, &t.name, a.step_timeout).await {
-            Ok(said) if said.contains("NOLOGIN now") => list.ok(
+            Ok(said) if said.contains("NOLOGIN now") || said.contains("KEY-OUT now") => list.ok(
                 s,
-                &format!("{} is NOLOGIN between grants and can be switched", t.login),
+                &format!(
+                    "{} is {} between grants and can be switched",
+                    t.login,
+                    breakglass::rotation::state_tag(&t, false)
+                ),
             ),
             Ok(said) => {
                 return Ok(list.fail(

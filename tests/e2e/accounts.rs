@@ -209,6 +209,9 @@ async fn a_gateway_held_ssh_key_is_in_authorized_keys_only_while_a_grant_needs_i
         text(&out.stdout)
     );
 
+    let out = w.cli_ok(&["vault", "verify", "web-01"]);
+    assert!(out.contains("(it is KEY-OUT now)"), "{out}");
+
     // A grant starts: the key is back before `grant add` returns, and a session logs in with it.
     let grant = w.grant("alice", "30m");
     assert!(

@@ -35,10 +35,17 @@ async fn the_demo_starts_and_its_printed_commands_work() {
         .arg("demo")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("demo");
+    // What the demo says on stderr, kept to name why it did not start.
+    let mut stderr = child.stderr.take().expect("stderr");
+    let said = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut stderr, &mut buf).await;
+        String::from_utf8_lossy(&buf).into_owned()
+    });
     let mut interrupt = Interrupt(child.id());
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
     let mut printed = Vec::new();
@@ -53,6 +60,13 @@ async fn the_demo_starts_and_its_printed_commands_work() {
     })
     .await
     .expect("the demo prints its commands");
+    if !printed.iter().any(|l| l.starts_with("Ctrl-C stops")) {
+        let _ = child.wait().await;
+        panic!(
+            "the demo did not start: {printed:?}; it said: {}",
+            said.await.unwrap_or_default()
+        );
+    }
     let dir = printed[0]
         .split("playground in ")
         .nth(1)
