@@ -1287,6 +1287,49 @@ mod tests {
         );
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_sink_written_inline_and_by_its_worker_gets_each_event_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("siem.jsonl");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let siem = Siem::open(SiemSettings::file_only(
+            &path,
+            &dir.path().join("spool.sqlite"),
+        ))
+        .expect("open")
+        .start(stop.clone())
+        .expect("start");
+        // Emitters on both threads while the sink's worker runs: inline and worker writes
+        // interleave.
+        let mut tasks = Vec::new();
+        for t in 0..4 {
+            let siem = siem.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..50 {
+                    let mut e = AccessEvent::new(Action::SessionStart, &format!("p{t}-{i}"));
+                    e.target = Some("web-01".into());
+                    siem.emit(&e).await.expect("emit");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("emitter");
+        }
+        stop.cancel();
+        let text = std::fs::read_to_string(&path).expect("read");
+        let ids: Vec<String> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<AccessEvent>(l)
+                    .expect("each line is an event")
+                    .event_id
+            })
+            .collect();
+        let unique: std::collections::BTreeSet<&String> = ids.iter().collect();
+        assert_eq!(ids.len(), 200, "every event is in the file");
+        assert_eq!(unique.len(), ids.len(), "no event is in the file twice");
+    }
+
     #[tokio::test]
     async fn an_over_limit_backlog_refuses_new_sessions_only() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -529,6 +529,36 @@ pub async fn run_worker(cfg: Arc<SinkConfig>, ctx: WorkerContext) -> Result<(), 
                 continue;
             }
         }
+        if d.config().is_local() && !outbox.shared() {
+            // A file sink on a local spool is written under the spool's exclusive
+            // transaction, as `emit` writes it inline (and as other processes on this data
+            // dir do): reading a batch here and acknowledging it after the write would let
+            // both write the same events.
+            match outbox.deliver_file(d.config()).await {
+                Ok(0) => {
+                    tokio::select! {
+                        _ = wake.changed() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = ctx.stop.cancelled() => break Ok(()),
+                    }
+                }
+                Ok(_) => {
+                    backoff = Duration::from_millis(250);
+                    if let Err(e) = outbox.prune(&ctx.all_sinks).await {
+                        tracing::warn!(sink = %name, error = %e, "SIEM spool not pruned");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(sink = %name, error = %e, "SIEM file not written; will retry");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = ctx.stop.cancelled() => break Ok(()),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+            continue;
+        }
         let (events, upto): (Vec<Spooled>, Option<i64>) = match outbox
             .batch(&name, batch, actions)
             .await
