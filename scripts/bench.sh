@@ -2,7 +2,7 @@
 # Runs every benchmark of breakglass in one invocation and prints one table of their summary
 # lines (medians, min/max, ratios against the baselines run side by side). Installs what the
 # benches need first (the test script's programs, plus pgbouncer).
-#   scripts/bench.sh            all benches (ssh, pg, cluster)
+#   scripts/bench.sh            all benches (ssh, pg, idle, cluster)
 #   scripts/bench.sh ssh pg     only those
 # BENCH_RUNS, BENCH_BYTES, BENCH_SECONDS, BENCH_CLIENTS are passed through (see each bench).
 set -euo pipefail
@@ -17,7 +17,7 @@ if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
 fi
 
 benches=("$@")
-[ ${#benches[@]} -eq 0 ] && benches=(ssh pg cluster)
+[ ${#benches[@]} -eq 0 ] && benches=(ssh pg idle cluster)
 out="target/bench-$(date -u +%Y%m%dT%H%M%SZ).txt"
 mkdir -p target
 for b in "${benches[@]}"; do
@@ -26,4 +26,4 @@ for b in "${benches[@]}"; do
 done
 echo
 echo "summary (full output in $out):"
-grep -E '^(machine:|== |pgbench|bulk|keystroke|grant check|[a-z].*:$|  [a-zA-Z+ ]+ +median|  ratio|  per pair|  added by)' "$out" || true
+grep -E '^(machine:|== |pgbench|bulk|keystroke|grant check|ssh session setup|idle sessions|[a-z].*:$|  [a-zA-Z+ ]+ +median|  ratio|  per pair|  added by|  [0-9]+ idle|  before any|  a fresh)' "$out" || true

@@ -270,6 +270,7 @@ pub(crate) async fn pg_world_with(
         PgServerOpts {
             tls: opts.server_tls,
             hba_first: opts.hba_first,
+            ..Default::default()
         },
     );
     for sql in [

@@ -158,7 +158,7 @@ impl Sshd {
         let _ = self.child.wait();
     }
 
-    fn start(dir: &Path, ca_pub: &Path) -> Sshd {
+    fn start(dir: &Path, ca_pub: &Path, extra: &str) -> Sshd {
         let sshd = require("sshd", "openssh-server");
         std::fs::create_dir_all("/run/sshd").ok();
         let host = dir.join("target_host_key");
@@ -171,7 +171,7 @@ impl Sshd {
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nTrustedUserCAKeys {ca}\n\
                  AuthorizedKeysFile {ak}\nPidFile {pid}\nStrictModes no\nUsePAM no\n\
                  PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n\
-                 PrintMotd no\nPrintLastLog no\nAcceptEnv LANG LC_*\n",
+                 PrintMotd no\nPrintLastLog no\nAcceptEnv LANG LC_*\n{extra}",
                 host = host.display(),
                 ca = ca_pub.display(),
                 ak = dir.join("authorized_keys").display(),
@@ -213,6 +213,8 @@ pub struct Opts {
     pub login: Option<String>,
     /// Appended to the config (extra top-level tables such as [alerts]).
     pub extra_config: String,
+    /// Appended to the target's sshd_config (MaxStartups, MaxSessions for the benches).
+    pub sshd_extra: String,
 }
 
 impl World {
@@ -234,7 +236,7 @@ impl World {
         for who in ["alice", "bob", "carol", "dave", "mallory"] {
             keygen(&dir.path().join(who));
         }
-        let sshd = Sshd::start(dir.path(), &ca_pub);
+        let sshd = Sshd::start(dir.path(), &ca_pub, &opts.sshd_extra);
         let pinned = if opts.wrong_host_key {
             let other = dir.path().join("other_host_key");
             keygen(&other);
@@ -848,6 +850,8 @@ pub struct PgServerOpts<'a> {
     pub tls: Option<(&'a Path, &'a Path)>,
     /// Lines put before initdb's own in `pg_hba.conf` (the first matching line wins).
     pub hba_first: &'a str,
+    /// More `-c name=value` settings (max_connections for the benches).
+    pub settings: &'a [&'a str],
 }
 
 impl Postgres {
@@ -929,6 +933,9 @@ impl Postgres {
         }
         args.push(dir.clone().into());
         args.extend(["-c".into(), "fsync=off".into()]);
+        for setting in opts.settings {
+            args.extend(["-c".into(), (*setting).into()]);
+        }
         args.extend(tls_args.iter().map(Into::into));
         let log = parent.join("postgres.log");
         let child = spawn_postgres(&args, &log);
