@@ -856,6 +856,52 @@ async fn read_batch<R: AsyncRead + Unpin>(
     Ok((batch, terminate))
 }
 
+/// A relay's read buffer: small while the session idles (most sessions, most of the time:
+/// 1,000 idle sessions hold 16 MiB of buffers instead of 128 MiB), large while data streams.
+struct ReadBuf<R> {
+    /// Always Some between calls (taken only to rewrap it).
+    r: Option<tokio::io::BufReader<R>>,
+    capacity: usize,
+}
+
+impl<R: AsyncRead + Unpin> ReadBuf<R> {
+    const SMALL: usize = 8 * 1024;
+    const LARGE: usize = 64 * 1024;
+
+    fn new(inner: R) -> ReadBuf<R> {
+        ReadBuf {
+            r: Some(tokio::io::BufReader::with_capacity(Self::SMALL, inner)),
+            capacity: Self::SMALL,
+        }
+    }
+
+    /// Reads a batch ([`read_batch`]), then fits the buffer to the traffic while it holds
+    /// nothing: large after a batch that filled the small buffer (more was waiting), small
+    /// again after a batch a quarter of the small one would hold.
+    async fn batch(&mut self, limit: usize) -> Result<(Vec<u8>, bool), WireError> {
+        let Some(r) = self.r.as_mut() else {
+            return Err(WireError::Closed);
+        };
+        let got = read_batch(r, limit).await?;
+        let len = got.0.len();
+        let want = if len >= Self::SMALL {
+            Self::LARGE
+        } else if len < Self::SMALL / 4 {
+            Self::SMALL
+        } else {
+            self.capacity
+        };
+        if want != self.capacity && r.buffer().is_empty() {
+            // Nothing is buffered, so rewrapping the stream loses nothing.
+            if let Some(old) = self.r.take() {
+                self.r = Some(tokio::io::BufReader::with_capacity(want, old.into_inner()));
+                self.capacity = want;
+            }
+        }
+        Ok(got)
+    }
+}
+
 /// Relays both ways, recording every message first, until either side ends, a recording
 /// failure, or the session core ends the session (deadline, revocation, shutdown).
 async fn relay(
@@ -887,10 +933,10 @@ async fn relay(
     };
     // Client → target: record, then forward.
     let client_to_up = async {
-        let mut r = tokio::io::BufReader::with_capacity(64 * 1024, client_r);
+        let mut r = ReadBuf::new(client_r);
         loop {
             let limit = gw.config.pg_max_message;
-            let (batch, terminate) = match read_batch(&mut r, limit).await.and_then(|(b, t)| {
+            let (batch, terminate) = match r.batch(limit).await.and_then(|(b, t)| {
                 // Only frontend message types reach the target.
                 match first_unknown_frontend_tag(&b) {
                     Some(tag) => Err(WireError::Malformed(format!(
@@ -940,9 +986,9 @@ async fn relay(
     // Target → client: record, then forward under the writer lock, so the gateway's own
     // notices land between whole messages.
     let up_to_client = async {
-        let mut r = tokio::io::BufReader::with_capacity(64 * 1024, up_r);
+        let mut r = ReadBuf::new(up_r);
         loop {
-            let Ok((batch, _)) = read_batch(&mut r, MAX_UPSTREAM_MESSAGE).await else {
+            let Ok((batch, _)) = r.batch(MAX_UPSTREAM_MESSAGE).await else {
                 return EndReason::UpstreamClosed;
             };
             let batch = Bytes::from(batch);
