@@ -269,7 +269,10 @@ async fn handle(
     // pre-auth table evicts the connection.
     let deadline = Instant::now() + gw.config.limits.login_grace;
     let logged_in = tokio::select! {
-        r = tokio::time::timeout_at(deadline, login(gw.clone(), socket, peer, tls)) => match r {
+        // Boxed, as are the upstream login, the session opening and the relay: the
+        // connection task then holds only the step it is at (an idle session keeps the
+        // relay's state, not the login's as well).
+        r = tokio::time::timeout_at(deadline, Box::pin(login(gw.clone(), socket, peer, tls))) => match r {
             Ok(r) => r?,
             Err(_) => {
                 ticket.timed_out();
@@ -303,7 +306,7 @@ async fn handle(
         return ctx.refuse(&mut conn, f, "gateway_full").await;
     };
     // Upstream with the gateway's credentials, before any client message is relayed.
-    let (mut up, upstream_startup) = match upstream_login(&ctx.gw, &target).await {
+    let (mut up, upstream_startup) = match Box::pin(upstream_login(&ctx.gw, &target)).await {
         Ok(x) => x,
         Err(why) => {
             let f = fatal(
@@ -336,7 +339,7 @@ async fn handle(
             target.name, target.login
         ),
     };
-    let opened = match session::open(&gw.core, opening, Arc::new(PgIo { tx })).await {
+    let opened = match Box::pin(session::open(&gw.core, opening, Arc::new(PgIo { tx }))).await {
         Ok(o) => o,
         Err(refusal) => {
             let f = fatal(
@@ -402,15 +405,17 @@ async fn handle(
     gw.shutdown
         .tracker
         .spawn(session::checkpoints(gw.core.clone(), live.clone()));
-    let reason = relay(
-        &gw,
-        &mut conn,
-        &mut up,
-        (&live, opened.actions.as_ref()),
-        rx,
-        hello,
+    let reason = Box::pin(
+        relay(
+            &gw,
+            &mut conn,
+            &mut up,
+            (&live, opened.actions.as_ref()),
+            rx,
+            hello,
+        )
+        .instrument(live.span.clone()),
     )
-    .instrument(live.span.clone())
     .await;
     gw.pg_cancel
         .lock()
@@ -857,7 +862,7 @@ async fn read_batch<R: AsyncRead + Unpin>(
 }
 
 /// A relay's read buffer: small while the session idles (most sessions, most of the time:
-/// 1,000 idle sessions hold 16 MiB of buffers instead of 128 MiB), large while data streams.
+/// 1,000 idle sessions hold 4 MiB of buffers instead of 128 MiB), large while data streams.
 struct ReadBuf<R> {
     /// Always Some between calls (taken only to rewrap it).
     r: Option<tokio::io::BufReader<R>>,
@@ -865,7 +870,7 @@ struct ReadBuf<R> {
 }
 
 impl<R: AsyncRead + Unpin> ReadBuf<R> {
-    const SMALL: usize = 8 * 1024;
+    const SMALL: usize = 2 * 1024;
     const LARGE: usize = 64 * 1024;
 
     fn new(inner: R) -> ReadBuf<R> {

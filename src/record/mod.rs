@@ -590,7 +590,9 @@ struct RecorderTask {
     store: RecordingStore,
     prefix: String,
     info: SessionInfo,
-    channels: BTreeMap<u32, ChanRec>,
+    /// Boxed: a map node holds 11 values inline, and a ChanRec (trackers, echo guard) is
+    /// large, so unboxed every idle session carried one wide node.
+    channels: BTreeMap<u32, Box<ChanRec>>,
     markers: Vec<String>,
     objects: Vec<ObjectEntry>,
     head: String,
@@ -748,32 +750,34 @@ impl RecorderTask {
     }
 
     fn chan(&mut self, ch: u32, at: Instant) -> &mut ChanRec {
-        self.channels.entry(ch).or_insert_with(|| ChanRec {
-            meta: ChannelMeta {
-                channel: ch,
-                kind: None,
-                pty: None,
-                format: "raw".into(),
-                env: BTreeMap::new(),
-                started_at: crate::clock::rfc3339(crate::clock::now()),
-                exit_status: None,
-                exit_signal: None,
-                bytes_in: 0,
-                bytes_out: 0,
-                commands: Vec::new(),
-                transfers: Vec::new(),
-                notes: Vec::new(),
-                chunks: 0,
-            },
-            start: at,
-            buf: Vec::new(),
-            seq: 0,
-            cast: None,
-            guard: None,
-            sftp: None,
-            scp: None,
-            header_done: false,
-            closed: false,
+        self.channels.entry(ch).or_insert_with(|| {
+            Box::new(ChanRec {
+                meta: ChannelMeta {
+                    channel: ch,
+                    kind: None,
+                    pty: None,
+                    format: "raw".into(),
+                    env: BTreeMap::new(),
+                    started_at: crate::clock::rfc3339(crate::clock::now()),
+                    exit_status: None,
+                    exit_signal: None,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    commands: Vec::new(),
+                    transfers: Vec::new(),
+                    notes: Vec::new(),
+                    chunks: 0,
+                },
+                start: at,
+                buf: Vec::new(),
+                seq: 0,
+                cast: None,
+                guard: None,
+                sftp: None,
+                scp: None,
+                header_done: false,
+                closed: false,
+            })
         })
     }
 
