@@ -43,6 +43,14 @@ const SPOOL_LIMIT: usize = 64 << 20;
 /// input ([`echo::MAX_HELD_BYTES`]), this bounds a session's recording memory.
 pub const QUEUE_BYTES: usize = 16 << 20;
 
+/// The recorder sleeps while data messages queue up and takes them in at its flush tick
+/// (the flush covers them all the same), so that a relay does not wake another task for
+/// every message: it is woken early by any other message, or once this many data bytes or
+/// [`WAKE_MESSAGES`] messages wait.
+const WAKE_BYTES: usize = 256 << 10;
+const WAKE_MESSAGES: usize = 256;
+const QUEUE_MESSAGES: usize = 4096;
+
 /// A queued message and its share of [`QUEUE_BYTES`].
 #[derive(Debug)]
 struct Queued {
@@ -347,6 +355,8 @@ impl Failure {
 #[derive(Clone)]
 pub struct Recorder {
     tx: mpsc::Sender<Queued>,
+    /// Wakes the recorder task early (see [`WAKE_BYTES`]).
+    wake: Arc<tokio::sync::Notify>,
     /// Payload bytes the queue may hold ([`QUEUE_BYTES`]).
     budget: Arc<tokio::sync::Semaphore>,
     stall: Duration,
@@ -439,7 +449,8 @@ impl Recorder {
         }];
         // Bounded twice: 4096 messages, and QUEUE_BYTES of payload (a permit per byte travels
         // with each data message until the recorder has taken it in).
-        let (tx, rx) = mpsc::channel(4096);
+        let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
+        let wake = Arc::new(tokio::sync::Notify::new());
         let budget = Arc::new(tokio::sync::Semaphore::new(QUEUE_BYTES));
         let failure = Failure::default();
         let checkpoint = Arc::new(Mutex::new((link.clone(), 1usize)));
@@ -465,13 +476,15 @@ impl Recorder {
             ledger,
             ledger_pending: vec![start_entry],
         };
+        let wake_task = wake.clone();
         tokio::spawn(async move {
             let mut task = task;
             task.commit_ledger().await;
-            task.run(rx, flush_interval).await
+            task.run(rx, wake_task, flush_interval).await
         });
         Ok(Recorder {
             tx,
+            wake,
             budget,
             stall,
             failure,
@@ -485,6 +498,7 @@ impl Recorder {
         if self.failure.token.is_cancelled() {
             return Err(());
         }
+        let data_only = matches!(msg, RecMsg::Data { .. });
         let permit = match &msg {
             RecMsg::Data { data, .. } => {
                 let n = u32::try_from(data.len().clamp(1, QUEUE_BYTES)).unwrap_or(u32::MAX);
@@ -516,8 +530,16 @@ impl Recorder {
             _permit: permit,
         };
         match self.tx.try_send(item) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                let waiting_bytes = QUEUE_BYTES.saturating_sub(self.budget.available_permits());
+                let waiting = QUEUE_MESSAGES.saturating_sub(self.tx.capacity());
+                if !data_only || waiting_bytes >= WAKE_BYTES || waiting >= WAKE_MESSAGES {
+                    self.wake.notify_one();
+                }
+                Ok(())
+            }
             Err(mpsc::error::TrySendError::Full(item)) => {
+                self.wake.notify_one();
                 match tokio::time::timeout(self.stall, self.tx.send(item)).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(_)) => {
@@ -549,6 +571,8 @@ impl Recorder {
     /// Flushes and seals the recording, returning its metadata.
     pub async fn finish(&self, end: SessionEndInfo) -> Result<SessionMeta, StorageError> {
         let (reply, rx) = oneshot::channel();
+        // Woken before and after: a full queue must drain for the Finish to get in.
+        self.wake.notify_one();
         self.tx
             .send(Queued {
                 msg: RecMsg::Finish { end, reply },
@@ -558,6 +582,7 @@ impl Recorder {
             .map_err(|_| {
                 StorageError::Backend("recorder stopped before the session was sealed".into())
             })?;
+        self.wake.notify_one();
         rx.await.map_err(|_| {
             StorageError::Backend("recorder stopped before the session was sealed".into())
         })?
@@ -628,52 +653,55 @@ fn secs(d: Duration) -> f64 {
 }
 
 impl RecorderTask {
-    async fn run(mut self, mut rx: mpsc::Receiver<Queued>, flush_interval: Duration) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Queued>,
+        wake: Arc<tokio::sync::Notify>,
+        flush_interval: Duration,
+    ) {
         let mut tick = tokio::time::interval(flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Taking messages in as they come; asleep (until woken or the tick) once none waits.
+        let mut awake = true;
         loop {
             let full = self.buffered() >= SPOOL_LIMIT;
             // Once the recording has failed the session is ending: its Finish must get
             // through even when the buffers stay full (a full disk takes nothing back).
             let failed = self.failure.reason().is_some();
+            if rx.is_empty() {
+                awake = false;
+            }
             tokio::select! {
-                item = rx.recv(), if !full || failed => {
-                    // The permit goes when the message is taken in: its bytes are in the
-                    // recorder's buffers (bounded by SPOOL_LIMIT) from then on.
-                    let Some(Queued { msg, .. }) = item else {
-                        // Every sender is gone without a Finish: flush what we have so a crash
-                        // of the session task loses nothing already tapped.
-                        let _ = self.flush_all().await;
-                        self.commit_ledger().await;
+                item = rx.recv(), if failed || (awake && !full) => {
+                    if self.take(item, full, failed).await.is_break() {
                         return;
-                    };
-                    if let RecMsg::Finish { end, reply } = msg {
-                        let res = self.seal(end).await;
-                        let _ = reply.send(res);
-                        return;
-                    }
-                    if full {
-                        self.unrecorded += 1;
-                        continue;
-                    }
-                    self.handle(msg);
-                    // After a failure the session is ending: what is still queued is taken in
-                    // without a write per message (each would wait out the failing store), so
-                    // the Finish behind it comes through; the seal writes what it can.
-                    if !failed {
-                        let r = self.flush_big().await;
-                        self.note_flush(r);
-                        self.commit_ledger().await;
                     }
                 }
+                _ = wake.notified(), if !awake => awake = true,
                 _ = tick.tick() => {
+                    // What queued since the last tick first, so this flush covers it.
+                    loop {
+                        let full = self.buffered() >= SPOOL_LIMIT;
+                        let failed = self.failure.reason().is_some();
+                        if full && !failed {
+                            break;
+                        }
+                        let item = match rx.try_recv() {
+                            Ok(item) => Some(item),
+                            Err(mpsc::error::TryRecvError::Empty) => break,
+                            Err(mpsc::error::TryRecvError::Disconnected) => None,
+                        };
+                        if self.take(item, full, failed).await.is_break() {
+                            return;
+                        }
+                    }
                     // Lines are judged by the clock only when no message waits: a backlog
                     // may hold the very echo that would clear them.
                     if rx.is_empty() {
                         self.tick_guards();
                     }
                     // After a failure only the seal writes (the queue drains first).
-                    if !failed {
+                    if self.failure.reason().is_none() {
                         let r = self.flush_all().await;
                         self.note_flush(r);
                         self.commit_ledger().await;
@@ -681,6 +709,45 @@ impl RecorderTask {
                 }
             }
         }
+    }
+
+    /// Takes one message in (`None`: every sender is gone). Breaks once the recording is
+    /// sealed or abandoned.
+    async fn take(
+        &mut self,
+        item: Option<Queued>,
+        full: bool,
+        failed: bool,
+    ) -> std::ops::ControlFlow<()> {
+        use std::ops::ControlFlow;
+        // The permit goes when the message is taken in: its bytes are in the recorder's
+        // buffers (bounded by SPOOL_LIMIT) from then on.
+        let Some(Queued { msg, .. }) = item else {
+            // Every sender is gone without a Finish: flush what we have so a crash of the
+            // session task loses nothing already tapped.
+            let _ = self.flush_all().await;
+            self.commit_ledger().await;
+            return ControlFlow::Break(());
+        };
+        if let RecMsg::Finish { end, reply } = msg {
+            let res = self.seal(end).await;
+            let _ = reply.send(res);
+            return ControlFlow::Break(());
+        }
+        if full {
+            self.unrecorded += 1;
+            return ControlFlow::Continue(());
+        }
+        self.handle(msg);
+        // After a failure the session is ending: what is still queued is taken in without a
+        // write per message (each would wait out the failing store), so the Finish behind it
+        // comes through; the seal writes what it can.
+        if !failed {
+            let r = self.flush_big().await;
+            self.note_flush(r);
+            self.commit_ledger().await;
+        }
+        ControlFlow::Continue(())
     }
 
     /// Commits pending ledger entries; on failure they wait for the next flush. A state store
