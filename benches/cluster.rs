@@ -34,12 +34,7 @@ use std::time::{Duration, Instant};
 use cluster::Cluster;
 use support::*;
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::env_num;
 
 fn median<T: PartialOrd + Copy>(v: &[T]) -> T {
     let mut v = v.to_vec();

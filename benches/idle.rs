@@ -26,12 +26,7 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::env_num;
 
 /// The gateway's resident set size in KiB.
 fn rss_kib(pid: u32) -> u64 {
@@ -183,45 +178,13 @@ fn main() {
     let w = World::with(Opts {
         extra_limits: format!("max_connections = {}\npreauth_per_source = 64\n", n + 100),
         sshd_extra: format!("MaxStartups {0}:100:{0}\nMaxSessions {0}\n", n + 100),
-        extra_config: format!(
-            "[postgres]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
-            cert.display(),
-            key.display(),
-            pg.port
-        ),
+        extra_config: common::pg_config(Some((&cert, &key)), pg.port),
         ..Default::default()
     });
     w.vault_set("orders-db", "bench-password");
     let (gw, pid) = start_gateway(&w);
     w.grant("alice", "2h");
-    let grant = w.cli_ok(&[
-        "grant",
-        "add",
-        "--person",
-        "alice",
-        "--target",
-        "orders-db",
-        "--for",
-        "2h",
-        "--reason",
-        "bench",
-        "--incident",
-        "BENCH",
-    ]);
-    let out = w
-        .ssh(
-            "alice",
-            "breakglass",
-            &[],
-            &[&format!("credential {}", grant.trim())],
-        )
-        .output()
-        .expect("credential");
-    let secret = text(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("password: "))
-        .expect("password")
-        .to_string();
+    let secret = common::pg_credential(&w);
     common::print_machine();
 
     // Session setup first, while the gateway is otherwise idle.

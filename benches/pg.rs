@@ -1,11 +1,17 @@
-//! PostgreSQL benchmark, side by side in one run: `pgbench -S` (select-only) TPS direct to
-//! PostgreSQL, through pgbouncer (session pooling, no recording) without and with client TLS,
-//! and through the gateway (TLS + SCRAM, every message recorded). The gateway/pgbouncer+TLS
-//! ratio is the like-for-like one: both terminate TLS from the client and talk plain TCP to
-//! PostgreSQL. Prints TPS and the ratios; asserts nothing.
+//! PostgreSQL benchmark, side by side in one run:
 //!
-//! Run with `cargo bench --bench pg` (needs Debian's `pgbouncer`; BENCH_SECONDS, BENCH_CLIENTS
-//! override 10 s and 8 clients, BENCH_RUNS the 5 interleaved runs per path).
+//! - `pgbench -S -M prepared` (select-only) TPS direct to PostgreSQL, through pgbouncer
+//!   (session pooling, no recording) without and with client TLS, through the gateway with
+//!   client TLS + SCRAM and every message recorded, and through a second gateway listening in
+//!   plain TCP (the deployment with TLS terminated at a proxy in front). The gateway and
+//!   pgbouncer+TLS both terminate TLS from the client and talk plain TCP to PostgreSQL;
+//! - `psql` reading 500,000 rows (`SELECT * FROM pgbench_accounts LIMIT 500000`), direct and
+//!   through the TLS gateway: seconds per run.
+//!
+//! Prints medians, min/max and the ratios against the targets; asserts nothing. Run with
+//! `cargo bench --bench pg` (needs Debian's `pgbouncer`; BENCH_SECONDS, BENCH_CLIENTS override
+//! 10 s and 8 clients, BENCH_RUNS the 5 interleaved runs per path, BENCH_PIN the pinning, see
+//! benches/common).
 
 #[path = "../tests/e2e/support.rs"]
 #[allow(dead_code)]
@@ -18,11 +24,32 @@ use std::process::{Command, Stdio};
 
 use support::*;
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+use common::env_num;
+
+/// Seconds for psql to read 500,000 rows (results to /dev/null).
+fn psql_rows(conn: &str, password: &str) -> f64 {
+    let start = std::time::Instant::now();
+    let out = Command::new(pg_bin("psql"))
+        .args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-o",
+            "/dev/null",
+            "-c",
+            "SELECT * FROM pgbench_accounts LIMIT 500000",
+        ])
+        .arg(conn)
+        .env("PGPASSWORD", password)
+        .stdin(Stdio::null())
+        .output()
+        .expect("psql");
+    let took = start.elapsed().as_secs_f64();
+    assert!(out.status.success(), "psql failed: {}", text(&out.stderr));
+    took
 }
 
 /// (TPS, average latency in ms) of one pgbench -S run.
@@ -62,6 +89,7 @@ fn tps(conn: &str, password: &str, seconds: u64, clients: u64) -> (f64, f64) {
 }
 
 fn main() {
+    common::print_machine();
     let seconds = env_num("BENCH_SECONDS", 10);
     let clients = env_num("BENCH_CLIENTS", 8);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -76,6 +104,7 @@ fn main() {
         "host=127.0.0.1 port={} user=bg_dba dbname=postgres sslmode=disable",
         pg.port
     );
+    let direct_conn = direct.clone();
     let out = Command::new(pg_bin("pgbench"))
         .args(["-i", "-s", "10", "-q"])
         .arg(&direct)
@@ -165,60 +194,47 @@ fn main() {
         "pgbouncer-tls must refuse plain clients"
     );
 
-    // The gateway, release build, with the same TLS certificate and the break-glass password.
+    // The gateways, release build: one with the same TLS certificate, one in plain TCP; both
+    // log in upstream with the break-glass password.
+    let pin = common::Pinning::apply();
+    for name in ["pgbouncer", "pgbouncer-tls"] {
+        if let Ok(pid) = std::fs::read_to_string(dir.path().join(format!("{name}.pid"))) {
+            pin.proxy(pid.trim().parse().expect("pgbouncer pid"));
+        }
+    }
     let w = World::with(Opts {
-        extra_config: format!(
-            "[postgres]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n",
-            cert.display(),
-            key.display(),
-            pg.port
-        ),
+        extra_config: common::pg_config(Some((&cert, &key)), pg.port),
         ..Default::default()
     });
     w.vault_set("orders-db", "bench-password");
-    let _gw = Process::start(&w);
-    let grant = w.cli_ok(&[
-        "grant",
-        "add",
-        "--person",
-        "alice",
-        "--target",
-        "orders-db",
-        "--for",
-        "2h",
-        "--reason",
-        "bench",
-        "--incident",
-        "BENCH",
-    ]);
-    // The JIT credential comes over the SSH control channel, as for a DBA.
-    let out = w
-        .ssh(
-            "alice",
-            "breakglass",
-            &[],
-            &[&format!("credential {}", grant.trim())],
-        )
-        .output()
-        .expect("credential");
-    let secret = text(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("password: "))
-        .expect("password")
-        .to_string();
+    let gw = Process::start(&w);
+    pin.proxy(gw.child.id());
+    let secret = common::pg_credential(&w);
     let via_gateway = format!(
         "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode=require",
         w.pg_port
     );
+    let w_plain = World::with(Opts {
+        extra_config: common::pg_config(None, pg.port),
+        ..Default::default()
+    });
+    w_plain.vault_set("orders-db", "bench-password");
+    let gw_plain = Process::start(&w_plain);
+    pin.proxy(gw_plain.child.id());
+    let secret_plain = common::pg_credential(&w_plain);
+    let via_plain_gateway = format!(
+        "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode=disable",
+        w_plain.pg_port
+    );
 
     println!("pgbench -S -M prepared, {clients} clients, {seconds} s per run, interleaved");
-    let runs: [(&str, &str, &str); 4] = [
+    let runs: [(&str, &str, &str); 5] = [
         ("direct", &direct, "bench-password"),
         ("pgbouncer", &via_bouncer, "bench-password"),
         ("pgbouncer+tls", &via_tls_bouncer, "bench-password"),
-        ("gateway+rec", &via_gateway, &secret),
+        ("gateway+tls+rec", &via_gateway, &secret),
+        ("gateway+rec", &via_plain_gateway, &secret_plain),
     ];
-    common::print_machine();
     let n_runs = env_num("BENCH_RUNS", 5).max(1);
     let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); runs.len()];
     for _ in 0..n_runs {
@@ -233,18 +249,38 @@ fn main() {
         println!("  {:<16} avg latency {lat:.3} ms", "");
     }
     let med = |i: usize| common::spread(&tps_of(i)).0;
-    let [direct, bouncer_plain, bouncer_tls, gateway] = [0, 1, 2, 3].map(med);
+    let [direct, bouncer_plain, bouncer_tls, gateway, gateway_plain] = [0, 1, 2, 3, 4].map(med);
     println!(
-        "  ratio gateway/pgbouncer+tls = {:.2}x (both TLS), gateway/pgbouncer = {:.2}x (pgbouncer plain), gateway/direct = {:.2}x (medians)",
+        "  ratio gateway+tls/pgbouncer+tls = {:.2}x (target >= 1.3x), gateway+tls/pgbouncer = {:.2}x (target >= 1.0x), gateway/direct = {:.2}x (medians)",
         gateway / bouncer_tls,
         gateway / bouncer_plain,
         gateway / direct
     );
     println!(
-        "  per pair of neighbouring runs: gateway/pgbouncer+tls {}; gateway/pgbouncer {}",
-        common::pair_ratios(&tps_of(3), &tps_of(2)),
-        common::pair_ratios(&tps_of(3), &tps_of(1))
+        "  ratio plain gateway/pgbouncer = {:.2}x (both plain TCP; target >= 1.2x, medians)",
+        gateway_plain / bouncer_plain
     );
+    println!(
+        "  per pair of neighbouring runs: gateway+tls/pgbouncer+tls {}; gateway+tls/pgbouncer {}; plain gateway/pgbouncer {}",
+        common::pair_ratios(&tps_of(3), &tps_of(2)),
+        common::pair_ratios(&tps_of(3), &tps_of(1)),
+        common::pair_ratios(&tps_of(4), &tps_of(1))
+    );
+
+    println!("psql reading 500000 rows (to /dev/null), {n_runs} runs per path, interleaved");
+    let (mut rd, mut rg) = (Vec::new(), Vec::new());
+    for _ in 0..n_runs {
+        rd.push(psql_rows(&direct_conn, "bench-password"));
+        rg.push(psql_rows(&via_gateway, &secret));
+    }
+    common::print_spread("direct", &rd, "s");
+    common::print_spread("gateway+tls+rec", &rg, "s");
+    println!(
+        "  ratio gateway/direct time = {:.2}x (medians; target <= 1.1x); per pair: {}",
+        common::spread(&rg).0 / common::spread(&rd).0,
+        common::pair_ratios(&rg, &rd)
+    );
+    drop((gw, gw_plain));
     // runuser forks: stop pgbouncer itself (by its pid file), then reap runuser.
     for (b, name) in [
         (&mut bouncer, "pgbouncer"),

@@ -2,11 +2,14 @@
 //!
 //! - bulk throughput: `ssh HOST 'head -c N /dev/zero'` through the gateway (recording on),
 //!   direct to sshd, and through OpenSSH ProxyJump (`ssh -J`); prints MB/s and ratios;
+//!   with OpenSSH's default client ciphers, then with aes256-gcm forced on every client leg;
 //! - keystroke round trip: one line typed into `cat` on a pty and read back, p50/p99, through
-//!   the gateway and direct.
+//!   the gateway and direct, on a quiet machine and while another session of the same path
+//!   pushes bulk data.
 //!
 //! Run with `cargo bench --bench ssh` (BENCH_BYTES overrides the 1 GB default, BENCH_RUNS the
-//! 5 interleaved runs per path). Nothing here asserts a speed: it measures and prints.
+//! 5 interleaved runs per path, BENCH_KEYS the 300 keystrokes, BENCH_PIN the pinning, see
+//! benches/common). Nothing here asserts a speed: it measures and prints.
 
 #[path = "../tests/e2e/support.rs"]
 #[allow(dead_code)]
@@ -21,12 +24,11 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::env_num;
+
+/// The cipher OpenSSH clients are made to use on every client leg for the second set of bulk
+/// runs (the gateway's upstream leg picks its own).
+const FORCED_CIPHER: &str = "aes256-gcm@openssh.com";
 
 /// Base ssh arguments for direct (non-gateway) connections with alice's key.
 fn direct_args(w: &World) -> Vec<String> {
@@ -97,6 +99,29 @@ fn keystroke_rtt(mut c: Command, n: usize) -> Vec<Duration> {
     rtts
 }
 
+/// p50 and p99 of keystroke round trips through `make(remote)`, with `bulk` (another
+/// session of the same path reading zeros as fast as it can) running meanwhile when given.
+fn keystrokes(make: &dyn Fn(&str) -> Command, n: usize, bulk: Option<Command>) -> [Duration; 2] {
+    let mut load = bulk.map(|mut c| {
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the bulk session")
+    });
+    let mut v = keystroke_rtt(make("stty -echo; echo READY; cat"), n);
+    if let Some(child) = load.as_mut() {
+        let still_running = child.try_wait().expect("bulk session").is_none();
+        assert!(
+            still_running,
+            "the bulk session ended before the keystrokes did"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    [percentile(&mut v, 0.5), percentile(&mut v, 0.99)]
+}
+
 fn main() {
     let bytes = env_num("BENCH_BYTES", 1_000_000_000);
     let runs = env_num("BENCH_RUNS", 5).max(1) as usize;
@@ -104,44 +129,44 @@ fn main() {
     let w = World::new();
     // Direct and ProxyJump paths log in with alice's own key.
     std::fs::copy(w.path("alice.pub"), w.path("authorized_keys")).expect("authorized_keys");
-    let _gw = Process::start(&w);
+    // sshd (started above) keeps every CPU; this process and its clients move to the load
+    // CPUs, the gateway to the proxy CPUs.
+    let pin = common::Pinning::apply();
+    let gw = Process::start(&w);
+    pin.proxy(gw.child.id());
     w.grant("alice", "2h");
     let user = current_user();
     let cmd = format!("head -c {bytes} /dev/zero");
+    let port = w.sshd.port.to_string();
+    let target = format!("{user}@127.0.0.1");
 
-    let ssh_gateway = |cmd: &str| {
-        let mut c = w.ssh("alice", "web-01", &[], &[cmd]);
+    // Each path takes the client options (a forced cipher, -tt) and the remote command.
+    let ssh_gateway = |opts: &[&str], cmd: &str| {
+        let mut c = w.ssh("alice", "web-01", opts, &[cmd]);
         c.stdin(Stdio::null());
         c
     };
-    let ssh_direct = |cmd: &str| {
+    let ssh_direct = |opts: &[&str], cmd: &str| {
         let mut c = Command::new("ssh");
         c.args(direct_args(&w))
-            .args([
-                "-p",
-                &w.sshd.port.to_string(),
-                &format!("{user}@127.0.0.1"),
-                cmd,
-            ])
+            .args(opts)
+            .args(["-p", &port, &target, cmd])
             .stdin(Stdio::null());
         c
     };
     // What `ssh -J` does, spelled out so the jump leg gets the same options and key.
-    let ssh_jump = |cmd: &str| {
+    let ssh_jump = |opts: &[&str], cmd: &str| {
         let mut c = Command::new("ssh");
+        let jump_opts: Vec<&str> = opts.iter().copied().filter(|o| *o != "-tt").collect();
         let jump_cmd = format!(
-            "ssh {} -p {} -W %h:%p {user}@127.0.0.1",
+            "ssh {} {} -p {port} -W %h:%p {target}",
             direct_args(&w).join(" "),
-            w.sshd.port
+            jump_opts.join(" "),
         );
         c.args(direct_args(&w))
+            .args(opts)
             .args(["-o", &format!("ProxyCommand={jump_cmd}")])
-            .args([
-                "-p",
-                &w.sshd.port.to_string(),
-                &format!("{user}@127.0.0.1"),
-                cmd,
-            ])
+            .args(["-p", &port, &target, cmd])
             .stdin(Stdio::null());
         c
     };
@@ -149,39 +174,29 @@ fn main() {
     // Keystrokes first, on a quiet machine: right after gigabytes of recordings the kernel's
     // writeback competes for the two cores and skews the tail (seen: p99 10 ms).
     let n = env_num("BENCH_KEYS", 300) as usize;
-    let remote = "stty -echo; echo READY; cat";
-    let mut kg = keystroke_rtt(
-        {
-            let mut c = w.ssh("alice", "web-01", &["-tt"], &[remote]);
-            c.stdin(Stdio::piped());
-            c
-        },
-        n,
-    );
-    let mut kd = keystroke_rtt(
-        {
-            let mut c = Command::new("ssh");
-            c.args(direct_args(&w)).args([
-                "-tt",
-                "-p",
-                &w.sshd.port.to_string(),
-                &format!("{user}@127.0.0.1"),
-                remote,
-            ]);
-            c
-        },
-        n,
-    );
-    let (g50, g99) = (percentile(&mut kg, 0.5), percentile(&mut kg, 0.99));
-    let (d50, d99) = (percentile(&mut kd, 0.5), percentile(&mut kd, 0.99));
-    println!("keystroke round trip ({n} lines into cat on a pty):");
-    println!("  direct   p50 {d50:?}  p99 {d99:?}");
-    println!("  gateway  p50 {g50:?}  p99 {g99:?}");
-    println!(
-        "  added by the gateway: p50 {:?}  p99 {:?}",
-        g50.saturating_sub(d50),
-        g99.saturating_sub(d99)
-    );
+    let stream = "cat /dev/zero";
+    println!("keystroke round trip ({n} lines into cat on a pty; p50 p99):");
+    for (label, loaded, target) in [("quiet", false, "100µs"), ("under bulk", true, "1ms")] {
+        let g = keystrokes(
+            &|r| ssh_gateway(&["-tt"], r),
+            n,
+            loaded.then(|| ssh_gateway(&[], stream)),
+        );
+        let d = keystrokes(
+            &|r| ssh_direct(&["-tt"], r),
+            n,
+            loaded.then(|| ssh_direct(&[], stream)),
+        );
+        println!(
+            "  {label:<10} direct {:?} {:?}  gateway {:?} {:?}  added by the gateway: p50 {:?} p99 {:?} (target p99 <= {target})",
+            d[0],
+            d[1],
+            g[0],
+            g[1],
+            g[0].saturating_sub(d[0]),
+            g[1].saturating_sub(d[1])
+        );
+    }
 
     // Random data does not compress: it shows the cost of recording when LZ4 cannot help.
     let random_bytes = bytes.min(256_000_000);
@@ -206,34 +221,45 @@ fn main() {
     let random_cmd = format!("cat {}", random_file.display());
 
     let mbps = |n: u64, t: Duration| n as f64 / 1e6 / t.as_secs_f64();
+    let forced = ["-c", FORCED_CIPHER];
     for (label, cmd, n) in [
         ("zeros (head -c N /dev/zero)", cmd.as_str(), bytes),
         ("random data (cat FILE)", random_cmd.as_str(), random_bytes),
     ] {
-        println!(
-            "bulk {label}: {} MB per run, {runs} runs per path, interleaved",
-            n / 1_000_000
-        );
-        let (mut g, mut d, mut j) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..runs {
-            d.push(time_bulk(ssh_direct(cmd), n));
-            j.push(time_bulk(ssh_jump(cmd), n));
-            g.push(time_bulk(ssh_gateway(cmd), n));
+        for (ciphers, opts, target) in [
+            ("OpenSSH default client ciphers", &[][..], "1.5x"),
+            (
+                "aes256-gcm forced on every client leg",
+                &forced[..],
+                "1.25x",
+            ),
+        ] {
+            println!(
+                "bulk {label}, {ciphers}: {} MB per run, {runs} runs per path, interleaved",
+                n / 1_000_000
+            );
+            let (mut g, mut d, mut j) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..runs {
+                d.push(time_bulk(ssh_direct(opts, cmd), n));
+                j.push(time_bulk(ssh_jump(opts, cmd), n));
+                g.push(time_bulk(ssh_gateway(opts, cmd), n));
+            }
+            let rate = |v: &[Duration]| v.iter().map(|t| mbps(n, *t)).collect::<Vec<f64>>();
+            let (gr, dr, jr) = (rate(&g), rate(&d), rate(&j));
+            common::print_spread("direct", &dr, "MB/s");
+            common::print_spread("ProxyJump", &jr, "MB/s");
+            common::print_spread("gateway+rec", &gr, "MB/s");
+            let m = |v: &[f64]| common::spread(v).0;
+            println!(
+                "  ratio gateway/ProxyJump = {:.2}x (target >= {target}), gateway/direct = {:.2}x (medians)",
+                m(&gr) / m(&jr),
+                m(&gr) / m(&dr)
+            );
+            println!(
+                "  per pair of neighbouring runs: gateway/ProxyJump {}",
+                common::pair_ratios(&gr, &jr)
+            );
         }
-        let rate = |v: &[Duration]| v.iter().map(|t| mbps(n, *t)).collect::<Vec<f64>>();
-        let (gr, dr, jr) = (rate(&g), rate(&d), rate(&j));
-        common::print_spread("direct", &dr, "MB/s");
-        common::print_spread("ProxyJump", &jr, "MB/s");
-        common::print_spread("gateway+rec", &gr, "MB/s");
-        let m = |v: &[f64]| common::spread(v).0;
-        println!(
-            "  ratio gateway/ProxyJump = {:.2}x, gateway/direct = {:.2}x (medians)",
-            m(&gr) / m(&jr),
-            m(&gr) / m(&dr)
-        );
-        println!(
-            "  per pair of neighbouring runs: gateway/ProxyJump {}",
-            common::pair_ratios(&gr, &jr)
-        );
     }
+    drop(gw);
 }

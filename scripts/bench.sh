@@ -26,4 +26,4 @@ for b in "${benches[@]}"; do
 done
 echo
 echo "summary (full output in $out):"
-grep -E '^(machine:|== |pgbench|bulk|keystroke|grant check|ssh session setup|idle sessions|[a-z].*:$|  [a-zA-Z+ ]+ +median|  ratio|  per pair|  added by|  [0-9]+ idle|  before any|  a fresh)' "$out" || true
+grep -E '^(machine:|pinning:|== |pgbench|psql|bulk|keystroke|  quiet|  under bulk|grant check|ssh session setup|idle sessions|[a-z].*:$|  [a-zA-Z+ ]+ +median|  ratio|  per pair|  added by|  [0-9]+ idle|  before any|  a fresh)' "$out" || true

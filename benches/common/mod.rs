@@ -45,5 +45,118 @@ pub fn pair_ratios(a: &[f64], b: &[f64]) -> String {
 /// One line: `label  median X unit  min Y  max Z`.
 pub fn print_spread(label: &str, v: &[f64], unit: &str) {
     let (m, lo, hi) = spread(v);
-    println!("  {label:<16} median {m:>9.1} {unit}  min {lo:>9.1}  max {hi:>9.1}");
+    // Seconds and other small figures need more than one decimal.
+    let p = if m.abs() < 10.0 { 3 } else { 1 };
+    println!("  {label:<16} median {m:>9.p$} {unit}  min {lo:>9.p$}  max {hi:>9.p$}");
+}
+
+/// A numeric setting from the environment (`BENCH_RUNS=7`), or `default`.
+pub fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Where the load generator and the proxies run. With `BENCH_PIN=1` (or `auto`, the default,
+/// on a machine with at least 4 cores) the bench process (and so every client it starts:
+/// ssh, pgbench, psql) is pinned to the upper half of the CPUs and each proxy (the gateway,
+/// pgbouncer) to the lower half; the targets (sshd, PostgreSQL) keep every CPU. On 2 cores
+/// `auto` leaves everything unpinned: half the machine would be one core for the gateway.
+pub struct Pinning {
+    proxy: Option<String>,
+}
+
+impl Pinning {
+    /// Pins this process (call it after the targets started, before any client) and says so.
+    pub fn apply() -> Pinning {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let want = std::env::var("BENCH_PIN").unwrap_or_else(|_| "auto".into());
+        let on = match want.as_str() {
+            "1" | "on" | "yes" => cores >= 2,
+            "auto" => cores >= 4,
+            _ => false,
+        };
+        if !on {
+            println!(
+                "pinning: off ({cores} cores, BENCH_PIN={want}; BENCH_PIN=1 pins the load generator away from the proxy)"
+            );
+            return Pinning { proxy: None };
+        }
+        let half = cores / 2;
+        let proxy = format!("0-{}", half - 1);
+        let load = format!("{half}-{}", cores - 1);
+        let me = std::process::id().to_string();
+        taskset(&load, &me);
+        println!("pinning: load generator on CPUs {load}, proxies on CPUs {proxy}");
+        Pinning { proxy: Some(proxy) }
+    }
+
+    /// Moves a started proxy (every thread of `pid`) to the proxy CPUs.
+    pub fn proxy(&self, pid: u32) {
+        if let Some(cpus) = &self.proxy {
+            taskset(cpus, &pid.to_string());
+        }
+    }
+}
+
+fn taskset(cpus: &str, pid: &str) {
+    let out = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, pid])
+        .output()
+        .expect("taskset (util-linux)");
+    assert!(
+        out.status.success(),
+        "taskset -a -p -c {cpus} {pid}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `[postgres]` listener (with TLS when `cert_key` is given) and an `orders-db` target at
+/// `pg_port` logging in as `bg_dba`, for a gateway config.
+pub fn pg_config(cert_key: Option<(&std::path::Path, &std::path::Path)>, pg_port: u16) -> String {
+    let listener = match cert_key {
+        Some((cert, key)) => format!(
+            "[postgres]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n",
+            cert.display(),
+            key.display()
+        ),
+        None => String::new(),
+    };
+    format!(
+        "{listener}[[targets]]\nname = \"orders-db\"\nprotocol = \"postgres\"\naddress = \"127.0.0.1:{pg_port}\"\nlogin = \"bg_dba\"\napprovers = [\"bob\"]\n"
+    )
+}
+
+/// Grants alice `orders-db` for 2 h and fetches her JIT password over the SSH control
+/// channel, as a DBA does.
+pub fn pg_credential(w: &super::support::World) -> String {
+    let grant = w.cli_ok(&[
+        "grant",
+        "add",
+        "--person",
+        "alice",
+        "--target",
+        "orders-db",
+        "--for",
+        "2h",
+        "--reason",
+        "bench",
+        "--incident",
+        "BENCH",
+    ]);
+    let out = w
+        .ssh(
+            "alice",
+            "breakglass",
+            &[],
+            &[&format!("credential {}", grant.trim())],
+        )
+        .output()
+        .expect("credential");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("password: "))
+        .expect("the control channel printed no password")
+        .to_string()
 }

@@ -97,6 +97,9 @@ struct Client {
     known_hosts: PathBuf,
     /// The gateway's PostgreSQL listener (PostgreSQL targets).
     pg_listen: Option<std::net::SocketAddr>,
+    /// `require` when the listener has TLS (the drill's psql never falls back to plain TCP
+    /// with the credential), `disable` when it is plain TCP by configuration.
+    pg_sslmode: &'static str,
 }
 
 impl Client {
@@ -184,6 +187,11 @@ pub(super) async fn drill(a: DrillArgs) -> Result<ExitCode> {
         key: a.key.clone(),
         known_hosts: known_hosts.0.clone(),
         pg_listen: cfg.pg_listen,
+        pg_sslmode: if cfg.pg_tls.is_some() {
+            "require"
+        } else {
+            "disable"
+        },
     };
     let duration = match &a.duration {
         Some(d) => humantime::parse_duration(d).with_context(|| format!("--for `{d}`"))?,
@@ -531,10 +539,11 @@ async fn psql(
     let (user, pw) = credential(client, req, timeout).await?;
     let mut c = tokio::process::Command::new("psql");
     c.arg(format!(
-        "host={} port={} user={user} dbname={} sslmode=prefer",
+        "host={} port={} user={user} dbname={} sslmode={}",
         client.host,
         listen.port(),
-        t.name
+        t.name,
+        client.pg_sslmode
     ))
     .args(["-XAtc", sql])
     .env("PGPASSWORD", pw)
