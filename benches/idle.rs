@@ -53,50 +53,6 @@ fn settled_rss(pid: u32) -> u64 {
     last
 }
 
-/// The gateway (release build), or under `BENCH_GATEWAY_WRAP` (a profiler such as
-/// `heaptrack -o FILE`): the child, and the gateway's own pid (the newest process serving
-/// this config).
-fn start_gateway(w: &World) -> (std::process::Child, u32) {
-    let exe = env!("CARGO_BIN_EXE_breakglass");
-    // `{n}` in the wrapper is the gateway's start count (one profile file per start).
-    static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let wrap = std::env::var("BENCH_GATEWAY_WRAP")
-        .unwrap_or_default()
-        .replace("{n}", &n.to_string());
-    let mut words = wrap.split_whitespace();
-    let mut c = match words.next() {
-        Some(tool) => {
-            let mut c = Command::new(tool);
-            c.args(words).arg(exe);
-            c
-        }
-        None => Command::new(exe),
-    };
-    let child = c
-        .args(["serve", "--config"])
-        .arg(&w.config_path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(w.path("gateway.log")).expect("log"))
-        .spawn()
-        .expect("start gateway");
-    wait_port(w.gw_port);
-    let out = Command::new("pgrep")
-        .args(["-n", "-f"])
-        .arg(format!("serve --config {}", w.config_path.display()))
-        .output()
-        .expect("pgrep");
-    let pid = text(&out.stdout).trim().parse().unwrap_or(child.id());
-    (child, pid)
-}
-
-/// Stops the gateway with SIGTERM (a profiler writes its file) and waits for it.
-fn stop_gateway(mut child: std::process::Child, pid: u32) {
-    let _ = Command::new("kill").arg(pid.to_string()).status();
-    let _ = child.wait();
-}
-
 struct AcceptAny;
 
 impl russh::client::Handler for AcceptAny {
@@ -182,7 +138,7 @@ fn main() {
         ..Default::default()
     });
     w.vault_set("orders-db", "bench-password");
-    let (gw, pid) = start_gateway(&w);
+    let (gw, pid) = common::start_gateway(&w);
     w.grant("alice", "2h");
     let secret = common::pg_credential(&w);
     common::print_machine();
@@ -272,8 +228,8 @@ fn main() {
     drop(shells);
     // A fresh gateway for the PostgreSQL sessions: memory the SSH sessions freed but the
     // allocator kept would hide theirs.
-    stop_gateway(gw, pid);
-    let (gw, pid) = start_gateway(&w);
+    common::stop_gateway(gw, pid);
+    let (gw, pid) = common::start_gateway(&w);
     let base = settled_rss(pid);
     println!(
         "  a fresh gateway before any session: {:.1} MiB",
@@ -324,5 +280,5 @@ fn main() {
     );
     drop(clients);
     drop(rt);
-    stop_gateway(gw, pid);
+    common::stop_gateway(gw, pid);
 }

@@ -9,7 +9,8 @@
 //!
 //! Run with `cargo bench --bench ssh` (BENCH_BYTES overrides the 1 GB default, BENCH_RUNS the
 //! 5 interleaved runs per path, BENCH_KEYS the 300 keystrokes, BENCH_PIN the pinning, see
-//! benches/common). Nothing here asserts a speed: it measures and prints.
+//! benches/common; BENCH_GATEWAY_WRAP runs the gateway under a profiler, as in benches/idle).
+//! Nothing here asserts a speed: it measures and prints.
 
 #[path = "../tests/e2e/support.rs"]
 #[allow(dead_code)]
@@ -132,8 +133,8 @@ fn main() {
     // sshd (started above) keeps every CPU; this process and its clients move to the load
     // CPUs, the gateway to the proxy CPUs.
     let pin = common::Pinning::apply();
-    let gw = Process::start(&w);
-    pin.proxy(gw.child.id());
+    let (gw, gw_pid) = common::start_gateway(&w);
+    pin.proxy(gw_pid);
     w.grant("alice", "2h");
     let user = current_user();
     let cmd = format!("head -c {bytes} /dev/zero");
@@ -261,5 +262,5 @@ fn main() {
             );
         }
     }
-    drop(gw);
+    common::stop_gateway(gw, gw_pid);
 }

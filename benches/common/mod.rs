@@ -160,3 +160,52 @@ pub fn pg_credential(w: &super::support::World) -> String {
         .expect("the control channel printed no password")
         .to_string()
 }
+
+/// The gateway (release build), or under `BENCH_GATEWAY_WRAP` (a profiler such as
+/// `heaptrack -o FILE`): the child, and the gateway's own pid (the newest process serving
+/// this config).
+pub fn start_gateway(w: &super::support::World) -> (std::process::Child, u32) {
+    let exe = env!("CARGO_BIN_EXE_breakglass");
+    // `{n}` in the wrapper is the gateway's start count (one profile file per start).
+    static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let wrap = std::env::var("BENCH_GATEWAY_WRAP")
+        .unwrap_or_default()
+        .replace("{n}", &n.to_string());
+    let mut words = wrap.split_whitespace();
+    let mut c = match words.next() {
+        Some(tool) => {
+            let mut c = std::process::Command::new(tool);
+            c.args(words).arg(exe);
+            c
+        }
+        None => std::process::Command::new(exe),
+    };
+    let child = c
+        .args(["serve", "--config"])
+        .arg(&w.config_path)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(w.path("gateway.log")).expect("log"))
+        .spawn()
+        .expect("start gateway");
+    super::support::wait_port(w.gw_port);
+    let out = std::process::Command::new("pgrep")
+        .args(["-n", "-f"])
+        .arg(format!("serve --config {}", w.config_path.display()))
+        .output()
+        .expect("pgrep");
+    let pid = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(child.id());
+    (child, pid)
+}
+
+/// Stops the gateway with SIGTERM (a profiler writes its file) and waits for it.
+pub fn stop_gateway(mut child: std::process::Child, pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status();
+    let _ = child.wait();
+}

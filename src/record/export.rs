@@ -2,7 +2,7 @@
 //! versions its manifest pinned) and turn any channel into one asciicast v2 document for
 //! `breakglass export` and `breakglass replay`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{asciicast, raw, SessionMeta, Stream};
 use crate::storage::{key, RecordingStore, StorageError};
@@ -43,10 +43,44 @@ pub struct Loaded {
     /// Absent when the gateway died before sealing the session.
     pub meta: Option<SessionMeta>,
     pub channels: BTreeMap<u32, ChannelData>,
+    /// Channels read only in part ([`Select::max_channel_bytes`]).
+    pub cut: BTreeSet<u32>,
+}
+
+/// Which parts of a recording [`load_some`] reads. A session can hold gigabytes (`cat
+/// /dev/zero` for a minute); what reads it inside the gateway reads only what it needs and
+/// a bounded part of that.
+#[derive(Debug, Clone, Copy)]
+pub struct Select {
+    /// Terminal (asciicast) channels.
+    pub terminal: bool,
+    /// Raw channels that are not PostgreSQL sessions (SSH exec without a pty, subsystems).
+    pub other_raw: bool,
+    /// At most about this many bytes per channel (whole chunks); the rest is left unread
+    /// and the channel is named in [`Loaded::cut`].
+    pub max_channel_bytes: usize,
+}
+
+impl Select {
+    /// Everything (export, replay, verify by hand).
+    pub const ALL: Select = Select {
+        terminal: true,
+        other_raw: true,
+        max_channel_bytes: usize::MAX,
+    };
 }
 
 /// Loads every chunk under a session prefix.
 pub async fn load(store: &RecordingStore, prefix: &str) -> Result<Loaded, ExportError> {
+    load_some(store, prefix, Select::ALL).await
+}
+
+/// Loads the chunks under a session prefix that `select` asks for.
+pub async fn load_some(
+    store: &RecordingStore,
+    prefix: &str,
+    select: Select,
+) -> Result<Loaded, ExportError> {
     let meta = match store.get(&key::session_end(prefix)).await {
         Ok(b) => Some(
             serde_json::from_slice::<SessionMeta>(&b)
@@ -73,6 +107,9 @@ pub async fn load(store: &RecordingStore, prefix: &str) -> Result<Loaded, Export
             .collect(),
     };
     let mut channels: BTreeMap<u32, ChannelData> = BTreeMap::new();
+    // Channels looked at and not wanted (their first chunk said what they are).
+    let mut skipped: BTreeSet<u32> = BTreeSet::new();
+    let mut cut: BTreeSet<u32> = BTreeSet::new();
     for (obj_key, version) in objects {
         let Some(rest) = obj_key
             .strip_prefix(prefix)
@@ -95,6 +132,16 @@ pub async fn load(store: &RecordingStore, prefix: &str) -> Result<Loaded, Export
         } else {
             continue;
         };
+        if skipped.contains(&ch) || (format == Format::Cast && !select.terminal) {
+            continue;
+        }
+        if channels
+            .get(&ch)
+            .is_some_and(|d| d.bytes.len() >= select.max_channel_bytes)
+        {
+            cut.insert(ch);
+            continue;
+        }
         let stored = match store.get_version(&obj_key, version.as_deref()).await {
             Ok(b) => b,
             // A deleted chunk: export what is left; `verify` reports the deletion.
@@ -115,8 +162,17 @@ pub async fn load(store: &RecordingStore, prefix: &str) -> Result<Loaded, Export
         });
         entry.bytes.extend_from_slice(&bytes);
         entry.chunks += 1;
+        // The first chunk holds the raw header that says whether this is PostgreSQL.
+        if entry.chunks == 1 && format == Format::Raw && !select.other_raw && !is_postgres(entry) {
+            channels.remove(&ch);
+            skipped.insert(ch);
+        }
     }
-    Ok(Loaded { meta, channels })
+    Ok(Loaded {
+        meta,
+        channels,
+        cut,
+    })
 }
 
 impl Loaded {
@@ -205,5 +261,81 @@ pub fn to_asciicast(ch: u32, data: &ChannelData) -> Result<String, ExportError> 
             }
             String::from_utf8(out).map_err(|e| ExportError::BadChannel(ch, e.to_string()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::raw::{encode_frame, encode_header, RawHeader};
+    use crate::record::ChannelKind;
+
+    fn raw_chunk(kind: Option<ChannelKind>, frames: usize) -> bytes::Bytes {
+        let mut b = match kind {
+            Some(kind) => encode_header(&RawHeader {
+                session_id: "s-1".into(),
+                channel: 0,
+                kind,
+            }),
+            None => Vec::new(),
+        };
+        for i in 0..frames {
+            encode_frame(
+                &mut b,
+                Stream::In,
+                std::time::Duration::from_millis(i as u64),
+                &crate::pg::wire::message(b'Q', b"SELECT 1\0"),
+            );
+        }
+        b.into()
+    }
+
+    #[tokio::test]
+    async fn a_selective_load_reads_only_what_it_asks_for_and_says_what_it_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RecordingStore::local(dir.path()).expect("store");
+        let p = "sessions/2026/12/04/s-1";
+        let pg = ChannelKind::Postgres {
+            database: "d".into(),
+            role: "r".into(),
+        };
+        let exec = ChannelKind::Exec {
+            command: "cat /dev/zero".into(),
+        };
+        for (k, b) in [
+            (
+                format!("{p}/ch0000/00000001.cast"),
+                bytes::Bytes::from_static(b"{}\n"),
+            ),
+            (format!("{p}/ch0001/00000001.raw"), raw_chunk(Some(pg), 10)),
+            (format!("{p}/ch0001/00000002.raw"), raw_chunk(None, 10)),
+            (format!("{p}/ch0002/00000001.raw"), raw_chunk(Some(exec), 3)),
+            (format!("{p}/ch0002/00000002.raw"), raw_chunk(None, 3)),
+        ] {
+            store.put_new(&k, b).await.expect("put");
+        }
+        let all = load(&store, p).await.expect("load");
+        assert_eq!(all.channels.keys().copied().collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(all.channels[&1].chunks, 2);
+        assert!(all.cut.is_empty());
+
+        let some = load_some(
+            &store,
+            p,
+            Select {
+                terminal: false,
+                other_raw: false,
+                max_channel_bytes: 1,
+            },
+        )
+        .await
+        .expect("load");
+        assert_eq!(some.channels.keys().copied().collect::<Vec<_>>(), [1]);
+        assert_eq!(
+            some.channels[&1].chunks, 1,
+            "the second chunk is past the cap"
+        );
+        assert_eq!(some.cut.iter().copied().collect::<Vec<_>>(), [1]);
+        assert!(is_postgres(&some.channels[&1]));
     }
 }

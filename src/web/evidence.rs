@@ -272,7 +272,15 @@ async fn audit_or_refuse(gw: &Gateway, e: &AccessEvent) -> Result<(), ApiError> 
 }
 
 async fn load(gw: &Gateway, row: &SessionRow) -> Result<Loaded, ApiError> {
-    export::load(&gw.recordings, &row.recording_prefix)
+    load_some(gw, row, export::Select::ALL).await
+}
+
+async fn load_some(
+    gw: &Gateway,
+    row: &SessionRow,
+    select: export::Select,
+) -> Result<Loaded, ApiError> {
+    export::load_some(&gw.recordings, &row.recording_prefix, select)
         .await
         .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, format!("recording store: {e}")))
 }
@@ -296,7 +304,9 @@ async fn session_page(
         "viewed the session page".into(),
     )
     .await?;
-    let loaded = load(&gw, &row).await?;
+    // The page needs the metadata, each channel's kind and the statements: a bounded part of
+    // each channel, never a multi-gigabyte recording in memory.
+    let loaded = load_some(&gw, &row, PAGE_SELECT).await?;
     let grant = gw.store.find_grant(&row.grant_id).await.ok();
     let request = match grant.as_ref().and_then(|g| g.request_id.clone()) {
         Some(rid) => gw.store.find_request(&rid).await.ok(),
@@ -558,6 +568,23 @@ pub async fn indexer(gw: Arc<Gateway>) {
     }
 }
 
+/// What indexing reads of a recording: the session metadata (commands) and PostgreSQL
+/// channels (statements), each up to 64 MiB, never terminal output; a session of gigabytes is
+/// indexed in bounded memory.
+const INDEX_SELECT: export::Select = export::Select {
+    terminal: false,
+    other_raw: false,
+    max_channel_bytes: 64 << 20,
+};
+
+/// What the session page reads: like [`INDEX_SELECT`], and terminal channels too (an unsealed
+/// session lists what the store holds), each up to 64 MiB.
+const PAGE_SELECT: export::Select = export::Select {
+    terminal: true,
+    other_raw: true,
+    max_channel_bytes: 64 << 20,
+};
+
 /// [`index_pending`] on a store and a recording store (the CLI has no gateway).
 pub async fn index_pending_in(
     store: &dyn crate::state::Store,
@@ -566,8 +593,16 @@ pub async fn index_pending_in(
     let rows = store.unindexed_sessions(INDEX_BATCH).await?;
     let mut n = Vec::new();
     for r in rows {
-        match export::load(recordings, &r.recording_prefix).await {
+        match export::load_some(recordings, &r.recording_prefix, INDEX_SELECT).await {
             Ok(loaded) => {
+                if !loaded.cut.is_empty() {
+                    tracing::warn!(
+                        session_id = %r.id,
+                        channels = ?loaded.cut,
+                        "search indexes the first {} MiB of each PostgreSQL channel; the rest of these is not searchable",
+                        INDEX_SELECT.max_channel_bytes >> 20
+                    );
+                }
                 let entries = search_entries(&loaded);
                 if store
                     .index_session_text(&r.id, entries.clone(), clock::now())
@@ -993,6 +1028,7 @@ mod tests {
             )]
             .into_iter()
             .collect(),
+            cut: Default::default(),
         }
     }
 
