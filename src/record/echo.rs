@@ -10,8 +10,10 @@
 //!   `token` or `secret` (case-insensitive, whole words) — `Password: `, `[sudo] password for
 //!   alice: `, `Enter PEM pass phrase:`, `Verifying - Password: `; or
 //! - **a prompt came after it began**: while it was being typed the output showed such a
-//!   prompt after a line end, or before echoing any of it (the first keystrokes were typed
-//!   ahead of the prompt); or it was
+//!   prompt after a line end, before echoing any of it (the first keystrokes were typed
+//!   ahead of the prompt), or after echoing all of it (typed, still echoed, ahead of a slow
+//!   `sudo`'s prompt: a line echoed in full is judged only at Enter, or once typing paused
+//!   for [`HOLD_LIMIT`]); or it was
 //!   submitted but its echo had not been seen when such a prompt appeared (a whole line typed
 //!   or pasted ahead, which the program then reads as the secret); or
 //! - **the target did not echo it**: it has printable characters, no output at all arrived
@@ -39,10 +41,15 @@
 //!   passwd`'s prompt, which it prints before turning echo off; or typed ahead of its
 //!   prompt), is masked in the output it is released with: the printable bytes that
 //!   continue the typed text exactly, from the first output after the line's keystrokes, read
-//!   `*` (same byte count). An echo that departs from the typed text (a backspace's
-//!   `\b \b`, a redraw) ends the masking there, so the rest of such an echo stays visible,
-//!   and an echo shown before the line was judged secret (released ahead of it) is not
-//!   masked.
+//!   `*` (same byte count). In a line with editing keys (erase, kill, word erase, or any
+//!   other control byte but Tab), whose echo is not the typed text (`\b \b`, `^?`), a
+//!   departure once the echo began does not end the masking: every printable byte up to the
+//!   output's line end is masked, at most one per typed character plus two per editing key
+//!   and a small allowance, so the prompt or output that follows a garbled echo on the same
+//!   line can read `*` too. In a line without editing keys a departure ends the masking
+//!   there (a redraw by a line editor that rewrites more than was typed stays visible past
+//!   the departure), and an echo shown before the line was judged secret (released ahead of
+//!   it) is not masked.
 //! - A command line whose echo is garbled (a redraw longer than the gap allowance) and which is
 //!   followed by a secret prompt is redacted too: a lost command, never a leaked secret.
 //! - A line held when the gateway crashes is lost from the recording (at most
@@ -223,6 +230,14 @@ struct Line {
     ansi: Ansi,
     /// The output ended a line since this line's first keystroke.
     out_newline: bool,
+    /// Printable output arrived after the whole typed text was echoed, while the line was
+    /// still being typed: a prompt seen now is not the echo of what was typed.
+    beyond_echo: bool,
+    /// When the line's last keystroke was typed.
+    last_key: f64,
+    /// Editing keys typed (erase, kill, word erase, any control byte but Tab): the echo of
+    /// such a line is not the typed text.
+    edits: usize,
 }
 
 impl Line {
@@ -318,6 +333,11 @@ struct Mask {
     ansi: Ansi,
     /// The echo departed from the typed text, or the line ended: nothing more is masked.
     done: bool,
+    /// Editing keys in the line (see [`Line::edits`]).
+    edits: usize,
+    /// How many bytes were masked since the echo departed from the typed text of a line with
+    /// editing keys: from there every printable byte is masked up to the line end.
+    loose: Option<usize>,
 }
 
 impl Mask {
@@ -325,9 +345,34 @@ impl Mask {
     /// `*`. The first printable byte that is not the next typed one ends the masking (an echo
     /// is exact), and so does a line end once the echo began; output beyond what was typed
     /// so far waits for more keystrokes of the line.
+    ///
+    /// A line with editing keys echoes them as something else (`\b \b` for an erase, a
+    /// series of them for a kill, `^?` with `echoctl`), so once its echo began, a departure
+    /// does not end the masking: every printable byte up to the output's line end is masked,
+    /// at most one per typed character plus two per editing key and [`MAX_GAP`].
     fn apply(&mut self, out: &mut [u8]) {
         for b in out.iter_mut() {
-            if self.done || self.pos >= self.expect.len() {
+            if self.done {
+                return;
+            }
+            if let Some(n) = self.loose {
+                if n >= self.loose_budget() {
+                    return;
+                }
+                let Some(c) = self.ansi.feed(*b) else {
+                    continue;
+                };
+                if c == b'\r' || c == b'\n' {
+                    self.done = true;
+                    return;
+                }
+                if printable(c) {
+                    *b = b'*';
+                    self.loose = Some(n + 1);
+                }
+                continue;
+            }
+            if self.pos >= self.expect.len() {
                 return;
             }
             let Some(c) = self.ansi.feed(*b) else {
@@ -341,12 +386,24 @@ impl Mask {
                 continue;
             }
             if self.expect[self.pos] != c {
+                if self.edits > 0 && self.pos > 0 {
+                    *b = b'*';
+                    self.loose = Some(1);
+                    continue;
+                }
                 self.done = true;
                 return;
             }
             *b = b'*';
             self.pos += 1;
         }
+    }
+
+    /// The most bytes masked after a departure (see [`Mask::apply`]).
+    fn loose_budget(&self) -> usize {
+        (self.expect.len() - self.pos.min(self.expect.len()))
+            .saturating_add(self.edits.saturating_mul(2))
+            .saturating_add(MAX_GAP)
     }
 }
 
@@ -420,7 +477,7 @@ impl<T> EchoGuard<T> {
             if typing {
                 // The prompt must follow a line end or none of the typed characters' echo:
                 // the echo of the line being typed (`echo Password:`) is not a prompt.
-                if l.out_newline || l.matched == 0 {
+                if l.out_newline || l.matched == 0 || l.beyond_echo {
                     l.prompt = true;
                 }
             } else if l.entered.is_some() && l.matched < l.typed.len() {
@@ -442,6 +499,17 @@ impl<T> EchoGuard<T> {
         for l in self.lines.iter_mut() {
             if l.verdict.is_none() && l.entered.is_some_and(|e| now - e >= HOLD_LIMIT) {
                 l.verdict = Some(l.judge_now());
+                changed = true;
+            }
+            // A line echoed in full whose typing paused (a full-screen program without
+            // Enter) is judged on its echo.
+            if l.verdict.is_none()
+                && l.entered.is_none()
+                && !l.typed.is_empty()
+                && l.matched == l.typed.len()
+                && now - l.last_key >= HOLD_LIMIT
+            {
+                l.verdict = Some(l.echoed());
                 changed = true;
             }
         }
@@ -505,6 +573,9 @@ impl<T> EchoGuard<T> {
                 verdict: (!self.redact).then_some(Verdict::Clear),
                 ansi: Ansi::Ground,
                 out_newline: false,
+                beyond_echo: false,
+                last_key: t,
+                edits: 0,
             });
             self.next_id += 1;
             self.release(out);
@@ -515,10 +586,15 @@ impl<T> EchoGuard<T> {
             return;
         };
         l.bytes += bytes.len();
+        l.last_key = t;
         for &b in bytes {
             if let Some(c) = l.ansi.feed(b) {
-                if printable(c) && l.typed.len() < MAX_TYPED {
-                    l.typed.push(c);
+                if printable(c) {
+                    if l.typed.len() < MAX_TYPED {
+                        l.typed.push(c);
+                    }
+                } else if c != b'\t' {
+                    l.edits = l.edits.saturating_add(1);
                 }
             }
         }
@@ -540,7 +616,7 @@ impl<T> EchoGuard<T> {
             self.line_open = false;
             if let Some(l) = self.lines.back_mut() {
                 l.entered = Some(t);
-                if l.typed.is_empty() && l.verdict.is_none() {
+                if l.verdict.is_none() && l.matched == l.typed.len() {
                     l.verdict = Some(l.echoed());
                 }
                 let line = l.id;
@@ -610,10 +686,15 @@ impl<T> EchoGuard<T> {
         }
         if l.matched < l.typed.len() && l.typed[l.matched] == c {
             l.matched += 1;
-            if l.matched == l.typed.len() {
+            // A line still being typed waits for Enter (or a pause, see `tick`): a prompt
+            // can still come after its echo (typed ahead of a slow `sudo`).
+            if l.matched == l.typed.len() && l.entered.is_some() {
                 l.verdict = Some(l.echoed());
             }
         } else if l.matched > 0 {
+            if l.matched == l.typed.len() && l.entered.is_none() {
+                l.beyond_echo = true;
+            }
             // An echo may be broken up by a redraw or a completion, but not by much: else
             // the characters of a long output would pass for an echo of anything.
             l.gap += 1;
@@ -675,11 +756,11 @@ impl<T> EchoGuard<T> {
             Held::Other(x, _) => out.push((t, Ev::Other(x))),
             Held::Input { line, bytes } => match self.verdict(line) {
                 Some(Verdict::Secret) => {
-                    let typed = self
+                    let (typed, edits) = self
                         .lines
                         .iter()
                         .find(|l| l.id == line)
-                        .map(|l| l.typed.clone())
+                        .map(|l| (l.typed.clone(), l.edits))
                         .unwrap_or_default();
                     match &mut self.mask {
                         // More keystrokes of the line being masked: the echo goes on.
@@ -687,6 +768,7 @@ impl<T> EchoGuard<T> {
                             if typed.len() > m.expect.len() {
                                 m.expect = typed;
                             }
+                            m.edits = m.edits.max(edits);
                         }
                         _ => {
                             self.mask = Some(Mask {
@@ -695,6 +777,8 @@ impl<T> EchoGuard<T> {
                                 pos: 0,
                                 ansi: Ansi::Ground,
                                 done: false,
+                                edits,
+                                loose: None,
                             })
                         }
                     }
@@ -1039,6 +1123,97 @@ mod tests {
         assert!(evs
             .iter()
             .any(|(_, e)| matches!(e, Ev::Output(b) if b.starts_with(b"ls\r\n"))));
+    }
+
+    fn output_text(evs: &[(f64, Ev<()>)]) -> String {
+        let output: Vec<u8> = evs
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Ev::Output(b) => Some(b.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        String::from_utf8_lossy(&output).into_owned()
+    }
+
+    #[test]
+    fn an_echoed_secret_with_editing_keys_is_masked_to_the_line_end() {
+        // Erase (ECHOE: `\b \b`), kill (one `\b \b` per character), echoctl (`^?`), and a
+        // word erase: each typed at once at `openssl passwd`'s prompt, echoed before echo is
+        // off.
+        let cases: [(&[u8], &[u8]); 4] = [
+            (b"Openx\x7fssl-Pw\r", b"Openx\x08 \x08ssl-Pw\r\n"),
+            (
+                b"wrong\x15Kill-Pw-9\r",
+                b"wrong\x08 \x08\x08 \x08\x08 \x08\x08 \x08\x08 \x08Kill-Pw-9\r\n",
+            ),
+            (b"Ctlx\x7fPw-7\r", b"Ctlx^?Pw-7\r\n"),
+            (
+                b"Word first\x17Pw-8\r",
+                b"Word first\x08 \x08\x08 \x08\x08 \x08\x08 \x08\x08 \x08Pw-8\r\n",
+            ),
+        ];
+        for (typed, echo) in cases {
+            let mut echoed = echo.to_vec();
+            echoed.extend_from_slice(b"Verifying - Password: ");
+            let evs = run(
+                true,
+                &[
+                    S::Out(b"Password: "),
+                    S::In(typed),
+                    S::Out(&echoed),
+                    S::In(b"x\r"),
+                    S::Out(b"\r\n$6$salt$hash\r\nbg$ "),
+                ],
+            );
+            let text = output_text(&evs);
+            for secret in ["Pw", "ssl", "Kill", "Open", "wrong", "first", "Ctl", "Word"] {
+                assert!(!text.contains(secret), "{secret} in {text:?}");
+            }
+            assert!(
+                text.contains("\r\nVerifying - Password: "),
+                "the next prompt is kept: {text:?}"
+            );
+            assert!(text.contains("$6$salt$hash"), "{text:?}");
+        }
+        // Without editing keys a departure still ends the masking: a prompt printed after a
+        // partial echo (typed ahead of `sudo`'s prompt) stays readable.
+        let evs = run(
+            true,
+            &[
+                S::Out(b"bg$ "),
+                S::In(b"sudo true\r"),
+                S::Out(b"sudo true\r\n"),
+                S::In(b"Ahead"),
+                S::Out(b"Ahead[sudo] password for alice: "),
+                S::In(b"-Pw\r"),
+                S::Out(b"\r\nbg$ "),
+            ],
+        );
+        let text = output_text(&evs);
+        assert!(!text.contains("Ahead"), "{text:?}");
+        assert!(
+            text.contains("*****[sudo] password for alice: "),
+            "{text:?}"
+        );
+        assert!(!input_text(&evs).contains("Ahead"), "{evs:?}");
+        assert!(evs.iter().any(|(_, e)| matches!(e, Ev::RedactedLine(8))));
+        assert_eq!(commands(&evs), vec!["sudo true", "<redacted 8>"]);
+        // An echoed line still being typed is released once typing pauses (a full-screen
+        // program that takes keys without Enter), not held until the bound.
+        let mut g = EchoGuard::<()>::new(true);
+        let mut out = Vec::new();
+        g.input(0.0, b"ihello", &mut out);
+        g.output(0.01, b"ihello", &mut out);
+        assert!(g.held_bytes() > 0, "held while typing goes on");
+        g.tick(0.5, &mut out);
+        assert!(g.held_bytes() > 0);
+        g.tick(HOLD_LIMIT + 0.01, &mut out);
+        assert_eq!(g.held_bytes(), 0);
+        assert!(out
+            .iter()
+            .any(|(_, e)| matches!(e, Ev::Input(b) if b.as_slice() == b"ihello")));
     }
 
     #[test]

@@ -56,6 +56,9 @@ async fn secrets_typed_at_no_echo_prompts_never_reach_the_record() {
     let read_secret = "Hunter2-read-s";
     let openssl_secret = "Openssl-Pw-1";
     let su_secret = "Su-Secret-93x";
+    // Typed at an echoing password prompt with a backspace in it: the terminal echoes
+    // `\b \b` for the erase, and what follows it must be masked too.
+    let (edited_head, edited_tail) = ("Ech0ed", "Bksp-Tail-77");
     let victim = throwaway_account(su_secret);
     let w = World::with(Opts {
         extra_limits: "flush_interval = \"100ms\"".into(),
@@ -82,6 +85,10 @@ async fn secrets_typed_at_no_echo_prompts_never_reach_the_record() {
         {"expect": "Verifying - Password: $"},
         {"send": format!("{openssl_secret}\r")},
         {"expect": "\\$6\\$"},
+        {"send": "read -p 'Password: ' pw2; echo got2-${#pw2}\r"},
+        {"expect": "Password: $"},
+        {"send": format!("{edited_head}-X\x7f{edited_tail}\r")},
+        {"expect": "got2-19"},
         {"send": su},
         {"expect": "Password: $"},
         {"send": format!("{su_secret}\r")},
@@ -135,6 +142,7 @@ async fn secrets_typed_at_no_echo_prompts_never_reach_the_record() {
         read_secret.len(),
         openssl_secret.len(),
         openssl_secret.len(),
+        edited_head.len() + 3 + edited_tail.len(),
         su_secret.len(),
     ]
     .iter()
@@ -167,7 +175,7 @@ async fn secrets_typed_at_no_echo_prompts_never_reach_the_record() {
                 })
                 .count();
             let last = f.iter().any(|e| e["command"] == "echo after-secret");
-            (n == 4 + usize::from(exit_redacted) && last).then_some(f)
+            (n == 5 + usize::from(exit_redacted) && last).then_some(f)
         },
     );
     assert!(events.iter().any(|e| e["command"] == "openssl passwd -6"));
@@ -184,7 +192,13 @@ async fn secrets_typed_at_no_echo_prompts_never_reach_the_record() {
     .await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["hits"].as_array().map(Vec::len), Some(1), "{body}");
-    for secret in [read_secret, openssl_secret, su_secret] {
+    for secret in [
+        read_secret,
+        openssl_secret,
+        su_secret,
+        edited_head,
+        edited_tail,
+    ] {
         // The search text goes into the `recording_searched` SIEM event, so search for all
         // but the first character: the index would match it, the data dir must not hold it.
         let (code, body) = api(
@@ -227,7 +241,13 @@ async fn secrets_typed_at_no_echo_prompts_never_reach_the_record() {
         "typed command in the cast"
     );
 
-    for secret in [read_secret, openssl_secret, su_secret] {
+    for secret in [
+        read_secret,
+        openssl_secret,
+        su_secret,
+        edited_head,
+        edited_tail,
+    ] {
         assert!(!cast.contains(secret), "{secret} in the export");
         let hits = files_containing(&w.path("data"), secret);
         assert!(hits.is_empty(), "{secret} found in {hits:?}");
