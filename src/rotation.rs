@@ -125,6 +125,13 @@ async fn pg_login_as(
         why: "the target's ca_file was not loaded when the gateway started".into(),
     })?;
     c.ssl_mode(tokio_postgres::config::SslMode::Require);
+    // As the relay: SCRAM only with -PLUS under TLS, unless the target prefers (or allows
+    // md5, which has no binding).
+    c.channel_binding(if t.channel_binding_required && !t.allow_password_auth {
+        tokio_postgres::config::ChannelBinding::Require
+    } else {
+        tokio_postgres::config::ChannelBinding::Prefer
+    });
     let (client, conn) = c
         .connect(crate::pg::upstream::PostgresTls(tls.clone(), t.clone()))
         .await

@@ -341,6 +341,12 @@ pub(super) async fn check_config(file: &Path, offline: bool) -> Result<ExitCode>
                     t.name
                 )),
             }
+            if !t.channel_binding_required && t.tls != breakglass::config::UpstreamTls::Disable {
+                warnings.push(format!(
+                    "target {}: channel_binding = \"prefer\" accepts a SCRAM login not bound to the certificate, so a man in the middle that strips -PLUS can relay it; use it only behind a TLS-terminating proxy",
+                    t.name
+                ));
+            }
         }
         let addr = t.address.clone();
         let res = tokio::time::timeout(

@@ -313,6 +313,10 @@ struct RawTarget {
     /// tls = "verify-full"); off by default, so only SCRAM-SHA-256 is spoken upstream.
     #[serde(default)]
     allow_password_auth: bool,
+    /// PostgreSQL targets under TLS: "require" (default) logs in only with
+    /// SCRAM-SHA-256-PLUS, bound to the target's certificate; "prefer" also accepts plain
+    /// SCRAM-SHA-256 from a server that offers no -PLUS (a TLS-terminating proxy in front).
+    channel_binding: Option<String>,
     /// PostgreSQL targets: keep the break-glass role NOLOGIN while no grant needs it. SSH
     /// targets with auth = "key": keep the held key out of authorized_keys while no grant
     /// needs it.
@@ -760,6 +764,10 @@ pub struct TargetConfig {
     /// with the vault's password. Off by default (SCRAM-SHA-256 only, -PLUS under TLS); only
     /// allowed with `tls = "verify-full"`, so the password never goes to an unverified server.
     pub allow_password_auth: bool,
+    /// PostgreSQL targets under TLS: SCRAM must be SCRAM-SHA-256-PLUS, bound to the
+    /// certificate the gateway saw (`channel_binding = "require"`, the default); false with
+    /// `channel_binding = "prefer"`.
+    pub channel_binding_required: bool,
     /// Targets with `disable_between_grants`: on PostgreSQL, the role that switches `login`
     /// between LOGIN (while a grant or its rotation needs it) and NOLOGIN; on SSH (auth =
     /// "key"), the account that puts the held key into `authorized_keys` and takes it out.
@@ -1361,6 +1369,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 ))
             }
         };
+        let channel_binding_required = match t.channel_binding.as_deref() {
+            None | Some("require") => true,
+            Some("prefer") => false,
+            Some(other) => {
+                return Err(invalid(
+                    format!("{base}.channel_binding"),
+                    format!("`{other}` is not one of \"require\", \"prefer\""),
+                ))
+            }
+        };
         if t.allow_password_auth && !matches!(tls, UpstreamTls::VerifyFull(_)) {
             return Err(invalid(
                 format!("{base}.allow_password_auth"),
@@ -1493,6 +1511,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             emergency_self_service: t.emergency_self_service,
             redact_no_echo: t.redact_no_echo,
             allow_password_auth: t.allow_password_auth,
+            channel_binding_required,
             admin_login,
             admin_key,
             authorized_keys: t
@@ -2180,6 +2199,11 @@ login = "root"
                 .tls,
             UpstreamTls::Require("/etc/ca.pem".into())
         );
+        assert!(pg("").expect("valid").targets["db"].channel_binding_required);
+        assert!(
+            !pg("channel_binding = \"prefer\"").expect("valid").targets["db"]
+                .channel_binding_required
+        );
         for (extra, key, why) in [
             ("tls = \"require\"", "targets[1].ca_file", "needs ca_file"),
             (
@@ -2206,6 +2230,11 @@ login = "root"
                 "allow_password_auth = true\ntls = \"require\"\nca_file = \"/ca\"",
                 "targets[1].allow_password_auth",
                 "verify-full",
+            ),
+            (
+                "channel_binding = \"disable\"",
+                "targets[1].channel_binding",
+                "not one of",
             ),
         ] {
             let err = pg(extra).expect_err(extra).to_string();

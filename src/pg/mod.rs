@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 use crate::clock;
-use crate::config::{Protocol, TargetConfig};
+use crate::config::{Protocol, TargetConfig, UpstreamTls};
 use crate::grant;
 use crate::record::{ChannelKind, RecMsg, Recorder, Stream};
 use crate::server::Gateway;
@@ -694,6 +694,20 @@ async fn upstream_login(
                             return Err(format!(
                                 "the target offers no SCRAM-SHA-256 ({}); the gateway speaks no other SASL mechanism",
                                 offered.iter().map(|m| String::from_utf8_lossy(m)).collect::<Vec<_>>().join(" ")
+                            ));
+                        }
+                        if t.tls != UpstreamTls::Disable
+                            && t.channel_binding_required
+                            && !(plus && binding.is_some())
+                        {
+                            return Err(format!(
+                                "the target {} {}; refused: under TLS the gateway logs in only with SCRAM-SHA-256-PLUS, bound to the certificate it saw (set channel_binding = \"prefer\" for a server behind a TLS-terminating proxy)",
+                                t.name,
+                                if plus {
+                                    "sent a certificate the gateway cannot bind to (no tls-server-end-point hash for its signature algorithm)"
+                                } else {
+                                    "offers no SCRAM-SHA-256-PLUS"
+                                }
                             ));
                         }
                         let bind = scram::Binding::choose(binding.as_deref(), plus);

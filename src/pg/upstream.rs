@@ -8,8 +8,10 @@
 //! is no mode that encrypts without verifying.
 //!
 //! Credentials stay home: the gateway answers only SCRAM-SHA-256, with channel binding
-//! (`SCRAM-SHA-256-PLUS`, `tls-server-end-point`) under TLS, unless a target opts in to
-//! cleartext or md5 with `allow_password_auth`, which needs `verify-full`. A rogue server at a
+//! (`SCRAM-SHA-256-PLUS`, `tls-server-end-point`) required under TLS (a server that offers no
+//! -PLUS, or a certificate with no defined binding, is refused unless the target sets
+//! `channel_binding = "prefer"`), unless a target opts in to cleartext or md5 with
+//! `allow_password_auth`, which needs `verify-full`. A rogue server at a
 //! target's address that asks for the password itself gets nothing ([`password_request`] for
 //! the relay's own login, [`AuthGuard`] under tokio-postgres).
 //!
