@@ -12,7 +12,15 @@ use std::path::Path;
 /// Bottom to top. A module may import from its own layer (without cycles) or from below.
 const LAYERS: &[&[&str]] = &[
     // Config types and utilities.
-    &["clock", "text", "csv", "shutdown", "outbound", "config"],
+    &[
+        "clock",
+        "text",
+        "csv",
+        "shutdown",
+        "outbound",
+        "proxy_protocol",
+        "config",
+    ],
     // Domain: grants, preauth limits.
     &["grant", "preauth", "policy"],
     // Stores.

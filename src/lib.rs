@@ -67,6 +67,7 @@ pub mod outbound;
 pub mod pg;
 pub mod policy;
 pub mod preauth;
+pub mod proxy_protocol;
 pub mod record;
 pub mod report;
 pub mod review;

@@ -13,9 +13,12 @@
 //!   from more addresses than `total` can, and then newcomers still displace the oldest.
 //! - Every pre-auth connection also has a deadline (`login_grace`), which each listener
 //!   enforces on every read before authentication.
+//! - Behind a load balancer listed in `listeners.proxy_protocol_from`, the source is the
+//!   client its PROXY header names ([`crate::proxy_protocol`]); [`PreAuth::accept`] reads it
+//!   first, with at most `total` connections waiting for their header at once.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -28,6 +31,9 @@ pub enum Refusal {
     PerSource,
     /// The table is full and its source is among the busiest.
     Full,
+    /// A trusted proxy's connection without a valid PROXY header (or too many waiting for
+    /// theirs).
+    ProxyHeader,
 }
 
 /// Counters, exported as metrics.
@@ -41,6 +47,8 @@ pub struct PreAuthStats {
     pub timed_out: AtomicU64,
     /// Authenticated connections refused because the session limit was reached.
     pub refused_sessions: AtomicU64,
+    /// Connections from a trusted proxy closed for a missing or bad PROXY header.
+    pub refused_proxy_header: AtomicU64,
 }
 
 /// The pre-auth table of one listener.
@@ -52,6 +60,10 @@ pub struct PreAuth {
     per_source: usize,
     inner: Mutex<Inner>,
     pub stats: PreAuthStats,
+    /// Peers whose PROXY header names the client.
+    proxies: crate::proxy_protocol::Trusted,
+    /// Places for connections from those peers still waiting for their header.
+    awaiting_header: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Debug, Default)]
@@ -100,13 +112,52 @@ pub struct Ticket {
 
 impl PreAuth {
     pub fn new(name: &'static str, total: usize, per_source: usize) -> Arc<PreAuth> {
+        Self::behind(name, total, per_source, Default::default())
+    }
+
+    /// A table whose connections from `proxies` name their client in a PROXY header.
+    pub fn behind(
+        name: &'static str,
+        total: usize,
+        per_source: usize,
+        proxies: crate::proxy_protocol::Trusted,
+    ) -> Arc<PreAuth> {
         Arc::new(PreAuth {
             name,
             total: total.max(1),
             per_source: per_source.max(1),
             inner: Mutex::new(Inner::default()),
             stats: PreAuthStats::default(),
+            proxies,
+            awaiting_header: Arc::new(tokio::sync::Semaphore::new(total.max(1))),
         })
+    }
+
+    /// Takes a new connection from `peer` in: reads the PROXY header first when `peer` is a
+    /// trusted proxy, then admits the client it names (or `peer`). Returns the client's
+    /// address and its ticket.
+    pub async fn accept<S: tokio::io::AsyncRead + Unpin>(
+        self: &Arc<Self>,
+        socket: &mut S,
+        peer: SocketAddr,
+    ) -> Result<(SocketAddr, Ticket), Refusal> {
+        let client = if self.proxies.contains(peer.ip()) {
+            let Ok(_wait) = self.awaiting_header.clone().try_acquire_owned() else {
+                self.stats.refused_proxy_header.fetch_add(1, Relaxed);
+                return Err(Refusal::ProxyHeader);
+            };
+            match crate::proxy_protocol::client_of(socket, peer, &self.proxies).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.stats.refused_proxy_header.fetch_add(1, Relaxed);
+                    tracing::debug!(listener = self.name, %peer, error = %e, "PROXY header refused");
+                    return Err(Refusal::ProxyHeader);
+                }
+            }
+        } else {
+            peer
+        };
+        Ok((client, self.admit(client.ip())?))
     }
 
     /// Connections now waiting to authenticate.
@@ -236,13 +287,23 @@ pub struct Admission {
 }
 
 impl Admission {
-    pub fn new(l: &crate::config::Limits) -> Admission {
+    pub fn new(l: &crate::config::Limits, proxies: &crate::proxy_protocol::Trusted) -> Admission {
         Admission {
-            ssh: PreAuth::new("ssh", l.preauth_max, l.preauth_per_source),
-            pg: PreAuth::new("postgres", l.preauth_max, l.preauth_per_source),
+            ssh: PreAuth::behind("ssh", l.preauth_max, l.preauth_per_source, proxies.clone()),
+            pg: PreAuth::behind(
+                "postgres",
+                l.preauth_max,
+                l.preauth_per_source,
+                proxies.clone(),
+            ),
             // HTTP has no login at the connection level: every connection stays in its table,
             // which is then the connection cap (total and per source).
-            http: PreAuth::new("http", l.http_max_connections, l.preauth_per_source),
+            http: PreAuth::behind(
+                "http",
+                l.http_max_connections,
+                l.preauth_per_source,
+                proxies.clone(),
+            ),
             ssh_sessions: Arc::new(tokio::sync::Semaphore::new(l.max_connections)),
             pg_sessions: Arc::new(tokio::sync::Semaphore::new(l.max_connections)),
             max_sessions: l.max_connections,
@@ -303,6 +364,7 @@ pub fn metrics(out: &mut String, tables: &[(&PreAuth, Option<usize>)]) {
             ("evicted", &s.evicted),
             ("login_grace", &s.timed_out),
             ("session_limit", &s.refused_sessions),
+            ("proxy_header", &s.refused_proxy_header),
         ] {
             let _ = writeln!(
                 out,

@@ -187,7 +187,7 @@ impl Gateway {
                 alerter.notify_dead_letter(sink, e, why, file)
             }));
         }
-        let admission = crate::preauth::Admission::new(&config.limits);
+        let admission = crate::preauth::Admission::new(&config.limits, &config.proxy_protocol_from);
         let shutdown = Shutdown::new();
         let membership = Arc::new(crate::cluster::Membership::new(
             config.cluster.node_id(),

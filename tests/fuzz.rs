@@ -354,3 +354,25 @@ fn http_sink_answers() {
         let _ = breakglass::outbound::classify(status, text(b));
     });
 }
+
+#[test]
+fn proxy_protocol_headers() {
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\0\x0c".to_vec();
+    v2.extend_from_slice(&[198, 51, 100, 7, 10, 0, 0, 1, 0x10, 0x92, 0, 22]);
+    let mut v6 = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\0\x24".to_vec();
+    v6.extend_from_slice(&[0x20; 36]);
+    let v1 = b"PROXY TCP4 203.0.113.9 10.0.0.1 5555 6432\r\n".to_vec();
+    let v1_6 = b"PROXY TCP6 2001:db8::1 2001:db8::2 5555 22\r\n".to_vec();
+    fuzz("proxy-header", &[v2, v6, v1, v1_6], |b| {
+        let mut r = b;
+        let got = block_on(breakglass::proxy_protocol::read_header(&mut r));
+        // A header never consumes more than its limit, and what it names parses back.
+        assert!(b.len() - r.len() <= breakglass::proxy_protocol::MAX_V2);
+        if let Ok(Some(addr)) = got {
+            assert_eq!(
+                addr.to_string().parse::<std::net::SocketAddr>().ok(),
+                Some(addr)
+            );
+        }
+    });
+}

@@ -262,6 +262,9 @@ struct RawListeners {
     ssh: String,
     http: Option<String>,
     postgres: Option<String>,
+    /// Load balancers whose PROXY protocol header (v1 or v2) names the client.
+    #[serde(default)]
+    proxy_protocol_from: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -446,6 +449,9 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// The address the PostgreSQL listener binds, if any.
     pub pg_listen: Option<SocketAddr>,
+    /// Peers (load balancers) that must start every connection on every listener with a
+    /// PROXY protocol header naming the client (see `proxy_protocol`).
+    pub proxy_protocol_from: crate::proxy_protocol::Trusted,
     /// PEM certificate chain and key the PostgreSQL listener presents (TLS required when set).
     pub pg_tls: Option<(PathBuf, PathBuf)>,
     /// The web UI and its login links.
@@ -1167,6 +1173,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         })?),
         None => None,
     };
+    let proxy_protocol_from =
+        crate::proxy_protocol::Trusted::parse(&raw.listeners.proxy_protocol_from)
+            .map_err(|why| invalid("listeners.proxy_protocol_from", why))?;
     let pg_tls = match (raw.postgres.tls_cert, raw.postgres.tls_key) {
         (Some(c), Some(k)) => Some((expand_home(&c), expand_home(&k))),
         (None, None) => None,
@@ -1723,6 +1732,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ssh_listen,
         http_listen,
         pg_listen,
+        proxy_protocol_from,
         pg_tls,
         pg_max_message,
         web,

@@ -50,25 +50,27 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let ticket = match gw.admission.pg.admit(peer.ip()) {
-            Ok(t) => t,
-            Err(why) => {
-                tracing::debug!(%peer, ?why, "postgres pre-auth limit reached, closing");
-                drop(socket);
-                continue;
-            }
-        };
         let _ = socket.set_nodelay(true);
         let (gw, tls) = (gw.clone(), tls.clone());
-        let conn_span = tracing::info_span!("conn", protocol = "postgres", %peer);
-        gw.shutdown.tracker.clone().spawn(
+        gw.shutdown.tracker.clone().spawn(async move {
+            let mut socket = socket;
+            // The client behind a trusted proxy's PROXY header, then a place in the table.
+            let (peer, ticket) = match gw.admission.pg.accept(&mut socket, peer).await {
+                Ok(x) => x,
+                Err(why) => {
+                    tracing::debug!(%peer, ?why, "postgres pre-auth limit reached, closing");
+                    return;
+                }
+            };
+            let conn_span = tracing::info_span!("conn", protocol = "postgres", %peer);
             async move {
                 if let Err(e) = handle(gw, socket, peer, tls, ticket).await {
                     tracing::info!(error = %e, "postgres connection ended");
                 }
             }
-            .instrument(conn_span),
-        );
+            .instrument(conn_span)
+            .await
+        });
     }
 }
 

@@ -60,23 +60,25 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
                 continue;
             }
         };
-        let ticket = match gw.admission.ssh.admit(peer.ip()) {
-            Ok(t) => t,
-            Err(why) => {
-                // Counted in /metrics; a log line per refused connection would let a flood
-                // fill the disk.
-                tracing::debug!(%peer, ?why, "pre-auth limit reached, closing");
-                drop(socket);
-                continue;
-            }
-        };
         let _ = socket.set_nodelay(true);
         let gw = gw.clone();
         let config = config.clone();
-        let conn_span = tracing::info_span!("conn", protocol = "ssh", %peer);
-        gw.shutdown
-            .tracker
-            .clone()
-            .spawn(handler::run_connection(gw, config, socket, peer, ticket).instrument(conn_span));
+        gw.shutdown.tracker.clone().spawn(async move {
+            let mut socket = socket;
+            // The client behind a trusted proxy's PROXY header, then a place in the table.
+            let (peer, ticket) = match gw.admission.ssh.accept(&mut socket, peer).await {
+                Ok(x) => x,
+                Err(why) => {
+                    // Counted in /metrics; a log line per refused connection would let a
+                    // flood fill the disk.
+                    tracing::debug!(%peer, ?why, "pre-auth limit reached, closing");
+                    return;
+                }
+            };
+            let conn_span = tracing::info_span!("conn", protocol = "ssh", %peer);
+            handler::run_connection(gw, config, socket, peer, ticket)
+                .instrument(conn_span)
+                .await
+        });
     }
 }

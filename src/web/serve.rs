@@ -50,16 +50,18 @@ pub async fn serve(
                 }
             },
         };
-        let ticket = match gw.admission.http.admit(peer.ip()) {
-            Ok(t) => t,
-            Err(why) => {
-                tracing::debug!(%peer, ?why, "HTTP connection limit reached, closing");
-                continue;
-            }
-        };
         let _ = sock.set_nodelay(true);
-        let (app, tls, stop) = (app.clone(), tls.clone(), stop.clone());
+        let (app, tls, stop, gw) = (app.clone(), tls.clone(), stop.clone(), gw.clone());
         tracker.spawn(async move {
+            let mut sock = sock;
+            // The client behind a trusted proxy's PROXY header, then a place in the table.
+            let (peer, ticket) = match gw.admission.http.accept(&mut sock, peer).await {
+                Ok(x) => x,
+                Err(why) => {
+                    tracing::debug!(%peer, ?why, "HTTP connection limit reached, closing");
+                    return;
+                }
+            };
             let evicted = ticket.evicted.clone();
             let run = async {
                 match tls {

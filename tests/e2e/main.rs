@@ -17,6 +17,7 @@ mod logs;
 mod outage;
 mod pg;
 mod pg_secrets;
+mod proxy;
 mod rogue;
 mod secrets;
 mod siem;

@@ -215,6 +215,8 @@ pub struct Opts {
     pub extra_config: String,
     /// Appended to the target's sshd_config (MaxStartups, MaxSessions for the benches).
     pub sshd_extra: String,
+    /// Appended to the `[listeners]` table (`proxy_protocol_from`).
+    pub listeners_extra: String,
 }
 
 impl World {
@@ -289,6 +291,7 @@ impl World {
 ssh = "127.0.0.1:{gw_port}"
 http = "127.0.0.1:{http_port}"
 postgres = "127.0.0.1:{pg_port}"
+{listeners_extra}
 
 [[people]]
 name = "alice"
@@ -342,6 +345,7 @@ min_grant_ttl = "1s"
                 login = opts.login.clone().unwrap_or_else(current_user),
                 extra = opts.extra_limits,
                 extra_config = opts.extra_config,
+                listeners_extra = opts.listeners_extra,
             ),
         )
         .expect("write config");
