@@ -199,6 +199,56 @@ impl RecordingStore {
         }
     }
 
+    /// Stores `bytes`, read from the local file `from`, as a new object, as [`Self::put_new`]
+    /// does. On the local backend with `from` on the same filesystem the file is hard-linked
+    /// into place instead of copied, so it needs no new space: the outage spool of a full
+    /// disk drains once a little is free. The linked file is hashed again and must still be
+    /// `bytes` (a file swapped after it was read is unlinked and refused).
+    pub async fn adopt_file(
+        &self,
+        key: &str,
+        from: &std::path::Path,
+        bytes: Bytes,
+    ) -> Result<Option<String>, StorageError> {
+        use sha2::Digest;
+        let Some(root) = &self.local_root else {
+            return self.put_new(key, bytes).await;
+        };
+        let dest = root.join(key);
+        let io = |what: &str, e: std::io::Error| {
+            StorageError::Backend(format!("{what} {}: {e}", dest.display()))
+        };
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io("create the directory of", e))?;
+        }
+        match std::fs::hard_link(from, &dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(StorageError::AlreadyExists(key.into()))
+            }
+            // Another filesystem (EXDEV) or no links: a copy, with its free-space check.
+            Err(_) => return self.put_new(key, bytes).await,
+        }
+        let linked = std::fs::read(&dest).map_err(|e| io("read", e))?;
+        if sha2::Sha256::digest(&linked) != sha2::Sha256::digest(&bytes) {
+            let _ = std::fs::remove_file(&dest);
+            return Err(StorageError::Backend(format!(
+                "{} changed while it was adopted; refused",
+                from.display()
+            )));
+        }
+        std::fs::File::open(&dest)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io("fsync", e))?;
+        if let Some(parent) = dest.parent() {
+            std::fs::File::open(parent)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io("fsync the directory of", e))?;
+        }
+        self.seal_local(key);
+        Ok(None)
+    }
+
     /// Reads a whole object.
     pub async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
         match self.inner.get(&ObjPath::from(key)).await {
@@ -343,6 +393,38 @@ fn available(dir: &std::path::Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn adopting_a_spool_file_links_it_and_refuses_a_swap_or_an_existing_object() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = RecordingStore::local(&dir.path().join("store")).expect("store");
+        let spooled = dir.path().join("spooled");
+        std::fs::write(&spooled, b"chunk").expect("write");
+        s.adopt_file("a/1", &spooled, Bytes::from_static(b"chunk"))
+            .await
+            .expect("adopt");
+        let stored = dir.path().join("store/a/1");
+        // Linked, not copied: no new space on a full disk.
+        assert_eq!(
+            std::fs::metadata(&stored).expect("stored").ino(),
+            std::fs::metadata(&spooled).expect("spooled").ino()
+        );
+        assert_eq!(s.get("a/1").await.expect("get").as_ref(), b"chunk");
+        assert!(matches!(
+            s.adopt_file("a/1", &spooled, Bytes::from_static(b"chunk"))
+                .await,
+            Err(StorageError::AlreadyExists(_))
+        ));
+        // Content that is not what was read (swapped in between) is unlinked and refused.
+        let other = dir.path().join("other");
+        std::fs::write(&other, b"forged").expect("write");
+        assert!(s
+            .adopt_file("a/2", &other, Bytes::from_static(b"chunk"))
+            .await
+            .is_err());
+        assert!(!dir.path().join("store/a/2").exists());
+    }
 
     #[tokio::test]
     async fn local_store_is_create_only() {

@@ -535,7 +535,14 @@ pub async fn verify_session(
     if meta.recovered {
         return Ok(Verdict::Incomplete {
             chunks: meta.objects.len().saturating_sub(1),
-            why: "the gateway stopped during the session; a restart sealed what was stored".into(),
+            why: if meta.end.end_reason == "gateway_crashed" {
+                "the gateway stopped during the session; a restart sealed what was stored".into()
+            } else {
+                format!(
+                    "the session ended with {} and could not seal its recording; the gateway sealed what was stored once the store was back (what the session produced after the failure is not in it)",
+                    meta.end.end_reason
+                )
+            },
         });
     }
     Ok(Verdict::Ok {

@@ -1406,7 +1406,7 @@ pub async fn drain_spool(
             refuse_spooled(dir, &p, &key);
             continue;
         }
-        match store.put_new(&key, Bytes::from(bytes)).await {
+        match store.adopt_file(&key, &p, Bytes::from(bytes)).await {
             Ok(_) | Err(StorageError::AlreadyExists(_)) => {
                 let _ = std::fs::remove_file(&p);
                 let _ = std::fs::remove_file(mac_path(&p));

@@ -1,6 +1,7 @@
 //! A full disk: the data dir sits on a small tmpfs; a session that writes more than fits ends
 //! fail-closed naming the disk, new sessions are refused clearly, the state file and the SIEM
-//! spool stay consistent, and once space is freed the gateway serves again without a restart.
+//! spool stay consistent, and once space is freed the gateway serves again without a restart
+//! and seals the cut recording late.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -142,8 +143,16 @@ async fn a_full_data_disk_ends_the_session_fail_closed_and_the_gateway_recovers_
                 .is_some_and(|m| m.contains("No space left"))
     });
     w.wait_ended(2);
-    // KNOWN GAP (issue 13): what the first session produced after the disk filled is not
-    // stored anywhere, and its recording is not sealed late; `verify` reports it.
+    // Once space is back the first session's recording is sealed late, from the evidence
+    // ledger (what it stored before the disk filled), and its chain head reaches the SIEM.
+    let sealed = w.wait_event("the first session's late seal", |e| {
+        e["action"] == "recording_checkpoint"
+            && e["session_id"] == first.as_str()
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("sealed from the evidence ledger"))
+    });
+    eprintln!("[{:?}] sealed late: {sealed}", t0.elapsed());
     eprintln!("[{:?}] stopping", t0.elapsed());
     gw.stop().await;
     eprintln!("[{:?}] stopped", t0.elapsed());
@@ -162,7 +171,13 @@ async fn a_full_data_disk_ends_the_session_fail_closed_and_the_gateway_recovers_
     assert_eq!(
         out.status.code(),
         Some(2),
-        "an unsealed recording is INCOMPLETE, never OK"
+        "a recording cut by a full disk is INCOMPLETE, never OK"
+    );
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("ended with recording_failed")
+            && said.contains("sealed what was stored once the store was back"),
+        "{said}"
     );
     validate_all_events(&w);
 }
