@@ -61,8 +61,9 @@ def main():
                 pump(0.05)
         if not ok:
             break
-    # Drain what is left.
-    while pump(0.1):
+    # Drain what is left (bounded: after a failed expect the session is still open).
+    drain_end = time.time() + 3
+    while time.time() < drain_end and pump(0.1):
         pass
     if status is None:
         try:

@@ -380,6 +380,11 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
         {"expect": "bg\\$ $"},
         {"send": "echo web-$((6*7))-ok\r"},
         {"expect": "web-42-ok"},
+        // Markup typed at the shell: the command list must show it as text.
+        {"expect": "bg\\$ $"},
+        {"send": "echo '<img src=x onerror=window.__pwned=2><b>cmd</b>'\r"},
+        {"expect": "cmd</b>\r\n"},
+        {"expect": "bg\\$ $"},
         {"send": "exit\r"},
         {"wait_exit": 10}
     ]);
@@ -395,11 +400,25 @@ async fn web_ui_in_headless_chromium_replays_searches_approves_and_signs_off() {
         "host=127.0.0.1 port={} user=alice dbname=orders-db sslmode=require",
         w.pg_port
     ))
-    .args(["-XAt", "-c", "select 40+2", "-c", "select * from nosuch"])
+    .args([
+        "-XAt",
+        "-c",
+        "select 40+2",
+        "-c",
+        "select * from nosuch",
+        // Markup in a statement: the SQL timeline and the search hits show it as text.
+        "-c",
+        "select '<img src=x onerror=window.__pwned=3><b>sql</b>'",
+    ])
     .env("PGPASSWORD", &secret)
     .stdin(std::process::Stdio::null());
     let out = output(psql).await;
-    assert_eq!(text(&out.stdout).trim(), "42", "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).lines().next(),
+        Some("42"),
+        "{}",
+        text(&out.stderr)
+    );
     assert!(
         text(&out.stderr).contains("\"nosuch\" does not exist"),
         "{}",

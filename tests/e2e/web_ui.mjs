@@ -79,6 +79,11 @@ try {
   check(links.length === Number(env("SESSION_FINDINGS")), `findings listed: ${links.length}, expected ${env("SESSION_FINDINGS")}`);
   check(links.every((h) => h.startsWith(`#/session/${sessionId}`)), `finding links: ${links}`);
   check((await page.locator("#incident-report").count()) === 1, "a reviewer sees the incident report link");
+  // Markup typed at the shell is listed as text: no element, no script.
+  const cmds = await page.locator(".commands").first().textContent();
+  check(cmds.includes("<img src=x onerror=window.__pwned=2><b>cmd</b>"), `the typed markup shows as typed: ${cmds}`);
+  check((await page.locator(".commands img, .commands b").count()) === 0, "typed markup became elements");
+  check((await page.evaluate(() => window.__pwned)) === undefined, "typed markup ran");
   await shot(step);
 
   step = "3-search";
@@ -116,7 +121,20 @@ try {
   const errColour = await sqlTable.locator("tbody tr.err").first().evaluate(colour);
   const okColour = await sqlTable.locator("tbody tr:not(.err)").first().evaluate(colour);
   check(errColour !== okColour, `the error row should stand out: ${errColour} vs ${okColour}`);
+  // A statement holding markup is a row of text.
+  check(stmtRows.some((r) => r.includes("<img src=x onerror=window.__pwned=3><b>sql</b>")), `the statement's markup shows as typed: ${JSON.stringify(stmtRows)}`);
+  check((await page.locator("table.sql img, table.sql b").count()) === 0, "a statement's markup became elements");
+  check((await page.evaluate(() => window.__pwned)) === undefined, "a statement's markup ran");
   await shot(step);
+  // So is a search hit on it.
+  await page.goto(`${env("BASE")}/#/search`);
+  await page.locator("#q").fill("pwned");
+  await page.locator("#search-form button").click();
+  await page.locator("#hits a.hit-link").first().waitFor();
+  const hitsText = await page.locator("#hits").textContent();
+  check(hitsText.includes("<img src=x onerror=window.__pwned=3><b>sql</b>") && hitsText.includes("<b>cmd</b>"), `search hits show the markup as text: ${hitsText}`);
+  check((await page.locator("#hits img, #hits b").count()) === 0, "search hits' markup became elements");
+  check((await page.evaluate(() => window.__pwned)) === undefined, "search hits' markup ran");
   // Search finds the statement and the hit lands on its row.
   await page.goto(`${env("BASE")}/#/search`);
   await page.locator("#q").fill("nosuch");
