@@ -7,9 +7,79 @@
 //! short pass CI runs); the long run is
 //! `BREAKGLASS_FUZZ_CASES=1000000 cargo test --release --test fuzz -- --nocapture`.
 //! `BREAKGLASS_FUZZ_SEED` replays one seed.
+//!
+//! Every input's allocations are measured too (a counting global allocator, per thread): the
+//! most a parser holds at once above what it held before the input must stay within
+//! [`ALLOC_LIMIT`] plus [`ALLOC_PER_BYTE`] times the input's length, so no length field
+//! makes a parser reserve what the input does not carry. Each parser's worst is printed.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
+
+/// Bytes a parser may hold at once for any input, beyond [`ALLOC_PER_BYTE`] per input byte.
+const ALLOC_LIMIT: isize = 256 << 10;
+/// Bytes a parser may hold per byte of input (copies, decoded forms, growth slack).
+const ALLOC_PER_BYTE: isize = 16;
+
+/// The system allocator, counting this thread's live bytes and their peak.
+struct Counting;
+
+thread_local! {
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
+}
+
+fn note(delta: isize) {
+    // try_with: nothing to count while the thread's locals are being torn down.
+    let _ = LIVE.try_with(|l| {
+        let v = l.get() + delta;
+        l.set(v);
+        let _ = PEAK.try_with(|p| p.set(p.get().max(v)));
+    });
+}
+
+// SAFETY: every call goes to `System` unchanged; only counters are updated beside it.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            note(l.size() as isize);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            note(l.size() as isize);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        note(-(l.size() as isize));
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            note(new as isize - l.size() as isize);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Runs `f` and returns the most bytes this thread held at once during it, above what it
+/// held before.
+fn peak_during(f: impl FnOnce()) -> isize {
+    let base = LIVE.with(Cell::get);
+    PEAK.with(|p| p.set(base));
+    f();
+    PEAK.with(Cell::get) - base
+}
 
 use breakglass::pg::{log as pglog, redact, scram, wire};
 use breakglass::record::{asciicast, transfer};
@@ -117,6 +187,7 @@ fn fuzz(name: &str, seeds: &[Vec<u8>], mut f: impl FnMut(&[u8])) {
     let s = seed();
     let mut r = Rng(s ^ name.bytes().fold(0u64, |a, b| a.rotate_left(5) ^ b as u64) | 1);
     let t = Instant::now();
+    let mut worst = 0isize;
     for i in 0..n {
         let input = if i < seeds.len() as u64 {
             seeds[i as usize].clone()
@@ -124,14 +195,27 @@ fn fuzz(name: &str, seeds: &[Vec<u8>], mut f: impl FnMut(&[u8])) {
             let base = &seeds[r.below(seeds.len())];
             mutate(&mut r, base)
         };
-        if catch_unwind(AssertUnwindSafe(|| f(&input))).is_err() {
+        let mut result = Ok(());
+        let held = peak_during(|| result = catch_unwind(AssertUnwindSafe(|| f(&input))));
+        if result.is_err() {
             panic!(
                 "{name}: panic on case {i} (seed {s}): {:?}",
                 String::from_utf8_lossy(&input)
             );
         }
+        let limit = ALLOC_LIMIT + ALLOC_PER_BYTE * input.len() as isize;
+        assert!(
+            held <= limit,
+            "{name}: case {i} (seed {s}) held {held} bytes at once for {} input bytes (limit {limit}): {:?}",
+            input.len(),
+            String::from_utf8_lossy(&input[..input.len().min(200)])
+        );
+        worst = worst.max(held);
     }
-    eprintln!("fuzz {name}: {n} inputs, no panic, {:?}", t.elapsed());
+    eprintln!(
+        "fuzz {name}: {n} inputs, no panic, at most {worst} bytes held at once, {:?}",
+        t.elapsed()
+    );
 }
 
 fn text(b: &[u8]) -> String {

@@ -90,6 +90,10 @@ impl Message {
     }
 }
 
+/// Frames up to this length are allocated whole when their header arrives; longer ones grow
+/// as their bytes do.
+const EAGER_FRAME: usize = 64 << 10;
+
 /// Reads one typed message, refusing frames longer than `limit`.
 pub async fn read_message<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -109,10 +113,24 @@ pub async fn read_message<R: AsyncRead + Unpin>(
     if len > limit {
         return Err(WireError::TooLong { len, limit });
     }
-    let mut frame = Vec::with_capacity(len + 1);
-    frame.extend_from_slice(&head);
-    frame.resize(len + 1, 0);
-    r.read_exact(&mut frame[5..]).await?;
+    let frame = if len <= EAGER_FRAME {
+        let mut frame = Vec::with_capacity(len + 1);
+        frame.extend_from_slice(&head);
+        frame.resize(len + 1, 0);
+        r.read_exact(&mut frame[5..]).await?;
+        frame
+    } else {
+        // A large declared length is only a claim: memory grows with the bytes that arrive
+        // (at most twice them), not with the header.
+        let mut frame = Vec::with_capacity(EAGER_FRAME + 1);
+        frame.extend_from_slice(&head);
+        let want = (len - 4) as u64;
+        let got = (&mut *r).take(want).read_to_end(&mut frame).await?;
+        if (got as u64) < want {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        frame
+    };
     Ok(Message {
         tag: head[0],
         frame,
@@ -177,6 +195,17 @@ pub fn cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_large_frame_is_read_whole_and_a_short_one_is_an_error() {
+        let body = vec![7u8; 300 << 10];
+        let m = message(b'D', &body);
+        let mut r = &m[..];
+        let got = read_message(&mut r, 1 << 20).await.expect("read");
+        assert_eq!(got.frame, m);
+        let mut short = &m[..m.len() - 1];
+        assert!(read_message(&mut short, 1 << 20).await.is_err());
+    }
 
     #[tokio::test]
     async fn frames_round_trip_and_limits_hold() {
