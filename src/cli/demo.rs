@@ -200,7 +200,11 @@ fn start_postgres(d: &Path, port: u16, password: &str) -> Result<PgTarget> {
     };
     waited?;
     // The port opens a moment before logins work.
-    let sql = format!("CREATE ROLE bg_dba LOGIN SUPERUSER PASSWORD '{password}'");
+    // Narrower than a superuser, as README advises: it reads every table, sees every
+    // backend, and cancels or terminates them, which is what most incidents call for.
+    let sql = format!(
+        "CREATE ROLE bg_dba LOGIN PASSWORD '{password}' IN ROLE pg_read_all_data, pg_monitor, pg_signal_backend"
+    );
     let url =
         format!("host=127.0.0.1 port={port} user=postgres password={superuser} dbname=postgres");
     let mut last = String::new();

@@ -89,15 +89,20 @@ async fn forward_cancel(gw: &Gateway, body: &[u8], peer: SocketAddr) {
         .get(&key)
         .cloned();
     if let Some((addr, upstream_key)) = found {
-        if let Ok(Ok(mut up)) =
-            tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&addr)).await
-        {
-            let mut pkt = 16i32.to_be_bytes().to_vec();
-            pkt.extend_from_slice(&wire::CANCEL_REQUEST.to_be_bytes());
-            pkt.extend_from_slice(&upstream_key);
-            let _ = wire::send(&mut up, &pkt).await;
-        }
+        cancel_backend(&addr, &upstream_key).await;
         tracing::info!(%peer, "forwarded a cancel request");
+    }
+}
+
+/// Sends a CancelRequest for the backend with `key` at `addr` (see [`forward_cancel`]).
+async fn cancel_backend(addr: &str, key: &[u8; 8]) {
+    if let Ok(Ok(mut up)) =
+        tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await
+    {
+        let mut pkt = 16i32.to_be_bytes().to_vec();
+        pkt.extend_from_slice(&wire::CANCEL_REQUEST.to_be_bytes());
+        pkt.extend_from_slice(key);
+        let _ = wire::send(&mut up, &pkt).await;
     }
 }
 
@@ -419,10 +424,24 @@ async fn handle(
         .instrument(live.span.clone()),
     )
     .await;
-    gw.pg_cancel
+    let upstream = gw
+        .pg_cancel
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&client_key);
+    // Cut by the gateway (deadline, revocation, shutdown, a recording failure): the query
+    // the backend is running must stop with the session, not run on after it. Closing the
+    // connection alone does not stop it (PostgreSQL notices only when it next talks to the
+    // client), so the backend is cancelled first.
+    if reason != EndReason::ClientClosed {
+        if let Some((addr, key)) = &upstream {
+            cancel_backend(addr, key).await;
+            tracing::info!(
+                reason = reason.code(),
+                "cancelled the target backend's query at the session's end"
+            );
+        }
+    }
     live.kill(reason);
     session::finish(&gw.core, &live).await;
     Ok(())

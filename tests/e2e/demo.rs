@@ -144,12 +144,25 @@ async fn the_demo_starts_and_its_printed_commands_work() {
         .find_map(|l| l.strip_prefix("password: "))
         .unwrap_or_else(|| panic!("a password in {credential}"))
         .to_string();
-    let out = sh(&commands[10].replace("THE_ONE_TIME_PASSWORD", &password)).await;
+    // The demo's break-glass role is not a superuser, yet reads what an incident needs.
+    let psql = commands[10]
+        .replace("THE_ONE_TIME_PASSWORD", &password)
+        .replace(
+            "-c 'select 40+2'",
+            "-c 'select 40+2' -c 'select rolsuper from pg_roles where rolname = current_user' -c 'select count(*) > 0 from pg_stat_activity'",
+        );
+    assert!(psql.contains("rolsuper"), "{psql}");
+    let out = sh(&psql).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<String> = text(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
+    assert!(lines.iter().any(|l| l == "42"), "{lines:?}");
+    assert!(lines.iter().any(|l| l == "f"), "not a superuser: {lines:?}");
     assert!(
-        text(&out.stdout).lines().any(|l| l.trim() == "42"),
-        "{}",
-        text(&out.stdout)
+        lines.iter().any(|l| l == "t"),
+        "sees the backends: {lines:?}"
     );
 
     // Ctrl-C: everything stops and the playground is gone.

@@ -207,3 +207,54 @@ async fn vault_verify_shows_postgresqls_own_reason() {
     );
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_verify_accepts_the_pending_password_of_a_rotation_cut_short() {
+    let (pg, _pgdir, w, gw, _certs) = super::pg::pg_world("", false).await;
+    // A rotation cut short after it set the new password on the target, before it promoted
+    // it in the vault: the vault holds it as "pending", the target has it.
+    let cfg = w.config();
+    let kek = breakglass::vault::kek(&cfg.kek).expect("kek");
+    let handle = breakglass::server::Gateway::build(cfg)
+        .await
+        .expect("gateway");
+    let pending = breakglass::vault::Secret::new("Pending-Pw-31".to_string());
+    handle
+        .store
+        .vault_put(
+            "orders-db",
+            "pending",
+            &kek.seal("orders-db", &pending).expect("seal"),
+            breakglass::clock::now(),
+        )
+        .await
+        .expect("vault_put");
+    let out = pg.psql(
+        "postgres",
+        &pg.superuser_password,
+        "ALTER ROLE bg_dba PASSWORD 'Pending-Pw-31'",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = w.cli(&["vault", "verify", "orders-db"]);
+    let said = text(&out.stdout) + &text(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("pending password for orders-db logs in as bg_dba"),
+        "{said}"
+    );
+    // Neither the current nor the pending one: a failure with PostgreSQL's own reason.
+    let out = pg.psql(
+        "postgres",
+        &pg.superuser_password,
+        "ALTER ROLE bg_dba PASSWORD 'neither-of-them'",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = w.cli(&["vault", "verify", "orders-db"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("password authentication failed"),
+        "{}",
+        text(&out.stderr)
+    );
+    gw.stop().await;
+}

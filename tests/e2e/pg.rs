@@ -357,7 +357,7 @@ pub(crate) fn psql_cmd_to(w: &World, target: &str, password: &str, sql: &str) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_sessions_get_warnings_and_are_cut_at_the_deadline_and_on_revoke() {
-    let (_pg, _pgdir, w, gw, _certs) = pg_world(
+    let (pg, _pgdir, w, gw, _certs) = pg_world(
         "warn_before = [\"2s\"]\ncheckpoint_interval = \"500ms\"",
         true,
     )
@@ -391,6 +391,20 @@ async fn postgres_sessions_get_warnings_and_are_cut_at_the_deadline_and_on_revok
     let late = ended.signed_duration_since(deadline);
     eprintln!("postgres session ended {late} after its deadline");
     assert!(late <= chrono::Duration::milliseconds(1000), "{late}");
+    // The query stops with the session: no backend still sleeps on the target.
+    let sleeping = || {
+        let out = pg.psql(
+            "postgres",
+            &pg.superuser_password,
+            "select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'",
+        );
+        text(&out.stdout).trim().to_string()
+    };
+    wait_for(
+        "the cut session's query to stop on the target",
+        Duration::from_secs(5),
+        || (sleeping() == "0").then_some(()),
+    );
     // Its chain head reached the SIEM while it ran, as for SSH.
     let cp = w.wait_event("pg checkpoint", |e| {
         e["action"] == "recording_checkpoint" && e["protocol"] == "postgres"
@@ -428,6 +442,11 @@ async fn postgres_sessions_get_warnings_and_are_cut_at_the_deadline_and_on_revok
     assert!(revoked.elapsed() <= Duration::from_millis(1000));
     assert_ne!(code, Some(0));
     assert!(err.contains("revoked"), "{err}");
+    wait_for(
+        "the revoked session's query to stop on the target",
+        Duration::from_secs(5),
+        || (sleeping() == "0").then_some(()),
+    );
     gw.stop().await;
     validate_all_events(&w);
 }
