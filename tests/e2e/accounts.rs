@@ -161,7 +161,7 @@ fn direct_ssh(w: &World, key: &std::path::Path, login: &str) -> bool {
 }
 
 /// The base64 body of a public key file.
-fn blob(pub_file: &std::path::Path) -> String {
+pub(crate) fn blob(pub_file: &std::path::Path) -> String {
     std::fs::read_to_string(pub_file)
         .expect("pub key")
         .split_whitespace()

@@ -22,7 +22,7 @@ async fn start_drill(
     start_drill_on(w, "web-01").await
 }
 
-async fn start_drill_on(
+pub(crate) async fn start_drill_on(
     w: &World,
     target: &str,
 ) -> (
@@ -68,7 +68,7 @@ async fn start_drill_on(
 }
 
 /// The rest of the drill's output and its exit code.
-async fn finish(
+pub(crate) async fn finish(
     mut child: tokio::process::Child,
     mut seen: Vec<String>,
     mut lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
@@ -311,4 +311,47 @@ async fn a_drill_request_keeps_the_two_person_rule_and_its_own_incident_id() {
     .await;
     assert_eq!(code, 0, "{out}{err}");
     gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_against_an_ssh_key_target_with_an_admin_passes_and_leaves_the_key_out() {
+    let login = throwaway_user("bgdrillkey");
+    let w = World::with(Opts {
+        held_key: true,
+        key_admin: true,
+        login: Some(login.clone()),
+        ..Default::default()
+    });
+    let ak = w.path("authorized_keys");
+    let held = w.path("gateway_held_key").with_extension("pub");
+    let gw = InProcess::start(&w).await;
+    wait_for("the held key taken out", Duration::from_secs(20), || {
+        let now = std::fs::read_to_string(&ak).expect("authorized_keys");
+        (!now.contains(&super::accounts::blob(&held))).then_some(())
+    });
+    let between = std::fs::read_to_string(&ak).expect("authorized_keys");
+    let (child, req, seen, lines) = start_drill_on(&w, "web-01").await;
+    let (code, out, err) = control(&w, "bob", "breakglass", &format!("approve {req}")).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out) = finish(child, seen, lines).await;
+    eprintln!("{out}");
+    assert_eq!(code, Some(0), "{out}");
+    for step in [
+        "ok    account off",
+        "KEY-OUT between grants",
+        "ok    session",
+        "ok    rotation",
+        "drill PASSED",
+    ] {
+        assert!(out.contains(step), "{step}: {out}");
+    }
+    // After the drill (and its rotation, which swaps the held key) authorized_keys is back to
+    // what it held between grants: no key of the gateway's is in it.
+    wait_for(
+        "the held key out after the drill",
+        Duration::from_secs(20),
+        || (std::fs::read_to_string(&ak).expect("authorized_keys") == between).then_some(()),
+    );
+    gw.stop().await;
+    validate_all_events(&w);
 }
