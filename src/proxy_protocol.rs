@@ -71,6 +71,18 @@ impl Trusted {
                     .filter(|b| *b <= max)
                     .ok_or_else(|| format!("`{e}`: the prefix length must be 0..={max}"))?,
             };
+            // An IPv4-mapped entry (`::ffff:10.0.0.5/128`) is the IPv4 block it maps.
+            let (ip, bits) = match (ip, canonical(ip)) {
+                (IpAddr::V6(_), v4 @ IpAddr::V4(_)) => {
+                    if bits < 96 {
+                        return Err(format!(
+                            "`{e}`: an IPv4-mapped block needs a prefix of at least 96"
+                        ));
+                    }
+                    (v4, bits - 96)
+                }
+                _ => (ip, bits),
+            };
             out.push((ip, bits));
         }
         Ok(Trusted(out))
@@ -101,6 +113,7 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 fn prefix_eq(a: &[u8], b: &[u8], bits: u8) -> bool {
+    let bits = bits.min((a.len().min(b.len()) * 8) as u8);
     let full = usize::from(bits / 8);
     if a[..full] != b[..full] {
         return false;
@@ -344,6 +357,19 @@ mod tests {
             assert_eq!(t.contains(ip.parse().unwrap()), want, "{ip}");
         }
         assert!(Trusted::parse(&["10.0.0.0/33".into()]).is_err());
+        // An IPv4-mapped entry is its IPv4 address (it used to panic at every connection).
+        let mapped = Trusted::parse(&["::ffff:10.0.0.5".into(), "::ffff:10.9.0.0/112".into()])
+            .expect("valid");
+        for (ip, want) in [
+            ("10.0.0.5", true),
+            ("::ffff:10.0.0.5", true),
+            ("10.0.0.6", false),
+            ("10.9.4.4", true),
+            ("fd00::1", false),
+        ] {
+            assert_eq!(mapped.contains(ip.parse().unwrap()), want, "{ip}");
+        }
+        assert!(Trusted::parse(&["::ffff:10.0.0.0/64".into()]).is_err());
         assert!(Trusted::parse(&["example.com".into()]).is_err());
         assert!(Trusted::parse(&["0.0.0.0/0".into()])
             .expect("valid")

@@ -429,18 +429,18 @@ async fn handle(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&client_key);
-    // Cut by the gateway (deadline, revocation, shutdown, a recording failure): the query
-    // the backend is running must stop with the session, not run on after it. Closing the
+    // The session is over (deadline, revocation, shutdown, a recording failure, the client
+    // gone): the query the backend is running must stop with it, not run on after it. Closing the
     // connection alone does not stop it (PostgreSQL notices only when it next talks to the
     // client), so the backend is cancelled first.
-    if reason != EndReason::ClientClosed {
-        if let Some((addr, key)) = &upstream {
-            cancel_backend(addr, key).await;
-            tracing::info!(
-                reason = reason.code(),
-                "cancelled the target backend's query at the session's end"
-            );
-        }
+    // Also when the client went away: a long statement must not run on past the session
+    // (a cancel that reaches an idle or exited backend does nothing).
+    if let Some((addr, key)) = &upstream {
+        cancel_backend(addr, key).await;
+        tracing::debug!(
+            reason = reason.code(),
+            "cancelled the target backend's query at the session's end"
+        );
     }
     live.kill(reason);
     session::finish(&gw.core, &live).await;
@@ -664,6 +664,8 @@ async fn upstream_login(
     pkt.extend_from_slice(&body);
     wire::send(&mut up, &pkt).await.map_err(|e| e.to_string())?;
     let mut scram: Option<scram::ClientExchange> = None;
+    // The server's SCRAM signature checked (SASLFinal): it knows the password.
+    let mut proven = false;
     let mut after = Vec::new();
     loop {
         let m = wire::read_message(&mut up, MAX_UPSTREAM_MESSAGE)
@@ -681,7 +683,21 @@ async fn upstream_login(
                     return Err(why);
                 }
                 match code {
-                    0 => {}
+                    0 => {
+                        // Under required binding, a login the server never proved (trust,
+                        // or AuthenticationOk before SASLFinal) may be a look-alike server
+                        // with a certificate of the same CA: the session's SQL would go to it.
+                        if t.tls != UpstreamTls::Disable
+                            && t.channel_binding_required
+                            && !t.allow_password_auth
+                            && !proven
+                        {
+                            return Err(format!(
+                                "the target {} let the gateway in without a verified SCRAM-SHA-256-PLUS exchange; refused: under TLS the target must prove it knows the password (set channel_binding = \"prefer\" to allow it)",
+                                t.name
+                            ));
+                        }
+                    }
                     3 => {
                         let mut p = password.expose().as_bytes().to_vec();
                         p.push(0);
@@ -759,6 +775,7 @@ async fn upstream_login(
                         let ex = scram.as_ref().ok_or("unexpected SASLFinal")?;
                         ex.verify(&String::from_utf8_lossy(payload))
                             .map_err(|e| e.to_string())?;
+                        proven = true;
                     }
                     other => {
                         return Err(format!(

@@ -399,9 +399,13 @@ impl Mask {
         }
     }
 
-    /// The most bytes masked after a departure (see [`Mask::apply`]).
+    /// The most bytes masked after a departure (see [`Mask::apply`]): every typed character
+    /// may be echoed, then erased (a kill echoes a blank per character it erases), plus two
+    /// per editing key (`^?`).
     fn loose_budget(&self) -> usize {
-        (self.expect.len() - self.pos.min(self.expect.len()))
+        self.expect
+            .len()
+            .saturating_mul(2)
             .saturating_add(self.edits.saturating_mul(2))
             .saturating_add(MAX_GAP)
     }
@@ -1142,7 +1146,15 @@ mod tests {
         // Erase (ECHOE: `\b \b`), kill (one `\b \b` per character), echoctl (`^?`), and a
         // word erase: each typed at once at `openssl passwd`'s prompt, echoed before echo is
         // off.
-        let cases: [(&[u8], &[u8]); 4] = [
+        // A kill that erases more characters than the real secret has.
+        let long_kill_typed = b"a-long-wrong-guess-typed\x15Kill-Pw-9\r".to_vec();
+        let mut long_kill_echo = b"a-long-wrong-guess-typed".to_vec();
+        for _ in 0..24 {
+            long_kill_echo.extend_from_slice(b"\x08 \x08");
+        }
+        long_kill_echo.extend_from_slice(b"Kill-Pw-9\r\n");
+        let cases: [(&[u8], &[u8]); 5] = [
+            (&long_kill_typed, &long_kill_echo),
             (b"Openx\x7fssl-Pw\r", b"Openx\x08 \x08ssl-Pw\r\n"),
             (
                 b"wrong\x15Kill-Pw-9\r",
