@@ -37,6 +37,9 @@ const browser = await chromium.launch({
 });
 const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
 page.setDefaultTimeout(TIMEOUT);
+// The player renders a recording only once its bundle and the cast have loaded: under the full
+// suite's load on 2 cores that has taken longer than the default.
+const PLAYER_TIMEOUT = 3 * TIMEOUT;
 const pageErrors = [];
 page.on("pageerror", (e) => pageErrors.push(String(e)));
 page.on("console", (m) => { if (m.type() === "error") pageErrors.push(`console: ${m.text()}`); });
@@ -66,12 +69,14 @@ try {
   await page.waitForFunction(
     (want) => [...document.querySelectorAll(".ap-term-text")].some((e) => e.textContent.includes(want)),
     output,
+    { timeout: PLAYER_TIMEOUT },
   );
   // Speed control: switching speed remounts the player and it still renders the recording.
   await page.locator("select.speed").first().selectOption("4");
   await page.waitForFunction(
     (want) => [...document.querySelectorAll(".ap-term-text")].some((e) => e.textContent.includes(want)),
     output,
+    { timeout: PLAYER_TIMEOUT },
   );
   // Look here first: as many findings as the rules give, each a link into this session.
   await page.locator("#look-here-first").waitFor();
@@ -101,6 +106,7 @@ try {
   await page.waitForFunction(
     (want) => [...document.querySelectorAll(".ap-term-text")].some((e) => e.textContent.includes(want)),
     command,
+    { timeout: PLAYER_TIMEOUT },
   );
   await shot(`${step}-jump`);
 
