@@ -52,6 +52,10 @@
 //!   it) is not masked.
 //! - A command line whose echo is garbled (a redraw longer than the gap allowance) and which is
 //!   followed by a secret prompt is redacted too: a lost command, never a leaked secret.
+//! - With `-echoke` a kill echoes `^U` and a line end, which ends the masking: the rest of
+//!   such an echoed secret stays visible.
+//! - A line echoed in full whose typing paused for [`HOLD_LIMIT`] is judged on its echo
+//!   (clear); a secret prompt that appears after the pause does not redact the rest of it.
 //! - A line held when the gateway crashes is lost from the recording (at most
 //!   [`MAX_HELD_BYTES`], or what [`HOLD_LIMIT`] lets accumulate).
 
