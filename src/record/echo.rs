@@ -1081,15 +1081,7 @@ mod tests {
                 S::Out(b"\r\n$6$salt$hash\r\nbg$ "),
             ],
         );
-        let output: Vec<u8> = evs
-            .iter()
-            .filter_map(|(_, e)| match e {
-                Ev::Output(b) => Some(b.clone()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        let text = String::from_utf8_lossy(&output);
+        let text = output_text(&evs);
         assert!(!text.contains("Openssl"), "{text}");
         assert!(
             text.contains("************\r\nVerifying - Password: "),
@@ -1113,15 +1105,7 @@ mod tests {
         steps.push(S::In(b"\r"));
         steps.push(S::Out(b"\r\nbg$ "));
         let evs = run(true, &steps);
-        let output: Vec<u8> = evs
-            .iter()
-            .filter_map(|(_, e)| match e {
-                Ev::Output(b) => Some(b.clone()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        let text = String::from_utf8_lossy(&output);
+        let text = output_text(&evs);
         assert!(text.contains("Password: ************\r\nbg$ "), "{text}");
         // An ordinary command's echo is never masked.
         let evs = run(

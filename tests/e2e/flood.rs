@@ -60,15 +60,7 @@ async fn closed_at<S: tokio::io::AsyncRead + Unpin>(mut s: S, t0: Instant) -> Du
 
 /// One line of the gateway's `/metrics` with its value.
 fn metric(w: &World, series: &str) -> f64 {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "5"])
-        .arg(format!("http://127.0.0.1:{}/metrics", w.http_port))
-        .output()
-        .expect("curl");
-    let body = text(&out.stdout);
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{series} in /metrics:\n{body}"))
+    metric_with(w, series, &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

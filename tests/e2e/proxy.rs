@@ -39,15 +39,7 @@ while True:
 
 fn metric(w: &World, series: &str) -> f64 {
     // curl sends a PROXY v1 header itself: the HTTP listener trusts 127.0.0.1 as a balancer.
-    let out = Command::new(require("curl", "curl"))
-        .args(["-sS", "--max-time", "5", "--haproxy-protocol"])
-        .arg(format!("http://127.0.0.1:{}/metrics", w.http_port))
-        .output()
-        .expect("curl");
-    let body = text(&out.stdout);
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{series} in /metrics:\n{body}\n{}", text(&out.stderr)))
+    metric_with(w, series, &["--haproxy-protocol"])
 }
 
 fn session_starts(w: &World) -> Vec<String> {

@@ -1348,3 +1348,18 @@ pub fn writable(p: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
 }
+
+/// One line of the gateway's `/metrics` with its value, fetched with the real `curl` and
+/// `extra` arguments.
+pub fn metric_with(w: &World, series: &str, extra: &[&str]) -> f64 {
+    let out = Command::new(require("curl", "curl"))
+        .args(["-sS", "--max-time", "5"])
+        .args(extra)
+        .arg(format!("http://127.0.0.1:{}/metrics", w.http_port))
+        .output()
+        .expect("curl");
+    let body = text(&out.stdout);
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{series} in /metrics:\n{body}\n{}", text(&out.stderr)))
+}
