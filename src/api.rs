@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::clock;
 use crate::control::{self, Caller, Parsed};
-use crate::server::Gateway;
+use crate::services::Gateway;
 use crate::state::{GrantState, RequestStatus};
 
 pub use crate::control::token_hash;

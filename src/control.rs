@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::clock;
-use crate::server::Gateway;
+use crate::services::Gateway;
 use crate::siem::{AccessEvent, Action};
 use crate::state::{Approval, Grant, GrantState, NewRequest, Request, RequestStatus, StateError};
 
@@ -232,6 +232,26 @@ pub struct Caller<'a> {
 impl Caller<'_> {
     fn is_admin(&self) -> bool {
         self.roles.iter().any(|r| r == "admin")
+    }
+}
+
+/// The workflow's control channel, as the SSH listener reaches it.
+pub struct Channel;
+
+#[async_trait::async_trait]
+impl crate::services::ControlChannel for Channel {
+    async fn run(
+        &self,
+        gw: &Gateway,
+        person: &str,
+        roles: &[String],
+        line: &str,
+    ) -> crate::services::ControlReply {
+        let out = run(gw, &Caller { person, roles }, line).await;
+        crate::services::ControlReply {
+            text: out.text,
+            code: out.code,
+        }
     }
 }
 

@@ -22,6 +22,8 @@
 //! - [`siem`]: audit events (separate from operational logs) and their sinks.
 //! - [`session`]: the protocol-neutral session core both adapters use: open, supervise over
 //!   `SessionIo`, finish, the live registry, `EndReason` and `Refusal`.
+//! - [`services`]: the service bundle (`Gateway`) the composition root wires and every
+//!   adapter and surface shares, and the `ControlChannel` the SSH listener hosts.
 //! - [`ssh`]: the SSH listener (russh server), the upstream client, and the per-channel relay.
 //! - [`pg`]: the PostgreSQL listener: TLS, SCRAM with JIT credentials, recorded relay;
 //!   `pg::upstream` connects to targets (TLS trusting only the target's `ca_file`);
@@ -73,6 +75,7 @@ pub mod report;
 pub mod review;
 pub mod rotation;
 pub mod server;
+pub mod services;
 pub mod session;
 pub mod shutdown;
 pub mod siem;

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::clock;
 use crate::config::{Protocol, TargetConfig, UpstreamAuth, UpstreamTls};
-use crate::server::Gateway;
+use crate::services::Gateway;
 use crate::siem::{AccessEvent, Action};
 use crate::vault::Secret;
 

@@ -24,7 +24,7 @@ use crate::clock;
 use crate::config::{Protocol, TargetConfig, UpstreamTls};
 use crate::grant;
 use crate::record::{ChannelKind, RecMsg, Recorder, Stream};
-use crate::server::Gateway;
+use crate::services::Gateway;
 use crate::session::{self, EndReason, Live, SessionIo};
 use crate::siem::{AccessEvent, Action};
 use crate::state::Grant;

@@ -24,7 +24,7 @@ use crate::clock;
 use crate::grant::{self, Denial};
 use crate::keys::fingerprint;
 use crate::record::{ChannelKind, PtyInfo, RecMsg, Stream};
-use crate::server::Gateway;
+use crate::services::Gateway;
 use crate::session::SessionIo;
 use crate::siem::{AccessEvent, Action};
 
@@ -435,11 +435,7 @@ impl Handler {
             .map(|p| p.roles.clone())
             .unwrap_or_default();
         tracing::info!(person = %person, command = %line.split_whitespace().next().unwrap_or(""), "control command");
-        let caller = crate::control::Caller {
-            person: &person,
-            roles: &roles,
-        };
-        let out = crate::control::run(&self.gw, &caller, line).await;
+        let out = self.gw.control.run(&self.gw, &person, &roles, line).await;
         session.channel_success(channel)?;
         let text = if self.control_pty.contains(&channel) {
             out.text.replace('\n', "\r\n")

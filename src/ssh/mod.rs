@@ -15,7 +15,7 @@ use tracing::Instrument;
 use russh::server;
 use tokio::net::TcpListener;
 
-use crate::server::Gateway;
+use crate::services::Gateway;
 
 /// What the gateway announces before the key exchange.
 pub const SSH_ID: &str = "SSH-2.0-breakglass";

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::upstream::UpstreamHandle;
 use crate::clock;
 use crate::record::{RecMsg, SessionEndInfo, SessionInfo};
-use crate::server::Gateway;
+use crate::services::Gateway;
 use crate::session::{Live, SessionIo};
 use crate::siem::{AccessEvent, Action};
 use crate::state::SessionEnd;

@@ -19,7 +19,7 @@ use crate::api::{act_as, parsed_command, who, ApiError, Who};
 use crate::clock;
 use crate::record::export::{self, Loaded};
 use crate::record::ChannelKind;
-use crate::server::Gateway;
+use crate::services::Gateway;
 use crate::siem::{AccessEvent, Action};
 use crate::state::{ReviewFilter, SearchEntry, SessionFilter, SessionRow, StateError};
 

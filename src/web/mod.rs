@@ -20,7 +20,7 @@ use serde_json::json;
 
 use crate::api::{token_hash, ApiError, SESSION_COOKIE};
 use crate::clock;
-use crate::server::Gateway;
+use crate::services::Gateway;
 use crate::siem::{AccessEvent, Action};
 use crate::state::LinkUse;
 
